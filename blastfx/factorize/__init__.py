@@ -1,0 +1,162 @@
+"""Dense -> BLAST factorization: ``factorize(W, rank, blocks, method=...)``.
+
+Methods (pure tensor code: weight in, factors out; runs on W's device, or ``device=``):
+
+* ``"als"`` (default): SVD warm start + exact damped alternating least squares (:mod:`.als`).
+* ``"precgd"``: the BLAST paper's preconditioned gradient descent, 300 iterations (:mod:`.precgd`).
+* ``"lowrank"``, ``"block_diagonal"``, ``"block_low_rank"`` (alias ``"monarch"``): classic structures
+  as exact BLAST configurations (:mod:`.structured`).
+
+``W`` may be (m, n), or (B, m, n) / a list of same-shape matrices: they are factorized as one
+batched problem and the factors get a leading batch dimension.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+from ..layout import BlastShape
+from . import blocks as blk
+from .als import run_als, svd_init
+from .precgd import random_init, run_precgd
+from .structured import STRUCTURES
+
+METHODS = ("als", "precgd", *STRUCTURES)
+
+__all__ = ["BlastFactors", "factorize", "METHODS"]
+
+
+@dataclass
+class BlastFactors:
+    """Factors U (b_out, p, r), S (b_out, b_in, r), V (b_in, q, r) [with a leading batch dim if
+    batched], their geometry, and how they were obtained."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+    shape: BlastShape
+    method: str = "als"
+    rel_error: torch.Tensor | None = None   # ||W - What||_F / ||W||_F, per matrix
+    iterations: int = 0
+    seconds: float = 0.0
+    history: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def batched(self) -> bool:
+        return self.U.dim() == 4
+
+    def __len__(self) -> int:
+        if not self.batched:
+            raise TypeError("unbatched BlastFactors have no length")
+        return self.U.shape[0]
+
+    def __getitem__(self, k: int) -> "BlastFactors":
+        if not self.batched:
+            raise TypeError("only batched BlastFactors can be indexed")
+        return replace(self, U=self.U[k], S=self.S[k], V=self.V[k],
+                       rel_error=None if self.rel_error is None else self.rel_error[k],
+                       history=None if self.history is None else self.history[:, k])
+
+    def to(self, *args, **kwargs) -> "BlastFactors":
+        return replace(self, U=self.U.to(*args, **kwargs), S=self.S.to(*args, **kwargs),
+                       V=self.V.to(*args, **kwargs))
+
+    def to_dense(self) -> torch.Tensor:
+        s = self.shape
+        U, S, V = (t if self.batched else t.unsqueeze(0) for t in (self.U, self.S, self.V))
+        dense = blk.reconstruct(U, S, V)[:, : s.out_features, : s.in_features]
+        return dense if self.batched else dense[0]
+
+
+def _as_batch(W) -> tuple[torch.Tensor, bool]:
+    if isinstance(W, (list, tuple)):
+        if not W:
+            raise ValueError("W is an empty list")
+        shapes = {tuple(w.shape) for w in W}
+        if len(shapes) != 1:
+            raise ValueError(f"a list W must hold matrices of one shape, got {sorted(shapes)}")
+        W = torch.stack(list(W))
+    if not torch.is_tensor(W):
+        raise ValueError(f"W must be a tensor or a list of tensors, got {type(W).__name__}")
+    if W.dim() not in (2, 3):
+        raise ValueError(f"W must be (m, n) or (B, m, n), got shape {tuple(W.shape)}")
+    if not W.dtype.is_floating_point:
+        raise ValueError(f"W must be floating point, got dtype {W.dtype}")
+    bad = (~torch.isfinite(W)).sum().item()
+    if bad:
+        raise ValueError(f"W contains {bad} NaN or Inf entries (of {W.numel()})")
+    return (W, True) if W.dim() == 3 else (W.unsqueeze(0), False)
+
+
+def factorize(W, rank: int, blocks=(1, 1), method: str = "als", *, iters: int | None = None,
+              tol: float = 1e-4, target_error: float | None = None, damping: float = 1e-5,
+              delta: float = 0.1, init: str | None = None, seed: int = 0, device=None,
+              allow_larger: bool = False, progress: bool = False) -> BlastFactors:
+    """Fit BLAST factors of the given ``rank`` and ``blocks=(b_out, b_in)`` to the weight ``W``.
+
+    Args:
+        method: one of :data:`METHODS`.
+        iters: iteration cap (default 100 for "als", 300 for "precgd").
+        tol: "als" stops when one iteration improves the relative error by less than this fraction.
+        target_error: stop as soon as the relative Frobenius error is at most this.
+        damping: relative ridge of the "als" solves; delta: PrecGD's eps = delta * ||W - What||.
+        init: "svd" (default for "als") or "random" (default for "precgd").
+        device: where to compute (default: W's device). The factors come back there, in float32
+            (float64 if W is float64).
+        allow_larger: accept a rank whose parameter count exceeds the dense matrix.
+        progress: show a tqdm bar over iterations.
+    """
+    A, batched = _as_batch(W)
+    B, m, n = A.shape
+    shape = BlastShape.make(m, n, rank, blocks, allow_larger=allow_larger)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    init = init or ("random" if method == "precgd" else "svd")
+    if init not in ("svd", "random"):
+        raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
+
+    start = time.perf_counter()
+    dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
+    A = A.to(device=device if device is not None else A.device, dtype=dtype)
+    scale = A.std(dim=(1, 2), unbiased=False)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    A_pad = F.pad(A / scale.view(-1, 1, 1), (0, shape.n_pad - n, 0, shape.m_pad - m))
+    generator = torch.Generator().manual_seed(seed)
+    b_out, b_in, r = shape.b_out, shape.b_in, shape.rank
+
+    history, iterations = None, 0
+    if method in STRUCTURES:
+        U, S, V = STRUCTURES[method](A_pad, b_out, b_in, r, generator)
+    else:
+        initial = (svd_init if init == "svd" else random_init)(A_pad, b_out, b_in, r, generator)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=iters or (300 if method == "precgd" else 100), desc=f"factorize ({method})")
+
+        def callback(it, rel):
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(rel_error=f"{rel.max().item():.4f}")
+
+        if method == "precgd":
+            U, S, V, history = run_precgd(A_pad, *initial, iters=iters or 300, delta=delta,
+                                      target_error=target_error, callback=callback)
+        else:
+            U, S, V, history = run_als(A_pad, *initial, iters=iters or 100, tol=tol, damping=damping,
+                                   target_error=target_error, callback=callback)
+        if bar is not None:
+            bar.close()
+        iterations = history.shape[0]
+
+    U, S, V = U.clone(), S.clone(), V.clone()
+    U.view(B, shape.m_pad, r)[:, m:] = 0
+    V.view(B, shape.n_pad, r)[:, n:] = 0
+    blk.balance(U, V, S, scale)
+    dense = blk.reconstruct(U, S, V)[:, :m, :n]
+    rel_error = (A - dense).norm(dim=(1, 2)) / A.norm(dim=(1, 2)).clamp_min(torch.finfo(dtype).tiny)
+    factors = BlastFactors(U, S, V, shape, method, rel_error, iterations, time.perf_counter() - start, history)
+    return factors if batched else factors[0]

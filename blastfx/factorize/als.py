@@ -1,0 +1,91 @@
+"""blastfx's default factorization: SVD warm start + exact damped alternating least squares.
+
+Why it is fast where the paper's algorithm (:mod:`.precgd`) is slow:
+
+* **Warm start.** A BLAST matrix with every ``s_ij = 1`` is the low-rank matrix ``U V^T`` cut into
+  blocks, so the rank-r truncated SVD is an exact BLAST point. Starting there, the first iteration
+  is already at the low-rank optimum; ALS only improves from it (each step solves its
+  sub-problem exactly, so the error never rises) and reaches what 300 damped, decayed-step PrecGD
+  iterations reach in a few dozen.
+* **Exact steps.** With step size 1 and damping -> 0, a preconditioned gradient step *is* the
+  least-squares solution for that factor. We take it directly, with a *proximal* ridge
+  (``damping`` x mean Gram diagonal, pulling toward the current iterate rather than toward zero):
+  every solve stays well posed when rank >= block size, and no fixed point is moved, so exact
+  fits stay exact.
+* **Cheap error.** After the S step the squared error is ``||A||^2 - 2 s.d + s^T H s`` from
+  quantities already computed, so early stopping costs nothing; no dense reconstruction per step.
+* **Batched.** Many same-shape matrices are one batched problem.
+
+Per iteration: two passes over A (A V and A^T U, 2 m n r MACs) plus r x r solves.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import blocks as blk
+
+
+def svd_init(A: torch.Tensor, b_out: int, b_in: int, rank: int, generator=None):
+    """Rank-r truncated SVD as BLAST factors: U_i, V_j = rows of P sqrt(sigma), Q sqrt(sigma); s = 1."""
+    B, m_pad, n_pad = A.shape
+    P, sigma, Qh = torch.linalg.svd(A, full_matrices=False)
+    k = min(rank, sigma.shape[-1])
+    root = sigma[:, :k].sqrt()
+    U = A.new_zeros(B, m_pad, rank)
+    V = A.new_zeros(B, n_pad, rank)
+    U[:, :, :k] = P[:, :, :k] * root.unsqueeze(1)
+    V[:, :, :k] = Qh[:, :k, :].transpose(1, 2) * root.unsqueeze(1)
+    if k < rank:  # rank beyond the matrix rank: small random columns ALS may still use
+        U[:, :, k:] = 1e-3 * torch.randn(B, m_pad, rank - k, generator=generator, dtype=A.dtype).to(A.device)
+        V[:, :, k:] = 1e-3 * torch.randn(B, n_pad, rank - k, generator=generator, dtype=A.dtype).to(A.device)
+    U = U.view(B, b_out, m_pad // b_out, rank)
+    V = V.view(B, b_in, n_pad // b_in, rank)
+    S = A.new_ones(B, b_out, b_in, rank)
+    return U, S, V
+
+
+def run_als(A, U, S, V, *, iters: int = 100, tol: float = 1e-4, damping: float = 1e-5,
+            target_error: float | None = None, window: int = 10, callback=None):
+    """Refine (U, S, V) for ||A - BLAST(U, S, V)||_F by exact alternating least squares.
+
+    Stops after ``iters`` iterations, when the relative error falls below ``target_error``, or when
+    the last ``window`` iterations improved it by less than ``tol`` (relative) per iteration on
+    average. A window, not a single step: from the SVD start the first steps can be tiny before
+    ALS finds the block structure. Returns (U, S, V, history) where
+    history is the relative error per iteration (tensor (iters_run, B)).
+    """
+    b_out, b_in = U.shape[1], V.shape[1]
+    norm2 = A.double().pow(2).sum(dim=(1, 2)).clamp_min(torch.finfo(torch.float64).tiny)
+    history = []
+    U, S, V = U.clone(), S.clone(), V.clone()
+    blk.normalize_columns(U, V, S)
+    AV = blk.a_times_v(A, V, b_out)
+    for it in range(iters):
+        GU, GV = blk.gram(U), blk.gram(V)
+        # S step: every s_ij at once.
+        H, d = blk.s_normal_equations(U, GU, GV, AV)
+        lam = blk.relative_damping(H, damping)
+        S = blk.damped_solve_vec(H, d + lam.unsqueeze(-1) * S, lam)
+        Sd, dd, Hd = S.double(), d.double(), H.double()
+        err2 = norm2 - 2 * (Sd * dd).sum(dim=(1, 2, 3)) + (Sd.unsqueeze(-2) @ Hd @ Sd.unsqueeze(-1)).sum(dim=(1, 2, 3, 4))
+        rel = (err2.clamp_min(0) / norm2).sqrt()
+        history.append(rel)
+        if callback is not None:
+            callback(it, rel)
+        if target_error is not None and bool((rel <= target_error).all()):
+            break
+        if it >= window and bool(((history[-1 - window] - rel) <= window * tol * rel).all()):
+            break
+        if it == iters - 1:
+            break
+        # U step (uses A V from the current V), then V step (needs A^T U with the new U).
+        G, R = blk.u_normal_equations(S, GV, AV)
+        lam = blk.relative_damping(G, damping)
+        U = blk.damped_solve_right(G, R + lam[..., None, None] * U, lam)
+        GU = blk.gram(U)
+        G, R = blk.v_normal_equations(S, GU, blk.at_times_u(A, U, b_in))
+        lam = blk.relative_damping(G, damping)
+        V = blk.damped_solve_right(G, R + lam[..., None, None] * V, lam)
+        blk.normalize_columns(U, V, S)
+        AV = blk.a_times_v(A, V, b_out)
+    return U, S, V, torch.stack(history)

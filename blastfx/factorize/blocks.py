@@ -1,0 +1,116 @@
+"""Block algebra shared by the factorization methods, batched over a leading dimension B.
+
+Shapes: A (B, m_pad, n_pad); U (B, b_out, p, r); V (B, b_in, q, r); S (B, b_out, b_in, r).
+Everything is plain tensor code so that it runs unchanged on CPU and GPU.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def a_times_v(A: torch.Tensor, V: torch.Tensor, b_out: int) -> torch.Tensor:
+    """AV[:, j, i] = A_ij @ V_j, shape (B, b_in, b_out, p, r). Costs m * n * r MACs."""
+    B, m_pad, n_pad = A.shape
+    _, b_in, q, r = V.shape
+    out = A.view(B, m_pad, b_in, q).permute(0, 2, 1, 3) @ V            # (B, b_in, m_pad, r)
+    return out.view(B, b_in, b_out, m_pad // b_out, r)
+
+
+def at_times_u(A: torch.Tensor, U: torch.Tensor, b_in: int) -> torch.Tensor:
+    """AtU[:, i, j] = A_ij^T @ U_i, shape (B, b_out, b_in, q, r). Costs m * n * r MACs."""
+    B, m_pad, n_pad = A.shape
+    _, b_out, p, r = U.shape
+    out = A.view(B, b_out, p, n_pad).transpose(-1, -2) @ U              # (B, b_out, n_pad, r)
+    return out.view(B, b_out, b_in, n_pad // b_in, r)
+
+
+def gram(X: torch.Tensor) -> torch.Tensor:
+    """X^T X per block: (B, b, rows, r) -> (B, b, r, r)."""
+    return X.transpose(-1, -2) @ X
+
+
+def reconstruct(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """The dense (B, m_pad, n_pad) matrix of batched factors."""
+    B, b_out, p, r = U.shape
+    _, b_in, q, _ = V.shape
+    US = U.unsqueeze(2) * S.unsqueeze(3)                                 # (B, b_out, b_in, p, r)
+    blocks = US @ V.transpose(-1, -2).unsqueeze(1)                       # (B, b_out, b_in, p, q)
+    return blocks.permute(0, 1, 3, 2, 4).reshape(B, b_out * p, b_in * q)
+
+
+def u_normal_equations(S, GV, AV):
+    """Gram and right-hand side of min_U ||A - Ahat||: G_i = sum_j diag(s_ij) GV_j diag(s_ij),
+    R_i = sum_j (A_ij V_j) diag(s_ij). Returns G (B, b_out, r, r), R (B, b_out, p, r)."""
+    G = torch.einsum("bijr,bjrs,bijs->birs", S, GV, S)
+    R = torch.einsum("bjipr,bijr->bipr", AV, S)
+    return G, R
+
+
+def v_normal_equations(S, GU, AtU):
+    """The same for V_j: G_j = sum_i diag(s_ij) GU_i diag(s_ij), R_j = sum_i (A_ij^T U_i) diag(s_ij)."""
+    G = torch.einsum("bijr,birs,bijs->bjrs", S, GU, S)
+    R = torch.einsum("bijqr,bijr->bjqr", AtU, S)
+    return G, R
+
+
+def s_normal_equations(U, GU, GV, AV):
+    """For each s_ij: H_ij = GU_i * GV_j (Hadamard), d_ij = diag(U_i^T A_ij V_j).
+    Returns H (B, b_out, b_in, r, r), d (B, b_out, b_in, r)."""
+    H = GU.unsqueeze(2) * GV.unsqueeze(1)
+    d = torch.einsum("bipr,bjipr->bijr", U, AV)
+    return H, d
+
+
+def damped_solve_right(G: torch.Tensor, R: torch.Tensor, eps) -> torch.Tensor:
+    """X = R (G + eps I)^{-1} for symmetric PSD G (..., r, r), R (..., rows, r).
+
+    ``eps`` is a tensor broadcastable to G's batch dims (or a float). Cholesky first; systems that
+    fail it (numerically indefinite) are solved again with LU, which never needs positive definiteness.
+    """
+    r = G.shape[-1]
+    eye = torch.eye(r, dtype=G.dtype, device=G.device)
+    if torch.is_tensor(eps):
+        eps = eps.reshape(*eps.shape, 1, 1)
+    Gd = G + eps * eye
+    L, info = torch.linalg.cholesky_ex(Gd)
+    X = torch.cholesky_solve(R.transpose(-1, -2), L).transpose(-1, -2)
+    bad = info != 0
+    if bool(bad.any()):
+        X[bad] = torch.linalg.solve(Gd[bad], R[bad], left=False)
+    return X
+
+
+def damped_solve_vec(H: torch.Tensor, d: torch.Tensor, eps) -> torch.Tensor:
+    """x = (H + eps I)^{-1} d for H (..., r, r), d (..., r)."""
+    return damped_solve_right(H, d.unsqueeze(-2), eps).squeeze(-2)
+
+
+def relative_damping(G: torch.Tensor, ridge: float) -> torch.Tensor:
+    """ridge * mean diagonal of each Gram, with a floor so all-zero Grams stay solvable."""
+    scale = G.diagonal(dim1=-2, dim2=-1).mean(-1)
+    return ridge * scale + torch.finfo(G.dtype).tiny ** 0.5
+
+
+def normalize_columns(U, V, S):
+    """Scale every column of each U_i and V_j to unit norm, moving the scale into S (in place).
+
+    The product is unchanged; ALS steps then work on well-scaled Grams.
+    """
+    nu = U.norm(dim=2)                                                   # (B, b_out, r)
+    nv = V.norm(dim=2)                                                   # (B, b_in, r)
+    nu = torch.where(nu > 0, nu, torch.ones_like(nu))
+    nv = torch.where(nv > 0, nv, torch.ones_like(nv))
+    U /= nu.unsqueeze(2)
+    V /= nv.unsqueeze(2)
+    S *= nu.unsqueeze(2) * nv.unsqueeze(1)
+
+
+def balance(U, V, S, scale: torch.Tensor):
+    """Final scaling for storage and training: S entries O(1), U and V of equal magnitude, and the
+    normalization ``scale`` (B,) of the weight multiplied back in."""
+    c = S.pow(2).mean(dim=(1, 2)).sqrt()                                 # (B, r)
+    c = torch.where(c > 0, c, torch.ones_like(c))
+    S /= c.unsqueeze(1).unsqueeze(1)
+    g = (c * scale.view(-1, 1)).sqrt()                                   # (B, r)
+    U *= g.view(g.shape[0], 1, 1, -1)
+    V *= g.view(g.shape[0], 1, 1, -1)
