@@ -1,11 +1,16 @@
 """blastfx: compress trained PyTorch models with BLAST matrices and compile them to fused kernels."""
 from . import ops  # registers torch.ops.blastfx.*
+from ._version import __version__
+from .api import compress, plan_for
+from .config import BlastConfig, LayerOverride
 from .factorize import BlastFactors, factorize
 from .layout import BlastShape
 from .nn import BlastLinear
 from .ops import blast_matmul, blast_matmul_reference, blast_to_dense
+from .passes.analyze import Analysis, analyze
+from .io import from_pretrained, load, save
+from .plan import LayerPlan, Plan
 
-__version__ = "0.1.0"
-
-__all__ = ["BlastFactors", "BlastLinear", "BlastShape", "blast_matmul", "blast_matmul_reference",
-           "blast_to_dense", "factorize", "__version__"]
+__all__ = ["Analysis", "BlastConfig", "BlastFactors", "BlastLinear", "BlastShape", "LayerOverride", "LayerPlan",
+           "Plan", "analyze", "blast_matmul", "blast_matmul_reference", "blast_to_dense", "compress", "factorize",
+           "from_pretrained", "load", "plan_for", "save", "__version__"]

@@ -1,0 +1,76 @@
+"""``blastfx.compress(model, budget)``: analyze -> plan -> factorize -> substitute."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import BlastConfig
+from .passes.analyze import Analysis, analyze
+from .passes.substitute import build_layers, dense_weight, swap_modules
+from .plan import Plan, check_budget, make_plan
+
+PLAN_ATTR = "blastfx_plan"
+
+
+def layer_spectra(model: nn.Module, names) -> dict[str, torch.Tensor]:
+    """Singular values of each named layer's weight (for the error-aware planner)."""
+    return {k: torch.linalg.svdvals(dense_weight(model.get_submodule(k)).float()).cpu() for k in names}
+
+
+def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
+    for name, lp in plan.layers.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"plan layer {name!r} is not in this model") from None
+        if not hasattr(module, "weight") or module.weight.dim() != 2:
+            raise ValueError(f"plan layer {name!r} is a {type(module).__name__}, not a linear layer")
+        m, n = dense_weight(module).shape
+        if (m, n) != (lp.out_features, lp.in_features):
+            raise ValueError(f"plan layer {name!r} is {lp.out_features}x{lp.in_features} but the model's is {m}x{n}")
+        lp.shape  # noqa: B018 -- raises ValueError if the structure cannot be represented
+
+
+def plan_for(model: nn.Module, budget: float, config: BlastConfig | None = None, example_inputs=None,
+             analysis: Analysis | None = None) -> Plan:
+    """The plan :func:`compress` would use, without changing the model."""
+    config = config or BlastConfig()
+    analysis = analysis or analyze(model, example_inputs)
+    spectra = None
+    if config.strategy == "error":
+        names = [s.fqn for s in analysis if s.substitutable
+                 and config.selects(s.fqn, s.repeated, min(s.in_features, s.out_features))]
+        spectra = layer_spectra(model, names)
+    plan = make_plan(analysis, budget, config, spectra)
+    if not analysis.traced:
+        plan.notes.append(f"not traced: {analysis.note}; layers found by module discovery")
+    return plan
+
+
+def compress(model: nn.Module, budget: float = 0.5, *, config: BlastConfig | None = None, example_inputs=None,
+             plan: Plan | None = None) -> nn.Module:
+    """Replace the model's linear layers by BLAST layers keeping ``budget`` of their parameters.
+
+    Returns the same model object (its class and behaviour kept: HF ``generate``/``save_pretrained``,
+    diffusers pipelines), with the plan at ``model.blastfx_plan`` (and in ``model.config.blastfx``
+    for HF models, so ``save_pretrained`` records it). Pass ``plan=`` to reuse an edited plan.
+    All-or-nothing: on any error the model is left as it was.
+    """
+    config = config or BlastConfig()
+    if plan is None:
+        plan = plan_for(model, check_budget(budget), config, example_inputs)
+    elif not isinstance(plan, Plan):
+        raise ValueError(f"plan must be a blastfx.Plan, got {type(plan).__name__}")
+    _check_plan_fits(model, plan)
+    new = build_layers(model, plan, init=config.init, method=config.method, iters=config.iters, tol=config.tol,
+                       progress=config.progress)
+    swap_modules(model, new)
+    attach_plan(model, plan)
+    return model
+
+
+def attach_plan(model: nn.Module, plan: Plan) -> None:
+    setattr(model, PLAN_ATTR, plan)
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "to_dict"):
+        cfg.blastfx = plan.to_dict()

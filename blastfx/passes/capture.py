@@ -1,0 +1,106 @@
+"""Capture a model as an FX graph on example inputs, building those inputs when we can.
+
+``torch.export`` (non-strict) is used because plain ``torch.fx.symbolic_trace`` fails on HF and
+diffusers models. Example inputs for known model families come from :data:`INPUT_BUILDERS`, a
+registry keyed by class name so new families are one function away.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+INPUT_BUILDERS = {}
+
+
+def input_builder(*class_names):
+    def register(fn):
+        for name in class_names:
+            INPUT_BUILDERS[name] = fn
+        return fn
+    return register
+
+
+def _param(model):
+    p = next(model.parameters())
+    return p.device, (p.dtype if p.dtype.is_floating_point else torch.float32)
+
+
+@input_builder("DiTTransformer2DModel")
+def _dit(model):
+    device, dtype = _param(model)
+    c = model.config
+    return {"hidden_states": torch.randn(1, c.in_channels, c.sample_size, c.sample_size, device=device, dtype=dtype),
+            "timestep": torch.tensor([1], device=device), "class_labels": torch.tensor([0], device=device)}
+
+
+@input_builder("PixArtTransformer2DModel")
+def _pixart(model):
+    device, dtype = _param(model)
+    c = model.config
+    return {"hidden_states": torch.randn(1, c.in_channels, c.sample_size, c.sample_size, device=device, dtype=dtype),
+            "encoder_hidden_states": torch.randn(1, 4, c.caption_channels, device=device, dtype=dtype),
+            "timestep": torch.tensor([1], device=device),
+            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+
+
+@input_builder("SD3Transformer2DModel")
+def _sd3(model):
+    device, dtype = _param(model)
+    c = model.config
+    return {"hidden_states": torch.randn(1, c.in_channels, c.sample_size, c.sample_size, device=device, dtype=dtype),
+            "encoder_hidden_states": torch.randn(1, 4, c.joint_attention_dim, device=device, dtype=dtype),
+            "pooled_projections": torch.randn(1, c.pooled_projection_dim, device=device, dtype=dtype),
+            "timestep": torch.tensor([1], device=device)}
+
+
+@input_builder("ViTForImageClassification", "ViTModel")
+def _vit(model):
+    device, dtype = _param(model)
+    c = model.config
+    return {"pixel_values": torch.randn(1, c.num_channels, c.image_size, c.image_size, device=device, dtype=dtype)}
+
+
+def example_inputs_for(model: nn.Module):
+    """(args, kwargs) that run ``model``, or None when we do not know how to build them."""
+    builder = INPUT_BUILDERS.get(type(model).__name__)
+    if builder is not None:
+        return (), builder(model)
+    dummy = getattr(model, "dummy_inputs", None)          # HF PreTrainedModel
+    if isinstance(dummy, dict) and dummy:
+        device, _ = _param(model)
+        kwargs = {k: v.to(device) for k, v in dummy.items()}
+        if "input_ids" in kwargs:
+            kwargs["input_ids"] = kwargs["input_ids"][:1, :8]
+            kwargs.pop("attention_mask", None)
+            kwargs.pop("token_type_ids", None)
+        if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+            kwargs["use_cache"] = False
+        return (), kwargs
+    return None
+
+
+def normalize_example_inputs(example_inputs):
+    """Accept a tensor, a tuple of args, a dict of kwargs, or (args, kwargs)."""
+    if example_inputs is None:
+        return None
+    if torch.is_tensor(example_inputs):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), example_inputs
+    if (isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[0], tuple)
+            and isinstance(example_inputs[1], dict)):
+        return example_inputs
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise ValueError(f"example_inputs must be a tensor, tuple, dict or (args, kwargs), got {type(example_inputs).__name__}")
+
+
+def export_graph(model: nn.Module, args, kwargs):
+    """torch.export (non-strict) of the model in eval mode, restoring its training flag."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, args, kwargs, strict=False)
+    finally:
+        model.train(was_training)

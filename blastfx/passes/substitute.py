@@ -1,0 +1,78 @@
+"""Substitution pass: build a BlastLinear for every planned layer, then swap them all in.
+
+All-or-nothing: every new module is built (factorized) before the model is touched; the swap itself
+restores the old modules if anything goes wrong. Layers with the same (shape, rank, blocks, method)
+are factorized as one batched problem on the weights' device.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from ..factorize import factorize
+from ..nn import BlastLinear
+
+MAX_BATCH_ELEMENTS = 1 << 27          # weights per batched factorization call (512 MB in fp32)
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of an nn.Linear or HF Conv1D (stored (in, out))."""
+    w = module.weight.detach()
+    return w.T if type(module).__name__ == "Conv1D" else w
+
+
+def build_layers(model: nn.Module, plan, *, init: str = "factorize", method: str = "als", iters=None,
+                 tol: float = 1e-4, progress: bool = True, empty: bool = False) -> dict[str, BlastLinear]:
+    """New BlastLinear modules for ``plan`` (the model is not modified). ``empty``: allocate only
+    (for loading a checkpoint into)."""
+    new: dict[str, BlastLinear] = {}
+    groups = defaultdict(list)
+    for name, lp in plan.layers.items():
+        module = model.get_submodule(name)
+        w = module.weight
+        if init == "random" or empty:
+            layer = BlastLinear(lp.in_features, lp.out_features, lp.rank, lp.blocks, bias=module.bias is not None,
+                                device=w.device, dtype=w.dtype, allow_larger=True)
+            if empty:
+                layer.to(torch.empty(0, device=w.device, dtype=w.dtype))
+            elif module.bias is not None:
+                with torch.no_grad():
+                    layer.bias.copy_(module.bias)
+            new[name] = layer
+        else:
+            groups[(lp.out_features, lp.in_features, lp.rank, lp.blocks, lp.method or method, w.device)].append(name)
+    bar = None
+    if groups and progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=sum(len(v) for v in groups.values()), desc="blastfx: factorizing", unit="layer")
+    for (m, n, rank, blocks, meth, _), names in groups.items():
+        chunk = max(1, MAX_BATCH_ELEMENTS // (m * n))
+        for start in range(0, len(names), chunk):
+            part = names[start:start + chunk]
+            modules = [model.get_submodule(k) for k in part]
+            factors = factorize(torch.stack([dense_weight(mod) for mod in modules]), rank, blocks, method=meth,
+                                iters=iters, tol=tol, allow_larger=True)
+            for k, (name, mod) in enumerate(zip(part, modules)):
+                new[name] = BlastLinear.from_factors(factors[k].to(mod.weight.dtype), mod.bias)
+            if bar is not None:
+                bar.update(len(part))
+    if bar is not None:
+        bar.close()
+    return new
+
+
+def swap_modules(model: nn.Module, new: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Replace submodules by FQN; returns the old ones. On any failure the model is restored."""
+    old: dict[str, nn.Module] = {}
+    try:
+        for name, module in new.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            old[name] = getattr(parent, child)
+            setattr(parent, child, module)
+    except Exception:
+        swap_modules(model, old)
+        raise
+    return old

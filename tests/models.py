@@ -1,0 +1,54 @@
+"""Tiny random-init models of every family blastfx supports (no hub, no downloads)."""
+import torch
+from torch import nn
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, bos_token_id=1,
+                                        eos_token_id=2, pad_token_id=0)).eval()
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    return GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                      bos_token_id=1, eos_token_id=2)).eval()
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+    return BertModel(BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=128, max_position_embeddings=64)).eval()
+
+
+def tiny_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+    return ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=64,
+                                               num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                               num_labels=10)).eval()
+
+
+def tiny_dit():
+    from diffusers import DiTTransformer2DModel
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8,
+                                 num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000,
+                                 norm_num_groups=1).eval()
+
+
+def tiny_pixart():
+    from diffusers import PixArtTransformer2DModel
+    return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8,
+                                    num_layers=2, sample_size=8, patch_size=2, cross_attention_dim=64,
+                                    caption_channels=32, norm_num_groups=1).eval()
+
+
+def tiny_sd3():
+    from diffusers import SD3Transformer2DModel
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=32,
+                                 num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=64,
+                                 pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16).eval()
+
+
+def tiny_mlp():
+    return nn.Sequential(nn.Linear(48, 96), nn.GELU(), nn.Linear(96, 96), nn.GELU(), nn.Linear(96, 48)).eval()
