@@ -1,6 +1,7 @@
 """blastfx: compress trained PyTorch models with BLAST matrices and compile them to fused kernels."""
 from . import ops  # registers torch.ops.blastfx.*
 from ._version import __version__
+from .kernels import dispatch as _dispatch
 from .api import compress, plan_for
 from .config import BlastConfig, LayerOverride
 from .factorize import BlastFactors, factorize
@@ -10,6 +11,8 @@ from .ops import blast_matmul, blast_matmul_reference, blast_to_dense
 from .passes.analyze import Analysis, analyze
 from .io import from_pretrained, load, save
 from .plan import LayerPlan, Plan
+
+_dispatch.register()
 
 __all__ = ["Analysis", "BlastConfig", "BlastFactors", "BlastLinear", "BlastShape", "LayerOverride", "LayerPlan",
            "Plan", "analyze", "blast_matmul", "blast_matmul_reference", "blast_to_dense", "compress", "factorize",

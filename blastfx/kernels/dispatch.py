@@ -1,0 +1,42 @@
+"""Which implementation runs ``blastfx::blast_matmul`` on CUDA.
+
+The CUDA kernel registered here launches the fused Triton forward (:mod:`.forward`) for fp16, bf16
+and fp32, and falls back to the plain-PyTorch reference otherwise (or when told to). CPU always uses
+the reference. Importing this module without triton or CUDA is harmless.
+"""
+from __future__ import annotations
+
+import torch
+
+settings = {"kernels": "triton", "decode_max_tokens": 16}
+KERNELS = ("triton", "reference")
+
+
+def set_kernels(name: str) -> None:
+    if name not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {name!r}")
+    settings["kernels"] = name
+
+
+def _cuda_blast_matmul(x, U, S, V, bias=None, out_features=None):
+    from ..ops import blast_matmul_reference, check_inputs
+
+    check_inputs(x, U, S, V, bias, out_features)
+    if settings["kernels"] == "triton" and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        from . import forward
+
+        forward.DECODE_MAX_T = settings["decode_max_tokens"]
+        return forward.blast_matmul_triton(x, U, S, V, bias, out_features)
+    return blast_matmul_reference(x, U, S, V, bias, out_features).contiguous()
+
+
+def register() -> bool:
+    """Register the CUDA kernel of blastfx::blast_matmul if triton is importable."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    from ..ops import _blast_matmul_op
+
+    _blast_matmul_op.register_kernel("cuda")(_cuda_blast_matmul)
+    return True
