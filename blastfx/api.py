@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .calibrate import collect_covariances
 from .config import BlastConfig
 from .passes.analyze import Analysis, analyze
 from .passes.substitute import build_layers, dense_weight, swap_modules
@@ -48,13 +49,16 @@ def plan_for(model: nn.Module, budget: float, config: BlastConfig | None = None,
 
 
 def compress(model: nn.Module, budget: float = 0.5, *, config: BlastConfig | None = None, example_inputs=None,
-             plan: Plan | None = None) -> nn.Module:
+             plan: Plan | None = None, calibration=None) -> nn.Module:
     """Replace the model's linear layers by BLAST layers keeping ``budget`` of their parameters.
 
     Returns the same model object (its class and behaviour kept: HF ``generate``/``save_pretrained``,
     diffusers pipelines), with the plan at ``model.blastfx_plan`` (and in ``model.config.blastfx``
     for HF models, so ``save_pretrained`` records it). Pass ``plan=`` to reuse an edited plan.
-    All-or-nothing: on any error the model is left as it was.
+    ``calibration``: an iterable of batches (tensor / kwargs dict / args tuple) the model runs on;
+    the factorization then minimizes each layer's output error on them (``config.sequential``:
+    block by block on the already-compressed model). All-or-nothing: on any error the model is
+    left as it was.
     """
     config = config or BlastConfig()
     if plan is None:
@@ -62,11 +66,42 @@ def compress(model: nn.Module, budget: float = 0.5, *, config: BlastConfig | Non
     elif not isinstance(plan, Plan):
         raise ValueError(f"plan must be a blastfx.Plan, got {type(plan).__name__}")
     _check_plan_fits(model, plan)
-    new = build_layers(model, plan, init=config.init, method=config.method, iters=config.iters, tol=config.tol,
-                       progress=config.progress)
-    swap_modules(model, new)
+    build = dict(init=config.init, method=config.method, iters=config.iters, tol=config.tol,
+                 progress=config.progress, calibration_damping=config.calibration_damping)
+    if calibration is None or config.init == "random":
+        swap_modules(model, build_layers(model, plan, **build))
+    elif not config.sequential:
+        covs = collect_covariances(model, plan.layers, list(calibration))
+        swap_modules(model, build_layers(model, plan, covariances=covs, **build))
+    else:
+        _compress_sequential(model, plan, list(calibration), build)
     attach_plan(model, plan)
     return model
+
+
+def block_of(name: str) -> str:
+    """The repeated block a layer lives in ("model.layers.3" for "model.layers.3.mlp.up_proj")."""
+    parts = name.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        if parts[k].isdigit():
+            return ".".join(parts[: k + 1])
+    return name
+
+
+def _compress_sequential(model, plan, batches, build) -> None:
+    """Calibrate block by block, each on the activations of the model with earlier blocks already
+    compressed. All-or-nothing: every swap is undone if a later block fails."""
+    groups: dict[str, list[str]] = {}
+    for name in plan.layers:
+        groups.setdefault(block_of(name), []).append(name)
+    swapped = {}
+    try:
+        for names in groups.values():
+            covs = collect_covariances(model, names, batches)
+            swapped.update(swap_modules(model, build_layers(model, plan, covariances=covs, names=set(names), **build)))
+    except BaseException:
+        swap_modules(model, swapped)
+        raise
 
 
 def attach_plan(model: nn.Module, plan: Plan) -> None:

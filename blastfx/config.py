@@ -36,6 +36,8 @@ class BlastConfig:
     exclude: tuple[str, ...] = ()          # FQN patterns to keep dense
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
     progress: bool = True
+    calibration_damping: float = 0.01      # C + damping * mean(diag C) * I, as in GPTQ
+    sequential: bool = False               # calibrate each block on the already-compressed model
 
     def __post_init__(self):
         normalize_blocks(self.blocks)

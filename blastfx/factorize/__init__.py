@@ -23,6 +23,7 @@ from . import blocks as blk
 from .als import run_als, svd_init
 from .precgd import random_init, run_precgd
 from .structured import STRUCTURES
+from .weighted import damped_cholesky, run_weighted_als, whitened_svd_init
 
 METHODS = ("als", "precgd", *STRUCTURES)
 
@@ -43,6 +44,7 @@ class BlastFactors:
     iterations: int = 0
     seconds: float = 0.0
     history: torch.Tensor | None = field(default=None, repr=False)
+    output_error: torch.Tensor | None = None  # ||(W - What) C^1/2|| / ||W C^1/2|| when calibrated
 
     @property
     def batched(self) -> bool:
@@ -58,6 +60,7 @@ class BlastFactors:
             raise TypeError("only batched BlastFactors can be indexed")
         return replace(self, U=self.U[k], S=self.S[k], V=self.V[k],
                        rel_error=None if self.rel_error is None else self.rel_error[k],
+                       output_error=None if self.output_error is None else self.output_error[k],
                        history=None if self.history is None else self.history[:, k])
 
     def to(self, *args, **kwargs) -> "BlastFactors":
@@ -91,10 +94,23 @@ def _as_batch(W) -> tuple[torch.Tensor, bool]:
     return (W, True) if W.dim() == 3 else (W.unsqueeze(0), False)
 
 
+def _as_covariance(C, B: int, n: int) -> torch.Tensor:
+    if not torch.is_tensor(C) or C.shape[-2:] != (n, n) or C.dim() not in (2, 3):
+        raise ValueError(f"calibration must be an (n, n) or (B, n, n) covariance with n={n}, got "
+                         f"{tuple(C.shape) if torch.is_tensor(C) else type(C).__name__}")
+    if not torch.isfinite(C).all():
+        raise ValueError("calibration covariance contains NaN or Inf")
+    C = C.unsqueeze(0) if C.dim() == 2 else C
+    if C.shape[0] not in (1, B):
+        raise ValueError(f"calibration holds {C.shape[0]} covariances for {B} matrices")
+    return C.expand(B, n, n)
+
+
 def factorize(W, rank: int, blocks=(1, 1), method: str = "als", *, iters: int | None = None,
               tol: float = 1e-4, target_error: float | None = None, damping: float = 1e-5,
               delta: float = 0.1, init: str | None = None, seed: int = 0, device=None,
-              allow_larger: bool = False, progress: bool = False) -> BlastFactors:
+              allow_larger: bool = False, progress: bool = False, calibration=None,
+              calibration_damping: float = 0.01) -> BlastFactors:
     """Fit BLAST factors of the given ``rank`` and ``blocks=(b_out, b_in)`` to the weight ``W``.
 
     Args:
@@ -108,6 +124,10 @@ def factorize(W, rank: int, blocks=(1, 1), method: str = "als", *, iters: int | 
             (float64 if W is float64).
         allow_larger: accept a rank whose parameter count exceeds the dense matrix.
         progress: show a tqdm bar over iterations.
+        calibration: the covariance C = X^T X (n, n) [or (B, n, n)] of the layer's inputs. Then the
+            output error ||(W - What) X^T|| is minimized instead of ||W - What|| ("als": weighted ALS
+            from the whitened SVD; "lowrank": the whitened SVD itself). See :mod:`.weighted`.
+        calibration_damping: C + damping * mean(diag C) * I is used (GPTQ-style).
     """
     A, batched = _as_batch(W)
     B, m, n = A.shape
@@ -117,6 +137,10 @@ def factorize(W, rank: int, blocks=(1, 1), method: str = "als", *, iters: int | 
     init = init or ("random" if method == "precgd" else "svd")
     if init not in ("svd", "random"):
         raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
+
+    C = _as_covariance(calibration, B, n) if calibration is not None else None
+    if C is not None and method not in ("als", "lowrank"):
+        raise ValueError(f"calibration is supported by methods 'als' and 'lowrank', not {method!r} (weight-only)")
 
     start = time.perf_counter()
     dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
@@ -128,7 +152,16 @@ def factorize(W, rank: int, blocks=(1, 1), method: str = "als", *, iters: int | 
     b_out, b_in, r = shape.b_out, shape.b_in, shape.rank
 
     history, iterations = None, 0
-    if method in STRUCTURES:
+    if C is not None:
+        C = F.pad(C.to(device=A.device, dtype=dtype), (0, shape.n_pad - n, 0, shape.n_pad - n))
+        C = C / C.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30).view(-1, 1, 1)
+        L = damped_cholesky(C, calibration_damping)
+        U, S, V = whitened_svd_init(A_pad, L, b_out, b_in, r)
+        if method == "als":
+            U, S, V, history = run_weighted_als(A_pad, L @ L.mT, U, S, V, iters=iters or 30, tol=tol,
+                                                damping=damping, target_error=target_error)
+            iterations = history.shape[0]
+    elif method in STRUCTURES:
         U, S, V = STRUCTURES[method](A_pad, b_out, b_in, r, generator)
     else:
         initial = (svd_init if init == "svd" else random_init)(A_pad, b_out, b_in, r, generator)
@@ -158,5 +191,11 @@ def factorize(W, rank: int, blocks=(1, 1), method: str = "als", *, iters: int | 
     blk.balance(U, V, S, scale)
     dense = blk.reconstruct(U, S, V)[:, :m, :n]
     rel_error = (A - dense).norm(dim=(1, 2)) / A.norm(dim=(1, 2)).clamp_min(torch.finfo(dtype).tiny)
-    factors = BlastFactors(U, S, V, shape, method, rel_error, iterations, time.perf_counter() - start, history)
+    output_error = None
+    if C is not None:
+        E = F.pad(A - dense, (0, shape.n_pad - n))
+        Ap = F.pad(A, (0, shape.n_pad - n))
+        output_error = ((E * (E @ C)).sum(dim=(1, 2)) / (Ap * (Ap @ C)).sum(dim=(1, 2)).clamp_min(1e-30)).sqrt()
+    factors = BlastFactors(U, S, V, shape, method, rel_error, iterations, time.perf_counter() - start, history,
+                           output_error)
     return factors if batched else factors[0]

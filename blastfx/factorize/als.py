@@ -66,8 +66,7 @@ def run_als(A, U, S, V, *, iters: int = 100, tol: float = 1e-4, damping: float =
         H, d = blk.s_normal_equations(U, GU, GV, AV)
         lam = blk.relative_damping(H, damping)
         S = blk.damped_solve_vec(H, d + lam.unsqueeze(-1) * S, lam)
-        Sd, dd, Hd = S.double(), d.double(), H.double()
-        err2 = norm2 - 2 * (Sd * dd).sum(dim=(1, 2, 3)) + (Sd.unsqueeze(-2) @ Hd @ Sd.unsqueeze(-1)).sum(dim=(1, 2, 3, 4))
+        err2 = norm2 - 2 * (S.double() * d.double()).sum(dim=(1, 2, 3)) + blk.quadratic_form(H, S)
         rel = (err2.clamp_min(0) / norm2).sqrt()
         history.append(rel)
         if callback is not None:

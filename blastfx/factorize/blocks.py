@@ -38,18 +38,27 @@ def reconstruct(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> torch.Tens
     return blocks.permute(0, 1, 3, 2, 4).reshape(B, b_out * p, b_in * q)
 
 
+def _sum_over(count, term):
+    """sum_k term(k), accumulated in place (the contractions here run over a handful of blocks;
+    an explicit loop avoids the 5-D temporaries einsum would build)."""
+    total = term(0)
+    for k in range(1, count):
+        total.add_(term(k))
+    return total
+
+
 def u_normal_equations(S, GV, AV):
     """Gram and right-hand side of min_U ||A - Ahat||: G_i = sum_j diag(s_ij) GV_j diag(s_ij),
     R_i = sum_j (A_ij V_j) diag(s_ij). Returns G (B, b_out, r, r), R (B, b_out, p, r)."""
-    G = torch.einsum("bijr,bjrs,bijs->birs", S, GV, S)
-    R = torch.einsum("bjipr,bijr->bipr", AV, S)
+    G = _sum_over(S.shape[2], lambda j: (S[:, :, j].unsqueeze(-1) * S[:, :, j].unsqueeze(-2)) * GV[:, j].unsqueeze(1))
+    R = _sum_over(S.shape[2], lambda j: AV[:, j] * S[:, :, j].unsqueeze(2))
     return G, R
 
 
 def v_normal_equations(S, GU, AtU):
     """The same for V_j: G_j = sum_i diag(s_ij) GU_i diag(s_ij), R_j = sum_i (A_ij^T U_i) diag(s_ij)."""
-    G = torch.einsum("bijr,birs,bijs->bjrs", S, GU, S)
-    R = torch.einsum("bijqr,bijr->bjqr", AtU, S)
+    G = _sum_over(S.shape[1], lambda i: (S[:, i].unsqueeze(-1) * S[:, i].unsqueeze(-2)) * GU[:, i].unsqueeze(1))
+    R = _sum_over(S.shape[1], lambda i: AtU[:, i] * S[:, i].unsqueeze(2))
     return G, R
 
 
@@ -57,8 +66,13 @@ def s_normal_equations(U, GU, GV, AV):
     """For each s_ij: H_ij = GU_i * GV_j (Hadamard), d_ij = diag(U_i^T A_ij V_j).
     Returns H (B, b_out, b_in, r, r), d (B, b_out, b_in, r)."""
     H = GU.unsqueeze(2) * GV.unsqueeze(1)
-    d = torch.einsum("bipr,bjipr->bijr", U, AV)
+    d = torch.stack([(U * AV[:, j]).sum(2) for j in range(AV.shape[1])], dim=2)
     return H, d
+
+
+def quadratic_form(H, s):
+    """sum over all blocks of s^T H s, accumulated in float64."""
+    return (s * (H @ s.unsqueeze(-1)).squeeze(-1)).double().sum(dim=tuple(range(1, s.dim())))
 
 
 def damped_solve_right(G: torch.Tensor, R: torch.Tensor, eps) -> torch.Tensor:
@@ -73,10 +87,13 @@ def damped_solve_right(G: torch.Tensor, R: torch.Tensor, eps) -> torch.Tensor:
         eps = eps.reshape(*eps.shape, 1, 1)
     Gd = G + eps * eye
     L, info = torch.linalg.cholesky_ex(Gd)
-    X = torch.cholesky_solve(R.transpose(-1, -2), L).transpose(-1, -2)
+    del Gd  # re-formed below only for the rare systems Cholesky rejects
+    # two triangular solves: faster than batched cholesky_solve for few right-hand sides
+    Y = torch.linalg.solve_triangular(L, R.transpose(-1, -2), upper=False)
+    X = torch.linalg.solve_triangular(L.mT, Y, upper=True).transpose(-1, -2)
     bad = info != 0
     if bool(bad.any()):
-        X[bad] = torch.linalg.solve(Gd[bad], R[bad], left=False)
+        X[bad] = torch.linalg.solve((G + eps * eye)[bad], R[bad], left=False)
     return X
 
 

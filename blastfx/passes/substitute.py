@@ -24,12 +24,16 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 
 
 def build_layers(model: nn.Module, plan, *, init: str = "factorize", method: str = "als", iters=None,
-                 tol: float = 1e-4, progress: bool = True, empty: bool = False) -> dict[str, BlastLinear]:
+                 tol: float = 1e-4, progress: bool = True, empty: bool = False, covariances=None,
+                 calibration_damping: float = 0.01, names=None) -> dict[str, BlastLinear]:
     """New BlastLinear modules for ``plan`` (the model is not modified). ``empty``: allocate only
-    (for loading a checkpoint into)."""
+    (for loading a checkpoint into). ``covariances``: {layer: input covariance} for calibration-aware
+    factorization. ``names``: build only these layers of the plan."""
     new: dict[str, BlastLinear] = {}
     groups = defaultdict(list)
     for name, lp in plan.layers.items():
+        if names is not None and name not in names:
+            continue
         module = model.get_submodule(name)
         w = module.weight
         if init == "random" or empty:
@@ -52,8 +56,11 @@ def build_layers(model: nn.Module, plan, *, init: str = "factorize", method: str
         for start in range(0, len(names), chunk):
             part = names[start:start + chunk]
             modules = [model.get_submodule(k) for k in part]
+            cal = None if covariances is None else torch.stack([covariances[k].to(mod.weight.device)
+                                                                for k, mod in zip(part, modules)])
             factors = factorize(torch.stack([dense_weight(mod) for mod in modules]), rank, blocks, method=meth,
-                                iters=iters, tol=tol, allow_larger=True)
+                                iters=iters, tol=tol, allow_larger=True, calibration=cal,
+                                calibration_damping=calibration_damping)
             for k, (name, mod) in enumerate(zip(part, modules)):
                 new[name] = BlastLinear.from_factors(factors[k].to(mod.weight.dtype), mod.bias)
             if bar is not None:

@@ -1,0 +1,98 @@
+"""Calibration-aware factorization and compress(calibration=...)."""
+import pytest
+import torch
+
+import blastfx
+from blastfx import BlastConfig, factorize
+from blastfx.calibrate import collect_covariances
+from conftest import spectrum_matrix
+import models
+
+
+def correlated_inputs(n, T=1500, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(T, n, generator=g) @ (0.3 * torch.randn(n, n, generator=g)) + torch.randn(T, n, generator=g)
+    X[:, :4] *= 15                                    # outlier channels, as in real LLM activations
+    return X
+
+
+def output_error(W, What, X):
+    return ((W - What) @ X.T).norm().item() / (W @ X.T).norm().item()
+
+
+@pytest.mark.parametrize("blocks", [(4, 4), (2, 4), (3, 1)])
+def test_calibrated_beats_weight_only_and_whitened_svd_on_outputs(blocks):
+    W = spectrum_matrix(96, 80, 0.5)
+    X = correlated_inputs(80)
+    C = X.T @ X
+    weight_only = factorize(W, 16, blocks)
+    wsvd = factorize(W, 16, blocks, method="lowrank", calibration=C)
+    cal = factorize(W, 16, blocks, calibration=C)
+    e_w, e_s, e_c = (output_error(W, f.to_dense(), X) for f in (weight_only, wsvd, cal))
+    if blocks[1] == 1:      # one block-column: BLAST is rank-r with a shared V, the whitened SVD is optimal
+        assert e_c <= e_s * (1 + 1e-5) and e_s < e_w
+    else:
+        assert e_c < e_s < e_w
+    assert cal.output_error.item() == pytest.approx(e_c, rel=1e-4)
+
+
+def test_weighted_als_is_monotone():
+    W = spectrum_matrix(64, 64, 0.5)
+    X = correlated_inputs(64)
+    f = factorize(W, 8, 4, calibration=X.T @ X, tol=0, iters=15)
+    h = f.history
+    assert torch.all(h[1:] <= h[:-1] * (1 + 1e-5))
+
+
+def test_identity_covariance_matches_weight_only():
+    W = spectrum_matrix(48, 48, 0.7, dtype=torch.float64)
+    f_cal = factorize(W, 8, 2, calibration=torch.eye(48, dtype=torch.float64), calibration_damping=0.0, iters=60)
+    f_w = factorize(W, 8, 2, iters=60)
+    assert f_cal.rel_error.item() == pytest.approx(f_w.rel_error.item(), rel=2e-2)
+
+
+def test_calibration_argument_errors():
+    W = torch.randn(16, 12)
+    with pytest.raises(ValueError, match="covariance"):
+        factorize(W, 2, 2, calibration=torch.eye(16))
+    with pytest.raises(ValueError, match="weight-only"):
+        factorize(W, 2, 2, method="precgd", calibration=torch.eye(12))
+    with pytest.raises(ValueError, match="NaN"):
+        factorize(W, 2, 2, calibration=torch.full((12, 12), float("nan")))
+
+
+def test_collect_covariances_matches_direct_computation():
+    model = models.tiny_mlp()
+    xs = [torch.randn(7, 48), torch.randn(5, 48)]
+    covs = collect_covariances(model, ["0", "2"], xs)
+    X = torch.cat(xs)
+    torch.testing.assert_close(covs["0"], X.T @ X / 12, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        H = torch.cat([torch.nn.functional.gelu(model[0](x)) for x in xs])
+    torch.testing.assert_close(covs["2"], H.T @ H / 12, rtol=1e-4, atol=1e-5)
+    assert not model[0]._forward_pre_hooks            # hooks removed
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_compress_with_calibration_lowers_output_error(sequential):
+    torch.manual_seed(0)
+    dense = models.tiny_llama()
+    batches = [torch.randint(3, 128, (4, 24)) for _ in range(3)]
+    test = torch.randint(3, 128, (4, 24))
+    with torch.no_grad():
+        ref = dense(test).logits
+    errs = []
+    for cal in (None, batches):
+        m = models.tiny_llama()
+        m.load_state_dict(dense.state_dict())
+        blastfx.compress(m, 0.4, config=BlastConfig(progress=False, sequential=sequential), calibration=cal)
+        with torch.no_grad():
+            errs.append(((m(test).logits - ref).norm() / ref.norm()).item())
+    assert errs[1] < errs[0]
+
+
+def test_calibration_that_misses_layers_is_an_error_and_model_untouched():
+    model = models.tiny_mlp()
+    with pytest.raises(ValueError, match="a calibration batch must be"):
+        blastfx.compress(model, 0.5, config=BlastConfig(include=("*",), progress=False), calibration=["text"])
+    assert not any(isinstance(m, blastfx.BlastLinear) for m in model.modules())
