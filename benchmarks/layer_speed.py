@@ -1,0 +1,63 @@
+"""One layer at 50% of its parameters: dense cuBLAS vs low-rank (two cuBLAS GEMMs, equal params) vs blastfx.
+
+    python benchmarks/layer_speed.py                    # bf16; shapes, b and T from the issue
+    python benchmarks/layer_speed.py --kernels reference
+
+Weights are rotated over enough copies to come from HBM. Prints a markdown table of medians and
+speedups vs dense measured in the same process.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import blastfx
+from blastfx.kernels import dispatch
+from blastfx.layout import BlastShape
+from common import copies_for, median_ms, versions
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]       # (out, in)
+
+
+def rank_at(m, n, b, frac):
+    r = int(frac * m * n / (m + n + b * b))
+    return r - r % 16
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--blocks", type=int, nargs="+", default=[4, 16])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 1024, 4096])
+    ap.add_argument("--kernels", default="triton", choices=dispatch.KERNELS)
+    args = ap.parse_args()
+    dispatch.set_kernels(args.kernels)
+    dt, dev = torch.bfloat16, "cuda"
+    print(versions())
+    print("\n| out x in | b | r | T | dense ms | low-rank ms | blastfx ms | low-rank x | blastfx x |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for m, n in SHAPES:
+        nc = copies_for(m * n * 2)
+        dense = [torch.randn(m, n, device=dev, dtype=dt) / n ** 0.5 for _ in range(nc)]
+        for b in args.blocks:
+            r = rank_at(m, n, b, args.budget)
+            shape = BlastShape.make(m, n, r, b)
+            r_lr = int(args.budget * m * n / (m + n))
+            lr = [(torch.randn(n, r_lr, device=dev, dtype=dt), torch.randn(r_lr, m, device=dev, dtype=dt))
+                  for _ in range(copies_for((m + n) * r_lr * 2))]
+            fac = [tuple(torch.randn(*shape.factor_shapes[k], device=dev, dtype=dt) * 0.05 for k in "USV")
+                   for _ in range(copies_for(shape.num_params * 2))]
+            for T in args.tokens:
+                x = torch.randn(T, n, device=dev, dtype=dt)
+                t_dense = median_ms(lambda k: torch.nn.functional.linear(x, dense[k]), nc)
+                t_lr = median_ms(lambda k: (x @ lr[k][0]) @ lr[k][1], len(lr))
+                t_blast = median_ms(lambda k: blastfx.blast_matmul(x, *fac[k]), len(fac))
+                print(f"| {m}x{n} | {b} | {r} | {T} | {t_dense:.4f} | {t_lr:.4f} | {t_blast:.4f} | "
+                      f"{t_dense / t_lr:.2f} | {t_dense / t_blast:.2f} |", flush=True)
+            del lr, fac
+        del dense
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Recovery training: distill the dense model's logits into the compressed one.
+
+A plain PyTorch loop (no Trainer needed): for each batch of ``input_ids`` the teacher's logits are
+computed under ``no_grad`` and the student minimizes the KL divergence to them (temperature
+``temperature``), optionally mixed with next-token cross-entropy. Only BLAST factors (and, by
+default, norm weights) are trained; everything else is frozen, which keeps optimizer memory small.
+Works the same on CPU and GPU (the models' device). ``teacher_generate_batches`` makes training text
+from the teacher itself when the user has none.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .nn import BlastLinear
+
+
+def trainable_parameters(model: nn.Module, train_norms: bool = True) -> list[nn.Parameter]:
+    """BLAST factors (and biases), plus norm weights if asked; freezes the rest."""
+    chosen = []
+    for module in model.modules():
+        take = isinstance(module, BlastLinear) or (train_norms and "norm" in type(module).__name__.lower())
+        for p in module.parameters(recurse=False):
+            p.requires_grad_(take)
+            if take:
+                chosen.append(p)
+    if not chosen:
+        raise ValueError("the model has no BlastLinear layers to train: compress it first")
+    return chosen
+
+
+def distillation_loss(student_logits, teacher_logits, temperature: float = 1.0):
+    t = temperature
+    s = F.log_softmax(student_logits.float() / t, dim=-1)
+    p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    return F.kl_div(s.flatten(0, -2), p.flatten(0, -2), log_target=True, reduction="batchmean") * t * t
+
+
+def finetune(model: nn.Module, teacher: nn.Module, batches, *, steps: int = 100, lr: float = 1e-4,
+             temperature: float = 1.0, ce_weight: float = 0.0, train_norms: bool = True,
+             warmup: int = 10, grad_clip: float = 1.0, progress: bool = True, log_every: int = 10):
+    """Distill ``teacher`` into the compressed ``model`` for ``steps`` optimizer steps over ``batches``
+    (cycled), each a tensor of input_ids or a dict with "input_ids". Returns the list of losses."""
+    if steps <= 0:
+        raise ValueError(f"steps must be positive, got {steps}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("finetune needs at least one batch")
+    params = trainable_parameters(model, train_norms)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: min(1.0, (k + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
+    device = next(model.parameters()).device
+    teacher.eval()
+    model.train()
+    losses = []
+    it = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc="blastfx: distilling", unit="step")
+    source = itertools.cycle(batches)
+    for step in it:
+        batch = next(source)
+        ids = (batch["input_ids"] if isinstance(batch, dict) else batch).to(device)
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids).logits
+        s_logits = model(input_ids=ids).logits
+        loss = distillation_loss(s_logits[:, :-1], t_logits[:, :-1], temperature)
+        if ce_weight:
+            loss = loss + ce_weight * F.cross_entropy(s_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if progress and step % log_every == 0:
+            it.set_postfix(loss=f"{loss.item():.4f}")
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def teacher_generate_batches(teacher, tokenizer, prompts, seq_len: int = 256, batch_size: int = 4,
+                             temperature: float = 1.0, seed: int = 0):
+    """Training text sampled from the teacher itself (for users without data), as input_ids batches."""
+    torch.manual_seed(seed)
+    device = next(teacher.parameters()).device
+    seqs = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        out = teacher.generate(ids, do_sample=True, temperature=temperature, max_new_tokens=seq_len - ids.shape[1],
+                               min_new_tokens=seq_len - ids.shape[1], pad_token_id=tokenizer.eos_token_id)
+        seqs.append(out[0, :seq_len].cpu())
+    data = torch.stack(seqs)
+    return [{"input_ids": data[i:i + batch_size]} for i in range(0, len(data), batch_size)]

@@ -1,0 +1,41 @@
+import copy
+
+import pytest
+import torch
+
+import blastfx
+from blastfx import BlastConfig
+from blastfx.finetune import distillation_loss, finetune, trainable_parameters
+import models
+
+
+def test_distillation_loss_known_values():
+    logits = torch.randn(2, 5, 11)
+    assert distillation_loss(logits, logits).item() == pytest.approx(0.0, abs=1e-6)
+    other = torch.randn(2, 5, 11)
+    p = torch.softmax(other, -1)
+    expected = (p * (torch.log_softmax(other, -1) - torch.log_softmax(logits, -1))).sum(-1).mean()
+    assert distillation_loss(logits, other).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_distillation_recovers_teacher_outputs():
+    torch.manual_seed(0)
+    teacher = models.tiny_llama()
+    student = blastfx.compress(copy.deepcopy(teacher), 0.4, config=BlastConfig(progress=False))
+    train = [torch.randint(3, 128, (8, 24)) for _ in range(4)]
+    held = torch.randint(3, 128, (8, 24))
+
+    def kl():
+        with torch.no_grad():
+            return distillation_loss(student(input_ids=held).logits, teacher(input_ids=held).logits).item()
+
+    before = kl()
+    frozen = student.model.embed_tokens.weight.clone()
+    losses = finetune(student, teacher, train, steps=30, lr=3e-3, progress=False)
+    assert kl() < 0.7 * before and losses[-1] < losses[0]
+    assert torch.equal(student.model.embed_tokens.weight, frozen)          # only BLAST factors + norms train
+
+
+def test_finetune_needs_blast_layers():
+    with pytest.raises(ValueError, match="no BlastLinear"):
+        trainable_parameters(models.tiny_mlp())
