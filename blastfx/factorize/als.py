@@ -48,10 +48,7 @@ def run_als(A, U, S, V, *, iters: int = 100, tol: float = 1e-4, damping: float =
             target_error: float | None = None, window: int = 10, callback=None):
     """Refine (U, S, V) for ||A - BLAST(U, S, V)||_F by exact alternating least squares.
 
-    Stops after ``iters`` iterations, when the relative error falls below ``target_error``, or when
-    the last ``window`` iterations improved it by less than ``tol`` (relative) per iteration on
-    average. A window, not a single step: from the SVD start the first steps can be tiny before
-    ALS finds the block structure. Returns (U, S, V, history) where
+    Stops as :func:`blocks.record_and_check` says (iteration cap, ``target_error``, or stalled). Returns (U, S, V, history) where
     history is the relative error per iteration (tensor (iters_run, B)).
     """
     b_out, b_in = U.shape[1], V.shape[1]
@@ -68,14 +65,7 @@ def run_als(A, U, S, V, *, iters: int = 100, tol: float = 1e-4, damping: float =
         S = blk.damped_solve_vec(H, d + lam.unsqueeze(-1) * S, lam)
         err2 = norm2 - 2 * (S.double() * d.double()).sum(dim=(1, 2, 3)) + blk.quadratic_form(H, S)
         rel = (err2.clamp_min(0) / norm2).sqrt()
-        history.append(rel)
-        if callback is not None:
-            callback(it, rel)
-        if target_error is not None and bool((rel <= target_error).all()):
-            break
-        if it >= window and bool(((history[-1 - window] - rel) <= window * tol * rel).all()):
-            break
-        if it == iters - 1:
+        if blk.record_and_check(history, rel, it, iters, tol, target_error, window, callback):
             break
         # U step (uses A V from the current V), then V step (needs A^T U with the new U).
         G, R = blk.u_normal_equations(S, GV, AV)

@@ -131,3 +131,18 @@ def balance(U, V, S, scale: torch.Tensor):
     g = (c * scale.view(-1, 1)).sqrt()                                   # (B, r)
     U *= g.view(g.shape[0], 1, 1, -1)
     V *= g.view(g.shape[0], 1, 1, -1)
+
+
+def record_and_check(history: list, rel: torch.Tensor, it: int, iters: int, tol: float,
+                     target_error: float | None, window: int, callback=None) -> bool:
+    """Append this iteration's relative error (B,) and say whether to stop: the iteration cap, the
+    target reached by every matrix, or less than ``tol`` relative improvement per iteration over the
+    last ``window`` iterations (a window: from the SVD start the first steps can be tiny)."""
+    history.append(rel)
+    if callback is not None:
+        callback(it, rel)
+    if it == iters - 1:
+        return True
+    if target_error is not None and bool((rel <= target_error).all()):
+        return True
+    return it >= window and bool(((history[-1 - window] - rel) <= window * tol * rel).all())

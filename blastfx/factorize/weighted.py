@@ -92,14 +92,7 @@ def run_weighted_als(A, C, U, S, V, *, iters: int = 30, tol: float = 1e-4, dampi
             lam = blk.relative_damping(H, damping)
             S[:, :, j] = blk.damped_solve_vec(H, rhs + lam.unsqueeze(-1) * S[:, :, j], lam)
         rel = (weighted_error2(norm2, S, d, GU, K).clamp_min(0) / norm2).sqrt()
-        history.append(rel)
-        if callback is not None:
-            callback(it, rel)
-        if target_error is not None and bool((rel <= target_error).all()):
-            break
-        if it >= window and bool(((history[-1 - window] - rel) <= window * tol * rel).all()):
-            break
-        if it == iters - 1:
+        if blk.record_and_check(history, rel, it, iters, tol, target_error, window, callback):
             break
         # U step: G_i = sum_jk D_ij K_jk D_ik, R_i = sum_j (AC)_ij V_j D_ij.
         G = blk._sum_over(b_in * b_in, lambda t: (S[:, :, t // b_in].unsqueeze(-1) * S[:, :, t % b_in].unsqueeze(-2))

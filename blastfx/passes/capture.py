@@ -25,32 +25,32 @@ def _param(model):
     return p.device, (p.dtype if p.dtype.is_floating_point else torch.float32)
 
 
-@input_builder("DiTTransformer2DModel")
-def _dit(model):
+def _latent_inputs(model, **extra_dims):
+    """A diffusers transformer's latent and timestep, plus (1, *dims) random tensors by name."""
     device, dtype = _param(model)
     c = model.config
-    return {"hidden_states": torch.randn(1, c.in_channels, c.sample_size, c.sample_size, device=device, dtype=dtype),
-            "timestep": torch.tensor([1], device=device), "class_labels": torch.tensor([0], device=device)}
+    inputs = {"hidden_states": torch.randn(1, c.in_channels, c.sample_size, c.sample_size, device=device, dtype=dtype),
+              "timestep": torch.tensor([1], device=device)}
+    inputs.update({k: torch.randn(1, *dims, device=device, dtype=dtype) for k, dims in extra_dims.items()})
+    return inputs
+
+
+@input_builder("DiTTransformer2DModel")
+def _dit(model):
+    return {**_latent_inputs(model), "class_labels": torch.tensor([0], device=_param(model)[0])}
 
 
 @input_builder("PixArtTransformer2DModel")
 def _pixart(model):
-    device, dtype = _param(model)
-    c = model.config
-    return {"hidden_states": torch.randn(1, c.in_channels, c.sample_size, c.sample_size, device=device, dtype=dtype),
-            "encoder_hidden_states": torch.randn(1, 4, c.caption_channels, device=device, dtype=dtype),
-            "timestep": torch.tensor([1], device=device),
+    return {**_latent_inputs(model, encoder_hidden_states=(4, model.config.caption_channels)),
             "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
 
 
 @input_builder("SD3Transformer2DModel")
 def _sd3(model):
-    device, dtype = _param(model)
     c = model.config
-    return {"hidden_states": torch.randn(1, c.in_channels, c.sample_size, c.sample_size, device=device, dtype=dtype),
-            "encoder_hidden_states": torch.randn(1, 4, c.joint_attention_dim, device=device, dtype=dtype),
-            "pooled_projections": torch.randn(1, c.pooled_projection_dim, device=device, dtype=dtype),
-            "timestep": torch.tensor([1], device=device)}
+    return _latent_inputs(model, encoder_hidden_states=(4, c.joint_attention_dim),
+                          pooled_projections=(c.pooled_projection_dim,))
 
 
 @input_builder("ViTForImageClassification", "ViTModel")
