@@ -13,9 +13,19 @@ from .plan import Plan, check_budget, make_plan
 PLAN_ATTR = "blastfx_plan"
 
 
-def layer_spectra(model: nn.Module, names) -> dict[str, torch.Tensor]:
-    """Singular values of each named layer's weight (for the error-aware planner)."""
-    return {k: torch.linalg.svdvals(dense_weight(model.get_submodule(k)).float()).cpu() for k in names}
+def layer_spectra(model: nn.Module, names, covariances=None, damping: float = 0.01) -> dict[str, torch.Tensor]:
+    """Singular values of each named layer's weight, for the error-aware planner. With input
+    covariances C = L L^T, those of W L: their tail energy at rank r is exactly the *output* error of
+    the best rank-r layer, a measured sensitivity rather than a weight-space proxy."""
+    from .factorize.weighted import damped_cholesky
+
+    spectra = {}
+    for k in names:
+        W = dense_weight(model.get_submodule(k)).float()
+        if covariances is not None:
+            W = W @ damped_cholesky(covariances[k].to(W).unsqueeze(0), damping)[0]
+        spectra[k] = torch.linalg.svdvals(W).cpu()
+    return spectra
 
 
 def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
@@ -33,15 +43,17 @@ def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
 
 
 def plan_for(model: nn.Module, budget: float, config: BlastConfig | None = None, example_inputs=None,
-             analysis: Analysis | None = None) -> Plan:
-    """The plan :func:`compress` would use, without changing the model."""
+             analysis: Analysis | None = None, calibration=None) -> Plan:
+    """The plan :func:`compress` would use, without changing the model. With ``calibration`` and
+    ``strategy="error"``, the budget is spread by measured per-layer output error."""
     config = config or BlastConfig()
     analysis = analysis or analyze(model, example_inputs)
     spectra = None
     if config.strategy == "error":
         names = [s.fqn for s in analysis if s.substitutable
                  and config.selects(s.fqn, s.repeated, min(s.in_features, s.out_features))]
-        spectra = layer_spectra(model, names)
+        covs = collect_covariances(model, names, calibration) if calibration is not None else None
+        spectra = layer_spectra(model, names, covs, config.calibration_damping)
     plan = make_plan(analysis, budget, config, spectra)
     if not analysis.traced:
         plan.notes.append(f"not traced: {analysis.note}; layers found by module discovery")
@@ -61,8 +73,9 @@ def compress(model: nn.Module, budget: float = 0.5, *, config: BlastConfig | Non
     left as it was.
     """
     config = config or BlastConfig()
+    calibration = None if calibration is None else list(calibration)
     if plan is None:
-        plan = plan_for(model, check_budget(budget), config, example_inputs)
+        plan = plan_for(model, check_budget(budget), config, example_inputs, calibration=calibration)
     elif not isinstance(plan, Plan):
         raise ValueError(f"plan must be a blastfx.Plan, got {type(plan).__name__}")
     _check_plan_fits(model, plan)
@@ -71,10 +84,10 @@ def compress(model: nn.Module, budget: float = 0.5, *, config: BlastConfig | Non
     if calibration is None or config.init == "random":
         swap_modules(model, build_layers(model, plan, **build))
     elif not config.sequential:
-        covs = collect_covariances(model, plan.layers, list(calibration))
+        covs = collect_covariances(model, plan.layers, calibration)
         swap_modules(model, build_layers(model, plan, covariances=covs, **build))
     else:
-        _compress_sequential(model, plan, list(calibration), build)
+        _compress_sequential(model, plan, calibration, build)
     attach_plan(model, plan)
     return model
 

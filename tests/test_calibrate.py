@@ -96,3 +96,29 @@ def test_calibration_that_misses_layers_is_an_error_and_model_untouched():
     with pytest.raises(ValueError, match="a calibration batch must be"):
         blastfx.compress(model, 0.5, config=BlastConfig(include=("*",), progress=False), calibration=["text"])
     assert not any(isinstance(m, blastfx.BlastLinear) for m in model.modules())
+
+
+def test_error_strategy_uses_output_sensitivity_with_calibration():
+    """Two layers with the same weights; the second sees inputs in a 2-D subspace only, so its output
+    error needs few ranks: the calibrated planner must give it less than the first."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    with torch.no_grad():
+        model[1].weight.copy_(model[0].weight)
+        model[0].bias.zero_()
+
+    class TwoInputs(torch.nn.Module):
+        def __init__(self, seq):
+            super().__init__()
+            self.seq = seq
+
+        def forward(self, x):
+            return self.seq[0](x) + self.seq[1](x[:, :2] @ torch.ones(2, 64))
+
+    wrapper = TwoInputs(model)
+    batches = [torch.randn(32, 64) for _ in range(4)]
+    cfg = BlastConfig(include=("seq.*",), strategy="error", progress=False)
+    weight_plan = blastfx.plan_for(wrapper, 0.5, cfg, example_inputs=batches[0])
+    cal_plan = blastfx.plan_for(wrapper, 0.5, cfg, example_inputs=batches[0], calibration=batches)
+    assert abs(weight_plan.layers["seq.0"].rank - weight_plan.layers["seq.1"].rank) <= 8   # one balancing step
+    assert cal_plan.layers["seq.1"].rank < cal_plan.layers["seq.0"].rank
