@@ -8,6 +8,8 @@ Rows (all decoder linears, blocks=4, uniform budget):
   precgd   weight-only BLAST by the paper's algorithm (PrecGD, --precgd-iters iterations)
   blastfx  calibration-aware BLAST (whitened-SVD start + weighted ALS), blastfx's default with calibration
   blastfx-seq  the same, calibrated block by block on the already-compressed model
+  blastfx-err  calibrated, with the budget spread by measured output sensitivity (strategy="error")
+  blastfx-seq-err  both
 Calibration text: non-held-out Wikipedia articles; evaluation: held-out articles only.
 """
 from __future__ import annotations
@@ -32,6 +34,8 @@ METHODS = {
     "blastfx-weight": dict(method="als", calibrate=False),
     "blastfx": dict(method="als", calibrate=True),
     "blastfx-seq": dict(method="als", calibrate=True, sequential=True),
+    "blastfx-err": dict(method="als", calibrate=True, strategy="error"),
+    "blastfx-seq-err": dict(method="als", calibrate=True, sequential=True, strategy="error"),
 }
 
 
@@ -63,7 +67,7 @@ def main():
             model = copy.deepcopy(dense)
             cfg = BlastConfig(blocks=args.blocks, method=spec["method"], progress=False,
                               iters=args.precgd_iters if spec["method"] == "precgd" else args.iters,
-                              sequential=spec.get("sequential", False))
+                              sequential=spec.get("sequential", False), strategy=spec.get("strategy", "uniform"))
             t0 = time.perf_counter()
             blastfx.compress(model, budget, config=cfg, calibration=calib if spec["calibrate"] else None)
             secs = time.perf_counter() - t0

@@ -39,9 +39,7 @@ def build_layers(model: nn.Module, plan, *, init: str = "factorize", method: str
         if init == "random" or empty:
             layer = BlastLinear(lp.in_features, lp.out_features, lp.rank, lp.blocks, bias=module.bias is not None,
                                 device=w.device, dtype=w.dtype, allow_larger=True)
-            if empty:
-                layer.to(torch.empty(0, device=w.device, dtype=w.dtype))
-            elif module.bias is not None:
+            if not empty and module.bias is not None:
                 with torch.no_grad():
                     layer.bias.copy_(module.bias)
             new[name] = layer
