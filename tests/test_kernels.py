@@ -48,8 +48,8 @@ def test_leading_dims_and_dispatch_choice():
     small, large = forward.launch_config(8, s, torch.device("cpu")), forward.launch_config(512, s, torch.device("cpu"))
     assert small["J_PER_PROG"] < s.b_in or s.b_in == 1          # decode splits block-columns
     assert large["J_PER_PROG"] == s.b_in                         # prefill keeps them in one program
-    U, S, V = (torch.randn(*s.factor_shapes[k]) for k in "USV")
-    x = torch.randn(2, 3, 64)
+    U, S, V = (torch.randn(*s.factor_shapes[k], device=DEVICE) for k in "USV")
+    x = torch.randn(2, 3, 64, device=DEVICE)
     torch.testing.assert_close(forward.blast_matmul_triton(x, U, S, V), blast_matmul_reference(x, U, S, V),
                                rtol=1e-4, atol=1e-4)
 

@@ -49,10 +49,10 @@ def _xv_mix_kernel(x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN,
             xt = tl.load(x_ptr + offs_t[:, None] * sxt + col[None, :] * sxn, mask=xm, other=0.0)
             vm = (offs_c[:, None] < q_lim) & (offs_r[None, :] < R)
             vt = tl.load(v_ptr + j * svj + offs_c[:, None] * svq + offs_r[None, :] * svr, mask=vm, other=0.0)
-            if UPCAST:
-                xt = xt.to(tl.float32)
-                vt = vt.to(tl.float32)
-            z = tl.dot(xt, vt, z)
+            if UPCAST:   # fp32 math: IEEE dots (a GPU would use TF32 by default)
+                z = tl.dot(xt.to(tl.float32), vt.to(tl.float32), z, input_precision="ieee")
+            else:
+                z = tl.dot(xt, vt, z)
         sm = (offs_i[:, None] < B_OUT) & (offs_r[None, :] < tl.where(j < B_IN, R, 0))
         s = tl.load(s_ptr + offs_i[:, None] * ssi + j * ssj + offs_r[None, :] * ssr, mask=sm, other=0.0)
         acc += s.to(tl.float32)[:, None, :] * z[None, :, :]
@@ -82,11 +82,9 @@ def _wu_kernel(w_ptr, u_ptr, b_ptr, y_ptr, T, M, P, R,
         ut = tl.load(u_ptr + i * sui + offs_p[None, :] * sup + offs_k[:, None] * sur,
                      mask=(offs_p[None, :] < P) & (offs_k[:, None] < R), other=0.0)
         if UPCAST:
-            wt = wt.to(tl.float32)
-            ut = ut.to(tl.float32)
+            acc = tl.dot(wt.to(tl.float32), ut.to(tl.float32), acc, input_precision="ieee")
         else:
-            wt = wt.to(ut.dtype)
-        acc = tl.dot(wt, ut, acc)
+            acc = tl.dot(wt.to(ut.dtype), ut, acc)
     rows = i * P + offs_p
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows, mask=(offs_p < P) & (rows < M), other=0.0).to(tl.float32)[None, :]
