@@ -1,10 +1,12 @@
 """One layer at 50% of its parameters: dense cuBLAS vs low-rank (two cuBLAS GEMMs, equal params) vs blastfx.
 
     python benchmarks/layer_speed.py                    # bf16; shapes, b and T from the issue
-    python benchmarks/layer_speed.py --kernels reference
+    python benchmarks/layer_speed.py --paths            # also time every kernel path (a profile)
 
-Weights are rotated over enough copies to come from HBM. Prints a markdown table of medians and
-speedups vs dense measured in the same process.
+Every call is replayed from a CUDA graph that runs it once per weight copy, with enough copies to
+come from HBM, not L2 (as in a CUDA-graph decode loop; CPU launch cost excluded for every column).
+"blastfx" is what the op runs by default: the autotuned best path for that shape and token bucket.
+Prints a markdown table of medians and speedups vs dense measured in the same process.
 """
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ import argparse
 import torch
 
 import blastfx
-from blastfx.kernels import dispatch
+from blastfx.kernels import autotune, forward
 from blastfx.layout import BlastShape
-from common import copies_for, median_ms, versions
+from common import copies_for, graph_ms, versions
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]       # (out, in)
 
@@ -30,14 +32,17 @@ def main():
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--blocks", type=int, nargs="+", default=[4, 16])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 1024, 4096])
-    ap.add_argument("--kernels", default="triton", choices=dispatch.KERNELS)
+    ap.add_argument("--shapes", nargs="+", default=None, help="OUTxIN")
+    ap.add_argument("--paths", action="store_true", help="also time each path with its first config")
     args = ap.parse_args()
-    dispatch.set_kernels(args.kernels)
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
     dt, dev = torch.bfloat16, "cuda"
     print(versions())
-    print("\n| out x in | b | r | T | dense ms | low-rank ms | blastfx ms | low-rank x | blastfx x |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for m, n in SHAPES:
+    names = sorted(forward.PATHS) if args.paths else []
+    head = "| out x in | b | r | T | dense ms | low-rank ms | blastfx ms | low-rank x | blastfx x | chosen |"
+    head += "".join(f" {p} x |" for p in names)
+    print("\n" + head + "\n" + "|---" * (10 + len(names)) + "|", flush=True)
+    for m, n in shapes:
         nc = copies_for(m * n * 2)
         dense = [torch.randn(m, n, device=dev, dtype=dt) / n ** 0.5 for _ in range(nc)]
         for b in args.blocks:
@@ -50,11 +55,21 @@ def main():
                    for _ in range(copies_for(shape.num_params * 2))]
             for T in args.tokens:
                 x = torch.randn(T, n, device=dev, dtype=dt)
-                t_dense = median_ms(lambda k: torch.nn.functional.linear(x, dense[k]), nc)
-                t_lr = median_ms(lambda k: (x @ lr[k][0]) @ lr[k][1], len(lr))
-                t_blast = median_ms(lambda k: blastfx.blast_matmul(x, *fac[k]), len(fac))
-                print(f"| {m}x{n} | {b} | {r} | {T} | {t_dense:.4f} | {t_lr:.4f} | {t_blast:.4f} | "
-                      f"{t_dense / t_lr:.2f} | {t_dense / t_blast:.2f} |", flush=True)
+                t_dense = graph_ms(lambda k: torch.nn.functional.linear(x, dense[k]), nc)
+                t_lr = graph_ms(lambda k: (x @ lr[k][0]) @ lr[k][1], len(lr))
+                blastfx.blast_matmul(x, *fac[0])                  # autotune outside the graph
+                key = (autotune.token_bucket(T), shape, dt, False, str(x.device))
+                chosen = autotune._cache.get(key, ("default", {}))[0]
+                t_blast = graph_ms(lambda k: blastfx.blast_matmul(x, *fac[k]), len(fac))
+                row = (f"| {m}x{n} | {b} | {r} | {T} | {t_dense:.4f} | {t_lr:.4f} | {t_blast:.4f} | "
+                       f"{t_dense / t_lr:.2f} | {t_dense / t_blast:.2f} | {chosen} |")
+                for p in names:
+                    try:
+                        t = graph_ms(lambda k: forward.blast_matmul_triton(x, *fac[k], path=p), len(fac))
+                        row += f" {t_dense / t:.2f} |"
+                    except Exception as e:      # noqa: BLE001 -- a path a shape cannot run is reported
+                        row += f" err {type(e).__name__} |"
+                print(row, flush=True)
             del lr, fac
         del dense
 

@@ -18,37 +18,51 @@ from blastfx import BlastConfig
 from common import median_ms, versions
 
 
-def build(layers):
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build(layers, hidden=4096, inter=11008, heads=32):
     from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
-    with torch.device("cuda"):
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=heads, vocab_size=32000, max_position_embeddings=4096)
+    with torch.device(DEVICE):
         return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 @torch.no_grad()
 def decode_tps(model, backend, new_tokens):
     from transformers import StaticCache
-    ids = torch.randint(0, 32000, (1, 16), device="cuda")
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, cache_implementation="static")
+    ids = torch.randint(0, 32000, (1, 16), device=DEVICE)
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
+              disable_compile=True)        # we compile forward ourselves, with the backend under test
     model.forward = torch.compile(model.forward, backend=backend, mode="reduce-overhead", fullgraph=False)
     for _ in range(2):
         model.generate(ids, **kw)
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
-    model.generate(ids, **kw)
-    torch.cuda.synchronize()
+    out = model.generate(ids, **kw)
+    sync()
+    assert out.shape[1] == ids.shape[1] + new_tokens
     return new_tokens / (time.perf_counter() - t0)
 
 
 @torch.no_grad()
 def prefill_ms(model, T):
-    ids = torch.randint(0, 32000, (1, T), device="cuda")
+    ids = torch.randint(0, 32000, (1, T), device=DEVICE)
+    if DEVICE == "cpu":
+        t0 = time.perf_counter()
+        model(ids, use_cache=False)
+        return (time.perf_counter() - t0) * 1e3
     return median_ms(lambda k: model(ids, use_cache=False), 1, warmup=2, reps=5)
 
 
 def train_step_ms(layer_fn, T):
-    x = torch.randn(T, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(T, layer_fn.in_features, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     def step(_):
         y = layer_fn(x)
         y.backward(torch.ones_like(y))
@@ -60,30 +74,39 @@ def main():
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--inter", type=int, default=11008)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--train-tokens", type=int, default=4096)
     args = ap.parse_args()
-    print(versions())
+    print(versions() if DEVICE == "cuda" else f"CPU; torch {torch.__version__}", flush=True)
     rows = []
     for name in ("dense", "blastfx"):
         torch._dynamo.reset()
-        model = build(args.layers)
+        model = build(args.layers, args.hidden, args.inter, args.heads)
         backend = "inductor"
         if name == "blastfx":
             blastfx.compress(model, args.budget, config=BlastConfig(init="random", progress=False))
             backend = "blast"
         tps = decode_tps(model, backend, args.new_tokens)
-        pre = prefill_ms(model, 2048)
+        pre = prefill_ms(model, args.prefill)
         rows.append((name, tps, pre))
+        print(f"{name}: decode {tps:.1f} tok/s, prefill {args.prefill} tokens {pre:.1f} ms", flush=True)
         del model
         torch.cuda.empty_cache()
     (_, d_tps, d_pre), (_, b_tps, b_pre) = rows
-    print(f"\n| model | decode tok/s | x dense | prefill 2048 ms | x dense |\n|---|---|---|---|---|")
+    print(f"\n| model | decode tok/s | x dense | prefill {args.prefill} ms | x dense |\n|---|---|---|---|---|")
     print(f"| dense (inductor) | {d_tps:.1f} | 1.00 | {d_pre:.1f} | 1.00 |")
     print(f"| blastfx {args.budget} (blast) | {b_tps:.1f} | {b_tps / d_tps:.2f} | {b_pre:.1f} | {d_pre / b_pre:.2f} |")
-    dense_layer = torch.nn.Linear(4096, 4096, bias=False, device="cuda", dtype=torch.bfloat16)
-    r = int(args.budget * 4096 * 4096 / (8192 + 16)) // 16 * 16
-    blast_layer = blastfx.BlastLinear(4096, 4096, r, 4, bias=False, device="cuda", dtype=torch.bfloat16)
-    td, tb = train_step_ms(dense_layer, 4096), train_step_ms(blast_layer, 4096)
-    print(f"\ntraining step (fwd+bwd) 4096x4096 at T=4096: dense {td:.3f} ms, blastfx b=4 r={r} {tb:.3f} ms "
+    if DEVICE != "cuda":
+        return
+    h, T = args.hidden, args.train_tokens
+    dense_layer = torch.nn.Linear(h, h, bias=False, device=DEVICE, dtype=torch.bfloat16)
+    r = int(args.budget * h * h / (2 * h + 16)) // 16 * 16
+    blast_layer = blastfx.BlastLinear(h, h, r, 4, bias=False, device=DEVICE, dtype=torch.bfloat16)
+    td, tb = train_step_ms(dense_layer, T), train_step_ms(blast_layer, T)
+    print(f"\ntraining step (fwd+bwd) {h}x{h} at T={T}: dense {td:.3f} ms, blastfx b=4 r={r} {tb:.3f} ms "
           f"({td / tb:.2f}x)")
 
 

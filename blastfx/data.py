@@ -9,6 +9,7 @@ from __future__ import annotations
 import bz2
 import html
 import importlib.util
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -19,6 +20,11 @@ HELDOUT_EVERY = 4            # every 4th article (by position) is held out for e
 
 
 def gensim_data_dir() -> Path:
+    """The wheel's ``test_data`` folder; ``BLASTFX_GENSIM_DATA`` points elsewhere (a machine with
+    only the data files copied, e.g. a GPU box without the wheel)."""
+    override = os.environ.get("BLASTFX_GENSIM_DATA")
+    if override:
+        return Path(override)
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the gensim wheel is not installed: pip install --no-deps gensim")

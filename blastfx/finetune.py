@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -42,19 +43,39 @@ def distillation_loss(student_logits, teacher_logits, temperature: float = 1.0):
 
 def finetune(model: nn.Module, teacher: nn.Module, batches, *, steps: int = 100, lr: float = 1e-4,
              temperature: float = 1.0, ce_weight: float = 0.0, train_norms: bool = True,
-             warmup: int = 10, grad_clip: float = 1.0, progress: bool = True, log_every: int = 10):
+             warmup: int = 10, grad_clip: float = 1.0, progress: bool = True, log_every: int = 10,
+             max_seconds: float | None = None, amp: bool | None = None):
     """Distill ``teacher`` into the compressed ``model`` for ``steps`` optimizer steps over ``batches``
-    (cycled), each a tensor of input_ids or a dict with "input_ids". Returns the list of losses."""
+    (cycled), each a tensor of input_ids or a dict with "input_ids". Returns the list of losses.
+
+    ``max_seconds`` turns it into a time budget: training stops when it is spent and the cosine
+    learning-rate schedule runs on whichever of steps or time is further along, so a time-boxed run
+    still ends at a small learning rate. ``amp`` (default: on for CUDA) runs both models under bf16
+    autocast with fp32 master factors.
+    """
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
+    if max_seconds is not None and max_seconds <= 0:
+        raise ValueError(f"max_seconds must be positive, got {max_seconds}")
     batches = list(batches)
     if not batches:
         raise ValueError("finetune needs at least one batch")
     params = trainable_parameters(model, train_norms)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    start = time.perf_counter()
+
+    def progress_at(k):
+        done = k / steps
+        if max_seconds is not None:
+            done = max(done, (time.perf_counter() - start) / max_seconds)
+        return min(done, 1.0)
+
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min(1.0, (k + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
+        opt, lambda k: min(1.0, (k + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * progress_at(k))))
     device = next(model.parameters()).device
+    if amp is None:
+        amp = device.type == "cuda"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
     teacher.eval()
     model.train()
     losses = []
@@ -66,9 +87,10 @@ def finetune(model: nn.Module, teacher: nn.Module, batches, *, steps: int = 100,
     for step in it:
         batch = next(source)
         ids = (batch["input_ids"] if isinstance(batch, dict) else batch).to(device)
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             t_logits = teacher(input_ids=ids).logits
-        s_logits = model(input_ids=ids).logits
+        with autocast:
+            s_logits = model(input_ids=ids).logits
         loss = distillation_loss(s_logits[:, :-1], t_logits[:, :-1], temperature)
         if ce_weight:
             loss = loss + ce_weight * F.cross_entropy(s_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
@@ -80,6 +102,8 @@ def finetune(model: nn.Module, teacher: nn.Module, batches, *, steps: int = 100,
         losses.append(loss.item())
         if progress and step % log_every == 0:
             it.set_postfix(loss=f"{loss.item():.4f}")
+        if max_seconds is not None and time.perf_counter() - start >= max_seconds:
+            break
     model.eval()
     return losses
 

@@ -61,7 +61,12 @@ class BlastLinear(nn.Module):
         self.V.view(s.n_pad, s.rank)[s.in_features:] = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return blast_matmul(x, self.U, self.S, self.V, self.bias, self.out_features)
+        U, S, V, bias = self.U, self.S, self.V, self.bias
+        if torch.is_autocast_enabled(x.device.type):   # behave like nn.Linear under autocast
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, U, S, V = x.to(dt), U.to(dt), S.to(dt), V.to(dt)
+            bias = bias.to(dt) if bias is not None else None
+        return blast_matmul(x, U, S, V, bias, self.out_features)
 
     def to_dense(self) -> torch.Tensor:
         """The (out_features, in_features) weight this layer applies."""

@@ -109,3 +109,17 @@ def test_bad_input(W, kwargs, match):
 
 def test_methods_listed():
     assert {"als", "precgd", "lowrank", "block_diagonal", "block_low_rank"} <= set(METHODS)
+
+
+def test_randomized_truncated_svd_close_to_exact():
+    from blastfx.factorize.als import truncated_svd
+    g = torch.Generator().manual_seed(3)
+    for m, n in [(1024, 600), (600, 1024)]:
+        A = spectrum_matrix(m, n, 0.5, seed=3)[None]
+        P, s, Qh = truncated_svd(A, 96, generator=g)
+        assert P.shape == (1, m, 96) and Qh.shape == (1, 96, n)
+        exact = torch.linalg.svdvals(A)[0]
+        best = exact[96:].pow(2).sum().sqrt() / exact.pow(2).sum().sqrt()
+        err = (A - (P * s.unsqueeze(1)) @ Qh).norm() / A.norm()
+        assert err < best * 1.02, (err, best)
+        torch.testing.assert_close(P.transpose(1, 2) @ P, torch.eye(96)[None], atol=1e-4, rtol=0)

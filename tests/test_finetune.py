@@ -39,3 +39,17 @@ def test_distillation_recovers_teacher_outputs():
 def test_finetune_needs_blast_layers():
     with pytest.raises(ValueError, match="no BlastLinear"):
         trainable_parameters(models.tiny_mlp())
+
+
+def test_time_budget_stops_and_anneals_lr():
+    torch.manual_seed(0)
+    teacher = models.tiny_llama()
+    student = blastfx.compress(copy.deepcopy(teacher), 0.4, config=BlastConfig(progress=False))
+    train = [torch.randint(3, 128, (2, 16))]
+    with pytest.raises(ValueError, match="max_seconds"):
+        finetune(student, teacher, train, max_seconds=0)
+    import time
+    t0 = time.perf_counter()
+    losses = finetune(student, teacher, train, steps=10**6, max_seconds=1.5, progress=False, amp=True)
+    assert 1 <= len(losses) < 10**6 and time.perf_counter() - t0 < 15
+    assert all(torch.isfinite(torch.tensor(losses)))

@@ -11,7 +11,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
 
-def run_case(m, n, r, blocks, T, dtype, bias, config=None):
+def run_case(m, n, r, blocks, T, dtype, bias, config=None, path=None):
     s = BlastShape.make(m, n, r, blocks, allow_larger=True)
     g = torch.Generator().manual_seed(m * 31 + n * 7 + T)
     U, S, V = (torch.randn(*s.factor_shapes[k], generator=g, dtype=torch.float64) for k in "USV")
@@ -19,7 +19,7 @@ def run_case(m, n, r, blocks, T, dtype, bias, config=None):
     b = torch.randn(m, generator=g, dtype=torch.float64) if bias else None
     ref = blast_matmul_reference(x, U, S, V, b, m)
     cast = [t.to(DEVICE, dtype) if t is not None else None for t in (x, U, S, V, b)]
-    y = forward.blast_matmul_triton(*cast, m, config=config)
+    y = forward.blast_matmul_triton(*cast, m, path=path, config=config)
     assert y.shape == (T, m) and y.dtype == dtype
     rel = ((y.double().cpu() - ref).norm() / ref.norm()).item()
     assert rel < TOL[dtype], rel
@@ -38,16 +38,43 @@ def test_matches_reference_half(dtype, T):
     run_case(40, 24, 8, (4, 3), T, dtype, bias=True)
 
 
-@pytest.mark.parametrize("j_per_prog", [1, 2, 5])
-def test_split_block_columns_any_split(j_per_prog):
-    run_case(24, 25, 8, (2, 5), 4, torch.float32, bias=False, config={"J_PER_PROG": j_per_prog})
+@pytest.mark.parametrize("j_per_prog,q_chunk", [(1, None), (2, 16), (5, None), (1, 16)])
+def test_split_block_columns_and_q_any_split(j_per_prog, q_chunk):
+    run_case(24, 50, 8, (2, 5), 4, torch.float32, bias=False, path="fused",
+             config={"J_PER_PROG": j_per_prog, "Q_CHUNK": q_chunk})
 
 
-def test_leading_dims_and_dispatch_choice():
+@pytest.mark.parametrize("path", sorted(forward.PATHS))
+@pytest.mark.parametrize("m,n,r,blocks,T", [(24, 20, 8, (4, 2), 3), (33, 40, 16, (3, 5), 20), (32, 48, 24, (2, 3), 17)])
+def test_every_path_matches_reference(path, m, n, r, blocks, T):
+    run_case(m, n, r, blocks, T, torch.float32, bias=True, path=path)
+
+
+@pytest.mark.parametrize("path", sorted(forward.PATHS))
+def test_every_path_half(path):
+    run_case(40, 24, 8, (4, 3), 18, torch.bfloat16, bias=True, path=path)
+
+
+def test_decode_config_fills_the_gpu():
+    s = BlastShape.make(4096, 4096, 1024, 4)
+    cfg = forward.decode_config(s, torch.device("cpu"), waves=4)   # 4 "SMs" on CPU
+    programs = -(-s.rank // cfg["BR"]) * s.b_in * -(-s.q // cfg["Q_CHUNK"])
+    assert programs >= 16 and cfg["Q_CHUNK"] % cfg["BQ"] == 0
+    assert [p for p, _ in forward.candidates(1, s, torch.device("cpu"))][0] == "decode"
+    assert {p for p, _ in forward.candidates(2048, s, torch.device("cpu"))} == set(forward.PATHS) - {"decode"}
+
+
+def test_autotune_buckets_and_default_without_cuda():
+    from blastfx.kernels import autotune
+    assert [autotune.token_bucket(t) for t in (1, 2, 3, 16, 17, 4096, 100000)] == [1, 2, 4, 16, 32, 4096, 8192]
+    calls = []
+    choice = autotune.choose(("k",), [("a", {}), ("b", {})], lambda p, c: calls.append(p))
+    if not torch.cuda.is_available():
+        assert choice == ("a", {}) and calls == []
+
+
+def test_leading_dims():
     s = BlastShape.make(64, 64, 16, 4)
-    small, large = forward.launch_config(8, s, torch.device("cpu")), forward.launch_config(512, s, torch.device("cpu"))
-    assert small["J_PER_PROG"] < s.b_in or s.b_in == 1          # decode splits block-columns
-    assert large["J_PER_PROG"] == s.b_in                         # prefill keeps them in one program
     U, S, V = (torch.randn(*s.factor_shapes[k], device=DEVICE) for k in "USV")
     x = torch.randn(2, 3, 64, device=DEVICE)
     torch.testing.assert_close(forward.blast_matmul_triton(x, U, S, V), blast_matmul_reference(x, U, S, V),
@@ -63,3 +90,14 @@ def test_cuda_op_dispatches_to_triton_and_matches():
         ref = blast_matmul_reference(x.float(), layer.U.float(), layer.S.float(), layer.V.float(), layer.bias.float())
         rel = ((layer(x).float() - ref).norm() / ref.norm()).item()
         assert rel < 1e-2, (T, rel)
+
+
+@pytest.mark.parametrize("T", [1, 7, 16])
+def test_one_launch_decode_leaves_workspace_clean(T):
+    """The decode kernel's x·V programs add into a shared fp32 workspace and the last w·U^T program
+    zeroes it: a second call (and a call of another shape sharing it) must give the same answer."""
+    for m, n, r, blocks, bias in [(40, 36, 8, (4, 3), True), (40, 20, 8, (4, 2), False)]:
+        for _ in range(2):
+            run_case(m, n, r, blocks, T, torch.float32, bias=bias, path="decode", config={"Q_CHUNK": 16})
+    w, cnt = forward._workspaces[(str(torch.device(DEVICE)), 4, 8, 16)]
+    assert w.abs().sum().item() == 0 and cnt.tolist() == [0, 0]

@@ -61,3 +61,16 @@ def test_state_dict_round_trip():
     b.load_state_dict(a.state_dict())
     x = torch.randn(3, 20)
     torch.testing.assert_close(a(x), b(x))
+
+
+def test_autocast_runs_in_the_autocast_dtype_like_linear():
+    layer = BlastLinear(32, 24, 8, 2)
+    x = torch.randn(5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        ref = torch.nn.functional.linear(x, layer.to_dense())
+    assert y.dtype == ref.dtype == torch.bfloat16
+    exact = (x.double() @ layer.to_dense().T.double() + layer.bias.double()).detach()
+    assert ((y.double() - exact).norm() / exact.norm()).item() < 2e-2
+    y.float().sum().backward()
+    assert layer.U.grad is not None and layer.U.grad.dtype == torch.float32

@@ -9,14 +9,14 @@ decode/prefill choice is made per call from the token count, with no host sync.
 
 Options (``options={...}``): ``"fuse_naive"`` (default True) rewrites the original BLAST code's
 three-stage forward into the op; ``"kernels"``: "triton" (default on CUDA) or "reference";
-``"decode_max_tokens"``; any other key is passed to Inductor as a config patch.
+``"autotune"`` (default True: time the kernel paths once per shape); any other key is passed to Inductor as a config patch.
 """
 from __future__ import annotations
 
 from .patterns import fuse_naive_blast
 
 stats = {"naive_fused": 0, "graphs": 0}
-_BLAST_OPTIONS = ("fuse_naive", "kernels", "decode_max_tokens")
+_BLAST_OPTIONS = ("fuse_naive", "kernels", "autotune")
 _MODES = {None: {}, "default": {}, "reduce-overhead": {"triton.cudagraphs": True},
           "max-autotune": {"max_autotune": True, "triton.cudagraphs": True},
           "max-autotune-no-cudagraphs": {"max_autotune": True}}
@@ -34,8 +34,9 @@ def blast_backend(gm, example_inputs, mode=None, options=None):
     blast_opts = {k: options.pop(k) for k in _BLAST_OPTIONS if k in options}
     if "kernels" in blast_opts:
         dispatch.set_kernels(blast_opts["kernels"])
-    if "decode_max_tokens" in blast_opts:
-        dispatch.settings["decode_max_tokens"] = int(blast_opts["decode_max_tokens"])
+    if "autotune" in blast_opts:
+        from ..kernels import autotune
+        autotune.settings["enabled"] = bool(blast_opts["autotune"])
     stats["graphs"] += 1
     if blast_opts.get("fuse_naive", True):
         stats["naive_fused"] += fuse_naive_blast(gm)

@@ -25,10 +25,31 @@ import torch
 from . import blocks as blk
 
 
+def truncated_svd(A: torch.Tensor, k: int, oversample: int = 64, power_iters: int = 2, generator=None):
+    """Top-k singular triplets of a batch (B, m, n). Large matrices with k well below min(m, n) use a
+    randomized range finder (Halko et al.) with power iterations: ALS refines the start anyway, and
+    a full SVD of a 4096x4096 matrix costs more than the whole ALS run."""
+    B, m, n = A.shape
+    small = min(m, n)
+    if small < 512 or k + oversample > small // 2:
+        return torch.linalg.svd(A, full_matrices=False)
+    wide = m < n
+    M = A.transpose(1, 2) if wide else A                        # tall: (B, big, small)
+    omega = torch.randn(B, M.shape[2], k + oversample, generator=generator, dtype=A.dtype).to(A.device)
+    Y = torch.linalg.qr(M @ omega).Q
+    for _ in range(power_iters):
+        Y = torch.linalg.qr(M @ torch.linalg.qr(M.transpose(1, 2) @ Y).Q).Q
+    Ub, sigma, Vh = torch.linalg.svd(Y.transpose(1, 2) @ M, full_matrices=False)
+    P = Y @ Ub
+    if wide:                                                     # A = (M)^T = Vh^T sigma P^T
+        return Vh.transpose(1, 2)[..., :k], sigma[..., :k], P.transpose(1, 2)[..., :k, :]
+    return P[..., :k], sigma[..., :k], Vh[..., :k, :]
+
+
 def svd_init(A: torch.Tensor, b_out: int, b_in: int, rank: int, generator=None):
     """Rank-r truncated SVD as BLAST factors: U_i, V_j = rows of P sqrt(sigma), Q sqrt(sigma); s = 1."""
     B, m_pad, n_pad = A.shape
-    P, sigma, Qh = torch.linalg.svd(A, full_matrices=False)
+    P, sigma, Qh = truncated_svd(A, rank, generator=generator)
     k = min(rank, sigma.shape[-1])
     root = sigma[:, :k].sqrt()
     U = A.new_zeros(B, m_pad, rank)

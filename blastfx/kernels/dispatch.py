@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-settings = {"kernels": "triton", "decode_max_tokens": 16}
+settings = {"kernels": "triton"}
 KERNELS = ("triton", "reference")
 
 
@@ -25,16 +25,15 @@ def _cuda_blast_matmul(x, U, S, V, bias=None, out_features=None):
     if settings["kernels"] == "triton" and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
         from . import forward
 
-        forward.DECODE_MAX_T = settings["decode_max_tokens"]
         return forward.blast_matmul_triton(x, U, S, V, bias, out_features)
     return blast_matmul_reference(x, U, S, V, bias, out_features).contiguous()
 
 
 def register() -> bool:
     """Register the CUDA kernel of blastfx::blast_matmul if triton is importable."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:   # find, don't import: keeps `import blastfx` light
         return False
     from ..ops import _blast_matmul_op
 

@@ -1,15 +1,28 @@
-"""Fused Triton forward of ``blast_matmul``: two kernels, no (b_out, b_in, T, r) tensor.
+"""Triton forward of ``blastfx::blast_matmul``: kernels, the paths built from them, and their configs.
 
-1. ``_xv_mix_kernel``: for a (T-tile, r-tile) and a range of block-columns j, compute
-   ``z_j = x_j V_j`` on tensor cores and immediately mix it into all block-rows,
-   ``w_i += s_ij * z_j``, in a (b_out, BT, BR) register accumulator. ``z`` never leaves registers.
-   Small T (decode): the block-columns are split over programs (SPLIT_J) so that the grid fills
-   the GPU while U, V, S are each streamed from memory once; partial ``w`` are added atomically in fp32.
-2. ``_wu_kernel``: ``y_i = w_i U_i^T`` as a tiled GEMM whose epilogue adds the bias, casts to the
-   output dtype, drops padded rows and stores straight into the (T, m) layout.
+Three stages, ``z_j = x_j V_j`` (xv), ``w_i = sum_j s_ij * z_j`` (mix), ``y_i = w_i U_i^T`` (wu); no
+path ever forms the (b_out, b_in, T, r) product. A *path* is one way of running the three stages:
+
+* ``fused``: ``_xv_mix_kernel`` computes every z_j for a (T-tile, r-tile) on tensor cores and mixes it
+  at once into a (b_out, BT, BR) register accumulator, so z never leaves registers; ``_wu_kernel``
+  then does w U^T with bias, cast, padding trim and the (T, m) layout in its epilogue. For decode the
+  x·V reduction is split over block-columns *and* chunks of q (``J_PER_PROG``, ``Q_CHUNK``) so the
+  grid fills every SM while U, V, S are each streamed once; partial w are added atomically in fp32.
+* ``bmm_mixwu``: x·V as one strided cuBLAS batched GEMM (x read in place as (b_in, T, q)), then
+  ``_wu_kernel`` with ``MIX`` fuses the s-mix into the load of its A operand: w is never written.
+* ``bmm_mix_bmm``: cuBLAS, the ``_mix_kernel`` (one memory pass), cuBLAS writing straight into the
+  (T, m) layout through a strided ``out=``.
+* ``fused_bmm``: ``_xv_mix_kernel`` then cuBLAS for w U^T.
+* ``decode`` (T <= 16): everything in one launch (``_decode_kernel``): the programs doing w U^T
+  stream their U rows while the x·V programs run and then wait on an arrival counter, so U, V and S
+  are read in one overlapped pass instead of two latency-bound kernels.
+
+Which path (and tile config) is fastest depends on the shape and the token count; :mod:`.autotune`
+measures the candidates of :func:`candidates` once per (shape, dtype, token bucket) and caches the
+winner. Every path is checked against ``blastfx.ops.blast_matmul_reference`` in tests.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) operands are upcast to fp32 before ``tl.dot``: the
-interpreter's bf16 dot is wrong.
+interpreter's bf16 dot is wrong. fp32 inputs use IEEE dots (a GPU would otherwise use TF32).
 """
 from __future__ import annotations
 
@@ -22,34 +35,34 @@ import triton.language as tl
 from ..layout import BlastShape
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DECODE_MAX_T = 16
 
 
 @triton.jit
-def _xv_mix_kernel(x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN,
+def _xv_mix_kernel(x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, Q_SPLIT, Q_CHUNK,
                    sxt, sxn, svj, svq, svr, ssi, ssj, ssr, swi, swt, swr,
                    B_OUT: tl.constexpr, B_OUT_P2: tl.constexpr, J_PER_PROG: tl.constexpr,
                    BT: tl.constexpr, BR: tl.constexpr, BQ: tl.constexpr,
                    UPCAST: tl.constexpr, ATOMIC: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
-    pid_j = tl.program_id(2)
+    pid_j = tl.program_id(2) // Q_SPLIT
+    q0 = (tl.program_id(2) % Q_SPLIT) * Q_CHUNK
     offs_t = pid_t * BT + tl.arange(0, BT)
     offs_r = pid_r * BR + tl.arange(0, BR)
     offs_i = tl.arange(0, B_OUT_P2)
     acc = tl.zeros((B_OUT_P2, BT, BR), dtype=tl.float32)
     for jj in range(J_PER_PROG):
         j = pid_j * J_PER_PROG + jj
-        q_lim = tl.where(j < B_IN, Q, 0)          # a j past the last block reads nothing
+        q_lim = tl.where(j < B_IN, tl.minimum(Q, q0 + Q_CHUNK), 0)   # a j past the last block reads nothing
         z = tl.zeros((BT, BR), dtype=tl.float32)
-        for c0 in range(0, Q, BQ):
+        for c0 in range(q0, q0 + Q_CHUNK, BQ):
             offs_c = c0 + tl.arange(0, BQ)
             col = j * Q + offs_c
             xm = (offs_t[:, None] < T) & (offs_c[None, :] < q_lim) & (col[None, :] < N)
             xt = tl.load(x_ptr + offs_t[:, None] * sxt + col[None, :] * sxn, mask=xm, other=0.0)
             vm = (offs_c[:, None] < q_lim) & (offs_r[None, :] < R)
             vt = tl.load(v_ptr + j * svj + offs_c[:, None] * svq + offs_r[None, :] * svr, mask=vm, other=0.0)
-            if UPCAST:   # fp32 math: IEEE dots (a GPU would use TF32 by default)
+            if UPCAST:
                 z = tl.dot(xt.to(tl.float32), vt.to(tl.float32), z, input_precision="ieee")
             else:
                 z = tl.dot(xt, vt, z)
@@ -65,10 +78,12 @@ def _xv_mix_kernel(x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN,
 
 
 @triton.jit
-def _wu_kernel(w_ptr, u_ptr, b_ptr, y_ptr, T, M, P, R,
-               swi, swt, swr, sui, sup, sur, syt, sym,
-               HAS_BIAS: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BR: tl.constexpr,
-               UPCAST: tl.constexpr):
+def _wu_kernel(w_ptr, s_ptr, u_ptr, b_ptr, y_ptr, T, M, P, R, NJ,
+               swj, swt, swr, ssi, ssj, ssr, sui, sup, sur, syt, sym,
+               MIX: tl.constexpr, HAS_BIAS: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
+               BR: tl.constexpr, UPCAST: tl.constexpr):
+    """y_i = w_i U_i^T. With MIX, ``w_ptr`` holds z (b_in, T, r) and w_i = sum_j s_ij z_j is formed
+    per K-chunk in registers right before the dot."""
     pid_t = tl.program_id(0)
     pid_p = tl.program_id(1)
     i = tl.program_id(2)
@@ -77,8 +92,15 @@ def _wu_kernel(w_ptr, u_ptr, b_ptr, y_ptr, T, M, P, R,
     acc = tl.zeros((BT, BP), dtype=tl.float32)
     for k0 in range(0, R, BR):
         offs_k = k0 + tl.arange(0, BR)
-        wt = tl.load(w_ptr + i * swi + offs_t[:, None] * swt + offs_k[None, :] * swr,
-                     mask=(offs_t[:, None] < T) & (offs_k[None, :] < R), other=0.0)
+        am = (offs_t[:, None] < T) & (offs_k[None, :] < R)
+        if MIX:
+            wt = tl.zeros((BT, BR), dtype=tl.float32)
+            for j in range(NJ):
+                zt = tl.load(w_ptr + j * swj + offs_t[:, None] * swt + offs_k[None, :] * swr, mask=am, other=0.0)
+                s = tl.load(s_ptr + i * ssi + j * ssj + offs_k * ssr, mask=offs_k < R, other=0.0)
+                wt += zt.to(tl.float32) * s.to(tl.float32)[None, :]
+        else:
+            wt = tl.load(w_ptr + i * swj + offs_t[:, None] * swt + offs_k[None, :] * swr, mask=am, other=0.0)
         ut = tl.load(u_ptr + i * sui + offs_p[None, :] * sup + offs_k[:, None] * sur,
                      mask=(offs_p[None, :] < P) & (offs_k[:, None] < R), other=0.0)
         if UPCAST:
@@ -92,49 +114,333 @@ def _wu_kernel(w_ptr, u_ptr, b_ptr, y_ptr, T, M, P, R,
     tl.store(y_ptr + offs_t[:, None] * syt + rows[None, :] * sym, acc.to(y_ptr.dtype.element_ty), mask=ym)
 
 
-def _num_sms(device) -> int:
+@triton.jit
+def _mix_kernel(z_ptr, s_ptr, w_ptr, T, R, B_OUT, B_IN, szj, szt, szr, ssi, ssj, ssr, swi, swt, swr,
+                BI: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr):
+    """w_i = sum_j s_ij * z_j for BI block-rows at once: one read of z, one write of w."""
+    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
+    offs_r = tl.program_id(1) * BR + tl.arange(0, BR)
+    offs_i = tl.program_id(2) * BI + tl.arange(0, BI)
+    acc = tl.zeros((BI, BT, BR), dtype=tl.float32)
+    zm = (offs_t[:, None] < T) & (offs_r[None, :] < R)
+    sm = (offs_i[:, None] < B_OUT) & (offs_r[None, :] < R)
+    for j in range(B_IN):
+        zt = tl.load(z_ptr + j * szj + offs_t[:, None] * szt + offs_r[None, :] * szr, mask=zm, other=0.0)
+        s = tl.load(s_ptr + offs_i[:, None] * ssi + j * ssj + offs_r[None, :] * ssr, mask=sm, other=0.0)
+        acc += s.to(tl.float32)[:, None, :] * zt.to(tl.float32)[None, :, :]
+    wm = (offs_i[:, None, None] < B_OUT) & zm[None, :, :]
+    tl.store(w_ptr + offs_i[:, None, None] * swi + offs_t[None, :, None] * swt + offs_r[None, None, :] * swr,
+             acc.to(w_ptr.dtype.element_ty), mask=wm)
+
+
+@triton.jit
+def _decode_kernel(x_ptr, v_ptr, s_ptr, u_ptr, b_ptr, y_ptr, w_ptr, cnt_ptr,
+                   T, N, M, P, Q, R, B_IN, Q_SPLIT, Q_CHUNK, N1, N2, P_TILES,
+                   sxt, sxn, svj, svq, svr, ssi, ssj, ssr, sui, sup, sur, syt, sym,
+                   B_OUT: tl.constexpr, B_OUT_P2: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr,
+                   BQ: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    """Decode in one launch. Programs [0, N1) do x·V + mix (split over r-tiles, block-columns and
+    q-chunks) and add into the fp32 workspace w (B_OUT, BT, R); programs [N1, N1+N2) first stream
+    their U rows into cache (overlapping stage 1's reads), wait until all N1 programs have arrived
+    at cnt[0], then compute y = w U^T. The last stage-2 program to finish zeroes w and both counters,
+    so the workspace is clean for the next launch (stream order makes that safe). Lower program ids
+    are dispatched first, so waiting programs never block the ones they wait for."""
+    pid = tl.program_id(0)
+    offs_t = tl.arange(0, BT)
+    if pid < N1:
+        r_tiles = tl.cdiv(R, BR)
+        pid_r = pid % r_tiles
+        rest = pid // r_tiles
+        j = rest // Q_SPLIT
+        q0 = (rest % Q_SPLIT) * Q_CHUNK
+        q_lim = tl.minimum(Q, q0 + Q_CHUNK)
+        offs_r = pid_r * BR + tl.arange(0, BR)
+        z = tl.zeros((BT, BR), dtype=tl.float32)
+        for c0 in range(q0, q0 + Q_CHUNK, BQ):
+            offs_c = c0 + tl.arange(0, BQ)
+            col = j * Q + offs_c
+            xt = tl.load(x_ptr + offs_t[:, None] * sxt + col[None, :] * sxn,
+                         mask=(offs_t[:, None] < T) & (offs_c[None, :] < q_lim) & (col[None, :] < N), other=0.0)
+            vt = tl.load(v_ptr + j * svj + offs_c[:, None] * svq + offs_r[None, :] * svr,
+                         mask=(offs_c[:, None] < q_lim) & (offs_r[None, :] < R), other=0.0)
+            if UPCAST:
+                z = tl.dot(xt.to(tl.float32), vt.to(tl.float32), z, input_precision="ieee")
+            else:
+                z = tl.dot(xt, vt, z)
+        offs_i = tl.arange(0, B_OUT_P2)
+        s = tl.load(s_ptr + offs_i[:, None] * ssi + j * ssj + offs_r[None, :] * ssr,
+                    mask=(offs_i[:, None] < B_OUT) & (offs_r[None, :] < R), other=0.0)
+        acc = s.to(tl.float32)[:, None, :] * z[None, :, :]
+        w_ptrs = w_ptr + offs_i[:, None, None] * (BT * R) + offs_t[None, :, None] * R + offs_r[None, None, :]
+        tl.atomic_add(w_ptrs, acc, mask=(offs_i[:, None, None] < B_OUT) & (offs_t[None, :, None] < T)
+                      & (offs_r[None, None, :] < R), sem="release")
+        tl.debug_barrier()
+        tl.atomic_add(cnt_ptr, 1, sem="release")
+    else:
+        k = pid - N1
+        i = k // P_TILES
+        offs_p = (k % P_TILES) * BP + tl.arange(0, BP)
+        pm = offs_p < P
+        warm = tl.zeros((BP, BK), dtype=tl.float32)
+        for k0 in range(0, R, BK):               # pull this program's U rows into cache meanwhile
+            offs_k = k0 + tl.arange(0, BK)
+            warm += tl.load(u_ptr + i * sui + offs_p[:, None] * sup + offs_k[None, :] * sur,
+                            mask=pm[:, None] & (offs_k[None, :] < R), other=0.0).to(tl.float32)
+        arrived = tl.atomic_add(cnt_ptr, 0, sem="acquire")
+        while arrived < N1:
+            arrived = tl.atomic_add(cnt_ptr, 0, sem="acquire")
+        acc = tl.zeros((BT, BP), dtype=tl.float32)
+        for k0 in range(0, R, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            wt = tl.load(w_ptr + i * (BT * R) + offs_t[:, None] * R + offs_k[None, :],
+                         mask=(offs_t[:, None] < T) & (offs_k[None, :] < R), other=0.0, cache_modifier=".cg")
+            ut = tl.load(u_ptr + i * sui + offs_p[None, :] * sup + offs_k[:, None] * sur,
+                         mask=pm[None, :] & (offs_k[:, None] < R), other=0.0)
+            if UPCAST:
+                acc = tl.dot(wt, ut.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(wt.to(ut.dtype), ut, acc)
+        rows = i * P + offs_p
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows, mask=pm & (rows < M), other=0.0).to(tl.float32)[None, :]
+        # never true (a warm value is finite); keeps the cache-warming loads from being optimized away
+        acc += tl.where(tl.sum(warm) != tl.sum(warm), 1.0, 0.0)
+        ym = (offs_t[:, None] < T) & pm[None, :] & (rows[None, :] < M)
+        tl.store(y_ptr + offs_t[:, None] * syt + rows[None, :] * sym, acc.to(y_ptr.dtype.element_ty), mask=ym)
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr + 1, 1, sem="acq_rel")
+        if done == N2 - 1:                        # last reader: reset the workspace for the next call
+            for ii in range(B_OUT):
+                for k0 in range(0, T * R, BP * BK):
+                    offs = k0 + tl.arange(0, BP * BK)
+                    tl.store(w_ptr + ii * (BT * R) + offs, tl.zeros((BP * BK,), dtype=tl.float32), mask=offs < T * R)
+            tl.atomic_xchg(cnt_ptr + 1, 0, sem="release")
+            tl.atomic_xchg(cnt_ptr, 0, sem="release")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+def _upcast(x) -> bool:
+    return INTERPRET or x.dtype == torch.float32
+
+
+def _launch_opts(cfg) -> dict:
+    return {} if INTERPRET else {"num_warps": cfg.get("warps", 4), "num_stages": cfg.get("stages", 3)}
+
+
+def xv_mix(x2, V, S, shape: BlastShape, cfg: dict) -> torch.Tensor:
+    """Stage 1+2 fused: w (b_out, T, r); fp32 when the reduction is split (atomic adds)."""
+    T, n = x2.shape
+    jpp = min(cfg.get("J_PER_PROG", shape.b_in), shape.b_in)
+    q_chunk = cfg.get("Q_CHUNK") or shape.q
+    q_chunk = triton.cdiv(min(q_chunk, shape.q), cfg["BQ"]) * cfg["BQ"]
+    q_split = triton.cdiv(shape.q, q_chunk)
+    j_split = triton.cdiv(shape.b_in, jpp)
+    atomic = j_split * q_split > 1
+    w = (torch.zeros if atomic else torch.empty)(
+        shape.b_out, T, shape.rank, device=x2.device, dtype=torch.float32 if atomic else x2.dtype)
+    grid = (triton.cdiv(T, cfg["BT"]), triton.cdiv(shape.rank, cfg["BR"]), j_split * q_split)
+    _xv_mix_kernel[grid](x2, V, S, w, T, n, shape.q, shape.rank, shape.b_in, q_split, q_chunk,
+                         x2.stride(0), x2.stride(1), *V.stride(), *S.stride(), *w.stride(),
+                         B_OUT=shape.b_out, B_OUT_P2=triton.next_power_of_2(shape.b_out), J_PER_PROG=jpp,
+                         BT=cfg["BT"], BR=cfg["BR"], BQ=cfg["BQ"], UPCAST=_upcast(x2), ATOMIC=atomic,
+                         **_launch_opts(cfg))
+    return w
+
+
+def xv_bmm(x2, V, shape: BlastShape) -> torch.Tensor:
+    """Stage 1 on cuBLAS: x read in place as (b_in, T, q) (row stride n), z (b_in, T, r)."""
+    T, n = x2.shape
+    if n != shape.n_pad:
+        x2 = torch.nn.functional.pad(x2, (0, shape.n_pad - n))
+    return torch.bmm(x2.view(T, shape.b_in, shape.q).transpose(0, 1), V)
+
+
+def mix(z, S, shape: BlastShape, cfg: dict) -> torch.Tensor:
+    b_in, T, R = z.shape
+    w = torch.empty(shape.b_out, T, R, device=z.device, dtype=z.dtype)
+    bi = min(cfg.get("BI", 4), triton.next_power_of_2(shape.b_out))
+    grid = (triton.cdiv(T, cfg.get("BTM", 32)), triton.cdiv(R, cfg.get("BRM", 64)), triton.cdiv(shape.b_out, bi))
+    _mix_kernel[grid](z, S, w, T, R, shape.b_out, b_in, *z.stride(), *S.stride(), *w.stride(),
+                      BI=bi, BT=cfg.get("BTM", 32), BR=cfg.get("BRM", 64), **_launch_opts({"warps": 4}))
+    return w
+
+
+def wu(a, S, U, bias, shape: BlastShape, cfg: dict, mixed: bool, out_dtype) -> torch.Tensor:
+    """Stage 3 (with stage 2 fused when ``mixed``): y (T, out_features) with bias and cast fused."""
+    T = a.shape[1]
+    y = torch.empty(T, shape.out_features, device=a.device, dtype=out_dtype)
+    grid = (triton.cdiv(T, cfg["BT2"]), triton.cdiv(shape.p, cfg["BP"]), shape.b_out)
+    _wu_kernel[grid](a, S, U, bias if bias is not None else y, y, T, shape.out_features, shape.p, shape.rank,
+                     shape.b_in if mixed else 1, *a.stride(), *S.stride(), *U.stride(), y.stride(0), y.stride(1),
+                     MIX=mixed, HAS_BIAS=bias is not None, BT=cfg["BT2"], BP=cfg["BP"], BR=cfg["BRU"],
+                     UPCAST=_upcast(U), **_launch_opts({"warps": cfg.get("warps2", 4), "stages": cfg.get("stages2", 3)}))
+    return y
+
+
+def wu_bmm(w, U, bias, shape: BlastShape, out_dtype) -> torch.Tensor:
+    """Stage 3 on cuBLAS, written straight into the (T, m) layout (strided ``out=``)."""
+    T = w.shape[1]
+    y = torch.empty(T, shape.m_pad, device=w.device, dtype=out_dtype)
+    torch.bmm(w.to(U.dtype), U.transpose(1, 2), out=y.view(T, shape.b_out, shape.p).transpose(0, 1))
+    if shape.m_pad != shape.out_features:
+        y = y[:, : shape.out_features].contiguous()
+    if bias is not None:
+        y += bias
+    return y
+
+
+_workspaces: dict = {}
+
+
+def decode_workspace(shape: BlastShape, device, BT: int):
+    """Zeroed fp32 w (b_out, BT, r) and two int32 counters, kept per device and (b_out, r); the
+    decode kernel leaves them zeroed. None while a CUDA graph is being captured and none exists yet
+    (memory allocated during capture belongs to the graph's pool, not to us)."""
+    key = (str(device), shape.b_out, shape.rank, BT)
+    ws = _workspaces.get(key)
+    if ws is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        ws = (torch.zeros(shape.b_out * BT * shape.rank, device=device, dtype=torch.float32),
+              torch.zeros(2, device=device, dtype=torch.int32))
+        _workspaces[key] = ws
+    return ws
+
+
+def decode_one_launch(x2, U, S, V, bias, shape: BlastShape, cfg: dict) -> torch.Tensor:
+    """T <= BT: the whole forward in one launch (:func:`_decode_kernel`). Calls sharing a workspace
+    must be ordered (one stream), as they are in a model's forward."""
+    T, n = x2.shape
+    BT = 16
+    ws = decode_workspace(shape, x2.device, BT) if T <= BT else None
+    if ws is None:
+        return _fused(x2, U, S, V, bias, shape, cfg)
+    w, cnt = ws
+    BR, BQ, BP, BK = cfg["BR"], cfg["BQ"], cfg["BP"], cfg.get("BK", 64)
+    q_chunk = triton.cdiv(min(cfg.get("Q_CHUNK") or shape.q, shape.q), BQ) * BQ
+    q_split = triton.cdiv(shape.q, q_chunk)
+    n1 = triton.cdiv(shape.rank, BR) * shape.b_in * q_split
+    p_tiles = triton.cdiv(shape.p, BP)
+    n2 = p_tiles * shape.b_out
+    y = torch.empty(T, shape.out_features, device=x2.device, dtype=x2.dtype)
+    _decode_kernel[(n1 + n2,)](
+        x2, V, S, U, bias if bias is not None else y, y, w, cnt,
+        T, n, shape.out_features, shape.p, shape.q, shape.rank, shape.b_in, q_split, q_chunk, n1, n2, p_tiles,
+        x2.stride(0), x2.stride(1), *V.stride(), *S.stride(), *U.stride(), y.stride(0), y.stride(1),
+        B_OUT=shape.b_out, B_OUT_P2=triton.next_power_of_2(shape.b_out), BT=BT, BR=BR, BQ=BQ, BP=BP, BK=BK,
+        HAS_BIAS=bias is not None, UPCAST=_upcast(x2), **_launch_opts(cfg))
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths and their candidate configs
+
+
+def _fused(x2, U, S, V, bias, shape, cfg):
+    return wu(xv_mix(x2, V, S, shape, cfg), S, U, bias, shape, cfg, False, x2.dtype)
+
+
+def _fused_bmm(x2, U, S, V, bias, shape, cfg):
+    return wu_bmm(xv_mix(x2, V, S, shape, cfg), U, bias, shape, x2.dtype)
+
+
+def _bmm_mixwu(x2, U, S, V, bias, shape, cfg):
+    return wu(xv_bmm(x2, V, shape), S, U, bias, shape, cfg, True, x2.dtype)
+
+
+def _bmm_mix_bmm(x2, U, S, V, bias, shape, cfg):
+    return wu_bmm(mix(xv_bmm(x2, V, shape), S, shape, cfg), U, bias, shape, x2.dtype)
+
+
+def _decode(x2, U, S, V, bias, shape, cfg):
+    return decode_one_launch(x2, U, S, V, bias, shape, cfg)
+
+
+PATHS = {"fused": _fused, "fused_bmm": _fused_bmm, "bmm_mixwu": _bmm_mixwu, "bmm_mix_bmm": _bmm_mix_bmm,
+         "decode": _decode}
+DECODE_MAX_T = 16
+
+
+def num_sms(device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
 
 
-def launch_config(T: int, shape: BlastShape, device) -> dict:
-    """Tile sizes and block-column split for a token count (decode vs prefill dispatch)."""
-    b_out_p2 = triton.next_power_of_2(shape.b_out)
-    if T <= DECODE_MAX_T:   # decode: split block-columns over programs to fill the GPU
-        BT, BR = 16, 64 if b_out_p2 <= 4 else 32
-        r_tiles = triton.cdiv(shape.rank, BR)
-        split = max(1, min(shape.b_in, _num_sms(device) // max(r_tiles, 1)))
-        return dict(BT=BT, BR=BR, BQ=64, J_PER_PROG=triton.cdiv(shape.b_in, split), BP=64, BRU=64)
-    BT = 64 if b_out_p2 <= 4 else 32
-    BR = 64 if b_out_p2 <= 4 else 32
-    return dict(BT=BT, BR=BR, BQ=64, J_PER_PROG=shape.b_in, BP=128, BRU=64)
+def decode_config(shape: BlastShape, device, waves: int = 4) -> dict:
+    """Split x·V over block-columns and q-chunks until ~``waves`` programs per SM; small U tiles."""
+    sms = num_sms(device)
+    BR = 64 if shape.b_out <= 4 else 32
+    BQ = 64
+    r_tiles = triton.cdiv(shape.rank, BR)
+    want = waves * sms
+    q_split = max(1, min(triton.cdiv(shape.q, BQ), triton.cdiv(want, r_tiles * shape.b_in)))
+    q_chunk = triton.cdiv(triton.cdiv(shape.q, q_split), BQ) * BQ
+    BP = 64
+    while BP > 16 and triton.cdiv(shape.p, BP) * shape.b_out < 2 * sms:
+        BP //= 2
+    return dict(BT=16, BR=BR, BQ=BQ, J_PER_PROG=1, Q_CHUNK=q_chunk, BT2=16, BP=BP, BRU=64, warps=4, stages=3)
 
 
-def blast_matmul_triton(x, U, S, V, bias=None, out_features=None, config: dict | None = None):
-    """The fused forward; same contract as :func:`blastfx.ops.blast_matmul_reference`."""
+def prefill_configs(shape: BlastShape) -> list[dict]:
+    small_acc = triton.next_power_of_2(shape.b_out) <= 4
+    fused = ([dict(BT=64, BR=64, BQ=64, warps=4), dict(BT=128, BR=64, BQ=64, warps=8)] if small_acc
+             else [dict(BT=32, BR=32, BQ=64, warps=4), dict(BT=64, BR=32, BQ=32, warps=8)])
+    wu_cfgs = [dict(BT2=128, BP=128, BRU=64, warps2=8, stages2=3), dict(BT2=64, BP=128, BRU=64, warps2=4, stages2=4),
+               dict(BT2=128, BP=256, BRU=32, warps2=8, stages2=3)]
+    return fused, wu_cfgs
+
+
+def candidates(T: int, shape: BlastShape, device) -> list[tuple[str, dict]]:
+    """(path, config) pairs worth timing for this token count; the first is the untimed default."""
+    if T <= DECODE_MAX_T:
+        return [("decode", decode_config(shape, device, 4)), ("decode", decode_config(shape, device, 2)),
+                ("decode", {**decode_config(shape, device, 4), "BP": 32}),
+                ("fused", decode_config(shape, device, 4)), ("fused", decode_config(shape, device, 8)),
+                ("fused_bmm", decode_config(shape, device, 4)), ("bmm_mix_bmm", {})]
+    fused, wu_cfgs = prefill_configs(shape)
+    base_wu = wu_cfgs[0]
+    out = [("bmm_mix_bmm", {})]
+    out += [("bmm_mixwu", c) for c in wu_cfgs]
+    out += [("fused", {**f, **base_wu}) for f in fused]
+    out += [("fused_bmm", f) for f in fused]
+    return out
+
+
+def run_path(x2, U, S, V, bias, shape, path: str, cfg: dict):
+    return PATHS[path](x2, U, S, V, bias, shape, cfg)
+
+
+def blast_matmul_triton(x, U, S, V, bias=None, out_features=None, path: str | None = None,
+                        config: dict | None = None):
+    """The fast forward; same contract as :func:`blastfx.ops.blast_matmul_reference`.
+
+    ``path``/``config`` force a path and override config keys (tests, benchmarks); by default the
+    autotuner picks the fastest candidate for this (shape, dtype, token bucket).
+    """
+    from . import autotune
+
     shape = BlastShape.from_factors(U, S, V, out_features=out_features)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    T, n = x2.shape
-    cfg = {**launch_config(T, shape, x.device), **(config or {})}
-    upcast = INTERPRET or x.dtype == torch.float32
-    if INTERPRET:
-        cfg = {**cfg, "BQ": min(cfg["BQ"], 16), "BRU": min(cfg["BRU"], 16)}
-    split = triton.cdiv(shape.b_in, cfg["J_PER_PROG"])
-    atomic = split > 1
-    w = (torch.zeros if atomic else torch.empty)(
-        shape.b_out, T, shape.rank, device=x.device, dtype=torch.float32 if atomic else x.dtype)
-    grid1 = (triton.cdiv(T, cfg["BT"]), triton.cdiv(shape.rank, cfg["BR"]), split)
-    _xv_mix_kernel[grid1](x2, V, S, w, T, n, shape.q, shape.rank, shape.b_in,
-                          x2.stride(0), x2.stride(1), *V.stride(), *S.stride(), *w.stride(),
-                          B_OUT=shape.b_out, B_OUT_P2=triton.next_power_of_2(shape.b_out),
-                          J_PER_PROG=cfg["J_PER_PROG"], BT=cfg["BT"], BR=cfg["BR"], BQ=cfg["BQ"],
-                          UPCAST=upcast, ATOMIC=atomic)
-    y = torch.empty(T, shape.out_features, device=x.device, dtype=x.dtype)
-    BT2 = max(16, min(64, triton.next_power_of_2(T)))
-    grid2 = (triton.cdiv(T, BT2), triton.cdiv(shape.p, cfg["BP"]), shape.b_out)
-    _wu_kernel[grid2](w, U, bias if bias is not None else y, y, T, shape.out_features, shape.p, shape.rank,
-                      *w.stride(), *U.stride(), y.stride(0), y.stride(1),
-                      HAS_BIAS=bias is not None, BT=BT2, BP=cfg["BP"], BR=cfg["BRU"], UPCAST=upcast)
+    T = x2.shape[0]
+    cands = candidates(T, shape, x.device)
+    if path is None:
+        key = (autotune.token_bucket(T), shape, x.dtype, bias is not None, str(x.device))
+        path, cfg = autotune.choose(key, cands, lambda p, c: run_path(x2, U, S, V, bias, shape, p, c))
+    else:
+        cfg = next((c for p, c in cands if p == path), None)
+        if cfg is None:
+            cfg = decode_config(shape, x.device) if T <= DECODE_MAX_T else {**prefill_configs(shape)[0][0],
+                                                                           **prefill_configs(shape)[1][0]}
+    cfg = {**cfg, **(config or {})}
+    if INTERPRET:   # small tiles keep the CPU interpreter fast
+        cfg = {**cfg, "BQ": min(cfg.get("BQ", 16), 16), "BRU": min(cfg.get("BRU", 16), 16),
+               "BP": min(cfg.get("BP", 16), 16), "BT2": min(cfg.get("BT2", 16), 16),
+               "BT": min(cfg.get("BT", 16), 16), "BR": min(cfg.get("BR", 16), 16)}
+    y = run_path(x2, U, S, V, bias, shape, path, cfg)
     return y.reshape(*lead, shape.out_features)

@@ -1,0 +1,64 @@
+"""Pick the fastest (path, config) for a BLAST shape by timing the candidates once, then cache it.
+
+Why measure instead of a fixed rule: which of the fused Triton path or the cuBLAS-backed paths wins
+depends on T, b and r in ways a heuristic gets wrong by 2x. The cost is a few dozen launches the
+first time a (shape, dtype, token bucket) is seen. Nothing is timed while a CUDA graph is being
+captured, on CPU (interpreter) or when disabled: the first candidate (a sound default) is used and
+not cached, so a later eager call can still tune.
+"""
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+_cache: dict = {}
+settings = {"enabled": True, "reps": 7}
+
+
+def token_bucket(T: int) -> int:
+    """Token counts that share a choice: powers of two (1, 2, 4, ..., 8192, then capped)."""
+    return min(1 << max(T - 1, 0).bit_length(), 8192)
+
+
+def _time(run, reps: int) -> float:
+    run()                                   # compile / warm
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def choose(key, candidates, run):
+    """Best (path, config) of ``candidates`` for ``key``; ``run(path, config)`` executes one."""
+    if key in _cache:
+        return _cache[key]
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if not settings["enabled"] or capturing or not torch.cuda.is_available() or len(candidates) == 1:
+        return candidates[0]
+    timings = []
+    for path, cfg in candidates:
+        try:
+            timings.append((_time(lambda: run(path, cfg), settings["reps"]), path, cfg))
+        except Exception:       # a config a GPU cannot run (e.g. out of shared memory) is just skipped
+            continue
+    if not timings:
+        return candidates[0]
+    best = min(timings, key=lambda t: t[0])
+    _cache[key] = (best[1], best[2])
+    return _cache[key]
+
+
+def report() -> dict:
+    """What was chosen per key (for benchmarks and debugging)."""
+    return {k: v[0] for k, v in _cache.items()}
+
+
+def clear() -> None:
+    _cache.clear()
