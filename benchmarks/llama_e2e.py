@@ -40,7 +40,13 @@ def decode_tps(model, backend, new_tokens):
     ids = torch.randint(0, 32000, (1, 16), device=DEVICE)
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
               disable_compile=True)        # we compile forward ourselves, with the backend under test
-    model.forward = torch.compile(model.forward, backend=backend, mode="reduce-overhead", fullgraph=False)
+    compiled = torch.compile(model.forward, backend=backend, mode="reduce-overhead", fullgraph=False)
+
+    def forward(*args, **kwargs):       # each decode step is a new CUDA-graph step (static cache is
+        torch.compiler.cudagraph_mark_step_begin()      # updated in place between steps)
+        return compiled(*args, **kwargs)
+
+    model.forward = forward
     for _ in range(2):
         model.generate(ids, **kw)
     sync()

@@ -171,9 +171,10 @@ def _decode_kernel(x_ptr, v_ptr, s_ptr, u_ptr, b_ptr, y_ptr, w_ptr, cnt_ptr,
         offs_i = tl.arange(0, B_OUT_P2)
         s = tl.load(s_ptr + offs_i[:, None] * ssi + j * ssj + offs_r[None, :] * ssr,
                     mask=(offs_i[:, None] < B_OUT) & (offs_r[None, :] < R), other=0.0)
-        acc = s.to(tl.float32)[:, None, :] * z[None, :, :]
+        # (names differ from the other branch's: Triton merges same-named values across if/else)
+        mixed = s.to(tl.float32)[:, None, :] * z[None, :, :]
         w_ptrs = w_ptr + offs_i[:, None, None] * (BT * R) + offs_t[None, :, None] * R + offs_r[None, None, :]
-        tl.atomic_add(w_ptrs, acc, mask=(offs_i[:, None, None] < B_OUT) & (offs_t[None, :, None] < T)
+        tl.atomic_add(w_ptrs, mixed, mask=(offs_i[:, None, None] < B_OUT) & (offs_t[None, :, None] < T)
                       & (offs_r[None, None, :] < R), sem="release")
         tl.debug_barrier()
         tl.atomic_add(cnt_ptr, 1, sem="release")
