@@ -121,3 +121,16 @@ def test_cuda_reduce_overhead_matches_eager():
     for _ in range(3):
         out = f(x)
     assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_autotune_option_reaches_the_kernel_settings():
+    torch._dynamo.reset()
+    from blastfx.kernels import autotune
+    layer = blastfx.BlastLinear(16, 12, 4, 2)
+    x = torch.randn(3, 16)
+    try:
+        out = torch.compile(layer, backend="blast", options={"autotune": False})(x)
+        assert autotune.settings["enabled"] is False
+        torch.testing.assert_close(out, layer(x))
+    finally:
+        autotune.settings["enabled"] = True

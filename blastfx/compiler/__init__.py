@@ -2,10 +2,13 @@
 
 Registered through the ``torch_dynamo_backends`` entry point (pyproject.toml), so it works without
 importing blastfx first. Lowering choice: ``blastfx::blast_matmul`` stays one opaque custom op (its
-autograd, fake and reference stay single-sourced in ``blastfx.ops``); on CUDA that op's kernel *is*
-the fused Triton launch (``blastfx.kernels.dispatch``), so Inductor's generated code calls it as an
-extern kernel. That keeps CUDA graphs (``mode="reduce-overhead"``) and dynamic shapes working: the
-decode/prefill choice is made per call from the token count, with no host sync.
+autograd, fake and reference stay single-sourced in ``blastfx.ops``); on CUDA that op's kernel is
+``blastfx.kernels.dispatch``, which runs the fastest of the Triton / cuBLAS-backed paths for the
+shape and token bucket (``blastfx.kernels.autotune``), so Inductor's generated code calls it as an
+extern kernel. A custom lowering or template would have to re-derive that choice inside Inductor's
+scheduler; the extern call keeps it in one place. It keeps CUDA graphs (``mode="reduce-overhead"``)
+and dynamic shapes working: tuning happens on the first eager (warm-up) call of a shape, never
+during graph capture, and the choice is per call from the token count.
 
 Options (``options={...}``): ``"fuse_naive"`` (default True) rewrites the original BLAST code's
 three-stage forward into the op; ``"kernels"``: "triton" (default on CUDA) or "reference";

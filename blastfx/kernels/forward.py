@@ -13,9 +13,6 @@ path ever forms the (b_out, b_in, T, r) product. A *path* is one way of running 
 * ``bmm_mix_bmm``: cuBLAS, the ``_mix_kernel`` (one memory pass), cuBLAS writing straight into the
   (T, m) layout through a strided ``out=``.
 * ``fused_bmm``: ``_xv_mix_kernel`` then cuBLAS for w U^T.
-* ``decode`` (T <= 16): everything in one launch (``_decode_kernel``): the programs doing w U^T
-  stream their U rows while the x·V programs run and then wait on an arrival counter, so U, V and S
-  are read in one overlapped pass instead of two latency-bound kernels.
 
 Which path (and tile config) is fastest depends on the shape and the token count; :mod:`.autotune`
 measures the candidates of :func:`candidates` once per (shape, dtype, token bucket) and caches the
@@ -133,93 +130,6 @@ def _mix_kernel(z_ptr, s_ptr, w_ptr, T, R, B_OUT, B_IN, szj, szt, szr, ssi, ssj,
              acc.to(w_ptr.dtype.element_ty), mask=wm)
 
 
-@triton.jit
-def _decode_kernel(x_ptr, v_ptr, s_ptr, u_ptr, b_ptr, y_ptr, w_ptr, cnt_ptr,
-                   T, N, M, P, Q, R, B_IN, Q_SPLIT, Q_CHUNK, N1, N2, P_TILES,
-                   sxt, sxn, svj, svq, svr, ssi, ssj, ssr, sui, sup, sur, syt, sym,
-                   B_OUT: tl.constexpr, B_OUT_P2: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr,
-                   BQ: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   UPCAST: tl.constexpr):
-    """Decode in one launch. Programs [0, N1) do x·V + mix (split over r-tiles, block-columns and
-    q-chunks) and add into the fp32 workspace w (B_OUT, BT, R); programs [N1, N1+N2) first stream
-    their U rows into cache (overlapping stage 1's reads), wait until all N1 programs have arrived
-    at cnt[0], then compute y = w U^T. The last stage-2 program to finish zeroes w and both counters,
-    so the workspace is clean for the next launch (stream order makes that safe). Lower program ids
-    are dispatched first, so waiting programs never block the ones they wait for."""
-    pid = tl.program_id(0)
-    offs_t = tl.arange(0, BT)
-    if pid < N1:
-        r_tiles = tl.cdiv(R, BR)
-        pid_r = pid % r_tiles
-        rest = pid // r_tiles
-        j = rest // Q_SPLIT
-        q0 = (rest % Q_SPLIT) * Q_CHUNK
-        q_lim = tl.minimum(Q, q0 + Q_CHUNK)
-        offs_r = pid_r * BR + tl.arange(0, BR)
-        z = tl.zeros((BT, BR), dtype=tl.float32)
-        for c0 in range(q0, q0 + Q_CHUNK, BQ):
-            offs_c = c0 + tl.arange(0, BQ)
-            col = j * Q + offs_c
-            xt = tl.load(x_ptr + offs_t[:, None] * sxt + col[None, :] * sxn,
-                         mask=(offs_t[:, None] < T) & (offs_c[None, :] < q_lim) & (col[None, :] < N), other=0.0)
-            vt = tl.load(v_ptr + j * svj + offs_c[:, None] * svq + offs_r[None, :] * svr,
-                         mask=(offs_c[:, None] < q_lim) & (offs_r[None, :] < R), other=0.0)
-            if UPCAST:
-                z = tl.dot(xt.to(tl.float32), vt.to(tl.float32), z, input_precision="ieee")
-            else:
-                z = tl.dot(xt, vt, z)
-        offs_i = tl.arange(0, B_OUT_P2)
-        s = tl.load(s_ptr + offs_i[:, None] * ssi + j * ssj + offs_r[None, :] * ssr,
-                    mask=(offs_i[:, None] < B_OUT) & (offs_r[None, :] < R), other=0.0)
-        # (names differ from the other branch's: Triton merges same-named values across if/else)
-        mixed = s.to(tl.float32)[:, None, :] * z[None, :, :]
-        w_ptrs = w_ptr + offs_i[:, None, None] * (BT * R) + offs_t[None, :, None] * R + offs_r[None, None, :]
-        tl.atomic_add(w_ptrs, mixed, mask=(offs_i[:, None, None] < B_OUT) & (offs_t[None, :, None] < T)
-                      & (offs_r[None, None, :] < R), sem="release")
-        tl.debug_barrier()
-        tl.atomic_add(cnt_ptr, 1, sem="release")
-    else:
-        k = pid - N1
-        i = k // P_TILES
-        offs_p = (k % P_TILES) * BP + tl.arange(0, BP)
-        pm = offs_p < P
-        warm = tl.zeros((BP, BK), dtype=tl.float32)
-        for k0 in range(0, R, BK):               # pull this program's U rows into cache meanwhile
-            offs_k = k0 + tl.arange(0, BK)
-            warm += tl.load(u_ptr + i * sui + offs_p[:, None] * sup + offs_k[None, :] * sur,
-                            mask=pm[:, None] & (offs_k[None, :] < R), other=0.0).to(tl.float32)
-        arrived = tl.atomic_add(cnt_ptr, 0, sem="acquire")
-        while arrived < N1:
-            arrived = tl.atomic_add(cnt_ptr, 0, sem="acquire")
-        acc = tl.zeros((BT, BP), dtype=tl.float32)
-        for k0 in range(0, R, BK):
-            offs_k = k0 + tl.arange(0, BK)
-            wt = tl.load(w_ptr + i * (BT * R) + offs_t[:, None] * R + offs_k[None, :],
-                         mask=(offs_t[:, None] < T) & (offs_k[None, :] < R), other=0.0, cache_modifier=".cg")
-            ut = tl.load(u_ptr + i * sui + offs_p[None, :] * sup + offs_k[:, None] * sur,
-                         mask=pm[None, :] & (offs_k[:, None] < R), other=0.0)
-            if UPCAST:
-                acc = tl.dot(wt, ut.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(wt.to(ut.dtype), ut, acc)
-        rows = i * P + offs_p
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rows, mask=pm & (rows < M), other=0.0).to(tl.float32)[None, :]
-        # never true (a warm value is finite); keeps the cache-warming loads from being optimized away
-        acc += tl.where(tl.sum(warm) != tl.sum(warm), 1.0, 0.0)
-        ym = (offs_t[:, None] < T) & pm[None, :] & (rows[None, :] < M)
-        tl.store(y_ptr + offs_t[:, None] * syt + rows[None, :] * sym, acc.to(y_ptr.dtype.element_ty), mask=ym)
-        tl.debug_barrier()
-        done = tl.atomic_add(cnt_ptr + 1, 1, sem="acq_rel")
-        if done == N2 - 1:                        # last reader: reset the workspace for the next call
-            for ii in range(B_OUT):
-                for k0 in range(0, T * R, BP * BK):
-                    offs = k0 + tl.arange(0, BP * BK)
-                    tl.store(w_ptr + ii * (BT * R) + offs, tl.zeros((BP * BK,), dtype=tl.float32), mask=offs < T * R)
-            tl.atomic_xchg(cnt_ptr + 1, 0, sem="release")
-            tl.atomic_xchg(cnt_ptr, 0, sem="release")
-
-
 # ---------------------------------------------------------------------------------------------
 # Stages
 
@@ -294,49 +204,6 @@ def wu_bmm(w, U, bias, shape: BlastShape, out_dtype) -> torch.Tensor:
     return y
 
 
-_workspaces: dict = {}
-
-
-def decode_workspace(shape: BlastShape, device, BT: int):
-    """Zeroed fp32 w (b_out, BT, r) and two int32 counters, kept per device and (b_out, r); the
-    decode kernel leaves them zeroed. None while a CUDA graph is being captured and none exists yet
-    (memory allocated during capture belongs to the graph's pool, not to us)."""
-    key = (str(device), shape.b_out, shape.rank, BT)
-    ws = _workspaces.get(key)
-    if ws is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        ws = (torch.zeros(shape.b_out * BT * shape.rank, device=device, dtype=torch.float32),
-              torch.zeros(2, device=device, dtype=torch.int32))
-        _workspaces[key] = ws
-    return ws
-
-
-def decode_one_launch(x2, U, S, V, bias, shape: BlastShape, cfg: dict) -> torch.Tensor:
-    """T <= BT: the whole forward in one launch (:func:`_decode_kernel`). Calls sharing a workspace
-    must be ordered (one stream), as they are in a model's forward."""
-    T, n = x2.shape
-    BT = 16
-    ws = decode_workspace(shape, x2.device, BT) if T <= BT else None
-    if ws is None:
-        return _fused(x2, U, S, V, bias, shape, cfg)
-    w, cnt = ws
-    BR, BQ, BP, BK = cfg["BR"], cfg["BQ"], cfg["BP"], cfg.get("BK", 64)
-    q_chunk = triton.cdiv(min(cfg.get("Q_CHUNK") or shape.q, shape.q), BQ) * BQ
-    q_split = triton.cdiv(shape.q, q_chunk)
-    n1 = triton.cdiv(shape.rank, BR) * shape.b_in * q_split
-    p_tiles = triton.cdiv(shape.p, BP)
-    n2 = p_tiles * shape.b_out
-    y = torch.empty(T, shape.out_features, device=x2.device, dtype=x2.dtype)
-    _decode_kernel[(n1 + n2,)](
-        x2, V, S, U, bias if bias is not None else y, y, w, cnt,
-        T, n, shape.out_features, shape.p, shape.q, shape.rank, shape.b_in, q_split, q_chunk, n1, n2, p_tiles,
-        x2.stride(0), x2.stride(1), *V.stride(), *S.stride(), *U.stride(), y.stride(0), y.stride(1),
-        B_OUT=shape.b_out, B_OUT_P2=triton.next_power_of_2(shape.b_out), BT=BT, BR=BR, BQ=BQ, BP=BP, BK=BK,
-        HAS_BIAS=bias is not None, UPCAST=_upcast(x2), **_launch_opts(cfg))
-    return y
-
-
 # ---------------------------------------------------------------------------------------------
 # Paths and their candidate configs
 
@@ -357,12 +224,7 @@ def _bmm_mix_bmm(x2, U, S, V, bias, shape, cfg):
     return wu_bmm(mix(xv_bmm(x2, V, shape), S, shape, cfg), U, bias, shape, x2.dtype)
 
 
-def _decode(x2, U, S, V, bias, shape, cfg):
-    return decode_one_launch(x2, U, S, V, bias, shape, cfg)
-
-
-PATHS = {"fused": _fused, "fused_bmm": _fused_bmm, "bmm_mixwu": _bmm_mixwu, "bmm_mix_bmm": _bmm_mix_bmm,
-         "decode": _decode}
+PATHS = {"fused": _fused, "fused_bmm": _fused_bmm, "bmm_mixwu": _bmm_mixwu, "bmm_mix_bmm": _bmm_mix_bmm}
 DECODE_MAX_T = 16
 
 
@@ -397,12 +259,12 @@ def prefill_configs(shape: BlastShape) -> list[dict]:
 
 
 def candidates(T: int, shape: BlastShape, device) -> list[tuple[str, dict]]:
-    """(path, config) pairs worth timing for this token count; the first is the untimed default."""
+    """(path, config) pairs worth timing for this token count. The first is the untimed default (used
+    when a CUDA graph is captured before the shape was tuned): ``bmm_mix_bmm``, the most frequent
+    winner on an H100 (benchmarks/RESULTS.md)."""
     if T <= DECODE_MAX_T:
-        return [("decode", decode_config(shape, device, 4)), ("decode", decode_config(shape, device, 2)),
-                ("decode", {**decode_config(shape, device, 4), "BP": 32}),
-                ("fused", decode_config(shape, device, 4)), ("fused", decode_config(shape, device, 8)),
-                ("fused_bmm", decode_config(shape, device, 4)), ("bmm_mix_bmm", {})]
+        return [("bmm_mix_bmm", {}), ("fused", decode_config(shape, device, 4)),
+                ("fused", decode_config(shape, device, 8)), ("fused_bmm", decode_config(shape, device, 4))]
     fused, wu_cfgs = prefill_configs(shape)
     base_wu = wu_cfgs[0]
     out = [("bmm_mix_bmm", {})]

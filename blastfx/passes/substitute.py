@@ -6,6 +6,7 @@ are factorized as one batched problem on the weights' device.
 """
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 
 import torch
@@ -37,8 +38,10 @@ def build_layers(model: nn.Module, plan, *, init: str = "factorize", method: str
         module = model.get_submodule(name)
         w = module.weight
         if init == "random" or empty:
-            layer = BlastLinear(lp.in_features, lp.out_features, lp.rank, lp.blocks, bias=module.bias is not None,
-                                device=w.device, dtype=w.dtype, allow_larger=True)
+            # empty: a checkpoint overwrites every tensor, so skip the random init (costly for big models)
+            make = functools.partial(torch.nn.utils.skip_init, BlastLinear) if empty else BlastLinear
+            layer = make(lp.in_features, lp.out_features, lp.rank, lp.blocks, bias=module.bias is not None,
+                         device=w.device, dtype=w.dtype, allow_larger=True)
             if not empty and module.bias is not None:
                 with torch.no_grad():
                     layer.bias.copy_(module.bias)
