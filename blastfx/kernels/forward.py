@@ -262,15 +262,17 @@ def candidates(T: int, shape: BlastShape, device) -> list[tuple[str, dict]]:
     """(path, config) pairs worth timing for this token count. The first is the untimed default (used
     when a CUDA graph is captured before the shape was tuned): ``bmm_mix_bmm``, the most frequent
     winner on an H100 (benchmarks/RESULTS.md)."""
+    # b_out > 4: also mix all block-rows in one program, so z is read once rather than b_out/4 times
+    wide_mix = [{"BI": 16, "BTM": 16, "BRM": 32}, {"BI": 8, "BTM": 32, "BRM": 32}] if shape.b_out > 4 else []
     if T <= DECODE_MAX_T:
-        return [("bmm_mix_bmm", {}), ("fused", decode_config(shape, device, 4)),
-                ("fused", decode_config(shape, device, 8)), ("fused_bmm", decode_config(shape, device, 4))]
+        return ([("bmm_mix_bmm", {}), ("fused", decode_config(shape, device, 4)),
+                 ("fused", decode_config(shape, device, 8)), ("fused_bmm", decode_config(shape, device, 4))]
+                + [("bmm_mix_bmm", c) for c in wide_mix])
     fused, wu_cfgs = prefill_configs(shape)
-    base_wu = wu_cfgs[0]
-    out = [("bmm_mix_bmm", {})]
-    out += [("bmm_mixwu", c) for c in wu_cfgs]
-    out += [("fused", {**f, **base_wu}) for f in fused]
+    out = [("bmm_mix_bmm", {})] + [("bmm_mix_bmm", c) for c in wide_mix]
+    out += [("fused", {**f, **wu_cfgs[0]}) for f in fused]
     out += [("fused_bmm", f) for f in fused]
+    # bmm_mixwu stays callable (path="bmm_mixwu") but is not timed: it lost every row on the H100
     return out
 
 
