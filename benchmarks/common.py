@@ -5,6 +5,8 @@ import statistics
 
 import torch
 
+from blastfx.kernels import autotune
+
 
 def median_ms(fn, n_copies: int, warmup: int = 5, reps: int = 50) -> float:
     """Median time of ``fn(k)`` in ms, k cycling over ``n_copies`` weight copies so that every call
@@ -25,31 +27,9 @@ def median_ms(fn, n_copies: int, warmup: int = 5, reps: int = 50) -> float:
 
 def graph_ms(fn, n_copies: int, reps: int = 20) -> float:
     """Median time per call of ``fn(k)`` replayed from one CUDA graph that calls it once for every
-    weight copy k (so weights come from HBM, and CPU launch cost is out of the picture, as it is in
-    a CUDA-graph decode loop). Replay time / n_copies."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for k in range(n_copies):
-            fn(k)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for k in range(n_copies):
-            fn(k)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / n_copies)
-    del graph
-    return statistics.median(times)
+    weight copy k (weights come from HBM; CPU launch cost is out, as in a CUDA-graph decode loop).
+    The autotuner's own timer, without its eager fallback: a benchmark must not change method."""
+    return autotune.graph_ms(fn, n_copies, reps)
 
 
 def copies_for(bytes_per_copy: int, l2_bytes: int = 50 * 2**20, minimum: int = 4) -> int:
@@ -61,3 +41,17 @@ def versions() -> str:
     import triton
     return (f"{torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; "
             f"CUDA {torch.version.cuda}")
+
+
+def smollm2_setup(gguf=None, eval_windows: int = 32, calib_tokens: int = 8192):
+    """The quality tables' shared protocol: (dense, tokenizer, fit articles, held-out 512-token
+    windows, calibration batches from fit articles only). One place, so every table evaluates alike."""
+    from blastfx.calibrate import text_batches
+    from blastfx.data import split_articles
+    from blastfx.evaluate import token_windows
+    from blastfx.hf import load_causal_lm, smollm2_path
+
+    dense, tok = load_causal_lm(gguf or smollm2_path())
+    fit, heldout = split_articles()
+    windows = token_windows(tok, heldout, 512, eval_windows)
+    return dense, tok, fit, windows, text_batches(tok, calib_tokens, texts=fit)

@@ -58,8 +58,7 @@ def main():
                 t_dense = graph_ms(lambda k: torch.nn.functional.linear(x, dense[k]), nc)
                 t_lr = graph_ms(lambda k: (x @ lr[k][0]) @ lr[k][1], len(lr))
                 blastfx.blast_matmul(x, *fac[0])                  # autotune outside the graph
-                key = (autotune.token_bucket(T), shape, dt, False, str(x.device))
-                chosen = autotune._cache.get(key, ("default", {}))[0]
+                chosen = autotune.report().get(forward.tuning_key(T, shape, dt, False, x.device), "default")
                 t_blast = graph_ms(lambda k: blastfx.blast_matmul(x, *fac[k]), len(fac))
                 row = (f"| {m}x{n} | {b} | {r} | {T} | {t_dense:.4f} | {t_lr:.4f} | {t_blast:.4f} | "
                        f"{t_dense / t_lr:.2f} | {t_dense / t_blast:.2f} | {chosen} |")

@@ -22,10 +22,8 @@ import torch
 
 import blastfx
 from blastfx import BlastConfig
-from blastfx.calibrate import text_batches
-from blastfx.data import split_articles
-from blastfx.evaluate import generate_text, perplexity, token_windows
-from blastfx.hf import load_causal_lm, smollm2_path
+from blastfx.evaluate import generate_text, perplexity
+from common import smollm2_setup
 
 METHODS = {
     "svd": dict(method="lowrank", calibrate=False),
@@ -51,10 +49,7 @@ def main():
     ap.add_argument("--prompt", default="What is the capital of France?")
     args = ap.parse_args()
     torch.manual_seed(0)
-    dense, tok = load_causal_lm(smollm2_path())
-    fit, heldout = split_articles()
-    windows = token_windows(tok, heldout, 512, args.eval_windows)
-    calib = text_batches(tok, args.calib_tokens, texts=fit)
+    dense, tok, _, windows, calib = smollm2_setup(None, args.eval_windows, args.calib_tokens)
     base = perplexity(dense, windows)
     print(f"device: CPU ({torch.get_num_threads()} threads); torch {torch.__version__}; "
           f"eval {windows.numel()} held-out tokens; calibration {args.calib_tokens} tokens", flush=True)

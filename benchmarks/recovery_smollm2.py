@@ -18,11 +18,10 @@ import torch
 
 import blastfx
 from blastfx import BlastConfig
-from blastfx.calibrate import text_batches
-from blastfx.data import news_corpus, split_articles
+from blastfx.data import news_corpus
 from blastfx.evaluate import generate_text, perplexity, token_windows
 from blastfx.finetune import finetune
-from blastfx.hf import load_causal_lm, smollm2_path
+from common import smollm2_setup
 
 
 def main():
@@ -40,11 +39,8 @@ def main():
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    dense, tok = load_causal_lm(args.gguf or smollm2_path())
+    dense, tok, fit, windows, calib = smollm2_setup(args.gguf, args.eval_windows)
     dense.to(device)
-    fit, heldout = split_articles()
-    windows = token_windows(tok, heldout, 512, args.eval_windows)
-    calib = text_batches(tok, 8192, texts=fit)
     train = token_windows(tok, fit + news_corpus(), 512)
     batches = [train[i:i + args.batch] for i in range(0, len(train) - args.batch + 1, args.batch)]
     base = perplexity(dense, windows)

@@ -21,31 +21,35 @@ def token_bucket(T: int) -> int:
     return min(1 << max(T - 1, 0).bit_length(), 8192)
 
 
-def _time(run, reps: int, calls: int = 4) -> float:
-    """GPU time per call, replayed from a CUDA graph of ``calls`` back-to-back calls: eager timing
-    would charge multi-kernel paths for Python launch cost that a compiled (CUDA-graph) model never
-    pays. Falls back to eager timing where a path cannot be captured."""
-    run()                                   # compile, allocate workspaces
+def graph_ms(fn, calls: int, reps: int = 7, eager_fallback: bool = False) -> float:
+    """Median GPU time per call of ``fn(k)``, k = 0..calls-1, replayed from one CUDA graph holding all
+    the calls: eager timing would charge multi-kernel paths for Python launch cost that a compiled
+    (CUDA-graph) model never pays. The benchmarks use it too, with k picking a weight copy. With
+    ``eager_fallback``, a function that cannot be captured is timed eagerly (one call per sample)."""
+    fn(0)                                   # compile, allocate
     torch.cuda.synchronize()
     graph = None
     try:
-        side = torch.cuda.Stream()
+        side = torch.cuda.Stream()          # warm-up on a side stream, as capture requires
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            run()
+            for k in range(calls):
+                fn(k)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            for _ in range(calls):
-                run()
-    except Exception:                       # noqa: BLE001 -- uncapturable: time eagerly instead
+            for k in range(calls):
+                fn(k)
+    except Exception:                       # noqa: BLE001 -- uncapturable
+        if not eager_fallback:
+            raise
         graph, calls = None, 1
         torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        graph.replay() if graph is not None else run()
+        graph.replay() if graph is not None else fn(0)
         b.record()
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b) / calls)
@@ -56,13 +60,14 @@ def choose(key, candidates, run):
     """Best (path, config) of ``candidates`` for ``key``; ``run(path, config)`` executes one."""
     if key in _cache:
         return _cache[key]
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    if not settings["enabled"] or capturing or not torch.cuda.is_available() or len(candidates) == 1:
+    if (not settings["enabled"] or len(candidates) == 1 or not torch.cuda.is_available()
+            or torch.cuda.is_current_stream_capturing()):
         return candidates[0]
     timings = []
     for path, cfg in candidates:
         try:
-            timings.append((_time(lambda: run(path, cfg), settings["reps"]), path, cfg))
+            t = graph_ms(lambda _k: run(path, cfg), calls=4, reps=settings["reps"], eager_fallback=True)
+            timings.append((t, path, cfg))
         except Exception:       # a config a GPU cannot run (e.g. out of shared memory) is just skipped
             continue
     if not timings:

@@ -23,6 +23,7 @@ interpreter's bf16 dot is wrong. fp32 inputs use IEEE dots (a GPU would otherwis
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -30,6 +31,8 @@ import triton
 import triton.language as tl
 
 from ..layout import BlastShape
+from ..ops import _in_blocks
+from . import autotune
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -164,10 +167,7 @@ def xv_mix(x2, V, S, shape: BlastShape, cfg: dict) -> torch.Tensor:
 
 def xv_bmm(x2, V, shape: BlastShape) -> torch.Tensor:
     """Stage 1 on cuBLAS: x read in place as (b_in, T, q) (row stride n), z (b_in, T, r)."""
-    T, n = x2.shape
-    if n != shape.n_pad:
-        x2 = torch.nn.functional.pad(x2, (0, shape.n_pad - n))
-    return torch.bmm(x2.view(T, shape.b_in, shape.q).transpose(0, 1), V)
+    return torch.bmm(_in_blocks(x2, shape.b_in, shape.q), V)
 
 
 def mix(z, S, shape: BlastShape, cfg: dict) -> torch.Tensor:
@@ -228,6 +228,7 @@ PATHS = {"fused": _fused, "fused_bmm": _fused_bmm, "bmm_mixwu": _bmm_mixwu, "bmm
 DECODE_MAX_T = 16
 
 
+@functools.lru_cache(maxsize=None)
 def num_sms(device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -249,7 +250,8 @@ def decode_config(shape: BlastShape, device, waves: int = 4) -> dict:
     return dict(BT=16, BR=BR, BQ=BQ, J_PER_PROG=1, Q_CHUNK=q_chunk, BT2=16, BP=BP, BRU=64, warps=4, stages=3)
 
 
-def prefill_configs(shape: BlastShape) -> list[dict]:
+def prefill_configs(shape: BlastShape) -> tuple[list[dict], list[dict]]:
+    """(configs of the x·V+mix kernel, configs of the w·U^T kernel) for large T."""
     small_acc = triton.next_power_of_2(shape.b_out) <= 4
     fused = ([dict(BT=64, BR=64, BQ=64, warps=4), dict(BT=128, BR=64, BQ=64, warps=8)] if small_acc
              else [dict(BT=32, BR=32, BQ=64, warps=4), dict(BT=64, BR=32, BQ=32, warps=8)])
@@ -261,10 +263,15 @@ def prefill_configs(shape: BlastShape) -> list[dict]:
 def candidates(T: int, shape: BlastShape, device) -> list[tuple[str, dict]]:
     """(path, config) pairs worth timing for this token count. The first is the untimed default (used
     when a CUDA graph is captured before the shape was tuned): ``bmm_mix_bmm``, the most frequent
-    winner on an H100 (benchmarks/RESULTS.md)."""
+    winner on an H100 (benchmarks/RESULTS.md). Cached: it is on every call's path."""
+    return _candidates(T <= DECODE_MAX_T, shape, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _candidates(decode: bool, shape: BlastShape, device) -> list[tuple[str, dict]]:
     # b_out > 4: also mix all block-rows in one program, so z is read once rather than b_out/4 times
     wide_mix = [{"BI": 16, "BTM": 16, "BRM": 32}, {"BI": 8, "BTM": 32, "BRM": 32}] if shape.b_out > 4 else []
-    if T <= DECODE_MAX_T:
+    if decode:
         return ([("bmm_mix_bmm", {}), ("fused", decode_config(shape, device, 4)),
                  ("fused", decode_config(shape, device, 8)), ("fused_bmm", decode_config(shape, device, 4))]
                 + [("bmm_mix_bmm", c) for c in wide_mix])
@@ -274,6 +281,11 @@ def candidates(T: int, shape: BlastShape, device) -> list[tuple[str, dict]]:
     out += [("fused_bmm", f) for f in fused]
     # bmm_mixwu stays callable (path="bmm_mixwu") but is not timed: it lost every row on the H100
     return out
+
+
+def tuning_key(T: int, shape: BlastShape, dtype, has_bias: bool, device) -> tuple:
+    """What an autotuned choice is shared by (benchmarks use it to read the choice back)."""
+    return (autotune.token_bucket(T), shape, dtype, has_bias, str(device))
 
 
 def run_path(x2, U, S, V, bias, shape, path: str, cfg: dict):
@@ -287,25 +299,21 @@ def blast_matmul_triton(x, U, S, V, bias=None, out_features=None, path: str | No
     ``path``/``config`` force a path and override config keys (tests, benchmarks); by default the
     autotuner picks the fastest candidate for this (shape, dtype, token bucket).
     """
-    from . import autotune
-
     shape = BlastShape.from_factors(U, S, V, out_features=out_features)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     T = x2.shape[0]
     cands = candidates(T, shape, x.device)
     if path is None:
-        key = (autotune.token_bucket(T), shape, x.dtype, bias is not None, str(x.device))
+        key = tuning_key(T, shape, x.dtype, bias is not None, x.device)
         path, cfg = autotune.choose(key, cands, lambda p, c: run_path(x2, U, S, V, bias, shape, p, c))
     else:
         cfg = next((c for p, c in cands if p == path), None)
-        if cfg is None:
-            cfg = decode_config(shape, x.device) if T <= DECODE_MAX_T else {**prefill_configs(shape)[0][0],
-                                                                           **prefill_configs(shape)[1][0]}
+        if cfg is None:             # a path not timed at this size: its generic tiles
+            fused, wu_cfgs = prefill_configs(shape)
+            cfg = decode_config(shape, x.device) if T <= DECODE_MAX_T else {**fused[0], **wu_cfgs[0]}
     cfg = {**cfg, **(config or {})}
     if INTERPRET:   # small tiles keep the CPU interpreter fast
-        cfg = {**cfg, "BQ": min(cfg.get("BQ", 16), 16), "BRU": min(cfg.get("BRU", 16), 16),
-               "BP": min(cfg.get("BP", 16), 16), "BT2": min(cfg.get("BT2", 16), 16),
-               "BT": min(cfg.get("BT", 16), 16), "BR": min(cfg.get("BR", 16), 16)}
+        cfg.update({k: min(cfg.get(k, 16), 16) for k in ("BQ", "BRU", "BP", "BT2", "BT", "BR")})
     y = run_path(x2, U, S, V, bias, shape, path, cfg)
     return y.reshape(*lead, shape.out_features)
