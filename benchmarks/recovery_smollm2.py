@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from pathlib import Path
 
 import torch
 
@@ -20,8 +21,29 @@ import blastfx
 from blastfx import BlastConfig
 from blastfx.data import news_corpus
 from blastfx.evaluate import generate_text, perplexity, token_windows
-from blastfx.finetune import finetune
+from blastfx.finetune import finetune, teacher_generate
 from common import smollm2_setup
+
+
+def training_rows(dense, train, args):
+    """The real training windows, plus ``--generate`` rows the dense model samples from 32-token
+    prompts cut from them (cached in ``--data-cache``, so a resumed run trains on the same text)."""
+    if not args.generate:
+        return train
+    cache = Path(args.data_cache) if args.data_cache else None
+    if cache is not None and cache.exists():
+        generated = torch.load(cache)
+    else:
+        t0 = time.perf_counter()
+        starts = torch.arange(args.generate) * 32 % (train.shape[1] - 32)
+        prompts = [train[k % len(train), s:s + 32] for k, s in enumerate(starts.tolist())]
+        generated = teacher_generate(dense, prompts, train.shape[1], batch_size=args.generate_batch)
+        print(f"generated {generated.numel()} tokens with the dense model in {time.perf_counter() - t0:.0f} s",
+              flush=True)
+        if cache is not None:
+            torch.save(generated, cache)
+    rows = torch.cat([train, generated])
+    return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
 
 
 def main():
@@ -35,29 +57,47 @@ def main():
     ap.add_argument("--sequential", action="store_true")
     ap.add_argument("--compile", action="store_true", help="train the student under torch.compile(backend='blast') "
                     "(fewer launches; a 135M model at 8k tokens/step is launch-bound)")
+    ap.add_argument("--generate", type=int, default=0, help="add this many 512-token rows sampled from the dense "
+                    "model to the training text (the real text is only ~0.6M tokens)")
+    ap.add_argument("--generate-batch", type=int, default=512)
+    ap.add_argument("--data-cache", default=None, help="file holding the generated rows (written once, then reused)")
+    ap.add_argument("--save", default=None, help="write each distilled model here (blastfx.save; budget appended)")
+    ap.add_argument("--resume", default=None, help="continue distilling a model written by --save (one budget)")
+    ap.add_argument("--deadline", type=float, default=None, help="whole-run wall-clock minutes (a device call's "
+                    "limit): the last budget's KD is shortened to leave time for evaluation and saving")
     ap.add_argument("--eval-windows", type=int, default=32)
     args = ap.parse_args()
+    started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     dense, tok, fit, windows, calib = smollm2_setup(args.gguf, args.eval_windows)
     dense.to(device)
-    train = token_windows(tok, fit + news_corpus(), 512)
+    train = training_rows(dense, token_windows(tok, fit + news_corpus(), 512), args)
     batches = [train[i:i + args.batch] for i in range(0, len(train) - args.batch + 1, args.batch)]
     base = perplexity(dense, windows)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"device: {name}; torch {torch.__version__}; train windows {len(train)} x 512; "
+    print(f"device: {name}; torch {torch.__version__}; train rows {len(train)} x 512; "
           f"held-out {windows.numel()} tokens; dense perplexity {base:.2f}", flush=True)
-    print("\n| budget | kept | ppl no retraining | x dense | KD minutes | steps | tokens | ppl after KD | x dense |"
+    print("\n| budget | kept | ppl at start | x dense | KD minutes | steps | tokens | ppl after KD | x dense |"
           " sample after |\n|---|---|---|---|---|---|---|---|---|---|", flush=True)
-    for budget in args.budgets:
+    for budget in ([None] if args.resume else args.budgets):
         model = copy.deepcopy(dense)
-        blastfx.compress(model, budget, calibration=calib,
-                         config=BlastConfig(blocks=args.blocks, progress=False, sequential=args.sequential))
+        if args.resume:
+            blastfx.load(args.resume, model)
+            budget = model.blastfx_plan.budget
+        else:
+            blastfx.compress(model, budget, calibration=calib,
+                             config=BlastConfig(blocks=args.blocks, progress=False, sequential=args.sequential))
         before = perplexity(model, windows)
+        student = model
         if args.compile:
-            model.forward = torch.compile(model.forward, backend="blast")
+            student = copy.copy(model)      # compiled forward on a shallow copy: save/eval use the module
+            student.forward = torch.compile(model.forward, backend="blast")
+        seconds = args.minutes * 60
+        if args.deadline is not None:
+            seconds = min(seconds, args.deadline * 60 - (time.perf_counter() - started) - 60)
         t0 = time.perf_counter()
-        losses = finetune(model, dense, batches, steps=10**6, lr=args.lr, max_seconds=args.minutes * 60,
+        losses = finetune(student, dense, batches, steps=10**6, lr=args.lr, max_seconds=max(seconds, 1.0),
                           progress=False, warmup=20)
         mins = (time.perf_counter() - t0) / 60
         after = perplexity(model, windows)
@@ -65,7 +105,9 @@ def main():
         print(f"| {budget} | {model.blastfx_plan.kept_fraction:.4f} | {before:.2f} | {before / base:.2f} | "
               f"{mins:.1f} | {len(losses)} | {len(losses) * args.batch * 512} | {after:.2f} | {after / base:.2f} | "
               f"{sample[:50]!r} |", flush=True)
-        del model
+        if args.save:
+            blastfx.save(model, args.save if args.resume else f"{args.save}-{budget}")
+        del model, student
         if device == "cuda":
             torch.cuda.empty_cache()
 

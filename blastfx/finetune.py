@@ -109,16 +109,41 @@ def finetune(model: nn.Module, teacher: nn.Module, batches, *, steps: int = 100,
 
 
 @torch.no_grad()
+def teacher_generate(teacher, prompts, seq_len: int = 256, batch_size: int = 64, temperature: float = 1.0,
+                     top_p: float = 0.95, seed: int = 0) -> torch.Tensor:
+    """Training text sampled from the teacher: ``(len(prompts), seq_len)`` token ids, each row a prompt
+    (1-D ids) continued to ``seq_len`` tokens. Small real corpora run out long before a GPU's training
+    budget does; KD only needs the teacher's logits, so its own samples are as good a target as any.
+    Prompts of equal length share a batch, so no padding (and no attention-mask subtleties) is needed."""
+    prompts = [torch.as_tensor(p).flatten() for p in prompts]
+    groups: dict[int, list[int]] = {}
+    for k, p in enumerate(prompts):
+        if not 0 < len(p) < seq_len:
+            raise ValueError(f"prompt {k} has {len(p)} tokens; prompts need 1 to seq_len - 1 = {seq_len - 1}")
+        groups.setdefault(len(p), []).append(k)
+    device = next(teacher.parameters()).device
+    gen_cfg = teacher.generation_config
+    pad = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else gen_cfg.eos_token_id
+    if isinstance(pad, (list, tuple)):
+        pad = pad[0]
+    sample = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    torch.manual_seed(seed)
+    out = torch.empty(len(prompts), seq_len, dtype=torch.long)
+    for length, rows in groups.items():
+        new = seq_len - length
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            ids = torch.stack([prompts[k] for k in chunk]).to(device)
+            res = teacher.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                                   pad_token_id=pad, **sample)
+            out[chunk] = res[:, :seq_len].cpu()
+    return out
+
+
 def teacher_generate_batches(teacher, tokenizer, prompts, seq_len: int = 256, batch_size: int = 4,
                              temperature: float = 1.0, seed: int = 0):
-    """Training text sampled from the teacher itself (for users without data), as input_ids batches."""
-    torch.manual_seed(seed)
-    device = next(teacher.parameters()).device
-    seqs = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-        out = teacher.generate(ids, do_sample=True, temperature=temperature, max_new_tokens=seq_len - ids.shape[1],
-                               min_new_tokens=seq_len - ids.shape[1], pad_token_id=tokenizer.eos_token_id)
-        seqs.append(out[0, :seq_len].cpu())
-    data = torch.stack(seqs)
+    """``teacher_generate`` from text prompts, as a list of ``{"input_ids": ...}`` batches for finetune."""
+    ids = [tokenizer(p, return_tensors="pt").input_ids[0] for p in prompts]
+    data = teacher_generate(teacher, ids, seq_len, batch_size, temperature, seed=seed)
     return [{"input_ids": data[i:i + batch_size]} for i in range(0, len(data), batch_size)]

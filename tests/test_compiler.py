@@ -134,3 +134,92 @@ def test_autotune_option_reaches_the_kernel_settings():
         torch.testing.assert_close(out, layer(x))
     finally:
         autotune.settings["enabled"] = True
+
+
+def _float64_reference(layer, x):
+    return blastfx.blast_matmul_reference(x.double(), layer.U.double(), layer.S.double(), layer.V.double(),
+                                          None if layer.bias is None else layer.bias.double(), layer.out_features)
+
+
+@pytest.mark.parametrize("lowering, inlined", [("inline", True), ("extern", False), ("auto", False)])
+def test_lowering_option_inlines_the_op_or_keeps_it(lowering, inlined):
+    """inline: the op becomes bmm + fused mix + bmm in Inductor's code (counted at decomposition);
+    extern, and auto on CPU: the op stays. Outputs match a float64 reference either way, on a padded,
+    biased layer with b_out != b_in."""
+    from blastfx.compiler import lowering as lowering_mod
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = blastfx.BlastLinear(30, 21, 5, (3, 4), bias=True)        # 21 = 3 x 7, 30 -> 4 blocks of 8 (padded)
+    nn.init.normal_(layer.bias)
+    nn.init.normal_(layer.S)
+    x = torch.randn(2, 19, 30)
+    before = lowering_mod.stats["inlined"]
+    with torch.no_grad():
+        out = torch.compile(layer, backend="blast", options={"lowering": lowering})(x)
+    assert (lowering_mod.stats["inlined"] > before) == inlined
+    torch.testing.assert_close(out.double(), _float64_reference(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_inline_lowering_trains_and_handles_dynamic_token_counts():
+    from blastfx.compiler import lowering as lowering_mod
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = blastfx.BlastLinear(24, 40, 6, (4, 2), bias=True)
+    for p in (layer.S, layer.bias):         # S starts at ones: a mix that mixed up columns would pass
+        nn.init.normal_(p)
+    compiled = torch.compile(layer, backend="blast", dynamic=True, options={"lowering": "inline"})
+    before = lowering_mod.stats["inlined"]
+    for T in (5, 33):
+        x = torch.randn(T, 24, dtype=torch.float64).float().requires_grad_()
+        layer.zero_grad()
+        compiled(x).pow(2).sum().backward()
+        got = [x.grad] + [p.grad for p in layer.parameters()]
+        x64 = x.detach().double().requires_grad_()
+        params = [p.detach().double().requires_grad_() for p in (layer.U, layer.S, layer.V, layer.bias)]
+        blastfx.blast_matmul_reference(x64, *params, layer.out_features).pow(2).sum().backward()
+        for g, ref in zip(got, [x64.grad] + [p.grad for p in params]):
+            torch.testing.assert_close(g.double(), ref, rtol=1e-4, atol=1e-4)
+    assert lowering_mod.stats["inlined"] > before
+
+
+def test_lowering_option_is_validated():
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="lowering must be one of"):
+        torch.compile(blastfx.BlastLinear(8, 8, 2, 2), backend="blast", options={"lowering": "magic"})(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("tokens, device, dynamic, inline", [(40, "cuda", False, True), (16, "cuda", False, False),
+                                                            (40, "cpu", False, False), (40, "cuda", True, False)])
+def test_auto_lowering_inlines_only_prefill_graphs_on_cuda(tokens, device, dynamic, inline):
+    """The "auto" rule, on dynamo graphs whose example values are swapped for fake tensors of the
+    device in question (no GPU needed): prefill-sized CUDA graphs inline, decode sizes, CPU and
+    unknown (dynamic) token counts keep the op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from blastfx.compiler.lowering import inline_graph
+    torch._dynamo.reset()
+    graphs = []
+    layer = blastfx.BlastLinear(16, 16, 4, 2)
+    torch.compile(layer, backend=lambda gm, ex: graphs.append(gm) or gm.forward, dynamic=dynamic)(torch.randn(tokens, 16))
+    gm = graphs[0]
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.blastfx.blast_matmul:
+            x = node.args[0].meta["example_value"]
+            with FakeTensorMode(allow_non_fake_inputs=True, shape_env=getattr(x.fake_mode, "shape_env", None)):
+                node.args[0].meta["example_value"] = torch.empty(x.shape, device=device)
+    assert inline_graph(gm, "auto") is inline
+    assert inline_graph(gm, "inline") and not inline_graph(gm, "extern")
+
+
+def test_inline_after_extern_compile_of_the_same_graph_is_not_served_from_cache():
+    """AOTAutograd's cache ignores decomposition tables; an inline compile must still inline."""
+    from blastfx.compiler import lowering as lowering_mod
+    torch.manual_seed(0)
+    layer = blastfx.BlastLinear(16, 12, 4, (3, 2), bias=True)
+    nn.init.normal_(layer.S)
+    x = torch.randn(7, 16, requires_grad=True)
+    for mode in ("extern", "inline"):
+        torch._dynamo.reset()
+        before = lowering_mod.stats["inlined"]
+        out = torch.compile(layer, backend="blast", options={"lowering": mode})(x)
+        assert (lowering_mod.stats["inlined"] > before) == (mode == "inline")
+        torch.testing.assert_close(out.double(), _float64_reference(layer, x), rtol=1e-5, atol=1e-5)

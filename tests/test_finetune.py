@@ -53,3 +53,24 @@ def test_time_budget_stops_and_anneals_lr():
     losses = finetune(student, teacher, train, steps=10**6, max_seconds=1.5, progress=False, amp=True)
     assert 1 <= len(losses) < 10**6 and time.perf_counter() - t0 < 15
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_teacher_generate_keeps_prompts_and_matches_greedy_decoding():
+    from blastfx.finetune import teacher_generate
+    torch.manual_seed(0)
+    teacher = models.tiny_llama()
+    prompts = [torch.randint(3, 128, (n,)) for n in (4, 6, 4, 4)]          # two lengths -> two groups
+    out = teacher_generate(teacher, prompts, seq_len=12, batch_size=2, temperature=0)
+    assert out.shape == (4, 12)
+    for p, row in zip(prompts, out):
+        assert torch.equal(row[:len(p)], p)
+        ref = p[None]                       # greedy continuation, one token at a time without a cache
+        while ref.shape[1] < 12:
+            nxt = teacher(input_ids=ref).logits[:, -1].argmax(-1, keepdim=True)
+            ref = torch.cat([ref, nxt], 1)
+        assert torch.equal(row, ref[0])
+    sampled = teacher_generate(teacher, prompts, seq_len=12, batch_size=4, seed=1)
+    assert torch.equal(sampled, teacher_generate(teacher, prompts, seq_len=12, batch_size=4, seed=1))
+    assert not torch.equal(sampled, out)
+    with pytest.raises(ValueError, match="prompt 0 has 12 tokens"):
+        teacher_generate(teacher, [torch.arange(12)], seq_len=12)

@@ -1,25 +1,34 @@
 """``torch.compile(model, backend="blast")``: Inductor with BLAST-aware graph passes and kernels.
 
 Registered through the ``torch_dynamo_backends`` entry point (pyproject.toml), so it works without
-importing blastfx first. Lowering choice: ``blastfx::blast_matmul`` stays one opaque custom op (its
-autograd, fake and reference stay single-sourced in ``blastfx.ops``); on CUDA that op's kernel is
-``blastfx.kernels.dispatch``, which runs the fastest of the Triton / cuBLAS-backed paths for the
-shape and token bucket (``blastfx.kernels.autotune``), so Inductor's generated code calls it as an
-extern kernel. A custom lowering or template would have to re-derive that choice inside Inductor's
-scheduler; the extern call keeps it in one place. It keeps CUDA graphs (``mode="reduce-overhead"``)
-and dynamic shapes working: tuning happens on the first eager (warm-up) call of a shape, never
-during graph capture, and the choice is per call from the token count.
+importing blastfx first. Lowering choice, two ways (:mod:`.lowering` says why):
+
+* extern: ``blastfx::blast_matmul`` stays one opaque custom op (autograd, fake and reference
+  single-sourced in ``blastfx.ops``); on CUDA its kernel is ``blastfx.kernels.dispatch``, which runs
+  the fastest of the Triton / cuBLAS-backed paths for the shape and token bucket
+  (``blastfx.kernels.autotune``). Used for decode sizes, where the tuner's split-reduction kernels
+  can win and CUDA graphs hide the op's Python cost. Tuning happens on the first eager (warm-up) call
+  of a shape, never during graph capture.
+* inline: for prefill sizes on CUDA the op is decomposed (a decomposition table entry) into two
+  batched GEMMs and a pointwise mix that Inductor fuses with the bias, cast and output layout, so the
+  generated code launches them with no Python per layer.
 
 Options (``options={...}``): ``"fuse_naive"`` (default True) rewrites the original BLAST code's
 three-stage forward into the op; ``"kernels"``: "triton" (default on CUDA) or "reference";
-``"autotune"`` (default True: time the kernel paths once per shape); any other key is passed to Inductor as a config patch.
+``"autotune"`` (default True: time the kernel paths once per shape); ``"lowering"``: "auto"
+(default), "inline" or "extern"; any other key is passed to Inductor as a config patch.
 """
 from __future__ import annotations
 
+import contextlib
+
+from torch._functorch import config as functorch_config
+
+from .lowering import check_mode, decompositions, inline_graph
 from .patterns import fuse_naive_blast
 
 stats = {"naive_fused": 0, "graphs": 0}
-_BLAST_OPTIONS = ("fuse_naive", "kernels", "autotune")
+_BLAST_OPTIONS = ("fuse_naive", "kernels", "autotune", "lowering")
 _MODES = {None: {}, "default": {}, "reduce-overhead": {"triton.cudagraphs": True},
           "max-autotune": {"max_autotune": True, "triton.cudagraphs": True},
           "max-autotune-no-cudagraphs": {"max_autotune": True}}
@@ -35,6 +44,7 @@ def blast_backend(gm, example_inputs, mode=None, options=None):
     if mode not in _MODES:
         raise ValueError(f"backend 'blast' supports modes {sorted(m for m in _MODES if m)}, got {mode!r}")
     blast_opts = {k: options.pop(k) for k in _BLAST_OPTIONS if k in options}
+    lowering = check_mode(blast_opts.get("lowering", "auto"))
     if "kernels" in blast_opts:
         dispatch.set_kernels(blast_opts["kernels"])
     if "autotune" in blast_opts:
@@ -43,7 +53,14 @@ def blast_backend(gm, example_inputs, mode=None, options=None):
     stats["graphs"] += 1
     if blast_opts.get("fuse_naive", True):
         stats["naive_fused"] += fuse_naive_blast(gm)
-    return compile_fx(gm, example_inputs, config_patches={**_MODES[mode], **options})
+    inline = inline_graph(gm, lowering)
+    # AOTAutograd's cache key leaves the decomposition table out, so an inlined graph must not go
+    # through it (it would be served to an extern compile of the same graph, and survive upgrades of
+    # the lowering); Inductor's own cache keys the decomposed graph and stays on.
+    no_aot_cache = functorch_config.patch(enable_autograd_cache=False) if inline else contextlib.nullcontext()
+    with no_aot_cache:
+        return compile_fx(gm, example_inputs, config_patches={**_MODES[mode], **options},
+                          decompositions=decompositions(inline))
 
 
 __all__ = ["blast_backend", "fuse_naive_blast", "stats"]
