@@ -108,9 +108,12 @@ def train_step_table(args):
     dense_layer = torch.nn.Linear(h, h, bias=False, device=DEVICE, dtype=torch.bfloat16)
     r = int(args.budget * h * h / (2 * h + 16)) // 16 * 16
     blast_layer = blastfx.BlastLinear(h, h, r, 4, bias=False, device=DEVICE, dtype=torch.bfloat16)
-    td, tb = train_step_ms(dense_layer, T), train_step_ms(blast_layer, T)
-    print(f"training step (fwd+bwd) {h}x{h} at T={T}: dense {td:.3f} ms, blastfx b=4 r={r} {tb:.3f} ms "
-          f"({td / tb:.2f}x)\n", flush=True)
+    for how, wrap in (("eager", lambda m, b: m), ("compiled", lambda m, b: torch.compile(m, backend=b))):
+        torch._dynamo.reset()
+        td, tb = train_step_ms(wrap(dense_layer, "inductor"), T), train_step_ms(wrap(blast_layer, "blast"), T)
+        print(f"training step (fwd+bwd) {h}x{h} at T={T}, {how}: dense {td:.3f} ms, blastfx b=4 r={r} {tb:.3f} ms "
+              f"({td / tb:.2f}x)", flush=True)
+    print(flush=True)
 
 
 def main():

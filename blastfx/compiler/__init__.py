@@ -9,9 +9,9 @@ importing blastfx first. Lowering choice, two ways (:mod:`.lowering` says why):
   (``blastfx.kernels.autotune``). Used for decode sizes, where the tuner's split-reduction kernels
   can win and CUDA graphs hide the op's Python cost. Tuning happens on the first eager (warm-up) call
   of a shape, never during graph capture.
-* inline: for prefill sizes on CUDA the op is decomposed (a decomposition table entry) into two
+* inline: a call with a prefill-sized token count on CUDA is rewritten in the dynamo graph into two
   batched GEMMs and a pointwise mix that Inductor fuses with the bias, cast and output layout, so the
-  generated code launches them with no Python per layer.
+  generated code launches them with no Python per layer (training differentiates these ops).
 
 Options (``options={...}``): ``"fuse_naive"`` (default True) rewrites the original BLAST code's
 three-stage forward into the op; ``"kernels"``: "triton" (default on CUDA) or "reference";
@@ -24,7 +24,7 @@ import contextlib
 
 from torch._functorch import config as functorch_config
 
-from .lowering import check_mode, decompositions, inline_graph
+from .lowering import check_mode, inline_blast_calls
 from .patterns import fuse_naive_blast
 
 stats = {"naive_fused": 0, "graphs": 0}
@@ -53,14 +53,13 @@ def blast_backend(gm, example_inputs, mode=None, options=None):
     stats["graphs"] += 1
     if blast_opts.get("fuse_naive", True):
         stats["naive_fused"] += fuse_naive_blast(gm)
-    inline = inline_graph(gm, lowering)
-    # AOTAutograd's cache key leaves the decomposition table out, so an inlined graph must not go
-    # through it (it would be served to an extern compile of the same graph, and survive upgrades of
-    # the lowering); Inductor's own cache keys the decomposed graph and stays on.
-    no_aot_cache = functorch_config.patch(enable_autograd_cache=False) if inline else contextlib.nullcontext()
+    inlined = inline_blast_calls(gm, lowering)
+    # AOTAutograd's cache keys a Python function call by name, not code: a graph with inlined calls
+    # skips it, so an upgraded lowering is never served from a stale entry (Inductor's own cache keys
+    # the traced ops and stays on).
+    no_aot_cache = functorch_config.patch(enable_autograd_cache=False) if inlined else contextlib.nullcontext()
     with no_aot_cache:
-        return compile_fx(gm, example_inputs, config_patches={**_MODES[mode], **options},
-                          decompositions=decompositions(inline))
+        return compile_fx(gm, example_inputs, config_patches={**_MODES[mode], **options})
 
 
 __all__ = ["blast_backend", "fuse_naive_blast", "stats"]

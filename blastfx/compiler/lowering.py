@@ -7,14 +7,13 @@ without them a 7B model's 224 BLAST layers at T = 2048 are CPU-bound: compiled p
 dense (benchmarks/RESULTS.md section 5) while each layer replayed from a CUDA graph is 1.2-1.5x
 faster than dense. Inlined, Inductor's generated code calls the two GEMMs directly and fuses the
 s-mix (fp32 accumulation), the bias, the cast and the (T, m) output layout into its own Triton
-kernels: the autotuner's most frequent winner (``bmm_mix_bmm``) without the Python.
+kernels: the autotuner's most frequent winner (``bmm_mix_bmm``) without the Python. The rewrite is
+made on the dynamo graph, before AOTAutograd, so training differentiates the inlined ops as well.
 
 Why not always: at decode sizes the op's tuner can pick the split-reduction Triton kernels, and under
 CUDA graphs the op's CPU cost does not count. ``"auto"`` (the default) therefore inlines the graphs
 whose BLAST calls are all on CUDA with token counts known to exceed ``DECODE_MAX_T`` and keeps the
-op otherwise; ``"inline"`` and ``"extern"`` force one or the other (CPU included, e.g. for tests). Training is unaffected in
-correctness: the op's registered backward still runs (traced into the backward graph); only the
-forward is rewritten.
+op otherwise; ``"inline"`` and ``"extern"`` force one or the other (CPU included, e.g. for tests).
 """
 from __future__ import annotations
 
@@ -47,20 +46,6 @@ def blast_matmul_inline(x, U, S, V, bias=None, out_features=None):
     return y.reshape(*lead, shape.out_features)
 
 
-def _blast_inputs(gm) -> list:
-    """Example values of ``x`` at every BLAST call in a dynamo graph (the op itself, or the naive
-    three-stage code's replacement, whose first argument is x in blocks)."""
-    from .patterns import naive_blast_replacement
-
-    op = torch.ops.blastfx.blast_matmul
-    found = []
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in (op, op.default, naive_blast_replacement):
-            x = node.args[0].meta.get("example_value") if isinstance(node.args[0], torch.fx.Node) else None
-            found.append((x, node.target is naive_blast_replacement))
-    return found
-
-
 def _prefill_sized(x, blocked: bool) -> bool:
     if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
         return False
@@ -74,30 +59,34 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def inline_graph(gm, mode: str) -> bool:
-    """Whether to inline the op in this graph. One choice per graph, because Inductor cannot hold an
-    op both as a decomposition and as a fallback: ``"auto"`` inlines only when every BLAST call in it
-    is on CUDA with a token count known to exceed ``DECODE_MAX_T`` (a prefill graph); a decode graph,
-    a dynamic token count or CPU keeps the op."""
-    if check_mode(mode) != "auto":
-        return mode == "inline"
-    found = _blast_inputs(gm)
-    return bool(found) and all(_prefill_sized(x, blocked) for x, blocked in found)
+def naive_blast_inline(xb, B, C, D):
+    from .patterns import naive_blast_with
+    return naive_blast_with(blast_matmul_inline, xb, B, C, D)
 
 
-def _decompose(x, U, S, V, bias=None, out_features=None):
-    stats["inlined"] += 1
-    return blast_matmul_inline(x, U, S, V, bias, out_features)
+def inline_blast_calls(gm, mode: str = "inline") -> int:
+    """Replace the BLAST calls of the dynamo graph ``gm`` that ``mode`` selects by their inlined form;
+    returns how many. "auto" picks each call on CUDA whose token count is known to exceed
+    ``DECODE_MAX_T``. Done *before* AOTAutograd, so training differentiates the inlined ops (Inductor
+    fuses the backward's mixes and dS reductions too) instead of calling the op's eager backward."""
+    from .patterns import naive_blast_replacement
 
-
-def decompositions(inline: bool) -> dict | None:
-    """The table for ``compile_fx(decompositions=)``: Inductor's default plus the BLAST entry when
-    inlining (the argument replaces the default table, so that is included); None keeps the default."""
-    if not inline:
-        return None
-    from torch._inductor.decomposition import select_decomp_table
-
-    return {**select_decomp_table(), torch.ops.blastfx.blast_matmul.default: _decompose}
+    if check_mode(mode) == "extern":
+        return 0
+    op = torch.ops.blastfx.blast_matmul
+    swaps = {op: blast_matmul_inline, op.default: blast_matmul_inline, naive_blast_replacement: naive_blast_inline}
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in swaps:
+            continue
+        x = node.args[0].meta.get("example_value") if isinstance(node.args[0], torch.fx.Node) else None
+        if mode == "inline" or _prefill_sized(x, blocked=node.target is naive_blast_replacement):
+            node.target = swaps[node.target]
+            count += 1
+    if count:
+        gm.recompile()
+    stats["inlined"] += count
+    return count
 
 
 stats = {"inlined": 0}

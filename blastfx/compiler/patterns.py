@@ -73,12 +73,17 @@ def _match(out_bmm):
     return yargs[0], B, C, D
 
 
-def naive_blast_replacement(xb, B, C, D):
-    """Same value as the three-stage code: xb (b2, T, q) -> (b1, T, p)."""
+def naive_blast_with(matmul, xb, B, C, D):
+    """Same value as the three-stage code, xb (b2, T, q) -> (b1, T, p), through ``matmul`` (the op,
+    or the compiler's inlined form of it)."""
     b2, T, q = xb.shape
     x_flat = xb.transpose(0, 1).reshape(T, b2 * q)
-    y = torch.ops.blastfx.blast_matmul(x_flat, B, D, C.transpose(1, 2), None, None)
+    y = matmul(x_flat, B, D, C.transpose(1, 2), None, None)
     return y.view(T, B.shape[0], B.shape[1]).transpose(0, 1)
+
+
+def naive_blast_replacement(xb, B, C, D):
+    return naive_blast_with(torch.ops.blastfx.blast_matmul, xb, B, C, D)
 
 
 def fuse_naive_blast(gm: fx.GraphModule) -> int:
