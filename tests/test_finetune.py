@@ -74,3 +74,21 @@ def test_teacher_generate_keeps_prompts_and_matches_greedy_decoding():
     assert not torch.equal(sampled, out)
     with pytest.raises(ValueError, match="prompt 0 has 12 tokens"):
         teacher_generate(teacher, [torch.arange(12)], seq_len=12)
+
+
+def test_finetune_through_the_compiled_inlined_student_matches_eager():
+    """The GPU recovery recipe compiles the student (backend "blast", prefill-sized calls inlined):
+    the same steps must give the same losses and factors as eager training."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    teacher = models.tiny_llama()
+    student = blastfx.compress(copy.deepcopy(teacher), 0.4, config=BlastConfig(progress=False))
+    twin = copy.deepcopy(student)
+    compiled = copy.copy(twin)
+    compiled.forward = torch.compile(twin.forward, backend="blast", options={"lowering": "inline"})
+    train = [torch.randint(3, 128, (4, 24)) for _ in range(2)]
+    eager_losses = finetune(student, teacher, train, steps=3, lr=3e-3, progress=False, warmup=1)
+    compiled_losses = finetune(compiled, teacher, train, steps=3, lr=3e-3, progress=False, warmup=1)
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
+    for a, b in zip(student.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
