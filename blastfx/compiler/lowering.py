@@ -11,20 +11,20 @@ kernels: the autotuner's most frequent winner (``bmm_mix_bmm``) without the Pyth
 made on the dynamo graph, before AOTAutograd, so training differentiates the inlined ops as well.
 
 Why not always: at decode sizes the op's tuner can pick the split-reduction Triton kernels, and under
-CUDA graphs the op's CPU cost does not count. ``"auto"`` (the default) therefore inlines the graphs
-whose BLAST calls are all on CUDA with token counts known to exceed ``DECODE_MAX_T`` and keeps the
-op otherwise; ``"inline"`` and ``"extern"`` force one or the other (CPU included, e.g. for tests).
+CUDA graphs the op's CPU cost does not count. ``"auto"`` (the default) therefore inlines the
+calls on CUDA whose token counts are known to exceed ``DECODE_MAX_T`` and keeps the op for the
+others; ``"inline"`` and ``"extern"`` force one or the other (CPU included, e.g. for tests).
 """
 from __future__ import annotations
 
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ..kernels.autotune import DECODE_MAX_T
 from ..layout import BlastShape
 from ..ops import _in_blocks
 
 MODES = ("auto", "inline", "extern")
-DECODE_MAX_T = 16
 
 
 def blast_matmul_inline(x, U, S, V, bias=None, out_features=None):

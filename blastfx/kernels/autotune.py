@@ -12,6 +12,7 @@ import statistics
 
 import torch
 
+DECODE_MAX_T = 16          # token counts up to this are decode sizes (kernel candidates, compiler lowering)
 _cache: dict = {}
 settings = {"enabled": True, "reps": 7}
 

@@ -225,7 +225,7 @@ def _bmm_mix_bmm(x2, U, S, V, bias, shape, cfg):
 
 
 PATHS = {"fused": _fused, "fused_bmm": _fused_bmm, "bmm_mixwu": _bmm_mixwu, "bmm_mix_bmm": _bmm_mix_bmm}
-DECODE_MAX_T = 16
+DECODE_MAX_T = autotune.DECODE_MAX_T
 
 
 @functools.lru_cache(maxsize=None)
