@@ -1,7 +1,7 @@
 # Device call: distillation recovery on SmolLM2, time-boxed to one call; run it again to continue.
 #   first call (right after gpu_e2e.sh left /tmp/gguf/part1; carry .whl .gguf2 .data):
 #       bash benchmarks/gpu_recovery.sh --budgets 0.8 --save /tmp/kd
-#   next call (same warm machine):   bash benchmarks/gpu_recovery.sh --resume /tmp/kd-0.8 --lr 1.5e-4 --save /tmp/kd2
+#   next call (same warm machine):   bash benchmarks/gpu_recovery.sh --resume /tmp/kd-0.8 --lr 2e-4 --save /tmp/kd2
 OUT=${OUT:-.out}; mkdir -p $OUT
 GGUF=/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -f $GGUF ]; then cat /tmp/gguf/part1 .gguf2/part > $GGUF; fi

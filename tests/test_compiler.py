@@ -146,7 +146,7 @@ def _float64_reference(layer, x):
 
 @pytest.mark.parametrize("lowering, inlined", [("inline", True), ("extern", False), ("auto", False)])
 def test_lowering_option_inlines_the_op_or_keeps_it(lowering, inlined):
-    """inline: the op becomes bmm + fused mix + bmm in Inductor's code (counted at decomposition);
+    """inline: the op becomes bmm + fused mix + bmm in Inductor's code (counted by the graph rewrite);
     extern, and auto on CPU: the op stays. Outputs match a float64 reference either way, on a padded,
     biased layer with b_out != b_in."""
     from blastfx.compiler import lowering as lowering_mod
@@ -193,9 +193,9 @@ def test_lowering_option_is_validated():
 
 @pytest.mark.parametrize("tokens, device, dynamic, inline", [(40, "cuda", False, True), (16, "cuda", False, False),
                                                             (40, "cpu", False, False), (40, "cuda", True, False)])
-def test_auto_lowering_inlines_only_prefill_graphs_on_cuda(tokens, device, dynamic, inline):
+def test_auto_lowering_inlines_only_prefill_sized_calls_on_cuda(tokens, device, dynamic, inline):
     """The "auto" rule, on dynamo graphs whose example values are swapped for fake tensors of the
-    device in question (no GPU needed): prefill-sized CUDA graphs inline, decode sizes, CPU and
+    device in question (no GPU needed): prefill-sized calls on CUDA inline; decode sizes, CPU and
     unknown (dynamic) token counts keep the op."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     import copy

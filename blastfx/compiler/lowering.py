@@ -23,8 +23,10 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..kernels.autotune import DECODE_MAX_T
 from ..layout import BlastShape
 from ..ops import _in_blocks
+from .patterns import naive_blast_replacement, naive_blast_with
 
 MODES = ("auto", "inline", "extern")
+stats = {"inlined": 0}
 
 
 def blast_matmul_inline(x, U, S, V, bias=None, out_features=None):
@@ -60,7 +62,6 @@ def check_mode(mode: str) -> str:
 
 
 def naive_blast_inline(xb, B, C, D):
-    from .patterns import naive_blast_with
     return naive_blast_with(blast_matmul_inline, xb, B, C, D)
 
 
@@ -69,8 +70,6 @@ def inline_blast_calls(gm, mode: str = "inline") -> int:
     returns how many. "auto" picks each call on CUDA whose token count is known to exceed
     ``DECODE_MAX_T``. Done *before* AOTAutograd, so training differentiates the inlined ops (Inductor
     fuses the backward's mixes and dS reductions too) instead of calling the op's eager backward."""
-    from .patterns import naive_blast_replacement
-
     if check_mode(mode) == "extern":
         return 0
     op = torch.ops.blastfx.blast_matmul
@@ -87,6 +86,3 @@ def inline_blast_calls(gm, mode: str = "inline") -> int:
         gm.recompile()
     stats["inlined"] += count
     return count
-
-
-stats = {"inlined": 0}

@@ -21,11 +21,11 @@ def set_kernels(name: str) -> None:
 def _cuda_blast_matmul(x, U, S, V, bias=None, out_features=None):
     from ..ops import blast_matmul_reference, check_inputs
 
-    check_inputs(x, U, S, V, bias, out_features)
+    shape = check_inputs(x, U, S, V, bias, out_features)
     if settings["kernels"] == "triton" and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
         from . import forward
 
-        return forward.blast_matmul_triton(x, U, S, V, bias, out_features)
+        return forward.blast_matmul_triton(x, U, S, V, bias, out_features, shape=shape)
     return blast_matmul_reference(x, U, S, V, bias, out_features).contiguous()
 
 

@@ -293,13 +293,14 @@ def run_path(x2, U, S, V, bias, shape, path: str, cfg: dict):
 
 
 def blast_matmul_triton(x, U, S, V, bias=None, out_features=None, path: str | None = None,
-                        config: dict | None = None):
+                        config: dict | None = None, shape: BlastShape | None = None):
     """The fast forward; same contract as :func:`blastfx.ops.blast_matmul_reference`.
 
     ``path``/``config`` force a path and override config keys (tests, benchmarks); by default the
-    autotuner picks the fastest candidate for this (shape, dtype, token bucket).
+    autotuner picks the fastest candidate for this (shape, dtype, token bucket). ``shape``: the
+    factors' layout when the caller already derived it (the op's CUDA kernel, once per call).
     """
-    shape = BlastShape.from_factors(U, S, V, out_features=out_features)
+    shape = shape or BlastShape.from_factors(U, S, V, out_features=out_features)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     T = x2.shape[0]
