@@ -4,4 +4,4 @@
 OUT=${OUT:-.out}; mkdir -p $OUT
 if [ -f .gguf1/part ]; then mkdir -p /tmp/gguf && cp .gguf1/part /tmp/gguf/part1; fi
 source benchmarks/gpu_setup.sh
-timeout ${E2E_LIMIT:-560} python3 benchmarks/llama_e2e.py 2>&1 | grep -v "^W1\|Warning" | tee $OUT/e2e.md
+timeout ${E2E_LIMIT:-560} python3 benchmarks/llama_e2e.py 2>&1 | grep --line-buffered -v "^W1\|Warning" | tee $OUT/e2e.md

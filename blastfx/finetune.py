@@ -34,6 +34,12 @@ def trainable_parameters(model: nn.Module, train_norms: bool = True) -> list[nn.
     return chosen
 
 
+def no_cache_kwargs(model) -> dict:
+    """HF models build a KV cache even in training: wasted memory, and its per-layer state makes a
+    compiled block (``blastfx.compiler.compile_blocks``) recompile for every layer."""
+    return {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
+
+
 def distillation_loss(student_logits, teacher_logits, temperature: float = 1.0):
     t = temperature
     s = F.log_softmax(student_logits.float() / t, dim=-1)
@@ -88,9 +94,9 @@ def finetune(model: nn.Module, teacher: nn.Module, batches, *, steps: int = 100,
         batch = next(source)
         ids = (batch["input_ids"] if isinstance(batch, dict) else batch).to(device)
         with torch.no_grad(), autocast:
-            t_logits = teacher(input_ids=ids).logits
+            t_logits = teacher(input_ids=ids, **no_cache_kwargs(teacher)).logits
         with autocast:
-            s_logits = model(input_ids=ids).logits
+            s_logits = model(input_ids=ids, **no_cache_kwargs(model)).logits
         loss = distillation_loss(s_logits[:, :-1], t_logits[:, :-1], temperature)
         if ce_weight:
             loss = loss + ce_weight * F.cross_entropy(s_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())

@@ -228,3 +228,34 @@ def test_inline_after_extern_compile_of_the_same_graph_is_not_served_from_cache(
         out = torch.compile(layer, backend="blast", options={"lowering": mode})(x)
         assert (lowering_mod.stats["inlined"] > before) == (mode == "inline")
         torch.testing.assert_close(out.double(), _float64_reference(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_blocks_compiles_one_graph_per_distinct_block_and_undoes():
+    """Regional compilation: decoder blocks share code, so dynamo compiles one graph per distinct set of
+    factor shapes (not one per layer); outputs equal eager; undo() restores the eager forwards."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from blastfx.compiler import compile_blocks
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    blastfx.compress(model, 0.5, config=BlastConfig(progress=False))
+    x = torch.randint(3, 128, (2, 11))
+    with torch.no_grad():
+        ref = model(x, use_cache=False).logits
+    shapes = {tuple(tuple(m.S.shape) for m in layer.modules() if isinstance(m, blastfx.BlastLinear))
+              for layer in model.model.layers}
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    blocks = compile_blocks(model)
+    assert blocks.names == [f"model.layers.{k}" for k in range(4)]
+    with torch.no_grad():
+        out = model(x, use_cache=False).logits
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == len(shapes)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="already overridden"):
+        compile_blocks(model)
+    assert all("forward" in vars(layer) for layer in model.model.layers)     # the failed call undid nothing of ours
+    blocks.undo()
+    assert not any("forward" in vars(layer) for layer in model.model.layers)
+    with pytest.raises(ValueError, match="no BlastLinear"):
+        compile_blocks(models.tiny_llama())

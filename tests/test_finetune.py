@@ -5,6 +5,7 @@ import torch
 
 import blastfx
 from blastfx import BlastConfig
+from blastfx.compiler import compile_blocks
 from blastfx.finetune import distillation_loss, finetune, trainable_parameters
 import models
 
@@ -77,18 +78,18 @@ def test_teacher_generate_keeps_prompts_and_matches_greedy_decoding():
 
 
 def test_finetune_through_the_compiled_inlined_student_matches_eager():
-    """The GPU recovery recipe compiles the student (backend "blast", prefill-sized calls inlined):
-    the same steps must give the same losses and factors as eager training."""
+    """The GPU recovery recipe compiles each decoder block (compile_blocks, backend "blast",
+    prefill-sized calls inlined): the same steps must give the same losses and factors as eager."""
     torch.manual_seed(0)
     torch._dynamo.reset()
     teacher = models.tiny_llama()
     student = blastfx.compress(copy.deepcopy(teacher), 0.4, config=BlastConfig(progress=False))
     twin = copy.deepcopy(student)
-    compiled = copy.copy(twin)
-    compiled.forward = torch.compile(twin.forward, backend="blast", options={"lowering": "inline"})
+    blocks = compile_blocks(twin, options={"lowering": "inline"})
     train = [torch.randint(3, 128, (4, 24)) for _ in range(2)]
     eager_losses = finetune(student, teacher, train, steps=3, lr=3e-3, progress=False, warmup=1)
-    compiled_losses = finetune(compiled, teacher, train, steps=3, lr=3e-3, progress=False, warmup=1)
+    compiled_losses = finetune(twin, teacher, train, steps=3, lr=3e-3, progress=False, warmup=1)
+    blocks.undo()
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
     for a, b in zip(student.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

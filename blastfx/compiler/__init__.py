@@ -26,6 +26,7 @@ from torch._functorch import config as functorch_config
 
 from .lowering import check_mode, inline_blast_calls
 from .patterns import fuse_naive_blast
+from .regions import CompiledBlocks, compile_blocks
 
 stats = {"naive_fused": 0, "graphs": 0}
 _BLAST_OPTIONS = ("fuse_naive", "kernels", "autotune", "lowering")
@@ -62,4 +63,4 @@ def blast_backend(gm, example_inputs, mode=None, options=None):
         return compile_fx(gm, example_inputs, config_patches={**_MODES[mode], **options})
 
 
-__all__ = ["blast_backend", "fuse_naive_blast", "stats"]
+__all__ = ["CompiledBlocks", "blast_backend", "compile_blocks", "fuse_naive_blast", "stats"]
