@@ -10,6 +10,8 @@ Rows (all decoder linears, blocks=4, uniform budget):
   blastfx-seq  the same, calibrated block by block on the already-compressed model
   blastfx-err  calibrated, with the budget spread by measured output sensitivity (strategy="error")
   blastfx-seq-err  both
+  blastfx-b48  calibrated, each layer's block count chosen from {4, 8} by measured output error
+               (BlastConfig.block_choices; probes of --probe-iters iterations)
 Calibration text: non-held-out Wikipedia articles; evaluation: held-out articles only.
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ METHODS = {
     "blastfx-seq": dict(method="als", calibrate=True, sequential=True),
     "blastfx-err": dict(method="als", calibrate=True, strategy="error"),
     "blastfx-seq-err": dict(method="als", calibrate=True, sequential=True, strategy="error"),
+    "blastfx-b48": dict(method="als", calibrate=True, block_choices=(4, 8)),
 }
 
 
@@ -46,6 +49,7 @@ def main():
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--precgd-iters", type=int, default=40)
     ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--probe-iters", type=int, default=5)
     ap.add_argument("--prompt", default="What is the capital of France?")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -62,11 +66,14 @@ def main():
             model = copy.deepcopy(dense)
             cfg = BlastConfig(blocks=args.blocks, method=spec["method"], progress=False,
                               iters=args.precgd_iters if spec["method"] == "precgd" else args.iters,
-                              sequential=spec.get("sequential", False), strategy=spec.get("strategy", "uniform"))
+                              sequential=spec.get("sequential", False), strategy=spec.get("strategy", "uniform"),
+                              block_choices=spec.get("block_choices", ()), probe_iters=args.probe_iters)
             t0 = time.perf_counter()
             blastfx.compress(model, budget, config=cfg, calibration=calib if spec["calibrate"] else None)
             secs = time.perf_counter() - t0
             ppl = perplexity(model, windows)
+            if spec.get("block_choices"):
+                print("  " + next(n for n in model.blastfx_plan.notes if "blocks chosen" in n), flush=True)
             sample = generate_text(model, tok, args.prompt, 20)
             print(f"| {budget} | {name} | {model.blastfx_plan.kept_fraction:.4f} | {ppl:.2f} | {ppl / base:.2f} | "
                   f"{secs:.0f} | {sample[:60]!r} |", flush=True)

@@ -9,23 +9,9 @@ from .config import BlastConfig
 from .passes.analyze import Analysis, analyze
 from .passes.substitute import build_layers, dense_weight, swap_modules
 from .plan import Plan, check_budget, make_plan
+from .sensitivity import block_errors, layer_spectra
 
 PLAN_ATTR = "blastfx_plan"
-
-
-def layer_spectra(model: nn.Module, names, covariances=None, damping: float = 0.01) -> dict[str, torch.Tensor]:
-    """Singular values of each named layer's weight, for the error-aware planner. With input
-    covariances C = L L^T, those of W L: their tail energy at rank r is exactly the *output* error of
-    the best rank-r layer, a measured sensitivity rather than a weight-space proxy."""
-    from .factorize.weighted import damped_cholesky
-
-    spectra = {}
-    for k in names:
-        W = dense_weight(model.get_submodule(k)).float()
-        if covariances is not None:
-            W = W @ damped_cholesky(covariances[k].to(W).unsqueeze(0), damping)[0]
-        spectra[k] = torch.linalg.svdvals(W).cpu()
-    return spectra
 
 
 def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
@@ -48,13 +34,22 @@ def plan_for(model: nn.Module, budget: float, config: BlastConfig | None = None,
     ``strategy="error"``, the budget is spread by measured per-layer output error."""
     config = config or BlastConfig()
     analysis = analysis or analyze(model, example_inputs)
-    spectra = None
-    if config.strategy == "error":
+    spectra = covs = None
+    if config.strategy == "error" or config.block_choices:
         names = [s.fqn for s in analysis if s.substitutable
                  and config.selects(s.fqn, s.repeated, min(s.in_features, s.out_features))]
         covs = collect_covariances(model, names, calibration) if calibration is not None else None
+    if config.strategy == "error":
         spectra = layer_spectra(model, names, covs, config.calibration_damping)
     plan = make_plan(analysis, budget, config, spectra)
+    if config.block_choices:
+        errors = block_errors(model, plan, config, covs)
+        plan = make_plan(analysis, budget, config, spectra, block_errors=errors)
+        chosen = {}
+        for name, lp in plan.layers.items():
+            chosen[lp.blocks] = chosen.get(lp.blocks, 0) + (name in errors)
+        plan.notes.append("blocks chosen per layer by measured " + ("output" if covs else "weight") + " error: "
+                          + ", ".join(f"{b}: {k} layers" for b, k in sorted(chosen.items()) if k))
     if not analysis.traced:
         plan.notes.append(f"not traced: {analysis.note}; layers found by module discovery")
     return plan

@@ -23,7 +23,8 @@ def cmd_analyze(args) -> int:
 def _config(args):
     from .config import BlastConfig
     return BlastConfig(blocks=args.blocks, strategy=args.strategy, method=args.method, iters=args.iters,
-                       include=tuple(args.include or ()), exclude=tuple(args.exclude or ()))
+                       include=tuple(args.include or ()), exclude=tuple(args.exclude or ()),
+                       block_choices=tuple(args.block_choices or ()))
 
 
 def cmd_compress(args) -> int:
@@ -92,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--budget", type=float, required=True, help="fraction of compressible parameters kept, in (0, 1)")
     c.add_argument("--out", required=True)
     c.add_argument("--blocks", type=int, default=4)
+    c.add_argument("--block-choices", type=int, nargs="+", metavar="B",
+                   help="let each layer take the block count of least measured error among these (e.g. 4 8)")
     c.add_argument("--strategy", choices=("uniform", "error"), default="uniform")
     c.add_argument("--method", default="als")
     c.add_argument("--iters", type=int, default=None)

@@ -38,6 +38,8 @@ class BlastConfig:
     progress: bool = True
     calibration_damping: float = 0.01      # C + damping * mean(diag C) * I, as in GPTQ
     sequential: bool = False               # calibrate each block on the already-compressed model
+    block_choices: tuple = ()              # e.g. (4, 8): each layer takes the one with the least measured error
+    probe_iters: int = 5                   # factorization iterations of each block-choice probe
 
     def __post_init__(self):
         normalize_blocks(self.blocks)
@@ -48,6 +50,14 @@ class BlastConfig:
         if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
             raise ValueError(f"rank_multiple must be a positive integer, got {self.rank_multiple!r}")
         self.include, self.exclude = tuple(self.include), tuple(self.exclude)
+        self.block_choices = tuple(self.block_choices)
+        for choice in self.block_choices:
+            normalize_blocks(choice)
+        if len(self.block_choices) == 1:
+            raise ValueError(f"block_choices needs at least two block counts to choose from, got "
+                             f"{self.block_choices!r} (use blocks= for a single one)")
+        if isinstance(self.probe_iters, bool) or not isinstance(self.probe_iters, int) or self.probe_iters < 1:
+            raise ValueError(f"probe_iters must be a positive integer, got {self.probe_iters!r}")
         self.overrides = {k: v if isinstance(v, LayerOverride) else LayerOverride(**v)
                           for k, v in self.overrides.items()}
         for pattern, o in self.overrides.items():

@@ -113,6 +113,19 @@ def fit_blocks(dim: int, b: int) -> int:
     return max(d for d in range(1, min(b, dim) + 1) if dim % d == 0)
 
 
+def block_candidates(m: int, n: int, choices) -> list[tuple[int, int]]:
+    """The distinct (b_out, b_in) that ``choices`` give for an m x n layer (each fitted to divisors)."""
+    fitted = [(fit_blocks(m, b[0]), fit_blocks(n, b[1])) for b in map(normalize_blocks, choices)]
+    return list(dict.fromkeys(fitted))
+
+
+def rank_at(lp: LayerPlan, blocks: tuple[int, int], multiple: int) -> int:
+    """The rank whose parameter count with ``blocks`` is nearest ``lp``'s planned one (a fair comparison
+    of block counts: within half a rank step of equal parameters)."""
+    per_rank = lp.out_features + lp.in_features + blocks[0] * blocks[1]
+    return max(multiple, multiple * round(lp.params / per_rank / multiple))
+
+
 def _rank_for(m, n, blocks, fraction, multiple):
     per_rank = m + n + blocks[0] * blocks[1]
     r = int(fraction * m * n // per_rank)
@@ -173,9 +186,11 @@ def _allocate_by_error(plan: Plan, adjustable: list[str], target: int, multiple:
         heapq.heappush(heap, (-gain(k), k))
 
 
-def make_plan(analysis, budget: float, config: BlastConfig | None = None, spectra=None) -> Plan:
+def make_plan(analysis, budget: float, config: BlastConfig | None = None, spectra=None, block_errors=None) -> Plan:
     """Per-layer ranks and block counts so that the compressible layers keep ``budget`` of their
-    parameters (within 1%). ``spectra``: {fqn: singular values}, needed by strategy="error"."""
+    parameters (within 1%). ``spectra``: {fqn: singular values}, needed by strategy="error".
+    ``block_errors``: {fqn: {(b_out, b_in): measured error}}; a layer without a blocks override takes
+    the block count of least error (``config.block_choices``, measured by ``blastfx.sensitivity``)."""
     config = config or BlastConfig()
     budget = check_budget(budget)
     sites = [s for s in analysis if s.substitutable]
@@ -190,6 +205,8 @@ def make_plan(analysis, budget: float, config: BlastConfig | None = None, spectr
     for s in targets:
         o = config.override_for(s.fqn)
         want = normalize_blocks(o.blocks) if o.blocks is not None else b_default
+        if o.blocks is None and block_errors and block_errors.get(s.fqn):
+            want = min(block_errors[s.fqn].items(), key=lambda kv: kv[1])[0]
         blocks = (fit_blocks(s.out_features, want[0]), fit_blocks(s.in_features, want[1]))
         if o.blocks is not None and blocks != want:
             raise ValueError(f"overrides: blocks={want} do not divide {s.fqn} ({s.out_features}x{s.in_features})")
