@@ -89,11 +89,11 @@ def blast_matmul_backward_reference(grad_y, x, U, S, V, out_features=None, needs
     need_x, need_U, need_S, need_V, need_b = needs
     z = torch.bmm(xb, V)                                                               # (b_in, T, r)
     gw = torch.bmm(gy, U)                                                              # (b_out, T, r)
-    dU = torch.bmm(gy.transpose(1, 2), mix(S, z)) if need_U else None
-    dS = torch.bmm(gw.permute(2, 0, 1), z.permute(2, 1, 0)).permute(1, 2, 0) if need_S else None
+    w, gz, dS = torch.ops.blastfx.blast_grad_mix(z, gw, S)
+    dU = torch.bmm(gy.transpose(1, 2), w) if need_U else None
+    dS = dS if need_S else None
     dx = dV = None
     if need_x or need_V:
-        gz = mix(S.transpose(0, 1), gw)                                                # (b_in, T, r)
         if need_V:
             dV = torch.bmm(xb.transpose(1, 2), gz)
         if need_x:
@@ -101,6 +101,27 @@ def blast_matmul_backward_reference(grad_y, x, U, S, V, out_features=None, needs
             dx = dx.reshape(x.shape)
     db = g2.sum(0) if need_b else None
     return dx, dU, dS, dV, db
+
+
+def grad_mix_reference(z: torch.Tensor, gw: torch.Tensor, S: torch.Tensor):
+    """The backward's middle: ``w = mix(S, z)`` (for dU), ``gz = mix(S^T, gw)`` (for dx, dV) and
+    ``dS[i, j] = sum_t gw_i * z_j``."""
+    w = mix(S, z)
+    gz = mix(S.transpose(0, 1), gw)
+    dS = torch.bmm(gw.permute(2, 0, 1), z.permute(2, 1, 0)).permute(1, 2, 0)
+    return w, gz, dS
+
+
+@torch.library.custom_op("blastfx::blast_grad_mix", mutates_args=())
+def _grad_mix_op(z: torch.Tensor, gw: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An op of its own so that CUDA runs one Triton pass over z and gw (``blastfx.kernels.backward``)
+    instead of rank-batched matmuls and their permute copies, and compiled graphs keep it opaque."""
+    return tuple(t.contiguous() for t in grad_mix_reference(z, gw, S))
+
+
+@_grad_mix_op.register_fake
+def _(z, gw, S):
+    return z.new_empty(gw.shape[0], *z.shape[1:]), gw.new_empty(z.shape[0], *gw.shape[1:]), torch.empty_like(S)
 
 
 @torch.library.custom_op("blastfx::blast_matmul", mutates_args=())

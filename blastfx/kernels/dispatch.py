@@ -1,7 +1,8 @@
 """Which implementation runs ``blastfx::blast_matmul`` on CUDA.
 
-The CUDA kernel registered here launches the fused Triton forward (:mod:`.forward`) for fp16, bf16
-and fp32, and falls back to the plain-PyTorch reference otherwise (or when told to). CPU always uses
+The CUDA kernels registered here launch the fused Triton forward (:mod:`.forward`) and the Triton
+middle of the backward (:mod:`.backward`) for fp16, bf16 and fp32, and fall back to the plain-PyTorch
+reference otherwise (or when told to). CPU always uses
 the reference. Importing this module without triton or CUDA is harmless.
 """
 from __future__ import annotations
@@ -29,13 +30,24 @@ def _cuda_blast_matmul(x, U, S, V, bias=None, out_features=None):
     return blast_matmul_reference(x, U, S, V, bias, out_features).contiguous()
 
 
+def _cuda_grad_mix(z, gw, S):
+    from ..ops import grad_mix_reference
+
+    if settings["kernels"] == "triton" and z.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        from .backward import grad_mix_triton
+
+        return grad_mix_triton(z, gw, S)
+    return tuple(t.contiguous() for t in grad_mix_reference(z, gw, S))
+
+
 def register() -> bool:
     """Register the CUDA kernel of blastfx::blast_matmul if triton is importable."""
     import importlib.util
 
     if importlib.util.find_spec("triton") is None:   # find, don't import: keeps `import blastfx` light
         return False
-    from ..ops import _blast_matmul_op
+    from ..ops import _blast_matmul_op, _grad_mix_op
 
     _blast_matmul_op.register_kernel("cuda")(_cuda_blast_matmul)
+    _grad_mix_op.register_kernel("cuda")(_cuda_grad_mix)
     return True
