@@ -1,7 +1,8 @@
 """``blastfx.compress(model, budget)``: analyze -> plan -> factorize -> substitute."""
 from __future__ import annotations
 
-import torch
+from collections import Counter
+
 from torch import nn
 
 from .calibrate import collect_covariances
@@ -45,11 +46,9 @@ def plan_for(model: nn.Module, budget: float, config: BlastConfig | None = None,
     if config.block_choices:
         errors = block_errors(model, plan, config, covs)
         plan = make_plan(analysis, budget, config, spectra, block_errors=errors)
-        chosen = {}
-        for name, lp in plan.layers.items():
-            chosen[lp.blocks] = chosen.get(lp.blocks, 0) + (name in errors)
+        chosen = Counter(lp.blocks for name, lp in plan.layers.items() if name in errors)
         plan.notes.append("blocks chosen per layer by measured " + ("output" if covs else "weight") + " error: "
-                          + ", ".join(f"{b}: {k} layers" for b, k in sorted(chosen.items()) if k))
+                          + ", ".join(f"{b}: {k} layers" for b, k in sorted(chosen.items())))
     if not analysis.traced:
         plan.notes.append(f"not traced: {analysis.note}; layers found by module discovery")
     return plan

@@ -90,13 +90,14 @@ def finetune(model: nn.Module, teacher: nn.Module, batches, *, steps: int = 100,
         from tqdm.auto import tqdm
         it = tqdm(it, desc="blastfx: distilling", unit="step")
     source = itertools.cycle(batches)
+    t_kwargs, s_kwargs = no_cache_kwargs(teacher), no_cache_kwargs(model)
     for step in it:
         batch = next(source)
         ids = (batch["input_ids"] if isinstance(batch, dict) else batch).to(device)
         with torch.no_grad(), autocast:
-            t_logits = teacher(input_ids=ids, **no_cache_kwargs(teacher)).logits
+            t_logits = teacher(input_ids=ids, **t_kwargs).logits
         with autocast:
-            s_logits = model(input_ids=ids, **no_cache_kwargs(model)).logits
+            s_logits = model(input_ids=ids, **s_kwargs).logits
         loss = distillation_loss(s_logits[:, :-1], t_logits[:, :-1], temperature)
         if ce_weight:
             loss = loss + ce_weight * F.cross_entropy(s_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())

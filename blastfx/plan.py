@@ -122,12 +122,17 @@ def block_candidates(m: int, n: int, choices) -> list[tuple[int, int]]:
 def rank_at(lp: LayerPlan, blocks: tuple[int, int], multiple: int) -> int:
     """The rank whose parameter count with ``blocks`` is nearest ``lp``'s planned one (a fair comparison
     of block counts: within half a rank step of equal parameters)."""
-    per_rank = lp.out_features + lp.in_features + blocks[0] * blocks[1]
+    per_rank = _params_per_rank(lp.out_features, lp.in_features, blocks)
     return max(multiple, multiple * round(lp.params / per_rank / multiple))
 
 
+def _params_per_rank(m, n, blocks) -> int:
+    """r(m + n + b_out * b_in) parameters: what one unit of rank costs."""
+    return m + n + blocks[0] * blocks[1]
+
+
 def _rank_for(m, n, blocks, fraction, multiple):
-    per_rank = m + n + blocks[0] * blocks[1]
+    per_rank = _params_per_rank(m, n, blocks)
     r = int(fraction * m * n // per_rank)
     return max(multiple, r - r % multiple) if r >= multiple else max(r, 1)
 
