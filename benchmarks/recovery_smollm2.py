@@ -59,6 +59,7 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--sequential", action="store_true")
+    ap.add_argument("--iters", type=int, default=None, help="factorization iterations (default: the method's)")
     ap.add_argument("--compile", action="store_true", help="train the student with each decoder block compiled "
                     "(blastfx.compiler.compile_blocks, backend blast: 3x faster steps than eager on an H100)")
     ap.add_argument("--generate", type=int, default=0, help="add this many 512-token rows sampled from the dense "
@@ -91,7 +92,8 @@ def main():
             budget = model.blastfx_plan.budget
         else:
             blastfx.compress(model, budget, calibration=calib,
-                             config=BlastConfig(blocks=args.blocks, progress=False, sequential=args.sequential))
+                             config=BlastConfig(blocks=args.blocks, progress=False, sequential=args.sequential,
+                                                iters=args.iters))
         before = perplexity(model, windows)
         blocks = compile_blocks(model) if args.compile else None    # per block: short cold start
         seconds = args.minutes * 60

@@ -34,9 +34,11 @@ def _cuda_grad_mix(z, gw, S):
     from ..ops import grad_mix_reference
 
     if settings["kernels"] == "triton" and z.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        from .backward import grad_mix_triton
+        from .backward import STREAM_MAX_BLOCK_PAIRS, grad_mix_triton
 
-        return grad_mix_triton(z, gw, S)
+        pairs = (1 << (gw.shape[0] - 1).bit_length()) * (1 << (z.shape[0] - 1).bit_length())
+        if pairs <= STREAM_MAX_BLOCK_PAIRS:
+            return grad_mix_triton(z, gw, S)
     return tuple(t.contiguous() for t in grad_mix_reference(z, gw, S))
 
 
