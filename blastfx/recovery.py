@@ -4,14 +4,18 @@ A plain PyTorch loop (no Trainer needed): for each batch of ``input_ids`` the te
 computed under ``no_grad`` and the student minimizes the KL divergence to them (temperature
 ``temperature``), optionally mixed with next-token cross-entropy. Only BLAST factors (and, by
 default, norm weights) are trained; everything else is frozen, which keeps optimizer memory small.
-Works the same on CPU and GPU (the models' device). ``teacher_generate_batches`` makes training text
+Works the same on CPU and GPU (the models' device). ``teacher_generate`` makes training text
 from the teacher itself when the user has none.
 """
 from __future__ import annotations
 
 import itertools
 import math
+import os
+import tempfile
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +44,70 @@ def no_cache_kwargs(model) -> dict:
     return {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
 
 
+@dataclass
+class FinetuneState:
+    """Where a recovery run stands, so that several time-boxed calls (preemptible jobs, capped GPU
+    sessions) make one run: one warm-up, one cosine over the whole horizon, AdamW's moments kept and
+    batches continued where the last call stopped. Give ``schedule_steps`` and/or
+    ``schedule_seconds`` (the cosine follows whichever is further along), pass the same object to
+    each :func:`finetune` call (it is updated in place), and ``save``/``load`` it between processes."""
+    schedule_steps: int | None = None
+    schedule_seconds: float | None = None
+    step: int = 0
+    seconds: float = 0.0
+    batch: int = 0
+    optimizer: dict | None = None
+
+    FORMAT = "blastfx-finetune-state/1"
+
+    def __post_init__(self):
+        if self.schedule_steps is None and self.schedule_seconds is None:
+            raise ValueError("FinetuneState needs schedule_steps or schedule_seconds (the whole run's length)")
+        if (self.schedule_steps is not None and self.schedule_steps <= 0) or \
+                (self.schedule_seconds is not None and self.schedule_seconds <= 0):
+            raise ValueError(f"schedule_steps and schedule_seconds must be positive, got "
+                             f"{self.schedule_steps} and {self.schedule_seconds}")
+
+    def progress(self, extra_steps: int = 0, extra_seconds: float = 0.0) -> float:
+        """Fraction of the schedule done, in [0, 1]."""
+        done = 0.0
+        if self.schedule_steps is not None:
+            done = (self.step + extra_steps) / self.schedule_steps
+        if self.schedule_seconds is not None:
+            done = max(done, (self.seconds + extra_seconds) / self.schedule_seconds)
+        return min(done, 1.0)
+
+    def save(self, path) -> Path:
+        """Write atomically: a crash mid-write leaves the previous file, never half of a new one."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save({"format": self.FORMAT, **asdict(self)}, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path) -> "FinetuneState":
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"finetune state {path} does not exist")
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:                        # torch raises several types for a bad file
+            raise ValueError(f"corrupt finetune state {path}: {err}") from None
+        if not isinstance(data, dict) or data.pop("format", None) != cls.FORMAT:
+            raise ValueError(f"{path} is not a blastfx finetune state ({cls.FORMAT})")
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise ValueError(f"corrupt finetune state {path}: {err}") from None
+
+
 def distillation_loss(student_logits, teacher_logits, temperature: float = 1.0):
     t = temperature
     s = F.log_softmax(student_logits.float() / t, dim=-1)
@@ -50,7 +118,7 @@ def distillation_loss(student_logits, teacher_logits, temperature: float = 1.0):
 def finetune(model: nn.Module, teacher: nn.Module, batches, *, steps: int = 100, lr: float = 1e-4,
              temperature: float = 1.0, ce_weight: float = 0.0, train_norms: bool = True,
              warmup: int = 10, grad_clip: float = 1.0, progress: bool = True, log_every: int = 10,
-             max_seconds: float | None = None, amp: bool | None = None):
+             max_seconds: float | None = None, amp: bool | None = None, state: FinetuneState | None = None):
     """Distill ``teacher`` into the compressed ``model`` for ``steps`` optimizer steps over ``batches``
     (cycled), each a tensor of input_ids or a dict with "input_ids". Returns the list of losses.
 
@@ -58,6 +126,9 @@ def finetune(model: nn.Module, teacher: nn.Module, batches, *, steps: int = 100,
     learning-rate schedule runs on whichever of steps or time is further along, so a time-boxed run
     still ends at a small learning rate. ``amp`` (default: on for CUDA) runs both models under bf16
     autocast with fp32 master factors.
+
+    ``state`` (a :class:`FinetuneState`) makes this call one part of a longer run: the schedule is the
+    state's, ``steps`` and ``max_seconds`` only bound this call, and the state is updated in place.
     """
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
@@ -66,18 +137,24 @@ def finetune(model: nn.Module, teacher: nn.Module, batches, *, steps: int = 100,
     batches = list(batches)
     if not batches:
         raise ValueError("finetune needs at least one batch")
+    run = state if state is not None else FinetuneState(schedule_steps=steps, schedule_seconds=max_seconds)
+    if run.progress() >= 1.0:
+        raise ValueError(f"this run's schedule is already complete ({run.step} steps, {run.seconds:.0f} s)")
     params = trainable_parameters(model, train_norms)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     start = time.perf_counter()
 
-    def progress_at(k):
-        done = k / steps
-        if max_seconds is not None:
-            done = max(done, (time.perf_counter() - start) / max_seconds)
-        return min(done, 1.0)
+    def lr_factor(k):                                   # k: this call's step
+        warm = min(1.0, (run.step + k + 1) / max(warmup, 1))
+        return warm * 0.5 * (1 + math.cos(math.pi * run.progress(k, time.perf_counter() - start)))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min(1.0, (k + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * progress_at(k))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    if run.optimizer is not None:
+        try:
+            opt.load_state_dict(run.optimizer)
+        except ValueError as err:
+            raise ValueError(f"the finetune state's optimizer does not fit this model's trainable "
+                             f"parameters (same model, budget and train_norms?): {err}") from None
     device = next(model.parameters()).device
     if amp is None:
         amp = device.type == "cuda"
@@ -89,7 +166,8 @@ def finetune(model: nn.Module, teacher: nn.Module, batches, *, steps: int = 100,
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(it, desc="blastfx: distilling", unit="step")
-    source = itertools.cycle(batches)
+    first = run.batch % len(batches)
+    source = itertools.cycle(batches[first:] + batches[:first])
     t_kwargs, s_kwargs = no_cache_kwargs(teacher), no_cache_kwargs(model)
     for step in it:
         batch = next(source)
@@ -109,8 +187,13 @@ def finetune(model: nn.Module, teacher: nn.Module, batches, *, steps: int = 100,
         losses.append(loss.item())
         if progress and step % log_every == 0:
             it.set_postfix(loss=f"{loss.item():.4f}")
-        if max_seconds is not None and time.perf_counter() - start >= max_seconds:
+        elapsed = time.perf_counter() - start
+        if (max_seconds is not None and elapsed >= max_seconds) or run.progress(step + 1, elapsed) >= 1.0:
             break
+    run.step += len(losses)
+    run.seconds += time.perf_counter() - start
+    run.batch = (first + len(losses)) % len(batches)
+    run.optimizer = opt.state_dict()
     model.eval()
     return losses
 

@@ -6,7 +6,7 @@ import torch
 import blastfx
 from blastfx import BlastConfig
 from blastfx.compiler import compile_blocks
-from blastfx.finetune import distillation_loss, finetune, trainable_parameters
+from blastfx.recovery import FinetuneState, distillation_loss, finetune, trainable_parameters
 import models
 
 
@@ -57,7 +57,7 @@ def test_time_budget_stops_and_anneals_lr():
 
 
 def test_teacher_generate_keeps_prompts_and_matches_greedy_decoding():
-    from blastfx.finetune import teacher_generate
+    from blastfx.recovery import teacher_generate
     torch.manual_seed(0)
     teacher = models.tiny_llama()
     prompts = [torch.randint(3, 128, (n,)) for n in (4, 6, 4, 4)]          # two lengths -> two groups
@@ -93,3 +93,64 @@ def test_finetune_through_the_compiled_inlined_student_matches_eager():
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
     for a, b in zip(student.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _student_and_batches():
+    torch.manual_seed(0)
+    teacher = models.tiny_llama()
+    student = blastfx.compress(copy.deepcopy(teacher), 0.4, config=BlastConfig(progress=False))
+    train = [torch.randint(3, 128, (2, 16)) for _ in range(3)]
+    return teacher, student, train
+
+
+def test_split_run_with_saved_state_equals_one_run(tmp_path):
+    """Two calls, the second in a "fresh process" (model and state reloaded from disk), give exactly
+    the one-call run: same schedule, same AdamW moments, same batches. A restart without the state
+    does not, so the state is what makes them equal."""
+    teacher, student, train = _student_and_batches()
+    start = copy.deepcopy(student)
+    kw = dict(lr=3e-3, warmup=2, progress=False)
+    one_run = finetune(student, teacher, train, steps=7, **kw)
+
+    first = copy.deepcopy(start)
+    state = FinetuneState(schedule_steps=7)
+    part1 = finetune(first, teacher, train, steps=4, state=state, **kw)
+    assert (state.step, state.batch) == (4, 1)
+    blastfx.save(first, tmp_path / "model")
+    state.save(tmp_path / "state.pt")
+    second = blastfx.load(tmp_path / "model", copy.deepcopy(teacher))
+    part2 = finetune(second, teacher, train, steps=10**6, state=FinetuneState.load(tmp_path / "state.pt"), **kw)
+    assert len(part2) == 3
+    assert part1 + part2 == pytest.approx(one_run, rel=1e-6)
+    for a, b in zip(student.parameters(), second.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+    restarted = copy.deepcopy(first)
+    finetune(restarted, teacher, train, steps=3, **kw)
+    assert max((a - b).abs().max().item() for a, b in zip(student.parameters(), restarted.parameters())) > 1e-4
+
+
+def test_finetune_state_rejects_bad_input(tmp_path):
+    teacher, student, train = _student_and_batches()
+    with pytest.raises(ValueError, match="schedule_steps or schedule_seconds"):
+        FinetuneState()
+    with pytest.raises(ValueError, match="must be positive"):
+        FinetuneState(schedule_seconds=0)
+    with pytest.raises(ValueError, match="does not exist"):
+        FinetuneState.load(tmp_path / "none.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt finetune state"):
+        FinetuneState.load(tmp_path / "junk.pt")
+    torch.save({"format": "something else"}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a blastfx finetune state"):
+        FinetuneState.load(tmp_path / "other.pt")
+
+    state = FinetuneState(schedule_steps=2)
+    finetune(student, teacher, train, steps=5, state=state, progress=False)
+    assert state.step == 2                                  # the schedule, not `steps`, ended the run
+    with pytest.raises(ValueError, match="already complete"):
+        finetune(student, teacher, train, state=state, progress=False)
+    other = FinetuneState(schedule_steps=10, optimizer=state.optimizer)
+    with pytest.raises(ValueError, match="does not fit this model's trainable parameters"):
+        finetune(student, teacher, train, steps=1, state=other, train_norms=False, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt", "other.pt"]   # nothing half-written
