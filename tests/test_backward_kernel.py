@@ -40,6 +40,11 @@ def test_grad_mix_rejects_mismatched_shapes():
         backward.grad_mix_triton(torch.zeros(2, 5, 8), torch.zeros(3, 5, 8), torch.zeros(3, 2, 4))
 
 
+def test_grad_mix_of_an_empty_batch():
+    w, gz, dS = backward.grad_mix_triton(torch.zeros(2, 0, 8), torch.zeros(3, 0, 8), torch.randn(3, 2, 8))
+    assert w.shape == (3, 0, 8) and gz.shape == (2, 0, 8) and torch.equal(dS, torch.zeros(3, 2, 8))
+
+
 def test_grad_mix_stream_splits_long_T():
     """The kernel's T-ranges (several tiles per program, ragged last range) add up exactly."""
     g = torch.Generator().manual_seed(7)

@@ -66,6 +66,8 @@ def grad_mix_triton(z: torch.Tensor, gw: torch.Tensor, S: torch.Tensor):
     b_out = gw.shape[0]
     if gw.shape[1:] != z.shape[1:] or tuple(S.shape) != (b_out, b_in, R):
         raise ValueError(f"grad_mix: z {tuple(z.shape)}, gw {tuple(gw.shape)} and S {tuple(S.shape)} do not fit")
+    if T == 0 or R == 0:                                # an empty batch: nothing to launch
+        return z.new_empty(b_out, T, R), gw.new_empty(b_in, T, R), torch.zeros_like(S)
     BI, BJ = triton.next_power_of_2(b_out), triton.next_power_of_2(b_in)
     BR = 64
     BT = max(1, min(8, 8192 // (BI * BJ * BR)))          # (BI, BJ, BT, BR) fp32 products stay in registers
