@@ -59,6 +59,11 @@ def _grad_mix_stream_kernel(z_ptr, g_ptr, s_ptr, w_ptr, gz_ptr, ds_ptr, T, R, B_
 STREAM_MAX_BLOCK_PAIRS = 16
 
 
+def kernel_beats_reference(b_out: int, b_in: int) -> bool:
+    """Whether the CUDA op should run :func:`grad_mix_triton` for these block counts (see above)."""
+    return triton.next_power_of_2(b_out) * triton.next_power_of_2(b_in) <= STREAM_MAX_BLOCK_PAIRS
+
+
 def grad_mix_triton(z: torch.Tensor, gw: torch.Tensor, S: torch.Tensor):
     """(w, gz, dS) as :func:`blastfx.ops.grad_mix_reference`: z (b_in, T, r), gw (b_out, T, r), S (b_out, b_in, r).
     Correct for any b; fast for b_out * b_in <= STREAM_MAX_BLOCK_PAIRS (see there)."""

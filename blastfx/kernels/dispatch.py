@@ -34,10 +34,9 @@ def _cuda_grad_mix(z, gw, S):
     from ..ops import grad_mix_reference
 
     if settings["kernels"] == "triton" and z.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        from .backward import STREAM_MAX_BLOCK_PAIRS, grad_mix_triton
+        from .backward import grad_mix_triton, kernel_beats_reference
 
-        pairs = (1 << (gw.shape[0] - 1).bit_length()) * (1 << (z.shape[0] - 1).bit_length())
-        if pairs <= STREAM_MAX_BLOCK_PAIRS:
+        if kernel_beats_reference(gw.shape[0], z.shape[0]):
             return grad_mix_triton(z, gw, S)
     return tuple(t.contiguous() for t in grad_mix_reference(z, gw, S))
 
