@@ -5,6 +5,11 @@
 #       bash benchmarks/gpu_recovery.sh --budgets 0.8 --save /tmp/kd
 #   next calls (same warm machine; carry .whl .data): one schedule of --minutes 30 across the calls
 #       bash benchmarks/gpu_recovery.sh --resume /tmp/kd-0.8 --save /tmp/kd-0.8
+# A run longer than one call (one schedule, no resume): detach it on a warm machine and watch it, e.g.
+#       bash benchmarks/gpu_detach.sh kd8 'LIMIT=2400 DEADLINE=36 bash benchmarks/gpu_recovery.sh --budgets 0.8 \
+#           --minutes 30 --iters 100 --eval-every 5'  &&  bash benchmarks/gpu_watch.sh kd8 560
+#   then `bash benchmarks/gpu_watch.sh kd8 560` again at once after each reply (carry .whl .data): the
+#   machine goes back 30 s after a call ends, and after 30 minutes held (at the end of the call in flight).
 # The teacher-generated rows (5 minutes of the first call) come back in $OUT/generated.pt; keep them in
 # .gen/ (ignored) and carry them next time.
 OUT=${OUT:-.out}; mkdir -p $OUT /tmp/gguf

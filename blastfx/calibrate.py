@@ -1,4 +1,5 @@
-"""Calibration: stream each target layer's input covariance C = sum x x^T over user batches.
+"""Calibration: stream each target layer's input covariance C = sum x x^T over user batches, and
+(for the loss-aware objective) the mean squared loss gradient of each of its output channels.
 
 No activations are stored: a forward hook adds ``x^T x`` (float32, n x n) per call. Batches are
 whatever the model takes: a tensor (passed positionally), a dict (passed as keyword arguments),
@@ -12,15 +13,14 @@ import torch
 from torch import nn
 
 
-def run_batch(model: nn.Module, batch, device) -> None:
+def run_batch(model: nn.Module, batch, device):
     if torch.is_tensor(batch):
-        model(batch.to(device))
-    elif isinstance(batch, dict):
-        model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
-    elif isinstance(batch, (tuple, list)):
-        model(*[v.to(device) if torch.is_tensor(v) else v for v in batch])
-    else:
-        raise ValueError(f"a calibration batch must be a tensor, dict or tuple, got {type(batch).__name__}")
+        return model(batch.to(device))
+    if isinstance(batch, dict):
+        return model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+    if isinstance(batch, (tuple, list)):
+        return model(*[v.to(device) if torch.is_tensor(v) else v for v in batch])
+    raise ValueError(f"a calibration batch must be a tensor, dict or tuple, got {type(batch).__name__}")
 
 
 @contextmanager
@@ -63,6 +63,76 @@ def collect_covariances(model: nn.Module, names, batches) -> dict[str, torch.Ten
         raise ValueError(f"calibration batches never reached {len(missing)} target layers (e.g. {missing[0]}): "
                          "are they used in forward?")
     return {n: covs[n] / counts[n] for n in names}
+
+
+def batch_loss(model: nn.Module, batch, device) -> torch.Tensor:
+    """The model's own loss on a calibration batch: ``output.loss`` (an HF model given ``input_ids``
+    and no ``labels`` gets ``labels=input_ids``, i.e. next-token cross-entropy), or a scalar output."""
+    if isinstance(batch, dict) and "input_ids" in batch and "labels" not in batch:
+        batch = {**batch, "labels": batch["input_ids"]}
+    out = run_batch(model, batch, device)
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, dict):
+        loss = out.get("loss")
+    if loss is None and torch.is_tensor(out) and out.dim() == 0:
+        loss = out
+    if loss is None or not torch.is_tensor(loss) or loss.dim() != 0:
+        raise ValueError("the loss-aware objective needs calibration batches the model returns a scalar loss on "
+                         "(HF models: dicts with input_ids; plain modules: a module whose forward returns the loss)")
+    return loss
+
+
+def collect_output_fisher(model: nn.Module, names, batches, damping: float = 0.01) -> dict[str, torch.Tensor]:
+    """{layer: mean over calibration tokens of (dL/dy)^2, per output channel (out_features,)}, plus
+    ``damping`` times its mean (so no output is left unfitted because its gradient was tiny here).
+
+    Why: to second order, compressing a layer changes the loss by about
+    0.5 * sum_t sum_c F_c (dy_tc)^2 (diagonal empirical Fisher F of the layer's outputs), so weighting
+    each output row of the factorization error by F_c makes errors of different layers comparable
+    (an estimated loss increase) and spends each layer's rank on the outputs the loss depends on.
+    Gradients are taken with ``torch.autograd.grad`` w.r.t. the layer outputs only: no parameter's
+    ``.grad`` is touched, and ``requires_grad`` is restored."""
+    names = list(names)
+    device = next(model.parameters()).device
+    modules = {n: model.get_submodule(n) for n in names}
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    outputs: list[tuple[str, torch.Tensor]] = []
+
+    def hook_for(name):
+        def hook(module, args, out):
+            outputs.append((name, out))
+        return hook
+
+    saved = {n: m.weight.requires_grad for n, m in modules.items()}
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in modules.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for m in modules.values():
+            m.weight.requires_grad_(True)          # so every target output is in the graph
+        for batch in batches:
+            outputs.clear()
+            loss = batch_loss(model, batch, device)
+            grads = torch.autograd.grad(loss, [o for _, o in outputs], allow_unused=True)
+            for (name, out), g in zip(outputs, grads):
+                g = torch.zeros_like(out) if g is None else g
+                g2 = g.detach().float().pow(2).reshape(-1, g.shape[-1])
+                sums[name] = g2.sum(0) if name not in sums else sums[name].add_(g2.sum(0))
+                counts[name] = counts.get(name, 0) + g2.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+        for n, m in modules.items():
+            m.weight.requires_grad_(saved[n])
+        outputs.clear()
+        model.train(was_training)
+    missing = [n for n in names if n not in sums]
+    if missing:
+        raise ValueError(f"calibration batches never reached {len(missing)} target layers (e.g. {missing[0]}): "
+                         "are they used in forward?")
+    fisher = {n: sums[n] / counts[n] for n in names}
+    return {n: f + damping * f.mean() for n, f in fisher.items()}
 
 
 def text_batches(tokenizer, tokens: int = 8192, seq_len: int = 512, texts=None, batch_size: int = 4):

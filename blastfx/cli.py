@@ -22,7 +22,8 @@ def cmd_analyze(args) -> int:
 
 def _config(args):
     from .config import BlastConfig
-    return BlastConfig(blocks=args.blocks, strategy=args.strategy, method=args.method, iters=args.iters,
+    return BlastConfig(blocks=args.blocks, strategy=args.strategy, objective=args.objective, method=args.method,
+                       iters=args.iters,
                        include=tuple(args.include or ()), exclude=tuple(args.exclude or ()),
                        block_choices=tuple(args.block_choices or ()))
 
@@ -37,6 +38,11 @@ def cmd_compress(args) -> int:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         print(f"error: {out} exists and is not empty (pass --overwrite)", file=sys.stderr)
         return 2
+    config = _config(args)
+    if config.needs_loss and not args.calibrate:
+        print("error: --strategy loss / --objective loss take loss gradients on calibration text: "
+              "pass --calibrate TOKENS", file=sys.stderr)
+        return 2
     model, tok = _load(args.model)
     before = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
@@ -44,7 +50,7 @@ def cmd_compress(args) -> int:
     if args.calibrate:
         from .calibrate import text_batches
         calibration = text_batches(tok, tokens=args.calibrate)
-    compress(model, args.budget, config=_config(args), calibration=calibration)
+    compress(model, args.budget, config=config, calibration=calibration)
     print(model.blastfx_plan.summary())
     after = sum(p.numel() for p in model.parameters())
     print(f"parameters: {before:,} -> {after:,} ({after / before:.1%}) in {time.perf_counter() - t0:.1f}s")
@@ -95,7 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--blocks", type=int, default=4)
     c.add_argument("--block-choices", type=int, nargs="+", metavar="B",
                    help="let each layer take the block count of least measured error among these (e.g. 4 8)")
-    c.add_argument("--strategy", choices=("uniform", "error"), default="uniform")
+    c.add_argument("--strategy", choices=("uniform", "error", "loss"), default="uniform",
+                   help="how the budget is spread over layers (error, loss: need --calibrate)")
+    c.add_argument("--objective", choices=("output", "loss"), default="output",
+                   help="what the calibrated factorization preserves: each layer's outputs, or those weighted "
+                        "by their loss Fisher (needs --calibrate)")
     c.add_argument("--method", default="als")
     c.add_argument("--iters", type=int, default=None)
     c.add_argument("--include", nargs="*")

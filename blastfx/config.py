@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from .factorize import METHODS
 from .layout import normalize_blocks
 
-STRATEGIES = ("uniform", "error")
+STRATEGIES = ("uniform", "error", "loss")
+OBJECTIVES = ("output", "loss")
 INITS = ("factorize", "random")
 
 
@@ -25,7 +26,9 @@ class LayerOverride:
 @dataclass
 class BlastConfig:
     blocks: int | tuple[int, int] = 4      # default (b_out, b_in); reduced to divisors of each layer's dims
-    strategy: str = "uniform"              # "uniform": same kept fraction everywhere; "error": by spectrum
+    strategy: str = "uniform"              # "uniform": same kept fraction everywhere; "error": by relative
+                                           # output error; "loss": by estimated loss increase (needs a loss)
+    objective: str = "output"              # with calibration: "output" error, or "loss" (Fisher-weighted outputs)
     method: str = "als"                    # factorization method, see blastfx.factorize.METHODS
     init: str = "factorize"                # or "random" (train from scratch)
     iters: int | None = None
@@ -44,7 +47,7 @@ class BlastConfig:
     def __post_init__(self):
         normalize_blocks(self.blocks)
         for name, value, allowed in (("strategy", self.strategy, STRATEGIES), ("method", self.method, METHODS),
-                                     ("init", self.init, INITS)):
+                                     ("init", self.init, INITS), ("objective", self.objective, OBJECTIVES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
@@ -65,6 +68,11 @@ class BlastConfig:
                 normalize_blocks(o.blocks)
             if o.method is not None and o.method not in METHODS:
                 raise ValueError(f"overrides[{pattern!r}].method must be one of {METHODS}, got {o.method!r}")
+
+    @property
+    def needs_loss(self) -> bool:
+        """Whether compress must take loss gradients on the calibration batches."""
+        return self.strategy == "loss" or self.objective == "loss"
 
     def override_for(self, fqn: str) -> LayerOverride:
         """The merged overrides whose patterns match ``fqn`` (later patterns win)."""

@@ -1,7 +1,7 @@
 """The planner: (analysis, budget, config[, spectra]) -> Plan of per-layer (b_out, b_in, rank).
 
-Pure: no weights are read or written here. The "error" strategy takes each layer's singular values
-(computed by the caller) as numbers. A Plan is inspectable, editable, JSON-serializable, and can be
+Pure: no weights are read or written here. The "error" and "loss" strategies take each layer's
+singular values (computed by the caller) as numbers. A Plan is inspectable, editable, JSON-serializable, and can be
 passed back to :func:`blastfx.compress`.
 """
 from __future__ import annotations
@@ -162,13 +162,17 @@ def _balance(plan: Plan, adjustable: list[str], target: int, multiple: int) -> N
             plan.layers[options[0]].rank += step if gap > 0 else -step
 
 
-def _allocate_by_error(plan: Plan, adjustable: list[str], target: int, multiple: int, spectra) -> None:
-    """Greedy: give the next rank step to the layer whose relative squared error (SVD tail energy at
-    that rank, an upper bound for BLAST) drops most per parameter. Optimal for convex error curves."""
+def _allocate_by_error(plan: Plan, adjustable: list[str], target: int, multiple: int, spectra,
+                       relative: bool = True) -> None:
+    """Greedy: give the next rank step to the layer whose squared error (SVD tail energy at that
+    rank, an upper bound for BLAST) drops most per parameter. Optimal for convex error curves.
+    ``relative``: each layer's error as a fraction of its own ("error"); otherwise as given, for
+    spectra already in common units (the loss-weighted ones of strategy "loss")."""
     energy = {}
     for k in adjustable:
         s2 = spectra[k].double().pow(2)
-        energy[k] = torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)]) / s2.sum().clamp_min(1e-300)
+        tail = torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])
+        energy[k] = tail / s2.sum().clamp_min(1e-300) if relative else tail
     for k in adjustable:
         plan.layers[k].rank = multiple
 
@@ -222,10 +226,11 @@ def make_plan(analysis, budget: float, config: BlastConfig | None = None, spectr
         plan.layers[s.fqn] = lp
         (fixed if o.rank is not None else adjustable).append(s.fqn)
     target = round(budget * plan.dense_total)
-    if adjustable and config.strategy == "error":
+    if adjustable and config.strategy in ("error", "loss"):
         if spectra is None:
-            raise ValueError("strategy='error' needs the layers' singular values (spectra=)")
-        _allocate_by_error(plan, adjustable, target, config.rank_multiple, spectra)
+            raise ValueError(f"strategy={config.strategy!r} needs the layers' singular values (spectra=)")
+        _allocate_by_error(plan, adjustable, target, config.rank_multiple, spectra,
+                           relative=config.strategy == "error")
     if adjustable:
         _balance(plan, adjustable, target, config.rank_multiple)
     if abs(plan.kept_fraction - budget) > BUDGET_TOLERANCE * budget:

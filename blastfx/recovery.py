@@ -118,7 +118,8 @@ def distillation_loss(student_logits, teacher_logits, temperature: float = 1.0):
 def finetune(model: nn.Module, teacher: nn.Module, batches, *, steps: int = 100, lr: float = 1e-4,
              temperature: float = 1.0, ce_weight: float = 0.0, train_norms: bool = True,
              warmup: int = 10, grad_clip: float = 1.0, progress: bool = True, log_every: int = 10,
-             max_seconds: float | None = None, amp: bool | None = None, state: FinetuneState | None = None):
+             max_seconds: float | None = None, amp: bool | None = None, state: FinetuneState | None = None,
+             callback=None):
     """Distill ``teacher`` into the compressed ``model`` for ``steps`` optimizer steps over ``batches``
     (cycled), each a tensor of input_ids or a dict with "input_ids". Returns the list of losses.
 
@@ -129,6 +130,10 @@ def finetune(model: nn.Module, teacher: nn.Module, batches, *, steps: int = 100,
 
     ``state`` (a :class:`FinetuneState`) makes this call one part of a longer run: the schedule is the
     state's, ``steps`` and ``max_seconds`` only bound this call, and the state is updated in place.
+
+    ``callback(step, loss, seconds)``, if given, runs after every step (step and seconds counted over
+    the whole run, as in the state): for logging, or evaluating a long run as it goes. The model is
+    in training mode when it is called; a callback that evaluates must put it back.
     """
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
@@ -188,6 +193,8 @@ def finetune(model: nn.Module, teacher: nn.Module, batches, *, steps: int = 100,
         if progress and step % log_every == 0:
             it.set_postfix(loss=f"{loss.item():.4f}")
         elapsed = time.perf_counter() - start
+        if callback is not None:
+            callback(run.step + step + 1, losses[-1], run.seconds + elapsed)
         if (max_seconds is not None and elapsed >= max_seconds) or run.progress(step + 1, elapsed) >= 1.0:
             break
     run.step += len(losses)

@@ -16,15 +16,20 @@ from .passes.substitute import MAX_BATCH_ELEMENTS, dense_weight
 from .plan import Plan, block_candidates, rank_at
 
 
-def layer_spectra(model: nn.Module, names, covariances=None, damping: float = 0.01) -> dict[str, torch.Tensor]:
+def layer_spectra(model: nn.Module, names, covariances=None, damping: float = 0.01,
+                  output_weights=None) -> dict[str, torch.Tensor]:
     """Singular values of each named layer's weight, for the error-aware planner. With input
     covariances C = L L^T, those of W L: their tail energy at rank r is exactly the *output* error of
-    the best rank-r layer, a measured sensitivity rather than a weight-space proxy."""
+    the best rank-r layer, a measured sensitivity rather than a weight-space proxy. With output
+    weights w (the outputs' diagonal Fisher), those of diag(w)^{1/2} W L: the tail energy is then an
+    estimate of the loss increase, in the same units for every layer."""
     from .factorize.weighted import damped_cholesky
 
     spectra = {}
     for k in names:
         W = dense_weight(model.get_submodule(k)).float()
+        if output_weights is not None:
+            W = W * output_weights[k].to(W).clamp_min(0).sqrt().unsqueeze(-1)
         if covariances is not None:
             W = W @ damped_cholesky(covariances[k].to(W).unsqueeze(0), damping)[0]
         spectra[k] = torch.linalg.svdvals(W).cpu()

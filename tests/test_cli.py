@@ -50,3 +50,20 @@ def test_bad_budget_fails_cleanly(hf_dir, tmp_path, capsys):
 def test_missing_model_is_an_error(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "nope")]) == 2
     assert "no model at" in capsys.readouterr().err
+
+
+def test_loss_objective_needs_calibration_text(hf_dir, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["compress", str(hf_dir), "--budget", "0.5", "--out", str(out), "--objective", "loss"]) == 2
+    assert "--calibrate" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_loss_strategy_and_objective_from_the_cli(hf_dir, tmp_path, capsys):
+    out = tmp_path / "loss"
+    assert main(["compress", str(hf_dir), "--budget", "0.5", "--out", str(out), "--strategy", "loss",
+                 "--objective", "loss", "--calibrate", "256"]) == 0
+    assert "BLAST plan (loss)" in capsys.readouterr().out
+    model = blastfx.from_pretrained(out)
+    assert model.blastfx_plan.strategy == "loss"
+    assert abs(model.blastfx_plan.kept_fraction - 0.5) <= 0.005

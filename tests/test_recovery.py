@@ -114,13 +114,20 @@ def test_split_run_with_saved_state_equals_one_run(tmp_path):
 
     first = copy.deepcopy(start)
     state = FinetuneState(schedule_steps=7)
-    part1 = finetune(first, teacher, train, steps=4, state=state, **kw)
+    seen = []                                       # the callback counts steps over the whole run
+
+    def callback(step, loss, seconds):
+        seen.append((step, loss, seconds))
+    part1 = finetune(first, teacher, train, steps=4, state=state, callback=callback, **kw)
     assert (state.step, state.batch) == (4, 1)
     blastfx.save(first, tmp_path / "model")
     state.save(tmp_path / "state.pt")
     second = blastfx.load(tmp_path / "model", copy.deepcopy(teacher))
-    part2 = finetune(second, teacher, train, steps=10**6, state=FinetuneState.load(tmp_path / "state.pt"), **kw)
+    part2 = finetune(second, teacher, train, steps=10**6, state=FinetuneState.load(tmp_path / "state.pt"),
+                     callback=callback, **kw)
     assert len(part2) == 3
+    assert [k for k, _, _ in seen] == list(range(1, 8)) and [v for _, v, _ in seen] == part1 + part2
+    assert all(b[2] > a[2] for a, b in zip(seen, seen[1:]))
     assert part1 + part2 == pytest.approx(one_run, rel=1e-6)
     for a, b in zip(student.parameters(), second.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

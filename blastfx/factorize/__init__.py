@@ -106,11 +106,28 @@ def _as_covariance(C, B: int, n: int) -> torch.Tensor:
     return C.expand(B, n, n)
 
 
+def _as_row_scale(weights, B: int, m: int) -> torch.Tensor:
+    """sqrt of non-negative output-row weights, (B, m); rejects what cannot be a weighting."""
+    w = torch.as_tensor(weights)
+    if w.dim() == 1:
+        w = w.unsqueeze(0)
+    if w.dim() != 2 or w.shape[-1] != m or w.shape[0] not in (1, B):
+        raise ValueError(f"output_weights must be ({m},) or ({B}, {m}) for {B} matrices with {m} rows, "
+                         f"got {tuple(w.shape)}")
+    if not torch.isfinite(w).all() or (w < 0).any():
+        raise ValueError("output_weights must be finite and non-negative")
+    if (w.amax(-1) <= 0).any():
+        raise ValueError("output_weights are all zero for some matrix: nothing would be fitted")
+    w = w.double()
+    w = w + 1e-6 * w.mean(-1, keepdim=True)           # a floor, so U can be unscaled
+    return w.sqrt().expand(B, m)
+
+
 def factorize(W, rank: int, blocks=(1, 1), method: str = "als", *, iters: int | None = None,
               tol: float = 1e-4, target_error: float | None = None, damping: float = 1e-5,
               delta: float = 0.1, init: str | None = None, seed: int = 0, device=None,
               allow_larger: bool = False, progress: bool = False, calibration=None,
-              calibration_damping: float = 0.01) -> BlastFactors:
+              calibration_damping: float = 0.01, output_weights=None) -> BlastFactors:
     """Fit BLAST factors of the given ``rank`` and ``blocks=(b_out, b_in)`` to the weight ``W``.
 
     Args:
@@ -128,6 +145,10 @@ def factorize(W, rank: int, blocks=(1, 1), method: str = "als", *, iters: int | 
             output error ||(W - What) X^T|| is minimized instead of ||W - What|| ("als": weighted ALS
             from the whitened SVD; "lowrank": the whitened SVD itself). See :mod:`.weighted`.
         calibration_damping: C + damping * mean(diag C) * I is used (GPTQ-style).
+        output_weights: non-negative weights (m,) [or (B, m)] of the output rows, e.g. the diagonal
+            Fisher of the layer's outputs: ||diag(w)^{1/2} (W - What) X^T|| is minimized. A row scaling
+            keeps the block structure (it scales rows of U_i), so the weighted problem is solved exactly
+            by factorizing diag(w)^{1/2} W and unscaling U. ``output_error`` is then the weighted one.
     """
     A, batched = _as_batch(W)
     B, m, n = A.shape
@@ -145,6 +166,10 @@ def factorize(W, rank: int, blocks=(1, 1), method: str = "als", *, iters: int | 
     start = time.perf_counter()
     dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
     A = A.to(device=device if device is not None else A.device, dtype=dtype)
+    row_scale = None
+    if output_weights is not None:
+        row_scale = _as_row_scale(output_weights, B, m).to(A)
+        A = A * row_scale.unsqueeze(-1)
     scale = A.std(dim=(1, 2), unbiased=False)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     A_pad = F.pad(A / scale.view(-1, 1, 1), (0, shape.n_pad - n, 0, shape.m_pad - m))
@@ -187,14 +212,18 @@ def factorize(W, rank: int, blocks=(1, 1), method: str = "als", *, iters: int | 
 
     U, S, V = U.clone(), S.clone(), V.clone()
     U.view(B, shape.m_pad, r)[:, m:] = 0
+    if row_scale is not None:                       # back from the weighted problem
+        U.view(B, shape.m_pad, r)[:, :m] /= row_scale.unsqueeze(-1)
+        A = A / row_scale.unsqueeze(-1)
     V.view(B, shape.n_pad, r)[:, n:] = 0
     blk.balance(U, V, S, scale)
     dense = blk.reconstruct(U, S, V)[:, :m, :n]
     rel_error = (A - dense).norm(dim=(1, 2)) / A.norm(dim=(1, 2)).clamp_min(torch.finfo(dtype).tiny)
     output_error = None
     if C is not None:
-        E = F.pad(A - dense, (0, shape.n_pad - n))
-        Ap = F.pad(A, (0, shape.n_pad - n))
+        w = row_scale.unsqueeze(-1) if row_scale is not None else 1.0
+        E = F.pad((A - dense) * w, (0, shape.n_pad - n))
+        Ap = F.pad(A * w, (0, shape.n_pad - n))
         output_error = ((E * (E @ C)).sum(dim=(1, 2)) / (Ap * (Ap @ C)).sum(dim=(1, 2)).clamp_min(1e-30)).sqrt()
     factors = BlastFactors(U, S, V, shape, method, rel_error, iterations, time.perf_counter() - start, history,
                            output_error)

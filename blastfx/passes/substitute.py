@@ -26,10 +26,11 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 
 def build_layers(model: nn.Module, plan, *, init: str = "factorize", method: str = "als", iters=None,
                  tol: float = 1e-4, progress: bool = True, empty: bool = False, covariances=None,
-                 calibration_damping: float = 0.01, names=None) -> dict[str, BlastLinear]:
+                 calibration_damping: float = 0.01, names=None, output_weights=None) -> dict[str, BlastLinear]:
     """New BlastLinear modules for ``plan`` (the model is not modified). ``empty``: allocate only
     (for loading a checkpoint into). ``covariances``: {layer: input covariance} for calibration-aware
-    factorization. ``names``: build only these layers of the plan."""
+    factorization. ``names``: build only these layers of the plan. ``output_weights``: {layer: weight of
+    each output row} (the outputs' diagonal Fisher, for the loss-aware objective)."""
     new: dict[str, BlastLinear] = {}
     groups = defaultdict(list)
     for name, lp in plan.layers.items():
@@ -59,9 +60,11 @@ def build_layers(model: nn.Module, plan, *, init: str = "factorize", method: str
             modules = [model.get_submodule(k) for k in part]
             cal = None if covariances is None else torch.stack([covariances[k].to(mod.weight.device)
                                                                 for k, mod in zip(part, modules)])
+            rows = None if output_weights is None else torch.stack([output_weights[k].to(mod.weight.device)
+                                                                     for k, mod in zip(part, modules)])
             factors = factorize(torch.stack([dense_weight(mod) for mod in modules]), rank, blocks, method=meth,
                                 iters=iters, tol=tol, allow_larger=True, calibration=cal,
-                                calibration_damping=calibration_damping)
+                                calibration_damping=calibration_damping, output_weights=rows)
             for k, (name, mod) in enumerate(zip(part, modules)):
                 new[name] = BlastLinear.from_factors(factors[k].to(mod.weight.dtype), mod.bias)
             if bar is not None:
