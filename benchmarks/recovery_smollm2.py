@@ -84,6 +84,10 @@ def main():
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--sequential", action="store_true")
     ap.add_argument("--iters", type=int, default=None, help="factorization iterations (default: the method's)")
+    ap.add_argument("--objective", choices=("output", "loss"), default="output",
+                    help="what the calibrated factorization preserves (loss: Fisher-weighted outputs)")
+    ap.add_argument("--strategy", choices=("uniform", "error", "loss"), default="uniform",
+                    help="how the budget is spread over layers (loss: by estimated loss increase)")
     ap.add_argument("--compile", action="store_true", help="train the student with each decoder block compiled "
                     "(blastfx.compiler.compile_blocks, backend blast: 3x faster steps than eager on an H100)")
     ap.add_argument("--generate", type=int, default=0, help="add this many 512-token rows sampled from the dense "
@@ -125,7 +129,7 @@ def main():
         else:
             blastfx.compress(model, budget, calibration=calib,
                              config=BlastConfig(blocks=args.blocks, progress=False, sequential=args.sequential,
-                                                iters=args.iters))
+                                                iters=args.iters, objective=args.objective, strategy=args.strategy))
         if state is None:
             state = FinetuneState(schedule_seconds=args.minutes * 60)
         before = perplexity(model, windows)
