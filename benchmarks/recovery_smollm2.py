@@ -21,6 +21,7 @@ import torch
 
 import blastfx
 from blastfx import BlastConfig
+from blastfx.config import OBJECTIVES, STRATEGIES
 from blastfx.compiler import compile_blocks
 from blastfx.data import news_corpus
 from blastfx.evaluate import generate_text, perplexity, token_windows
@@ -84,9 +85,9 @@ def main():
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--sequential", action="store_true")
     ap.add_argument("--iters", type=int, default=None, help="factorization iterations (default: the method's)")
-    ap.add_argument("--objective", choices=("output", "loss"), default="output",
+    ap.add_argument("--objective", choices=OBJECTIVES, default="output",
                     help="what the calibrated factorization preserves (loss: Fisher-weighted outputs)")
-    ap.add_argument("--strategy", choices=("uniform", "error", "loss"), default="uniform",
+    ap.add_argument("--strategy", choices=STRATEGIES, default="uniform",
                     help="how the budget is spread over layers (loss: by estimated loss increase)")
     ap.add_argument("--compile", action="store_true", help="train the student with each decoder block compiled "
                     "(blastfx.compiler.compile_blocks, backend blast: 3x faster steps than eager on an H100)")

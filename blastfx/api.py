@@ -42,18 +42,21 @@ def _needs_calibration(config: BlastConfig, calibration) -> None:
 
 
 def plan_for(model: nn.Module, budget: float, config: BlastConfig | None = None, example_inputs=None,
-             analysis: Analysis | None = None, calibration=None, output_fisher=None) -> Plan:
+             analysis: Analysis | None = None, calibration=None, covariances=None, output_fisher=None) -> Plan:
     """The plan :func:`compress` would use, without changing the model. With ``calibration`` and
     ``strategy="error"``, the budget is spread by measured per-layer output error; with
     ``strategy="loss"``, by the output error weighted with the outputs' loss Fisher (an estimated
-    loss increase). ``output_fisher``: those weights, if already collected."""
+    loss increase). ``covariances`` / ``output_fisher``: the calibration statistics, if already
+    collected (by :func:`compress`, which shares them with the factorization)."""
     config = config or BlastConfig()
     _needs_calibration(config, calibration)
     analysis = analysis or analyze(model, example_inputs)
     spectra = covs = None
     if config.strategy != "uniform" or config.block_choices:
         names = selected_layers(analysis, config)
-        covs = collect_covariances(model, names, calibration) if calibration is not None else None
+        covs = covariances
+        if covs is None and calibration is not None:
+            covs = collect_covariances(model, names, calibration)
     if config.strategy == "loss" and output_fisher is None:
         output_fisher = collect_output_fisher(model, names, calibration)
     if config.strategy != "uniform":
@@ -87,26 +90,34 @@ def compress(model: nn.Module, budget: float = 0.5, *, config: BlastConfig | Non
     config = config or BlastConfig()
     calibration = None if calibration is None else list(calibration)
     _needs_calibration(config, calibration)
-    if plan is not None and not isinstance(plan, Plan):
-        raise ValueError(f"plan must be a blastfx.Plan, got {type(plan).__name__}")
-    analysis = fisher = None
-    if config.needs_loss:                           # one gradient pass serves the planner and the factorization
+    if plan is not None:
+        if not isinstance(plan, Plan):
+            raise ValueError(f"plan must be a blastfx.Plan, got {type(plan).__name__}")
+        _check_plan_fits(model, plan)
+    else:
+        check_budget(budget)
+    # One pass each over the calibration batches on the dense model, shared by planner and factorization.
+    builder_reads = config.init != "random" and not config.sequential     # sequential: per block, later
+    planner_reads = plan is None and (config.strategy != "uniform" or bool(config.block_choices))
+    analysis = covs = fisher = None
+    if calibration is not None and (builder_reads or planner_reads or config.needs_loss):
         if plan is None:
-            check_budget(budget)
             analysis = analyze(model, example_inputs)
         names = list(plan.layers) if plan is not None else selected_layers(analysis, config)
-        fisher = collect_output_fisher(model, names, calibration)
+        if names and (builder_reads or planner_reads):
+            covs = collect_covariances(model, names, calibration)
+        if names and config.needs_loss:
+            fisher = collect_output_fisher(model, names, calibration)
     if plan is None:
-        plan = plan_for(model, check_budget(budget), config, example_inputs, analysis=analysis,
-                        calibration=calibration, output_fisher=fisher)
-    _check_plan_fits(model, plan)
+        plan = plan_for(model, budget, config, example_inputs, analysis=analysis, calibration=calibration,
+                        covariances=covs, output_fisher=fisher)
+        _check_plan_fits(model, plan)
     build = dict(init=config.init, method=config.method, iters=config.iters, tol=config.tol,
                  progress=config.progress, calibration_damping=config.calibration_damping,
                  output_weights=fisher if config.objective == "loss" else None)
     if calibration is None or config.init == "random":
         swap_modules(model, build_layers(model, plan, **build))
     elif not config.sequential:
-        covs = collect_covariances(model, plan.layers, calibration)
         swap_modules(model, build_layers(model, plan, covariances=covs, **build))
     else:
         _compress_sequential(model, plan, calibration, build)

@@ -45,6 +45,13 @@ def _covariance_hooks(model: nn.Module, names):
             h.remove()
 
 
+def _check_reached(names, collected) -> None:
+    missing = [n for n in names if n not in collected]
+    if missing:
+        raise ValueError(f"calibration batches never reached {len(missing)} target layers (e.g. {missing[0]}): "
+                         "are they used in forward?")
+
+
 @torch.no_grad()
 def collect_covariances(model: nn.Module, names, batches) -> dict[str, torch.Tensor]:
     """{layer: mean x x^T over all calibration tokens} for the named linear layers."""
@@ -58,10 +65,7 @@ def collect_covariances(model: nn.Module, names, batches) -> dict[str, torch.Ten
                 run_batch(model, batch, device)
     finally:
         model.train(was_training)
-    missing = [n for n in names if n not in covs]
-    if missing:
-        raise ValueError(f"calibration batches never reached {len(missing)} target layers (e.g. {missing[0]}): "
-                         "are they used in forward?")
+    _check_reached(names, covs)
     return {n: covs[n] / counts[n] for n in names}
 
 
@@ -127,10 +131,7 @@ def collect_output_fisher(model: nn.Module, names, batches, damping: float = 0.0
             m.weight.requires_grad_(saved[n])
         outputs.clear()
         model.train(was_training)
-    missing = [n for n in names if n not in sums]
-    if missing:
-        raise ValueError(f"calibration batches never reached {len(missing)} target layers (e.g. {missing[0]}): "
-                         "are they used in forward?")
+    _check_reached(names, sums)
     fisher = {n: sums[n] / counts[n] for n in names}
     return {n: f + damping * f.mean() for n, f in fisher.items()}
 

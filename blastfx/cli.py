@@ -23,8 +23,7 @@ def cmd_analyze(args) -> int:
 def _config(args):
     from .config import BlastConfig
     return BlastConfig(blocks=args.blocks, strategy=args.strategy, objective=args.objective, method=args.method,
-                       iters=args.iters,
-                       include=tuple(args.include or ()), exclude=tuple(args.exclude or ()),
+                       iters=args.iters, include=tuple(args.include or ()), exclude=tuple(args.exclude or ()),
                        block_choices=tuple(args.block_choices or ()))
 
 
@@ -89,6 +88,7 @@ def cmd_eval(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import OBJECTIVES, STRATEGIES
     p = argparse.ArgumentParser(prog="blastfx", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("analyze", help="list the linear call sites of a model")
@@ -101,9 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--blocks", type=int, default=4)
     c.add_argument("--block-choices", type=int, nargs="+", metavar="B",
                    help="let each layer take the block count of least measured error among these (e.g. 4 8)")
-    c.add_argument("--strategy", choices=("uniform", "error", "loss"), default="uniform",
+    c.add_argument("--strategy", choices=STRATEGIES, default="uniform",
                    help="how the budget is spread over layers (error, loss: need --calibrate)")
-    c.add_argument("--objective", choices=("output", "loss"), default="output",
+    c.add_argument("--objective", choices=OBJECTIVES, default="output",
                    help="what the calibrated factorization preserves: each layer's outputs, or those weighted "
                         "by their loss Fisher (needs --calibrate)")
     c.add_argument("--method", default="als")

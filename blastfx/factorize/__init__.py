@@ -166,13 +166,12 @@ def factorize(W, rank: int, blocks=(1, 1), method: str = "als", *, iters: int | 
     start = time.perf_counter()
     dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
     A = A.to(device=device if device is not None else A.device, dtype=dtype)
-    row_scale = None
-    if output_weights is not None:
-        row_scale = _as_row_scale(output_weights, B, m).to(A)
-        A = A * row_scale.unsqueeze(-1)
-    scale = A.std(dim=(1, 2), unbiased=False)
+    # the fitted matrix: A, or its rows scaled by sqrt(output_weights) (undone on U below)
+    row_scale = None if output_weights is None else _as_row_scale(output_weights, B, m).to(A).unsqueeze(-1)
+    A_fit = A if row_scale is None else A * row_scale
+    scale = A_fit.std(dim=(1, 2), unbiased=False)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    A_pad = F.pad(A / scale.view(-1, 1, 1), (0, shape.n_pad - n, 0, shape.m_pad - m))
+    A_pad = F.pad(A_fit / scale.view(-1, 1, 1), (0, shape.n_pad - n, 0, shape.m_pad - m))
     generator = torch.Generator().manual_seed(seed)
     b_out, b_in, r = shape.b_out, shape.b_in, shape.rank
 
@@ -213,17 +212,15 @@ def factorize(W, rank: int, blocks=(1, 1), method: str = "als", *, iters: int | 
     U, S, V = U.clone(), S.clone(), V.clone()
     U.view(B, shape.m_pad, r)[:, m:] = 0
     if row_scale is not None:                       # back from the weighted problem
-        U.view(B, shape.m_pad, r)[:, :m] /= row_scale.unsqueeze(-1)
-        A = A / row_scale.unsqueeze(-1)
+        U.view(B, shape.m_pad, r)[:, :m] /= row_scale
     V.view(B, shape.n_pad, r)[:, n:] = 0
     blk.balance(U, V, S, scale)
     dense = blk.reconstruct(U, S, V)[:, :m, :n]
     rel_error = (A - dense).norm(dim=(1, 2)) / A.norm(dim=(1, 2)).clamp_min(torch.finfo(dtype).tiny)
     output_error = None
     if C is not None:
-        w = row_scale.unsqueeze(-1) if row_scale is not None else 1.0
-        E = F.pad((A - dense) * w, (0, shape.n_pad - n))
-        Ap = F.pad(A * w, (0, shape.n_pad - n))
+        E = F.pad(A - dense if row_scale is None else (A - dense) * row_scale, (0, shape.n_pad - n))
+        Ap = F.pad(A_fit, (0, shape.n_pad - n))
         output_error = ((E * (E @ C)).sum(dim=(1, 2)) / (Ap * (Ap @ C)).sum(dim=(1, 2)).clamp_min(1e-30)).sqrt()
     factors = BlastFactors(U, S, V, shape, method, rel_error, iterations, time.perf_counter() - start, history,
                            output_error)
