@@ -259,3 +259,28 @@ def test_compile_blocks_compiles_one_graph_per_distinct_block_and_undoes():
     assert not any("forward" in vars(layer) for layer in model.model.layers)
     with pytest.raises(ValueError, match="no BlastLinear"):
         compile_blocks(models.tiny_llama())
+
+
+def test_compile_blocks_compiles_every_layer_of_its_own_ranks(monkeypatch):
+    """A sensitivity-spread budget gives each layer its own ranks: one graph per layer. With dynamo's
+    limit below the layer count, compile_blocks must raise it rather than let layers run eagerly."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from blastfx.compiler import compile_blocks
+    import torch._dynamo.config as dynamo_config
+    torch._dynamo.reset()
+    monkeypatch.setattr(dynamo_config, "recompile_limit", 2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    overrides = {f"model.layers.{k}.mlp.*": {"rank": 4 + 4 * k} for k in range(4)}
+    blastfx.compress(model, 0.5, config=BlastConfig(progress=False, overrides=overrides))
+    x = torch.randint(3, 128, (2, 11))
+    with torch.no_grad():
+        ref = model(x, use_cache=False).logits
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compile_blocks(model)
+    with torch.no_grad():
+        out = model(x, use_cache=False).logits
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 4
+    assert dynamo_config.recompile_limit >= 4
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)

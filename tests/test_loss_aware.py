@@ -161,3 +161,22 @@ def test_compress_objective_loss_factorizes_the_fisher_weighted_problem():
     unweighted = factorize(dense.get_submodule(name).weight.detach(), lp.rank, lp.blocks, calibration=cov,
                            allow_larger=True, iters=30)
     assert not torch.allclose(unweighted.to_dense(), expected.to_dense(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_weighted_factors_come_back_balanced_whatever_the_weights_scale(calibrated):
+    """Output weights are a Fisher: tiny in absolute terms (1e-9 here). Only their ratios may matter:
+    the same factors for w and 1e-9 w, and U, V columns of one common norm per rank. Unbalanced
+    factors (U ~1e4 times V) were what made distillation from a loss-objective start diverge."""
+    g = torch.Generator().manual_seed(3)
+    W = spectrum_matrix(48, 40, 0.6, dtype=torch.float64)
+    X = torch.randn(200, 40, generator=g, dtype=torch.float64)
+    C = X.T @ X if calibrated else None
+    w = torch.exp(2 * torch.randn(48, generator=g, dtype=torch.float64))
+    big = factorize(W, 6, (2, 2), calibration=C, iters=20, output_weights=w)
+    tiny = factorize(W, 6, (2, 2), calibration=C, iters=20, output_weights=1e-9 * w)
+    for a, b in ((big.U, tiny.U), (big.S, tiny.S), (big.V, tiny.V)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    nu, nv = tiny.U.norm(dim=-2), tiny.V.norm(dim=-2)         # (b_out, r), (b_in, r): per block, per rank
+    torch.testing.assert_close(nu, nu[:1].expand_as(nu))
+    torch.testing.assert_close(nv, nu[:1].expand_as(nv))
