@@ -11,7 +11,9 @@ Rows (all decoder linears, blocks=4, uniform budget):
   blastfx-err  calibrated, with the budget spread by measured output sensitivity (strategy="error")
   blastfx-seq-err  both
   blastfx-loss  calibrated, each output weighted by its loss Fisher (objective="loss"), uniform budget
-  blastfx-loss-alloc  the same, with the budget spread by estimated loss increase (strategy="loss")
+  blastfx-loss-alloc  the same, with the budget spread by estimated loss increase (strategy="loss"); a layer
+               is kept dense where that buys more than rank elsewhere (BlastConfig.allow_dense)
+  blastfx-loss-alloc-blast  the same, every layer BLAST (allow_dense=False)
   blastfx-b48  calibrated, each layer's block count chosen from {4, 8} by measured output error
                (BlastConfig.block_choices; probes of --probe-iters iterations)
 Calibration text: non-held-out Wikipedia articles; evaluation: held-out articles only.
@@ -41,6 +43,8 @@ METHODS = {
     "blastfx-b48": dict(method="als", calibrate=True, block_choices=(4, 8)),
     "blastfx-loss": dict(method="als", calibrate=True, objective="loss"),
     "blastfx-loss-alloc": dict(method="als", calibrate=True, objective="loss", strategy="loss"),
+    "blastfx-loss-alloc-blast": dict(method="als", calibrate=True, objective="loss", strategy="loss",
+                                     allow_dense=False),
 }
 
 
@@ -72,13 +76,16 @@ def main():
                               iters=args.precgd_iters if spec["method"] == "precgd" else args.iters,
                               sequential=spec.get("sequential", False), strategy=spec.get("strategy", "uniform"),
                               block_choices=spec.get("block_choices", ()), probe_iters=args.probe_iters,
-                              objective=spec.get("objective", "output"))
+                              objective=spec.get("objective", "output"), allow_dense=spec.get("allow_dense", True))
             t0 = time.perf_counter()
             blastfx.compress(model, budget, config=cfg, calibration=calib if spec["calibrate"] else None)
             secs = time.perf_counter() - t0
             ppl = perplexity(model, windows)
             if spec.get("block_choices"):
                 print("  " + next(n for n in model.blastfx_plan.notes if "blocks chosen" in n), flush=True)
+            if model.blastfx_plan.dense:
+                print(f"  kept dense: {len(model.blastfx_plan.dense)} of "
+                      f"{len(model.blastfx_plan.dense) + len(model.blastfx_plan.layers)} layers", flush=True)
             sample = generate_text(model, tok, args.prompt, 20)
             print(f"| {budget} | {name} | {model.blastfx_plan.kept_fraction:.4f} | {ppl:.2f} | {ppl / base:.2f} | "
                   f"{secs:.0f} | {sample[:60]!r} |", flush=True)

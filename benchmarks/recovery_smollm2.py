@@ -66,7 +66,8 @@ def progress_lines(model, windows, base, args, done_seconds):
             due["log"] += args.log_every
         if seconds >= due["eval"]:
             model.eval()
-            ppl = perplexity(model, windows)
+            with torch.compiler.set_stance("force_eager"):    # no no-grad graphs compiled for a check
+                ppl = perplexity(model, windows)
             model.train()
             print(f"  step {step}: held-out perplexity {ppl:.2f} ({ppl / base:.3f}x dense) after {seconds / 60:.1f} "
                   "min", flush=True)
@@ -91,6 +92,8 @@ def main():
                     help="how the budget is spread over layers (loss: by estimated loss increase)")
     ap.add_argument("--compile", action="store_true", help="train the student with each decoder block compiled "
                     "(blastfx.compiler.compile_blocks, backend blast: 3x faster steps than eager on an H100)")
+    ap.add_argument("--static-ranks", action="store_true", help="with --compile: one graph per distinct block "
+                    "shape (default: a shape-generic graph once blocks differ, e.g. under --strategy loss)")
     ap.add_argument("--generate", type=int, default=0, help="add this many 512-token rows sampled from the dense "
                     "model to the training text (the real text is only ~0.6M tokens)")
     ap.add_argument("--generate-batch", type=int, default=512)
@@ -134,7 +137,8 @@ def main():
         if state is None:
             state = FinetuneState(schedule_seconds=args.minutes * 60)
         before = perplexity(model, windows)
-        blocks = compile_blocks(model) if args.compile else None    # per block: short cold start
+        blocks = (compile_blocks(model, dynamic_ranks=False if args.static_ranks else None)   # short cold start
+                  if args.compile else None)
         seconds = None
         if args.deadline is not None:
             seconds = max(args.deadline * 60 - (time.perf_counter() - started) - 60, 1.0)

@@ -24,7 +24,7 @@ def _config(args):
     from .config import BlastConfig
     return BlastConfig(blocks=args.blocks, strategy=args.strategy, objective=args.objective, method=args.method,
                        iters=args.iters, include=tuple(args.include or ()), exclude=tuple(args.exclude or ()),
-                       block_choices=tuple(args.block_choices or ()))
+                       block_choices=tuple(args.block_choices or ()), allow_dense=not args.blast_only)
 
 
 def cmd_compress(args) -> int:
@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let each layer take the block count of least measured error among these (e.g. 4 8)")
     c.add_argument("--strategy", choices=STRATEGIES, default="uniform",
                    help="how the budget is spread over layers (error, loss: need --calibrate)")
+    c.add_argument("--blast-only", action="store_true",
+                   help="with --strategy error/loss: never keep a layer dense, even where that buys more")
     c.add_argument("--objective", choices=OBJECTIVES, default="output",
                    help="what the calibrated factorization preserves: each layer's outputs, or those weighted "
                         "by their loss Fisher (needs --calibrate)")

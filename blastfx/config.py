@@ -43,6 +43,8 @@ class BlastConfig:
     sequential: bool = False               # calibrate each block on the already-compressed model
     block_choices: tuple = ()              # e.g. (4, 8): each layer takes the one with the least measured error
     probe_iters: int = 5                   # factorization iterations of each block-choice probe
+    allow_dense: bool = True               # strategies error/loss: keep a layer dense where that buys more
+                                           # (estimated) error per parameter than any rank step elsewhere
 
     def __post_init__(self):
         normalize_blocks(self.blocks)

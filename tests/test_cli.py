@@ -59,11 +59,14 @@ def test_loss_objective_needs_calibration_text(hf_dir, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_loss_strategy_and_objective_from_the_cli(hf_dir, tmp_path, capsys):
+@pytest.mark.parametrize("blast_only", [False, True])
+def test_loss_strategy_and_objective_from_the_cli(hf_dir, tmp_path, capsys, blast_only):
     out = tmp_path / "loss"
     assert main(["compress", str(hf_dir), "--budget", "0.5", "--out", str(out), "--strategy", "loss",
-                 "--objective", "loss", "--calibrate", "256"]) == 0
+                 "--objective", "loss", "--calibrate", "256"] + ["--blast-only"] * blast_only) == 0
     assert "BLAST plan (loss)" in capsys.readouterr().out
     model = blastfx.from_pretrained(out)
-    assert model.blastfx_plan.strategy == "loss"
-    assert abs(model.blastfx_plan.kept_fraction - 0.5) <= 0.005
+    plan = model.blastfx_plan
+    assert plan.strategy == "loss"
+    assert abs(plan.kept_fraction - 0.5) <= 0.005
+    assert (plan.dense == []) == blast_only

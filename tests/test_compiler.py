@@ -261,26 +261,33 @@ def test_compile_blocks_compiles_one_graph_per_distinct_block_and_undoes():
         compile_blocks(models.tiny_llama())
 
 
-def test_compile_blocks_compiles_every_layer_of_its_own_ranks(monkeypatch):
-    """A sensitivity-spread budget gives each layer its own ranks: one graph per layer. With dynamo's
-    limit below the layer count, compile_blocks must raise it rather than let layers run eagerly."""
+@pytest.mark.parametrize("dynamic_ranks, graphs_expected", [(False, 3), (None, 2)])
+def test_compile_blocks_compiles_every_layer_of_its_own_ranks(monkeypatch, dynamic_ranks, graphs_expected):
+    """A sensitivity-spread budget gives each layer its own ranks. Static shapes: one graph per layer,
+    and with dynamo's limit below the layer count compile_blocks must raise it rather than let layers
+    run eagerly. Default (dynamic ranks): one specialized graph, then one shape-generic graph for all
+    the others. Either way outputs and gradients equal eager."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from blastfx.compiler import compile_blocks
     import torch._dynamo.config as dynamo_config
     torch._dynamo.reset()
     monkeypatch.setattr(dynamo_config, "recompile_limit", 2)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                          num_attention_heads=4, num_key_value_heads=2)).eval()
-    overrides = {f"model.layers.{k}.mlp.*": {"rank": 4 + 4 * k} for k in range(4)}
+    overrides = {f"model.layers.{k}.mlp.*": {"rank": 4 + 4 * k} for k in range(3)}
     blastfx.compress(model, 0.5, config=BlastConfig(progress=False, overrides=overrides))
     x = torch.randint(3, 128, (2, 11))
-    with torch.no_grad():
-        ref = model(x, use_cache=False).logits
+    ref = model(x, labels=x, use_cache=False)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    compile_blocks(model)
-    with torch.no_grad():
-        out = model(x, use_cache=False).logits
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 4
-    assert dynamo_config.recompile_limit >= 4
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    compile_blocks(model, dynamic_ranks=dynamic_ranks, options={"lowering": "inline"})
+    out = model(x, labels=x, use_cache=False)
+    out.loss.backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == graphs_expected
+    assert dynamo_config.recompile_limit >= 3
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6)
