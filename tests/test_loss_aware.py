@@ -166,7 +166,7 @@ def test_compress_objective_loss_factorizes_the_fisher_weighted_problem():
 @pytest.mark.parametrize("calibrated", [False, True])
 def test_weighted_factors_come_back_balanced_whatever_the_weights_scale(calibrated):
     """Output weights are a Fisher: tiny in absolute terms (1e-9 here). Only their ratios may matter:
-    the same factors for w and 1e-9 w, and U, V columns of one common norm per rank. Unbalanced
+    the same factors for w and 1e-9 w, and U, V columns of one size per rank. Unbalanced
     factors (U ~1e4 times V) were what made distillation from a loss-objective start diverge."""
     g = torch.Generator().manual_seed(3)
     W = spectrum_matrix(48, 40, 0.6, dtype=torch.float64)
@@ -177,6 +177,7 @@ def test_weighted_factors_come_back_balanced_whatever_the_weights_scale(calibrat
     tiny = factorize(W, 6, (2, 2), calibration=C, iters=20, output_weights=1e-9 * w)
     for a, b in ((big.U, tiny.U), (big.S, tiny.S), (big.V, tiny.V)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
-    nu, nv = tiny.U.norm(dim=-2), tiny.V.norm(dim=-2)         # (b_out, r), (b_in, r): per block, per rank
-    torch.testing.assert_close(nu, nu[:1].expand_as(nu))
-    torch.testing.assert_close(nv, nu[:1].expand_as(nv))
+    nu = tiny.U.norm(dim=-2).pow(2).mean(0).sqrt()           # per rank: RMS over blocks of column norms
+    nv = tiny.V.norm(dim=-2).pow(2).mean(0).sqrt()
+    torch.testing.assert_close(nu, nv)
+    assert tiny.U.abs().max() < 10 * tiny.V.abs().max() and tiny.V.abs().max() < 10 * tiny.U.abs().max()

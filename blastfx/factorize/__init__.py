@@ -214,9 +214,9 @@ def factorize(W, rank: int, blocks=(1, 1), method: str = "als", *, iters: int | 
     if row_scale is not None:                       # back from the weighted problem
         U.view(B, shape.m_pad, r)[:, :m] /= row_scale
     V.view(B, shape.n_pad, r)[:, n:] = 0
-    # unit columns before the final balance: unscaling U (or unwhitening V) leaves them at any scale,
-    # and factors of very different magnitude make a per-element optimizer (AdamW) wreck the smaller one
-    blk.normalize_columns(U, V, S)
+    # U and V of equal size before the final balance: unscaling U leaves it at any scale, and factors
+    # of very different magnitude make a per-element optimizer (AdamW) wreck the smaller one
+    blk.equalize(U, V)
     blk.balance(U, V, S, scale)
     dense = blk.reconstruct(U, S, V)[:, :m, :n]
     rel_error = (A - dense).norm(dim=(1, 2)) / A.norm(dim=(1, 2)).clamp_min(torch.finfo(dtype).tiny)

@@ -122,6 +122,20 @@ def normalize_columns(U, V, S):
     S *= nu.unsqueeze(2) * nv.unsqueeze(1)
 
 
+def equalize(U, V):
+    """Scale each rank's U columns and V columns (all blocks alike, so any structure such as one shared
+    s is kept) to the same root-mean-square column norm over blocks; U V^T is unchanged (in place).
+
+    A no-op on unit columns; it matters after a row weighting is undone on U, which leaves U's
+    scale anywhere (a Fisher of 1e-9 left it ~1e4 times V's)."""
+    nu = U.norm(dim=2).pow(2).mean(dim=1).sqrt()                          # (B, r)
+    nv = V.norm(dim=2).pow(2).mean(dim=1).sqrt()
+    ok = (nu > 0) & (nv > 0)
+    f = torch.where(ok, (nv / torch.where(ok, nu, torch.ones_like(nu))).sqrt(), torch.ones_like(nu))
+    U *= f.unsqueeze(1).unsqueeze(1)
+    V /= f.unsqueeze(1).unsqueeze(1)
+
+
 def balance(U, V, S, scale: torch.Tensor):
     """Final scaling for storage and training: S entries O(1), U and V of equal magnitude, and the
     normalization ``scale`` (B,) of the weight multiplied back in."""
