@@ -10,6 +10,12 @@
 #           --minutes 30 --iters 100 --eval-every 5'  &&  bash benchmarks/gpu_watch.sh kd8 560
 #   then `bash benchmarks/gpu_watch.sh kd8 560` again at once after each reply (carry .whl .data): the
 #   machine goes back 30 s after a call ends, and after 30 minutes held (at the end of the call in flight).
+#   From the loss-aware start (strategy loss keeps some layers dense and gives each its own ranks:
+#   compile_blocks then compiles one graph per block structure, minutes on an H100), e.g.
+#       bash benchmarks/gpu_detach.sh kd5 'LIMIT=1750 DEADLINE=28 bash benchmarks/gpu_recovery.sh --budgets 0.5 \
+#           --minutes 25 --iters 100 --objective loss --strategy loss --eval-every 5'  &&  bash benchmarks/gpu_watch.sh kd5 560
+#   Kill a run with pkill -f 'python3 -X faulthandler benchmarks/recovery_[s]' (a plain pattern matches
+#   the calling shell's own command line and kills the call).
 # The teacher-generated rows (5 minutes of the first call) come back in $OUT/generated.pt; keep them in
 # .gen/ (ignored) and carry them next time.
 OUT=${OUT:-.out}; mkdir -p $OUT /tmp/gguf
