@@ -13,7 +13,7 @@
 #   From the loss-aware start (strategy loss keeps some layers dense and gives each its own ranks:
 #   compile_blocks then compiles one graph per block structure, minutes on an H100), e.g.
 #       bash benchmarks/gpu_detach.sh kd5 'LIMIT=1750 DEADLINE=28 bash benchmarks/gpu_recovery.sh --budgets 0.5 \
-#           --minutes 25 --iters 100 --objective loss --strategy loss --eval-every 5'  &&  bash benchmarks/gpu_watch.sh kd5 560
+#           --minutes 25 --iters 100 --calib-tokens 32768 --objective loss --strategy loss --eval-every 5'  &&  bash benchmarks/gpu_watch.sh kd5 560
 #   Kill a run with pkill -f 'python3 -X faulthandler benchmarks/recovery_[s]' (a plain pattern matches
 #   the calling shell's own command line and kills the call).
 # The teacher-generated rows (5 minutes of the first call) come back in $OUT/generated.pt; keep them in

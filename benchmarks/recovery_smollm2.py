@@ -86,6 +86,7 @@ def main():
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--sequential", action="store_true")
     ap.add_argument("--iters", type=int, default=None, help="factorization iterations (default: the method's)")
+    ap.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (non-held-out articles)")
     ap.add_argument("--objective", choices=OBJECTIVES, default="output",
                     help="what the calibrated factorization preserves (loss: Fisher-weighted outputs)")
     ap.add_argument("--strategy", choices=STRATEGIES, default="uniform",
@@ -112,7 +113,7 @@ def main():
     started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    dense, tok, fit, windows, calib = smollm2_setup(args.gguf, args.eval_windows)
+    dense, tok, fit, windows, calib = smollm2_setup(args.gguf, args.eval_windows, args.calib_tokens)
     dense.to(device)
     train = training_rows(dense, token_windows(tok, fit + news_corpus(), 512), args)
     batches = [train[i:i + args.batch] for i in range(0, len(train) - args.batch + 1, args.batch)]
