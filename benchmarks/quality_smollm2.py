@@ -13,6 +13,8 @@ Rows (all decoder linears, blocks=4, uniform budget):
   blastfx-loss  calibrated, each output weighted by its loss Fisher (objective="loss"), uniform budget
   blastfx-loss-alloc  the same, with the budget spread by estimated loss increase (strategy="loss"); a layer
                is kept dense where that buys more than rank elsewhere (BlastConfig.allow_dense)
+  blastfx-loss-alloc-seq  the same, calibrated block by block on the already-compressed model, each layer
+               fitted towards the dense model's outputs (error feedback)
   blastfx-loss-alloc-blast  the same, every layer BLAST (allow_dense=False)
   blastfx-b48  calibrated, each layer's block count chosen from {4, 8} by measured output error
                (BlastConfig.block_choices; probes of --probe-iters iterations)
@@ -43,6 +45,7 @@ METHODS = {
     "blastfx-b48": dict(method="als", calibrate=True, block_choices=(4, 8)),
     "blastfx-loss": dict(method="als", calibrate=True, objective="loss"),
     "blastfx-loss-alloc": dict(method="als", calibrate=True, objective="loss", strategy="loss"),
+    "blastfx-loss-alloc-seq": dict(method="als", calibrate=True, objective="loss", strategy="loss", sequential=True),
     "blastfx-loss-alloc-blast": dict(method="als", calibrate=True, objective="loss", strategy="loss",
                                      allow_dense=False),
 }
@@ -81,8 +84,9 @@ def main():
             blastfx.compress(model, budget, config=cfg, calibration=calib if spec["calibrate"] else None)
             secs = time.perf_counter() - t0
             ppl = perplexity(model, windows)
-            if spec.get("block_choices"):
-                print("  " + next(n for n in model.blastfx_plan.notes if "blocks chosen" in n), flush=True)
+            for note in model.blastfx_plan.notes:
+                if "blocks chosen" in note or "sequential" in note:
+                    print("  " + note, flush=True)
             if model.blastfx_plan.dense:
                 print(f"  kept dense: {len(model.blastfx_plan.dense)} of "
                       f"{len(model.blastfx_plan.dense) + len(model.blastfx_plan.layers)} layers", flush=True)

@@ -11,6 +11,7 @@ from .passes.analyze import Analysis, analyze
 from .passes.substitute import build_layers, dense_weight, swap_modules
 from .plan import Plan, check_budget, make_plan
 from .sensitivity import block_errors, layer_spectra
+from .sequential import compress_sequential
 
 PLAN_ATTR = "blastfx_plan"
 
@@ -120,34 +121,9 @@ def compress(model: nn.Module, budget: float = 0.5, *, config: BlastConfig | Non
     elif not config.sequential:
         swap_modules(model, build_layers(model, plan, covariances=covs, **build))
     else:
-        _compress_sequential(model, plan, calibration, build)
+        compress_sequential(model, plan, calibration, build)
     attach_plan(model, plan)
     return model
-
-
-def block_of(name: str) -> str:
-    """The repeated block a layer lives in ("model.layers.3" for "model.layers.3.mlp.up_proj")."""
-    parts = name.split(".")
-    for k in range(len(parts) - 1, 0, -1):
-        if parts[k].isdigit():
-            return ".".join(parts[: k + 1])
-    return name
-
-
-def _compress_sequential(model, plan, batches, build) -> None:
-    """Calibrate block by block, each on the activations of the model with earlier blocks already
-    compressed. All-or-nothing: every swap is undone if a later block fails."""
-    groups: dict[str, list[str]] = {}
-    for name in plan.layers:
-        groups.setdefault(block_of(name), []).append(name)
-    swapped = {}
-    try:
-        for names in groups.values():
-            covs = collect_covariances(model, names, batches)
-            swapped.update(swap_modules(model, build_layers(model, plan, covariances=covs, names=set(names), **build)))
-    except BaseException:
-        swap_modules(model, swapped)
-        raise
 
 
 def attach_plan(model: nn.Module, plan: Plan) -> None:

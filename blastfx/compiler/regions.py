@@ -26,7 +26,7 @@ from torch import nn
 
 import torch._dynamo.config as dynamo_config
 
-from ..api import block_of
+from ..passes.analyze import block_of
 from ..nn import BlastLinear
 
 

@@ -77,6 +77,15 @@ class Analysis:
     __str__ = table
 
 
+def block_of(name: str) -> str:
+    """The repeated block a layer lives in ("model.layers.3" for "model.layers.3.mlp.up_proj")."""
+    parts = name.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        if parts[k].isdigit():
+            return ".".join(parts[: k + 1])
+    return name
+
+
 def _is_conv1d(module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 

@@ -26,11 +26,13 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 
 def build_layers(model: nn.Module, plan, *, init: str = "factorize", method: str = "als", iters=None,
                  tol: float = 1e-4, progress: bool = True, empty: bool = False, covariances=None,
-                 calibration_damping: float = 0.01, names=None, output_weights=None) -> dict[str, BlastLinear]:
+                 calibration_damping: float = 0.01, names=None, output_weights=None,
+                 targets=None) -> dict[str, BlastLinear]:
     """New BlastLinear modules for ``plan`` (the model is not modified). ``empty``: allocate only
     (for loading a checkpoint into). ``covariances``: {layer: input covariance} for calibration-aware
     factorization. ``names``: build only these layers of the plan. ``output_weights``: {layer: weight of
-    each output row} (the outputs' diagonal Fisher, for the loss-aware objective)."""
+    each output row} (the outputs' diagonal Fisher, for the loss-aware objective). ``targets``: {layer:
+    (out, in) matrix to factorize instead of its weight} (sequential calibration's drift-corrected weights)."""
     new: dict[str, BlastLinear] = {}
     groups = defaultdict(list)
     for name, lp in plan.layers.items():
@@ -62,7 +64,9 @@ def build_layers(model: nn.Module, plan, *, init: str = "factorize", method: str
                                                                 for k, mod in zip(part, modules)])
             rows = None if output_weights is None else torch.stack([output_weights[k].to(mod.weight.device)
                                                                      for k, mod in zip(part, modules)])
-            factors = factorize(torch.stack([dense_weight(mod) for mod in modules]), rank, blocks, method=meth,
+            weights = [dense_weight(mod) if targets is None or k not in targets else targets[k].to(mod.weight)
+                       for k, mod in zip(part, modules)]
+            factors = factorize(torch.stack(weights), rank, blocks, method=meth,
                                 iters=iters, tol=tol, allow_larger=True, calibration=cal,
                                 calibration_damping=calibration_damping, output_weights=rows)
             for k, (name, mod) in enumerate(zip(part, modules)):

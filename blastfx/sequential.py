@@ -1,0 +1,259 @@
+"""Sequential calibration: compress block by block, each layer fitted on the activations the
+already-compressed model really produces, towards the outputs the dense model produced.
+
+Layer l of block k receives x_c in the compressed model where the dense model had x_d. Fitting
+||W x_d - What x_c|| (error feedback) rather than ||(W - What) x_c|| makes each layer undo part of
+the drift earlier blocks introduced. Over all matrices the minimizer is W' = W C_dc C_cc^-1
+(C_dc = E[x_d x_c^T], C_cc = E[x_c x_c^T]), and ||W x_d - What x_c||^2 = ||(W' - What) x_c||^2 + const,
+so the usual calibrated factorization of W' under C_cc solves it.
+
+Fast path, for a *chain* (the repeated blocks of one container, called one after another on a
+hidden-state stream: HF decoders and encoders, DiT blocks): the calibration batches run through the
+model once; afterwards each block runs only on the cached dense and compressed streams, stage by stage
+(layers that read the same tensor, e.g. q/k/v, form a stage). Other models fall back to one full
+forward pass of the compressed model per block, without error feedback (noted on the plan).
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .calibrate import collect_covariances, run_batch
+from .passes.analyze import block_of
+from .passes.substitute import build_layers, dense_weight, swap_modules
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once it has what it came for."""
+
+
+def corrected_target(w: torch.Tensor, c_cc: torch.Tensor, c_dc: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
+    """W C_dc (C_cc + damping * mean(diag C_cc) I)^-1: the matrix whose output error on the compressed
+    inputs equals, up to a constant, the error against the dense layer's outputs on the dense inputs."""
+    c = c_cc.double()
+    c = c + damping * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype, device=c.device)
+    rhs = (w.double() @ c_dc.double()).T                      # C W'^T = C_dc^T W^T (C symmetric)
+    return torch.linalg.solve(c, rhs).T.to(torch.float32)
+
+
+def _stream_and_rest(args, kwargs):
+    """Split a block call into its hidden-state stream and everything else (None if not a stream call)."""
+    if args and torch.is_tensor(args[0]):
+        return args[0], ("args", args[1:], kwargs)
+    if torch.is_tensor(kwargs.get("hidden_states")):
+        return kwargs["hidden_states"], ("kw", args, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+    return None, None
+
+
+def _without_caches(rest):
+    """A replayed block must not read or extend a KV cache filled by the capture pass."""
+    kind, args, kwargs = rest
+    drop = lambda v: None if "Cache" in type(v).__name__ else v      # noqa: E731
+    kwargs = {k: drop(v) for k, v in kwargs.items()}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return kind, tuple(drop(v) for v in args), kwargs
+
+
+def _call(block: nn.Module, hidden: torch.Tensor, rest) -> torch.Tensor:
+    kind, args, kwargs = rest
+    out = block(hidden, *args, **kwargs) if kind == "args" else block(*args, hidden_states=hidden, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _chain_blocks(model: nn.Module, names) -> list[str] | None:
+    """Every block of the one container holding ``names`` (blocks without a target layer included:
+    the streams must pass through them too), or None if the layers are not all in one container."""
+    owners = [block_of(n) for n in names]
+    parents = {b.rpartition(".")[0] for b in owners}
+    if len(parents) != 1 or any(b == n for b, n in zip(owners, names)):
+        return None
+    parent = parents.pop()
+    container = model.get_submodule(parent) if parent else model
+    return [f"{parent}.{k}" if parent else str(k) for k in range(len(container))] \
+        if isinstance(container, (nn.ModuleList, nn.Sequential)) else None
+
+
+@torch.no_grad()
+def _capture(model: nn.Module, blocks: list[str], batches, device):
+    """One forward pass per batch with every block hooked. Returns the first block's input stream per
+    batch, {block: [(input on batch 0 else None, other arguments)] per batch}, the blocks' call order
+    on batch 0 and the last block's output on batch 0; None if a block is not called on a stream."""
+    streams, rests, order, last_out = [], {b: [] for b in blocks}, [], []
+
+    def pre_for(name):
+        def hook(module, args, kwargs):
+            hidden, rest = _stream_and_rest(args, kwargs)
+            if hidden is None:
+                raise _Stop
+            if name == blocks[0]:
+                streams.append(hidden.detach().clone())
+            first = len(streams) == 1
+            if first:
+                order.append(name)
+            rests[name].append((hidden.detach().clone() if first else None, _without_caches(rest)))
+        return hook
+
+    def post(module, args, out):
+        if len(streams) == 1:
+            last_out.append((out[0] if isinstance(out, (tuple, list)) else out).detach().clone())
+
+    handles = [model.get_submodule(b).register_forward_pre_hook(pre_for(b), with_kwargs=True) for b in blocks]
+    handles.append(model.get_submodule(blocks[-1]).register_forward_hook(post))
+    try:
+        for batch in batches:
+            run_batch(model, batch, device)
+    except _Stop:
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    return streams, rests, order, last_out[0] if last_out else None
+
+
+@torch.no_grad()
+def _replays_the_model(model, blocks, rests, last_out) -> bool:
+    """Does running the blocks one after another on batch 0's stream reproduce what the model computed?"""
+    for k, b in enumerate(blocks):
+        hidden, rest = rests[b][0]
+        expected = rests[blocks[k + 1]][0][0] if k + 1 < len(blocks) else last_out
+        got = _call(model.get_submodule(b), hidden, rest)
+        if got.shape != expected.shape or (got - expected).norm() > 1e-4 * expected.norm() + 1e-6:
+            return False
+    return True
+
+
+@contextmanager
+def _input_hooks(block: nn.Module, prefix: str, names, sink: dict, stop_after: bool):
+    """Record each named layer's input (flattened to tokens x features); raise _Stop once all are in."""
+    def hook_for(name):
+        def hook(module, args):
+            sink[name] = args[0].detach().reshape(-1, args[0].shape[-1])
+            if stop_after and len(sink) == len(names):
+                raise _Stop
+        return hook
+    handles = [block.get_submodule(n[len(prefix) + 1:]).register_forward_pre_hook(hook_for(n)) for n in names]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _run_until(block, hidden, rest, prefix, names) -> dict:
+    sink: dict = {}
+    with _input_hooks(block, prefix, names, sink, stop_after=True):
+        try:
+            _call(block, hidden, rest)
+        except _Stop:
+            pass
+    return sink
+
+
+def _stages(block: nn.Module, prefix: str, names, hidden, rest) -> list[list[str]]:
+    """The block's target layers grouped by the tensor they read, in call order (q/k/v, o, gate/up, down)."""
+    seen: list[tuple[str, torch.Tensor]] = []       # the tensors themselves: no address reuse can merge stages
+
+    def hook_for(name):
+        def hook(module, args):
+            seen.append((name, args[0]))
+        return hook
+    handles = [block.get_submodule(n[len(prefix) + 1:]).register_forward_pre_hook(hook_for(n)) for n in names]
+    try:
+        with torch.no_grad():
+            _call(block, hidden, rest)
+    finally:
+        for h in handles:
+            h.remove()
+    stages: list[list[str]] = []
+    last = None
+    for name, x in seen:
+        if any(name in s for s in stages):
+            continue
+        if stages and x is last:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+        last = x
+    missing = [n for n in names if not any(n in s for s in stages)]
+    if missing:
+        raise ValueError(f"calibration batches never reached {missing[0]} in block {prefix}")
+    return stages
+
+
+@torch.no_grad()
+def _stage_statistics(dense_block, block, prefix, names, dense_stream, stream, rests):
+    """{layer: (C_cc, C_dc)} over all batches for one stage."""
+    sums = {n: [0.0, 0.0] for n in names}
+    count = 0
+    for hd, hc, (_, rest) in zip(dense_stream, stream, rests):
+        xd = _run_until(dense_block, hd, rest, prefix, names)
+        xc = _run_until(block, hc, rest, prefix, names)
+        for n in names:
+            d, c = xd[n].float(), xc[n].float()
+            sums[n][0] = sums[n][0] + c.T @ c
+            sums[n][1] = sums[n][1] + d.T @ c
+        count += len(xc[names[0]])
+    return {n: (cc / count, dc / count) for n, (cc, dc) in sums.items()}
+
+
+def compress_sequential(model: nn.Module, plan, batches, build: dict) -> None:
+    """Calibrate and swap block by block (see the module docstring). All-or-nothing: every swap is
+    undone if a later block fails."""
+    device = next(model.parameters()).device
+    blocks = _chain_blocks(model, list(plan.layers))
+    swapped: dict[str, nn.Module] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        chain = None
+        captured = _capture(model, blocks, batches, device) if blocks is not None else None
+        if captured is not None:
+            streams, rests, order, last_out = captured
+            if order == blocks and last_out is not None and _replays_the_model(model, blocks, rests, last_out):
+                chain = (streams, rests)
+        if chain is None:
+            _sequential_full_passes(model, plan, batches, build, swapped)
+        else:
+            _sequential_chain(model, plan, blocks, *chain, build, swapped)
+    except BaseException:
+        swap_modules(model, swapped)
+        raise
+    finally:
+        model.train(was_training)
+    if chain is None:
+        plan.notes.append("sequential: the blocks are not a chain; each block calibrated on the compressed "
+                          "model's activations without error feedback")
+
+
+def _sequential_chain(model, plan, blocks, streams, rests, build, swapped) -> None:
+    dense_stream = streams
+    stream = [s.clone() for s in streams]
+    damping = build.get("calibration_damping", 0.01)
+    for b in blocks:
+        block = model.get_submodule(b)
+        dense_block = copy.deepcopy(block)
+        names = [n for n in plan.layers if block_of(n) == b]
+        for stage in _stages(block, b, names, stream[0], rests[b][0][1]):
+            stats = _stage_statistics(dense_block, block, b, stage, dense_stream, stream, rests[b])
+            targets = {n: corrected_target(dense_weight(model.get_submodule(n)), cc, dc, damping)
+                       for n, (cc, dc) in stats.items()}
+            new = build_layers(model, plan, covariances={n: cc for n, (cc, _) in stats.items()}, names=set(stage),
+                               targets=targets, **build)
+            swapped.update(swap_modules(model, new))
+        with torch.no_grad():
+            dense_stream = [_call(dense_block, h, rest) for h, (_, rest) in zip(dense_stream, rests[b])]
+            stream = [_call(block, h, rest) for h, (_, rest) in zip(stream, rests[b])]
+        del dense_block
+
+
+def _sequential_full_passes(model, plan, batches, build, swapped) -> None:
+    groups: dict[str, list[str]] = {}
+    for name in plan.layers:
+        groups.setdefault(block_of(name), []).append(name)
+    for names in groups.values():
+        covs = collect_covariances(model, names, batches)
+        swapped.update(swap_modules(model, build_layers(model, plan, covariances=covs, names=set(names), **build)))
