@@ -11,13 +11,17 @@
 #   then `bash benchmarks/gpu_watch.sh kd8 560` again at once after each reply (carry .whl .data): the
 #   machine goes back 30 s after a call ends, and after 30 minutes held (at the end of the call in flight).
 #   From the loss-aware start (strategy loss keeps some layers dense and gives each its own ranks:
-#   compile_blocks then compiles one graph per block structure, minutes on an H100), e.g.
-#       bash benchmarks/gpu_detach.sh kd5 'LIMIT=1750 DEADLINE=28 bash benchmarks/gpu_recovery.sh --budgets 0.5 \
-#           --minutes 25 --iters 100 --calib-tokens 32768 --objective loss --strategy loss --eval-every 5'  &&  bash benchmarks/gpu_watch.sh kd5 560
+#   compile_blocks compiles a shape-generic graph: 2-3 minutes to the first step on an H100), e.g.
+#       bash benchmarks/gpu_detach.sh kd5 'LIMIT=1700 DEADLINE=27 bash benchmarks/gpu_recovery.sh --budgets 0.5 \
+#           --minutes 24 --iters 100 --calib-tokens 65536 --objective loss --strategy loss --eval-every 5'  &&  bash benchmarks/gpu_watch.sh kd5 540
+#   (eighth session: 1.52x at 0.5, 1.09x at 0.8, both flat after 10 minutes: 25 passes over the text.
+#   Next: add --generate 20480 once .gen holds that many rows, see below.)
 #   Kill a run with pkill -f 'python3 -X faulthandler benchmarks/recovery_[s]' (a plain pattern matches
 #   the calling shell's own command line and kills the call).
 # The teacher-generated rows (5 minutes of the first call) come back in $OUT/generated.pt; keep them in
-# .gen/ (ignored) and carry them next time.
+# .gen/ (ignored) and carry them next time. A larger --generate extends the cached rows (uint16 tokens:
+# ~26k rows fit beside .gguf2 in one call's 64 MiB), e.g. on its own machine before a KD run:
+#       bash benchmarks/gpu_recovery.sh --generate 20480 --generate-only     # ~11 min for 14336 new rows
 OUT=${OUT:-.out}; mkdir -p $OUT /tmp/gguf
 GGUF=/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -f $GGUF ]; then cat /tmp/gguf/part1 .gguf2/part > $GGUF; fi
@@ -30,4 +34,4 @@ timeout -s ABRT ${LIMIT:-570} python3 -X faulthandler benchmarks/recovery_smollm
     --deadline ${DEADLINE:-9} --batch 32 --lr 3e-4 --compile --generate 6144 --generate-batch 1024 \
     --data-cache /tmp/gguf/generated.pt "$@" 2>&1 \
     | grep --line-buffered -v "Warning\|Converting\|Loading weights" | tee -a $OUT/recovery.md
-if [ ! -f .gen/generated.pt ] && [ -f /tmp/gguf/generated.pt ]; then cp /tmp/gguf/generated.pt $OUT/; fi
+if [ -f /tmp/gguf/generated.pt ] && ! cmp -s /tmp/gguf/generated.pt .gen/generated.pt; then cp /tmp/gguf/generated.pt $OUT/; fi

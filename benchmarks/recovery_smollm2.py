@@ -33,25 +33,31 @@ STATE_FILE = "finetune_state.pt"      # written next to the --save'd model, read
 
 def training_rows(dense, train, args):
     """The real training windows, plus ``--generate`` rows the dense model samples from 32-token
-    prompts cut from them (cached in ``--data-cache``, so a resumed run trains on the same text)."""
+    prompts cut from them. Cached in ``--data-cache`` (uint16 tokens, so more rows fit in a device
+    call's carry); a cache with fewer rows is extended, so a resumed run trains on the same text."""
     if not args.generate:
         return train
     cache = Path(args.data_cache) if args.data_cache else None
+    generated = torch.empty(0, train.shape[1], dtype=torch.long)
     if cache is not None and cache.exists():
         generated = torch.load(cache).long()
-        if generated.shape != (args.generate, train.shape[1]):
-            raise ValueError(f"{cache} holds {tuple(generated.shape)} tokens, not --generate {args.generate} rows "
-                             f"of {train.shape[1]}: delete it or pass the matching --generate")
-    else:
+        if generated.shape[1] != train.shape[1] or len(generated) > args.generate:
+            raise ValueError(f"{cache} holds {tuple(generated.shape)} tokens, more than --generate {args.generate} "
+                             f"rows of {train.shape[1]}: delete it or pass the matching --generate")
+    if len(generated) < args.generate:
         t0 = time.perf_counter()
-        starts = torch.arange(args.generate) * 32 % (train.shape[1] - 32)
-        prompts = [train[k % len(train), s:s + 32] for k, s in enumerate(starts.tolist())]
-        generated = teacher_generate(dense, prompts, train.shape[1], batch_size=args.generate_batch)
-        print(f"generated {generated.numel()} tokens with the dense model in {time.perf_counter() - t0:.0f} s",
+        starts = torch.arange(len(generated), args.generate) * 32 % (train.shape[1] - 32)
+        prompts = [train[k % len(train), s:s + 32] for k, s in zip(range(len(generated), args.generate),
+                                                                    starts.tolist())]
+        more = teacher_generate(dense, prompts, train.shape[1], batch_size=args.generate_batch)
+        print(f"generated {more.numel()} tokens with the dense model in {time.perf_counter() - t0:.0f} s",
               flush=True)
+        generated = torch.cat([generated, more.cpu().long()])
         if cache is not None:
-            torch.save(generated.to(torch.int32), cache)      # 12 MB: small enough to carry
-    rows = torch.cat([train, generated])
+            tmp = cache.with_suffix(".tmp")
+            torch.save(generated.to(torch.uint16 if int(generated.max()) < 2**16 else torch.int32), tmp)
+            tmp.replace(cache)                          # never a half-written cache
+    rows = torch.cat([train, generated.to(train.device)])
     return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
 
 
@@ -98,7 +104,9 @@ def main():
     ap.add_argument("--generate", type=int, default=0, help="add this many 512-token rows sampled from the dense "
                     "model to the training text (the real text is only ~0.6M tokens)")
     ap.add_argument("--generate-batch", type=int, default=512)
-    ap.add_argument("--data-cache", default=None, help="file holding the generated rows (written once, then reused)")
+    ap.add_argument("--data-cache", default=None, help="file holding the generated rows (written once, then reused; "
+                    "extended when --generate asks for more)")
+    ap.add_argument("--generate-only", action="store_true", help="write the --data-cache rows and stop")
     ap.add_argument("--save", default=None, help="write each distilled model here (blastfx.save; budget appended)")
     ap.add_argument("--resume", default=None, help="continue distilling a model written by --save (one budget); "
                     "its saved FinetuneState continues the schedule, AdamW moments and batches")
@@ -116,6 +124,9 @@ def main():
     dense, tok, fit, windows, calib = smollm2_setup(args.gguf, args.eval_windows, args.calib_tokens)
     dense.to(device)
     train = training_rows(dense, token_windows(tok, fit + news_corpus(), 512), args)
+    if args.generate_only:
+        print(f"{args.data_cache}: {args.generate} generated rows; {len(train)} training rows in all", flush=True)
+        return
     batches = [train[i:i + args.batch] for i in range(0, len(train) - args.batch + 1, args.batch)]
     base = perplexity(dense, windows)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
