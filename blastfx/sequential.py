@@ -16,7 +16,6 @@ forward pass of the compressed model per block, without error feedback (noted on
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -126,61 +125,45 @@ def _replays_the_model(model, blocks, rests, last_out) -> bool:
     return True
 
 
-@contextmanager
-def _input_hooks(block: nn.Module, prefix: str, names, sink: dict, stop_after: bool):
-    """Record each named layer's input (flattened to tokens x features); raise _Stop once all are in."""
+@torch.no_grad()
+def _layer_inputs(block: nn.Module, prefix: str, names, hidden, rest) -> dict[str, torch.Tensor]:
+    """Each named layer's input in one call of the block, in call order; the call ends once all are in."""
+    sink: dict[str, torch.Tensor] = {}
+
     def hook_for(name):
         def hook(module, args):
-            sink[name] = args[0].detach().reshape(-1, args[0].shape[-1])
-            if stop_after and len(sink) == len(names):
+            sink.setdefault(name, args[0])
+            if len(sink) == len(names):
                 raise _Stop
         return hook
     handles = [block.get_submodule(n[len(prefix) + 1:]).register_forward_pre_hook(hook_for(n)) for n in names]
     try:
-        yield
+        _call(block, hidden, rest)
+    except _Stop:
+        pass
     finally:
         for h in handles:
             h.remove()
-
-
-def _run_until(block, hidden, rest, prefix, names) -> dict:
-    sink: dict = {}
-    with _input_hooks(block, prefix, names, sink, stop_after=True):
-        try:
-            _call(block, hidden, rest)
-        except _Stop:
-            pass
     return sink
 
 
 def _stages(block: nn.Module, prefix: str, names, hidden, rest) -> list[list[str]]:
-    """The block's target layers grouped by the tensor they read, in call order (q/k/v, o, gate/up, down)."""
-    seen: list[tuple[str, torch.Tensor]] = []       # the tensors themselves: no address reuse can merge stages
-
-    def hook_for(name):
-        def hook(module, args):
-            seen.append((name, args[0]))
-        return hook
-    handles = [block.get_submodule(n[len(prefix) + 1:]).register_forward_pre_hook(hook_for(n)) for n in names]
-    try:
-        with torch.no_grad():
-            _call(block, hidden, rest)
-    finally:
-        for h in handles:
-            h.remove()
+    """The block's target layers grouped by the tensor they read, in call order (q/k/v, o, gate/up, down).
+    Tensors are compared by identity, which the held inputs keep meaningful (no address reuse)."""
+    if not names:                           # a block the plan left dense: only the streams pass through it
+        return []
+    inputs = _layer_inputs(block, prefix, names, hidden, rest)
+    missing = [n for n in names if n not in inputs]
+    if missing:
+        raise ValueError(f"calibration batches never reached {missing[0]} in block {prefix}")
     stages: list[list[str]] = []
     last = None
-    for name, x in seen:
-        if any(name in s for s in stages):
-            continue
+    for name, x in inputs.items():
         if stages and x is last:
             stages[-1].append(name)
         else:
             stages.append([name])
         last = x
-    missing = [n for n in names if not any(n in s for s in stages)]
-    if missing:
-        raise ValueError(f"calibration batches never reached {missing[0]} in block {prefix}")
     return stages
 
 
@@ -190,10 +173,10 @@ def _stage_statistics(dense_block, block, prefix, names, dense_stream, stream, r
     sums = {n: [0.0, 0.0] for n in names}
     count = 0
     for hd, hc, (_, rest) in zip(dense_stream, stream, rests):
-        xd = _run_until(dense_block, hd, rest, prefix, names)
-        xc = _run_until(block, hc, rest, prefix, names)
+        xd = _layer_inputs(dense_block, prefix, names, hd, rest)
+        xc = _layer_inputs(block, prefix, names, hc, rest)
         for n in names:
-            d, c = xd[n].float(), xc[n].float()
+            d, c = (x[n].reshape(-1, x[n].shape[-1]).float() for x in (xd, xc))
             sums[n][0] = sums[n][0] + c.T @ c
             sums[n][1] = sums[n][1] + d.T @ c
         count += len(xc[names[0]])
