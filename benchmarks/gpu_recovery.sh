@@ -18,20 +18,17 @@
 #   Next: add --generate 20480 once .gen holds that many rows, see below.)
 #   Kill a run with pkill -f 'python3 -X faulthandler benchmarks/recovery_[s]' (a plain pattern matches
 #   the calling shell's own command line and kills the call).
-# The teacher-generated rows (5 minutes of the first call) come back in $OUT/generated.pt; keep them in
-# .gen/ (ignored) and carry them next time. A larger --generate extends the cached rows (uint16 tokens:
+# The teacher-generated rows (5 minutes of the first call) come back in $OUT/generated.pt.part*; join them
+# into .gen/generated.pt (ignored) and carry .gen next time. A larger --generate extends the cached rows (uint16 tokens:
 # ~26k rows fit beside .gguf2 in one call's 64 MiB), e.g. on its own machine before a KD run:
 #       bash benchmarks/gpu_recovery.sh --generate 20480 --generate-only     # ~11 min for 14336 new rows
-OUT=${OUT:-.out}; mkdir -p $OUT /tmp/gguf
-GGUF=/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -f $GGUF ]; then cat /tmp/gguf/part1 .gguf2/part > $GGUF; fi
-md5sum $GGUF | grep -q a1231443440b107ff29f02bdb38c9d0a || { echo "GGUF parts missing or corrupt"; exit 3; }
-if [ -f .gen/generated.pt ] && [ ! -f /tmp/gguf/generated.pt ]; then cp .gen/generated.pt /tmp/gguf/; fi
-export BLASTFX_GENSIM_DATA=$PWD/.data
-source benchmarks/gpu_setup.sh
+OUT=${OUT:-.out}; mkdir -p $OUT
+source benchmarks/gpu_gguf.sh
 # SIGABRT at the limit makes faulthandler print where it was; grep must not hold lines back.
 timeout -s ABRT ${LIMIT:-570} python3 -X faulthandler benchmarks/recovery_smollm2.py --gguf $GGUF --minutes 30 \
     --deadline ${DEADLINE:-9} --batch 32 --lr 3e-4 --compile --generate 6144 --generate-batch 1024 \
     --data-cache /tmp/gguf/generated.pt "$@" 2>&1 \
     | grep --line-buffered -v "Warning\|Converting\|Loading weights" | tee -a $OUT/recovery.md
-if [ -f /tmp/gguf/generated.pt ] && ! cmp -s /tmp/gguf/generated.pt .gen/generated.pt; then cp /tmp/gguf/generated.pt $OUT/; fi
+# A file comes back only up to 16 MiB: new rows return in 15 MiB parts (here: cat generated.pt.part* > .gen/generated.pt).
+if [ -f /tmp/gguf/generated.pt ] && ! cmp -s /tmp/gguf/generated.pt .gen/generated.pt; then
+    split -b 15M -d /tmp/gguf/generated.pt $OUT/generated.pt.part; fi

