@@ -14,8 +14,9 @@
 #   compile_blocks compiles a shape-generic graph: 2-3 minutes to the first step on an H100), e.g.
 #       bash benchmarks/gpu_detach.sh kd5 'LIMIT=1700 DEADLINE=27 bash benchmarks/gpu_recovery.sh --budgets 0.5 \
 #           --minutes 24 --iters 100 --calib-tokens 65536 --objective loss --strategy loss --eval-every 5'  &&  bash benchmarks/gpu_watch.sh kd5 540
-#   (eighth session: 1.52x at 0.5, 1.09x at 0.8, both flat after 10 minutes: 25 passes over the text.
-#   Next: add --generate 20480 once .gen holds that many rows, see below.)
+#   (eighth session, 6144 generated rows: 1.52x at 0.5, 1.09x at 0.8, both flat after 10 minutes: 25
+#   passes over the text. Ninth session, the 0.5 command above plus --generate 20480 with .gen holding
+#   those rows: 1.43x, still improving at the end.)
 #   Kill a run with pkill -f 'python3 -X faulthandler benchmarks/recovery_[s]' (a plain pattern matches
 #   the calling shell's own command line and kills the call).
 # The teacher-generated rows (5 minutes of the first call) come back in $OUT/generated.pt.part*; join them
