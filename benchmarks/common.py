@@ -43,6 +43,15 @@ def versions() -> str:
             f"CUDA {torch.version.cuda}")
 
 
+def place_on_gpu_if_any(model) -> str:
+    """Move ``model`` to the GPU when there is one (the device tool's runs); returns where it runs, for
+    the tables' header line. One place, so the quality and recovery tables run and say it alike."""
+    if not torch.cuda.is_available():
+        return f"CPU ({torch.get_num_threads()} threads)"
+    model.cuda()
+    return torch.cuda.get_device_name()
+
+
 def smollm2_setup(gguf=None, eval_windows: int = 32, calib_tokens: int = 8192):
     """The quality tables' shared protocol: (dense, tokenizer, fit articles, held-out 512-token
     windows, calibration batches from fit articles only). One place, so every table evaluates alike."""

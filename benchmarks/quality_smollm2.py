@@ -33,7 +33,7 @@ import torch
 import blastfx
 from blastfx import BlastConfig
 from blastfx.evaluate import generate_text, perplexity
-from common import smollm2_setup
+from common import place_on_gpu_if_any, smollm2_setup
 
 METHODS = {
     "svd": dict(method="lowrank", calibrate=False),
@@ -68,11 +68,7 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     dense, tok, _, windows, calib = smollm2_setup(args.gguf, args.eval_windows, args.calib_tokens)
-    if torch.cuda.is_available():           # the device tool's runs: same rows, GPU-fast factorization
-        dense.cuda()
-        where = torch.cuda.get_device_name()
-    else:
-        where = f"CPU ({torch.get_num_threads()} threads)"
+    where = place_on_gpu_if_any(dense)     # same rows on a GPU, where factorization is fast
     base = perplexity(dense, windows)
     print(f"device: {where}; torch {torch.__version__}; "
           f"eval {windows.numel()} held-out tokens; calibration {args.calib_tokens} tokens", flush=True)

@@ -26,7 +26,7 @@ from blastfx.compiler import compile_blocks
 from blastfx.data import news_corpus
 from blastfx.evaluate import generate_text, perplexity, token_windows
 from blastfx.recovery import FinetuneState, finetune, teacher_generate
-from common import smollm2_setup
+from common import place_on_gpu_if_any, smollm2_setup
 
 STATE_FILE = "finetune_state.pt"      # written next to the --save'd model, read back by --resume
 
@@ -119,18 +119,16 @@ def main():
                     "perplexity checks during the run (0: only at the end); their time counts as training time")
     args = ap.parse_args()
     started = time.perf_counter()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     dense, tok, fit, windows, calib = smollm2_setup(args.gguf, args.eval_windows, args.calib_tokens)
-    dense.to(device)
+    where = place_on_gpu_if_any(dense)
     train = training_rows(dense, token_windows(tok, fit + news_corpus(), 512), args)
     if args.generate_only:
         print(f"{args.data_cache}: {args.generate} generated rows; {len(train)} training rows in all", flush=True)
         return
     batches = [train[i:i + args.batch] for i in range(0, len(train) - args.batch + 1, args.batch)]
     base = perplexity(dense, windows)
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"device: {name}; torch {torch.__version__}; train rows {len(train)} x 512; "
+    print(f"device: {where}; torch {torch.__version__}; train rows {len(train)} x 512; "
           f"held-out {windows.numel()} tokens; dense perplexity {base:.2f}", flush=True)
     print("\n| budget | kept | ppl at start | x dense | KD minutes | schedule minutes done | steps | tokens | "
           "ppl after KD | x dense | sample after |\n|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
@@ -170,7 +168,7 @@ def main():
             out = blastfx.save(model, args.save if args.resume else f"{args.save}-{budget}")
             state.save(Path(out) / STATE_FILE)
         del model
-        if device == "cuda":
+        if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 

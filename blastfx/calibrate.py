@@ -45,7 +45,8 @@ def _covariance_hooks(model: nn.Module, names):
             h.remove()
 
 
-def _check_reached(names, collected) -> None:
+def check_reached(names, collected) -> None:
+    """A clear error for target layers the calibration forward never called (dead or misnamed layers)."""
     missing = [n for n in names if n not in collected]
     if missing:
         raise ValueError(f"calibration batches never reached {len(missing)} target layers (e.g. {missing[0]}): "
@@ -65,7 +66,7 @@ def collect_covariances(model: nn.Module, names, batches) -> dict[str, torch.Ten
                 run_batch(model, batch, device)
     finally:
         model.train(was_training)
-    _check_reached(names, covs)
+    check_reached(names, covs)
     return {n: covs[n] / counts[n] for n in names}
 
 
@@ -131,7 +132,7 @@ def collect_output_fisher(model: nn.Module, names, batches, damping: float = 0.0
             m.weight.requires_grad_(saved[n])
         outputs.clear()
         model.train(was_training)
-    _check_reached(names, sums)
+    check_reached(names, sums)
     fisher = {n: sums[n] / counts[n] for n in names}
     return {n: f + damping * f.mean() for n, f in fisher.items()}
 

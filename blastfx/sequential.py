@@ -20,7 +20,7 @@ import copy
 import torch
 from torch import nn
 
-from .calibrate import collect_covariances, run_batch
+from .calibrate import check_reached, collect_covariances, run_batch
 from .passes.analyze import block_of
 from .passes.substitute import build_layers, dense_weight, swap_modules
 
@@ -153,9 +153,7 @@ def _stages(block: nn.Module, prefix: str, names, hidden, rest) -> list[list[str
     if not names:                           # a block the plan left dense: only the streams pass through it
         return []
     inputs = _layer_inputs(block, prefix, names, hidden, rest)
-    missing = [n for n in names if n not in inputs]
-    if missing:
-        raise ValueError(f"calibration batches never reached {missing[0]} in block {prefix}")
+    check_reached(names, inputs)
     stages: list[list[str]] = []
     last = None
     for name, x in inputs.items():
@@ -169,7 +167,7 @@ def _stages(block: nn.Module, prefix: str, names, hidden, rest) -> list[list[str
 
 @torch.no_grad()
 def _stage_statistics(dense_block, block, prefix, names, dense_stream, stream, rests):
-    """{layer: (C_cc, C_dc)} over all batches for one stage."""
+    """{layer: (C_cc, C_dc)}, means over all calibration tokens (as collect_covariances), for one stage."""
     sums = {n: [0.0, 0.0] for n in names}
     count = 0
     for hd, hc, (_, rest) in zip(dense_stream, stream, rests):
@@ -179,7 +177,7 @@ def _stage_statistics(dense_block, block, prefix, names, dense_stream, stream, r
             d, c = (x[n].reshape(-1, x[n].shape[-1]).float() for x in (xd, xc))
             sums[n][0] = sums[n][0] + c.T @ c
             sums[n][1] = sums[n][1] + d.T @ c
-        count += len(xc[names[0]])
+        count += c.shape[0]                 # tokens: every layer of a stage reads the same tensor
     return {n: (cc / count, dc / count) for n, (cc, dc) in sums.items()}
 
 
