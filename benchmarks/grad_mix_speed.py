@@ -6,15 +6,19 @@ One call reads z (b_in, T, r) and gw (b_out, T, r) and writes w and gz of the sa
 small dS), so it is memory-bound: the table gives each path's median ms, the kernel's achieved
 bandwidth and which of the two the CUDA op dispatches to. Shapes: SmolLM2's distillation step
 (batch 32 x 512 tokens, budget 0.8) and the Llama-2-7B layer of the training-step benchmark
-(T = 4096, budget 0.5). bf16, inputs rotated over enough copies that they come from HBM.
+(T = 4096, budget 0.5). bf16, inputs rotated over enough copies that they come from HBM. Each shape's
+row is recorded in benchmarks/results/grad_mix_speed.csv.
 """
 from __future__ import annotations
+
+import argparse
 
 import torch
 
 from blastfx.kernels.backward import grad_mix_triton, kernel_beats_reference
 from blastfx.ops import grad_mix_reference
 from common import copies_for, median_ms, versions
+from rows import add_arguments, measurements, record
 
 # (name, b_out, b_in, T, r)
 SHAPES = [
@@ -27,6 +31,9 @@ SHAPES = [
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(ap)
+    args = ap.parse_args()
     print(versions())
     print("\n| shape | b | T | r | reference ms | kernel ms | kernel GB/s | kernel vs reference | op runs |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -45,6 +52,12 @@ def main():
         runs = "kernel" if kernel_beats_reference(b_out, b_in) else "reference"
         print(f"| {name} | {b_out} | {T} | {r} | {ref_ms:.3f} | {ker_ms:.3f} | {2 * bytes_per / ker_ms / 1e6:.0f} | "
               f"{ref_ms / ker_ms:.2f}x | {runs} |", flush=True)
+        record("grad_mix_speed", measurements(
+            name, {"b_out": b_out, "b_in": b_in, "T": T, "r": r, "dtype": "bfloat16"},
+            [("reference time", round(ref_ms, 4), "ms"), ("kernel time", round(ker_ms, 4), "ms"),
+             ("kernel bandwidth", round(2 * bytes_per / ker_ms / 1e6), "GB/s"),
+             ("kernel vs reference", round(ref_ms / ker_ms, 2), "x"), ("op runs", runs, "")]),
+            directory=args.results_dir)
         del inputs
         torch.cuda.empty_cache()
 

