@@ -6,7 +6,9 @@
 Every call is replayed from a CUDA graph that runs it once per weight copy, with enough copies to
 come from HBM, not L2 (as in a CUDA-graph decode loop; CPU launch cost excluded for every column).
 "blastfx" is what the op runs by default: the autotuned best path for that shape and token bucket.
-Prints a markdown table of medians and speedups vs dense measured in the same process.
+Prints a markdown table of medians and speedups vs dense measured in the same process, and records
+each case's rows in ``benchmarks/results/layer_speed.csv``; ``--paths`` also records each kernel
+path's best time (for the decode kernels, ``decode:<mode>``) so the per-stage trade-offs stay visible.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import blastfx
 from blastfx.kernels import autotune, forward
 from blastfx.layout import BlastShape
 from common import copies_for, graph_ms, versions
+from rows import add_arguments, measurements, record
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]       # (out, in)
 
@@ -33,12 +36,13 @@ def main():
     ap.add_argument("--blocks", type=int, nargs="+", default=[4, 16])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 1024, 4096])
     ap.add_argument("--shapes", nargs="+", default=None, help="OUTxIN")
-    ap.add_argument("--paths", action="store_true", help="also time each path with its first config")
+    ap.add_argument("--paths", action="store_true", help="also time each path (its best config)")
+    add_arguments(ap)
     args = ap.parse_args()
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
     dt, dev = torch.bfloat16, "cuda"
     print(versions())
-    names = sorted(forward.PATHS) if args.paths else []
+    names = ["bmm_mix_bmm", "fused", "fused_bmm", "decode:persistent", "decode:pdl", "decode:two"] if args.paths else []
     head = "| out x in | b | r | T | dense ms | low-rank ms | blastfx ms | low-rank x | blastfx x | chosen |"
     head += "".join(f" {p} x |" for p in names)
     print("\n" + head + "\n" + "|---" * (10 + len(names)) + "|", flush=True)
@@ -62,15 +66,36 @@ def main():
                 t_blast = graph_ms(lambda k: blastfx.blast_matmul(x, *fac[k]), len(fac))
                 row = (f"| {m}x{n} | {b} | {r} | {T} | {t_dense:.4f} | {t_lr:.4f} | {t_blast:.4f} | "
                        f"{t_dense / t_lr:.2f} | {t_dense / t_blast:.2f} | {chosen} |")
-                for p in names:
-                    try:
-                        t = graph_ms(lambda k: forward.blast_matmul_triton(x, *fac[k], path=p), len(fac))
-                        row += f" {t_dense / t:.2f} |"
-                    except Exception as e:      # noqa: BLE001 -- a path a shape cannot run is reported
-                        row += f" err {type(e).__name__} |"
+                metrics = [("dense time", t_dense, "ms"), ("low-rank time", t_lr, "ms"), ("blastfx time", t_blast, "ms"),
+                           ("low-rank vs dense", round(t_dense / t_lr, 3), "x"),
+                           ("blastfx vs dense", round(t_dense / t_blast, 3), "x"), ("chosen path", str(chosen), "")]
+                for name in names:
+                    t = _best_of_path(name, x, fac, shape)
+                    row += f" {t_dense / t:.2f} |" if t == t else " n/a |"
+                    if t == t:
+                        metrics.append((f"{name} vs dense", round(t_dense / t, 3), "x"))
                 print(row, flush=True)
+                record("layer_speed", measurements(
+                    f"{m}x{n} b={b} T={T}", dict(out=m, b=b, r=r, T=T, budget=args.budget, dtype="bfloat16", **{"in": n}),
+                    metrics), directory=args.results_dir)
             del lr, fac
         del dense
+
+
+def _best_of_path(name, x, fac, shape) -> float:
+    """Fastest time of one path over its candidate configs (``decode:<mode>`` selects the decode
+    kernel's configs of that launch mode); NaN when no candidate runs at this size."""
+    path, _, mode = name.partition(":")
+    best = float("nan")
+    for p, cfg in forward.candidates(x.shape[0], shape, x.device):
+        if p != path or (mode and cfg.get("mode") != mode):
+            continue
+        try:
+            t = graph_ms(lambda k: forward.blast_matmul_triton(x, *fac[k], path=p, config=cfg), len(fac))
+        except Exception:       # noqa: BLE001 -- a config a GPU cannot run (e.g. out of shared memory)
+            continue
+        best = t if best != best else min(best, t)
+    return best
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 import blastfx
 from blastfx import BlastConfig
 from common import median_ms, versions
+from rows import add_arguments, measurements, record
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -128,9 +129,12 @@ def main():
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--train-tokens", type=int, default=4096)
     ap.add_argument("--lowering", default="auto", help='backend "blast" lowering option (auto, inline, extern)')
+    ap.add_argument("--only", nargs="+", choices=("train", "eager-prefill", "decode", "prefill"),
+                    default=("train", "eager-prefill", "decode", "prefill"), help="which measurements to run")
+    add_arguments(ap)
     args = ap.parse_args()
     print(versions() if DEVICE == "cuda" else f"CPU; torch {torch.__version__}", flush=True)
-    if DEVICE == "cuda":       # first: quick, and independent of the (slow to compile) model runs
+    if DEVICE == "cuda" and "train" in args.only:   # first: quick, independent of the model runs
         train_step_table(args)
     models = {"dense": (build(args.layers, args.hidden, args.inter, args.heads), "inductor")}
     blast = build(args.layers, args.hidden, args.inter, args.heads)
@@ -139,19 +143,27 @@ def main():
     for name, (model, _) in models.items():
         print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params", flush=True)
     # cheapest first, each row printed as it lands: a time limit still leaves the rows before it
-    rows = [("prefill %d tokens, eager, ms" % args.prefill, lambda m, b: prefill_ms(m, args.prefill), False),
-            ("decode %d tokens at batch 1, CUDA graphs, tok/s" % args.new_tokens,
+    rows = [("eager-prefill", "prefill %d tokens, eager" % args.prefill, "ms",
+             lambda m, b: prefill_ms(m, args.prefill), False),
+            ("decode", "decode %d tokens at batch 1, CUDA graphs" % args.new_tokens, "tok/s",
              lambda m, b: Decoder(m, b, args.prompt, args.new_tokens).tokens_per_s(), True),
-            ("prefill %d tokens, compiled, ms" % args.prefill, lambda m, b: prefill_ms(
+            ("prefill", "prefill %d tokens, compiled" % args.prefill, "ms", lambda m, b: prefill_ms(
                 m, args.prefill, b, {"lowering": args.lowering} if b == "blast" else None), False)]
+    rows = [r for r in rows if r[0] in args.only]
     print("\n| measurement | dense (inductor) | blastfx (blast) | blastfx vs dense |\n|---|---|---|---|", flush=True)
-    for label, measure, higher_is_better in rows:
+    config = dict(layers=args.layers, hidden=args.hidden, inter=args.inter, heads=args.heads, budget=args.budget,
+                  b=4, dtype="bfloat16")
+    for _, label, unit, measure, higher_is_better in rows:
         vals = []
         for model, backend in models.values():
             torch._dynamo.reset()
             vals.append(measure(model, backend))
         d, b = vals
-        print(f"| {label} | {d:.1f} | {b:.1f} | {(b / d if higher_is_better else d / b):.2f}x |", flush=True)
+        ratio = b / d if higher_is_better else d / b
+        print(f"| {label}, {unit} | {d:.1f} | {b:.1f} | {ratio:.2f}x |", flush=True)
+        record("llama_e2e", measurements(label, config, [("dense", round(d, 3), unit), ("blastfx", round(b, 3), unit),
+                                                         ("blastfx vs dense", round(ratio, 3), "x")]),
+               directory=args.results_dir)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ path ever forms the (b_out, b_in, T, r) product. A *path* is one way of running 
   then does w U^T with bias, cast, padding trim and the (T, m) layout in its epilogue. For decode the
   x·V reduction is split over block-columns *and* chunks of q (``J_PER_PROG``, ``Q_CHUNK``) so the
   grid fills every SM while U, V, S are each streamed once; partial w are added atomically in fp32.
-* ``bmm_mixwu``: x·V as one strided cuBLAS batched GEMM (x read in place as (b_in, T, q)), then
-  ``_wu_kernel`` with ``MIX`` fuses the s-mix into the load of its A operand: w is never written.
 * ``bmm_mix_bmm``: cuBLAS, the ``_mix_kernel`` (one memory pass), cuBLAS writing straight into the
   (T, m) layout through a strided ``out=``.
 * ``fused_bmm``: ``_xv_mix_kernel`` then cuBLAS for w U^T.
+* ``decode`` (T <= 64): the two stages of :mod:`.decode` -- one persistent launch with a grid barrier,
+  or two launches where the second is a programmatic dependent that streams U while the first drains
+  -- so a decode step pays about one kernel's ramp-up and tail per layer instead of three.
 
 Which path (and tile config) is fastest depends on the shape and the token count; :mod:`.autotune`
 measures the candidates of :func:`candidates` once per (shape, dtype, token bucket) and caches the
@@ -33,6 +34,7 @@ import triton.language as tl
 from ..layout import BlastShape
 from ..ops import _in_blocks
 from . import autotune
+from . import decode as decode_kernels
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -78,12 +80,11 @@ def _xv_mix_kernel(x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, Q_SPLIT, Q_CHUN
 
 
 @triton.jit
-def _wu_kernel(w_ptr, s_ptr, u_ptr, b_ptr, y_ptr, T, M, P, R, NJ,
-               swj, swt, swr, ssi, ssj, ssr, sui, sup, sur, syt, sym,
-               MIX: tl.constexpr, HAS_BIAS: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
+def _wu_kernel(w_ptr, u_ptr, b_ptr, y_ptr, T, M, P, R,
+               swj, swt, swr, sui, sup, sur, syt, sym,
+               HAS_BIAS: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
                BR: tl.constexpr, UPCAST: tl.constexpr):
-    """y_i = w_i U_i^T. With MIX, ``w_ptr`` holds z (b_in, T, r) and w_i = sum_j s_ij z_j is formed
-    per K-chunk in registers right before the dot."""
+    """y_i = w_i U_i^T with bias, cast, padding trim and the (T, m) layout in the epilogue."""
     pid_t = tl.program_id(0)
     pid_p = tl.program_id(1)
     i = tl.program_id(2)
@@ -93,14 +94,7 @@ def _wu_kernel(w_ptr, s_ptr, u_ptr, b_ptr, y_ptr, T, M, P, R, NJ,
     for k0 in range(0, R, BR):
         offs_k = k0 + tl.arange(0, BR)
         am = (offs_t[:, None] < T) & (offs_k[None, :] < R)
-        if MIX:
-            wt = tl.zeros((BT, BR), dtype=tl.float32)
-            for j in range(NJ):
-                zt = tl.load(w_ptr + j * swj + offs_t[:, None] * swt + offs_k[None, :] * swr, mask=am, other=0.0)
-                s = tl.load(s_ptr + i * ssi + j * ssj + offs_k * ssr, mask=offs_k < R, other=0.0)
-                wt += zt.to(tl.float32) * s.to(tl.float32)[None, :]
-        else:
-            wt = tl.load(w_ptr + i * swj + offs_t[:, None] * swt + offs_k[None, :] * swr, mask=am, other=0.0)
+        wt = tl.load(w_ptr + i * swj + offs_t[:, None] * swt + offs_k[None, :] * swr, mask=am, other=0.0)
         ut = tl.load(u_ptr + i * sui + offs_p[None, :] * sup + offs_k[:, None] * sur,
                      mask=(offs_p[None, :] < P) & (offs_k[:, None] < R), other=0.0)
         if UPCAST:
@@ -180,14 +174,13 @@ def mix(z, S, shape: BlastShape, cfg: dict) -> torch.Tensor:
     return w
 
 
-def wu(a, S, U, bias, shape: BlastShape, cfg: dict, mixed: bool, out_dtype) -> torch.Tensor:
-    """Stage 3 (with stage 2 fused when ``mixed``): y (T, out_features) with bias and cast fused."""
-    T = a.shape[1]
-    y = torch.empty(T, shape.out_features, device=a.device, dtype=out_dtype)
+def wu(w, U, bias, shape: BlastShape, cfg: dict, out_dtype) -> torch.Tensor:
+    """Stage 3: y (T, out_features) with bias and cast fused."""
+    T = w.shape[1]
+    y = torch.empty(T, shape.out_features, device=w.device, dtype=out_dtype)
     grid = (triton.cdiv(T, cfg["BT2"]), triton.cdiv(shape.p, cfg["BP"]), shape.b_out)
-    _wu_kernel[grid](a, S, U, bias if bias is not None else y, y, T, shape.out_features, shape.p, shape.rank,
-                     shape.b_in if mixed else 1, *a.stride(), *S.stride(), *U.stride(), y.stride(0), y.stride(1),
-                     MIX=mixed, HAS_BIAS=bias is not None, BT=cfg["BT2"], BP=cfg["BP"], BR=cfg["BRU"],
+    _wu_kernel[grid](w, U, bias if bias is not None else y, y, T, shape.out_features, shape.p, shape.rank,
+                     *w.stride(), *U.stride(), y.stride(0), y.stride(1), HAS_BIAS=bias is not None, BT=cfg["BT2"], BP=cfg["BP"], BR=cfg["BRU"],
                      UPCAST=_upcast(U), **_launch_opts({"warps": cfg.get("warps2", 4), "stages": cfg.get("stages2", 3)}))
     return y
 
@@ -209,22 +202,22 @@ def wu_bmm(w, U, bias, shape: BlastShape, out_dtype) -> torch.Tensor:
 
 
 def _fused(x2, U, S, V, bias, shape, cfg):
-    return wu(xv_mix(x2, V, S, shape, cfg), S, U, bias, shape, cfg, False, x2.dtype)
+    return wu(xv_mix(x2, V, S, shape, cfg), U, bias, shape, cfg, x2.dtype)
 
 
 def _fused_bmm(x2, U, S, V, bias, shape, cfg):
     return wu_bmm(xv_mix(x2, V, S, shape, cfg), U, bias, shape, x2.dtype)
 
 
-def _bmm_mixwu(x2, U, S, V, bias, shape, cfg):
-    return wu(xv_bmm(x2, V, shape), S, U, bias, shape, cfg, True, x2.dtype)
-
-
 def _bmm_mix_bmm(x2, U, S, V, bias, shape, cfg):
     return wu_bmm(mix(xv_bmm(x2, V, shape), S, shape, cfg), U, bias, shape, x2.dtype)
 
 
-PATHS = {"fused": _fused, "fused_bmm": _fused_bmm, "bmm_mixwu": _bmm_mixwu, "bmm_mix_bmm": _bmm_mix_bmm}
+def _decode(x2, U, S, V, bias, shape, cfg):
+    return decode_kernels.blast_decode(x2, U, S, V, bias, shape, cfg, interpret=INTERPRET)
+
+
+PATHS = {"fused": _fused, "fused_bmm": _fused_bmm, "bmm_mix_bmm": _bmm_mix_bmm, "decode": _decode}
 DECODE_MAX_T = autotune.DECODE_MAX_T
 
 
@@ -272,14 +265,15 @@ def _candidates(decode: bool, shape: BlastShape, device) -> list[tuple[str, dict
     # b_out > 4: also mix all block-rows in one program, so z is read once rather than b_out/4 times
     wide_mix = [{"BI": 16, "BTM": 16, "BRM": 32}, {"BI": 8, "BTM": 32, "BRM": 32}] if shape.b_out > 4 else []
     if decode:
-        return ([("bmm_mix_bmm", {}), ("fused", decode_config(shape, device, 4)),
-                 ("fused", decode_config(shape, device, 8)), ("fused_bmm", decode_config(shape, device, 4))]
+        kernels = [c for c in decode_kernels.CANDIDATES if c["mode"] != "pdl" or decode_kernels.pdl_supported(device)]
+        return ([("bmm_mix_bmm", {})] + [("decode", c) for c in kernels]
+                + [("fused", decode_config(shape, device, 4)),
+                   ("fused", decode_config(shape, device, 8)), ("fused_bmm", decode_config(shape, device, 4))]
                 + [("bmm_mix_bmm", c) for c in wide_mix])
     fused, wu_cfgs = prefill_configs(shape)
     out = [("bmm_mix_bmm", {})] + [("bmm_mix_bmm", c) for c in wide_mix]
     out += [("fused", {**f, **wu_cfgs[0]}) for f in fused]
     out += [("fused_bmm", f) for f in fused]
-    # bmm_mixwu stays callable (path="bmm_mixwu") but is not timed: it lost every row on the H100
     return out
 
 
@@ -315,6 +309,6 @@ def blast_matmul_triton(x, U, S, V, bias=None, out_features=None, path: str | No
             cfg = decode_config(shape, x.device) if T <= DECODE_MAX_T else {**fused[0], **wu_cfgs[0]}
     cfg = {**cfg, **(config or {})}
     if INTERPRET:   # small tiles keep the CPU interpreter fast
-        cfg.update({k: min(cfg.get(k, 16), 16) for k in ("BQ", "BRU", "BP", "BT2", "BT", "BR")})
+        cfg.update({k: min(cfg.get(k, 16), 16) for k in ("BQ", "BRU", "BP", "BT2", "BT", "BR", "BK")})
     y = run_path(x2, U, S, V, bias, shape, path, cfg)
     return y.reshape(*lead, shape.out_features)
