@@ -6,6 +6,10 @@ source of truth for what the op computes; every kernel and compiler lowering is 
 Math (per token): ``z_j = x_j V_j``, ``w_i = sum_j s_ij * z_j``, ``y_i = w_i U_i^T``. The mixing step
 is a batched product over the rank dimension, so the (b_out, b_in, T, r) tensor the original BLAST
 code builds never exists. The backward saves only the op's inputs and recomputes ``z`` and ``w``.
+
+The backward is differentiable again (Hessian-vector products, gradient penalties, ``gradgradcheck``):
+its middle, ``blastfx::blast_grad_mix``, is bilinear in (z, gw) and linear in S, and its own
+gradient is written with the same ``mix`` and :func:`mix_grad_S` in plain PyTorch.
 """
 from __future__ import annotations
 
@@ -14,9 +18,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .kernels import scope
 from .layout import BlastShape
 
-__all__ = ["blast_matmul", "blast_to_dense", "blast_matmul_reference", "blast_matmul_backward_reference", "mix", "check_inputs"]
+__all__ = ["blast_matmul", "blast_to_dense", "blast_matmul_reference", "blast_matmul_backward_reference", "mix",
+           "mix_grad_S", "grad_mix_reference", "check_inputs"]
 
 
 def check_inputs(x, U, S, V, bias, out_features) -> BlastShape:
@@ -59,6 +65,12 @@ def mix(S: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return torch.bmm(S.permute(2, 0, 1), z.permute(2, 0, 1)).permute(1, 2, 0)
 
 
+def mix_grad_S(g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``dS[i, j] = sum_t g_i * z_j`` for g (b_out, T, r), z (b_in, T, r) -> (b_out, b_in, r): the gradient
+    of ``mix(S, z)`` with respect to S when its output's gradient is g."""
+    return torch.bmm(g.permute(2, 0, 1), z.permute(2, 1, 0)).permute(1, 2, 0)
+
+
 def blast_matmul_reference(x, U, S, V, bias=None, out_features=None):
     """``x @ to_dense(U, S, V).T + bias`` without forming the dense matrix."""
     shape = BlastShape.from_factors(U, S, V, out_features=out_features)
@@ -73,11 +85,12 @@ def blast_matmul_reference(x, U, S, V, bias=None, out_features=None):
     return y.reshape(*lead, shape.out_features)
 
 
-def blast_matmul_backward_reference(grad_y, x, U, S, V, out_features=None, needs=(True,) * 5):
+def blast_matmul_backward_reference(grad_y, x, U, S, V, out_features=None, needs=(True,) * 5, kernels=None):
     """Gradients (dx, dU, dS, dV, dbias) of :func:`blast_matmul_reference`; ``None`` where not needed.
 
     Memory: only the inputs are saved by the forward; ``z`` and ``w`` are recomputed here, each
-    (b, T, r), the same size as the activations the forward already produced.
+    (b, T, r), the same size as the activations the forward already produced. ``kernels``: passed to
+    ``blastfx::blast_grad_mix`` ("triton" / "reference" on CUDA; ``None``: the options in effect).
     """
     shape = BlastShape.from_factors(U, S, V, out_features=out_features)
     n = x.shape[-1]
@@ -89,7 +102,7 @@ def blast_matmul_backward_reference(grad_y, x, U, S, V, out_features=None, needs
     need_x, need_U, need_S, need_V, need_b = needs
     z = torch.bmm(xb, V)                                                               # (b_in, T, r)
     gw = torch.bmm(gy, U)                                                              # (b_out, T, r)
-    w, gz, dS = torch.ops.blastfx.blast_grad_mix(z, gw, S)
+    w, gz, dS = torch.ops.blastfx.blast_grad_mix(z, gw, S, kernels)
     dU = torch.bmm(gy.transpose(1, 2), w) if need_U else None
     dS = dS if need_S else None
     dx = dV = None
@@ -106,22 +119,67 @@ def blast_matmul_backward_reference(grad_y, x, U, S, V, out_features=None, needs
 def grad_mix_reference(z: torch.Tensor, gw: torch.Tensor, S: torch.Tensor):
     """The backward's middle: ``w = mix(S, z)`` (for dU), ``gz = mix(S^T, gw)`` (for dx, dV) and
     ``dS[i, j] = sum_t gw_i * z_j``."""
-    w = mix(S, z)
-    gz = mix(S.transpose(0, 1), gw)
-    dS = torch.bmm(gw.permute(2, 0, 1), z.permute(2, 1, 0)).permute(1, 2, 0)
-    return w, gz, dS
+    return mix(S, z), mix(S.transpose(0, 1), gw), mix_grad_S(gw, z)
+
+
+def grad_mix_backward_reference(z, gw, S, grad_w, grad_gz, grad_dS, needs=(True,) * 3):
+    """Gradients (dz, dgw, dS) of :func:`grad_mix_reference` for its outputs' gradients; ``None`` where
+    not needed (or where every output's gradient is ``None``). Each output is a mix or a ``mix_grad_S``,
+    whose gradients are mixes and ``mix_grad_S`` again:
+
+    * ``w = mix(S, z)``: dz += mix(S^T, grad_w), dS += mix_grad_S(grad_w, z)
+    * ``gz = mix(S^T, gw)``: dgw += mix(S, grad_gz), dS += mix_grad_S(gw, grad_gz)
+    * ``dS = mix_grad_S(gw, z)``: dgw += mix(grad_dS, z), dz += mix(grad_dS^T, gw)
+
+    Plain PyTorch, so differentiable once more.
+    """
+    need_z, need_gw, need_S = needs
+
+    def total(*terms):
+        terms = [t for t in terms if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    dz = dgw = dS = None
+    if need_z:
+        dz = total(None if grad_w is None else mix(S.transpose(0, 1), grad_w),
+                   None if grad_dS is None else mix(grad_dS.transpose(0, 1), gw))
+    if need_gw:
+        dgw = total(None if grad_gz is None else mix(S, grad_gz),
+                    None if grad_dS is None else mix(grad_dS, z))
+    if need_S:
+        dS = total(None if grad_w is None else mix_grad_S(grad_w, z),
+                   None if grad_gz is None else mix_grad_S(gw, grad_gz))
+    return dz, dgw, dS
 
 
 @torch.library.custom_op("blastfx::blast_grad_mix", mutates_args=())
-def _grad_mix_op(z: torch.Tensor, gw: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _grad_mix_op(z: torch.Tensor, gw: torch.Tensor, S: torch.Tensor,
+                 kernels: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """An op of its own so that CUDA runs one Triton pass over z and gw (``blastfx.kernels.backward``)
-    instead of rank-batched matmuls and their permute copies, and compiled graphs keep it opaque."""
+    instead of rank-batched matmuls and their permute copies, and compiled graphs keep it opaque.
+    ``kernels`` ("triton" / "reference", ``None``: the options in effect) picks the CUDA kernel; a
+    compiled graph bound to kernel options passes them here, so its backward keeps its choice."""
+    scope.resolve_kernels(kernels)                  # validates
     return tuple(t.contiguous() for t in grad_mix_reference(z, gw, S))
 
 
 @_grad_mix_op.register_fake
-def _(z, gw, S):
+def _(z, gw, S, kernels=None):
+    scope.resolve_kernels(kernels)
     return z.new_empty(gw.shape[0], *z.shape[1:]), gw.new_empty(z.shape[0], *gw.shape[1:]), torch.empty_like(S)
+
+
+def _grad_mix_setup_context(ctx, inputs, output):
+    z, gw, S, _kernels = inputs
+    ctx.save_for_backward(z, gw, S)
+
+
+def _grad_mix_backward(ctx, grad_w, grad_gz, grad_dS):
+    z, gw, S = ctx.saved_tensors
+    return (*grad_mix_backward_reference(z, gw, S, grad_w, grad_gz, grad_dS, tuple(ctx.needs_input_grad[:3])), None)
+
+
+_grad_mix_op.register_autograd(_grad_mix_backward, setup_context=_grad_mix_setup_context)
 
 
 @torch.library.custom_op("blastfx::blast_matmul", mutates_args=())
@@ -142,12 +200,14 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, U, S, V)
     ctx.out_features = out_features
     ctx.has_bias = bias is not None
+    ctx.kernels = scope.backward_kernels()      # taken where the forward runs (see kernels.scope)
 
 
 def _backward(ctx, grad_y):
     x, U, S, V = ctx.saved_tensors
     needs = tuple(ctx.needs_input_grad[:4]) + (ctx.has_bias and ctx.needs_input_grad[4],)
-    dx, dU, dS, dV, db = blast_matmul_backward_reference(grad_y, x, U, S, V, ctx.out_features, needs)
+    dx, dU, dS, dV, db = blast_matmul_backward_reference(grad_y, x, U, S, V, ctx.out_features, needs,
+                                                          ctx.kernels)
     return dx, dU, dS, dV, db, None
 
 

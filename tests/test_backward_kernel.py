@@ -55,7 +55,7 @@ def test_grad_mix_stream_splits_long_T():
         torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_op_gradients_through_the_triton_backward():
     import blastfx
     torch.manual_seed(0)
@@ -69,3 +69,25 @@ def test_cuda_op_gradients_through_the_triton_backward():
     for got, ref in zip([x.grad] + [p.grad for p in (layer.U, layer.S, layer.V, layer.bias)],
                         [x64.grad] + [p.grad for p in params]):
         torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.cuda
+def test_cuda_hessian_vector_product_through_the_triton_backward():
+    """Double backward on CUDA: the first backward's middle is the Triton kernel (fp32, b_out * b_in <= 16),
+    its gradient the plain-PyTorch formula of blast_grad_mix. H v against float64 on the CPU."""
+    import blastfx
+    from blastfx.kernels import dispatch
+    torch.manual_seed(0)
+    assert dispatch.grad_mix_impl(torch.float32, 4, 2) == "triton"
+    params = [torch.randn(*s, dtype=torch.float64) for s in ((4, 20, 8), (4, 2, 8), (2, 24, 8), (80,))]   # U, S, V, bias
+    x = torch.randn(37, 48, dtype=torch.float64)
+    vs = [torch.randn_like(t) for t in [x] + params]
+
+    def hvp(tensors, device, dtype):
+        args = [t.to(device, dtype).requires_grad_() for t in tensors]
+        loss = blastfx.blast_matmul(*args, 80).sin().sum()
+        grads = torch.autograd.grad(loss, args, create_graph=True)
+        return torch.autograd.grad(grads, args, [v.to(device, dtype) for v in vs])
+
+    for got, ref in zip(hvp([x] + params, "cuda", torch.float32), hvp([x] + params, "cpu", torch.float64)):
+        assert ((got.double().cpu() - ref).norm() / ref.norm()).item() < 1e-4

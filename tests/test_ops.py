@@ -110,3 +110,78 @@ def test_errors_name_the_problem():
         blast_matmul(x, U, S, V, torch.randn(5))
     with pytest.raises(ValueError, match="out_features"):
         blast_matmul(x, U, S, V, None, 3)
+
+
+# Shapes for the second-order tests: bias or not, padded rows and columns (m, n not multiples of the
+# block sizes), b_out != b_in, and the one-block case.
+SECOND_ORDER = [(12, 10, 3, 3, 2, True), (13, 11, 4, 3, 4, False), (10, 7, 3, 4, 2, True), (5, 6, 2, 1, 1, False)]
+
+
+def _args(m, n, r, b_out, b_in, bias, lead=(2, 3)):
+    s, U, S, V = factors(m, n, r, b_out, b_in, requires_grad=True)
+    x = torch.randn(*lead, n, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(m, dtype=torch.float64, requires_grad=True) if bias else None
+    return [t for t in (x, U, S, V, b) if t is not None]
+
+
+@pytest.mark.parametrize("m,n,r,b_out,b_in,bias", SECOND_ORDER)
+def test_gradgradcheck(m, n, r, b_out, b_in, bias):
+    """Double backward through the op (its backward's middle, blast_grad_mix, has its own formula)."""
+    args = _args(m, n, r, b_out, b_in, bias)
+    fn = lambda *a: blast_matmul(*a[:4], a[4] if bias else None, m)        # noqa: E731
+    assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradgradcheck(fn, args)
+
+
+@pytest.mark.parametrize("b_out,b_in,T,r", [(3, 2, 5, 4), (1, 4, 3, 2), (2, 2, 1, 3)])
+def test_grad_mix_op_gradcheck_gradgradcheck_and_opcheck(b_out, b_in, T, r):
+    z = torch.randn(b_in, T, r, dtype=torch.float64, requires_grad=True)
+    gw = torch.randn(b_out, T, r, dtype=torch.float64, requires_grad=True)
+    S = torch.randn(b_out, b_in, r, dtype=torch.float64, requires_grad=True)
+    op = torch.ops.blastfx.blast_grad_mix
+    assert torch.autograd.gradcheck(op, (z, gw, S))
+    assert torch.autograd.gradgradcheck(op, (z, gw, S))
+    torch.library.opcheck(op.default, (z, gw, S, None))
+    torch.library.opcheck(op.default, (z.float(), gw.float(), S.float(), "reference"))
+
+
+def test_grad_mix_backward_with_one_output_used():
+    """Gradients of only w (gz, dS unused) equal autograd through the plain reference."""
+    from blastfx.ops import grad_mix_reference
+    z, gw, S = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((2, 5, 3), (3, 5, 3), (3, 2, 3)))
+    g = torch.randn(3, 5, 3, dtype=torch.float64)
+    got = torch.autograd.grad(torch.ops.blastfx.blast_grad_mix(z, gw, S)[0], (z, S), g)
+    ref = torch.autograd.grad(grad_mix_reference(z, gw, S)[0], (z, S), g)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+
+
+def _dense_oracle(U, S, V, m, n):
+    """The BLAST matrix from one einsum: block (i, j) = U_i diag(S_ij) V_j^T. Functional (torch.func)."""
+    b_out, p, _ = U.shape
+    b_in, q, _ = V.shape
+    return torch.einsum("ipr,ijr,jqr->ipjq", U, S, V).reshape(b_out * p, b_in * q)[:m, :n]
+
+
+@pytest.mark.parametrize("m,n,r,b_out,b_in,bias", SECOND_ORDER[:3])
+def test_hessian_vector_product_matches_dense(m, n, r, b_out, b_in, bias):
+    """H v of a nonlinear loss through the op (reverse over reverse) equals forward-over-reverse
+    (torch.func) of the same loss written with the dense matrix x @ A^T."""
+    args = _args(m, n, r, b_out, b_in, bias, lead=(4,))
+    c = torch.randn(4, m, dtype=torch.float64)
+    vs = [torch.randn_like(a) for a in args]
+
+    def loss_blast(*a):
+        return (blast_matmul(*a[:4], a[4] if bias else None, m).sin() * c).sum()
+
+    def loss_dense(*a):
+        y = a[0] @ _dense_oracle(*a[1:4], m, n).T + (a[4] if bias else 0)
+        return (y.sin() * c).sum()
+
+    grads = torch.autograd.grad(loss_blast(*args), args, create_graph=True)
+    hvp = torch.autograd.grad(grads, args, vs)
+    primals = tuple(a.detach() for a in args)
+    _, ref = torch.func.jvp(torch.func.grad(loss_dense, argnums=tuple(range(len(args)))), primals, tuple(vs))
+    for h, e in zip(hvp, ref):
+        assert h.abs().max() > 0
+        torch.testing.assert_close(h, e, rtol=1e-9, atol=1e-9)

@@ -17,13 +17,21 @@ Options (``options={...}``): ``"fuse_naive"`` (default True) rewrites the origin
 three-stage forward into the op; ``"kernels"``: "triton" (default on CUDA) or "reference";
 ``"autotune"`` (default True: time the kernel paths once per shape); ``"lowering"``: "auto"
 (default), "inline" or "extern"; any other key is passed to Inductor as a config patch.
+
+``"kernels"`` and ``"autotune"`` belong to the compiled model, not the process
+(:mod:`blastfx.kernels.scope`): each graph the backend returns runs its calls inside
+``blastfx.kernels.options(...)`` with them (the op's CUDA kernel reads them when it runs), and its
+backward graph carries the kernels choice as an argument of ``blastfx::blast_grad_mix``. A model
+compiled without them runs its forward with the options in effect where it is called.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 
 from torch._functorch import config as functorch_config
 
+from ..kernels.scope import KernelOptions, active, binding
 from .lowering import check_mode, inline_blast_calls
 from .patterns import fuse_naive_blast
 from .regions import CompiledBlocks, compile_blocks
@@ -39,18 +47,12 @@ def blast_backend(gm, example_inputs, mode=None, options=None):
     import blastfx  # noqa: F401 -- registers torch.ops.blastfx.* when used via the entry point alone
     from torch._inductor.compile_fx import compile_fx
 
-    from ..kernels import dispatch
-
     options = dict(options or {})
     if mode not in _MODES:
         raise ValueError(f"backend 'blast' supports modes {sorted(m for m in _MODES if m)}, got {mode!r}")
     blast_opts = {k: options.pop(k) for k in _BLAST_OPTIONS if k in options}
     lowering = check_mode(blast_opts.get("lowering", "auto"))
-    if "kernels" in blast_opts:
-        dispatch.set_kernels(blast_opts["kernels"])
-    if "autotune" in blast_opts:
-        from ..kernels import autotune
-        autotune.settings["enabled"] = bool(blast_opts["autotune"])
+    kernel_opts = KernelOptions(kernels=blast_opts.get("kernels"), autotune=blast_opts.get("autotune"))
     stats["graphs"] += 1
     if blast_opts.get("fuse_naive", True):
         stats["naive_fused"] += fuse_naive_blast(gm)
@@ -58,9 +60,22 @@ def blast_backend(gm, example_inputs, mode=None, options=None):
     # AOTAutograd's cache keys a Python function call by name, not code: a graph with inlined calls
     # skips it, so an upgraded lowering is never served from a stale entry (Inductor's own cache keys
     # the traced ops and stays on).
-    no_aot_cache = functorch_config.patch(enable_autograd_cache=False) if inlined else contextlib.nullcontext()
-    with no_aot_cache:
-        return compile_fx(gm, example_inputs, config_patches={**_MODES[mode], **options})
+    # The bound kernels choice is a constant of the traced backward that the cache key does not see.
+    no_aot_cache = (functorch_config.patch(enable_autograd_cache=False)
+                    if inlined or kernel_opts.kernels is not None else contextlib.nullcontext())
+    with no_aot_cache, binding(kernel_opts):
+        compiled = compile_fx(gm, example_inputs, config_patches={**_MODES[mode], **options})
+    return compiled if kernel_opts == KernelOptions() else _run_with(compiled, kernel_opts)
+
+
+def _run_with(compiled, kernel_opts: KernelOptions):
+    """``compiled`` with every call inside ``blastfx.kernels.options`` of ``kernel_opts``: the op's CUDA
+    kernel reads the options when the graph runs, long after this compile returned."""
+    @functools.wraps(compiled)        # keeps the calling-convention attributes dynamo reads (_boxed_call)
+    def run(*args, **kwargs):
+        with active(kernel_opts):
+            return compiled(*args, **kwargs)
+    return run
 
 
 __all__ = ["CompiledBlocks", "blast_backend", "compile_blocks", "fuse_naive_blast", "stats"]

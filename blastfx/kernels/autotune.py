@@ -3,8 +3,12 @@
 Why measure instead of a fixed rule: which of the fused Triton path or the cuBLAS-backed paths wins
 depends on T, b and r in ways a heuristic gets wrong by 2x. The cost is a few dozen launches the
 first time a (shape, dtype, token bucket) is seen. Nothing is timed while a CUDA graph is being
-captured, on CPU (interpreter) or when disabled: the first candidate (a sound default) is used and
-not cached, so a later eager call can still tune.
+captured or on CPU (interpreter): the first candidate (a sound default) is used and not cached, so a
+later eager call can still tune. With ``autotune=False`` in the kernel options in effect
+(``blastfx.kernels.options``, or a compiled graph's options) the first candidate is used even where
+another call already tuned the shape.
+
+The cache of choices is process-wide: a measurement, not an option (:func:`clear` empties it).
 """
 from __future__ import annotations
 
@@ -12,9 +16,11 @@ import statistics
 
 import torch
 
+from .scope import current
+
 DECODE_MAX_T = 16          # token counts up to this are decode sizes (kernel candidates, compiler lowering)
 _cache: dict = {}
-settings = {"enabled": True, "reps": 7}
+REPS = 7                   # timed replays per candidate; the median counts
 
 
 def token_bucket(T: int) -> int:
@@ -59,15 +65,16 @@ def graph_ms(fn, calls: int, reps: int = 7, eager_fallback: bool = False) -> flo
 
 def choose(key, candidates, run):
     """Best (path, config) of ``candidates`` for ``key``; ``run(path, config)`` executes one."""
+    if not current().autotune:
+        return candidates[0]
     if key in _cache:
         return _cache[key]
-    if (not settings["enabled"] or len(candidates) == 1 or not torch.cuda.is_available()
-            or torch.cuda.is_current_stream_capturing()):
+    if len(candidates) == 1 or not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
         return candidates[0]
     timings = []
     for path, cfg in candidates:
         try:
-            t = graph_ms(lambda _k: run(path, cfg), calls=4, reps=settings["reps"], eager_fallback=True)
+            t = graph_ms(lambda _k: run(path, cfg), calls=4, reps=REPS, eager_fallback=True)
             timings.append((t, path, cfg))
         except Exception:       # a config a GPU cannot run (e.g. out of shared memory) is just skipped
             continue
@@ -84,4 +91,5 @@ def report() -> dict:
 
 
 def clear() -> None:
+    """Forget every choice (the next call of each shape times its candidates again)."""
     _cache.clear()
