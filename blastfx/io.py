@@ -1,18 +1,30 @@
 """Saving and loading compressed models.
 
-``save(model, dir)`` writes ``model.safetensors`` (the whole state dict, tied weights stored once)
-and ``blastfx.json`` (format, library version, plan, dtypes). ``load(dir, model)`` re-applies the plan
-to a freshly built dense model of the same architecture (no factorization) and loads the tensors,
-checking names, shapes and dtypes first. Writes are atomic: a temporary directory renamed into place.
+A checkpoint is a folder holding two files of blastfx's: the weights, ``model-<hash>.safetensors``
+(the whole state dict, tied weights stored once), and the manifest ``blastfx.json`` (format, library
+version, plan, dtypes, and the sha256 of the weights file). ``load(dir, model)`` verifies the checksum,
+re-applies the plan to a freshly built dense model of the same architecture (no factorization) and
+loads the tensors, checking names, shapes, dtypes and the factors' zero padding first.
+
+Why this layout: ``save`` never touches a file it did not write, and the folder holds a complete
+checkpoint at every instant. The weights go to a new, content-named file beside the old one; the
+manifest, replaced last with one ``os.replace``, is the commit: before it the old manifest names the
+old weights, after it the new one names the new weights. Only then are the old weights deleted; a
+file whose deletion was cut short stays listed (``superseded``) and goes at the next save.
 
 HF models: ``model.save_pretrained(dir)`` already records the plan (``config.blastfx``);
 ``from_pretrained(dir)`` rebuilds the BLAST layers and loads the weights.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
+import hashlib
 import json
+import warnings
 import os
-import shutil
+import re
 import tempfile
 from pathlib import Path
 
@@ -23,47 +35,142 @@ from torch import nn
 
 from ._version import __version__
 from .api import attach_plan
+from .hf import dtype_kwargs
+from .nn import BlastLinear
 from .passes.substitute import build_layers, swap_modules
-from .plan import Plan
+from .plan import LayerPlan, Plan
 
-FORMAT = 1
-META_FILE, WEIGHTS_FILE = "blastfx.json", "model.safetensors"
+FORMAT = 2
+META_FILE = "blastfx.json"
+WEIGHTS_NAME = re.compile(r"model-[0-9a-f]{16}\.safetensors")     # the only names save ever deletes
+TMP_PREFIX = ".blastfx-"
 
 
-def _plan_of(model) -> Plan:
-    plan = getattr(model, "blastfx_plan", None)
-    if not isinstance(plan, Plan):
-        raise ValueError("this model has no blastfx plan: compress it with blastfx.compress first")
+def model_plan(model: nn.Module) -> Plan:
+    """The plan of the BLAST layers ``model`` really has (what a load must rebuild).
+
+    The plan recorded by :func:`blastfx.compress` describes only that call's layers: a model compressed
+    twice, or with BLAST layers put in by hand, holds more. Layers are read from the modules; budget,
+    strategy and notes come from the recorded plan, whose parameter total grows by the layers it
+    did not plan."""
+    recorded = getattr(model, "blastfx_plan", None)
+    recorded = recorded if isinstance(recorded, Plan) else None
+    found = {name: m for name, m in model.named_modules() if isinstance(m, BlastLinear)}
+    if not found:
+        raise ValueError("this model has no blastfx plan and no BLAST layers: compress it with blastfx.compress first")
+    known = recorded.layers if recorded is not None else {}
+    layers = {}
+    for name, m in found.items():
+        lp = known.get(name)
+        layers[name] = LayerPlan(m.out_features, m.in_features, m.rank, m.blocks, lp.kind if lp else "linear",
+                                 m.bias is not None, lp.method if lp else None)
+    extra = [name for name in layers if name not in known]
+    if recorded is None:
+        plan = Plan(layers, 0.0, "manual", sum(lp.dense_params for lp in layers.values()),
+                    ["built from the model's BLAST layers: no compress plan was recorded"])
+        plan.budget = plan.kept_fraction
+        return plan
+    plan = dataclasses.replace(recorded, layers=layers, notes=list(recorded.notes),
+                               dense_total=recorded.dense_total + sum(layers[name].dense_params for name in extra),
+                               dense=[name for name in recorded.dense if name not in layers])
+    if extra:
+        plan.notes.append(f"{len(extra)} BLAST layers not planned by the last compress call (e.g. {extra[0]}) "
+                          "are counted in dense_total")
     return plan
 
 
-def save(model: nn.Module, path) -> Path:
-    """Write a compressed model to directory ``path`` atomically (replacing what is there)."""
-    plan = _plan_of(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    """Flush to disk (a rename is only durable once the data and then the folder are)."""
+    with contextlib.suppress(OSError):          # folders cannot be opened for fsync on some platforms
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _owned_files(path: Path) -> set[str]:
+    """The weights files the folder's current manifest says blastfx wrote (none if it has no readable one)."""
     try:
-        save_model(model, str(tmp / WEIGHTS_FILE))
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(meta, dict):
+        return set()
+    names = list(meta.get("files", {}) if isinstance(meta.get("files"), dict) else ())
+    names += meta.get("superseded", []) if isinstance(meta.get("superseded"), list) else []
+    return {n for n in names if isinstance(n, str) and WEIGHTS_NAME.fullmatch(n)}
+
+
+def _unlink(file: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(file)
+
+
+def save(model: nn.Module, path) -> Path:
+    """Write the compressed ``model`` to folder ``path`` (created if needed).
+
+    Only blastfx's own files in the folder are replaced (see the module docstring); other files stay.
+    At every instant the folder holds the complete old checkpoint or the complete new one, whatever
+    interrupts the save. ``NotADirectoryError`` if ``path`` is an existing file."""
+    plan = model_plan(model)
+    for name, m in model.named_modules():
+        if isinstance(m, BlastLinear):
+            m.check_padding(f"layer {name!r}")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "cannot save a checkpoint: the path exists and is not a folder",
+                                 str(path))
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    old = _owned_files(path)
+    temps: list[Path] = []
+    weights = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".tmp", dir=path)
+        os.close(fd)
+        temps.append(Path(tmp))
+        save_model(model, tmp)
+        _fsync(Path(tmp))
+        sha = _sha256(Path(tmp))
+        weights = f"model-{sha[:16]}.safetensors"
+        os.replace(tmp, path / weights)
         meta = {"format": FORMAT, "blastfx_version": __version__, "model_class": type(model).__qualname__,
-                "plan": plan.to_dict(),
-                "dtypes": sorted({str(p.dtype) for p in model.state_dict().values()})}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+                "plan": plan.to_dict(), "dtypes": sorted({str(p.dtype) for p in model.state_dict().values()}),
+                "files": {weights: {"sha256": sha}}, "superseded": sorted(old - {weights})}
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".tmp", dir=path)
+        temps.append(Path(tmp))
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(meta, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path / META_FILE)          # the commit
+        _fsync(path, directory=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in temps:
+            _unlink(tmp)
+        # an interrupt can land right after the commit: the manifest on disk, not a flag, says what it holds
+        if weights is not None and weights not in old and weights not in _owned_files(path):
+            _unlink(path / weights)
+        if created:
+            with contextlib.suppress(OSError):
+                path.rmdir()                     # only if empty
         raise
+    for name in sorted(old - {weights}):
+        _unlink(path / name)
     return path
 
 
 def read_meta(path) -> dict:
+    """The checked manifest of checkpoint folder ``path``; ``ValueError`` naming the file otherwise."""
     meta_path = Path(path) / META_FILE
     if not meta_path.is_file():
         raise ValueError(f"{path} is not a blastfx checkpoint: {META_FILE} is missing")
@@ -71,15 +178,31 @@ def read_meta(path) -> dict:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"corrupt {meta_path}: {err}") from None
+    if isinstance(meta, dict) and meta.get("format") == 1 and "plan" in meta:
+        # the first format: one model.safetensors, no checksum; still read, with a warning
+        warnings.warn(f"{meta_path} is an older blastfx checkpoint without a checksum: its weights are not "
+                      "verified; save it again to add one", UserWarning, stacklevel=3)
+        return {**meta, "files": {"model.safetensors": {"sha256": None}}}
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path} has format {meta.get('format') if isinstance(meta, dict) else '?'}; "
                          f"this blastfx (version {__version__}) reads format {FORMAT}")
+    files = meta.get("files")
+    if (not isinstance(files, dict) or not files
+            or not all(isinstance(k, str) and WEIGHTS_NAME.fullmatch(k) and isinstance(v, dict)
+                       and isinstance(v.get("sha256"), str) for k, v in files.items())):
+        raise ValueError(f"corrupt {meta_path}: field 'files' must map model-<hash>.safetensors names to "
+                         f"{{\"sha256\": ...}}, got {files!r}")
+    if "plan" not in meta:
+        raise ValueError(f"corrupt {meta_path}: field 'plan' is missing")
     return meta
 
 
-def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(file: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise ValueError(f"checkpoint weights {file} are missing")
+    if sha256 is not None and _sha256(file) != sha256:
+        raise ValueError(f"corrupt checkpoint weights {file}: its sha256 does not match the checksum in "
+                         f"{META_FILE} (the file was changed or damaged after it was saved)")
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as err:
@@ -90,7 +213,10 @@ def load_into(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], so
     """Give ``model`` the plan's (empty) BLAST layers and load ``tensors``; all-or-nothing."""
     from .api import _check_plan_fits
 
-    _check_plan_fits(model, plan)
+    try:
+        _check_plan_fits(model, plan)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
     new = build_layers(model, plan, empty=True, progress=False)
     old = swap_modules(model, new)
     try:
@@ -108,6 +234,8 @@ def load_into(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], so
                              + "; ".join(problems[:5] + [f"unexpected {unexpected[:5]}"] * bool(unexpected)
                                          + [f"missing {missing[:5]}"] * bool(missing)))
         model.load_state_dict(tensors, strict=False)
+        for name, layer in new.items():
+            layer.check_padding(f"checkpoint {source}, layer {name!r}")
         if hasattr(model, "tie_weights"):
             model.tie_weights()
     except BaseException:
@@ -119,10 +247,29 @@ def load_into(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], so
 
 def load(path, model: nn.Module) -> nn.Module:
     """Load a checkpoint written by :func:`save` into ``model`` (a dense model of the same architecture,
-    e.g. freshly constructed). Returns the model, compressed, with the saved weights."""
+    e.g. freshly constructed). Returns the model, compressed, with the saved weights. ``ValueError``,
+    with the model left as it was, if the checkpoint is damaged or does not fit."""
+    path = Path(path)
     meta = read_meta(path)
-    plan = Plan.from_dict(meta["plan"])
-    return load_into(model, plan, _read_tensors(Path(path) / WEIGHTS_FILE), str(path))
+    plan = Plan.from_dict(meta["plan"], path / META_FILE)
+    tensors = {}
+    for name, info in meta["files"].items():
+        tensors.update(_read_tensors(path / name, info["sha256"]))
+    return load_into(model, plan, tensors, str(path))
+
+
+def _hf_weight_files(path: Path) -> list[Path]:
+    """The safetensors files ``save_pretrained`` wrote: the index's shards, or ``model.safetensors``."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return [path / name for name in sorted(set(weight_map.values()))]
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"corrupt {index}: {err!r}") from None
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    raise ValueError(f"{path} holds no model.safetensors (nor model.safetensors.index.json)")
 
 
 def from_pretrained(path, model_class=None, **kwargs):
@@ -138,16 +285,14 @@ def from_pretrained(path, model_class=None, **kwargs):
     plan_dict = getattr(config, "blastfx", None)
     if plan_dict is None:
         raise ValueError(f"{path} has no blastfx plan in its config.json: was it compressed with blastfx?")
+    plan = Plan.from_dict(plan_dict, path / "config.json")
     if model_class is None:
         archs = getattr(config, "architectures", None) or []
         if not archs or not hasattr(transformers, archs[0]):
             raise ValueError(f"cannot tell the model class of {path}: pass model_class=")
         model_class = getattr(transformers, archs[0])
-    model = model_class._from_config(config, torch_dtype=getattr(config, "torch_dtype", None))
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{path} holds no .safetensors weights")
+    model = model_class._from_config(config, **dtype_kwargs(getattr(config, "dtype", None)))
     tensors = {}
-    for f in files:
+    for f in _hf_weight_files(path):
         tensors.update(_read_tensors(f))
-    return load_into(model.eval(), Plan.from_dict(plan_dict), tensors, str(path))
+    return load_into(model.eval(), plan, tensors, str(path))

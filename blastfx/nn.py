@@ -7,7 +7,9 @@ Parameter layout (see :mod:`blastfx.layout` for padding):
 * ``V``: (b_in, q, r) -- V[j] is the right factor shared by block-column j,
 
 so block (i, j) of the weight is ``U[i] @ diag(S[i, j]) @ V[j].T``. Padded rows of U and V (when the
-block counts do not divide the features) are zero, never read by the output, and get zero gradients.
+block counts do not divide the features) are zero, never read by the output, and get zero gradients;
+that holds only while they are exactly zero (a NaN there reaches every output through 0 * NaN), so
+factors from outside (``from_factors``, a loaded checkpoint) are checked with :func:`check_padding`.
 The module knows nothing of kernels or compilers: it only calls ``torch.ops.blastfx.blast_matmul``.
 """
 from __future__ import annotations
@@ -19,6 +21,20 @@ from torch import nn
 
 from .layout import BlastShape
 from .ops import blast_matmul, blast_to_dense
+
+
+def check_padding(shape: BlastShape, U: torch.Tensor, V: torch.Tensor, where: str = "BLAST factors") -> None:
+    """``ValueError`` unless the padded rows of U (past ``out_features`` in the last block-row) and of V
+    (past ``in_features`` in the last block-column) are exactly zero; NaN and Inf count as nonzero."""
+    for name, factor, dim, dim_name, padded in (("U", U, shape.out_features, "out_features", shape.m_pad),
+                                                ("V", V, shape.in_features, "in_features", shape.n_pad)):
+        if padded == dim:
+            continue
+        bad = int(factor.detach().reshape(padded, shape.rank)[dim:].count_nonzero())
+        if bad:
+            raise ValueError(f"{where}: {bad} nonzero (or NaN/Inf) entries in the padding of {name}: rows {dim}.."
+                             f"{padded - 1} of its ({padded}, {shape.rank}) view lie past {dim_name}={dim} and "
+                             "must be zero")
 
 
 class BlastLinear(nn.Module):
@@ -55,6 +71,10 @@ class BlastLinear(nn.Module):
         if self.bias is not None:
             self.bias.uniform_(-1 / math.sqrt(n), 1 / math.sqrt(n))
 
+    def check_padding(self, where: str = "BlastLinear") -> None:
+        """``ValueError`` unless the padded rows of U and V are zero (see :func:`check_padding`)."""
+        check_padding(self.shape, self.U, self.V, where)
+
     def _zero_padding(self) -> None:
         s = self.shape
         self.U.view(s.m_pad, s.rank)[s.out_features:] = 0
@@ -78,8 +98,10 @@ class BlastLinear(nn.Module):
 
     @classmethod
     def from_factors(cls, factors, bias: torch.Tensor | None = None) -> "BlastLinear":
-        """Wrap :class:`blastfx.factorize.BlastFactors` (or any object with U, S, V and shape)."""
+        """Wrap :class:`blastfx.factorize.BlastFactors` (or any object with U, S, V and shape); the
+        padding must be zero."""
         s = factors.shape
+        check_padding(s, factors.U, factors.V, "BlastLinear.from_factors")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.shape = s

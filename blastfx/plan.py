@@ -8,15 +8,26 @@ from __future__ import annotations
 
 import heapq
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import torch
 
 from .config import BlastConfig
+from .factorize import METHODS
 from .layout import BlastShape, normalize_blocks
 
 PLAN_FORMAT = 1
 BUDGET_TOLERANCE = 0.01          # achieved kept fraction within +-1% (relative) of the budget
+KINDS = ("linear", "conv1d")
+
+
+def full_rank(m: int, n: int, blocks) -> int:
+    """min(m_pad, n_pad): the rank at which a BLAST matrix already represents every m x n matrix
+    (V_j the block-columns of the identity, U_i the blocks of row i, s = 1), so a larger rank only
+    spends parameters. It bounds every rank a plan may ask for, before anything is allocated."""
+    shape = BlastShape.make(m, n, 1, blocks, allow_larger=True)
+    return min(shape.m_pad, shape.n_pad)
 
 
 @dataclass
@@ -34,11 +45,55 @@ class LayerPlan:
 
     @property
     def shape(self) -> BlastShape:
-        return BlastShape.make(self.out_features, self.in_features, self.rank, self.blocks, allow_larger=True)
+        """The layer's geometry; ``ValueError`` if it cannot be represented or the rank is beyond
+        :func:`full_rank` (a plan asking for rank 10**12 is refused here, not by the allocator)."""
+        shape = BlastShape.make(self.out_features, self.in_features, self.rank, self.blocks, allow_larger=True)
+        limit = min(shape.m_pad, shape.n_pad)
+        if self.rank > limit:
+            raise ValueError(f"rank={self.rank} is more than {limit}, the rank at which a BLAST matrix with "
+                             f"blocks={self.blocks} already represents every {self.out_features}x{self.in_features} "
+                             "matrix")
+        return shape
 
     @property
     def params(self) -> int:
         return self.shape.num_params
+
+    @classmethod
+    def from_dict(cls, d, where: str = "layer") -> "LayerPlan":
+        """A layer plan from its JSON object, checked field by field (``ValueError`` naming ``where``
+        and the field): positive integer sizes, blocks that fit, a rank within :func:`full_rank`."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: must be an object, got {d!r}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        missing = sorted({f.name for f in fields(cls) if f.default is MISSING} - set(d))
+        if unknown:
+            raise ValueError(f"{where}: unknown field {unknown[0]!r} (fields: {sorted(names)})")
+        if missing:
+            raise ValueError(f"{where}: field {missing[0]!r} is missing")
+        for key in ("out_features", "in_features", "rank"):
+            value = d[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{where}.{key}: must be a positive integer, got {value!r}")
+        if not isinstance(d["blocks"], (list, tuple)):
+            raise ValueError(f"{where}.blocks: must be a pair [b_out, b_in], got {d['blocks']!r}")
+        if d.get("kind", "linear") not in KINDS:
+            raise ValueError(f"{where}.kind: must be one of {KINDS}, got {d.get('kind')!r}")
+        if not isinstance(d.get("bias", False), bool):
+            raise ValueError(f"{where}.bias: must be true or false, got {d.get('bias')!r}")
+        if d.get("method") is not None and d.get("method") not in METHODS:
+            raise ValueError(f"{where}.method: must be null or one of {METHODS}, got {d.get('method')!r}")
+        try:
+            lp = cls(**{**d, "blocks": tuple(d["blocks"])})
+            full_rank(lp.out_features, lp.in_features, lp.blocks)
+        except ValueError as err:
+            raise ValueError(f"{where}.blocks: {err}") from None
+        try:
+            lp.shape  # noqa: B018 -- bounds the rank
+        except ValueError as err:
+            raise ValueError(f"{where}.rank: {err}") from None
+        return lp
 
     @property
     def dense_params(self) -> int:
@@ -53,6 +108,8 @@ class Plan:
     dense_total: int = 0               # dense parameters of all compressible layers (targets or not)
     notes: list[str] = field(default_factory=list)
     dense: list[str] = field(default_factory=list)   # targets the allocation kept dense (not in layers)
+    objective: str | None = None       # what compress fitted: "weight", "output" or "loss"; None: nothing
+                                       # (init="random") or not recorded
 
     @property
     def kept_params(self) -> int:
@@ -69,7 +126,8 @@ class Plan:
         for name, lp in self.layers.items():
             by_shape.setdefault((lp.out_features, lp.in_features, lp.blocks, lp.rank), []).append(name)
         lines = [f"BLAST plan ({self.strategy}): {len(self.layers)} layers, budget {self.budget:.4f}, "
-                 f"kept {self.kept_params}/{self.dense_total} = {self.kept_fraction:.4f}"]
+                 f"kept {self.kept_params}/{self.dense_total} = {self.kept_fraction:.4f}"
+                 + (f", objective {self.objective}" if self.objective else "")]
         for (m, n, b, r), names in sorted(by_shape.items(), key=lambda kv: -len(kv[1])):
             frac = BlastShape.make(m, n, r, b, allow_larger=True).num_params / (m * n)
             lines.append(f"  {len(names):4d} x {m}x{n}  blocks={b}  rank={r}  ({frac:.1%} of dense)  e.g. {names[0]}")
@@ -82,28 +140,62 @@ class Plan:
     def to_dict(self) -> dict:
         return {"format": PLAN_FORMAT, "budget": self.budget, "strategy": self.strategy,
                 "dense_total": self.dense_total, "notes": self.notes, "dense": self.dense,
-                "layers": {k: asdict(v) for k, v in self.layers.items()}}
+                "objective": self.objective, "layers": {k: asdict(v) for k, v in self.layers.items()}}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Plan":
-        if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
-            raise ValueError(f"not a blastfx plan of format {PLAN_FORMAT}: format={d.get('format') if isinstance(d, dict) else d!r}")
-        try:
-            layers = {k: LayerPlan(**{**v, "blocks": tuple(v["blocks"])}) for k, v in d["layers"].items()}
-            return cls(layers, float(d["budget"]), d["strategy"], int(d["dense_total"]), list(d.get("notes", [])),
-                       list(d.get("dense", [])))
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"malformed blastfx plan: {err}") from None
+    def from_dict(cls, d: dict, source=None) -> "Plan":
+        """The plan ``d`` describes, every field checked before anything is built from it: a ``ValueError``
+        names ``source`` (the file it came from, if any) and the bad field."""
+        where = f"{source}: " if source is not None else ""
+
+        def bad(name, message):
+            raise ValueError(f"{where}blastfx plan field {name}: {message}")
+
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}a blastfx plan must be a JSON object, got {type(d).__name__}")
+        if d.get("format") != PLAN_FORMAT:
+            bad("'format'", f"this blastfx reads plan format {PLAN_FORMAT}, got {d.get('format')!r}")
+        unknown = sorted(set(d) - _PLAN_FIELDS)
+        if unknown:
+            bad(repr(unknown[0]), f"unknown (fields: {sorted(_PLAN_FIELDS)})")
+        for key in ("layers", "budget", "strategy", "dense_total"):
+            if key not in d:
+                bad(repr(key), "missing")
+        budget = d["budget"]
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
+            bad("'budget'", f"must be a number, got {budget!r}")
+        if not isinstance(d["strategy"], str):
+            bad("'strategy'", f"must be a string, got {d['strategy']!r}")
+        if isinstance(d["dense_total"], bool) or not isinstance(d["dense_total"], int) or d["dense_total"] < 0:
+            bad("'dense_total'", f"must be a non-negative integer, got {d['dense_total']!r}")
+        for key in ("notes", "dense"):
+            value = d.get(key, [])
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                bad(repr(key), f"must be a list of strings, got {value!r}")
+        if not isinstance(d["layers"], dict):
+            bad("'layers'", f"must be an object of layer name -> layer plan, got {type(d['layers']).__name__}")
+        layers = {name: LayerPlan.from_dict(v, f"{where}blastfx plan field layers[{name!r}]")
+                  for name, v in d["layers"].items()}
+        if d.get("objective") is not None and not isinstance(d["objective"], str):
+            bad("'objective'", f"must be a string or null, got {d['objective']!r}")
+        return cls(layers, float(budget), d["strategy"], d["dense_total"], list(d.get("notes", [])),
+                   list(d.get("dense", [])), d.get("objective"))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str, source=None) -> "Plan":
+        """Parse :meth:`to_json`'s text; ``source`` (a file name) is named in every error."""
         try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"blastfx plan is not valid JSON: {err}") from None
+            d = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{f'{source}: ' if source is not None else ''}blastfx plan is not valid JSON: "
+                             f"{err}") from None
+        return cls.from_dict(d, source)
+
+
+_PLAN_FIELDS = {"format", "budget", "strategy", "dense_total", "notes", "dense", "objective", "layers"}
 
 
 def check_budget(budget) -> float:
@@ -127,7 +219,8 @@ def rank_at(lp: LayerPlan, blocks: tuple[int, int], multiple: int) -> int:
     """The rank whose parameter count with ``blocks`` is nearest ``lp``'s planned one (a fair comparison
     of block counts: within half a rank step of equal parameters)."""
     per_rank = _params_per_rank(lp.out_features, lp.in_features, blocks)
-    return max(multiple, multiple * round(lp.params / per_rank / multiple))
+    rank = max(multiple, multiple * round(lp.params / per_rank / multiple))
+    return min(rank, full_rank(lp.out_features, lp.in_features, blocks))
 
 
 def _params_per_rank(m, n, blocks) -> int:
@@ -173,7 +266,7 @@ def _error_curve(lp: LayerPlan, tail: torch.Tensor, multiple: int, allow_dense: 
     Why a hull: the greedy below is optimal on convex curves, and the dense point breaks convexity
     where the spectrum is flat (BLAST at ~97% of the dense parameters still drops a third of the rank
     of a 576 x 1536 layer). On the hull, a flat layer jumps straight to dense when that is worth it."""
-    points, r = [], multiple
+    points, r = [], min(multiple, full_rank(lp.out_features, lp.in_features, lp.blocks))
     while True:
         shape = BlastShape.make(lp.out_features, lp.in_features, r, lp.blocks, allow_larger=True)
         if shape.num_params > lp.dense_params and points:      # the smallest rank stays, as in "uniform"
@@ -207,7 +300,7 @@ def _allocate_by_error(plan: Plan, adjustable: list[str], target: int, multiple:
         tail = torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])
         tail = tail / s2.sum().clamp_min(1e-300) if relative else tail
         curves[k], at[k] = _error_curve(plan.layers[k], tail, multiple, allow_dense), 0
-        plan.layers[k].rank = multiple
+        plan.layers[k].rank = curves[k][0][2]          # the smallest rank: one step, or the full rank
 
     def ratio(k):
         (p0, e0, _), (p1, e1, _) = curves[k][at[k]], curves[k][at[k] + 1]

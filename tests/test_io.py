@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -21,7 +22,8 @@ def compressed():
 def test_save_load_round_trip(tmp_path, compressed):
     model, x, ref = compressed
     blastfx.save(model, tmp_path / "ckpt")
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["blastfx.json", "model.safetensors"]
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert names[0] == "blastfx.json" and len(names) == 2 and re.fullmatch(r"model-[0-9a-f]{16}\.safetensors", names[1])
     loaded = blastfx.load(tmp_path / "ckpt", models.tiny_llama())
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, ref)
@@ -43,7 +45,7 @@ def test_save_replaces_atomically_and_cleans_up_on_failure(tmp_path, compressed,
     model, x, ref = compressed
     target = tmp_path / "ckpt"
     blastfx.save(model, target)
-    before = (target / "model.safetensors").read_bytes()
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
     import blastfx.io as bio
 
     def broken(*a, **k):
@@ -52,8 +54,8 @@ def test_save_replaces_atomically_and_cleans_up_on_failure(tmp_path, compressed,
     monkeypatch.setattr(bio, "save_model", broken)
     with pytest.raises(OSError, match="disk full"):
         blastfx.save(model, target)
-    assert (target / "model.safetensors").read_bytes() == before          # old checkpoint intact
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]          # no temp dirs left
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before  # old checkpoint intact, no temp files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 def test_corrupt_and_mismatched_checkpoints(tmp_path, compressed):
@@ -64,8 +66,9 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path, compressed):
 
     bad = tmp_path / "bad"
     blastfx.save(model, bad)
-    data = (bad / "model.safetensors").read_bytes()
-    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    weights = next(bad.glob("model-*.safetensors"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
     fresh = models.tiny_llama()
     with pytest.raises(ValueError, match="corrupt checkpoint weights"):
         blastfx.load(bad, fresh)
