@@ -2,7 +2,7 @@
 from . import ops  # registers torch.ops.blastfx.*
 from ._version import __version__
 from .kernels import dispatch as _dispatch
-from .api import compress, plan_for
+from .api import BudgetWarning, WeightOnlyWarning, compress, plan_for
 from .config import BlastConfig, LayerOverride
 from .factorize import BlastFactors, factorize
 from .layout import BlastShape
@@ -15,6 +15,6 @@ from .recovery import FinetuneState, finetune, teacher_generate
 
 _dispatch.register()
 
-__all__ = ["Analysis", "BlastConfig", "BlastFactors", "BlastLinear", "BlastShape", "FinetuneState", "LayerOverride",
+__all__ = ["Analysis", "BlastConfig", "BudgetWarning", "WeightOnlyWarning", "BlastFactors", "BlastLinear", "BlastShape", "FinetuneState", "LayerOverride",
            "LayerPlan", "Plan", "analyze", "blast_matmul", "blast_matmul_reference", "blast_to_dense", "compress",
            "factorize", "finetune", "from_pretrained", "load", "plan_for", "save", "teacher_generate", "__version__"]

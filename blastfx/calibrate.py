@@ -12,6 +12,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .calibration_data import forward_takes
+from .config import FISHER_FLOOR
+from .progress import progress_bar
+
 
 def run_batch(model: nn.Module, batch, device):
     if torch.is_tensor(batch):
@@ -54,7 +58,7 @@ def check_reached(names, collected) -> None:
 
 
 @torch.no_grad()
-def collect_covariances(model: nn.Module, names, batches) -> dict[str, torch.Tensor]:
+def collect_covariances(model: nn.Module, names, batches, progress: bool = False) -> dict[str, torch.Tensor]:
     """{layer: mean x x^T over all calibration tokens} for the named linear layers."""
     names = list(names)
     device = next(model.parameters()).device
@@ -62,7 +66,7 @@ def collect_covariances(model: nn.Module, names, batches) -> dict[str, torch.Ten
     model.eval()
     try:
         with _covariance_hooks(model, names) as (covs, counts):
-            for batch in batches:
+            for batch in progress_bar(batches, enabled=progress, desc=f"input covariances of {len(names)} layers"):
                 run_batch(model, batch, device)
     finally:
         model.train(was_training)
@@ -70,24 +74,47 @@ def collect_covariances(model: nn.Module, names, batches) -> dict[str, torch.Ten
     return {n: covs[n] / counts[n] for n in names}
 
 
-def batch_loss(model: nn.Module, batch, device) -> torch.Tensor:
-    """The model's own loss on a calibration batch: ``output.loss`` (an HF model given ``input_ids``
-    and no ``labels`` gets ``labels=input_ids``, i.e. next-token cross-entropy), or a scalar output."""
-    if isinstance(batch, dict) and "input_ids" in batch and "labels" not in batch:
-        batch = {**batch, "labels": batch["input_ids"]}
-    out = run_batch(model, batch, device)
+def with_labels(model: nn.Module, batch):
+    """An HF model given ``input_ids`` and no ``labels`` gets ``labels=input_ids`` (next-token
+    cross-entropy), when its forward takes ``labels``."""
+    if isinstance(batch, dict) and "input_ids" in batch and "labels" not in batch and forward_takes(model, "labels"):
+        return {**batch, "labels": batch["input_ids"]}
+    return batch
+
+
+def _scalar_loss(out) -> torch.Tensor | None:
+    """``output.loss`` / ``output["loss"]``, or the output itself if it is a scalar; None otherwise."""
     loss = getattr(out, "loss", None)
     if loss is None and isinstance(out, dict):
         loss = out.get("loss")
     if loss is None and torch.is_tensor(out) and out.dim() == 0:
         loss = out
-    if loss is None or not torch.is_tensor(loss) or loss.dim() != 0:
+    return loss if torch.is_tensor(loss) and loss.dim() == 0 else None
+
+
+def batch_loss(model: nn.Module, batch, device) -> torch.Tensor:
+    """The model's own loss on a calibration batch (see :func:`with_labels`), or a scalar output."""
+    loss = _scalar_loss(run_batch(model, with_labels(model, batch), device))
+    if loss is None:
         raise ValueError("the loss-aware objective needs calibration batches the model returns a scalar loss on "
                          "(HF models: dicts with input_ids; plain modules: a module whose forward returns the loss)")
     return loss
 
 
-def collect_output_fisher(model: nn.Module, names, batches, damping: float = 0.01) -> dict[str, torch.Tensor]:
+@torch.no_grad()
+def returns_loss(model: nn.Module, batch) -> bool:
+    """Whether the model returns a scalar loss on ``batch`` (one forward pass in eval mode): what
+    decides the ``"auto"`` objective and strategy."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _scalar_loss(run_batch(model, with_labels(model, batch), next(model.parameters()).device)) is not None
+    finally:
+        model.train(was_training)
+
+
+def collect_output_fisher(model: nn.Module, names, batches, damping: float = FISHER_FLOOR,
+                          progress: bool = False) -> dict[str, torch.Tensor]:
     """{layer: mean over calibration tokens of (dL/dy)^2, per output channel (out_features,)}, plus
     ``damping`` times its mean (so no output is left unfitted because its gradient was tiny here).
 
@@ -116,7 +143,7 @@ def collect_output_fisher(model: nn.Module, names, batches, damping: float = 0.0
     try:
         for m in modules.values():
             m.weight.requires_grad_(True)          # so every target output is in the graph
-        for batch in batches:
+        for batch in progress_bar(batches, enabled=progress, desc=f"loss Fisher of {len(names)} layers' outputs"):
             outputs.clear()
             loss = batch_loss(model, batch, device)
             grads = torch.autograd.grad(loss, [o for _, o in outputs], allow_unused=True)
@@ -135,6 +162,26 @@ def collect_output_fisher(model: nn.Module, names, batches, damping: float = 0.0
     check_reached(names, sums)
     fisher = {n: sums[n] / counts[n] for n in names}
     return {n: f + damping * f.mean() for n, f in fisher.items()}
+
+
+def singular_covariance_error(names, covariances, damping: float) -> ValueError:
+    """The error for input covariances still singular after damping, naming the layers whose damped
+    covariance has no Cholesky factor (all of ``names`` when none fails on its own)."""
+    from .factorize.weighted import damped_cholesky
+
+    bad = []
+    for n in names:
+        c = covariances[n].float()
+        c = c / c.diagonal().mean().clamp_min(1e-30)
+        try:
+            damped_cholesky(c.unsqueeze(0), damping)
+        except torch.linalg.LinAlgError:
+            bad.append(n)
+    bad = bad or list(names)
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    return ValueError(f"the input covariance of layer {bad[0]!r}{more} is singular even with calibration_damping="
+                      f"{damping:g}: its calibration inputs span too few directions. Pass a larger damping, e.g. "
+                      f"BlastConfig(calibration_damping={damping * 10:g}), or more varied calibration data")
 
 
 def text_batches(tokenizer, tokens: int = 8192, seq_len: int = 512, texts=None, batch_size: int = 4):

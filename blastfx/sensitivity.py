@@ -11,12 +11,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .calibrate import singular_covariance_error
+from .config import CALIBRATION_DAMPING
 from .factorize import factorize
 from .passes.substitute import MAX_BATCH_ELEMENTS, dense_weight
 from .plan import Plan, block_candidates, rank_at
 
 
-def layer_spectra(model: nn.Module, names, covariances=None, damping: float = 0.01,
+def layer_spectra(model: nn.Module, names, covariances=None, damping: float = CALIBRATION_DAMPING,
                   output_weights=None) -> dict[str, torch.Tensor]:
     """Singular values of each named layer's weight, for the error-aware planner. With input
     covariances C = L L^T, those of W L: their tail energy at rank r is exactly the *output* error of
@@ -31,7 +33,10 @@ def layer_spectra(model: nn.Module, names, covariances=None, damping: float = 0.
         if output_weights is not None:
             W = W * output_weights[k].to(W).clamp_min(0).sqrt().unsqueeze(-1)
         if covariances is not None:
-            W = W @ damped_cholesky(covariances[k].to(W).unsqueeze(0), damping)[0]
+            try:
+                W = W @ damped_cholesky(covariances[k].to(W).unsqueeze(0), damping)[0]
+            except torch.linalg.LinAlgError as err:
+                raise singular_covariance_error([k], covariances, damping) from err
         spectra[k] = torch.linalg.svdvals(W).cpu()
     return spectra
 
@@ -54,9 +59,14 @@ def block_errors(model: nn.Module, plan: Plan, config, covariances=None) -> dict
             W = torch.stack([dense_weight(model.get_submodule(k)) for k in part])
             C = None if covariances is None else torch.stack([covariances[k].to(W.device) for k in part])
             for blocks in block_candidates(m, n, config.block_choices):
-                f = factorize(W, rank_at(lp, blocks, config.rank_multiple), blocks, method="als",
-                              iters=config.probe_iters, allow_larger=True, calibration=C,
-                              calibration_damping=config.calibration_damping)
+                try:
+                    f = factorize(W, rank_at(lp, blocks, config.rank_multiple), blocks, method="als",
+                                  iters=config.probe_iters, allow_larger=True, calibration=C,
+                                  calibration_damping=config.calibration_damping)
+                except torch.linalg.LinAlgError as err:
+                    if C is None:
+                        raise
+                    raise singular_covariance_error(part, covariances, config.calibration_damping) from err
                 err = f.output_error if C is not None else f.rel_error
                 for k, name in enumerate(part):
                     errors.setdefault(name, {})[blocks] = err[k].item()

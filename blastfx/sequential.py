@@ -20,9 +20,11 @@ import copy
 import torch
 from torch import nn
 
-from .calibrate import check_reached, collect_covariances, run_batch
+from .calibrate import check_reached, collect_covariances, run_batch, singular_covariance_error
+from .config import CALIBRATION_DAMPING
 from .passes.analyze import block_of
 from .passes.substitute import build_layers, dense_weight, swap_modules
+from .progress import progress_bar
 
 
 class _Stop(Exception):
@@ -77,7 +79,7 @@ def _chain_blocks(model: nn.Module, names) -> list[str] | None:
 
 
 @torch.no_grad()
-def _capture(model: nn.Module, blocks: list[str], batches, device):
+def _capture(model: nn.Module, blocks: list[str], batches, device, progress: bool = False):
     """One forward pass per batch with every block hooked. Returns the first block's input stream per
     batch, {block: [(input on batch 0 else None, other arguments)] per batch}, the blocks' call order
     on batch 0 and the last block's output on batch 0; None if a block is not called on a stream."""
@@ -103,7 +105,7 @@ def _capture(model: nn.Module, blocks: list[str], batches, device):
     handles = [model.get_submodule(b).register_forward_pre_hook(pre_for(b), with_kwargs=True) for b in blocks]
     handles.append(model.get_submodule(blocks[-1]).register_forward_hook(post))
     try:
-        for batch in batches:
+        for batch in progress_bar(batches, enabled=progress, desc=f"capturing the inputs of {len(blocks)} blocks"):
             run_batch(model, batch, device)
     except _Stop:
         return None
@@ -181,9 +183,9 @@ def _stage_statistics(dense_block, block, prefix, names, dense_stream, stream, r
     return {n: (cc / count, dc / count) for n, (cc, dc) in sums.items()}
 
 
-def compress_sequential(model: nn.Module, plan, batches, build: dict) -> None:
+def compress_sequential(model: nn.Module, plan, batches, build: dict) -> dict[str, nn.Module]:
     """Calibrate and swap block by block (see the module docstring). All-or-nothing: every swap is
-    undone if a later block fails."""
+    undone if a later block fails (or is interrupted). Returns the replaced modules, by name."""
     device = next(model.parameters()).device
     blocks = _chain_blocks(model, list(plan.layers))
     swapped: dict[str, nn.Module] = {}
@@ -191,7 +193,8 @@ def compress_sequential(model: nn.Module, plan, batches, build: dict) -> None:
     model.eval()
     try:
         chain = None
-        captured = _capture(model, blocks, batches, device) if blocks is not None else None
+        captured = _capture(model, blocks, batches, device, build.get("progress", False)) \
+            if blocks is not None else None
         if captured is not None:
             streams, rests, order, last_out = captured
             if order == blocks and last_out is not None and _replays_the_model(model, blocks, rests, last_out):
@@ -208,22 +211,37 @@ def compress_sequential(model: nn.Module, plan, batches, build: dict) -> None:
     if chain is None:
         plan.notes.append("sequential: the blocks are not a chain; each block calibrated on the compressed "
                           "model's activations without error feedback")
+    return swapped
+
+
+def _blocks_bar(blocks, build: dict, what: str):
+    return progress_bar(blocks, enabled=build.get("progress", False), desc=what, unit="block")
+
+
+def _corrected_targets(model, stats: dict, damping: float) -> dict[str, torch.Tensor]:
+    targets = {}
+    for n, (cc, dc) in stats.items():
+        try:
+            targets[n] = corrected_target(dense_weight(model.get_submodule(n)), cc, dc, damping)
+        except torch.linalg.LinAlgError as err:
+            raise singular_covariance_error([n], {n: cc}, damping) from err
+    return targets
 
 
 def _sequential_chain(model, plan, blocks, streams, rests, build, swapped) -> None:
     dense_stream = streams
     stream = [s.clone() for s in streams]
-    damping = build.get("calibration_damping", 0.01)
-    for b in blocks:
+    damping = build.get("calibration_damping", CALIBRATION_DAMPING)
+    quiet = {**build, "progress": False}            # one bar over the blocks, none per stage
+    for b in _blocks_bar(blocks, build, "sequential calibration with error feedback"):
         block = model.get_submodule(b)
         dense_block = copy.deepcopy(block)
         names = [n for n in plan.layers if block_of(n) == b]
         for stage in _stages(block, b, names, stream[0], rests[b][0][1]):
             stats = _stage_statistics(dense_block, block, b, stage, dense_stream, stream, rests[b])
-            targets = {n: corrected_target(dense_weight(model.get_submodule(n)), cc, dc, damping)
-                       for n, (cc, dc) in stats.items()}
+            targets = _corrected_targets(model, stats, damping)
             new = build_layers(model, plan, covariances={n: cc for n, (cc, _) in stats.items()}, names=set(stage),
-                               targets=targets, **build)
+                               targets=targets, **quiet)
             swapped.update(swap_modules(model, new))
         with torch.no_grad():
             dense_stream = [_call(dense_block, h, rest) for h, (_, rest) in zip(dense_stream, rests[b])]
@@ -235,6 +253,8 @@ def _sequential_full_passes(model, plan, batches, build, swapped) -> None:
     groups: dict[str, list[str]] = {}
     for name in plan.layers:
         groups.setdefault(block_of(name), []).append(name)
-    for names in groups.values():
+    quiet = {**build, "progress": False}
+    for block in _blocks_bar(list(groups), build, "sequential calibration, one full pass per block"):
+        names = groups[block]
         covs = collect_covariances(model, names, batches)
-        swapped.update(swap_modules(model, build_layers(model, plan, covariances=covs, names=set(names), **build)))
+        swapped.update(swap_modules(model, build_layers(model, plan, covariances=covs, names=set(names), **quiet)))

@@ -73,6 +73,7 @@ def test_collect_covariances_matches_direct_computation():
     assert not model[0]._forward_pre_hooks            # hooks removed
 
 
+@pytest.mark.filterwarnings("ignore::blastfx.api.WeightOnlyWarning")     # the uncalibrated baseline
 @pytest.mark.parametrize("sequential", [False, True])
 def test_compress_with_calibration_lowers_output_error(sequential):
     torch.manual_seed(0)
@@ -92,10 +93,21 @@ def test_compress_with_calibration_lowers_output_error(sequential):
 
 
 def test_calibration_that_misses_layers_is_an_error_and_model_untouched():
-    model = models.tiny_mlp()
-    with pytest.raises(ValueError, match="a calibration batch must be"):
-        blastfx.compress(model, 0.5, config=BlastConfig(include=("*",), progress=False), calibration=["text"])
+    class Dead(torch.nn.Module):                       # "b" is never called in forward
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(48, 48), torch.nn.Linear(48, 48)
+
+        def forward(self, x):
+            return self.a(x)
+
+    model = Dead()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="never reached 1 target layers"):
+        blastfx.compress(model, 0.5, config=BlastConfig(include=("*",), progress=False),
+                         calibration=[torch.randn(4, 48)], example_inputs=torch.randn(4, 48))
     assert not any(isinstance(m, blastfx.BlastLinear) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_error_strategy_uses_output_sensitivity_with_calibration():

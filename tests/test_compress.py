@@ -1,5 +1,7 @@
 """compress() on every supported family: exact where the structure allows it, budgets met, the
 model's own API kept, and all-or-nothing behaviour on errors."""
+import copy
+import threading
 import warnings
 
 import pytest
@@ -12,6 +14,8 @@ from blastfx.passes.substitute import dense_weight
 import models
 
 QUIET = dict(progress=False)
+# most tests here compress random-init models without calibration on purpose
+pytestmark = pytest.mark.filterwarnings("ignore::blastfx.api.WeightOnlyWarning")
 
 
 def inputs_for(name, model):
@@ -98,6 +102,7 @@ def test_hf_generate_keeps_working():
     assert torch.equal(model.generate(x, max_new_tokens=6, do_sample=False), ref)
 
 
+@pytest.mark.requires("diffusers")
 def test_dit_pipeline_end_to_end():
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
 
@@ -232,3 +237,138 @@ def test_module_called_twice_is_counted_twice():
 
     a = blastfx.analyze(Twice(), torch.randn(3, 32))
     assert a.sites["f"].calls == 2 and a.sites["f"].tokens == 6
+
+
+class SwapTrap(nn.Module):
+    """Two linears; assigning a BlastLinear to ``second`` raises KeyboardInterrupt (Ctrl-C mid-swap)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def __setattr__(self, name, value):
+        if name == "second" and isinstance(value, BlastLinear):
+            raise KeyboardInterrupt
+        super().__setattr__(name, value)
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_interrupt_during_the_swap_restores_the_model(sequential):
+    model = nn.Sequential(SwapTrap())
+    originals = dict(model[0].named_children())
+    x = torch.randn(16, 64)
+    with pytest.raises(KeyboardInterrupt):
+        blastfx.compress(model, 0.5, config=BlastConfig(include=("*",), sequential=sequential, iters=2, **QUIET),
+                         calibration=[x], example_inputs=x)
+    assert dict(model[0].named_children()) == originals          # the very same modules, none half-swapped
+    assert not hasattr(model, "blastfx_plan")
+
+
+def test_budget_below_the_smallest_structure_warns_with_what_is_kept():
+    model = models.tiny_mlp()
+    with pytest.warns(blastfx.api.BudgetWarning) as record:
+        blastfx.compress(model, 1e-9, config=BlastConfig(include="*", init="random", **QUIET))
+    plan = model.blastfx_plan
+    assert plan.kept_fraction > 0.02                                 # rank 1 everywhere: far above 1e-9
+    message = str(record[0].message)
+    assert "budget 1e-09 asked" in message and f"keeps {plan.kept_fraction:.4f}" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", blastfx.api.BudgetWarning)
+        blastfx.plan_for(models.tiny_mlp(), 0.5, BlastConfig(include="*", **QUIET))     # a budget it can keep
+        small = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))                  # keeps a little less: no warning
+        assert blastfx.plan_for(small, 0.5, BlastConfig(include="*", **QUIET)).kept_fraction < 0.5 * 0.99
+
+
+def test_weight_only_compression_warns_how_to_calibrate():
+    def warned(config, calibration=None):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            blastfx.compress(models.tiny_mlp(), 0.5, config=BlastConfig(include="*", iters=2, **config, **QUIET),
+                             calibration=calibration)
+        return [str(w.message) for w in record if issubclass(w.category, blastfx.api.WeightOnlyWarning)]
+
+    [message] = warned({})
+    assert "pass calibration=" in message.lower() and "100,000x" in message
+    assert warned({}, calibration=[torch.randn(8, 48)]) == []
+    assert warned({"init": "random"}) == []                           # nothing is fitted
+    assert warned({"method": "block_diagonal"}) == []                 # a structure that takes no calibration
+
+
+def test_auto_recipe_is_the_loss_recipe_when_the_model_returns_a_loss():
+    dense = models.tiny_llama()
+    batches = [{"input_ids": torch.randint(3, 128, (2, 16))} for _ in range(2)]
+    explicit = blastfx.plan_for(dense, 0.5, BlastConfig(objective="loss", strategy="loss", **QUIET),
+                                calibration=batches)
+    model = models.tiny_llama()
+    model.load_state_dict(dense.state_dict())
+    blastfx.compress(model, 0.5, config=BlastConfig(iters=3, **QUIET), calibration=batches)
+    plan = model.blastfx_plan
+    assert (plan.strategy, plan.objective) == ("loss", "loss")
+    assert plan.layers == explicit.layers and plan.dense == explicit.dense
+    assert any("recipe (auto)" in n and "returns a loss" in n for n in plan.notes)
+    assert model.config.blastfx["objective"] == "loss"
+    # the factors are those of the Fisher-weighted problem
+    from blastfx.calibrate import collect_covariances, collect_output_fisher
+    name = next(iter(plan.layers))
+    lp = plan.layers[name]
+    expected = blastfx.factorize(dense.get_submodule(name).weight.detach(), lp.rank, lp.blocks, iters=3,
+                                 calibration=collect_covariances(dense, [name], batches)[name],
+                                 output_weights=collect_output_fisher(dense, [name], batches)[name],
+                                 allow_larger=True)
+    torch.testing.assert_close(model.get_submodule(name).to_dense(), expected.to_dense(), rtol=1e-4, atol=1e-5)
+
+
+def test_auto_recipe_is_the_output_objective_without_a_loss_and_the_weights_without_calibration():
+    model = models.tiny_llama()
+    tensors = [torch.randint(3, 128, (2, 16))]                    # positional input_ids: no labels, no loss
+    plan = blastfx.plan_for(model, 0.5, BlastConfig(**QUIET), calibration=tensors)
+    assert (plan.strategy, plan.objective) == ("uniform", "output")
+    assert any("returns no loss" in n for n in plan.notes)
+    plan = blastfx.plan_for(model, 0.5, BlastConfig(**QUIET))
+    assert (plan.strategy, plan.objective) == ("uniform", "weight")
+    assert blastfx.Plan.from_json(plan.to_json()).objective == "weight"
+
+
+def test_two_threads_compress_as_in_series():
+    """torch.export is not thread-safe: without the export lock both analyses fell back to module
+    discovery with a warning."""
+    dense = [models.tiny_llama(), models.tiny_llama()]
+    batches = [[torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(k))] for k in range(2)]
+    cfg = BlastConfig(include="*.mlp.*", iters=2, **QUIET)
+
+    def run(k, into):
+        into[k] = copy.deepcopy(dense[k])
+        blastfx.compress(into[k], 0.5, config=cfg, calibration=batches[k])
+
+    serial, threaded = {}, {}
+    for k in range(2):
+        run(k, serial)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        threads = [threading.Thread(target=run, args=(k, threaded)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert [str(w.message) for w in record] == []
+    for k in range(2):
+        assert "not traced" not in threaded[k].blastfx_plan.summary()
+        a, b = serial[k].state_dict(), threaded[k].state_dict()
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
+def test_singular_covariance_names_the_layer_and_suggests_more_damping():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    x = torch.randn(256, 1) @ torch.randn(1, 64)                    # inputs of rank 1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = BlastConfig(include="*", calibration_damping=1e-12, objective="output", strategy="uniform", **QUIET)
+    with pytest.raises(ValueError, match=r"input covariance of layer '0'.*singular even with calibration_damping="
+                                         r"1e-12.*calibration_damping=1e-11"):
+        blastfx.compress(model, 0.5, config=cfg, calibration=[x], example_inputs=x)
+    assert not any(isinstance(m, BlastLinear) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -424,3 +424,18 @@ def test_first_format_checkpoints_still_load_with_a_warning(tmp_path, two_models
     with pytest.warns(UserWarning, match="without a checksum"):
         out = outputs_of(folder, x)
     torch.testing.assert_close(out, ya)
+
+
+def test_compressing_an_hf_model_twice_round_trips_through_save_pretrained(tmp_path):
+    """The plan recorded in config.json covers the layers of both compress calls."""
+    torch.manual_seed(0)
+    model = models.tiny_llama()
+    blastfx.compress(model, 0.5, config=BlastConfig(init="random", include="*.mlp.*", **QUIET))
+    blastfx.compress(model, 0.5, config=BlastConfig(init="random", include="*.self_attn.*", **QUIET))
+    n_blast = sum(isinstance(m, BlastLinear) for m in model.modules())
+    assert len(model.config.blastfx["layers"]) == n_blast == 14
+    model.save_pretrained(tmp_path)
+    loaded = blastfx.from_pretrained(tmp_path)
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)

@@ -127,7 +127,7 @@ def factorize(W, rank: int, blocks=(1, 1), method: str = "als", *, iters: int | 
               tol: float = 1e-4, target_error: float | None = None, damping: float = 1e-5,
               delta: float = 0.1, init: str | None = None, seed: int = 0, device=None,
               allow_larger: bool = False, progress: bool = False, calibration=None,
-              calibration_damping: float = 0.01, output_weights=None) -> BlastFactors:
+              calibration_damping: float | None = None, output_weights=None) -> BlastFactors:
     """Fit BLAST factors of the given ``rank`` and ``blocks=(b_out, b_in)`` to the weight ``W``.
 
     Args:
@@ -144,7 +144,8 @@ def factorize(W, rank: int, blocks=(1, 1), method: str = "als", *, iters: int | 
         calibration: the covariance C = X^T X (n, n) [or (B, n, n)] of the layer's inputs. Then the
             output error ||(W - What) X^T|| is minimized instead of ||W - What|| ("als": weighted ALS
             from the whitened SVD; "lowrank": the whitened SVD itself). See :mod:`.weighted`.
-        calibration_damping: C + damping * mean(diag C) * I is used (GPTQ-style).
+        calibration_damping: C + damping * mean(diag C) * I is used (GPTQ-style); None: the library's
+            default, :data:`blastfx.config.CALIBRATION_DAMPING`.
         output_weights: non-negative weights (m,) [or (B, m)] of the output rows, e.g. the diagonal
             Fisher of the layer's outputs: ||diag(w)^{1/2} (W - What) X^T|| is minimized. A row scaling
             keeps the block structure (it scales rows of U_i), so the weighted problem is solved exactly
@@ -179,6 +180,9 @@ def factorize(W, rank: int, blocks=(1, 1), method: str = "als", *, iters: int | 
     if C is not None:
         C = F.pad(C.to(device=A.device, dtype=dtype), (0, shape.n_pad - n, 0, shape.n_pad - n))
         C = C / C.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30).view(-1, 1, 1)
+        if calibration_damping is None:
+            from ..config import CALIBRATION_DAMPING       # config imports this package: import at call time
+            calibration_damping = CALIBRATION_DAMPING
         L = damped_cholesky(C, calibration_damping)
         U, S, V = whitened_svd_init(A_pad, L, b_out, b_in, r)
         if method == "als":

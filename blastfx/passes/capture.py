@@ -6,10 +6,18 @@ registry keyed by class name so new families are one function away.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
 INPUT_BUILDERS = {}
+
+# torch.export keeps state in process-wide Python objects (the pre-dispatch mode stack of
+# torch._ops), so two exports running at once in different threads corrupt each other ("Trying to
+# pop empty mode stack", fake tensors leaking into the other graph). Exports are therefore one at a
+# time; plain forward passes in other threads are not affected and need no lock.
+_EXPORT_LOCK = threading.Lock()
 
 
 def input_builder(*class_names):
@@ -96,11 +104,13 @@ def normalize_example_inputs(example_inputs):
 
 
 def export_graph(model: nn.Module, args, kwargs):
-    """torch.export (non-strict) of the model in eval mode, restoring its training flag."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return torch.export.export(model, args, kwargs, strict=False)
-    finally:
-        model.train(was_training)
+    """torch.export (non-strict) of the model in eval mode, restoring its training flag. Thread-safe:
+    concurrent calls wait for each other (see ``_EXPORT_LOCK``)."""
+    with _EXPORT_LOCK:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return torch.export.export(model, args, kwargs, strict=False)
+        finally:
+            model.train(was_training)

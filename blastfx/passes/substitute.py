@@ -12,8 +12,11 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from ..calibrate import singular_covariance_error
+from ..config import CALIBRATION_DAMPING
 from ..factorize import factorize
 from ..nn import BlastLinear
+from ..progress import progress_bar
 
 MAX_BATCH_ELEMENTS = 1 << 27          # weights per batched factorization call (512 MB in fp32)
 
@@ -26,7 +29,7 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 
 def build_layers(model: nn.Module, plan, *, init: str = "factorize", method: str = "als", iters=None,
                  tol: float = 1e-4, progress: bool = True, empty: bool = False, covariances=None,
-                 calibration_damping: float = 0.01, names=None, output_weights=None,
+                 calibration_damping: float = CALIBRATION_DAMPING, names=None, output_weights=None,
                  targets=None) -> dict[str, BlastLinear]:
     """New BlastLinear modules for ``plan`` (the model is not modified). ``empty``: allocate only
     (for loading a checkpoint into). ``covariances``: {layer: input covariance} for calibration-aware
@@ -51,10 +54,8 @@ def build_layers(model: nn.Module, plan, *, init: str = "factorize", method: str
             new[name] = layer
         else:
             groups[(lp.out_features, lp.in_features, lp.rank, lp.blocks, lp.method or method, w.device)].append(name)
-    bar = None
-    if groups and progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=sum(len(v) for v in groups.values()), desc="blastfx: factorizing", unit="layer")
+    bar = progress_bar(enabled=progress and bool(groups), desc="factorizing", unit="layer",
+                       total=sum(len(v) for v in groups.values()))
     for (m, n, rank, blocks, meth, _), names in groups.items():
         chunk = max(1, MAX_BATCH_ELEMENTS // (m * n))
         for start in range(0, len(names), chunk):
@@ -66,28 +67,32 @@ def build_layers(model: nn.Module, plan, *, init: str = "factorize", method: str
                                                                      for k, mod in zip(part, modules)])
             weights = [dense_weight(mod) if targets is None or k not in targets else targets[k].to(mod.weight)
                        for k, mod in zip(part, modules)]
-            factors = factorize(torch.stack(weights), rank, blocks, method=meth,
-                                iters=iters, tol=tol, allow_larger=True, calibration=cal,
-                                calibration_damping=calibration_damping, output_weights=rows)
+            try:
+                factors = factorize(torch.stack(weights), rank, blocks, method=meth,
+                                    iters=iters, tol=tol, allow_larger=True, calibration=cal,
+                                    calibration_damping=calibration_damping, output_weights=rows)
+            except torch.linalg.LinAlgError as err:
+                if covariances is None:
+                    raise
+                raise singular_covariance_error(part, covariances, calibration_damping) from err
             for k, (name, mod) in enumerate(zip(part, modules)):
                 new[name] = BlastLinear.from_factors(factors[k].to(mod.weight.dtype), mod.bias)
-            if bar is not None:
-                bar.update(len(part))
-    if bar is not None:
-        bar.close()
+            bar.update(len(part))
+    bar.close()
     return new
 
 
 def swap_modules(model: nn.Module, new: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    """Replace submodules by FQN; returns the old ones. On any failure the model is restored."""
+    """Replace submodules by FQN; returns the old ones. On any failure, an interrupt (Ctrl-C) included,
+    the model is restored before the exception propagates."""
     old: dict[str, nn.Module] = {}
     try:
         for name, module in new.items():
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            old[name] = getattr(parent, child)
+            old[name] = getattr(parent, child)       # recorded before the swap: restoring it is always safe
             setattr(parent, child, module)
-    except Exception:
+    except BaseException:
         swap_modules(model, old)
         raise
     return old

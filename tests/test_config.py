@@ -1,0 +1,82 @@
+"""BlastConfig / LayerOverride: every field checked when the config is made, and the "auto" recipe rule."""
+import math
+
+import pytest
+
+from blastfx import BlastConfig, LayerOverride
+from blastfx.config import CALIBRATION_DAMPING
+
+
+@pytest.mark.parametrize("field,value", [
+    ("iters", 0), ("iters", -1), ("iters", "10"), ("iters", True), ("iters", 2.5),
+    ("probe_iters", 0), ("probe_iters", False), ("rank_multiple", 0), ("rank_multiple", 8.0),
+    ("min_features", -1), ("min_features", "32"), ("min_features", True),
+    ("tol", -1e-4), ("tol", math.nan), ("tol", math.inf), ("tol", "1e-4"), ("tol", True),
+    ("calibration_damping", 0), ("calibration_damping", 0.0), ("calibration_damping", -0.01),
+    ("calibration_damping", math.nan), ("calibration_damping", math.inf), ("calibration_damping", "0.01"),
+    ("calibration_damping", True),
+    ("progress", "no"), ("sequential", 1), ("allow_dense", None),
+    ("blocks", 0), ("blocks", (4, 0)), ("blocks", True), ("block_choices", 4), ("block_choices", (4, 0)),
+    ("include", (1,)), ("include", ""), ("exclude", ("",)), ("overrides", ["*"]),
+    ("strategy", "fast"), ("objective", None), ("method", "svd"), ("init", "zeros"),
+])
+def test_bad_field_is_a_value_error_naming_it(field, value):
+    with pytest.raises(ValueError, match=field):
+        BlastConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field,value", [
+    ("rank", 0), ("rank", -8), ("rank", "8"), ("rank", True), ("rank", 8.0),
+    ("blocks", 0), ("blocks", (2, -1)), ("skip", "yes"), ("method", "svd"),
+])
+def test_bad_override_field_is_a_value_error_naming_pattern_and_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        LayerOverride(**{field: value})
+    with pytest.raises(ValueError, match=r"overrides\['\*\.q_proj'\].*" + field):
+        BlastConfig(overrides={"*.q_proj": {field: value}})
+
+
+def test_override_edited_after_it_was_made_is_checked_by_the_config():
+    o = LayerOverride(rank=8)
+    o.rank = 0
+    with pytest.raises(ValueError, match=r"overrides\['\*'\].*rank"):
+        BlastConfig(overrides={"*": o})
+    with pytest.raises(ValueError, match=r"overrides\['\*'\].*rnk"):
+        BlastConfig(overrides={"*": {"rnk": 8}})
+
+
+def test_good_values_are_kept_and_normalized():
+    import numpy as np
+    cfg = BlastConfig(iters=np.int64(12), tol=0, min_features=0, calibration_damping=1e-6,
+                      overrides={"*": {"rank": 16}})
+    assert cfg.iters == 12 and type(cfg.iters) is int
+    assert cfg.tol == 0.0 and cfg.min_features == 0 and cfg.calibration_damping == 1e-6
+    assert cfg.overrides["*"] == LayerOverride(rank=16)
+    assert BlastConfig().calibration_damping == CALIBRATION_DAMPING
+
+
+def test_a_str_pattern_is_one_pattern_not_its_characters():
+    cfg = BlastConfig(include="*.q_proj", exclude="model.layers.0.*")
+    assert cfg.include == ("*.q_proj",) and cfg.exclude == ("model.layers.0.*",)
+    assert cfg.selects("model.layers.1.self_attn.q_proj", True, 64)
+    assert not cfg.selects("model.layers.0.self_attn.q_proj", True, 64)
+    assert not cfg.selects("model.layers.1.self_attn.k_proj", True, 64)
+    assert BlastConfig(include=["a", "b"]).include == ("a", "b")
+
+
+@pytest.mark.parametrize("calibrated,loss,init,expected", [
+    (True, True, "factorize", ("loss", "loss")),
+    (True, False, "factorize", ("output", "uniform")),
+    (False, False, "factorize", ("output", "uniform")),
+    (True, True, "random", ("output", "uniform")),         # nothing is fitted: calibration unused
+])
+def test_auto_recipe_rule(calibrated, loss, init, expected):
+    r = BlastConfig(init=init).resolved(calibrated=calibrated, returns_loss=loss)
+    assert (r.objective, r.strategy) == expected
+
+
+def test_explicit_recipe_is_kept():
+    cfg = BlastConfig(objective="output", strategy="error")
+    assert cfg.resolved(calibrated=True, returns_loss=True) is cfg
+    half = BlastConfig(strategy="uniform").resolved(calibrated=True, returns_loss=True)
+    assert (half.objective, half.strategy) == ("loss", "uniform")
