@@ -1,6 +1,6 @@
-"""End to end: a Llama-2-7B-shaped LlamaForCausalLM (random init, bf16, 32 layers) compressed at 0.5.
+"""End to end: a Llama-2-7B- or Llama-3-8B-shaped LlamaForCausalLM (random init, bf16, 32 layers) at 0.5.
 
-    python benchmarks/llama_e2e.py [--layers 32]
+    python benchmarks/llama_e2e.py [--model llama3-8b] [--layers 32] [--only decode]
 
 Greedy decode of 256 tokens at batch 1 with CUDA graphs (torch.compile mode="reduce-overhead"):
 dense under inductor vs blastfx under backend="blast"; prefill of 2048 tokens; one training step
@@ -22,10 +22,16 @@ from rows import add_arguments, measurements, record
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def build(layers, hidden=4096, inter=11008, heads=32):
+SHAPES = {   # the published configurations' shapes (random weights)
+    "llama2-7b": dict(hidden=4096, inter=11008, heads=32, kv_heads=32, vocab=32000),
+    "llama3-8b": dict(hidden=4096, inter=14336, heads=32, kv_heads=8, vocab=128256),
+}
+
+
+def build(layers, hidden=4096, inter=11008, heads=32, kv_heads=None, vocab=32000):
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=heads, vocab_size=32000, max_position_embeddings=4096)
+                      num_key_value_heads=kv_heads or heads, vocab_size=vocab, max_position_embeddings=4096)
     with torch.device(DEVICE):
         return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
 
@@ -123,9 +129,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--budget", type=float, default=0.5)
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--inter", type=int, default=11008)
-    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--model", choices=sorted(SHAPES), default="llama2-7b", help="which published shape")
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--train-tokens", type=int, default=4096)
     ap.add_argument("--lowering", default="auto", help='backend "blast" lowering option (auto, inline, extern)')
@@ -133,11 +137,13 @@ def main():
                     default=("train", "eager-prefill", "decode", "prefill"), help="which measurements to run")
     add_arguments(ap)
     args = ap.parse_args()
+    dims = SHAPES[args.model]
+    args.hidden = dims["hidden"]
     print(versions() if DEVICE == "cuda" else f"CPU; torch {torch.__version__}", flush=True)
     if DEVICE == "cuda" and "train" in args.only:   # first: quick, independent of the model runs
         train_step_table(args)
-    models = {"dense": (build(args.layers, args.hidden, args.inter, args.heads), "inductor")}
-    blast = build(args.layers, args.hidden, args.inter, args.heads)
+    models = {"dense": (build(args.layers, **dims), "inductor")}
+    blast = build(args.layers, **dims)
     blastfx.compress(blast, args.budget, config=BlastConfig(init="random", progress=False))
     models[f"blastfx {args.budget}"] = (blast, "blast")
     for name, (model, _) in models.items():
@@ -151,8 +157,7 @@ def main():
                 m, args.prefill, b, {"lowering": args.lowering} if b == "blast" else None), False)]
     rows = [r for r in rows if r[0] in args.only]
     print("\n| measurement | dense (inductor) | blastfx (blast) | blastfx vs dense |\n|---|---|---|---|", flush=True)
-    config = dict(layers=args.layers, hidden=args.hidden, inter=args.inter, heads=args.heads, budget=args.budget,
-                  b=4, dtype="bfloat16")
+    config = dict(layers=args.layers, budget=args.budget, b=4, dtype="bfloat16", **dims)
     for _, label, unit, measure, higher_is_better in rows:
         vals = []
         for model, backend in models.values():
@@ -161,7 +166,8 @@ def main():
         d, b = vals
         ratio = b / d if higher_is_better else d / b
         print(f"| {label}, {unit} | {d:.1f} | {b:.1f} | {ratio:.2f}x |", flush=True)
-        record("llama_e2e", measurements(label, config, [("dense", round(d, 3), unit), ("blastfx", round(b, 3), unit),
+        case = label if args.model == "llama2-7b" else f"{args.model}: {label}"
+        record("llama_e2e", measurements(case, config, [("dense", round(d, 3), unit), ("blastfx", round(b, 3), unit),
                                                          ("blastfx vs dense", round(ratio, 3), "x")]),
                directory=args.results_dir)
 

@@ -62,6 +62,12 @@ REGISTRY: dict[str, Benchmark] = {
         "One bf16 linear layer compressed to half its parameters, each call replayed from a CUDA graph over "
         "enough weight copies to stream them from HBM; \"blastfx vs dense\" is dense time / blastfx time in the "
         "same process (above 1: faster than dense)."),
+    "decode_stages": Benchmark(
+        "decode_stages.py", "Decode kernels: time per stage",
+        "per-stage time and bandwidth of the decode kernels, each launch mode, vs dense cuBLAS",
+        "yes", "1 min",
+        "One decode-sized BLAST call (budget 0.5) split into its stages: stage 1 streams V, stage 2 streams U; "
+        "each bandwidth is the factor bytes over the stage's time, beside a dense GEMV's on the same GPU."),
     "llama_e2e": Benchmark(
         "llama_e2e.py", "End to end: Llama-2-7B shape",
         "decode tok/s, prefill and training-step time of a Llama-2-7B-shaped model, dense vs blastfx 0.5",

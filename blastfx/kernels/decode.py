@@ -259,9 +259,12 @@ def pdl_supported(device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
-def blast_decode(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *, interpret: bool = False):
+def blast_decode(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *, interpret: bool = False,
+                 only_stage: int | None = None):
     """y (T, out_features) for T <= MAX_T; ``cfg["mode"]`` picks the launch scheme (see DEFAULT).
-    Under the interpreter every mode runs as two plain launches (programs run one at a time there)."""
+    Under the interpreter every mode runs as two plain launches (programs run one at a time there).
+    ``only_stage`` (1 or 2, two-launch modes) launches just that stage: a profile of where the time
+    goes (``benchmarks/decode_stages.py``); the output is then not the product."""
     cfg = {**DEFAULT, **(cfg or {})}
     T, n = x2.shape
     if T > MAX_T:
@@ -296,8 +299,11 @@ def blast_decode(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, 
         if mode == "pdl":
             launch["launch_pdl"] = True
         for stage, grid in ((1, shape.b_in * plan["Q_SPLIT"] * plan["R_TILES"]), (2, shape.b_out * plan["P_TILES"])):
-            _blast_decode_kernel[(grid,)](*args(grid), STAGE=stage, **const, **launch)
+            if only_stage in (None, stage):
+                _blast_decode_kernel[(grid,)](*args(grid), STAGE=stage, **const, **launch)
         return y
+    if only_stage is not None:
+        raise ValueError("only_stage needs a two-launch mode ('two' or 'pdl')")
     grid = cfg["per_sm"] * sms
     key = (_index(x2.device), shape, T, x2.dtype, tuple(sorted(cfg.items())), bias is not None,
            tuple(x2.stride()), tuple(U.stride()), tuple(V.stride()), tuple(S.stride()))
