@@ -99,10 +99,6 @@ class BlastShape:
         return self.out_features * self.in_features
 
     @property
-    def macs_per_token(self) -> int:
-        return self.num_params
-
-    @property
     def factor_shapes(self) -> dict[str, tuple[int, int, int]]:
         return {"U": (self.b_out, self.p, self.rank), "S": (self.b_out, self.b_in, self.rank),
                 "V": (self.b_in, self.q, self.rank)}

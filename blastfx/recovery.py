@@ -237,10 +237,3 @@ def teacher_generate(teacher, prompts, seq_len: int = 256, batch_size: int = 64,
             out[chunk] = res[:, :seq_len].cpu()
     return out
 
-
-def teacher_generate_batches(teacher, tokenizer, prompts, seq_len: int = 256, batch_size: int = 4,
-                             temperature: float = 1.0, seed: int = 0):
-    """``teacher_generate`` from text prompts, as a list of ``{"input_ids": ...}`` batches for finetune."""
-    ids = [tokenizer(p, return_tensors="pt").input_ids[0] for p in prompts]
-    data = teacher_generate(teacher, ids, seq_len, batch_size, temperature, seed=seed)
-    return [{"input_ids": data[i:i + batch_size]} for i in range(0, len(data), batch_size)]
