@@ -4,7 +4,7 @@ The backward (``blastfx.ops.blast_matmul_backward_reference``) needs ``w = mix(S
 ``gz = mix(S^T, gw)`` (for dx and dV) and ``dS[i, j] = sum_t gw_i * z_j``. In plain PyTorch those are
 batched matmuls over the rank: r batches of (b x b) @ (b x T) products and a T-long reduction into
 b x b outputs, each wrapped in permute copies. On an H100 that made one SmolLM2 distillation step
-spend 116 ms in copies and 125 ms in badly shaped batched GEMMs (benchmarks/RESULTS.md, section 4).
+spend 116 ms in copies and 125 ms in badly shaped batched GEMMs (``benchmarks/train_step_profile.py``).
 Here each program owns an r-slice and a range of T, reads z and gw once from their native (b, T, r)
 layout, writes w and gz, keeps dS's products in registers and leaves one fp32 dS partial for a small
 sum over T-ranges. Checked against ``blastfx.ops.grad_mix_reference``.
@@ -53,7 +53,7 @@ def _grad_mix_stream_kernel(z_ptr, g_ptr, s_ptr, w_ptr, gz_ptr, ds_ptr, T, R, B_
 
 
 # Up to this many block pairs (b_out * b_in, padded to powers of two) the CUDA op runs this kernel:
-# 3.9-6.9x the reference on an H100 at b = 4 (benchmarks/grad_mix_speed.py, RESULTS section 4). Above
+# 3.9-6.9x the reference on an H100 at b = 4 (benchmarks/grad_mix_speed.py). Above
 # it the register-held products shrink to one row of T per tile, and the reference's batched GEMMs
 # win (an earlier one-tile-per-program kernel ran b = 16 at 0.36x the reference).
 STREAM_MAX_BLOCK_PAIRS = 16

@@ -256,7 +256,7 @@ def prefill_configs(shape: BlastShape) -> tuple[list[dict], list[dict]]:
 def candidates(T: int, shape: BlastShape, device) -> list[tuple[str, dict]]:
     """(path, config) pairs worth timing for this token count. The first is the untimed default (used
     when a CUDA graph is captured before the shape was tuned): ``bmm_mix_bmm``, the most frequent
-    winner on an H100 (benchmarks/RESULTS.md). Cached: it is on every call's path."""
+    winner on an H100 (``benchmarks/layer_speed.py``). Cached: it is on every call's path."""
     return _candidates(T <= DECODE_MAX_T, shape, device)
 
 
