@@ -31,6 +31,16 @@ def gensim_data_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data"
 
 
+def wikipedia_file() -> Path:
+    """The Wikipedia dump inside the wheel, checked to exist: callers that will need the text later
+    (the CLI) call this before loading a model, so a missing wheel fails at once, not minutes in."""
+    path = gensim_data_dir() / WIKI_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall the gensim wheel (pip install --no-deps gensim) "
+                                f"or point BLASTFX_GENSIM_DATA at a folder holding {WIKI_FILE}")
+    return path
+
+
 def _strip_nested(text: str, start: str, end: str) -> str:
     out, depth, i = [], 0, 0
     while i < len(text):
@@ -69,7 +79,8 @@ def clean_wikitext(text: str) -> str:
 @lru_cache(maxsize=1)
 def wikipedia_articles(min_chars: int = 2000) -> tuple[tuple[str, str], ...]:
     """(title, plain text) of the dump's real articles (redirects and stubs dropped), in file order."""
-    raw = bz2.open(gensim_data_dir() / WIKI_FILE, "rt", encoding="utf-8").read()
+    with bz2.open(wikipedia_file(), "rt", encoding="utf-8") as f:
+        raw = f.read()
     articles = []
     for page in re.findall(r"<page>(.*?)</page>", raw, flags=re.S):
         title = re.search(r"<title>(.*?)</title>", page)
