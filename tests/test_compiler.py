@@ -1,5 +1,5 @@
 """torch.compile(backend="blast"): equal to eager on CPU (reference path), naive-pattern rewrite,
-training, dynamic shapes; CUDA-only checks skip cleanly without a GPU."""
+training, dynamic shapes; CUDA-only checks (marked cuda) skip cleanly without a GPU."""
 import pytest
 import torch
 from torch import nn
@@ -108,13 +108,7 @@ def test_backend_rejects_unknown_mode():
         blast_backend(gm, [torch.randn(2, 4)], mode="warp-speed")
 
 
-def test_kernel_option_validation():
-    from blastfx.kernels.dispatch import set_kernels
-    with pytest.raises(ValueError, match="kernels"):
-        set_kernels("cudnn")
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_reduce_overhead_matches_eager():
     torch._dynamo.reset()
     layer = blastfx.BlastLinear(1024, 1024, 256, 4, dtype=torch.bfloat16, device="cuda")
@@ -124,19 +118,6 @@ def test_cuda_reduce_overhead_matches_eager():
     for _ in range(3):
         out = f(x)
     assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
-
-
-def test_autotune_option_reaches_the_kernel_settings():
-    torch._dynamo.reset()
-    from blastfx.kernels import autotune
-    layer = blastfx.BlastLinear(16, 12, 4, 2)
-    x = torch.randn(3, 16)
-    try:
-        out = torch.compile(layer, backend="blast", options={"autotune": False})(x)
-        assert autotune.settings["enabled"] is False
-        torch.testing.assert_close(out, layer(x))
-    finally:
-        autotune.settings["enabled"] = True
 
 
 def _float64_reference(layer, x):
@@ -230,6 +211,7 @@ def test_inline_after_extern_compile_of_the_same_graph_is_not_served_from_cache(
         torch.testing.assert_close(out.double(), _float64_reference(layer, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.requires("transformers")
 def test_compile_blocks_compiles_one_graph_per_distinct_block_and_undoes():
     """Regional compilation: decoder blocks share code, so dynamo compiles one graph per distinct set of
     factor shapes (not one per layer); outputs equal eager; undo() restores the eager forwards."""
@@ -261,33 +243,39 @@ def test_compile_blocks_compiles_one_graph_per_distinct_block_and_undoes():
         compile_blocks(models.tiny_llama())
 
 
+@pytest.mark.requires("transformers")
 @pytest.mark.parametrize("dynamic_ranks, graphs_expected", [(False, 3), (None, 2)])
-def test_compile_blocks_compiles_every_layer_of_its_own_ranks(monkeypatch, dynamic_ranks, graphs_expected):
+def test_compile_blocks_compiles_every_layer_of_its_own_ranks(dynamic_ranks, graphs_expected):
     """A sensitivity-spread budget gives each layer its own ranks. Static shapes: one graph per layer,
-    and with dynamo's limit below the layer count compile_blocks must raise it rather than let layers
-    run eagerly. Default (dynamic ranks): one specialized graph, then one shape-generic graph for all
-    the others. Either way outputs and gradients equal eager."""
+    and with dynamo's limit below the layer count the compiled blocks must run under a raised limit
+    rather than let layers run eagerly. Default (dynamic ranks): one specialized graph, then one
+    shape-generic graph for all the others. Either way outputs and gradients equal eager, and the
+    process-wide limit is never touched: raised only around the blocks' calls."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from blastfx.compiler import compile_blocks
     import torch._dynamo.config as dynamo_config
     torch._dynamo.reset()
-    monkeypatch.setattr(dynamo_config, "recompile_limit", 2)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()
-    overrides = {f"model.layers.{k}.mlp.*": {"rank": 4 + 4 * k} for k in range(3)}
-    blastfx.compress(model, 0.5, config=BlastConfig(progress=False, overrides=overrides))
-    x = torch.randint(3, 128, (2, 11))
-    ref = model(x, labels=x, use_cache=False)
-    ref.loss.backward()
-    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    compile_blocks(model, dynamic_ranks=dynamic_ranks, options={"lowering": "inline"})
-    out = model(x, labels=x, use_cache=False)
-    out.loss.backward()
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == graphs_expected
-    assert dynamo_config.recompile_limit >= 3
+    with dynamo_config.patch(recompile_limit=2):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)).eval()
+        overrides = {f"model.layers.{k}.mlp.*": {"rank": 4 + 4 * k} for k in range(3)}
+        blastfx.compress(model, 0.5, config=BlastConfig(progress=False, overrides=overrides))
+        x = torch.randint(3, 128, (2, 11))
+        ref = model(x, labels=x, use_cache=False)
+        ref.loss.backward()
+        ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        blocks = compile_blocks(model, dynamic_ranks=dynamic_ranks, options={"lowering": "inline"})
+        assert dynamo_config.recompile_limit == 2
+        out = model(x, labels=x, use_cache=False)
+        out.loss.backward()
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == graphs_expected
+        assert dynamo_config.recompile_limit == 2
+        blocks.undo()
+        assert dynamo_config.recompile_limit == 2
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6)
+

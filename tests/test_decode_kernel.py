@@ -103,7 +103,6 @@ MODES = [decode.DEFAULT, decode.PDL_DEFAULT, {**decode.PDL_DEFAULT, "mode": "two
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("cfg", MODES, ids=lambda c: c["mode"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("T", [1, 4, 16, 33])
@@ -115,7 +114,6 @@ def test_every_mode_matches_reference_on_cuda(T, dtype, cfg):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("cfg", MODES, ids=lambda c: c["mode"])
 def test_deterministic_and_replays_in_a_cuda_graph(cfg):
     shape, U, S, V, b = _factors(2048, 2048, 500, 4, 4, torch.bfloat16)

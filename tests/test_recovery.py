@@ -1,4 +1,6 @@
 import copy
+import math
+import time
 
 import pytest
 import torch
@@ -43,17 +45,32 @@ def test_finetune_needs_blast_layers():
 
 
 def test_time_budget_stops_and_anneals_lr():
+    """max_seconds ends the run, and the cosine follows time when time is further along than steps: a
+    run stopped by its budget long before its step count ends at a learning rate near zero. The lr
+    is read from the state the run leaves (the schedule finetune builds for steps and max_seconds);
+    each step's lr is at most the cosine at the time of the previous step's callback."""
     torch.manual_seed(0)
     teacher = models.tiny_llama()
     student = blastfx.compress(copy.deepcopy(teacher), 0.4, config=BlastConfig(progress=False))
     train = [torch.randint(3, 128, (2, 16))]
     with pytest.raises(ValueError, match="max_seconds"):
         finetune(student, teacher, train, max_seconds=0)
-    import time
     t0 = time.perf_counter()
     losses = finetune(student, teacher, train, steps=10**6, max_seconds=1.5, progress=False, amp=True)
     assert 1 <= len(losses) < 10**6 and time.perf_counter() - t0 < 15
     assert all(torch.isfinite(torch.tensor(losses)))
+
+    lr, budget = 1e-3, 4.0
+    state = FinetuneState(schedule_steps=10**6, schedule_seconds=budget)
+    seconds = []
+    losses = finetune(student, teacher, train, steps=10**6, max_seconds=budget, lr=lr, warmup=1, state=state,
+                      progress=False, callback=lambda step, loss, t: seconds.append(t))
+    assert 2 <= len(losses) == state.step < 10**6 and state.seconds >= budget and state.progress() == 1.0
+    group = state.optimizer["param_groups"][0]
+    assert group["initial_lr"] == lr
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, seconds[-2] / budget)))
+    assert group["lr"] <= lr * cosine + 1e-12
+    assert group["lr"] < 0.5 * lr                   # past the cosine's midpoint: steps alone would give ~lr
 
 
 def test_teacher_generate_keeps_prompts_and_matches_greedy_decoding():

@@ -2,7 +2,7 @@
 
 Why: compiling a whole 30-layer LLM inlines every layer's BLAST calls (forward and backward) into one
 graph, and Inductor generates and compiles kernels for all of it; the cold start took 219 s for
-SmolLM2-135M on an H100 (benchmarks/RESULTS.md), most of a short recovery run. The decoder blocks share
+SmolLM2-135M on an H100 (``benchmarks/train_step_profile.py --whole``), most of a short recovery run. The decoder blocks share
 their class and code, and dynamo passes parameters as graph inputs, so one compiled block serves every
 layer of the same shapes: cold start drops to about one block's worth. This is PyTorch's documented
 regional-compilation recipe, applied to the blocks ``compress`` put BLAST layers in.
@@ -16,9 +16,13 @@ shape-generic one serves every other layer: 2 graphs for training instead of 6 f
 layers on the CPU, a third of the compile time. The recompile limit is raised as well, for what guards
 remain (e.g. ranks that are equal in one block and not in another, or layers the plan kept dense: each
 mix of dense and BLAST layers is a block structure of its own, which symbolic shapes cannot merge).
+Both settings are dynamo config patched around each call of a compiled block only: the process-wide
+config is never written, so other compiled code keeps its own limits, and ``undo()`` leaves nothing
+behind.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -50,16 +54,14 @@ def compile_blocks(model: nn.Module, backend="blast", dynamic_ranks: bool | None
     state dict, ``save``, ``generate`` are untouched); ``.undo()`` on the result reverts it.
 
     ``dynamic_ranks``: trace parameter shapes symbolically (default: when blocks of one class hold
-    different shapes, i.e. the plan gave layers their own ranks). Raises dynamo's (process-wide)
-    recompile limit if the blocks could need more graphs than it allows."""
+    different shapes, i.e. the plan gave layers their own ranks). Each compiled block runs with dynamo's
+    recompile limit raised to at least the number of graphs its blocks could need (only while it runs)."""
     names = sorted({block_of(n) for n, m in model.named_modules() if isinstance(m, BlastLinear)})
     if not names:
         raise ValueError("compile_blocks: the model has no BlastLinear layers; compress it first")
     most = max(_distinct_shapes(model, names).values())
     if dynamic_ranks is None:
         dynamic_ranks = most > 1
-    _allow_graphs(2 * most + 2)
-    shape_mode = dynamo_config.patch(force_parameter_static_shapes=False) if dynamic_ranks else None
     compiled = CompiledBlocks(model, [])
     for name in names:
         block = model.get_submodule(name)
@@ -68,9 +70,24 @@ def compile_blocks(model: nn.Module, backend="blast", dynamic_ranks: bool | None
             raise ValueError(f"compile_blocks: {name}.forward is already overridden on the instance "
                              "(compiled twice?); undo the earlier compile first")
         forward = torch.compile(block.forward, backend=backend, **compile_kwargs)
-        block.forward = shape_mode(forward) if shape_mode is not None else forward
+        block.forward = _scoped(forward, graphs=2 * most + 2, dynamic_ranks=dynamic_ranks)
         compiled.names.append(name)
     return compiled
+
+
+def _scoped(forward, graphs: int, dynamic_ranks: bool):
+    """``forward`` run under the dynamo settings the blocks need: a recompile limit of at least
+    ``graphs`` (never below the process-wide one), and symbolic parameter shapes if ``dynamic_ranks``.
+    Dynamo reads both while it compiles, which happens inside the call, so patching around the call is
+    enough and nothing outlives it."""
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        changes = {"recompile_limit": max(graphs, dynamo_config.recompile_limit)}
+        if dynamic_ranks:
+            changes["force_parameter_static_shapes"] = False
+        with dynamo_config.patch(changes):
+            return forward(*args, **kwargs)
+    return run
 
 
 def _distinct_shapes(model: nn.Module, names: list[str]) -> dict[type, int]:
@@ -81,11 +98,3 @@ def _distinct_shapes(model: nn.Module, names: list[str]) -> dict[type, int]:
         block = model.get_submodule(name)
         shapes.setdefault(type(block), set()).add(tuple(tuple(p.shape) for p in block.parameters()))
     return {cls: len(s) for cls, s in shapes.items()}
-
-
-def _allow_graphs(count: int) -> None:
-    """Raise dynamo's per-function recompile limit to at least ``count`` (named cache_size_limit in
-    older releases)."""
-    key = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    if getattr(dynamo_config, key) < count:
-        setattr(dynamo_config, key, count)
