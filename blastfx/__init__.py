@@ -10,11 +10,15 @@ from .nn import BlastLinear
 from .ops import blast_matmul, blast_matmul_reference, blast_to_dense
 from .passes.analyze import Analysis, analyze
 from .io import from_pretrained, load, save
+from .dense import to_dense
+from . import integrations as _integrations
 from .plan import LayerPlan, Plan
 from .recovery import FinetuneState, finetune, teacher_generate
 
 _dispatch.register()
+_integrations.install()      # transformers, peft, diffusers: each registered when (if) it is imported
 
 __all__ = ["Analysis", "BlastConfig", "BudgetWarning", "WeightOnlyWarning", "BlastFactors", "BlastLinear", "BlastShape", "FinetuneState", "LayerOverride",
            "LayerPlan", "Plan", "analyze", "blast_matmul", "blast_matmul_reference", "blast_to_dense", "compress",
-           "factorize", "finetune", "from_pretrained", "load", "plan_for", "save", "teacher_generate", "__version__"]
+           "factorize", "finetune", "from_pretrained", "load", "plan_for", "save", "teacher_generate", "to_dense",
+           "__version__"]

@@ -176,8 +176,9 @@ def compress(model: nn.Module, budget: float = 0.5, *, config: BlastConfig | Non
     """Replace the model's linear layers by BLAST layers keeping ``budget`` of their parameters.
 
     Returns the same model object (its class and behaviour kept: HF ``generate``/``save_pretrained``,
-    diffusers pipelines), with the plan at ``model.blastfx_plan`` (and in ``model.config.blastfx``
-    for HF models, so ``save_pretrained`` records it). Pass ``plan=`` to reuse an edited plan.
+    diffusers pipelines), with the plan at ``model.blastfx_plan`` (and, for transformers and diffusers
+    models, in ``model.config.quantization_config``, so ``save_pretrained`` records it and a plain
+    ``from_pretrained`` rebuilds it). Pass ``plan=`` to reuse an edited plan.
 
     ``calibration``: what the layers' inputs are measured on, so that the factorization minimizes
     each layer's output error rather than its weight error (much better on trained models): an
@@ -243,10 +244,10 @@ def compress(model: nn.Module, budget: float = 0.5, *, config: BlastConfig | Non
 
 
 def attach_plan(model: nn.Module, plan: Plan) -> None:
-    """Record the plan on the model (and in an HF model's config). All or nothing: the plan is
-    serialized before either is set."""
-    cfg = getattr(model, "config", None)
-    record = plan.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else None
+    """Record the plan on the model, and where its library saves it (transformers and diffusers: the
+    quantization config, see :mod:`blastfx.integrations`). All or nothing: that record is made, or
+    refused, before the plan is set."""
+    from .integrations import record_plan
+
+    record_plan(model, plan)
     setattr(model, PLAN_ATTR, plan)
-    if record is not None:
-        cfg.blastfx = record

@@ -12,8 +12,13 @@ manifest, replaced last with one ``os.replace``, is the commit: before it the ol
 old weights, after it the new one names the new weights. Only then are the old weights deleted; a
 file whose deletion was cut short stays listed (``superseded``) and goes at the next save.
 
-HF models: ``model.save_pretrained(dir)`` already records the plan (``config.blastfx``);
-``from_pretrained(dir)`` rebuilds the BLAST layers and loads the weights.
+Both this folder and the ones ``save_pretrained`` writes carry a model card (README.md, see
+:mod:`blastfx.integrations.model_card`), never replacing one a person wrote.
+
+Transformers and diffusers models: ``model.save_pretrained(dir)`` records the plan as the
+``quantization_config`` of config.json, and a plain ``from_pretrained(dir)`` of the model's class
+rebuilds the BLAST layers, once blastfx is imported (:mod:`blastfx.integrations.transformers`);
+:func:`from_pretrained` is that call with the class read from the config.
 """
 from __future__ import annotations
 
@@ -35,7 +40,6 @@ from torch import nn
 
 from ._version import __version__
 from .api import attach_plan
-from .hf import dtype_kwargs
 from .nn import BlastLinear
 from .passes.substitute import build_layers, swap_modules
 from .plan import LayerPlan, Plan
@@ -166,7 +170,24 @@ def save(model: nn.Module, path) -> Path:
         raise
     for name in sorted(old - {weights}):
         _unlink(path / name)
+    _write_card(model, path)
     return path
+
+
+def _write_card(model: nn.Module, path: Path) -> None:
+    """The model card, after the commit: the checkpoint is complete whether or not it can be written."""
+    from .integrations import card_for
+    from .integrations.model_card import write_model_card
+
+    name = type(model).__name__
+    load = (f"import blastfx\n\n"
+            f"model = {name}(...)  # a freshly built, dense {name} of the same architecture\n"
+            f"model = blastfx.load(\"path/to/{path.name}\", model)")
+    try:
+        write_model_card(path, card_for(model, path, load_code=load))
+    except OSError as err:
+        warnings.warn(f"{path}: checkpoint saved, but its model card could not be written: {err}", UserWarning,
+                      stacklevel=3)
 
 
 def read_meta(path) -> dict:
@@ -258,41 +279,11 @@ def load(path, model: nn.Module) -> nn.Module:
     return load_into(model, plan, tensors, str(path))
 
 
-def _hf_weight_files(path: Path) -> list[Path]:
-    """The safetensors files ``save_pretrained`` wrote: the index's shards, or ``model.safetensors``."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return [path / name for name in sorted(set(weight_map.values()))]
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"corrupt {index}: {err!r}") from None
-    if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"]
-    raise ValueError(f"{path} holds no model.safetensors (nor model.safetensors.index.json)")
-
-
 def from_pretrained(path, model_class=None, **kwargs):
-    """Load an HF model saved with ``save_pretrained`` after :func:`blastfx.compress`.
+    """Load a model saved with ``save_pretrained`` after :func:`blastfx.compress`: the class's own
+    ``from_pretrained(path, **kwargs)`` (``dtype=``, ``device_map=`` and the rest as usual), the class
+    read from the config's ``architectures`` unless ``model_class`` is given. The BLAST layers are
+    built on the meta device and the factors loaded into them; nothing dense is allocated for them."""
+    from .integrations.transformers import from_pretrained as hf_from_pretrained
 
-    ``model_class`` defaults to the class named in the config's ``architectures``. The dense model is
-    built from the config (no weights read), given the plan's BLAST layers, then loaded.
-    """
-    import transformers
-
-    path = Path(path)
-    config = transformers.AutoConfig.from_pretrained(path, **kwargs)
-    plan_dict = getattr(config, "blastfx", None)
-    if plan_dict is None:
-        raise ValueError(f"{path} has no blastfx plan in its config.json: was it compressed with blastfx?")
-    plan = Plan.from_dict(plan_dict, path / "config.json")
-    if model_class is None:
-        archs = getattr(config, "architectures", None) or []
-        if not archs or not hasattr(transformers, archs[0]):
-            raise ValueError(f"cannot tell the model class of {path}: pass model_class=")
-        model_class = getattr(transformers, archs[0])
-    model = model_class._from_config(config, **dtype_kwargs(getattr(config, "dtype", None)))
-    tensors = {}
-    for f in _hf_weight_files(path):
-        tensors.update(_read_tensors(f))
-    return load_into(model.eval(), plan, tensors, str(path))
+    return hf_from_pretrained(path, model_class, **kwargs)

@@ -11,6 +11,13 @@ block counts do not divide the features) are zero, never read by the output, and
 that holds only while they are exactly zero (a NaN there reaches every output through 0 * NaN), so
 factors from outside (``from_factors``, a loaded checkpoint) are checked with :func:`check_padding`.
 The module knows nothing of kernels or compilers: it only calls ``torch.ops.blastfx.blast_matmul``.
+
+There is no ``weight``: reading it raises ``AttributeError`` with a message naming BLAST and what to
+do instead. Tools that need a dense weight (QKV fusion, weight-quantization passes, weight-based
+LoRA inits) thus fail at the access with that message, while the many that probe with
+``hasattr(module, "weight")`` see an ordinary module without one. Building the dense matrix on
+access would silently undo the compression (a fused QKV layer would come back dense) and cost a
+full (out, in) matrix on every read; :meth:`to_dense` does that when it is really wanted.
 """
 from __future__ import annotations
 
@@ -87,6 +94,59 @@ class BlastLinear(nn.Module):
             x, U, S, V = x.to(dt), U.to(dt), S.to(dt), V.to(dt)
             bias = bias.to(dt) if bias is not None else None
         return blast_matmul(x, U, S, V, bias, self.out_features)
+
+    def __getattr__(self, name: str):
+        if name == "weight":
+            raise AttributeError(
+                f"{type(self).__name__} has no dense .weight: it stores a BLAST matrix as factors U {tuple(self.U.shape)},"
+                f" S {tuple(self.S.shape)}, V {tuple(self.V.shape)}, so a tool that reads or rewrites a linear "
+                "layer's weight (QKV fusion, torchao quantize_, LoRA inits from the weight) cannot work on it. "
+                "Apply such tools before blastfx.compress (compress then factorizes their result), use "
+                "layer.to_dense() for the matrix, or blastfx.to_dense(model) to turn the model back into dense layers")
+        return super().__getattr__(name)
+
+    @torch.no_grad()
+    def add_low_rank_(self, B: torch.Tensor, A: torch.Tensor) -> None:
+        """W <- W + B @ A, exactly, for B (out_features, k) and A (k, in_features): the rank grows by k.
+
+        Why exact: block (i, j) of B @ A is B_i A_j^T, a BLAST matrix whose couplings are all 1, and two
+        BLAST matrices with the same blocks add by concatenating their factors along the rank
+        (U_i' = [U_i, B_i], V_j' = [V_j, A_j^T], s_ij' = [s_ij, 1]). The factors become new parameters
+        (an optimizer holding the old ones must be rebuilt). :meth:`remove_rank_` undoes it."""
+        s = self.shape
+        if B.dim() != 2 or A.dim() != 2 or B.shape[0] != s.out_features or A.shape[1] != s.in_features \
+                or B.shape[1] != A.shape[0]:
+            raise ValueError(f"add_low_rank_ needs B ({s.out_features}, k) and A (k, {s.in_features}), got B "
+                             f"{tuple(B.shape)} and A {tuple(A.shape)}")
+        k = A.shape[0]
+        limit = min(s.m_pad, s.n_pad)
+        if s.rank + k > limit:
+            raise ValueError(f"rank {s.rank} + {k} is more than {limit}, the rank at which this BLAST layer "
+                             f"(blocks {s.blocks}) already represents every {s.out_features}x{s.in_features} "
+                             "matrix: a dense layer would be smaller (blastfx.to_dense)")
+        dt, dev = self.U.dtype, self.U.device
+        B = torch.nn.functional.pad(B.to(dev, dt), (0, 0, 0, s.m_pad - s.out_features)).reshape(s.b_out, s.p, k)
+        A = torch.nn.functional.pad(A.to(dev, dt).T, (0, 0, 0, s.n_pad - s.in_features)).reshape(s.b_in, s.q, k)
+        U = torch.cat([self.U, B], dim=2)
+        S = torch.cat([self.S, self.S.new_ones(s.b_out, s.b_in, k)], dim=2)
+        V = torch.cat([self.V, A], dim=2)
+        self._set_factors(U, S, V)
+
+    @torch.no_grad()
+    def remove_rank_(self, k: int) -> None:
+        """Drop the last ``k`` rank components: exactly undoes an :meth:`add_low_rank_` of rank ``k``
+        that was the last one."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 < k < self.rank:
+            raise ValueError(f"k must be an integer in [1, {self.rank - 1}] (the rank is {self.rank}), got {k!r}")
+        r = self.rank - k
+        self._set_factors(self.U[..., :r].clone(), self.S[..., :r].clone(), self.V[..., :r].clone())
+
+    def _set_factors(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
+        shape = BlastShape.from_factors(U, S, V, self.out_features, self.in_features)
+        check_padding(shape, U, V, "BlastLinear factors")
+        grad = self.U.requires_grad
+        self.shape = shape
+        self.U, self.S, self.V = (nn.Parameter(t, requires_grad=grad) for t in (U, S, V))
 
     def to_dense(self) -> torch.Tensor:
         """The (out_features, in_features) weight this layer applies."""

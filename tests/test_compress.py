@@ -142,7 +142,7 @@ def test_plan_is_editable_and_serializable():
     plan2.layers["model.layers.0.mlp.up_proj"].rank = 8
     blastfx.compress(model, plan=plan2, config=BlastConfig(**QUIET))
     assert model.model.layers[0].mlp.up_proj.rank == 8
-    assert model.config.blastfx["layers"]["model.layers.0.mlp.up_proj"]["rank"] == 8
+    assert model.config.quantization_config.plan["layers"]["model.layers.0.mlp.up_proj"]["rank"] == 8
 
 
 def test_error_strategy_spends_where_the_spectrum_is_slow():
@@ -309,7 +309,7 @@ def test_auto_recipe_is_the_loss_recipe_when_the_model_returns_a_loss():
     assert (plan.strategy, plan.objective) == ("loss", "loss")
     assert plan.layers == explicit.layers and plan.dense == explicit.dense
     assert any("recipe (auto)" in n and "returns a loss" in n for n in plan.notes)
-    assert model.config.blastfx["objective"] == "loss"
+    assert model.config.quantization_config.plan["objective"] == "loss"
     # the factors are those of the Fisher-weighted problem
     from blastfx.calibrate import collect_covariances, collect_output_fisher
     name = next(iter(plan.layers))

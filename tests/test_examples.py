@@ -20,6 +20,7 @@ def load_example(name):
     return module
 
 
+@pytest.mark.slow
 @pytest.mark.requires("sklearn")
 def test_vit_from_scratch_on_digits_learns_like_dense_of_equal_macs():
     vit = load_example("train_vit_digits")

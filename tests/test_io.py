@@ -23,7 +23,8 @@ def test_save_load_round_trip(tmp_path, compressed):
     model, x, ref = compressed
     blastfx.save(model, tmp_path / "ckpt")
     names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
-    assert names[0] == "blastfx.json" and len(names) == 2 and re.fullmatch(r"model-[0-9a-f]{16}\.safetensors", names[1])
+    assert names[:2] == ["README.md", "blastfx.json"] and len(names) == 3  # README.md: the model card
+    assert re.fullmatch(r"model-[0-9a-f]{16}\.safetensors", names[2])
     loaded = blastfx.load(tmp_path / "ckpt", models.tiny_llama())
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, ref)

@@ -384,7 +384,7 @@ def test_from_pretrained_names_config_json_and_the_bad_field(llama_dir, tmp_path
     for f in d.iterdir():
         (bad / f.name).write_bytes(f.read_bytes())
     config = json.loads((bad / "config.json").read_text())
-    config["blastfx"]["layers"]["model.layers.0.mlp.up_proj"]["rank"] = 10 ** 12
+    config["quantization_config"]["plan"]["layers"]["model.layers.0.mlp.up_proj"]["rank"] = 10 ** 12
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"config\.json.*up_proj'\]\.rank"):
         blastfx.from_pretrained(bad)
@@ -405,7 +405,7 @@ def test_gguf_model_compresses_saves_and_reloads(tmp_path):
     out = tmp_path / "out"
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "blastfx"  # not gguf
     loaded, _ = load_causal_lm(out)
     assert isinstance(loaded.model.layers[1].mlp.up_proj, BlastLinear)
     x = tok("The capital of France is", return_tensors="pt").input_ids
@@ -433,7 +433,7 @@ def test_compressing_an_hf_model_twice_round_trips_through_save_pretrained(tmp_p
     blastfx.compress(model, 0.5, config=BlastConfig(init="random", include="*.mlp.*", **QUIET))
     blastfx.compress(model, 0.5, config=BlastConfig(init="random", include="*.self_attn.*", **QUIET))
     n_blast = sum(isinstance(m, BlastLinear) for m in model.modules())
-    assert len(model.config.blastfx["layers"]) == n_blast == 14
+    assert len(model.config.quantization_config.plan["layers"]) == n_blast == 14
     model.save_pretrained(tmp_path)
     loaded = blastfx.from_pretrained(tmp_path)
     ids = torch.randint(0, 128, (2, 9))

@@ -1,0 +1,66 @@
+"""Back to dense: every BLAST layer replaced by the dense layer it computes.
+
+For when a tool needs ``.weight`` (QKV fusion, weight quantization, export formats), or to measure
+what the BLAST structure alone costs. The result is an ordinary model without any blastfx record
+(plan, quantization config), so it saves and loads like the original architecture.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .nn import BlastLinear
+from .ops import blast_to_dense
+from .passes.substitute import swap_modules
+from .plan import Plan
+
+
+def _dense_layer(layer: BlastLinear, kind: str, dtype) -> nn.Module:
+    work = torch.float64 if layer.U.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        W = blast_to_dense(layer.U.to(work), layer.S.to(work), layer.V.to(work), layer.out_features,
+                           layer.in_features).to(dtype or layer.U.dtype)
+        bias = layer.bias
+        kw = {"device": W.device, "dtype": W.dtype}
+        if kind == "conv1d":                      # HF GPT-2 style Conv1D: weight stored (in, out)
+            from transformers.pytorch_utils import Conv1D
+
+            dense = Conv1D(layer.out_features, layer.in_features).to(**kw)
+            dense.weight.copy_(W.T)
+            if bias is not None:
+                dense.bias.copy_(bias)
+            else:
+                dense.bias = None
+        else:
+            dense = torch.nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features,
+                                             bias=bias is not None, **kw)
+            dense.weight.copy_(W)
+            if bias is not None:
+                dense.bias.copy_(bias)
+    dense.train(layer.training)
+    return dense
+
+
+def to_dense(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every :class:`BlastLinear` of ``model`` by the dense layer computing the same matrix
+    (``nn.Linear``, or transformers' ``Conv1D`` where the recorded plan says the layer was one), in
+    ``dtype`` (default: the factors'), and drop blastfx's records on the model. All or nothing.
+    Returns ``model``. For transformers models ``model.dequantize()`` does the same."""
+    if isinstance(model, BlastLinear):
+        raise TypeError("to_dense takes a model holding BLAST layers; for one layer use layer.to_dense(), "
+                        "the (out_features, in_features) matrix")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    from .integrations import forget_plan
+
+    plan = getattr(model, "blastfx_plan", None)
+    kinds = {name: lp.kind for name, lp in plan.layers.items()} if isinstance(plan, Plan) else {}
+    new = {name: _dense_layer(m, kinds.get(name, "linear"), dtype)
+           for name, m in model.named_modules() if isinstance(m, BlastLinear)}
+    old = swap_modules(model, new)
+    try:
+        forget_plan(model)
+    except BaseException:
+        swap_modules(model, old)
+        raise
+    return model
