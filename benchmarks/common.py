@@ -44,7 +44,7 @@ def versions() -> str:
 
 
 def place_on_gpu_if_any(model) -> str:
-    """Move ``model`` to the GPU when there is one (the device tool's runs); returns where it runs, for
+    """Move ``model`` to the GPU when there is one; returns where it runs, for
     the tables' header line. One place, so the quality and recovery tables run and say it alike."""
     if not torch.cuda.is_available():
         return f"CPU ({torch.get_num_threads()} threads)"

@@ -46,8 +46,8 @@ def no_cache_kwargs(model) -> dict:
 
 @dataclass
 class FinetuneState:
-    """Where a recovery run stands, so that several time-boxed calls (preemptible jobs, capped GPU
-    sessions) make one run: one warm-up, one cosine over the whole horizon, AdamW's moments kept and
+    """Where a recovery run stands, so that several time-boxed calls (preemptible or time-capped GPU
+    jobs) make one run: one warm-up, one cosine over the whole horizon, AdamW's moments kept and
     batches continued where the last call stopped. Give ``schedule_steps`` and/or
     ``schedule_seconds`` (the cosine follows whichever is further along), pass the same object to
     each :func:`finetune` call (it is updated in place), and ``save``/``load`` it between processes."""
