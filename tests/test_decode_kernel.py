@@ -83,7 +83,7 @@ def test_counters_are_zero_after_each_call():
 
 def test_plan_covers_q_and_fills_the_grid():
     shape = BlastShape.make(4096, 4096, 1022, 4)
-    plan = decode.decode_plan(shape, 1, 132, decode.DEFAULT)
+    plan = decode.decode_plan(shape, 132, decode.DEFAULT)
     assert plan["Q_SPLIT"] * plan["Q_CHUNK"] >= shape.q > (plan["Q_SPLIT"] - 1) * plan["Q_CHUNK"]
     items = shape.b_in * plan["Q_SPLIT"] * plan["R_TILES"]
     assert items >= 132 * 0.9

@@ -1,27 +1,25 @@
-"""One launch per BLAST call at decode sizes: a persistent Triton kernel with a grid-wide barrier.
+"""The BLAST product at decode sizes (T <= 64) in one launch, or two tightly chained ones.
 
-Why one launch: at T <= 16 a BLAST layer moves half the bytes of its dense layer, but the three-stage
-paths launch two or three kernels, and on a fast-memory GPU each launch's ramp-up and tail cost as
-much as streaming a quarter of the weights. Here one grid, no larger than what is co-resident
-(one or two programs per SM), does both stages:
+Why: at T <= 16 a BLAST layer moves half the bytes of its dense layer, but the three-stage paths
+launch two or three kernels, and on a fast-memory GPU each launch's ramp-up and tail cost as much as
+streaming a quarter of the weights. The kernel has two stages:
 
 1. **x·V** (split over block-columns j, chunks of q and tiles of r, so every SM streams a share of V):
-   each work item writes its partial ``z`` tile to its own slot of a workspace with plain stores --
-   no atomics, so the result is deterministic.
-2. a **grid barrier**: every program adds one to an arrival counter and waits until all have arrived;
-   the last one to leave resets the counters, so the next call (or CUDA-graph replay) finds them zero
-   and no memset launch is needed.
-3. **w·Uᵀ**: each work item (block-row i, tile of p) forms ``w_i = sum_j s_ij z_j`` per K-chunk from
-   the slots (a few KB from L2 at T = 1), then streams its tile of U with bias, cast and the (T, m)
-   layout in the epilogue.
+   each work item writes its partial ``z`` tile to its own slot with plain stores; the last slot of an
+   r-tile to land (a per-tile counter) mixes the slots in a fixed order into ``w_i = sum_j s_ij z_j``.
+   No float atomics, so the result is deterministic; the counter is reset by the program that mixed,
+   so the next call (or CUDA-graph replay) finds it zero and no memset launch is needed.
+2. **w·Uᵀ**: each work item (block-row i, tile of p) streams its tile of U with bias, cast and the
+   (T, m) layout in the epilogue.
 
-Before the barrier each program prefetches its U tiles into L2, so HBM keeps streaming through the
-wait and the tail of stage 1.
-
-Co-residency is what makes the barrier safe: the grid is sized from the compiled kernel's registers
-and shared memory (:func:`resident_programs`), never from a guess. Under ``TRITON_INTERPRET=1`` the
-interpreter runs programs one after another, so the same kernel is launched twice (stage 1, then
-stage 2) with no barrier; the CPU tests check that form, the CUDA tests the one-launch form.
+Launch modes (``cfg["mode"]``, timed by the autotuner): ``persistent`` runs both stages in one grid no
+larger than what is co-resident, with a grid barrier between them (self-resetting counters) and U
+prefetched into L2 during the wait; co-residency is what makes the barrier safe, so the grid is
+sized from the compiled kernel's registers and shared memory (:func:`resident_programs`), never from
+a guess. ``pdl`` launches stage 2 as a programmatic dependent of stage 1, so it is resident and
+prefetching U while stage 1 drains. ``two`` is two plain launches. Under ``TRITON_INTERPRET=1`` the
+interpreter runs programs one after another, so every mode runs as two plain launches there; the
+CPU tests check that form, the CUDA tests every mode.
 """
 from __future__ import annotations
 
@@ -220,7 +218,7 @@ def resident_programs(compiled, device: torch.device) -> int:
     return sms * per_sm
 
 
-def decode_plan(shape: BlastShape, T: int, grid: int, cfg: dict) -> dict:
+def decode_plan(shape: BlastShape, grid: int, cfg: dict) -> dict:
     """Split x·V into ~``grid``-multiples of equal work items: choose Q_SPLIT so that
     b_in * Q_SPLIT * r_tiles fills the grid with the least idle share."""
     BR, BQ = cfg["BR"], cfg["BQ"]
@@ -276,7 +274,7 @@ def blast_decode(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, 
         raise RuntimeError("programmatic dependent launch needs a Hopper (sm_90) or newer GPU")
     y = torch.empty(T, shape.out_features, device=x2.device, dtype=x2.dtype)
     sms = _sm_limits(_index(x2.device))[0] if x2.is_cuda else 4
-    plan = decode_plan(shape, T, cfg["per_sm"] * sms, cfg)
+    plan = decode_plan(shape, cfg["per_sm"] * sms, cfg)
     const = dict(HAS_BIAS=bias is not None, BT=max(16, triton.next_power_of_2(T)), BR=cfg["BR"], BQ=cfg["BQ"],
                  BP=cfg["BP"], BK=cfg["BK"], UPCAST=interpret or x2.dtype == torch.float32,
                  PREFETCH=int(cfg["prefetch"]) if mode == "persistent" else 0, LINE=128 // U.element_size(),
