@@ -11,11 +11,13 @@ from .ops import blast_matmul, blast_matmul_reference, blast_to_dense
 from .passes.analyze import Analysis, analyze
 from .io import from_pretrained, load, save
 from .dense import to_dense
+from . import compiler as _compiler
 from . import integrations as _integrations
 from .plan import LayerPlan, Plan
 from .recovery import FinetuneState, finetune, teacher_generate
 
 _dispatch.register()
+_compiler.register()         # backend="blast", also for a checkout that was never pip-installed
 _integrations.install()      # transformers, peft, diffusers: each registered when (if) it is imported
 
 __all__ = ["Analysis", "BlastConfig", "BudgetWarning", "WeightOnlyWarning", "BlastFactors", "BlastLinear", "BlastShape", "FinetuneState", "LayerOverride",

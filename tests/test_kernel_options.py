@@ -102,7 +102,7 @@ def test_cuda_grad_mix_kernel_follows_its_argument_then_the_options(monkeypatch)
 def test_autotune_off_uses_the_default_even_where_a_choice_is_cached(monkeypatch):
     monkeypatch.setattr(autotune, "_cache", {("k",): ("b", {"BT": 32})})
     cands = [("a", {}), ("b", {"BT": 32})]
-    run = lambda p, c: pytest.fail("nothing is timed")            # noqa: E731
+    run = lambda p, c, k: pytest.fail("nothing is timed")            # noqa: E731
     assert autotune.choose(("k",), cands, run) == ("b", {"BT": 32})
     with kernels.options(autotune=False):
         assert autotune.choose(("k",), cands, run) == ("a", {})

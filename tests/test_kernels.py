@@ -47,12 +47,17 @@ def test_split_block_columns_and_q_any_split(j_per_prog, q_chunk):
 @pytest.mark.parametrize("path", sorted(forward.PATHS))
 @pytest.mark.parametrize("m,n,r,blocks,T", [(24, 20, 8, (4, 2), 3), (33, 40, 16, (3, 5), 20), (32, 48, 24, (2, 3), 17)])
 def test_every_path_matches_reference(path, m, n, r, blocks, T):
-    run_case(m, n, r, blocks, T, torch.float32, bias=True, path=path)
+    run_case(m, n, r, blocks, _tokens_for(path, T), torch.float32, bias=True, path=path)
 
 
 @pytest.mark.parametrize("path", sorted(forward.PATHS))
 def test_every_path_half(path):
-    run_case(40, 24, 8, (4, 3), 18, torch.bfloat16, bias=True, path=path)
+    run_case(40, 24, 8, (4, 3), _tokens_for(path, 18), torch.bfloat16, bias=True, path=path)
+
+
+def _tokens_for(path, T):
+    """The GEMV path takes only a few tokens (its own tests cover its limit)."""
+    return min(T, forward.gemv_kernels.MAX_T) if path == "gemv" else T
 
 
 def test_decode_config_fills_the_gpu():
@@ -61,15 +66,27 @@ def test_decode_config_fills_the_gpu():
     programs = -(-s.rank // cfg["BR"]) * s.b_in * -(-s.q // cfg["Q_CHUNK"])
     assert programs >= 16 and cfg["Q_CHUNK"] % cfg["BQ"] == 0
     assert [p for p, _ in forward.candidates(1, s, torch.device("cpu"))][0] == "bmm_mix_bmm"
-    assert {p for p, _ in forward.candidates(2048, s, torch.device("cpu"))} == set(forward.PATHS) - {"decode"}
-    assert {p for p, _ in forward.candidates(16, s, torch.device("cpu"))} == set(forward.PATHS)
+    assert {p for p, _ in forward.candidates(2048, s, torch.device("cpu"))} == set(forward.PATHS) - {"decode", "gemv"}
+    assert {p for p, _ in forward.candidates(16, s, torch.device("cpu"))} == set(forward.PATHS) - {"gemv"}
+    assert {p for p, _ in forward.candidates(1, s, torch.device("cpu"))} == set(forward.PATHS)
+
+
+def test_deterministic_mode_leaves_out_paths_with_float_atomics():
+    s = BlastShape.make(4096, 4096, 1024, 4)
+    torch.use_deterministic_algorithms(True)
+    try:
+        paths = {p for p, _ in forward.candidates(1, s, torch.device("cpu"))}
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert paths == {"bmm_mix_bmm", "decode"}
+    assert "gemv" in {p for p, _ in forward.candidates(1, s, torch.device("cpu"))}
 
 
 def test_autotune_buckets_and_default_without_cuda():
     from blastfx.kernels import autotune
     assert [autotune.token_bucket(t) for t in (1, 2, 3, 16, 17, 4096, 100000)] == [1, 2, 4, 16, 32, 4096, 8192]
     calls = []
-    choice = autotune.choose(("k",), [("a", {}), ("b", {})], lambda p, c: calls.append(p))
+    choice = autotune.choose(("k",), [("a", {}), ("b", {})], lambda p, c, k: calls.append(p))
     if not torch.cuda.is_available():
         assert choice == ("a", {}) and calls == []
 

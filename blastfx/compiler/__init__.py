@@ -1,7 +1,8 @@
 """``torch.compile(model, backend="blast")``: Inductor with BLAST-aware graph passes and kernels.
 
-Registered through the ``torch_dynamo_backends`` entry point (pyproject.toml), so it works without
-importing blastfx first. Lowering choice, two ways (:mod:`.lowering` says why):
+Registered through the ``torch_dynamo_backends`` entry point (pyproject.toml), so an installed
+blastfx works without being imported first; ``import blastfx`` also registers it (:func:`register`),
+so a checkout on ``PYTHONPATH`` that was never installed works too. Lowering choice, two ways (:mod:`.lowering` says why):
 
 * extern: ``blastfx::blast_matmul`` stays one opaque custom op (autograd, fake and reference
   single-sourced in ``blastfx.ops``); on CUDA its kernel is ``blastfx.kernels.dispatch``, which runs
@@ -78,4 +79,12 @@ def _run_with(compiled, kernel_opts: KernelOptions):
     return run
 
 
-__all__ = ["CompiledBlocks", "blast_backend", "compile_blocks", "fuse_naive_blast", "stats"]
+def register() -> None:
+    """Make ``backend="blast"`` known to dynamo unless the installed entry point already does."""
+    import torch._dynamo
+
+    if "blast" not in torch._dynamo.list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(compiler_fn=blast_backend, name="blast")
+
+
+__all__ = ["CompiledBlocks", "blast_backend", "register", "compile_blocks", "fuse_naive_blast", "stats"]

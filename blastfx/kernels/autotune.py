@@ -63,8 +63,10 @@ def graph_ms(fn, calls: int, reps: int = 7, eager_fallback: bool = False) -> flo
     return statistics.median(times)
 
 
-def choose(key, candidates, run):
-    """Best (path, config) of ``candidates`` for ``key``; ``run(path, config)`` executes one."""
+def choose(key, candidates, run, copies: int = 1):
+    """Best (path, config) of ``candidates`` for ``key``; ``run(path, config, k)`` executes one on
+    weight copy ``k`` (of ``copies``): each candidate is timed over every copy in turn, so weights
+    come from memory as they do in a model rather than from L2."""
     if not current().autotune:
         return candidates[0]
     if key in _cache:
@@ -74,7 +76,7 @@ def choose(key, candidates, run):
     timings = []
     for path, cfg in candidates:
         try:
-            t = graph_ms(lambda _k: run(path, cfg), calls=4, reps=REPS, eager_fallback=True)
+            t = graph_ms(lambda k: run(path, cfg, k % copies), calls=max(4, copies), reps=REPS, eager_fallback=True)
             timings.append((t, path, cfg))
         except Exception:       # a config a GPU cannot run (e.g. out of shared memory) is just skipped
             continue

@@ -14,10 +14,13 @@ path ever forms the (b_out, b_in, T, r) product. A *path* is one way of running 
 * ``decode`` (T <= 64): the two stages of :mod:`.decode` -- one persistent launch with a grid barrier,
   or two launches where the second is a programmatic dependent that streams U while the first drains
   -- so a decode step pays about one kernel's ramp-up and tail per layer instead of three.
+* ``gemv`` (T <= 4): :mod:`.gemv`, both stages as CUDA-core GEMV streams (no tensor-core padding of
+  T to 16), the s-mix folded into stage 1 with float atomics; left out under
+  ``torch.use_deterministic_algorithms`` like the other paths with float atomics.
 
 Which path (and tile config) is fastest depends on the shape and the token count; :mod:`.autotune`
-measures the candidates of :func:`candidates` once per (shape, dtype, token bucket) and caches the
-winner. Every path is checked against ``blastfx.ops.blast_matmul_reference`` in tests.
+measures the candidates of :func:`candidates` once per (shape, dtype, token bucket), rotating through
+clones of the weights so they stream from memory as in a model, and caches the winner. Every path is checked against ``blastfx.ops.blast_matmul_reference`` in tests.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) operands are upcast to fp32 before ``tl.dot``: the
 interpreter's bf16 dot is wrong. fp32 inputs use IEEE dots (a GPU would otherwise use TF32).
@@ -35,6 +38,7 @@ from ..layout import BlastShape
 from ..ops import _in_blocks
 from . import autotune
 from . import decode as decode_kernels
+from . import gemv as gemv_kernels
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -217,7 +221,12 @@ def _decode(x2, U, S, V, bias, shape, cfg):
     return decode_kernels.blast_decode(x2, U, S, V, bias, shape, cfg, interpret=INTERPRET)
 
 
-PATHS = {"fused": _fused, "fused_bmm": _fused_bmm, "bmm_mix_bmm": _bmm_mix_bmm, "decode": _decode}
+def _gemv(x2, U, S, V, bias, shape, cfg):
+    return gemv_kernels.blast_gemv(x2, U, S, V, bias, shape, cfg, interpret=INTERPRET)
+
+
+PATHS = {"fused": _fused, "fused_bmm": _fused_bmm, "bmm_mix_bmm": _bmm_mix_bmm, "decode": _decode, "gemv": _gemv}
+ATOMIC_PATHS = ("fused", "fused_bmm", "gemv")      # float atomics: the summation order varies between runs
 DECODE_MAX_T = autotune.DECODE_MAX_T
 
 
@@ -256,17 +265,27 @@ def prefill_configs(shape: BlastShape) -> tuple[list[dict], list[dict]]:
 def candidates(T: int, shape: BlastShape, device) -> list[tuple[str, dict]]:
     """(path, config) pairs worth timing for this token count. The first is the untimed default (used
     when a CUDA graph is captured before the shape was tuned): ``bmm_mix_bmm``, the most frequent
-    winner on an H100 (``benchmarks/layer_speed.py``). Cached: it is on every call's path."""
-    return _candidates(T <= DECODE_MAX_T, shape, device)
+    winner on an H100 (``benchmarks/layer_speed.py``). Under ``torch.use_deterministic_algorithms``
+    only paths without float atomics run, so repeated calls give identical bits. Cached: it is on
+    every call's path."""
+    return _candidates(T <= DECODE_MAX_T, T <= gemv_kernels.MAX_T, torch.are_deterministic_algorithms_enabled(),
+                       shape, device)
 
 
 @functools.lru_cache(maxsize=None)
-def _candidates(decode: bool, shape: BlastShape, device) -> list[tuple[str, dict]]:
+def _candidates(decode: bool, few_tokens: bool, deterministic: bool, shape: BlastShape,
+                device) -> list[tuple[str, dict]]:
+    cands = _all_candidates(decode, few_tokens, shape, device)
+    return [(p, c) for p, c in cands if not (deterministic and p in ATOMIC_PATHS)]
+
+
+def _all_candidates(decode: bool, few_tokens: bool, shape: BlastShape, device) -> list[tuple[str, dict]]:
     # b_out > 4: also mix all block-rows in one program, so z is read once rather than b_out/4 times
     wide_mix = [{"BI": 16, "BTM": 16, "BRM": 32}, {"BI": 8, "BTM": 32, "BRM": 32}] if shape.b_out > 4 else []
     if decode:
         kernels = [c for c in decode_kernels.CANDIDATES if c["mode"] != "pdl" or decode_kernels.pdl_supported(device)]
-        return ([("bmm_mix_bmm", {})] + [("decode", c) for c in kernels]
+        gemv = [("gemv", c) for c in gemv_kernels.CANDIDATES] if few_tokens else []
+        return ([("bmm_mix_bmm", {})] + gemv + [("decode", c) for c in kernels]
                 + [("fused", decode_config(shape, device, 4)),
                    ("fused", decode_config(shape, device, 8)), ("fused_bmm", decode_config(shape, device, 4))]
                 + [("bmm_mix_bmm", c) for c in wide_mix])
@@ -275,6 +294,25 @@ def _candidates(decode: bool, shape: BlastShape, device) -> list[tuple[str, dict
     out += [("fused", {**f, **wu_cfgs[0]}) for f in fused]
     out += [("fused_bmm", f) for f in fused]
     return out
+
+
+class _WeightCopies:
+    """The factors, and clones of them made only when the autotuner times candidates: enough that
+    rotating through them streams the weights from memory, as a model's layers do in a decode step.
+    Timing one copy over and over would measure L2 bandwidth and pick the wrong kernel."""
+
+    def __init__(self, factors, device):
+        self.factors, self._clones = factors, {}
+        nbytes = sum(t.numel() * t.element_size() for t in factors)
+        l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+        self.count = max(1, min(8, -(-2 * l2 // max(nbytes, 1))))
+
+    def __getitem__(self, k: int):
+        if k == 0:
+            return self.factors
+        if k not in self._clones:
+            self._clones[k] = tuple(t.clone() for t in self.factors)
+        return self._clones[k]
 
 
 def tuning_key(T: int, shape: BlastShape, dtype, has_bias: bool, device) -> tuple:
@@ -301,7 +339,9 @@ def blast_matmul_triton(x, U, S, V, bias=None, out_features=None, path: str | No
     cands = candidates(T, shape, x.device)
     if path is None:
         key = tuning_key(T, shape, x.dtype, bias is not None, x.device)
-        path, cfg = autotune.choose(key, cands, lambda p, c: run_path(x2, U, S, V, bias, shape, p, c))
+        copies = _WeightCopies((U, S, V), x.device)
+        path, cfg = autotune.choose(key, cands, lambda p, c, k: run_path(x2, *copies[k], bias, shape, p, c),
+                                    copies=copies.count)
     else:
         cfg = next((c for p, c in cands if p == path), None)
         if cfg is None:             # a path not timed at this size: its generic tiles

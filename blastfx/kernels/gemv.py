@@ -1,0 +1,230 @@
+"""The BLAST product for a few tokens (T <= 4) on CUDA cores: two GEMV streams, one launch.
+
+Why: at decode a BLAST layer at half the parameters moves half the bytes of its dense layer, so its
+time is the time to stream U and V once plus what it costs to cross the dependency between them.
+Tensor-core tiles pad T = 1 to 16 rows and stage every weight tile through shared memory; a GEMV
+instead loads each weight element once into registers with 16-byte vector loads, keeps many loads
+in flight per SM, and multiplies on CUDA cores, which is how a dense GEMV reaches the memory limit.
+
+* **Stage 1, x·V with the s-mix folded in.** A work item is (block-column j, tile of r, chunk of q):
+  it streams V[j, chunk, tile] (rows contiguous along r) as an FMA accumulation and adds
+  ``s_ij * z_j`` for every block-row i into an fp32 ``w`` with atomics. No partial sums are written
+  and nothing is mixed afterwards.
+* **Stage 2, w·Uᵀ.** A work item is (block-row i, tile of p): it streams U[i, tile, :] (rows
+  contiguous along r) against w_i, adds the bias, casts, and writes y in its (T, m) layout.
+
+``w`` lives in a per-device workspace of two halves; a generation counter on the device picks the
+half a call accumulates into, and stage 1 clears the *other* half for the next call, as far as the
+call before it wrote there (each call records its extent). So no memset is launched per call and a
+CUDA-graph replay finds everything ready. Float atomics make the summation
+order vary between runs, so the result is not bitwise reproducible; with
+``torch.use_deterministic_algorithms(True)`` the slot kernel of :mod:`.decode` is used instead.
+
+Launch modes (``cfg["mode"]``): ``persistent`` runs both stages in one grid no larger than what is
+co-resident, with a grid barrier between them; ``two`` is two plain launches. Under
+``TRITON_INTERPRET=1`` programs run one after another, so both modes run as two launches there.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..layout import BlastShape
+from .decode import _index, _sm_limits, resident_programs
+
+MAX_T = 4                   # FMA accumulators hold T x tile values per thread; past this, tensor cores win
+_WORKSPACES: dict = {}      # per device: (generation + barrier counters, two halves of w)
+_CHECKED: set = set()       # persistent configs whose grid was checked to be co-resident
+
+
+@triton.jit
+def _grid_barrier(sync_ptr, GRID):
+    """Every program waits here until all GRID programs arrived; the last to leave resets the
+    counters and advances the generation (so the next call uses the other half of w)."""
+    tl.debug_barrier()
+    tl.atomic_add(sync_ptr + 1, 1, sem="release", scope="gpu")
+    arrived = tl.load(sync_ptr + 1, volatile=True)
+    while arrived < GRID:
+        arrived = tl.load(sync_ptr + 1, volatile=True)
+    left = tl.atomic_add(sync_ptr + 2, 1, sem="acq_rel", scope="gpu")
+    if left == GRID - 1:
+        tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(sync_ptr + 2, 0, sem="relaxed", scope="gpu")
+        tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_ptr,
+                        T, N, M, P, Q, R, B_IN, Q_SPLIT, Q_CHUNK, R_TILES, P_TILES, GRID, HALF,
+                        sxt, sxn, sui, sup, sur, ssi, ssj, ssr, svj, svq, svr, syt, sym,
+                        HAS_BIAS: tl.constexpr, BT: tl.constexpr, B_OUT: tl.constexpr,
+                        BQ: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr,
+                        ZB: tl.constexpr, STAGE: tl.constexpr):
+    """STAGE 1: x·V and the s-mix into w; STAGE 2: w·Uᵀ; STAGE 3: both, grid barrier between.
+    w is (B_OUT, BT, R) fp32 in the workspace half picked by the generation counter's parity."""
+    pid = tl.program_id(0)
+    gen = tl.load(sync_ptr, volatile=True)
+    w_ptr = ws_ptr + (gen % 2) * HALF
+    offs_t = tl.arange(0, BT)
+    tmask = offs_t < T
+    if STAGE != 2:
+        # clear this program's share of the other half, as far as the previous call wrote there: the
+        # next call accumulates in it. Record how far this call writes in its own half.
+        nxt = ws_ptr + ((gen + 1) % 2) * HALF
+        dirty = tl.load(sync_ptr + 4 + (gen + 1) % 2, volatile=True)
+        for z0 in range(pid * ZB, dirty, GRID * ZB):
+            offs_z = z0 + tl.arange(0, ZB)
+            tl.store(nxt + offs_z, tl.zeros((ZB,), tl.float32), mask=offs_z < dirty)
+        if pid == 0:
+            tl.store(sync_ptr + 4 + gen % 2, B_OUT * BT * R)
+        items = B_IN * R_TILES * Q_SPLIT
+        for item in range(pid, items, GRID):
+            rt = item % R_TILES                 # neighbouring programs read neighbouring r-tiles of a row
+            jq = item // R_TILES
+            j = jq % B_IN
+            q0 = (jq // B_IN) * Q_CHUNK
+            q_lim = tl.minimum(Q, q0 + Q_CHUNK)
+            offs_r = rt * BR + tl.arange(0, BR)
+            rmask = offs_r < R
+            acc = tl.zeros((BT, BQ, BR), dtype=tl.float32)
+            for c0 in range(q0, q0 + Q_CHUNK, BQ):
+                offs_c = c0 + tl.arange(0, BQ)
+                col = j * Q + offs_c
+                cmask = (offs_c < q_lim) & (col < N)
+                v = tl.load(v_ptr + j * svj + offs_c[:, None] * svq + offs_r[None, :] * svr,
+                            mask=cmask[:, None] & rmask[None, :], other=0.0)
+                xt = tl.load(x_ptr + offs_t[:, None] * sxt + col[None, :] * sxn,
+                             mask=tmask[:, None] & cmask[None, :], other=0.0)
+                acc += xt.to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :]
+            z = tl.sum(acc, axis=1)                                         # (BT, BR)
+            for i in tl.static_range(B_OUT):
+                s = tl.load(s_ptr + i * ssi + j * ssj + offs_r * ssr, mask=rmask, other=0.0)
+                tl.atomic_add(w_ptr + i * BT * R + offs_t[:, None] * R + offs_r[None, :],
+                              s.to(tl.float32)[None, :] * z, mask=tmask[:, None] & rmask[None, :], sem="relaxed")
+    if STAGE == 3:
+        _grid_barrier(sync_ptr, GRID)
+    if STAGE != 1:
+        items2 = B_OUT * P_TILES
+        for item in range(pid, items2, GRID):
+            i = item // P_TILES
+            offs_p = (item % P_TILES) * BP + tl.arange(0, BP)
+            pmask = offs_p < P
+            acc2 = tl.zeros((BT, BP, BK), dtype=tl.float32)
+            for k0 in range(0, R, BK):
+                offs_k = k0 + tl.arange(0, BK)
+                kmask = offs_k < R
+                u = tl.load(u_ptr + i * sui + offs_p[:, None] * sup + offs_k[None, :] * sur,
+                            mask=pmask[:, None] & kmask[None, :], other=0.0)
+                wv = tl.load(w_ptr + i * BT * R + offs_t[:, None] * R + offs_k[None, :],
+                             mask=tmask[:, None] & kmask[None, :], other=0.0, cache_modifier=".cg")
+                acc2 += wv[:, None, :] * u.to(tl.float32)[None, :, :]
+            out = tl.sum(acc2, axis=2)                                      # (BT, BP)
+            rows = i * P + offs_p
+            omask = pmask & (rows < M)
+            if HAS_BIAS:
+                out += tl.load(b_ptr + rows, mask=omask, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + offs_t[:, None] * syt + rows[None, :] * sym, out.to(y_ptr.dtype.element_ty),
+                     mask=tmask[:, None] & omask[None, :])
+    if STAGE == 2:
+        # two-launch form: the last stage-2 program to finish advances the generation
+        tl.debug_barrier()
+        done = tl.atomic_add(sync_ptr + 3, 1, sem="acq_rel", scope="gpu")
+        if done == GRID - 1:
+            tl.atomic_xchg(sync_ptr + 3, 0, sem="relaxed", scope="gpu")
+            tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
+
+
+def workspace(device: torch.device, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sync counters, w workspace of two zeroed halves of at least ``half`` floats) for ``device``.
+    Counters: generation, barrier arrivals, barrier departures, stage-2 completions, and the extent
+    last written in each half. Calls on one stream share it safely: each call clears the half the
+    next call uses. A larger need gets a new workspace; the old one is kept alive, since a captured
+    CUDA graph may still point at it."""
+    key = (device.type, device.index)
+    if key not in _WORKSPACES or _WORKSPACES[key][1].numel() < 2 * half:
+        half = max(half, 1 << 16)
+        _WORKSPACES.setdefault(("retired", key), []).extend([_WORKSPACES[key]] if key in _WORKSPACES else [])
+        _WORKSPACES[key] = (torch.zeros(8, dtype=torch.int32, device=device),
+                            torch.zeros(2 * half, dtype=torch.float32, device=device))
+    return _WORKSPACES[key]
+
+
+def gemv_plan(shape: BlastShape, grid: int, cfg: dict) -> dict:
+    """Split x·V into items (j, r-tile, q-chunk): the fewest q-chunks (each costs B_OUT atomics per
+    r element) that give every one of ``grid`` programs about equal work."""
+    BR, BQ = cfg["BR"], cfg["BQ"]
+    r_tiles = triton.cdiv(shape.rank, BR)
+    q_blocks = triton.cdiv(shape.q, BQ)
+    best = None
+    for q_split in range(1, q_blocks + 1):
+        chunk = triton.cdiv(q_blocks, q_split) * BQ
+        split = triton.cdiv(shape.q, chunk)
+        items = shape.b_in * r_tiles * split
+        cost = triton.cdiv(items, grid) * chunk + 0.02 * split * BQ       # longest program's rows
+        if best is None or cost < best[0]:
+            best = (cost, split, chunk)
+    _, q_split, q_chunk = best
+    return dict(Q_SPLIT=q_split, Q_CHUNK=q_chunk, R_TILES=r_tiles, P_TILES=triton.cdiv(shape.p, cfg["BP"]))
+
+
+# Tiles of 16-32 KB per loop step keep enough loads in flight per SM to stream at full bandwidth.
+# per_sm: programs per SM of the persistent grid (and what the x·V split aims to fill in both modes).
+DEFAULT = dict(mode="two", BQ=32, BR=512, BP=16, BK=512, warps=4, stages=1, per_sm=2)
+CANDIDATES = (DEFAULT, {**DEFAULT, "BQ": 64, "BR": 128, "BP": 32, "BK": 256, "per_sm": 4},
+              {**DEFAULT, "BR": 256, "warps": 8, "warps2": 4}, {**DEFAULT, "mode": "persistent"},
+              {**DEFAULT, "mode": "persistent", "BQ": 64, "BR": 256})
+
+
+def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *, interpret: bool = False,
+               only_stage: int | None = None):
+    """y (T, out_features) for T <= MAX_T. ``only_stage`` (1 or 2, mode "two"): launch just that
+    stage, to see where the time goes; the output is then not the product."""
+    cfg = {**DEFAULT, **(cfg or {})}
+    T, n = x2.shape
+    if T > MAX_T:
+        raise ValueError(f"the GEMV decode kernel takes at most {MAX_T} tokens, got T={T}")
+    mode = "two" if interpret else cfg["mode"]
+    if mode not in ("persistent", "two"):
+        raise ValueError(f"GEMV decode mode must be 'persistent' or 'two', got {mode!r}")
+    if only_stage is not None and mode != "two":
+        raise ValueError("only_stage needs mode 'two'")
+    BT = triton.next_power_of_2(T)
+    # the FMA accumulators hold BT x tile values per thread: keep that constant as T grows
+    cfg.update(BQ=max(8, cfg["BQ"] // BT), BP=max(4, cfg["BP"] // BT))
+    sms = _sm_limits(_index(x2.device))[0] if x2.is_cuda else 4
+    grid = cfg["per_sm"] * sms
+    plan = gemv_plan(shape, grid, cfg)
+    half = shape.b_out * BT * shape.rank
+    sync, ws = workspace(x2.device, half)
+    y = torch.empty(T, shape.out_features, device=x2.device, dtype=x2.dtype)
+    const = dict(HAS_BIAS=bias is not None, BT=BT, B_OUT=shape.b_out, BQ=cfg["BQ"], BR=cfg["BR"], BP=cfg["BP"],
+                 BK=cfg["BK"], ZB=1024)
+    launch = {} if interpret else {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
+
+    def args(g):
+        return (x2, U, S, V, bias if bias is not None else y, y, ws, sync, T, n, shape.out_features,
+                shape.p, shape.q, shape.rank, shape.b_in, plan["Q_SPLIT"], plan["Q_CHUNK"], plan["R_TILES"],
+                plan["P_TILES"], g, ws.numel() // 2, x2.stride(0), x2.stride(1), *U.stride(), *S.stride(),
+                *V.stride(), y.stride(0), y.stride(1))
+
+    if mode == "two":
+        g1 = shape.b_in * plan["R_TILES"] * plan["Q_SPLIT"]
+        g2 = shape.b_out * plan["P_TILES"]
+        if only_stage in (None, 1):
+            _gemv_decode_kernel[(g1,)](*args(g1), STAGE=1, **const, **launch)
+        if only_stage in (None, 2):
+            if not interpret:
+                launch = {**launch, "num_warps": cfg.get("warps2", cfg["warps"])}
+            _gemv_decode_kernel[(g2,)](*args(g2), STAGE=2, **const, **launch)
+        return y
+    key = (_index(x2.device), shape, BT, x2.dtype, tuple(sorted(cfg.items())), bias is not None)
+    if key not in _CHECKED:     # compile without running; a grid that is not co-resident never launches
+        compiled = _gemv_decode_kernel.warmup(*args(grid), STAGE=3, **const, **launch, grid=(grid,))
+        resident = resident_programs(compiled, x2.device)
+        if resident < grid:
+            raise RuntimeError(f"GEMV decode config {cfg} fits {resident} co-resident programs, fewer than its "
+                               f"grid of {grid}: a grid barrier would deadlock")
+        _CHECKED.add(key)
+    _gemv_decode_kernel[(grid,)](*args(grid), STAGE=3, **const, **launch)
+    return y

@@ -1,0 +1,137 @@
+"""The CUDA-core decode kernel (``blastfx.kernels.gemv``) against the plain-PyTorch reference.
+
+On CPU it runs under the Triton interpreter in its two-launch form; on CUDA the one-launch form
+with its grid barrier is checked too, with CUDA-graph replay. The workspace it accumulates in is
+cleared by the call before, so the tests also check that calls of different sizes in a row (a
+bigger one after a smaller one, and back) each start from zeros."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from blastfx.kernels import gemv
+from blastfx.layout import BlastShape
+from blastfx.ops import blast_matmul_reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+TINY = dict(BQ=16, BR=16, BP=16, BK=16)
+
+
+def _factors(m, n, r, b_out, b_in, dtype, bias=True, seed=0):
+    shape = BlastShape.make(m, n, r, (b_out, b_in), allow_larger=True)
+    g = torch.Generator().manual_seed(seed)
+    U = torch.randn(shape.b_out, shape.p, r, generator=g) / math.sqrt(r)
+    V = torch.randn(shape.b_in, shape.q, r, generator=g) / math.sqrt(shape.q)
+    S = torch.randn(b_out, b_in, r, generator=g)
+    U.view(-1, r)[m:] = 0                                   # padding rows are zero, as stored
+    V.view(-1, r)[n:] = 0
+    b = torch.randn(m, generator=g) if bias else None
+    to = dict(device=DEVICE, dtype=dtype)
+    return shape, U.to(**to), S.to(**to), V.to(**to), (b.to(**to) if b is not None else None)
+
+
+def _check(T, m, n, r, b_out, b_in, dtype, bias, cfg=None, seed=0):
+    shape, U, S, V, b = _factors(m, n, r, b_out, b_in, dtype, bias, seed)
+    x = torch.randn(T, n, device=DEVICE, dtype=dtype)
+    y = gemv.blast_gemv(x, U, S, V, b, shape, cfg, interpret=not CUDA)
+    ref = blast_matmul_reference(x.double(), U.double(), S.double(), V.double(),
+                                 b.double() if b is not None else None, m)
+    tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}[dtype]
+    scale = ref.abs().max().item() + 1e-6
+    assert y.shape == (T, m) and y.dtype == dtype
+    assert torch.isfinite(y).all()
+    assert (y.double() - ref).abs().max().item() / scale < tol
+
+
+@settings(max_examples=10 if not CUDA else 40, deadline=None)
+@given(T=st.integers(1, gemv.MAX_T), m=st.integers(17, 80), n=st.integers(17, 80), r=st.integers(1, 40),
+       b_out=st.integers(1, 4), b_in=st.integers(1, 4), bias=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+def test_matches_reference_on_fuzzed_shapes(T, m, n, r, b_out, b_in, bias, dtype):
+    """Ragged dims (padding in the last block), b_out != b_in, ranks not multiples of the tiles."""
+    for count, dim in ((b_out, m), (b_in, n)):
+        if (count - 1) * math.ceil(dim / count) >= dim:
+            return          # a block count that leaves a block all padding is refused by BlastShape
+    _check(T, m, n, r, b_out, b_in, dtype, bias, cfg=TINY)
+
+
+def test_q_split_into_chunks_adds_every_chunk_once():
+    """Small tiles and a wide grid force several q-chunks per block-column, each added atomically."""
+    shape = BlastShape.make(64, 96, 24, 2)
+    plan = gemv.gemv_plan(shape, 64, TINY)
+    assert plan["Q_SPLIT"] > 1
+    _check(3, 64, 96, 24, 2, 2, torch.float32, True, cfg=TINY)
+
+
+def test_calls_of_different_sizes_each_start_from_a_cleared_workspace():
+    """Each call clears, in the other half of the workspace, what the call before wrote there: a big
+    call, then small ones, then a big one again all match the reference."""
+    for T, m, n, r, b in ((4, 80, 80, 40, 4), (1, 24, 24, 4, 1), (2, 33, 40, 9, 2), (4, 80, 80, 40, 4),
+                          (3, 64, 48, 33, 3), (1, 80, 80, 40, 4)):
+        _check(T, m, n, r, b, b, torch.float32, True, cfg=TINY, seed=T + r)
+
+
+def test_poisoned_output_is_fully_overwritten(monkeypatch):
+    empty = torch.empty
+
+    def poisoned(*a, **k):
+        t = empty(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    _check(4, 50, 70, 20, 3, 2, torch.float32, False, cfg=TINY)
+
+
+def test_plan_covers_q_and_fills_the_grid():
+    shape = BlastShape.make(4096, 4096, 1022, 4)
+    plan = gemv.gemv_plan(shape, 264, gemv.DEFAULT)
+    assert plan["Q_SPLIT"] * plan["Q_CHUNK"] >= shape.q > (plan["Q_SPLIT"] - 1) * plan["Q_CHUNK"]
+    assert shape.b_in * plan["Q_SPLIT"] * plan["R_TILES"] >= 264 * 0.9
+
+
+def test_rejects_more_tokens_and_unknown_modes():
+    shape, U, S, V, b = _factors(32, 32, 8, 2, 2, torch.float32)
+    with pytest.raises(ValueError, match=f"at most {gemv.MAX_T} tokens"):
+        gemv.blast_gemv(torch.randn(gemv.MAX_T + 1, 32, device=DEVICE), U, S, V, b, shape, interpret=not CUDA)
+    with pytest.raises(ValueError, match="GEMV decode mode"):
+        gemv.blast_gemv(torch.randn(1, 32, device=DEVICE), U, S, V, b, shape, {"mode": "fast"})
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cfg", gemv.CANDIDATES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("T", [1, 2, 4])
+def test_every_config_matches_reference_on_cuda(T, dtype, cfg):
+    _check(T, 1000, 700, 96, 4, 4, dtype, True, cfg)
+    _check(T, 4096, 4096, 1022, 4, 4, dtype, True, cfg)
+    _check(T, 4096, 11008, 1491, 4, 4, dtype, False, cfg)
+    _check(T, 512, 768, 64, 8, 2, dtype, True, cfg)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cfg", [gemv.DEFAULT, {**gemv.DEFAULT, "mode": "two"}], ids=["persistent", "two"])
+def test_replays_in_a_cuda_graph(cfg):
+    shape, U, S, V, b = _factors(2048, 2048, 500, 4, 4, torch.bfloat16)
+    x = torch.randn(2, 2048, device="cuda", dtype=torch.bfloat16)
+    first = gemv.blast_gemv(x, U, S, V, b, shape, cfg)
+    for _ in range(20):     # repeated calls never hang and stay within float-atomic rounding
+        torch.testing.assert_close(gemv.blast_gemv(x, U, S, V, b, shape, cfg), first, rtol=2e-2, atol=2e-2)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        gemv.blast_gemv(x, U, S, V, b, shape, cfg)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemv.blast_gemv(torch.relu(x) * 2, U, S, V, b, shape, cfg)
+        out2 = gemv.blast_gemv(out[:, :2048].contiguous(), U, S, V, b, shape, cfg)
+    ref = blast_matmul_reference((torch.relu(x) * 2).double(), U.double(), S.double(), V.double(), b.double(), 2048)
+    for _ in range(5):      # an odd number of calls per replay: both workspace halves take turns
+        out.fill_(float("nan"))
+        out2.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert (out.double() - ref).abs().max() / ref.abs().max() < 3e-2
+        ref2 = blast_matmul_reference(out[:, :2048].double(), U.double(), S.double(), V.double(), b.double(), 2048)
+        assert (out2.double() - ref2).abs().max() / ref2.abs().max() < 3e-2
