@@ -1,0 +1,171 @@
+"""The SS1 Triton kernel against the reference: fuzzed shapes under the interpreter (CPU) and the
+compiled kernel on a GPU (``@pytest.mark.cuda``)."""
+import random
+
+import pytest
+import torch
+
+import blastfx
+from blastfx.structures.ss1 import SS1Layout, SS1Linear, ss1_matmul, ss1_matmul_reference
+from blastfx.structures.ss1.kernel import kernel_config, ss1_matmul_triton
+from ss1_oracles import dense_oracle
+
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+
+
+def _fuzz_cases(n, seed=2024):
+    rng = random.Random(seed)
+    cases = []
+    for _ in range(n):
+        bk = rng.choice([16, 32])
+        bn = rng.choice([16, 32, 64])
+        r = rng.choice([1, 2, 2, 4, 4, 8])
+        if rng.random() < 0.7:                            # mostly ragged: in_features not a multiple of bk
+            in_f = rng.randint((r - 1) * bk + 1, (2 * r + 1) * bk)
+        else:
+            in_f = bk * rng.randint(r, 2 * r + 1)
+        out_f = rng.randint(1, 90)
+        T = rng.choice([1, 2, 5, 16, 17, 40])
+        dtype = rng.choice([torch.float32, torch.float16, torch.bfloat16])
+        cases.append((T, in_f, out_f, r, bk, bn, dtype, rng.random() < 0.5, rng.randint(0, 2 ** 32)))
+    return cases
+
+
+def _check(y, x, w, b, L, dtype):
+    # ground truth: the same (rounded) low-precision inputs, float64 math
+    want = x.double() @ dense_oracle(w, L).T + (b.double() if b is not None else 0)
+    scale = want.abs().max().item() + 1e-6
+    assert y.dtype == dtype and y.shape == want.shape
+    torch.testing.assert_close(y.double(), want, rtol=TOL[dtype], atol=TOL[dtype] * scale)
+    ref = ss1_matmul_reference(x, w, L, b)
+    torch.testing.assert_close(y.double(), ref.double(), rtol=2 * TOL[dtype], atol=2 * TOL[dtype] * scale)
+
+
+@pytest.mark.parametrize("case", _fuzz_cases(28), ids=lambda c: "T{}-K{}-N{}-r{}-bk{}-bn{}-{}-bias{}-s{}".format(
+    *c[:6], str(c[6]).split(".")[-1], int(c[7]), c[8]))
+def test_kernel_matches_reference_on_fuzzed_shapes(case):
+    T, in_f, out_f, r, bk, bn, dtype, bias, seed = case
+    L = SS1Layout(out_f, in_f, r, seed=seed, block_k=bk, block_n=bn)
+    x = torch.randn(T, in_f).to(dtype)
+    w = torch.randn(L.weight_shape).to(dtype)
+    b = torch.randn(out_f).to(dtype) if bias else None
+    y = ss1_matmul_triton(x, w, L.shifts(), b, r, bk, bn)
+    _check(y, x, w, b, L, dtype)
+
+
+@pytest.mark.parametrize("T,cfg", [(1, {"BM": 16, "BN": 16}), (3, {"BM": 16, "BN": 32}), (40, {"BM": 32, "BN": 32}),
+                                   (40, {"BM": 16, "BN": 16})])
+def test_tile_configs_and_leading_dims(T, cfg):
+    L = SS1Layout(45, 100, 2, seed=3, block_k=16, block_n=32)
+    x = torch.randn(T, 2, L.in_features)
+    w = torch.randn(L.weight_shape)
+    b = torch.randn(L.out_features)
+    y = ss1_matmul_triton(x, w, L.shifts(), b, 2, 16, 32, config=cfg)
+    _check(y.reshape(-1, L.out_features), x.reshape(-1, L.in_features), w, b, L, torch.float32)
+    assert y.shape == (T, 2, L.out_features)
+
+
+def test_kernel_reads_only_the_shared_weight_and_the_real_inputs():
+    """Strided views into NaN-filled buffers: a read past the shared weight's columns, past the last
+    input feature, past the last row or token would make the output NaN."""
+    L = SS1Layout(37, 70, 4, seed=5, block_k=16, block_n=16)
+    T = 5
+    xbuf = torch.full((T + 3, L.in_features + 20), float("nan"))
+    xbuf[:T, :L.in_features] = torch.randn(T, L.in_features)
+    wbuf = torch.full((L.out_features + 9, L.shared_in_features + 16), float("nan"))
+    wbuf[:L.out_features, :L.shared_in_features] = torch.randn(L.weight_shape)
+    bbuf = torch.full((L.out_features + 7,), float("nan"))
+    bbuf[:L.out_features] = torch.randn(L.out_features)
+    x, w, b = xbuf[:T, :L.in_features], wbuf[:L.out_features, :L.shared_in_features], bbuf[:L.out_features]
+    y = ss1_matmul_triton(x, w, L.shifts(), b, L.reduction, L.block_k, L.block_n)
+    assert bool(torch.isfinite(y).all())
+    _check(y, x.contiguous(), w.contiguous(), b.contiguous(), L, torch.float32)
+
+
+def test_transposed_input():
+    L = SS1Layout(30, 64, 2, seed=1, block_k=16, block_n=16)
+    x = torch.randn(L.in_features, 6).T                        # non-contiguous (6, 64)
+    w = torch.randn(L.weight_shape)
+    y = ss1_matmul_triton(x, w, L.shifts(), None, 2, 16, 16)
+    _check(y, x, w, None, L, torch.float32)
+
+
+def test_shifts_outside_the_tile_wrap_like_the_reference():
+    """The op does not validate shift values (that would sync a GPU); kernel and reference must still
+    agree on any integer table: both reduce it modulo block_k."""
+    L = SS1Layout(20, 64, 2, seed=1, block_k=16, block_n=16)
+    odd = L.shifts() + torch.tensor([[-48], [16], [35], [-3]])
+    x, w = torch.randn(4, 64), torch.randn(L.weight_shape)
+    y = ss1_matmul_triton(x, w, odd, None, 2, 16, 16)
+    ref = torch.ops.blastfx.ss1_matmul(x, w, odd, None, 2, 16, 16)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_empty_tokens_and_bad_config():
+    L = SS1Layout(20, 64, 2, block_k=16, block_n=16)
+    w = torch.randn(L.weight_shape)
+    assert ss1_matmul_triton(torch.randn(0, 64), w, L.shifts(), None, 2, 16, 16).shape == (0, 20)
+    with pytest.raises(ValueError, match="config BN=32 must be a power of two dividing block_n=16"):
+        ss1_matmul_triton(torch.randn(2, 64), w, L.shifts(), None, 2, 16, 16, config={"BN": 32})
+
+
+def test_config_never_exceeds_the_hash_tile():
+    for T in (1, 16, 17, 4096):
+        for bn in (16, 32, 64, 128):
+            for interpret in (False, True):
+                cfg = kernel_config(T, bn, interpret=interpret)
+                assert cfg["BN"] <= bn and bn % cfg["BN"] == 0
+    assert kernel_config(1, 64, interpret=False)["BM"] == 16
+    assert kernel_config(512, 64, interpret=False)["BM"] == 64
+
+
+def test_cpu_op_runs_the_reference():
+    L = SS1Layout(20, 64, 2, block_k=16, block_n=16)
+    x, w = torch.randn(3, 64, dtype=torch.float64), torch.randn(L.weight_shape, dtype=torch.float64)
+    assert torch.equal(ss1_matmul(x, w, L), ss1_matmul_reference(x, w, L))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the compiled kernel
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T", [1, 8, 16, 17, 333, 2048])
+@pytest.mark.parametrize("geom", [(4096, 4096, 2), (1000, 3000, 4), (2048, 5632, 8), (768, 768, 1)])
+def test_cuda_kernel_matches_reference(dtype, T, geom):
+    out_f, in_f, r = geom
+    L = SS1Layout(out_f, in_f, r, seed=7)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(T, in_f, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(L.weight_shape, device="cuda", generator=g) / in_f ** 0.5).to(dtype)
+    b = torch.randn(out_f, device="cuda", generator=g).to(dtype)
+    y = ss1_matmul_triton(x, w, L.shifts("cuda"), b, r, L.block_k, L.block_n)
+    want = ss1_matmul_reference(x.double(), w.double(), L, b.double())
+    scale = want.abs().max().item()
+    torch.testing.assert_close(y.double(), want, rtol=TOL[dtype], atol=TOL[dtype] * scale)
+
+
+@pytest.mark.cuda
+def test_cuda_op_dispatches_to_the_kernel_and_honours_kernel_options():
+    L = SS1Layout(512, 1000, 4, seed=2)
+    x = torch.randn(3, 7, 1000, device="cuda", dtype=torch.float16)
+    w = torch.randn(L.weight_shape, device="cuda", dtype=torch.float16) / 30
+    s = L.shifts("cuda")
+    y = ss1_matmul(x, w, L, shifts=s)
+    direct = ss1_matmul_triton(x, w, s, None, L.reduction, L.block_k, L.block_n)
+    assert torch.equal(y, direct)
+    with blastfx.kernels.options(kernels="reference"):
+        ref = ss1_matmul(x, w, L, shifts=s)
+    torch.testing.assert_close(y.float(), ref.float(), rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+@pytest.mark.cuda
+def test_cuda_layer_trains_and_compiles():
+    layer = SS1Linear(768, 512, 4, device="cuda")
+    x = torch.randn(4, 9, 768, device="cuda")
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    y.square().mean().backward()
+    assert layer.weight.grad is not None and bool(torch.isfinite(layer.weight.grad).all())
+    torch.testing.assert_close(y, x @ layer.dense_weight().T + layer.bias, rtol=1e-4, atol=1e-4)
