@@ -135,3 +135,54 @@ def test_replays_in_a_cuda_graph(cfg):
         assert (out.double() - ref).abs().max() / ref.abs().max() < 3e-2
         ref2 = blast_matmul_reference(out[:, :2048].double(), U.double(), S.double(), V.double(), b.double(), 2048)
         assert (out2.double() - ref2).abs().max() / ref2.abs().max() < 3e-2
+
+
+def _group_check(T, specs, dtype=torch.float32, cfg=TINY, seed=0, n=48):
+    """specs: (m, r, b_out, b_in, bias) per member, all reading one x of width n."""
+    members = [(*_factors(m, n, r, bo, bi, dtype, bias, seed + k)[1:], BlastShape.make(m, n, r, (bo, bi),
+                                                                                        allow_larger=True))
+               for k, (m, r, bo, bi, bias) in enumerate(specs)]
+    x = torch.randn(T, n, device=DEVICE, dtype=dtype)
+    y_all = gemv.blast_gemv_group(x, members, cfg, interpret=not CUDA)
+    assert y_all.shape == (T, sum(shape.out_features for *_, shape in members))
+    ys = y_all.split([shape.out_features for *_, shape in members], dim=-1)
+    tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}[dtype]
+    for y, (U, S, V, b, shape) in zip(ys, members):
+        ref = blast_matmul_reference(x.double(), U.double(), S.double(), V.double(),
+                                     b.double() if b is not None else None, shape.out_features)
+        assert y.shape == (T, shape.out_features) and torch.isfinite(y).all()
+        assert (y.double() - ref).abs().max().item() / (ref.abs().max().item() + 1e-6) < tol
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_group_of_siblings_matches_each_reference(T):
+    """q/k/v-like siblings of different heights, ranks, block counts and biases in one group."""
+    _group_check(T, [(40, 16, 4, 4, True), (24, 8, 2, 3, False), (56, 24, 4, 2, True)])
+
+
+def test_group_of_one_and_repeated_groups_start_from_a_cleared_workspace():
+    for T, specs in ((1, [(40, 16, 4, 4, True)]), (4, [(40, 16, 4, 4, True), (32, 32, 2, 2, False)]),
+                     (2, [(16, 8, 1, 1, True)]), (4, [(40, 16, 4, 4, True), (32, 32, 2, 2, False)])):
+        _group_check(T, specs)
+
+
+def test_group_refuses_members_it_cannot_stream():
+    n = 48
+    shape = BlastShape.make(40, n, 12, 4)           # rank 12: not a multiple of 8
+    U, S, V, b = _factors(40, n, 12, 4, 4, torch.float32)[1:]
+    with pytest.raises(ValueError, match="rank 12, not a multiple of 8"):
+        gemv.blast_gemv_group(torch.randn(1, n, device=DEVICE), [(U, S, V, b, shape)], interpret=not CUDA)
+    shape16 = BlastShape.make(40, n, 16, 4)
+    U, S, V, b = _factors(40, n, 16, 4, 4, torch.float32)[1:]
+    with pytest.raises(ValueError, match="mix dtypes"):
+        gemv.blast_gemv_group(torch.randn(1, n, device=DEVICE), [(U, S, V, b, shape16), (U.half(), S.half(),
+                              V.half(), None, shape16)], interpret=not CUDA)
+    assert "non-contiguous" in gemv.groupable([(U, S, V.transpose(1, 2).contiguous().transpose(1, 2), b, shape16)])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cfg", gemv.CANDIDATES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+@pytest.mark.parametrize("T", [1, 4])
+def test_group_matches_reference_on_cuda(T, cfg):
+    _group_check(T, [(4096, 1024, 4, 4, False), (1024, 512, 4, 4, False), (1024, 512, 4, 4, True)],
+                 torch.bfloat16, cfg, n=4096)

@@ -17,7 +17,9 @@ so a checkout on ``PYTHONPATH`` that was never installed works too. Lowering cho
 Options (``options={...}``): ``"fuse_naive"`` (default True) rewrites the original BLAST code's
 three-stage forward into the op; ``"kernels"``: "triton" (default on CUDA) or "reference";
 ``"autotune"`` (default True: time the kernel paths once per shape); ``"lowering"``: "auto"
-(default), "inline" or "extern"; any other key is passed to Inductor as a config patch.
+(default), "inline" or "extern"; ``"group_siblings"``: "auto" (default: BLAST layers reading the same
+input run as one grouped call at decode sizes on CUDA, in graphs without autograd; :mod:`.grouping`),
+"always" or "never"; any other key is passed to Inductor as a config patch.
 
 ``"kernels"`` and ``"autotune"`` belong to the compiled model, not the process
 (:mod:`blastfx.kernels.scope`): each graph the backend returns runs its calls inside
@@ -33,12 +35,13 @@ import functools
 from torch._functorch import config as functorch_config
 
 from ..kernels.scope import KernelOptions, active, binding
+from .grouping import check_group_mode, group_sibling_calls
 from .lowering import check_mode, inline_blast_calls
 from .patterns import fuse_naive_blast
 from .regions import CompiledBlocks, compile_blocks
 
 stats = {"naive_fused": 0, "graphs": 0}
-_BLAST_OPTIONS = ("fuse_naive", "kernels", "autotune", "lowering")
+_BLAST_OPTIONS = ("fuse_naive", "kernels", "autotune", "lowering", "group_siblings")
 _MODES = {None: {}, "default": {}, "reduce-overhead": {"triton.cudagraphs": True},
           "max-autotune": {"max_autotune": True, "triton.cudagraphs": True},
           "max-autotune-no-cudagraphs": {"max_autotune": True}}
@@ -58,6 +61,9 @@ def blast_backend(gm, example_inputs, mode=None, options=None):
     if blast_opts.get("fuse_naive", True):
         stats["naive_fused"] += fuse_naive_blast(gm)
     inlined = inline_blast_calls(gm, lowering)
+    group_mode = check_group_mode(blast_opts.get("group_siblings", "auto"))
+    if _without_autograd(example_inputs):      # the grouped op has no backward
+        group_sibling_calls(gm, group_mode)
     # AOTAutograd's cache keys a Python function call by name, not code: a graph with inlined calls
     # skips it, so an upgraded lowering is never served from a stale entry (Inductor's own cache keys
     # the traced ops and stays on).
@@ -67,6 +73,15 @@ def blast_backend(gm, example_inputs, mode=None, options=None):
     with no_aot_cache, binding(kernel_opts):
         compiled = compile_fx(gm, example_inputs, config_patches={**_MODES[mode], **options})
     return compiled if kernel_opts == KernelOptions() else _run_with(compiled, kernel_opts)
+
+
+def _without_autograd(example_inputs) -> bool:
+    """The graph runs without autograd: grad mode is off where it is compiled (dynamo guards on it),
+    or no input requires a gradient."""
+    import torch
+
+    return not torch.is_grad_enabled() or not any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
 
 
 def _run_with(compiled, kernel_opts: KernelOptions):

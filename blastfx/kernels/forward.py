@@ -296,6 +296,13 @@ def _all_candidates(decode: bool, few_tokens: bool, shape: BlastShape, device) -
     return out
 
 
+def copies_needed(tensors, device) -> int:
+    """How many copies of ``tensors`` (at most 8) together take twice the L2 cache."""
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+    return max(1, min(8, -(-2 * l2 // max(nbytes, 1))))
+
+
 class _WeightCopies:
     """The factors, and clones of them made only when the autotuner times candidates: enough that
     rotating through them streams the weights from memory, as a model's layers do in a decode step.
@@ -303,9 +310,7 @@ class _WeightCopies:
 
     def __init__(self, factors, device):
         self.factors, self._clones = factors, {}
-        nbytes = sum(t.numel() * t.element_size() for t in factors)
-        l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
-        self.count = max(1, min(8, -(-2 * l2 // max(nbytes, 1))))
+        self.count = copies_needed(factors, device)
 
     def __getitem__(self, k: int):
         if k == 0:

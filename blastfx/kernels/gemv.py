@@ -55,6 +55,87 @@ def _grid_barrier(sync_ptr, GRID):
 
 
 @triton.jit
+def _clear_other_half(ws_ptr, sync_ptr, gen, pid, GRID, HALF, extent, ZB: tl.constexpr):
+    """Clear this program's share of the half the next call uses, as far as the call before wrote
+    there; record how far this call writes in its own half (``extent`` floats)."""
+    nxt = ws_ptr + ((gen + 1) % 2) * HALF
+    dirty = tl.load(sync_ptr + 4 + (gen + 1) % 2, volatile=True)
+    for z0 in range(pid * ZB, dirty, GRID * ZB):
+        offs_z = z0 + tl.arange(0, ZB)
+        tl.store(nxt + offs_z, tl.zeros((ZB,), tl.float32), mask=offs_z < dirty)
+    if pid == 0:
+        tl.store(sync_ptr + 4 + gen % 2, extent)
+
+
+@triton.jit
+def _xv_mix_item(item, x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, B_OUT, Q_CHUNK, R_TILES,
+                 sxt, sxn, ssi, ssj, ssr, svj, svq, svr, BT: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr):
+    """One stage-1 work item (j, r-tile, q-chunk): stream V[j, chunk, tile] against x_j and add
+    ``s_ij * z_j`` into w_i (B_OUT, BT, R) for every block-row i."""
+    offs_t = tl.arange(0, BT)
+    tmask = offs_t < T
+    rt = item % R_TILES                 # neighbouring programs read neighbouring r-tiles of a row
+    jq = item // R_TILES
+    j = jq % B_IN
+    q0 = (jq // B_IN) * Q_CHUNK
+    q_lim = tl.minimum(Q, q0 + Q_CHUNK)
+    offs_r = rt * BR + tl.arange(0, BR)
+    rmask = offs_r < R
+    acc = tl.zeros((BT, BQ, BR), dtype=tl.float32)
+    for c0 in range(q0, q0 + Q_CHUNK, BQ):
+        offs_c = c0 + tl.arange(0, BQ)
+        col = j * Q + offs_c
+        cmask = (offs_c < q_lim) & (col < N)
+        v = tl.load(v_ptr + j * svj + offs_c[:, None] * svq + offs_r[None, :] * svr,
+                    mask=cmask[:, None] & rmask[None, :], other=0.0)
+        xt = tl.load(x_ptr + offs_t[:, None] * sxt + col[None, :] * sxn,
+                     mask=tmask[:, None] & cmask[None, :], other=0.0)
+        acc += xt.to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :]
+    z = tl.sum(acc, axis=1)                                             # (BT, BR)
+    for i in range(B_OUT):
+        s = tl.load(s_ptr + i * ssi + j * ssj + offs_r * ssr, mask=rmask, other=0.0)
+        tl.atomic_add(w_ptr + i * BT * R + offs_t[:, None] * R + offs_r[None, :],
+                      s.to(tl.float32)[None, :] * z, mask=tmask[:, None] & rmask[None, :], sem="relaxed")
+
+
+@triton.jit
+def _wu_item(item, u_ptr, b_ptr, y_ptr, w_ptr, T, M, P, R, P_TILES, sui, sup, sur, syt, sym, has_bias,
+             BT: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr):
+    """One stage-2 work item (i, p-tile): stream U[i, tile, :] against w_i; bias, cast, store."""
+    offs_t = tl.arange(0, BT)
+    tmask = offs_t < T
+    i = item // P_TILES
+    offs_p = (item % P_TILES) * BP + tl.arange(0, BP)
+    pmask = offs_p < P
+    acc = tl.zeros((BT, BP, BK), dtype=tl.float32)
+    for k0 in range(0, R, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        kmask = offs_k < R
+        u = tl.load(u_ptr + i * sui + offs_p[:, None] * sup + offs_k[None, :] * sur,
+                    mask=pmask[:, None] & kmask[None, :], other=0.0)
+        wv = tl.load(w_ptr + i * BT * R + offs_t[:, None] * R + offs_k[None, :],
+                     mask=tmask[:, None] & kmask[None, :], other=0.0, cache_modifier=".cg")
+        acc += wv[:, None, :] * u.to(tl.float32)[None, :, :]
+    out = tl.sum(acc, axis=2)                                           # (BT, BP)
+    rows = i * P + offs_p
+    omask = pmask & (rows < M)
+    if has_bias:
+        out += tl.load(b_ptr + rows, mask=omask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_t[:, None] * syt + rows[None, :] * sym, out.to(y_ptr.dtype.element_ty),
+             mask=tmask[:, None] & omask[None, :])
+
+
+@triton.jit
+def _advance_generation(sync_ptr, GRID):
+    """Two-launch form: the last stage-2 program to finish advances the generation."""
+    tl.debug_barrier()
+    done = tl.atomic_add(sync_ptr + 3, 1, sem="acq_rel", scope="gpu")
+    if done == GRID - 1:
+        tl.atomic_xchg(sync_ptr + 3, 0, sem="relaxed", scope="gpu")
+        tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_ptr,
                         T, N, M, P, Q, R, B_IN, Q_SPLIT, Q_CHUNK, R_TILES, P_TILES, GRID, HALF,
                         sxt, sxn, sui, sup, sur, ssi, ssj, ssr, svj, svq, svr, syt, sym,
@@ -66,73 +147,75 @@ def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_p
     pid = tl.program_id(0)
     gen = tl.load(sync_ptr, volatile=True)
     w_ptr = ws_ptr + (gen % 2) * HALF
-    offs_t = tl.arange(0, BT)
-    tmask = offs_t < T
     if STAGE != 2:
-        # clear this program's share of the other half, as far as the previous call wrote there: the
-        # next call accumulates in it. Record how far this call writes in its own half.
-        nxt = ws_ptr + ((gen + 1) % 2) * HALF
-        dirty = tl.load(sync_ptr + 4 + (gen + 1) % 2, volatile=True)
-        for z0 in range(pid * ZB, dirty, GRID * ZB):
-            offs_z = z0 + tl.arange(0, ZB)
-            tl.store(nxt + offs_z, tl.zeros((ZB,), tl.float32), mask=offs_z < dirty)
-        if pid == 0:
-            tl.store(sync_ptr + 4 + gen % 2, B_OUT * BT * R)
-        items = B_IN * R_TILES * Q_SPLIT
-        for item in range(pid, items, GRID):
-            rt = item % R_TILES                 # neighbouring programs read neighbouring r-tiles of a row
-            jq = item // R_TILES
-            j = jq % B_IN
-            q0 = (jq // B_IN) * Q_CHUNK
-            q_lim = tl.minimum(Q, q0 + Q_CHUNK)
-            offs_r = rt * BR + tl.arange(0, BR)
-            rmask = offs_r < R
-            acc = tl.zeros((BT, BQ, BR), dtype=tl.float32)
-            for c0 in range(q0, q0 + Q_CHUNK, BQ):
-                offs_c = c0 + tl.arange(0, BQ)
-                col = j * Q + offs_c
-                cmask = (offs_c < q_lim) & (col < N)
-                v = tl.load(v_ptr + j * svj + offs_c[:, None] * svq + offs_r[None, :] * svr,
-                            mask=cmask[:, None] & rmask[None, :], other=0.0)
-                xt = tl.load(x_ptr + offs_t[:, None] * sxt + col[None, :] * sxn,
-                             mask=tmask[:, None] & cmask[None, :], other=0.0)
-                acc += xt.to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :]
-            z = tl.sum(acc, axis=1)                                         # (BT, BR)
-            for i in tl.static_range(B_OUT):
-                s = tl.load(s_ptr + i * ssi + j * ssj + offs_r * ssr, mask=rmask, other=0.0)
-                tl.atomic_add(w_ptr + i * BT * R + offs_t[:, None] * R + offs_r[None, :],
-                              s.to(tl.float32)[None, :] * z, mask=tmask[:, None] & rmask[None, :], sem="relaxed")
+        _clear_other_half(ws_ptr, sync_ptr, gen, pid, GRID, HALF, B_OUT * BT * R, ZB)
+        for item in range(pid, B_IN * R_TILES * Q_SPLIT, GRID):
+            _xv_mix_item(item, x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, B_OUT, Q_CHUNK, R_TILES,
+                         sxt, sxn, ssi, ssj, ssr, svj, svq, svr, BT, BQ, BR)
     if STAGE == 3:
         _grid_barrier(sync_ptr, GRID)
     if STAGE != 1:
-        items2 = B_OUT * P_TILES
-        for item in range(pid, items2, GRID):
-            i = item // P_TILES
-            offs_p = (item % P_TILES) * BP + tl.arange(0, BP)
-            pmask = offs_p < P
-            acc2 = tl.zeros((BT, BP, BK), dtype=tl.float32)
-            for k0 in range(0, R, BK):
-                offs_k = k0 + tl.arange(0, BK)
-                kmask = offs_k < R
-                u = tl.load(u_ptr + i * sui + offs_p[:, None] * sup + offs_k[None, :] * sur,
-                            mask=pmask[:, None] & kmask[None, :], other=0.0)
-                wv = tl.load(w_ptr + i * BT * R + offs_t[:, None] * R + offs_k[None, :],
-                             mask=tmask[:, None] & kmask[None, :], other=0.0, cache_modifier=".cg")
-                acc2 += wv[:, None, :] * u.to(tl.float32)[None, :, :]
-            out = tl.sum(acc2, axis=2)                                      # (BT, BP)
-            rows = i * P + offs_p
-            omask = pmask & (rows < M)
-            if HAS_BIAS:
-                out += tl.load(b_ptr + rows, mask=omask, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + offs_t[:, None] * syt + rows[None, :] * sym, out.to(y_ptr.dtype.element_ty),
-                     mask=tmask[:, None] & omask[None, :])
+        for item in range(pid, B_OUT * P_TILES, GRID):
+            _wu_item(item, u_ptr, b_ptr, y_ptr, w_ptr, T, M, P, R, P_TILES, sui, sup, sur, syt, sym, HAS_BIAS,
+                     BT, BP, BK)
     if STAGE == 2:
-        # two-launch form: the last stage-2 program to finish advances the generation
-        tl.debug_barrier()
-        done = tl.atomic_add(sync_ptr + 3, 1, sem="acq_rel", scope="gpu")
-        if done == GRID - 1:
-            tl.atomic_xchg(sync_ptr + 3, 0, sem="relaxed", scope="gpu")
-            tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
+        _advance_generation(sync_ptr, GRID)
+
+
+# Per-member fields of a group's table (int64): factor addresses, geometry, work-item ranges.
+FIELDS = ("u", "s", "v", "bias", "y_col", "M", "P", "Q", "R", "B_IN", "B_OUT", "Q_CHUNK", "R_TILES",
+          "P_TILES", "items1", "items2", "w_off")
+_NF = tl.constexpr(len(FIELDS))
+
+
+@triton.jit
+def _member(table_ptr, item, G, FIELD: tl.constexpr):
+    """Index of the group member whose work items (field FIELD: their first index) contain ``item``."""
+    g = 0
+    for gg in range(1, G):
+        g += (item >= tl.load(table_ptr + gg * _NF + FIELD)).to(tl.int32)
+    return g
+
+
+@triton.jit
+def _gemv_group_kernel(x_ptr, y_ptr, table_ptr, ws_ptr, sync_ptr, T, N, YS, G, ITEMS1, ITEMS2, EXTENT,
+                       GRID, HALF, sxt, BT: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
+                       BP: tl.constexpr, BK: tl.constexpr, ZB: tl.constexpr, STAGE: tl.constexpr):
+    """Several BLAST layers that read the same x (q/k/v, gate/up) in one stream of work items: the
+    same two stages as ``_gemv_decode_kernel``, each item first looking up its member in the table.
+    Factors are contiguous (strides derived from the geometry, ranks multiples of 8); y is one
+    (T, YS) buffer, each member writing its columns."""
+    pid = tl.program_id(0)
+    gen = tl.load(sync_ptr, volatile=True)
+    w_base = ws_ptr + (gen % 2) * HALF
+    ptr_ty = tl.pointer_type(x_ptr.dtype.element_ty)
+    if STAGE != 2:
+        _clear_other_half(ws_ptr, sync_ptr, gen, pid, GRID, HALF, EXTENT, ZB)
+        for item in range(pid, ITEMS1, GRID):
+            row = table_ptr + _member(table_ptr, item, G, 14) * _NF
+            v_ptr = tl.load(row + 2).to(ptr_ty, bitcast=True)
+            s_ptr = tl.load(row + 1).to(ptr_ty, bitcast=True)
+            Q = tl.load(row + 7).to(tl.int32)
+            R = tl.multiple_of(tl.load(row + 8).to(tl.int32), 8)
+            B_IN = tl.load(row + 9).to(tl.int32)
+            _xv_mix_item(item - tl.load(row + 14).to(tl.int32), x_ptr, v_ptr, s_ptr,
+                         w_base + tl.load(row + 16), T, N, Q, R, B_IN, tl.load(row + 10).to(tl.int32),
+                         tl.load(row + 11).to(tl.int32), tl.load(row + 12).to(tl.int32),
+                         sxt, 1, B_IN * R, R, 1, Q * R, R, 1, BT, BQ, BR)
+    if STAGE == 3:
+        _grid_barrier(sync_ptr, GRID)
+    if STAGE != 1:
+        for item in range(pid, ITEMS2, GRID):
+            row = table_ptr + _member(table_ptr, item, G, 15) * _NF
+            b_addr = tl.load(row + 3)
+            P = tl.load(row + 6).to(tl.int32)
+            R = tl.multiple_of(tl.load(row + 8).to(tl.int32), 8)
+            _wu_item(item - tl.load(row + 15).to(tl.int32), tl.load(row + 0).to(ptr_ty, bitcast=True),
+                     b_addr.to(ptr_ty, bitcast=True), y_ptr + tl.load(row + 4), w_base + tl.load(row + 16),
+                     T, tl.load(row + 5).to(tl.int32), P, R, tl.load(row + 13).to(tl.int32),
+                     P * R, R, 1, YS, 1, b_addr != 0, BT, BP, BK)
+    if STAGE == 2:
+        _advance_generation(sync_ptr, GRID)
 
 
 def workspace(device: torch.device, half: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,4 +310,95 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
                                f"grid of {grid}: a grid barrier would deadlock")
         _CHECKED.add(key)
     _gemv_decode_kernel[(grid,)](*args(grid), STAGE=3, **const, **launch)
+    return y
+
+
+_TABLES: dict = {}          # group tables by the members' addresses and geometry (built outside capture)
+
+
+def groupable(members) -> str | None:
+    """Why these (U, S, V, bias, shape) members cannot run as one GEMV group, or None if they can:
+    the group kernel derives strides from the geometry and reads 16-byte vectors."""
+    dtypes = {t.dtype for U, S, V, b, _ in members for t in (U, S, V) + ((b,) if b is not None else ())}
+    if len(dtypes) != 1:
+        return f"members mix dtypes {sorted(map(str, dtypes))}"
+    for k, (U, S, V, b, shape) in enumerate(members):
+        if not all(t.is_contiguous() for t in (U, S, V) + ((b,) if b is not None else ())):
+            return f"member {k} has non-contiguous factors"
+        if shape.rank % 8:
+            return f"member {k} has rank {shape.rank}, not a multiple of 8"
+    return None
+
+
+def _group_table(members, device, grid: int, cfg: dict, BT: int):
+    """(table, totals) for ``members``: each member's addresses, geometry and the ranges of the two
+    stages' work items; cached by the members' addresses and geometry, so a CUDA-graph capture (which
+    cannot copy a new table to the device) finds the one the warm-up call built."""
+    key = (grid, BT, tuple(sorted(cfg.items())),
+           tuple((U.data_ptr(), S.data_ptr(), V.data_ptr(), b.data_ptr() if b is not None else 0, shape)
+                 for U, S, V, b, shape in members))
+    if key not in _TABLES:
+        total = sum(shape.num_params for *_, shape in members)
+        rows, items1, items2, w_off, y_col = [], 0, 0, 0, 0
+        for U, S, V, b, shape in members:
+            plan = gemv_plan(shape, max(1, grid * shape.num_params // total), cfg)
+            rows.append([U.data_ptr(), S.data_ptr(), V.data_ptr(), b.data_ptr() if b is not None else 0, y_col,
+                         shape.out_features, shape.p, shape.q, shape.rank, shape.b_in, shape.b_out,
+                         plan["Q_CHUNK"], plan["R_TILES"], plan["P_TILES"], items1, items2, w_off])
+            items1 += shape.b_in * plan["R_TILES"] * plan["Q_SPLIT"]
+            items2 += shape.b_out * plan["P_TILES"]
+            w_off += shape.b_out * BT * shape.rank
+            y_col += shape.out_features
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("a GEMV group's table is built on its first call, which must not be captured")
+        table = torch.tensor(rows, dtype=torch.int64).to(device)
+        _TABLES[key] = (table, items1, items2, w_off, y_col)
+    return _TABLES[key]
+
+
+def blast_gemv_group(x2, members, cfg: dict | None = None, *, interpret: bool = False) -> torch.Tensor:
+    """y (T, sum out_g): the outputs of BLAST layers ``members`` = [(U, S, V, bias, shape)] that all
+    read ``x2`` (T <= MAX_T), side by side in member order; one stream of work items over every
+    member's V, then over every member's U, in one launch (``persistent``) or two."""
+    cfg = {**DEFAULT, **(cfg or {})}
+    T, n = x2.shape
+    if T > MAX_T:
+        raise ValueError(f"the GEMV decode kernel takes at most {MAX_T} tokens, got T={T}")
+    why = groupable(members)
+    if why:
+        raise ValueError(f"cannot run these layers as one GEMV group: {why}")
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    mode = "two" if interpret else cfg["mode"]
+    if mode not in ("persistent", "two"):
+        raise ValueError(f"GEMV decode mode must be 'persistent' or 'two', got {mode!r}")
+    BT = triton.next_power_of_2(T)
+    cfg.update(BQ=max(8, cfg["BQ"] // BT), BP=max(4, cfg["BP"] // BT))
+    sms = _sm_limits(_index(x2.device))[0] if x2.is_cuda else 4
+    grid = cfg["per_sm"] * sms
+    table, items1, items2, extent, width = _group_table(members, x2.device, grid, cfg, BT)
+    sync, ws = workspace(x2.device, extent)
+    y = torch.empty(T, width, device=x2.device, dtype=x2.dtype)
+    const = dict(BT=BT, BQ=cfg["BQ"], BR=cfg["BR"], BP=cfg["BP"], BK=cfg["BK"], ZB=1024)
+    launch = {} if interpret else {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
+
+    def args(g):
+        return (x2, y, table, ws, sync, T, n, width, len(members), items1, items2, extent, g, ws.numel() // 2,
+                x2.stride(0))
+
+    if mode == "two":
+        _gemv_group_kernel[(items1,)](*args(items1), STAGE=1, **const, **launch)
+        if not interpret:
+            launch = {**launch, "num_warps": cfg.get("warps2", cfg["warps"])}
+        _gemv_group_kernel[(items2,)](*args(items2), STAGE=2, **const, **launch)
+    else:
+        key = ("group", _index(x2.device), BT, x2.dtype, tuple(sorted(cfg.items())))
+        if key not in _CHECKED:
+            compiled = _gemv_group_kernel.warmup(*args(grid), STAGE=3, **const, **launch, grid=(grid,))
+            resident = resident_programs(compiled, x2.device)
+            if resident < grid:
+                raise RuntimeError(f"GEMV group config {cfg} fits {resident} co-resident programs, fewer than "
+                                   f"its grid of {grid}: a grid barrier would deadlock")
+            _CHECKED.add(key)
+        _gemv_group_kernel[(grid,)](*args(grid), STAGE=3, **const, **launch)
     return y

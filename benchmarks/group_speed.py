@@ -1,0 +1,76 @@
+"""Sibling layers that read the same input, at 50% of their parameters: dense vs blastfx one call per
+layer vs blastfx's grouped call (what ``backend="blast"`` runs for them at decode sizes).
+
+    python benchmarks/group_speed.py                         # Llama-2-7B's q/k/v and gate/up, T = 1
+
+Every variant is replayed from a CUDA graph over enough weight copies to stream from HBM, dense in
+the same process; records rows in ``benchmarks/results/group_speed.csv``.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import blastfx
+from blastfx.compiler.grouping import blast_matmul_group
+from blastfx.kernels import autotune
+from blastfx.layout import BlastShape
+from common import copies_for, graph_ms, versions
+from layer_speed import rank_at
+from rows import add_arguments, measurements, record
+
+GROUPS = {"llama2-7b q/k/v": [(4096, 4096)] * 3, "llama2-7b gate/up": [(11008, 4096)] * 2,
+          "llama3-8b q/k/v": [(4096, 4096), (1024, 4096), (1024, 4096)], "llama3-8b gate/up": [(14336, 4096)] * 2}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
+    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1])
+    ap.add_argument("--budget", type=float, default=0.5)
+    add_arguments(ap)
+    args = ap.parse_args()
+    dt, dev = torch.bfloat16, "cuda"
+    print(versions())
+    print("\n| group | T | dense ms | blastfx per layer ms | blastfx grouped ms | per layer x | grouped x | chosen |"
+          "\n|---|---|---|---|---|---|---|---|", flush=True)
+    for name in args.groups:
+        shapes = GROUPS[name]
+        n = shapes[0][1]
+        dense_bytes = sum(m * n * 2 for m, _ in shapes)
+        dense = [[torch.randn(m, n, device=dev, dtype=dt) / n ** 0.5 for m, _ in shapes]
+                 for _ in range(copies_for(dense_bytes))]
+        blast_shapes = [BlastShape.make(m, n, rank_at(m, n, args.blocks, args.budget), args.blocks) for m, _ in shapes]
+        fac = [[tuple(torch.randn(*s.factor_shapes[k], device=dev, dtype=dt) * 0.05 for k in "USV") for s in blast_shapes]
+               for _ in range(copies_for(sum(s.num_params * 2 for s in blast_shapes)))]
+        for T in args.tokens:
+            x = torch.randn(T, n, device=dev, dtype=dt)
+            t_dense = graph_ms(lambda k: [torch.nn.functional.linear(x, w) for w in dense[k]], len(dense))
+            for f in fac[0]:
+                blastfx.blast_matmul(x, *f)                        # autotune outside the graph
+            t_layers = graph_ms(lambda k: [blastfx.blast_matmul(x, *f) for f in fac[k]], len(fac))
+
+            def grouped(k):
+                U, S, V = (list(t) for t in zip(*fac[k]))
+                return blast_matmul_group(x, U, S, V, [None] * len(U), [s.out_features for s in blast_shapes])
+
+            grouped(0)
+            chosen = next((v[0] for key, v in autotune._cache.items() if key[0] == "group"
+                           and key[2] == tuple(blast_shapes)), "default")
+            t_group = graph_ms(grouped, len(fac))
+            print(f"| {name} | {T} | {t_dense:.4f} | {t_layers:.4f} | {t_group:.4f} | {t_dense / t_layers:.2f} | "
+                  f"{t_dense / t_group:.2f} | {chosen} |", flush=True)
+            record("group_speed", measurements(
+                f"{name} T={T}", dict(group=name, T=T, b=args.blocks, budget=args.budget, dtype="bfloat16",
+                                      shapes=[f"{m}x{n}" for m, n in shapes], ranks=[s.rank for s in blast_shapes]),
+                [("dense time", t_dense, "ms"), ("blastfx per-layer time", t_layers, "ms"),
+                 ("blastfx grouped time", t_group, "ms"), ("per-layer vs dense", round(t_dense / t_layers, 3), "x"),
+                 ("grouped vs dense", round(t_dense / t_group, 3), "x"), ("grouped path", str(chosen), "")]),
+                directory=args.results_dir)
+        del dense, fac
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Graph pass: BLAST layers that read the same input (q/k/v, gate/up) become one grouped call.
+
+Why: at decode every BLAST call pays a fixed cost (launch, ramp-up, tail: several microseconds on
+an H200) on top of streaming its factors, and a decoder block has seven linear layers of which five
+come in siblings sharing an input. One grouped call streams all the siblings' V factors in one
+stream of work items and all their U factors in another (:func:`blastfx.kernels.gemv.
+blast_gemv_group`), so the block pays that cost four times instead of seven.
+
+The model and its ``state_dict`` stay as the user made them: the rewrite is made on the dynamo graph
+the ``"blast"`` backend receives. It applies to graphs that run without autograd (decode runs under
+``torch.no_grad`` / ``inference_mode``), to siblings whose token count is known to be at most
+:data:`~blastfx.kernels.gemv.MAX_T`, on CUDA; siblings kept dense by the plan are simply not part of
+the group, and members may differ in shape, rank and block count. On CUDA the grouped op is timed
+against calling its members one by one (the autotuner), so grouping never makes a call slower.
+
+``blastfx::blast_matmul_group`` is defined here with its reference (the members' reference calls,
+the source of truth) and its fake; it has no autograd, which is why the pass leaves training graphs
+alone.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from ..kernels.gemv import MAX_T
+from ..ops import blast_matmul, blast_matmul_reference, check_inputs
+
+stats = {"groups": 0, "grouped_calls": 0}
+MODES = ("auto", "always", "never")
+
+
+@torch.library.custom_op("blastfx::blast_matmul_group", mutates_args=())
+def blast_matmul_group(x: torch.Tensor, U: list[torch.Tensor], S: list[torch.Tensor], V: list[torch.Tensor],
+                       bias: list[Optional[torch.Tensor]], out_features: list[int]) -> torch.Tensor:
+    """The members' outputs side by side: ``cat([blast_matmul(x, U[k], S[k], V[k], bias[k],
+    out_features[k]) for k], -1)`` (reference). One tensor, so the graph takes each member's output
+    as a view of it (a custom op's outputs may not alias each other)."""
+    _check_group(x, U, S, V, bias, out_features)
+    return torch.cat([blast_matmul_reference(x, u, s, v, b, o) for u, s, v, b, o in zip(U, S, V, bias, out_features)],
+                     dim=-1)
+
+
+@blast_matmul_group.register_fake
+def _(x, U, S, V, bias, out_features):
+    shapes = _check_group(x, U, S, V, bias, out_features)
+    return x.new_empty(*x.shape[:-1], sum(shape.out_features for shape in shapes))
+
+
+def _check_group(x, U, S, V, bias, out_features):
+    if not (len(U) == len(S) == len(V) == len(bias) == len(out_features)) or not U:
+        raise ValueError(f"blast_matmul_group takes one U, S, V, bias and out_features per member, got "
+                         f"{len(U)}, {len(S)}, {len(V)}, {len(bias)}, {len(out_features)}")
+    return [check_inputs(x, u, s, v, b, o) for u, s, v, b, o in zip(U, S, V, bias, out_features)]
+
+
+@blast_matmul_group.register_kernel("cuda")
+def _(x, U, S, V, bias, out_features):
+    from ..kernels import autotune, gemv
+    from ..kernels.dispatch import forward_impl
+
+    shapes = _check_group(x, U, S, V, bias, out_features)
+    members = list(zip(U, S, V, bias, shapes))
+    x2 = x.reshape(-1, x.shape[-1])
+    T = x2.shape[0]
+
+    def run(path, cfg, k):
+        ms = members if k == 0 else copies[k]
+        if path == "members":
+            return torch.cat([blast_matmul(x2, u, s, v, b, sh.out_features) for u, s, v, b, sh in ms], dim=-1)
+        return gemv.blast_gemv_group(x2, ms, cfg)
+
+    if (T > MAX_T or forward_impl(x.dtype) != "triton" or torch.are_deterministic_algorithms_enabled()
+            or gemv.groupable(members)):
+        path, cfg = "members", {}
+    else:
+        copies = _MemberCopies(members, x.device)
+        if not torch.cuda.is_current_stream_capturing():
+            run("members", {}, 0)   # each member tunes its own kernel first, so "members" is timed at its best
+        key = ("group", autotune.token_bucket(T), tuple(shapes), x.dtype, tuple(b is not None for b in bias),
+               str(x.device))
+        path, cfg = autotune.choose(key, [("members", {})] + [("gemv", c) for c in gemv.CANDIDATES], run,
+                                    copies=copies.count)
+    return run(path, cfg, 0).reshape(*x.shape[:-1], -1)
+
+
+class _MemberCopies:
+    """Clones of a group's factors for the autotuner (see ``kernels.forward._WeightCopies``)."""
+
+    def __init__(self, members, device):
+        from ..kernels.forward import copies_needed
+
+        self.members, self._clones = members, {}
+        self.count = copies_needed([t for m in members for t in m[:3]], device)
+
+    def __getitem__(self, k):
+        if k not in self._clones:
+            self._clones[k] = [(u.clone(), s.clone(), v.clone(), b, sh) for u, s, v, b, sh in self.members]
+        return self._clones[k]
+
+
+def check_group_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"group_siblings must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def _call_args(node: fx.Node):
+    """(x, U, S, V, bias, out_features) of a ``blastfx::blast_matmul`` call node, spelled either way."""
+    names = ("x", "U", "S", "V", "bias", "out_features")
+    values = dict(zip(names, node.args))
+    values.update({k: v for k, v in node.kwargs.items() if k in names})
+    return tuple(values.get(k) for k in names)
+
+
+def _rows(U: fx.Node) -> int:
+    """Output rows of a call without ``out_features``: all b_out * p rows of U."""
+    u = U.meta["example_value"]
+    return u.shape[0] * u.shape[1]
+
+
+def _decode_sized(x, mode: str) -> bool:
+    example = x.meta.get("example_value") if isinstance(x, fx.Node) else None
+    if not isinstance(example, torch.Tensor):
+        return False
+    if mode == "always":
+        return True
+    tokens = example.numel() // example.shape[-1]
+    return example.device.type == "cuda" and statically_known_true(tokens <= MAX_T)
+
+
+def group_sibling_calls(gm: fx.GraphModule, mode: str = "auto") -> int:
+    """Replace the ``blastfx::blast_matmul`` calls of ``gm`` that share their input by one
+    ``blastfx::blast_matmul_group`` call each; returns how many groups were made. ``mode``: "auto"
+    (CUDA inputs of at most ``MAX_T`` tokens), "always" (any device and size: tests) or "never".
+    The caller decides whether the graph may run without autograd."""
+    if check_group_mode(mode) == "never":
+        return 0
+    op = torch.ops.blastfx.blast_matmul
+    by_input: dict = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (op, op.default):
+            x = _call_args(node)[0]
+            if isinstance(x, fx.Node) and _decode_sized(x, mode):
+                by_input.setdefault(x, []).append(node)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    groups = 0
+    for x, calls in by_input.items():
+        if len(calls) < 2:
+            continue
+        first = min(calls, key=order.__getitem__)
+        args = [_call_args(c) for c in calls]
+        inputs = [a for c in args for a in c[1:5] if isinstance(a, fx.Node)]
+        if any(order[a] > order[first] and a.op not in ("placeholder", "get_attr") for a in inputs):
+            continue          # a factor computed after the first sibling (e.g. a cast): leave these alone
+        for a in inputs:     # parameters read later in the graph: read them before the group instead
+            if order[a] > order[first]:
+                first.prepend(a)
+        with gm.graph.inserting_before(first):
+            group = gm.graph.call_function(torch.ops.blastfx.blast_matmul_group.default, (
+                x, [a[1] for a in args], [a[2] for a in args], [a[3] for a in args], [a[4] for a in args],
+                [a[5] if a[5] is not None else _rows(a[1]) for a in args]))
+            outs, start = [], 0
+            for a in args:
+                width = a[5] if a[5] is not None else _rows(a[1])
+                outs.append(gm.graph.call_function(torch.narrow, (group, -1, start, width)))
+                start += width
+        for call, out in zip(calls, outs):
+            out.meta.update(call.meta)
+            call.replace_all_uses_with(out)
+            gm.graph.erase_node(call)
+        groups += 1
+        stats["grouped_calls"] += len(calls)
+    if groups:
+        gm.graph.lint()
+        gm.recompile()
+    stats["groups"] += groups
+    return groups

@@ -1,0 +1,90 @@
+"""Sibling BLAST calls (same input) grouped into one ``blastfx::blast_matmul_group`` by the "blast"
+backend: the grouped graph computes what the eager model does, training graphs are left alone, and
+the op's reference is the members' reference calls."""
+import pytest
+import torch
+from torch import nn
+
+import blastfx
+from blastfx.compiler import grouping
+
+
+class Siblings(nn.Module):
+    """q/k/v-like BLAST siblings of different shapes and ranks, one sibling kept dense, and a BLAST
+    layer reading something else (not grouped)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = blastfx.BlastLinear(32, 32, 8, 4, bias=True)
+        self.k = blastfx.BlastLinear(32, 16, 4, 2, bias=False)
+        self.v = blastfx.BlastLinear(32, 24, 8, (4, 2), bias=True)
+        self.dense = nn.Linear(32, 8)
+        self.o = blastfx.BlastLinear(72, 32, 8, 4)
+
+    def forward(self, x):
+        h = torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+        return self.o(h) + self.dense(x).sum(-1, keepdim=True)
+
+
+def _compiled(model, **options):
+    torch._dynamo.reset()
+    return torch.compile(model, backend="blast", options={"lowering": "extern", **options})
+
+
+def test_grouped_graph_matches_eager_without_autograd():
+    torch.manual_seed(0)
+    model = Siblings()
+    x = torch.randn(2, 3, 32)
+    before = dict(grouping.stats)
+    with torch.no_grad():
+        want = model(x)
+        got = _compiled(model, group_siblings="always")(x)
+    assert grouping.stats["groups"] == before["groups"] + 1
+    assert grouping.stats["grouped_calls"] == before["grouped_calls"] + 3      # q, k, v; not o, not dense
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_training_graphs_are_not_grouped_and_still_differentiate():
+    torch.manual_seed(0)
+    model = Siblings()
+    x = torch.randn(4, 32)
+    before = grouping.stats["groups"]
+    out = _compiled(model, group_siblings="always")(x)
+    out.sum().backward()
+    assert grouping.stats["groups"] == before
+    assert model.q.U.grad is not None and torch.isfinite(model.q.U.grad).all()
+
+
+def test_never_and_auto_on_cpu_leave_the_calls_alone():
+    model = Siblings()
+    before = grouping.stats["groups"]
+    with torch.no_grad():
+        _compiled(model, group_siblings="never")(torch.randn(1, 32))
+        _compiled(model)(torch.randn(1, 32))                  # auto: CUDA inputs only
+    assert grouping.stats["groups"] == before
+
+
+def test_bad_option_is_a_clear_error():
+    with pytest.raises(Exception, match="group_siblings must be one of"):
+        with torch.no_grad():
+            _compiled(Siblings(), group_siblings="sometimes")(torch.randn(1, 32))
+
+
+def test_group_op_reference_matches_members_and_passes_opcheck():
+    torch.manual_seed(0)
+    model = Siblings().double()
+    x = torch.randn(3, 32, dtype=torch.float64)
+    layers = [model.q, model.k, model.v]
+    args = (x, [m.U for m in layers], [m.S for m in layers], [m.V for m in layers], [m.bias for m in layers],
+            [m.out_features for m in layers])
+    with torch.no_grad():
+        y_all = torch.ops.blastfx.blast_matmul_group(*args)
+        assert y_all.shape == (3, sum(m.out_features for m in layers))
+        for y, m in zip(y_all.split([m.out_features for m in layers], dim=-1), layers):
+            torch.testing.assert_close(y, m(x))
+    torch.library.opcheck(torch.ops.blastfx.blast_matmul_group.default,
+                          tuple(a if not isinstance(a, list) else [t.detach() if isinstance(t, torch.Tensor) else t
+                                                                  for t in a] for a in args),
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match="one U, S, V, bias and out_features per member"):
+        torch.ops.blastfx.blast_matmul_group(x, [model.q.U], [], [], [], [])
