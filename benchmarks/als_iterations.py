@@ -12,7 +12,7 @@ import argparse
 import time
 
 import blastfx
-from blastfx.calibrate import collect_covariances
+from blastfx.statistics.collect import collect_covariances
 from common import smollm2_setup
 from rows import add_arguments, measurements, record
 

@@ -55,10 +55,10 @@ def place_on_gpu_if_any(model) -> str:
 def smollm2_setup(gguf=None, eval_windows: int = 32, calib_tokens: int = 8192):
     """The quality tables' shared protocol: (dense, tokenizer, fit articles, held-out 512-token
     windows, calibration batches from fit articles only). One place, so every table evaluates alike."""
-    from blastfx.calibrate import text_batches
-    from blastfx.data import split_articles
-    from blastfx.evaluate import token_windows
-    from blastfx.hf import load_causal_lm, smollm2_path
+    from blastfx.llm.data import text_batches
+    from blastfx.llm.data import split_articles
+    from blastfx.llm.evaluate import token_windows
+    from blastfx.llm.hf import load_causal_lm, smollm2_path
 
     dense, tok = load_causal_lm(gguf or smollm2_path())
     fit, heldout = split_articles()

@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from blastfx.kernels import decode, forward
-from blastfx.layout import BlastShape
+from blastfx.structures.blast.layout import BlastShape
 from common import copies_for, graph_ms, versions
 from rows import add_arguments, measurements, record
 

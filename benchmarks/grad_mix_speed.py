@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from blastfx.kernels.backward import grad_mix_triton, kernel_beats_reference
-from blastfx.ops import grad_mix_reference
+from blastfx.structures.blast.ops import grad_mix_reference
 from common import copies_for, median_ms, versions
 from rows import add_arguments, measurements, record
 

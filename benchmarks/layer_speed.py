@@ -18,7 +18,7 @@ import torch
 
 import blastfx
 from blastfx.kernels import autotune, forward
-from blastfx.layout import BlastShape
+from blastfx.structures.blast.layout import BlastShape
 from common import copies_for, graph_ms, versions
 from rows import add_arguments, measurements, record
 

@@ -34,7 +34,7 @@ import torch
 
 import blastfx
 from blastfx import BlastConfig
-from blastfx.evaluate import generate_text, perplexity
+from blastfx.llm.evaluate import generate_text, perplexity
 from common import place_on_gpu_if_any, smollm2_setup
 from rows import add_arguments, measurements, record
 

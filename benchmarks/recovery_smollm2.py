@@ -29,9 +29,9 @@ import blastfx
 from blastfx import BlastConfig
 from blastfx.config import OBJECTIVES, STRATEGIES
 from blastfx.compiler import compile_blocks
-from blastfx.data import news_corpus
-from blastfx.evaluate import generate_text, perplexity, token_windows
-from blastfx.recovery import FinetuneState, finetune, teacher_generate
+from blastfx.llm.data import news_corpus
+from blastfx.llm.evaluate import generate_text, perplexity, token_windows
+from blastfx.llm.recovery import FinetuneState, finetune, teacher_generate
 from common import place_on_gpu_if_any, smollm2_setup
 from rows import add_arguments, measurements, record
 

@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import blastfx
 from blastfx.config import BlastConfig
 from blastfx.compiler import compile_blocks
-from blastfx.recovery import no_cache_kwargs, distillation_loss, trainable_parameters
+from blastfx.llm.recovery import no_cache_kwargs, distillation_loss, trainable_parameters
 from common import versions
 from rows import add_arguments, measurements, record
 

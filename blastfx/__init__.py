@@ -1,20 +1,20 @@
 """blastfx: compress trained PyTorch models with BLAST matrices and compile them to fused kernels."""
-from . import ops  # registers torch.ops.blastfx.*
+from . import structures  # registers each structure family, and with BLAST torch.ops.blastfx.*
 from ._version import __version__
 from .kernels import dispatch as _dispatch
 from .api import BudgetWarning, WeightOnlyWarning, compress, plan_for
 from .config import BlastConfig, LayerOverride
-from .factorize import BlastFactors, factorize
-from .layout import BlastShape
-from .nn import BlastLinear
-from .ops import blast_matmul, blast_matmul_reference, blast_to_dense
-from .passes.analyze import Analysis, analyze
+from .structures.blast.factorize import BlastFactors, factorize
+from .structures.blast.layout import BlastShape
+from .structures.blast.nn import BlastLinear
+from .structures.blast.ops import blast_matmul, blast_matmul_reference, blast_to_dense
+from .analyze import Analysis, analyze
 from .io import from_pretrained, load, save
 from .dense import to_dense
 from . import compiler as _compiler
 from . import integrations as _integrations
 from .plan import LayerPlan, Plan
-from .recovery import FinetuneState, finetune, teacher_generate
+from .llm.recovery import FinetuneState, finetune, teacher_generate
 
 _dispatch.register()
 _compiler.register()         # backend="blast", also for a checkout that was never pip-installed

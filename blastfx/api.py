@@ -1,4 +1,12 @@
-"""``blastfx.compress(model, budget)``: analyze -> plan -> factorize -> substitute."""
+"""``blastfx.compress(model, budget)`` and ``blastfx.plan_for``: one straight line of stages,
+
+    analyze -> statistics -> plan -> build -> swap
+
+each a package of its own (:mod:`blastfx.analyze`, :mod:`blastfx.statistics`, :mod:`blastfx.plan`,
+:mod:`blastfx.build`, :mod:`blastfx.swap`). Statistics are collected once, on the dense model, for
+what the planner and the chosen methods declare they read; ``sequential=True`` hands build and swap
+to :mod:`blastfx.sequential`, which runs them block by block.
+"""
 from __future__ import annotations
 
 import warnings
@@ -6,19 +14,16 @@ from collections import Counter
 
 from torch import nn
 
-from .calibrate import collect_covariances, collect_output_fisher, returns_loss
-from .calibration_data import calibration_batches
+from . import build, plan as planning, structures
+from .analyze import Analysis, analyze
+from .build import BuildOptions, build_layers
 from .config import BlastConfig
-from .layout import BlastShape
-from .passes.analyze import Analysis, analyze
-from .passes.substitute import build_layers, dense_weight, swap_modules
-from .nn import BlastLinear
-from .plan import BUDGET_TOLERANCE, Plan, check_budget, make_plan
-from .sensitivity import block_errors, layer_spectra
+from .plan import BUDGET_TOLERANCE, DEFAULT_STRUCTURE, Plan, check_budget, check_plan_fits, make_plan
 from .sequential import compress_sequential
-
-PLAN_ATTR = "blastfx_plan"
-CALIBRATED_METHODS = ("als", "lowrank")          # the factorization methods that can use calibration data
+from .statistics import LayerStats, calibration_batches, collect_statistics, returns_loss
+from .statistics.sensitivity import block_errors, layer_spectra
+from .structures.blast.layout import BlastShape
+from .swap import attach_plan, swap_modules
 
 
 class WeightOnlyWarning(UserWarning):
@@ -27,20 +32,6 @@ class WeightOnlyWarning(UserWarning):
 
 class BudgetWarning(UserWarning):
     """The plan keeps a fraction of the parameters far from the budget asked."""
-
-
-def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
-    for name, lp in plan.layers.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"plan layer {name!r} is not in this model") from None
-        if not hasattr(module, "weight") or module.weight.dim() != 2:
-            raise ValueError(f"plan layer {name!r} is a {type(module).__name__}, not a linear layer")
-        m, n = dense_weight(module).shape
-        if (m, n) != (lp.out_features, lp.in_features):
-            raise ValueError(f"plan layer {name!r} is {lp.out_features}x{lp.in_features} but the model's is {m}x{n}")
-        lp.shape  # noqa: B018 -- raises ValueError if the structure cannot be represented
 
 
 def _check_config(config) -> BlastConfig:
@@ -91,7 +82,7 @@ def _warn_weight_only(config: BlastConfig, batches) -> None:
     """Weight-only factorization of a pretrained model loses most of its quality; say so, and how to
     avoid it. Not for ``init="random"`` (nothing is fitted) nor for methods that cannot use
     calibration data (the structured ones, PrecGD): there the advice would not apply."""
-    if batches is not None or config.init == "random" or config.method not in CALIBRATED_METHODS:
+    if batches is not None or config.init == "random" or not _calibrated(config.method):
         return
     warnings.warn(
         "blastfx.compress: without calibration data each weight is factorized on its own (weight-only), which costs "
@@ -99,6 +90,32 @@ def _warn_weight_only(config: BlastConfig, batches) -> None:
         "with weight-only SVD or PrecGD; 1.54x with 8192 calibration tokens). Pass calibration=: token ids "
         "(rows, seq), a list of texts with tokenizer=, or batches the model takes. For a model trained from "
         "scratch afterwards, use BlastConfig(init='random').", WeightOnlyWarning, stacklevel=3)
+
+
+def _calibrated(method: str) -> bool:
+    """Whether a method of that name (in any structure) reads calibration data."""
+    return any(method in s.methods and s.methods[method].calibrated for s in map(structures.get, structures.names()))
+
+
+def _methods(config: BlastConfig, plan: Plan | None, names) -> set:
+    """The methods the layers will be fitted with: the plan's, or before planning the config's and its
+    overrides' (of the structure the planner gives every layer)."""
+    options = BuildOptions.from_config(config)
+    if plan is not None:
+        return {build.method_of(lp, options) for lp in plan.layers.values()}
+    structure = structures.get(DEFAULT_STRUCTURE)
+    return {structure.method(config.override_for(n).method or config.method) for n in names}
+
+
+def _check_methods_take_calibration(methods, batches) -> None:
+    """Calibration data for a layer whose method fits the weights alone is refused before any forward
+    pass: the data would be silently ignored."""
+    weight_only = sorted(m.name for m in methods if not m.calibrated)
+    if batches is not None and weight_only:
+        calibrated = sorted({m for s in map(structures.get, structures.names()) for m, meth in s.methods.items()
+                             if meth.calibrated})
+        raise ValueError(f"method={weight_only[0]!r} fits the weights alone and cannot use calibration data: "
+                         f"pass no calibration=, or use a method that reads it ({', '.join(map(repr, calibrated))})")
 
 
 def _smallest_kept(plan: Plan, config: BlastConfig) -> int:
@@ -124,42 +141,43 @@ def _warn_budget_exceeded(plan: Plan, config: BlastConfig) -> None:
 
 
 def plan_for(model: nn.Module, budget: float, config: BlastConfig | None = None, example_inputs=None,
-             analysis: Analysis | None = None, calibration=None, covariances=None, output_fisher=None,
+             analysis: Analysis | None = None, calibration=None, statistics: dict[str, LayerStats] | None = None,
              tokenizer=None) -> Plan:
     """The plan :func:`compress` would use, without changing the model. With ``calibration`` and
     ``strategy="error"``, the budget is spread by measured per-layer output error; with
     ``strategy="loss"``, by the output error weighted with the outputs' loss Fisher (an estimated
-    loss increase). ``calibration`` / ``tokenizer``: as for :func:`compress`. ``covariances`` /
-    ``output_fisher``: the calibration statistics, if already collected (by :func:`compress`, which
-    shares them with the factorization). Warns (:class:`BudgetWarning`) when the plan cannot keep
-    the budget because the smallest structure possible exceeds it."""
+    loss increase). ``calibration`` / ``tokenizer``: as for :func:`compress`. ``statistics``:
+    {layer: :class:`~blastfx.statistics.LayerStats`} already collected (what :func:`compress` shares
+    with the build stage); what the planner needs and they lack is collected. Warns
+    (:class:`BudgetWarning`) when the plan cannot keep the budget because the smallest structure
+    possible exceeds it."""
     config = _check_config(config)
     budget = check_budget(budget)
     batches = calibration_batches(model, calibration, tokenizer)
     _needs_calibration(config, batches)
-    return _plan(model, budget, config, resolve_recipe(model, config, batches), example_inputs, analysis, batches,
-                 covariances, output_fisher)
-
-
-def _plan(model, budget, config, resolved, example_inputs, analysis, batches, covariances, output_fisher) -> Plan:
+    resolved = resolve_recipe(model, config, batches)
     analysis = analysis or analyze(model, example_inputs)
-    spectra = covs = None
     names = selected_layers(analysis, resolved)
-    if resolved.strategy != "uniform" or resolved.block_choices:
-        covs = covariances
-        if covs is None and batches is not None:
-            covs = collect_covariances(model, names, batches, progress=resolved.progress)
-    if resolved.strategy == "loss" and output_fisher is None:
-        output_fisher = collect_output_fisher(model, names, batches, progress=resolved.progress)
+    if statistics is None:
+        statistics = collect_statistics(model, names, batches, planning.needs(resolved), progress=resolved.progress)
+    return _plan(model, budget, config, resolved, analysis, batches, statistics)
+
+
+def _plan(model, budget, config, resolved, analysis, batches, stats: dict[str, LayerStats]) -> Plan:
+    """The plan stage: spectra and block probes from the statistics the planner declared, then the
+    pure allocation (:func:`blastfx.plan.make_plan`)."""
+    stats = {k: s.only(planning.needs(resolved)) for k, s in stats.items()}
+    names = selected_layers(analysis, resolved)
+    spectra = None
     if resolved.strategy != "uniform":
-        spectra = layer_spectra(model, names, covs, resolved.calibration_damping,
-                                output_weights=output_fisher if resolved.strategy == "loss" else None)
+        spectra = layer_spectra(model, names, stats, resolved.calibration_damping)
     plan = make_plan(analysis, budget, resolved, spectra)
     if resolved.block_choices:
-        errors = block_errors(model, plan, resolved, covs)
+        errors = block_errors(model, plan, resolved, stats)
         plan = make_plan(analysis, budget, resolved, spectra, block_errors=errors)
         chosen = Counter(lp.blocks for name, lp in plan.layers.items() if name in errors)
-        plan.notes.append("blocks chosen per layer by measured " + ("output" if covs else "weight") + " error: "
+        measured = any(s.covariance is not None for s in stats.values())
+        plan.notes.append("blocks chosen per layer by measured " + ("output" if measured else "weight") + " error: "
                           + ", ".join(f"{b}: {k} layers" for b, k in sorted(chosen.items())))
     if not analysis.traced:
         plan.notes.append(f"not traced: {analysis.note}; layers found by module discovery")
@@ -183,7 +201,7 @@ def compress(model: nn.Module, budget: float = 0.5, *, config: BlastConfig | Non
     ``calibration``: what the layers' inputs are measured on, so that the factorization minimizes
     each layer's output error rather than its weight error (much better on trained models): an
     iterable of batches (tensor / kwargs dict / args tuple) the model runs on, a 2-D tensor of token
-    ids (rows, seq), or a list of texts with ``tokenizer=`` (see :mod:`blastfx.calibration_data`).
+    ids (rows, seq), or a list of texts with ``tokenizer=`` (see :mod:`blastfx.statistics.inputs`).
     With the default ``"auto"`` objective and strategy, batches the model returns a loss on (HF
     models given ``input_ids``) select the loss-aware recipe, others the output-error objective
     (:meth:`BlastConfig.resolved`); ``plan.objective`` / ``plan.strategy`` say what was used.
@@ -195,59 +213,48 @@ def compress(model: nn.Module, budget: float = 0.5, *, config: BlastConfig | Non
     if plan is not None:
         if not isinstance(plan, Plan):
             raise ValueError(f"plan must be a blastfx.Plan, got {type(plan).__name__}")
-        _check_plan_fits(model, plan)
+        check_plan_fits(model, plan)
     else:
         budget = check_budget(budget)
     batches = calibration_batches(model, calibration, tokenizer)
     _needs_calibration(config, batches)
     resolved = resolve_recipe(model, config, batches)
     _warn_weight_only(resolved, batches)
-    # One pass each over the calibration batches on the dense model, shared by planner and factorization.
-    builder_reads = resolved.init != "random" and not resolved.sequential     # sequential: per block, later
-    planner_reads = plan is None and (resolved.strategy != "uniform" or bool(resolved.block_choices))
-    fisher_needed = ((resolved.objective == "loss" and resolved.init != "random")
-                     or (planner_reads and resolved.strategy == "loss"))
-    analysis = covs = fisher = None
-    if batches is not None and (builder_reads or planner_reads or fisher_needed):
-        if plan is None:
-            analysis = analyze(model, example_inputs)
-        names = list(plan.layers) if plan is not None else selected_layers(analysis, resolved)
-        if names and (builder_reads or planner_reads):
-            covs = collect_covariances(model, names, batches, progress=resolved.progress)
-        if names and fisher_needed:
-            fisher = collect_output_fisher(model, names, batches, progress=resolved.progress)
+    sequential = resolved.sequential and batches is not None and resolved.init != "random"
+
+    # analyze
+    analysis = analyze(model, example_inputs) if plan is None else None
+    names = list(plan.layers) if plan is not None else selected_layers(analysis, resolved)
+    methods = _methods(resolved, plan, names) if resolved.init != "random" else set()
+    _check_methods_take_calibration(methods, batches)
+    # statistics: one pass per statistic over the calibration batches, shared by planner and builder
+    for_build = build.needs(resolved, methods)
+    if sequential:                              # per block, in compress_sequential; the Fisher up front
+        for_build &= {"output_fisher"}
+    for_plan = planning.needs(resolved) if plan is None else frozenset()
+    stats = collect_statistics(model, names, batches, for_build | for_plan, progress=resolved.progress)
+    # plan
     if plan is None:
-        plan = _plan(model, budget, config, resolved, example_inputs, analysis, batches, covs, fisher)
-        _check_plan_fits(model, plan)
-    build = dict(init=resolved.init, method=resolved.method, iters=resolved.iters, tol=resolved.tol,
-                 progress=resolved.progress, calibration_damping=resolved.calibration_damping,
-                 output_weights=fisher if resolved.objective == "loss" else None)
-    if batches is None or resolved.init == "random":
-        old = swap_modules(model, build_layers(model, plan, **build))
-    elif not resolved.sequential:
-        old = swap_modules(model, build_layers(model, plan, covariances=covs, **build))
+        plan = _plan(model, budget, config, resolved, analysis, batches, stats)
+        check_plan_fits(model, plan)
+    # build and swap
+    options = BuildOptions.from_config(resolved)
+    stats = {k: s.only(for_build) for k, s in stats.items()}
+    if sequential:
+        old = compress_sequential(model, plan, batches, stats, options)
     else:
-        old = compress_sequential(model, plan, batches, build)
+        old = swap_modules(model, build_layers(model, plan, stats, options))
     try:
         plan.objective = _fitted_objective(resolved, batches)
         if getattr(model, "hf_quantizer", None) is not None:      # e.g. read from GGUF: floats now, saveable
-            from .hf import forget_gguf_quantization
+            from .llm.hf import forget_gguf_quantization
             forget_gguf_quantization(model)
         attach_plan(model, plan)
-        if any(isinstance(m, BlastLinear) and name not in plan.layers for name, m in model.named_modules()):
-            from .io import model_plan      # compressed before: the recorded plan covers every BLAST layer
+        if any(isinstance(m, structures.module_types()) and name not in plan.layers
+               for name, m in model.named_modules()):
+            from .io import model_plan      # compressed before: the recorded plan covers every compressed layer
             attach_plan(model, model_plan(model))
     except BaseException:
         swap_modules(model, old)
         raise
     return model
-
-
-def attach_plan(model: nn.Module, plan: Plan) -> None:
-    """Record the plan on the model, and where its library saves it (transformers and diffusers: the
-    quantization config, see :mod:`blastfx.integrations`). All or nothing: that record is made, or
-    refused, before the plan is set."""
-    from .integrations import record_plan
-
-    record_plan(model, plan)
-    setattr(model, PLAN_ATTR, plan)

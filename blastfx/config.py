@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from numbers import Integral, Real
 
-from .factorize import METHODS
-from .layout import normalize_blocks
+from .structures.base import method_names
+from .structures.blast.layout import normalize_blocks
 
 STRATEGIES = ("auto", "uniform", "error", "loss")
 OBJECTIVES = ("auto", "output", "loss")
@@ -77,8 +77,8 @@ class LayerOverride:
         if self.blocks is not None:
             normalize_blocks(self.blocks)
         _check_bool("skip", self.skip)
-        if self.method is not None and self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method is not None and self.method not in method_names():
+            raise ValueError(f"method must be one of {method_names()}, got {self.method!r}")
 
 
 @dataclass
@@ -97,7 +97,7 @@ class BlastConfig:
     strategy: str = "auto"                 # "uniform": same kept fraction everywhere; "error": by relative
                                            # output error; "loss": by estimated loss increase (needs a loss)
     objective: str = "auto"                # with calibration: "output" error, or "loss" (Fisher-weighted outputs)
-    method: str = "als"                    # factorization method, see blastfx.factorize.METHODS
+    method: str = "als"                    # fitting method, see blastfx.structures (BLAST: "als", ...)
     init: str = "factorize"                # or "random" (train from scratch)
     iters: int | None = None               # factorization iterations; None: the method's (ALS: 30 calibrated,
                                            # 100 weight-only; PrecGD: 300)
@@ -117,7 +117,7 @@ class BlastConfig:
 
     def __post_init__(self):
         normalize_blocks(self.blocks)
-        for name, value, allowed in (("strategy", self.strategy, STRATEGIES), ("method", self.method, METHODS),
+        for name, value, allowed in (("strategy", self.strategy, STRATEGIES), ("method", self.method, method_names()),
                                      ("init", self.init, INITS), ("objective", self.objective, OBJECTIVES)):
             if not isinstance(value, str) or value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .nn import BlastLinear
-from .ops import blast_to_dense
-from .passes.substitute import swap_modules
 from .plan import Plan
+from .structures.blast.nn import BlastLinear
+from .structures.blast.ops import blast_to_dense
+from .swap import PLAN_ATTR, swap_modules
 
 
 def _dense_layer(layer: BlastLinear, kind: str, dtype) -> nn.Module:
@@ -53,7 +53,7 @@ def to_dense(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     from .integrations import forget_plan
 
-    plan = getattr(model, "blastfx_plan", None)
+    plan = getattr(model, PLAN_ATTR, None)
     kinds = {name: lp.kind for name, lp in plan.layers.items()} if isinstance(plan, Plan) else {}
     new = {name: _dense_layer(m, kinds.get(name, "linear"), dtype)
            for name, m in model.named_modules() if isinstance(m, BlastLinear)}

@@ -39,10 +39,10 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from ._version import __version__
-from .api import attach_plan
-from .nn import BlastLinear
-from .passes.substitute import build_layers, swap_modules
-from .plan import LayerPlan, Plan
+from .build import empty_layers
+from .plan import LayerPlan, Plan, check_plan_fits
+from .structures.blast.nn import BlastLinear
+from .swap import PLAN_ATTR, attach_plan, swap_modules
 
 FORMAT = 2
 META_FILE = "blastfx.json"
@@ -57,7 +57,7 @@ def model_plan(model: nn.Module) -> Plan:
     twice, or with BLAST layers put in by hand, holds more. Layers are read from the modules; budget,
     strategy and notes come from the recorded plan, whose parameter total grows by the layers it
     did not plan."""
-    recorded = getattr(model, "blastfx_plan", None)
+    recorded = getattr(model, PLAN_ATTR, None)
     recorded = recorded if isinstance(recorded, Plan) else None
     found = {name: m for name, m in model.named_modules() if isinstance(m, BlastLinear)}
     if not found:
@@ -232,13 +232,11 @@ def _read_tensors(file: Path, sha256: str | None = None) -> dict[str, torch.Tens
 
 def load_into(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], source: str) -> nn.Module:
     """Give ``model`` the plan's (empty) BLAST layers and load ``tensors``; all-or-nothing."""
-    from .api import _check_plan_fits
-
     try:
-        _check_plan_fits(model, plan)
+        check_plan_fits(model, plan)
     except ValueError as err:
         raise ValueError(f"{source}: {err}") from None
-    new = build_layers(model, plan, empty=True, progress=False)
+    new = empty_layers(model, plan)
     old = swap_modules(model, new)
     try:
         expected = model.state_dict()

@@ -7,6 +7,11 @@ the drift earlier blocks introduced. Over all matrices the minimizer is W' = W C
 (C_dc = E[x_d x_c^T], C_cc = E[x_c x_c^T]), and ||W x_d - What x_c||^2 = ||(W' - What) x_c||^2 + const,
 so the usual calibrated factorization of W' under C_cc solves it.
 
+The stages are the same as :func:`blastfx.compress`'s: each stage's statistics go into a
+:class:`~blastfx.statistics.LayerStats` per layer (input covariance, corrected target, and the
+output Fisher measured up front on the dense model), and :func:`blastfx.build.build_layers` and
+:func:`blastfx.swap.swap_modules` build and swap them.
+
 Fast path, for a *chain* (the repeated blocks of one container, called one after another on a
 hidden-state stream: HF decoders and encoders, DiT blocks): the calibration batches run through the
 model once; afterwards each block runs only on the cached dense and compressed streams, stage by stage
@@ -16,15 +21,16 @@ forward pass of the compressed model per block, without error feedback (noted on
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import torch
 from torch import nn
 
-from .calibrate import check_reached, collect_covariances, run_batch, singular_covariance_error
-from .config import CALIBRATION_DAMPING
-from .passes.analyze import block_of
-from .passes.substitute import build_layers, dense_weight, swap_modules
+from .analyze import block_of, dense_weight
+from .build import BuildOptions, build_layers
 from .progress import progress_bar
+from .statistics import LayerStats, check_reached, collect_covariances, run_batch, singular_covariance_error
+from .swap import swap_modules
 
 
 class _Stop(Exception):
@@ -183,9 +189,12 @@ def _stage_statistics(dense_block, block, prefix, names, dense_stream, stream, r
     return {n: (cc / count, dc / count) for n, (cc, dc) in sums.items()}
 
 
-def compress_sequential(model: nn.Module, plan, batches, build: dict) -> dict[str, nn.Module]:
-    """Calibrate and swap block by block (see the module docstring). All-or-nothing: every swap is
-    undone if a later block fails (or is interrupted). Returns the replaced modules, by name."""
+def compress_sequential(model: nn.Module, plan, batches, stats: dict[str, LayerStats],
+                        options: BuildOptions) -> dict[str, nn.Module]:
+    """Calibrate, build and swap block by block (see the module docstring). ``stats``: what was measured
+    up front on the dense model (the output Fisher, where the objective uses it); each layer's input
+    covariance and target are measured here. All-or-nothing: every swap is undone if a later block
+    fails (or is interrupted). Returns the replaced modules, by name."""
     device = next(model.parameters()).device
     blocks = _chain_blocks(model, list(plan.layers))
     swapped: dict[str, nn.Module] = {}
@@ -193,16 +202,15 @@ def compress_sequential(model: nn.Module, plan, batches, build: dict) -> dict[st
     model.eval()
     try:
         chain = None
-        captured = _capture(model, blocks, batches, device, build.get("progress", False)) \
-            if blocks is not None else None
+        captured = _capture(model, blocks, batches, device, options.progress) if blocks is not None else None
         if captured is not None:
             streams, rests, order, last_out = captured
             if order == blocks and last_out is not None and _replays_the_model(model, blocks, rests, last_out):
                 chain = (streams, rests)
         if chain is None:
-            _sequential_full_passes(model, plan, batches, build, swapped)
+            _sequential_full_passes(model, plan, batches, stats, options, swapped)
         else:
-            _sequential_chain(model, plan, blocks, *chain, build, swapped)
+            _sequential_chain(model, plan, blocks, *chain, stats, options, swapped)
     except BaseException:
         swap_modules(model, swapped)
         raise
@@ -214,47 +222,47 @@ def compress_sequential(model: nn.Module, plan, batches, build: dict) -> dict[st
     return swapped
 
 
-def _blocks_bar(blocks, build: dict, what: str):
-    return progress_bar(blocks, enabled=build.get("progress", False), desc=what, unit="block")
+def _blocks_bar(blocks, options: BuildOptions, what: str):
+    return progress_bar(blocks, enabled=options.progress, desc=what, unit="block")
 
 
-def _corrected_targets(model, stats: dict, damping: float) -> dict[str, torch.Tensor]:
-    targets = {}
-    for n, (cc, dc) in stats.items():
+def _stage_stats(model, measured: dict, upfront: dict[str, LayerStats], damping: float) -> dict[str, LayerStats]:
+    """{layer: LayerStats} of one stage: C_cc as the covariance, the corrected target, the up-front rest."""
+    out = {}
+    for n, (cc, dc) in measured.items():
         try:
-            targets[n] = corrected_target(dense_weight(model.get_submodule(n)), cc, dc, damping)
+            target = corrected_target(dense_weight(model.get_submodule(n)), cc, dc, damping)
         except torch.linalg.LinAlgError as err:
             raise singular_covariance_error([n], {n: cc}, damping) from err
-    return targets
+        out[n] = (upfront.get(n) or LayerStats()).merged(covariance=cc, target=target)
+    return out
 
 
-def _sequential_chain(model, plan, blocks, streams, rests, build, swapped) -> None:
+def _sequential_chain(model, plan, blocks, streams, rests, stats, options, swapped) -> None:
     dense_stream = streams
     stream = [s.clone() for s in streams]
-    damping = build.get("calibration_damping", CALIBRATION_DAMPING)
-    quiet = {**build, "progress": False}            # one bar over the blocks, none per stage
-    for b in _blocks_bar(blocks, build, "sequential calibration with error feedback"):
+    quiet = replace(options, progress=False)            # one bar over the blocks, none per stage
+    for b in _blocks_bar(blocks, options, "sequential calibration with error feedback"):
         block = model.get_submodule(b)
         dense_block = copy.deepcopy(block)
         names = [n for n in plan.layers if block_of(n) == b]
         for stage in _stages(block, b, names, stream[0], rests[b][0][1]):
-            stats = _stage_statistics(dense_block, block, b, stage, dense_stream, stream, rests[b])
-            targets = _corrected_targets(model, stats, damping)
-            new = build_layers(model, plan, covariances={n: cc for n, (cc, _) in stats.items()}, names=set(stage),
-                               targets=targets, **quiet)
-            swapped.update(swap_modules(model, new))
+            measured = _stage_statistics(dense_block, block, b, stage, dense_stream, stream, rests[b])
+            stage_stats = _stage_stats(model, measured, stats, options.calibration_damping)
+            swapped.update(swap_modules(model, build_layers(model, plan, stage_stats, quiet, names=set(stage))))
         with torch.no_grad():
             dense_stream = [_call(dense_block, h, rest) for h, (_, rest) in zip(dense_stream, rests[b])]
             stream = [_call(block, h, rest) for h, (_, rest) in zip(stream, rests[b])]
         del dense_block
 
 
-def _sequential_full_passes(model, plan, batches, build, swapped) -> None:
+def _sequential_full_passes(model, plan, batches, stats, options, swapped) -> None:
     groups: dict[str, list[str]] = {}
     for name in plan.layers:
         groups.setdefault(block_of(name), []).append(name)
-    quiet = {**build, "progress": False}
-    for block in _blocks_bar(list(groups), build, "sequential calibration, one full pass per block"):
+    quiet = replace(options, progress=False)
+    for block in _blocks_bar(list(groups), options, "sequential calibration, one full pass per block"):
         names = groups[block]
         covs = collect_covariances(model, names, batches)
-        swapped.update(swap_modules(model, build_layers(model, plan, covariances=covs, names=set(names), **quiet)))
+        block_stats = {n: (stats.get(n) or LayerStats()).merged(covariance=covs[n]) for n in names}
+        swapped.update(swap_modules(model, build_layers(model, plan, block_stats, quiet, names=set(names))))

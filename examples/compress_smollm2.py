@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 import blastfx
-from blastfx.calibrate import text_batches
-from blastfx.evaluate import generate_text, perplexity, token_windows
+from blastfx.llm.data import text_batches
+from blastfx.llm.evaluate import generate_text, perplexity, token_windows
 
 
 @dataclass
@@ -94,8 +94,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.calib_tokens < 512:
         ap.error(f"--calib-tokens must be at least one 512-token window, got {args.calib_tokens}")
-    from blastfx.data import split_articles
-    from blastfx.hf import load_causal_lm, smollm2_path
+    from blastfx.llm.data import split_articles
+    from blastfx.llm.hf import load_causal_lm, smollm2_path
 
     start = time.perf_counter()
     torch.manual_seed(0)

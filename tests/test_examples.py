@@ -40,9 +40,9 @@ def test_smollm2_demo_reduced_run_on_a_tiny_llama():
     Llama with SmolLM2's tokenizer; the full run on SmolLM2 takes minutes and is the README's command."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from blastfx.data import split_articles
-    from blastfx.evaluate import perplexity, token_windows
-    from blastfx.hf import smollm2_path
+    from blastfx.llm.data import split_articles
+    from blastfx.llm.evaluate import perplexity, token_windows
+    from blastfx.llm.hf import smollm2_path
 
     demo = load_example("compress_smollm2")
     path = smollm2_path()

@@ -223,7 +223,7 @@ def test_a_malformed_plan_is_a_clear_error_before_any_allocation(tmp_path, two_m
     def no_allocation(*args, **kwargs):
         raise AssertionError("layers were built from an unchecked plan")
 
-    monkeypatch.setattr(bio, "build_layers", no_allocation)
+    monkeypatch.setattr(bio, "empty_layers", no_allocation)
     fresh = models.tiny_mlp()
     with pytest.raises(ValueError, match="blastfx.json") as err:
         blastfx.load(ckpt, fresh)
@@ -394,7 +394,7 @@ def test_from_pretrained_names_config_json_and_the_bad_field(llama_dir, tmp_path
 def test_gguf_model_compresses_saves_and_reloads(tmp_path):
     """The CLI's path on the real SmolLM2 GGUF: load, compress two layers, save_pretrained, reload."""
     pytest.importorskip("gguf")
-    from blastfx.hf import load_causal_lm, smollm2_path
+    from blastfx.llm.hf import load_causal_lm, smollm2_path
 
     path = smollm2_path()
     if not path.exists():

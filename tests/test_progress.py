@@ -9,7 +9,7 @@ from torch import nn
 
 import blastfx
 from blastfx import BlastConfig
-from blastfx.calibrate import collect_covariances, collect_output_fisher
+from blastfx.statistics.collect import collect_covariances, collect_output_fisher
 
 
 class Block(nn.Module):
@@ -60,7 +60,7 @@ def test_compress_shows_every_pass_and_nothing_with_progress_false(capsys):
 
 def test_tqdm_disable_env_turns_bars_off():
     """tqdm reads TQDM_DISABLE when it is imported: a fresh process, with and without it."""
-    script = ("import torch; from torch import nn; from blastfx.calibrate import collect_covariances; "
+    script = ("import torch; from torch import nn; from blastfx.statistics.collect import collect_covariances; "
               "collect_covariances(nn.Linear(4, 4), [''], [torch.randn(2, 4)], progress=True)")
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
     shown = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)

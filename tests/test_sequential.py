@@ -8,7 +8,10 @@ from torch import nn
 import blastfx
 import blastfx.sequential as seq
 from blastfx import BlastConfig
-from blastfx.passes.substitute import build_layers, dense_weight, swap_modules
+from blastfx.analyze import dense_weight
+from blastfx.build import BuildOptions, build_layers
+from blastfx.statistics import LayerStats
+from blastfx.swap import swap_modules
 import models
 
 
@@ -30,7 +33,7 @@ LLAMA_STAGES = [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("
                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)]
 
 
-def reference_sequential(model, dense, plan, batches, build):
+def reference_sequential(model, dense, plan, batches, options):
     """The definition, by full forward passes: for each block and stage, the stage's inputs in the
     dense model and in the model compressed so far, then the corrected targets under C_cc."""
     for i in range(len(model.model.layers)):
@@ -52,10 +55,10 @@ def reference_sequential(model, dense, plan, batches, build):
                     sums[n][1] += d.T @ c
                     sums[n][2] += len(c)
             covs = {n: (cc / t).float() for n, (cc, _, t) in sums.items()}
-            targets = {n: seq.corrected_target(dense_weight(model.get_submodule(n)), cc / t, dc / t,
-                                               build["calibration_damping"]) for n, (cc, dc, t) in sums.items()}
-            swap_modules(model, build_layers(model, plan, covariances=covs, names=set(names), targets=targets,
-                                             **build))
+            stats = {n: LayerStats(covariance=covs[n], target=seq.corrected_target(
+                         dense_weight(model.get_submodule(n)), cc / t, dc / t, options.calibration_damping))
+                     for n, (cc, dc, t) in sums.items()}
+            swap_modules(model, build_layers(model, plan, stats, options, names=set(names)))
 
 
 def test_chain_fast_path_equals_the_full_forward_definition():
@@ -65,9 +68,8 @@ def test_chain_fast_path_equals_the_full_forward_definition():
     blastfx.compress(fast, 0.4, config=BlastConfig(progress=False, sequential=True), calibration=batches)
     assert not any("not a chain" in note for note in fast.blastfx_plan.notes)      # the chain path ran
     ref = copy.deepcopy(dense)
-    build = dict(init="factorize", method="als", iters=None, tol=1e-4, progress=False,
-                 calibration_damping=BlastConfig().calibration_damping, output_weights=None)
-    reference_sequential(ref, dense, fast.blastfx_plan, batches, build)
+    options = BuildOptions(progress=False, calibration_damping=BlastConfig().calibration_damping)
+    reference_sequential(ref, dense, fast.blastfx_plan, batches, options)
     test = torch.randint(3, 128, (2, 16))
     with torch.no_grad():
         a, b, d = fast(test).logits, ref(test).logits, dense(test).logits

@@ -21,8 +21,8 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..kernels.autotune import DECODE_MAX_T
-from ..layout import BlastShape
-from ..ops import _in_blocks
+from ..structures.blast.layout import BlastShape
+from ..structures.blast.ops import _in_blocks
 from .patterns import naive_blast_replacement, naive_blast_with
 
 MODES = ("auto", "inline", "extern")

@@ -30,8 +30,8 @@ from torch import nn
 
 import torch._dynamo.config as dynamo_config
 
-from ..passes.analyze import block_of
-from ..nn import BlastLinear
+from ..analyze import block_of
+from ..structures.blast.nn import BlastLinear
 
 
 @dataclass

@@ -42,7 +42,7 @@ def _diffusers_hooks(_module=None) -> None:
     """Add :class:`~blastfx.BlastLinear` to the layer types diffusers' layerwise casting and group
     offloading act on, so BLAST factors are stored in the storage dtype (and offloaded) like the weights
     of the layers they replaced. Each hooks module holds its own reference to the tuple."""
-    from ..nn import BlastLinear
+    from ..structures.blast.nn import BlastLinear
 
     for name in ("diffusers.hooks._common", "diffusers.hooks.layerwise_casting", "diffusers.hooks.group_offloading"):
         module = sys.modules.get(name)
@@ -138,7 +138,7 @@ def bind_model_card(model) -> None:
 def card_for(model, folder: Path, load_code: str | None = None) -> str:
     """The model card of compressed ``model`` saved to ``folder``."""
     from ..io import model_plan
-    from ..nn import BlastLinear
+    from ..structures.blast.nn import BlastLinear
     from .model_card import model_card
 
     plan = model_plan(model)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 
 from .._version import __version__
-from ..nn import BlastLinear
+from ..structures.blast.nn import BlastLinear
 from ..plan import Plan
 
 QUANT_METHOD = "blastfx"
@@ -75,19 +75,20 @@ def check_checkpoint(plan: Plan, keys, source: str) -> None:
 def build_planned_layers(model, plan: Plan, source: str) -> None:
     """Swap the plan's layers of ``model`` (built on the meta device by the library) for empty BLAST
     layers on the same device: nothing dense is allocated for them."""
-    from ..api import _check_plan_fits
-    from ..passes.substitute import build_layers, swap_modules
+    from ..build import empty_layers
+    from ..plan import check_plan_fits
+    from ..swap import swap_modules
 
     try:
-        _check_plan_fits(model, plan)
+        check_plan_fits(model, plan)
     except ValueError as err:
         raise ValueError(f"{source}: {err}") from None
-    swap_modules(model, build_layers(model, plan, empty=True, progress=False))
+    swap_modules(model, empty_layers(model, plan))
 
 
 def finish_load(model, plan: Plan, source: str) -> None:
     """After the factors are loaded: padding checked, the plan recorded, casting allowed, the card bound."""
-    from ..api import PLAN_ATTR
+    from ..swap import PLAN_ATTR
     from . import bind_model_card
 
     for name, m in model.named_modules():

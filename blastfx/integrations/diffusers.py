@@ -25,7 +25,7 @@ from diffusers.quantizers import auto as _auto
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
-from ..nn import BlastLinear
+from ..structures.blast.nn import BlastLinear
 from ._record import QUANT_METHOD, PlanRecord, build_planned_layers, check_checkpoint, finish_load
 
 

@@ -28,7 +28,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.model import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from ..nn import BlastLinear
+from ..structures.blast.nn import BlastLinear
 
 
 class BlastLoraLinear(LoraLinear):

@@ -29,7 +29,7 @@ from transformers.quantizers import auto as _auto
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..nn import BlastLinear
+from ..structures.blast.nn import BlastLinear
 from ._record import QUANT_METHOD, PlanRecord, build_planned_layers, check_checkpoint, finish_load
 
 LEGACY_KEY = "blastfx"          # where the plan lived in config.json before the quantization config

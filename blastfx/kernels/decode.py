@@ -34,7 +34,7 @@ try:
 except ImportError:                      # triton without grid dependency control: PDL mode is not offered
     gdc_launch_dependents = gdc_wait = None
 
-from ..layout import BlastShape
+from ..structures.blast.layout import BlastShape
 
 _COUNTERS: dict = {}
 

@@ -31,7 +31,7 @@ def grad_mix_impl(dtype: torch.dtype, b_out: int, b_in: int, kernels: str | None
 
 
 def _cuda_blast_matmul(x, U, S, V, bias=None, out_features=None):
-    from ..ops import blast_matmul_reference, check_inputs
+    from ..structures.blast.ops import blast_matmul_reference, check_inputs
 
     shape = check_inputs(x, U, S, V, bias, out_features)
     if forward_impl(x.dtype) == "triton":
@@ -42,7 +42,7 @@ def _cuda_blast_matmul(x, U, S, V, bias=None, out_features=None):
 
 
 def _cuda_grad_mix(z, gw, S, kernels=None):
-    from ..ops import grad_mix_reference
+    from ..structures.blast.ops import grad_mix_reference
 
     if grad_mix_impl(z.dtype, gw.shape[0], z.shape[0], kernels) == "triton":
         from .backward import grad_mix_triton
@@ -57,7 +57,7 @@ def register() -> bool:
 
     if importlib.util.find_spec("triton") is None:   # find, don't import: keeps `import blastfx` light
         return False
-    from ..ops import _blast_matmul_op, _grad_mix_op
+    from ..structures.blast.ops import _blast_matmul_op, _grad_mix_op
 
     _blast_matmul_op.register_kernel("cuda")(_cuda_blast_matmul)
     _grad_mix_op.register_kernel("cuda")(_cuda_grad_mix)

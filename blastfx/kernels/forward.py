@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import BlastShape
-from ..ops import _in_blocks
+from ..structures.blast.layout import BlastShape
+from ..structures.blast.ops import _in_blocks
 from . import autotune
 from . import decode as decode_kernels
 from . import gemv as gemv_kernels

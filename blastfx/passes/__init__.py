@@ -1,1 +1,0 @@
-"""FX passes over a captured model: find linear call sites (analyze) and swap in BLAST (substitute)."""

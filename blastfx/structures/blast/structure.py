@@ -1,0 +1,50 @@
+"""BLAST as a :class:`~blastfx.structures.base.Structure`: its size knob (rank, blocks), cost model,
+builder over the factorization methods, and empty or random layers."""
+from __future__ import annotations
+
+import torch
+
+from ...statistics.layer_stats import stacked
+from ..base import Structure
+from .factorize import factorize
+from .factorize.methods import METHODS
+from .layout import planned_shape
+from .nn import BlastLinear
+
+
+def knob(lp) -> tuple[int, tuple[int, int]]:
+    """(rank, (b_out, b_in)) of a planned layer."""
+    return lp.rank, lp.blocks
+
+
+def num_params(out_features: int, in_features: int, size) -> int:
+    """r (m_pad + n_pad + b_out b_in): what the padded factors store."""
+    rank, blocks = size
+    return planned_shape(out_features, in_features, rank, blocks).num_params
+
+
+def build(weights: torch.Tensor, biases, stats, lp, method: str, options) -> list[BlastLinear]:
+    """Factorize the (B, out, in) ``weights`` as one batched problem with the layers' input covariances
+    and output Fisher (where measured) and return one BlastLinear per weight, in its dtype."""
+    device = weights.device
+    factors = factorize(weights, lp.rank, lp.blocks, method=method, iters=options.iters, tol=options.tol,
+                        allow_larger=True, calibration=stacked(stats, "covariance", device),
+                        calibration_damping=options.calibration_damping,
+                        output_weights=stacked(stats, "output_fisher", device))
+    return [BlastLinear.from_factors(factors[k].to(weights.dtype), bias) for k, bias in enumerate(biases)]
+
+
+def empty(lp, *, bias: bool, device=None, dtype=None) -> BlastLinear:
+    """Allocated, not initialized: a checkpoint overwrites every tensor (initializing big models is costly)."""
+    return torch.nn.utils.skip_init(BlastLinear, lp.in_features, lp.out_features, lp.rank, lp.blocks, bias=bias,
+                                    device=device, dtype=dtype, allow_larger=True)
+
+
+def random(lp, *, bias: bool, device=None, dtype=None) -> BlastLinear:
+    """Randomly initialized factors, for training from scratch."""
+    return BlastLinear(lp.in_features, lp.out_features, lp.rank, lp.blocks, bias=bias, device=device, dtype=dtype,
+                       allow_larger=True)
+
+
+BLAST = Structure(name="blast", module_type=BlastLinear, knob=knob, num_params=num_params, build=build,
+                  empty=empty, random=random, methods=METHODS, default_method="als")
