@@ -15,7 +15,7 @@ import torch
 import blastfx
 from blastfx.compiler.grouping import blast_matmul_group
 from blastfx.kernels import autotune
-from blastfx.layout import BlastShape
+from blastfx.structures.blast.layout import BlastShape
 from common import copies_for, graph_ms, versions
 from layer_speed import rank_at
 from rows import add_arguments, measurements, record

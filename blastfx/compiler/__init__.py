@@ -5,7 +5,7 @@ blastfx works without being imported first; ``import blastfx`` also registers it
 so a checkout on ``PYTHONPATH`` that was never installed works too. Lowering choice, two ways (:mod:`.lowering` says why):
 
 * extern: ``blastfx::blast_matmul`` stays one opaque custom op (autograd, fake and reference
-  single-sourced in ``blastfx.ops``); on CUDA its kernel is ``blastfx.kernels.dispatch``, which runs
+  single-sourced in ``blastfx.structures.blast.ops``); on CUDA its kernel is ``blastfx.kernels.dispatch``, which runs
   the fastest of the Triton / cuBLAS-backed paths for the shape and token bucket
   (``blastfx.kernels.autotune``). Used for decode sizes, where the tuner's split-reduction kernels
   can win and CUDA graphs hide the op's Python cost. Tuning happens on the first eager (warm-up) call

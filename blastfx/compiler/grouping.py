@@ -26,7 +26,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..kernels.gemv import MAX_T
-from ..ops import blast_matmul, blast_matmul_reference, check_inputs
+from ..structures.blast.ops import blast_matmul, blast_matmul_reference, check_inputs
 
 stats = {"groups": 0, "grouped_calls": 0}
 MODES = ("auto", "always", "never")

@@ -32,7 +32,7 @@ stats = {"inlined": 0}
 def blast_matmul_inline(x, U, S, V, bias=None, out_features=None):
     """The op's math in ops Inductor fuses well: bmm, a pointwise sum over the b_in block-columns
     (not the bmm-over-rank of the reference, which Inductor would run as a (r, b, b) extern bmm with
-    permute copies), bmm. Same contract as :func:`blastfx.ops.blast_matmul_reference`."""
+    permute copies), bmm. Same contract as :func:`blastfx.structures.blast.ops.blast_matmul_reference`."""
     shape = BlastShape.from_factors(U, S, V, out_features=out_features)
     lead, n = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, n)

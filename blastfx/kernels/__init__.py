@@ -1,6 +1,6 @@
 """Kernels of ``blastfx::blast_matmul`` and the options that choose among them.
 
-Each Triton kernel is checked against :func:`blastfx.ops.blast_matmul_reference`. Which one runs on
+Each Triton kernel is checked against :func:`blastfx.structures.blast.ops.blast_matmul_reference`. Which one runs on
 CUDA is decided per call (``.dispatch``, ``.autotune``) from the kernel options in effect, which are
 scoped, never process-wide:
 

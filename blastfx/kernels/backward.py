@@ -1,13 +1,13 @@
 """Triton middle of the BLAST backward: one pass over z and gw for all three of its products.
 
-The backward (``blastfx.ops.blast_matmul_backward_reference``) needs ``w = mix(S, z)`` (for dU),
+The backward (``blastfx.structures.blast.ops.blast_matmul_backward_reference``) needs ``w = mix(S, z)`` (for dU),
 ``gz = mix(S^T, gw)`` (for dx and dV) and ``dS[i, j] = sum_t gw_i * z_j``. In plain PyTorch those are
 batched matmuls over the rank: r batches of (b x b) @ (b x T) products and a T-long reduction into
 b x b outputs, each wrapped in permute copies. On an H100 that made one SmolLM2 distillation step
 spend 116 ms in copies and 125 ms in badly shaped batched GEMMs (``benchmarks/train_step_profile.py``).
 Here each program owns an r-slice and a range of T, reads z and gw once from their native (b, T, r)
 layout, writes w and gz, keeps dS's products in registers and leaves one fp32 dS partial for a small
-sum over T-ranges. Checked against ``blastfx.ops.grad_mix_reference``.
+sum over T-ranges. Checked against ``blastfx.structures.blast.ops.grad_mix_reference``.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def kernel_beats_reference(b_out: int, b_in: int) -> bool:
 
 
 def grad_mix_triton(z: torch.Tensor, gw: torch.Tensor, S: torch.Tensor):
-    """(w, gz, dS) as :func:`blastfx.ops.grad_mix_reference`: z (b_in, T, r), gw (b_out, T, r), S (b_out, b_in, r).
+    """(w, gz, dS) as :func:`blastfx.structures.blast.ops.grad_mix_reference`: z (b_in, T, r), gw (b_out, T, r), S (b_out, b_in, r).
     Correct for any b; fast for b_out * b_in <= STREAM_MAX_BLOCK_PAIRS (see there)."""
     b_in, T, R = z.shape
     b_out = gw.shape[0]

@@ -20,7 +20,7 @@ path ever forms the (b_out, b_in, T, r) product. A *path* is one way of running 
 
 Which path (and tile config) is fastest depends on the shape and the token count; :mod:`.autotune`
 measures the candidates of :func:`candidates` once per (shape, dtype, token bucket), rotating through
-clones of the weights so they stream from memory as in a model, and caches the winner. Every path is checked against ``blastfx.ops.blast_matmul_reference`` in tests.
+clones of the weights so they stream from memory as in a model, and caches the winner. Every path is checked against ``blastfx.structures.blast.ops.blast_matmul_reference`` in tests.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) operands are upcast to fp32 before ``tl.dot``: the
 interpreter's bf16 dot is wrong. fp32 inputs use IEEE dots (a GPU would otherwise use TF32).
@@ -331,7 +331,7 @@ def run_path(x2, U, S, V, bias, shape, path: str, cfg: dict):
 
 def blast_matmul_triton(x, U, S, V, bias=None, out_features=None, path: str | None = None,
                         config: dict | None = None, shape: BlastShape | None = None):
-    """The fast forward; same contract as :func:`blastfx.ops.blast_matmul_reference`.
+    """The fast forward; same contract as :func:`blastfx.structures.blast.ops.blast_matmul_reference`.
 
     ``path``/``config`` force a path and override config keys (tests, benchmarks); by default the
     autotuner picks the fastest candidate for this (shape, dtype, token bucket). ``shape``: the

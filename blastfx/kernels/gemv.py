@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import BlastShape
+from ..structures.blast.layout import BlastShape
 from .decode import _index, _sm_limits, resident_programs
 
 MAX_T = 4                   # FMA accumulators hold T x tile values per thread; past this, tensor cores win

@@ -29,7 +29,7 @@ class KernelOptions:
     """Which kernels the op runs; ``None`` fields inherit from the enclosing scope (finally the defaults).
 
     ``kernels``: "triton" (the fused Triton / cuBLAS paths on CUDA) or "reference" (the plain-PyTorch
-    reference of ``blastfx.ops``). ``autotune``: time the forward's candidate paths once per shape and
+    reference of ``blastfx.structures.blast.ops``). ``autotune``: time the forward's candidate paths once per shape and
     token bucket (True) or always run the untimed default path (False).
     """
     kernels: str | None = None

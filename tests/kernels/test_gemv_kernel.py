@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from blastfx.kernels import gemv
-from blastfx.layout import BlastShape
-from blastfx.ops import blast_matmul_reference
+from blastfx.structures.blast.layout import BlastShape
+from blastfx.structures.blast.ops import blast_matmul_reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
