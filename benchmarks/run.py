@@ -93,6 +93,29 @@ REGISTRY: dict[str, Benchmark] = {
         "yes", "2 min (--whole: 5 min)",
         "Median time of each phase of one `finetune` step (batch 32 x 512, bf16 autocast) on a random-init "
         "SmolLM2-135M-shaped model at budget 0.8; \"first step\" includes compiling."),
+    "quality_quantized": Benchmark(
+        "quality_quantized.py", "Quantized factors: SmolLM2-135M-Instruct",
+        "held-out perplexity and bytes with U and V stored as int8 (rounded inside the calibrated fit) vs float",
+        "optional", "4 min per case CPU, 1 min GPU",
+        "Held-out perplexity (as in the quality table) of SmolLM2-135M-Instruct compressed with the default recipe, "
+        "its BLAST factors U and V stored as `factor_dtype` codes with float32 scales (S and biases float); "
+        "\"bytes vs bf16 dense\" is the compressed layers' stored bytes over the same layers dense in bf16."),
+    "quantized_speed": Benchmark(
+        "quantized_speed.py", "Quantized factors: one layer at decode",
+        "T=1 time of one layer: int8 BLAST (GEMV reading codes) vs bf16 BLAST vs bf16 dense",
+        "yes", "2 min",
+        "One linear layer at T = 1 (budget 0.5, b = 4), each call replayed from a CUDA graph over enough weight "
+        "copies to stream them from HBM: bf16 dense, bf16 BLAST and int8 BLAST; \"x\" columns are dense time "
+        "over the layer's time in the same process."),
+    "quality_structures": Benchmark(
+        "quality_structures.py", "Structures without retraining: SS1 vs BLAST vs auto",
+        "SmolLM2 perplexity and MiniLM embedding cosine, BLAST vs SS1 vs structure='auto' at equal budgets",
+        "optional", "10 min per model and budget CPU",
+        "The same dense model compressed with `BlastConfig(structure=...)` and otherwise the default recipe for "
+        "its calibration data, no retraining: SmolLM2-135M-Instruct by held-out perplexity (the quality "
+        "table's protocol; \"x dense\" its ratio to dense), the all-MiniLM-L6-v2 sentence encoder by the "
+        "cosine of held-out news sentences' embeddings to the dense model's; layer counts say what \"auto\" "
+        "chose. Smaller calibration or evaluation sets than the defaults are named in the case."),
     "als_iterations": Benchmark(
         "als_iterations.py", "Calibrated ALS iterations",
         "output error of calibrated ALS after 30 / 100 / 300 iterations on real SmolLM2 layers",

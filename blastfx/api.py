@@ -9,6 +9,7 @@ to :mod:`blastfx.sequential`, which runs them block by block.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import Counter
 
@@ -19,9 +20,13 @@ from .analyze import Analysis, analyze
 from .build import BuildOptions, build_layers
 from .config import BlastConfig
 from .plan import BUDGET_TOLERANCE, DEFAULT_STRUCTURE, Plan, check_budget, check_plan_fits, make_plan
+from .reconstruct import ReconstructOptions
 from .sequential import compress_sequential
 from .statistics import LayerStats, calibration_batches, collect_statistics, returns_loss
 from .statistics.sensitivity import block_errors, layer_spectra
+from .statistics.structure_errors import ss1_errors
+from .structures.ss1.layout import ss1_params
+from .structures.ss1.structure import reductions as ss1_reductions
 from .structures.blast.layout import BlastShape
 from .swap import attach_plan, swap_modules
 
@@ -103,8 +108,9 @@ def _methods(config: BlastConfig, plan: Plan | None, names) -> set:
     options = BuildOptions.from_config(config)
     if plan is not None:
         return {build.method_of(lp, options) for lp in plan.layers.values()}
-    structure = structures.get(DEFAULT_STRUCTURE)
-    return {structure.method(config.override_for(n).method or config.method) for n in names}
+    kinds = {"auto": ("blast", "ss1")}.get(config.structure, (config.structure,))
+    return {build.method_for(structures.get(kind), config.override_for(n).method, config.method)
+            for kind in kinds for n in names}
 
 
 def _check_methods_take_calibration(methods, batches) -> None:
@@ -112,8 +118,8 @@ def _check_methods_take_calibration(methods, batches) -> None:
     pass: the data would be silently ignored."""
     weight_only = sorted(m.name for m in methods if not m.calibrated)
     if batches is not None and weight_only:
-        calibrated = sorted({m for s in map(structures.get, structures.names()) for m, meth in s.methods.items()
-                             if meth.calibrated})
+        calibrated = sorted({m for s in map(structures.get, structures.names()) if weight_only[0] in s.methods
+                             for m, meth in s.methods.items() if meth.calibrated})
         raise ValueError(f"method={weight_only[0]!r} fits the weights alone and cannot use calibration data: "
                          f"pass no calibration=, or use a method that reads it ({', '.join(map(repr, calibrated))})")
 
@@ -122,6 +128,10 @@ def _smallest_kept(plan: Plan, config: BlastConfig) -> int:
     """Parameters the plan's layers keep at their smallest: rank 1, or the fixed rank of an override."""
     kept = plan.dense_total - sum(lp.dense_params for lp in plan.layers.values())
     for name, lp in plan.layers.items():
+        if lp.structure != DEFAULT_STRUCTURE:         # SS1: its largest reduction
+            kept += min([lp.params] + [ss1_params(lp.out_features, lp.in_features, r)
+                                       for r in ss1_reductions(lp.out_features, lp.in_features)])
+            continue
         rank = config.override_for(name).rank or 1
         kept += BlastShape.make(lp.out_features, lp.in_features, rank, lp.blocks, allow_larger=True).num_params
     return kept
@@ -168,13 +178,18 @@ def _plan(model, budget, config, resolved, analysis, batches, stats: dict[str, L
     pure allocation (:func:`blastfx.plan.make_plan`)."""
     stats = {k: s.only(planning.needs(resolved)) for k, s in stats.items()}
     names = selected_layers(analysis, resolved)
-    spectra = None
-    if resolved.strategy != "uniform":
+    spectra = ss1 = None
+    measured = resolved.strategy != "uniform" or resolved.structure == "auto"
+    if measured and resolved.structure != "ss1":
         spectra = layer_spectra(model, names, stats, resolved.calibration_damping)
-    plan = make_plan(analysis, budget, resolved, spectra)
-    if resolved.block_choices:
-        errors = block_errors(model, plan, resolved, stats)
-        plan = make_plan(analysis, budget, resolved, spectra, block_errors=errors)
+    if measured and resolved.structure != DEFAULT_STRUCTURE:
+        ss1 = ss1_errors(model, names, stats, resolved.calibration_damping, budget)
+    plan = make_plan(analysis, budget, resolved, spectra, ss1_errors=ss1)
+    if resolved.block_choices and resolved.structure != "ss1":
+        blast = dataclasses.replace(plan, layers={k: lp for k, lp in plan.layers.items()
+                                                  if lp.structure == DEFAULT_STRUCTURE})
+        errors = block_errors(model, blast, resolved, stats)
+        plan = make_plan(analysis, budget, resolved, spectra, block_errors=errors, ss1_errors=ss1)
         chosen = Counter(lp.blocks for name, lp in plan.layers.items() if name in errors)
         measured = any(s.covariance is not None for s in stats.values())
         plan.notes.append("blocks chosen per layer by measured " + ("output" if measured else "weight") + " error: "
@@ -241,7 +256,7 @@ def compress(model: nn.Module, budget: float = 0.5, *, config: BlastConfig | Non
     options = BuildOptions.from_config(resolved)
     stats = {k: s.only(for_build) for k, s in stats.items()}
     if sequential:
-        old = compress_sequential(model, plan, batches, stats, options)
+        old = compress_sequential(model, plan, batches, stats, options, ReconstructOptions.from_config(resolved))
     else:
         old = swap_modules(model, build_layers(model, plan, stats, options))
     try:

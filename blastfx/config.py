@@ -15,10 +15,12 @@ from numbers import Integral, Real
 
 from .structures.base import method_names
 from .structures.blast.layout import normalize_blocks
+from .structures.blast.quant import formats as factor_formats
 
 STRATEGIES = ("auto", "uniform", "error", "loss")
 OBJECTIVES = ("auto", "output", "loss")
 INITS = ("factorize", "random")
+STRUCTURES = ("blast", "ss1", "auto")
 
 # C + damping * mean(diag C) * I for every input covariance C (GPTQ's relative ridge): the whitening,
 # the planner's spectra and sequential calibration's corrected targets all use this one default.
@@ -71,8 +73,13 @@ class LayerOverride:
     blocks: int | tuple[int, int] | None = None
     skip: bool = False
     method: str | None = None
+    factor_dtype: str | None = None     # "int8", ...; "model" keeps this layer's factors in the model's dtype
 
     def __post_init__(self):
+        try:
+            factor_formats.check_name(self.factor_dtype, allow_model=True)
+        except ValueError as err:
+            raise ValueError(f"{err} (or {factor_formats.MODEL!r}: the model's dtype)") from None
         self.rank = _check_int("rank", self.rank, optional=True)
         if self.blocks is not None:
             normalize_blocks(self.blocks)
@@ -110,15 +117,28 @@ class BlastConfig:
     progress: bool = True                  # tqdm bars (also off with TQDM_DISABLE=1)
     calibration_damping: float = CALIBRATION_DAMPING   # C + damping * mean(diag C) * I, as in GPTQ
     sequential: bool = False               # calibrate each block on the already-compressed model
+    distribute: bool = True                # in an initialized torch.distributed group: each rank fits a share
+                                           # of the layers and receives the rest (same model on every rank)
     block_choices: tuple = ()              # e.g. (4, 8): each layer takes the one with the least measured error
     probe_iters: int = 5                   # factorization iterations of each block-choice probe
     allow_dense: bool = True               # strategies error/loss: keep a layer dense where that buys more
                                            # (estimated) error per parameter than any rank step elsewhere
+    factor_dtype: str | None = None        # BLAST U and V stored quantized ("int8", "float8_e4m3fn"), rounded
+                                           # inside the calibrated fit; None: the model's dtype
+    structure: str = "blast"               # "blast", "ss1", or "auto": per layer BLAST, SS1 or dense, whichever
+                                           # the measured output error per parameter favours (blastfx.plan.choice)
+    # sequential=True: after a block's layers are built, fit its factors (and norms) jointly to the dense
+    # block's outputs on the calibration streams (blastfx.reconstruct); 0 steps turns it off
+    reconstruct_steps: int = 32            # optimizer steps per block, one calibration batch each
+    reconstruct_seconds: float | None = None   # wall-time bound per block (None: the steps only)
+    reconstruct_lr: float = 1e-3           # Adam, cosine-decayed over the steps
+    reconstruct_norms: bool = True         # train the block's norm weights too
 
     def __post_init__(self):
         normalize_blocks(self.blocks)
         for name, value, allowed in (("strategy", self.strategy, STRATEGIES), ("method", self.method, method_names()),
-                                     ("init", self.init, INITS), ("objective", self.objective, OBJECTIVES)):
+                                     ("init", self.init, INITS), ("objective", self.objective, OBJECTIVES),
+                                     ("structure", self.structure, STRUCTURES)):
             if not isinstance(value, str) or value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         self.iters = _check_int("iters", self.iters, optional=True)
@@ -127,7 +147,13 @@ class BlastConfig:
         self.min_features = _check_int("min_features", self.min_features, minimum=0)
         self.probe_iters = _check_int("probe_iters", self.probe_iters)
         self.calibration_damping = _check_float("calibration_damping", self.calibration_damping, positive=True)
-        for name in ("progress", "sequential", "allow_dense"):
+        factor_formats.check_name(self.factor_dtype)
+        self.reconstruct_steps = _check_int("reconstruct_steps", self.reconstruct_steps, minimum=0)
+        if self.reconstruct_seconds is not None:
+            self.reconstruct_seconds = _check_float("reconstruct_seconds", self.reconstruct_seconds, positive=True)
+        self.reconstruct_lr = _check_float("reconstruct_lr", self.reconstruct_lr, positive=True)
+        _check_bool("reconstruct_norms", self.reconstruct_norms)
+        for name in ("progress", "sequential", "allow_dense", "distribute"):
             _check_bool(name, getattr(self, name))
         self.include = _check_patterns("include", self.include)
         self.exclude = _check_patterns("exclude", self.exclude)
@@ -159,6 +185,10 @@ class BlastConfig:
                 raise ValueError(f"overrides[{pattern!r}]: {err}") from None
             overrides[pattern] = o
         self.overrides = overrides
+        if self.init == "random" and (self.factor_dtype is not None
+                                      or any(o.factor_dtype not in (None, factor_formats.MODEL) for o in overrides.values())):
+            raise ValueError("factor_dtype: quantized factors are rounded from fitted ones; init='random' trains from "
+                             "scratch: train float factors, then quantize (blastfx.structures.blast.quant.quantize_model)")
 
     @property
     def needs_loss(self) -> bool:
@@ -182,11 +212,18 @@ class BlastConfig:
         merged = LayerOverride()
         for pattern, o in self.overrides.items():
             if fnmatch.fnmatchcase(fqn, pattern):
-                for key in ("rank", "blocks", "method"):
+                for key in ("rank", "blocks", "method", "factor_dtype"):
                     if getattr(o, key) is not None:
                         setattr(merged, key, getattr(o, key))
                 merged.skip = merged.skip or o.skip
         return merged
+
+    def factor_dtype_for(self, fqn: str) -> str | None:
+        """The factor format of layer ``fqn``: its override's (``"model"``: None), else the config's."""
+        o = self.override_for(fqn).factor_dtype
+        if o is None:
+            return self.factor_dtype
+        return None if o == factor_formats.MODEL else o
 
     def check_patterns(self, names) -> None:
         """Every include/exclude/override pattern must match some linear layer: a typo is an error."""

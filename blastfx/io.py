@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch import nn
 
+from . import structures
 from ._version import __version__
 from .build import empty_layers
 from .plan import LayerPlan, Plan, check_plan_fits
@@ -59,15 +60,21 @@ def model_plan(model: nn.Module) -> Plan:
     did not plan."""
     recorded = getattr(model, PLAN_ATTR, None)
     recorded = recorded if isinstance(recorded, Plan) else None
-    found = {name: m for name, m in model.named_modules() if isinstance(m, BlastLinear)}
+    found = {name: m for name, m in model.named_modules() if isinstance(m, structures.module_types())}
     if not found:
         raise ValueError("this model has no blastfx plan and no BLAST layers: compress it with blastfx.compress first")
     known = recorded.layers if recorded is not None else {}
     layers = {}
     for name, m in found.items():
         lp = known.get(name)
+        structure = structures.of_module(m)
+        if structure.name != "blast":           # its size read off the module (SS1: the reduction)
+            layers[name] = LayerPlan(m.out_features, m.in_features, **structure.size_of(m),
+                                     kind=lp.kind if lp else "linear", bias=m.bias is not None,
+                                     method=lp.method if lp else None, structure=structure.name)
+            continue
         layers[name] = LayerPlan(m.out_features, m.in_features, m.rank, m.blocks, lp.kind if lp else "linear",
-                                 m.bias is not None, lp.method if lp else None)
+                                 m.bias is not None, lp.method if lp else None, factor_dtype=m.factor_dtype)
     extra = [name for name in layers if name not in known]
     if recorded is None:
         plan = Plan(layers, 0.0, "manual", sum(lp.dense_params for lp in layers.values()),
@@ -254,7 +261,8 @@ def load_into(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], so
                                          + [f"missing {missing[:5]}"] * bool(missing)))
         model.load_state_dict(tensors, strict=False)
         for name, layer in new.items():
-            layer.check_padding(f"checkpoint {source}, layer {name!r}")
+            if isinstance(layer, BlastLinear):
+                layer.check_padding(f"checkpoint {source}, layer {name!r}")
         if hasattr(model, "tie_weights"):
             model.tie_weights()
     except BaseException:

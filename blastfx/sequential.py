@@ -17,6 +17,11 @@ hidden-state stream: HF decoders and encoders, DiT blocks): the calibration batc
 model once; afterwards each block runs only on the cached dense and compressed streams, stage by stage
 (layers that read the same tensor, e.g. q/k/v, form a stage). Other models fall back to one full
 forward pass of the compressed model per block, without error feedback (noted on the plan).
+
+Block-wise reconstruction (chain path, ``reconstruct`` options with steps): once all of a block's
+stages are built, its factors (and norm weights) are fitted jointly so that the block's output on the
+compressed stream matches the dense block's output on the dense stream (:mod:`blastfx.reconstruct`);
+the next block then reads the reconstructed block's outputs.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from torch import nn
 from .analyze import block_of, dense_weight
 from .build import BuildOptions, build_layers
 from .progress import progress_bar
+from .reconstruct import ReconstructOptions, norm_parameters, reconstruct_block
 from .statistics import LayerStats, check_reached, collect_covariances, run_batch, singular_covariance_error
 from .swap import swap_modules
 
@@ -190,14 +196,18 @@ def _stage_statistics(dense_block, block, prefix, names, dense_stream, stream, r
 
 
 def compress_sequential(model: nn.Module, plan, batches, stats: dict[str, LayerStats],
-                        options: BuildOptions) -> dict[str, nn.Module]:
+                        options: BuildOptions, reconstruct: ReconstructOptions | None = None) -> dict[str, nn.Module]:
     """Calibrate, build and swap block by block (see the module docstring). ``stats``: what was measured
     up front on the dense model (the output Fisher, where the objective uses it); each layer's input
-    covariance and target are measured here. All-or-nothing: every swap is undone if a later block
-    fails (or is interrupted). Returns the replaced modules, by name."""
+    covariance and target are measured here. ``reconstruct``: block-wise reconstruction after each
+    block of a chain (None or 0 steps: none). All-or-nothing: if a later block fails (or is
+    interrupted) every swap is undone and every norm weight reconstruction changed is restored.
+    Returns the replaced modules, by name."""
     device = next(model.parameters()).device
     blocks = _chain_blocks(model, list(plan.layers))
     swapped: dict[str, nn.Module] = {}
+    norms: dict[nn.Parameter, torch.Tensor] = {}            # originals of what reconstruction changes in place
+    reconstruct = reconstruct if reconstruct is not None and reconstruct.steps else None
     was_training = model.training
     model.eval()
     try:
@@ -210,15 +220,18 @@ def compress_sequential(model: nn.Module, plan, batches, stats: dict[str, LayerS
         if chain is None:
             _sequential_full_passes(model, plan, batches, stats, options, swapped)
         else:
-            _sequential_chain(model, plan, blocks, *chain, stats, options, swapped)
+            _sequential_chain(model, plan, blocks, *chain, stats, options, swapped, reconstruct, norms)
     except BaseException:
+        with torch.no_grad():
+            for p, value in norms.items():
+                p.copy_(value)
         swap_modules(model, swapped)
         raise
     finally:
         model.train(was_training)
     if chain is None:
         plan.notes.append("sequential: the blocks are not a chain; each block calibrated on the compressed "
-                          "model's activations without error feedback")
+                          "model's activations without error feedback" + (" or reconstruction" if reconstruct else ""))
     return swapped
 
 
@@ -238,10 +251,21 @@ def _stage_stats(model, measured: dict, upfront: dict[str, LayerStats], damping:
     return out
 
 
-def _sequential_chain(model, plan, blocks, streams, rests, stats, options, swapped) -> None:
+def _reconstruction_note(results) -> str:
+    kept = [r for r in results if r.kept]
+    before = sum(r.error_before for r in results) / len(results)
+    after = sum(r.error_after for r in results) / len(results)
+    return (f"reconstruction: {len(kept)} of {len(results)} blocks improved, {sum(r.steps for r in results)} steps "
+            f"in {sum(r.seconds for r in results):.0f} s; mean relative squared error of the block outputs "
+            f"{before:.4g} -> {after:.4g}")
+
+
+def _sequential_chain(model, plan, blocks, streams, rests, stats, options, swapped, reconstruct=None,
+                      norms=None) -> None:
     dense_stream = streams
     stream = [s.clone() for s in streams]
     quiet = replace(options, progress=False)            # one bar over the blocks, none per stage
+    results = []
     for b in _blocks_bar(blocks, options, "sequential calibration with error feedback"):
         block = model.get_submodule(b)
         dense_block = copy.deepcopy(block)
@@ -252,8 +276,17 @@ def _sequential_chain(model, plan, blocks, streams, rests, stats, options, swapp
             swapped.update(swap_modules(model, build_layers(model, plan, stage_stats, quiet, names=set(stage))))
         with torch.no_grad():
             dense_stream = [_call(dense_block, h, rest) for h, (_, rest) in zip(dense_stream, rests[b])]
+        if reconstruct is not None and names:
+            for p in norm_parameters(block):
+                norms.setdefault(p, p.detach().clone())
+            results.append(reconstruct_block(block, stream, dense_stream,
+                                             lambda blk, h, k, b=b: _call(blk, h, rests[b][k][1]), reconstruct,
+                                             desc=f"reconstructing {b}"))
+        with torch.no_grad():
             stream = [_call(block, h, rest) for h, (_, rest) in zip(stream, rests[b])]
         del dense_block
+    if results:
+        plan.notes.append(_reconstruction_note(results))
 
 
 def _sequential_full_passes(model, plan, batches, stats, options, swapped) -> None:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import structures
+from . import distributed
 from ..analyze import dense_weight
 from ..config import CALIBRATION_DAMPING, INITS
 from ..progress import progress_bar
@@ -33,6 +34,7 @@ class BuildOptions:
     tol: float = 1e-4
     calibration_damping: float = CALIBRATION_DAMPING
     progress: bool = True
+    distribute: bool = True       # split the fitting over the ranks of an initialized process group
 
     def __post_init__(self):
         if self.init not in INITS:
@@ -41,14 +43,23 @@ class BuildOptions:
     @classmethod
     def from_config(cls, config, **changes) -> "BuildOptions":
         values = dict(init=config.init, method=config.method, iters=config.iters, tol=config.tol,
-                      calibration_damping=config.calibration_damping, progress=config.progress)
+                      calibration_damping=config.calibration_damping, progress=config.progress,
+                      distribute=config.distribute)
         return cls(**{**values, **changes})
 
 
 def method_of(lp, options: BuildOptions) -> structures.Method:
     """The method fitting planned layer ``lp``: the plan's, else the options', else the structure's default."""
     structure = structures.get(lp.structure)
-    return structure.method(lp.method or options.method)
+    return method_for(structure, lp.method, options.method)
+
+
+def method_for(structure, layer_method: str | None, default: str | None) -> structures.Method:
+    """A layer's own method, else ``default`` where it is one of ``structure``'s (a config names one
+    method for the model; layers of another structure take their structure's default)."""
+    if layer_method is None and default is not None and default not in structure.methods:
+        default = None
+    return structure.method(layer_method or default)
 
 
 def needs(config, methods) -> frozenset:
@@ -84,31 +95,45 @@ def build_layers(model: nn.Module, plan, stats: dict[str, LayerStats] | None = N
             new[name] = layer
         else:
             key = (lp.structure, lp.out_features, lp.in_features, structure.knob(lp), method_of(lp, options).name,
-                   module.weight.device)
+                   module.weight.device, getattr(lp, "factor_dtype", None))
             groups[key].append(name)
-    bar = progress_bar(enabled=options.progress and bool(groups), desc="factorizing", unit="layer",
-                       total=sum(len(v) for v in groups.values()))
-    for (structure_name, m, n, _, method, _), group in groups.items():
+    units = [(key, group[start:start + max(1, MAX_BATCH_ELEMENTS // (key[1] * key[2]))])
+             for key, group in groups.items()
+             for start in range(0, len(group), max(1, MAX_BATCH_ELEMENTS // (key[1] * key[2])))]
+    rank, ranks = distributed.world() if options.distribute else (0, 1)
+    owner = distributed.assign([key[1] * key[2] * len(part) for key, part in units], ranks)
+    mine = [unit for unit, r in zip(units, owner) if r == rank]
+    bar = progress_bar(enabled=options.progress and bool(mine) and rank == 0, desc="factorizing", unit="layer",
+                       total=sum(len(part) for _, part in mine))
+    for (structure_name, _, _, _, method, *_), part in mine:
         structure = structures.get(structure_name)
-        chunk = max(1, MAX_BATCH_ELEMENTS // (m * n))
-        for start in range(0, len(group), chunk):
-            part = group[start:start + chunk]
-            modules = [model.get_submodule(k) for k in part]
-            part_stats = [stats.get(k) or LayerStats() for k in part]
-            weights = torch.stack([dense_weight(mod) if s.target is None else s.target.to(mod.weight)
-                                   for mod, s in zip(modules, part_stats)])
-            try:
-                built = structure.build(weights, [mod.bias for mod in modules], part_stats, plan.layers[part[0]],
-                                        method, options)
-            except torch.linalg.LinAlgError as err:
-                covariances = field_of(dict(zip(part, part_stats)), "covariance")
-                if covariances is None:
-                    raise
-                raise singular_covariance_error(part, covariances, options.calibration_damping) from err
-            new.update(zip(part, built))
-            bar.update(len(part))
+        modules = [model.get_submodule(k) for k in part]
+        part_stats = [stats.get(k) or LayerStats() for k in part]
+        weights = torch.stack([dense_weight(mod) if s.target is None else s.target.to(mod.weight)
+                               for mod, s in zip(modules, part_stats)])
+        try:
+            built = structure.build(weights, [mod.bias for mod in modules], part_stats, plan.layers[part[0]],
+                                    method, options)
+        except torch.linalg.LinAlgError as err:
+            covariances = field_of(dict(zip(part, part_stats)), "covariance")
+            if covariances is None:
+                raise
+            raise singular_covariance_error(part, covariances, options.calibration_damping) from err
+        new.update(zip(part, built))
+        bar.update(len(part))
     bar.close()
+    if ranks > 1:       # every rank receives the layers the others fitted (random ones: rank 0's)
+        owners = {name: 0 for name in new if options.init == "random"}
+        owners.update({name: r for (_, part), r in zip(units, owner) for name in part})
+        new = distributed.share(new, owners, lambda name: _empty_like(model, plan, name))
     return new
+
+
+def _empty_like(model: nn.Module, plan, name: str) -> nn.Module:
+    module = model.get_submodule(name)
+    lp = plan.layers[name]
+    return structures.get(lp.structure).empty(lp, bias=module.bias is not None, device=module.weight.device,
+                                               dtype=module.weight.dtype)
 
 
 def empty_layers(model: nn.Module, plan) -> dict[str, nn.Module]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 from .._version import __version__
+from .. import structures
 from ..structures.blast.nn import BlastLinear
 from ..plan import Plan
 
@@ -58,18 +59,38 @@ def check_checkpoint(plan: Plan, keys, source: str) -> None:
     layers (checked before anything is loaded, so a mismatch never ends as random weights)."""
     keys = set(keys)
     problems = []
-    for name in plan.layers:
-        absent = [f"{name}.{p}" for p in ("U", "S", "V") if f"{name}.{p}" not in keys]
+    for name, lp in plan.layers.items():
+        marks = _marks(lp.structure)
+        absent = [f"{name}.{p}" for p in marks if f"{name}.{p}" not in keys]
         if absent:
-            dense = f"; it holds a dense {name}.weight instead" if f"{name}.weight" in keys else ""
-            problems.append(f"the plan makes {name!r} a BLAST layer but the checkpoint has no {absent[0]}{dense}")
-    stray = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith((".U", ".S", ".V"))} - set(plan.layers))
-    stray = [s for s in stray if all(f"{s}.{p}" in keys for p in ("U", "S", "V"))]
-    if stray:
-        problems.append(f"the checkpoint has BLAST factors for {stray[0]!r}, a layer the plan does not list")
+            dense = f"; it holds a dense {name}.weight instead" if f"{name}.weight" in keys and "weight" not in marks \
+                else ""
+            problems.append(f"the plan makes {name!r} a{'n' if lp.structure[0] in 'aeiosx' else ''} "
+                            f"{lp.structure.upper()} layer but the checkpoint has no {absent[0]}{dense}")
+    for structure in structures.names():
+        marks = _marks(structure)
+        stray = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith(tuple(f".{p}" for p in marks))}
+                       - set(plan.layers))
+        stray = [s for s in stray if all(f"{s}.{p}" in keys for p in marks)]
+        if stray:
+            problems.append(f"the checkpoint has {structure.upper()} tensors for {stray[0]!r}, a layer the plan "
+                            "does not list")
     if problems:
         raise ValueError(f"{source}: the weights do not match the blastfx plan in config.json: "
                          + "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
+
+
+def _marks(structure: str) -> tuple[str, ...]:
+    """The tensors only a layer of ``structure`` stores (BLAST: U, S, V; SS1: weight and ss1_layout),
+    read off an empty layer on the meta device, so a new structure needs no entry here."""
+    from ..plan import LayerPlan
+
+    s = structures.get(structure)
+    probe = {"blast": LayerPlan(64, 64, 8, (1, 1))}.get(structure) or \
+        LayerPlan(64, 64, None, None, structure=structure, reduction=1)
+    names = tuple(s.empty(probe, bias=False, device="meta").state_dict())
+    own = tuple(n for n in names if n != "weight")
+    return own + (("weight",) if "weight" in names and own else ())
 
 
 def build_planned_layers(model, plan: Plan, source: str) -> None:
@@ -92,6 +113,9 @@ def finish_load(model, plan: Plan, source: str) -> None:
     from . import bind_model_card
 
     for name, m in model.named_modules():
+        structure = structures.of_module(m)
+        if structure is not None and structure.loaded is not None and name in plan.layers:
+            structure.loaded(m)                 # e.g. SS1: the seed and shift table from its tensors
         if isinstance(m, BlastLinear) and m.U.device.type != "meta":
             m.check_padding(f"{source}, layer {name!r}")
     setattr(model, PLAN_ATTR, plan)

@@ -29,7 +29,7 @@ from transformers.quantizers import auto as _auto
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..structures.blast.nn import BlastLinear
+from ..structures import module_types
 from ._record import QUANT_METHOD, PlanRecord, build_planned_layers, check_checkpoint, finish_load
 
 LEGACY_KEY = "blastfx"          # where the plan lived in config.json before the quantization config
@@ -106,7 +106,7 @@ class BlastfxHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         # transformers flags every tensor it loaded; a BLAST tensor without the flag was missing and is garbage
         if any(getattr(p, "_is_hf_initialized", False) for p in model.parameters()):
-            unloaded = [f"{name}.{k}" for name, m in model.named_modules() if isinstance(m, BlastLinear)
+            unloaded = [f"{name}.{k}" for name, m in model.named_modules() if isinstance(m, module_types())
                         for k, p in m.named_parameters() if not getattr(p, "_is_hf_initialized", False)]
             if unloaded:
                 raise ValueError(f"{_source(model)}: {len(unloaded)} BLAST tensors were not in the checkpoint (e.g. "

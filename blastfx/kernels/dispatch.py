@@ -1,6 +1,7 @@
 """Which implementation runs ``blastfx::blast_matmul`` and ``blastfx::blast_grad_mix`` on CUDA.
 
-The CUDA kernels registered here launch the fused Triton forward (:mod:`.forward`) and the Triton
+The CUDA kernels registered here (for ``blastfx::blast_matmul_quantized`` too: the GEMV kernel reading
+int8 codes at decode sizes, dequantized float paths otherwise) launch the fused Triton forward (:mod:`.forward`) and the Triton
 middle of the backward (:mod:`.backward`) for fp16, bf16 and fp32, and fall back to the plain-PyTorch
 reference otherwise, or when the kernel options in effect say "reference" (:mod:`.scope`; read at
 each call, so the choice is the caller's block or compiled graph, not the process's). CPU always uses
@@ -41,6 +42,17 @@ def _cuda_blast_matmul(x, U, S, V, bias=None, out_features=None):
     return blast_matmul_reference(x, U, S, V, bias, out_features).contiguous()
 
 
+def _cuda_blast_matmul_quantized(x, U, U_scale, S, V, V_scale, bias=None, out_features=None):
+    from ..structures.blast.quant.ops import blast_matmul_quantized_reference, check_quantized_inputs
+
+    shape = check_quantized_inputs(x, U, U_scale, S, V, V_scale, bias, out_features)
+    if forward_impl(x.dtype) == "triton":
+        from . import forward
+
+        return forward.blast_matmul_quantized_triton(x, U, U_scale, S, V, V_scale, bias, out_features, shape=shape)
+    return blast_matmul_quantized_reference(x, U, U_scale, S, V, V_scale, bias, out_features).contiguous()
+
+
 def _cuda_grad_mix(z, gw, S, kernels=None):
     from ..structures.blast.ops import grad_mix_reference
 
@@ -58,7 +70,9 @@ def register() -> bool:
     if importlib.util.find_spec("triton") is None:   # find, don't import: keeps `import blastfx` light
         return False
     from ..structures.blast.ops import _blast_matmul_op, _grad_mix_op
+    from ..structures.blast.quant.ops import _quantized_op
 
     _blast_matmul_op.register_kernel("cuda")(_cuda_blast_matmul)
+    _quantized_op.register_kernel("cuda")(_cuda_blast_matmul_quantized)
     _grad_mix_op.register_kernel("cuda")(_cuda_grad_mix)
     return True

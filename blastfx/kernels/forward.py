@@ -22,6 +22,10 @@ Which path (and tile config) is fastest depends on the shape and the token count
 measures the candidates of :func:`candidates` once per (shape, dtype, token bucket), rotating through
 clones of the weights so they stream from memory as in a model, and caches the winner. Every path is checked against ``blastfx.structures.blast.ops.blast_matmul_reference`` in tests.
 
+Quantized factors (``blastfx::blast_matmul_quantized``, :func:`blast_matmul_quantized_triton`): int8 codes
+at T <= 4 run the ``gemv`` kernels reading the codes (dequantized in registers, its configs timed
+like the float ones); every other case dequantizes once and runs the float paths above.
+
 Under ``TRITON_INTERPRET=1`` (CPU tests) operands are upcast to fp32 before ``tl.dot``: the
 interpreter's bf16 dot is wrong. fp32 inputs use IEEE dots (a GPU would otherwise use TF32).
 """
@@ -357,3 +361,43 @@ def blast_matmul_triton(x, U, S, V, bias=None, out_features=None, path: str | No
         cfg.update({k: min(cfg.get(k, 16), 16) for k in ("BQ", "BRU", "BP", "BT2", "BT", "BR", "BK")})
     y = run_path(x2, U, S, V, bias, shape, path, cfg)
     return y.reshape(*lead, shape.out_features)
+
+
+def quantized_path(T: int, U) -> str:
+    """"gemv" where the GEMV kernel reads the codes (int8, T <= 4, float atomics allowed), else
+    "dequantize"."""
+    few = T <= gemv_kernels.MAX_T and U.dtype == torch.int8
+    return "gemv" if few and not torch.are_deterministic_algorithms_enabled() else "dequantize"
+
+
+def blast_matmul_quantized_triton(x, U, U_scale, S, V, V_scale, bias=None, out_features=None, path: str | None = None,
+                                  config: dict | None = None, shape: BlastShape | None = None):
+    """The fast forward of quantized factors; same contract as
+    :func:`blastfx.structures.blast.quant.ops.blast_matmul_quantized_reference`. ``path``: "gemv" or
+    "dequantize" (default :func:`quantized_path`); ``config`` overrides GEMV config keys."""
+    from ..structures.blast.quant.ops import dequantized
+
+    shape = shape or BlastShape.from_factors(U, S, V, out_features=out_features)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    T = x2.shape[0]
+    path = path or quantized_path(T, U)
+    if path == "dequantize":
+        Ud, Vd = dequantized(U, U_scale, V, V_scale, x.dtype)
+        y = blast_matmul_triton(x2, Ud, S, Vd, bias, out_features, shape=shape)
+        return y.reshape(*lead, shape.out_features)
+    if path != "gemv":
+        raise ValueError(f"path must be 'gemv' or 'dequantize' for quantized factors, got {path!r}")
+
+    def run(cfg, factors):
+        Uk, suk, Sk, Vk, svk = factors
+        return gemv_kernels.blast_gemv(x2, Uk, Sk, Vk, bias, shape, cfg, interpret=INTERPRET, U_scale=suk, V_scale=svk)
+
+    key = ("quantized", str(U.dtype)) + tuning_key(T, shape, x.dtype, bias is not None, x.device)
+    copies = _WeightCopies((U, U_scale, S, V, V_scale), x.device)
+    _, cfg = autotune.choose(key, [("gemv", c) for c in gemv_kernels.CANDIDATES],
+                             lambda p, c, k: run(c, copies[k]), copies=copies.count)
+    cfg = {**cfg, **(config or {})}
+    if INTERPRET:
+        cfg.update({k: min(cfg.get(k, 16), 16) for k in ("BQ", "BP", "BR", "BK")})
+    return run(cfg, (U, U_scale, S, V, V_scale)).reshape(*lead, shape.out_features)

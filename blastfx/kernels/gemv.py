@@ -20,6 +20,11 @@ CUDA-graph replay finds everything ready. Float atomics make the summation
 order vary between runs, so the result is not bitwise reproducible; with
 ``torch.use_deterministic_algorithms(True)`` the slot kernel of :mod:`.decode` is used instead.
 
+Quantized factors (``QUANT``, :mod:`blastfx.structures.blast.quant`): U and V are loaded as int8
+codes (one byte per entry, half of bf16's) and widened to fp32 in registers; V's
+per-(j, rank) scale multiplies z after its reduction over q, where ``s_ij`` multiplies anyway, and
+U's per-row scale multiplies each output after its reduction over r. No dequantized copy is made.
+
 Launch modes (``cfg["mode"]``): ``persistent`` runs both stages in one grid no larger than what is
 co-resident, with a grid barrier between them; ``two`` is two plain launches. Under
 ``TRITON_INTERPRET=1`` programs run one after another, so both modes run as two launches there.
@@ -69,9 +74,11 @@ def _clear_other_half(ws_ptr, sync_ptr, gen, pid, GRID, HALF, extent, ZB: tl.con
 
 @triton.jit
 def _xv_mix_item(item, x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, B_OUT, Q_CHUNK, R_TILES,
-                 sxt, sxn, ssi, ssj, ssr, svj, svq, svr, BT: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr):
+                 sxt, sxn, ssi, ssj, ssr, svj, svq, svr, BT: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
+                 vs_ptr, svsj, svsr, QUANT: tl.constexpr):
     """One stage-1 work item (j, r-tile, q-chunk): stream V[j, chunk, tile] against x_j and add
-    ``s_ij * z_j`` into w_i (B_OUT, BT, R) for every block-row i."""
+    ``s_ij * z_j`` into w_i (B_OUT, BT, R) for every block-row i. QUANT: V holds codes, z is scaled
+    by ``V_scale[j, tile]``."""
     offs_t = tl.arange(0, BT)
     tmask = offs_t < T
     rt = item % R_TILES                 # neighbouring programs read neighbouring r-tiles of a row
@@ -92,6 +99,8 @@ def _xv_mix_item(item, x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, B_OUT, Q_CH
                      mask=tmask[:, None] & cmask[None, :], other=0.0)
         acc += xt.to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :]
     z = tl.sum(acc, axis=1)                                             # (BT, BR)
+    if QUANT:
+        z *= tl.load(vs_ptr + j * svsj + offs_r * svsr, mask=rmask, other=0.0).to(tl.float32)[None, :]
     for i in range(B_OUT):
         s = tl.load(s_ptr + i * ssi + j * ssj + offs_r * ssr, mask=rmask, other=0.0)
         tl.atomic_add(w_ptr + i * BT * R + offs_t[:, None] * R + offs_r[None, :],
@@ -100,8 +109,9 @@ def _xv_mix_item(item, x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, B_OUT, Q_CH
 
 @triton.jit
 def _wu_item(item, u_ptr, b_ptr, y_ptr, w_ptr, T, M, P, R, P_TILES, sui, sup, sur, syt, sym, has_bias,
-             BT: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr):
-    """One stage-2 work item (i, p-tile): stream U[i, tile, :] against w_i; bias, cast, store."""
+             BT: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, us_ptr, susi, susp, QUANT: tl.constexpr):
+    """One stage-2 work item (i, p-tile): stream U[i, tile, :] against w_i; bias, cast, store.
+    QUANT: U holds codes, each output row is scaled by ``U_scale[i, row]``."""
     offs_t = tl.arange(0, BT)
     tmask = offs_t < T
     i = item // P_TILES
@@ -117,6 +127,8 @@ def _wu_item(item, u_ptr, b_ptr, y_ptr, w_ptr, T, M, P, R, P_TILES, sui, sup, su
                      mask=tmask[:, None] & kmask[None, :], other=0.0, cache_modifier=".cg")
         acc += wv[:, None, :] * u.to(tl.float32)[None, :, :]
     out = tl.sum(acc, axis=2)                                           # (BT, BP)
+    if QUANT:
+        out *= tl.load(us_ptr + i * susi + offs_p * susp, mask=pmask, other=0.0).to(tl.float32)[None, :]
     rows = i * P + offs_p
     omask = pmask & (rows < M)
     if has_bias:
@@ -139,9 +151,10 @@ def _advance_generation(sync_ptr, GRID):
 def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_ptr,
                         T, N, M, P, Q, R, B_IN, Q_SPLIT, Q_CHUNK, R_TILES, P_TILES, GRID, HALF,
                         sxt, sxn, sui, sup, sur, ssi, ssj, ssr, svj, svq, svr, syt, sym,
+                        us_ptr, vs_ptr, susi, susp, svsj, svsr,
                         HAS_BIAS: tl.constexpr, BT: tl.constexpr, B_OUT: tl.constexpr,
                         BQ: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr,
-                        ZB: tl.constexpr, STAGE: tl.constexpr):
+                        ZB: tl.constexpr, STAGE: tl.constexpr, QUANT: tl.constexpr):
     """STAGE 1: x·V and the s-mix into w; STAGE 2: w·Uᵀ; STAGE 3: both, grid barrier between.
     w is (B_OUT, BT, R) fp32 in the workspace half picked by the generation counter's parity."""
     pid = tl.program_id(0)
@@ -151,13 +164,13 @@ def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_p
         _clear_other_half(ws_ptr, sync_ptr, gen, pid, GRID, HALF, B_OUT * BT * R, ZB)
         for item in range(pid, B_IN * R_TILES * Q_SPLIT, GRID):
             _xv_mix_item(item, x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, B_OUT, Q_CHUNK, R_TILES,
-                         sxt, sxn, ssi, ssj, ssr, svj, svq, svr, BT, BQ, BR)
+                         sxt, sxn, ssi, ssj, ssr, svj, svq, svr, BT, BQ, BR, vs_ptr, svsj, svsr, QUANT)
     if STAGE == 3:
         _grid_barrier(sync_ptr, GRID)
     if STAGE != 1:
         for item in range(pid, B_OUT * P_TILES, GRID):
             _wu_item(item, u_ptr, b_ptr, y_ptr, w_ptr, T, M, P, R, P_TILES, sui, sup, sur, syt, sym, HAS_BIAS,
-                     BT, BP, BK)
+                     BT, BP, BK, us_ptr, susi, susp, QUANT)
     if STAGE == 2:
         _advance_generation(sync_ptr, GRID)
 
@@ -201,7 +214,7 @@ def _gemv_group_kernel(x_ptr, y_ptr, table_ptr, ws_ptr, sync_ptr, T, N, YS, G, I
             _xv_mix_item(item - tl.load(row + 14).to(tl.int32), x_ptr, v_ptr, s_ptr,
                          w_base + tl.load(row + 16), T, N, Q, R, B_IN, tl.load(row + 10).to(tl.int32),
                          tl.load(row + 11).to(tl.int32), tl.load(row + 12).to(tl.int32),
-                         sxt, 1, B_IN * R, R, 1, Q * R, R, 1, BT, BQ, BR)
+                         sxt, 1, B_IN * R, R, 1, Q * R, R, 1, BT, BQ, BR, x_ptr, 0, 0, False)
     if STAGE == 3:
         _grid_barrier(sync_ptr, GRID)
     if STAGE != 1:
@@ -213,7 +226,7 @@ def _gemv_group_kernel(x_ptr, y_ptr, table_ptr, ws_ptr, sync_ptr, T, N, YS, G, I
             _wu_item(item - tl.load(row + 15).to(tl.int32), tl.load(row + 0).to(ptr_ty, bitcast=True),
                      b_addr.to(ptr_ty, bitcast=True), y_ptr + tl.load(row + 4), w_base + tl.load(row + 16),
                      T, tl.load(row + 5).to(tl.int32), P, R, tl.load(row + 13).to(tl.int32),
-                     P * R, R, 1, YS, 1, b_addr != 0, BT, BP, BK)
+                     P * R, R, 1, YS, 1, b_addr != 0, BT, BP, BK, x_ptr, 0, 0, False)
     if STAGE == 2:
         _advance_generation(sync_ptr, GRID)
 
@@ -260,9 +273,15 @@ CANDIDATES = (DEFAULT, {**DEFAULT, "BQ": 64, "BR": 128, "BP": 32, "BK": 256, "pe
 
 
 def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *, interpret: bool = False,
-               only_stage: int | None = None):
+               only_stage: int | None = None, U_scale=None, V_scale=None):
     """y (T, out_features) for T <= MAX_T. ``only_stage`` (1 or 2, mode "two"): launch just that
-    stage, to see where the time goes; the output is then not the product."""
+    stage, to see where the time goes; the output is then not the product. ``U_scale`` (b_out, p)
+    and ``V_scale`` (b_in, r), both or neither: U and V are int8 codes with these scales."""
+    quant = U_scale is not None
+    if quant != (V_scale is not None):
+        raise ValueError("blast_gemv takes U_scale and V_scale together (quantized factors) or neither")
+    if quant and (U.dtype != torch.int8 or V.dtype != torch.int8):
+        raise ValueError(f"the GEMV kernel reads quantized factors as int8 codes, got U.dtype={U.dtype}, V.dtype={V.dtype}")
     cfg = {**DEFAULT, **(cfg or {})}
     T, n = x2.shape
     if T > MAX_T:
@@ -282,14 +301,16 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
     sync, ws = workspace(x2.device, half)
     y = torch.empty(T, shape.out_features, device=x2.device, dtype=x2.dtype)
     const = dict(HAS_BIAS=bias is not None, BT=BT, B_OUT=shape.b_out, BQ=cfg["BQ"], BR=cfg["BR"], BP=cfg["BP"],
-                 BK=cfg["BK"], ZB=1024)
+                 BK=cfg["BK"], ZB=1024, QUANT=quant)
+    us, vs = (U_scale, V_scale) if quant else (y, y)           # not read without QUANT
     launch = {} if interpret else {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
 
     def args(g):
         return (x2, U, S, V, bias if bias is not None else y, y, ws, sync, T, n, shape.out_features,
                 shape.p, shape.q, shape.rank, shape.b_in, plan["Q_SPLIT"], plan["Q_CHUNK"], plan["R_TILES"],
                 plan["P_TILES"], g, ws.numel() // 2, x2.stride(0), x2.stride(1), *U.stride(), *S.stride(),
-                *V.stride(), y.stride(0), y.stride(1))
+                *V.stride(), y.stride(0), y.stride(1), us, vs, *(us.stride() if quant else (0, 0)),
+                *(vs.stride() if quant else (0, 0)))
 
     if mode == "two":
         g1 = shape.b_in * plan["R_TILES"] * plan["Q_SPLIT"]
@@ -301,7 +322,7 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
                 launch = {**launch, "num_warps": cfg.get("warps2", cfg["warps"])}
             _gemv_decode_kernel[(g2,)](*args(g2), STAGE=2, **const, **launch)
         return y
-    key = (_index(x2.device), shape, BT, x2.dtype, tuple(sorted(cfg.items())), bias is not None)
+    key = (_index(x2.device), shape, BT, x2.dtype, tuple(sorted(cfg.items())), bias is not None, quant)
     if key not in _CHECKED:     # compile without running; a grid that is not co-resident never launches
         compiled = _gemv_decode_kernel.warmup(*args(grid), STAGE=3, **const, **launch, grid=(grid,))
         resident = resident_programs(compiled, x2.device)

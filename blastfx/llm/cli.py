@@ -180,10 +180,7 @@ def calibration_batches(args, tok):
 
 
 def cmd_compress(args) -> int:
-    import shutil
-
-    from ..api import WeightOnlyWarning, compress
-    from ..swap import attach_plan
+    from ..build import distributed
 
     out = Path(args.out)
     resolve_recipe(args)
@@ -195,13 +192,30 @@ def cmd_compress(args) -> int:
     if not args.calibrate:
         print(WEIGHT_ONLY_WARNING, file=sys.stderr)
 
-    model, tok = _load(args.model)
+    with distributed.launched_group():      # under torchrun: the ranks share the fitting
+        return _compress_and_save(args, out, config, tok_model=_load(args.model))
+
+
+def _compress_and_save(args, out, config, tok_model) -> int:
+    import shutil
+
+    import torch
+
+    from ..api import WeightOnlyWarning, compress
+    from ..build import distributed
+    from ..swap import attach_plan
+
+    model, tok = tok_model
+    rank, _ = distributed.world()
     before = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
     calibration, provenance = calibration_batches(args, tok) if args.calibrate else (None, "weight-only (no calibration)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", WeightOnlyWarning)      # said above, in the CLI's terms
         compress(model, args.budget, config=config, calibration=calibration)
+    if rank != 0:       # every rank holds the same model; the first one saves it
+        torch.distributed.barrier()
+        return 0
     plan = model.blastfx_plan
     plan.notes.append(provenance)
     attach_plan(model, plan)
@@ -218,6 +232,9 @@ def cmd_compress(args) -> int:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if distributed.world()[1] > 1:
+            torch.distributed.barrier()
     print(f"saved to {out}")
     return 0
 

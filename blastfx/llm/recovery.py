@@ -21,20 +21,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import structures
 from ..structures.blast.nn import BlastLinear
 
 
 def trainable_parameters(model: nn.Module, train_norms: bool = True) -> list[nn.Parameter]:
-    """BLAST factors (and biases), plus norm weights if asked; freezes the rest."""
+    """BLAST factors (and biases), plus norm weights if asked; freezes the rest. Quantized factors
+    are refused: their codes cannot take optimizer steps."""
+    quantized = [name for name, m in model.named_modules() if isinstance(m, BlastLinear) and m.quantized]
+    if quantized:
+        raise ValueError(f"{len(quantized)} BLAST layers (e.g. {quantized[0]!r}) store quantized "
+                         f"({model.get_submodule(quantized[0]).factor_dtype}) factors, which cannot be trained: compress "
+                         "without factor_dtype, finetune, then quantize "
+                         "(blastfx.structures.blast.quant.quantize_model(model, 'int8'))")
     chosen = []
     for module in model.modules():
-        take = isinstance(module, BlastLinear) or (train_norms and "norm" in type(module).__name__.lower())
+        take = isinstance(module, structures.module_types()) or (train_norms and "norm" in type(module).__name__.lower())
         for p in module.parameters(recurse=False):
             p.requires_grad_(take)
             if take:
                 chosen.append(p)
     if not chosen:
-        raise ValueError("the model has no BlastLinear layers to train: compress it first")
+        raise ValueError("the model has no BlastLinear or SS1Linear layers to train: compress it first")
     return chosen
 
 

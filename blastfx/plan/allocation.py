@@ -142,9 +142,12 @@ def _allocate_by_error(plan: Plan, adjustable: list[str], target: int, multiple:
     return dense
 
 
-def make_plan(analysis, budget: float, config: BlastConfig | None = None, spectra=None, block_errors=None) -> Plan:
+def make_plan(analysis, budget: float, config: BlastConfig | None = None, spectra=None, block_errors=None,
+              ss1_errors=None) -> Plan:
     """Per-layer ranks and block counts so that the compressible layers keep ``budget`` of their
     parameters (within 1%). ``spectra``: {fqn: singular values}, needed by strategy="error".
+    ``config.structure`` "ss1" or "auto": each layer's structure and size by :mod:`.choice`, with
+    ``ss1_errors`` ({fqn: ({reduction: error}, energy)}) for measured strategies and "auto".
     ``block_errors``: {fqn: {(b_out, b_in): measured error}}; a layer without a blocks override takes
     the block count of least error (``config.block_choices``, measured by ``blastfx.statistics.sensitivity``)."""
     config = config or BlastConfig()
@@ -168,12 +171,16 @@ def make_plan(analysis, budget: float, config: BlastConfig | None = None, spectr
             raise ValueError(f"overrides: blocks={want} do not divide {s.fqn} ({s.out_features}x{s.in_features})")
         rank = o.rank if o.rank is not None else _rank_for(s.out_features, s.in_features, blocks, budget,
                                                            config.rank_multiple)
-        lp = LayerPlan(s.out_features, s.in_features, rank, blocks, s.kind, s.bias, o.method)
+        lp = LayerPlan(s.out_features, s.in_features, rank, blocks, s.kind, s.bias, o.method,
+                       factor_dtype=config.factor_dtype_for(s.fqn))
         BlastShape.make(s.out_features, s.in_features, rank, blocks)   # raises if it cannot be represented
         plan.layers[s.fqn] = lp
         (fixed if o.rank is not None else adjustable).append(s.fqn)
     target = round(budget * plan.dense_total)
-    if adjustable and config.strategy in ("error", "loss"):
+    if adjustable and config.structure != "blast":
+        from .choice import choose_structures
+        adjustable = choose_structures(plan, adjustable, target, config, spectra, ss1_errors)
+    elif adjustable and config.strategy in ("error", "loss"):
         if spectra is None:
             raise ValueError(f"strategy={config.strategy!r} needs the layers' singular values (spectra=)")
         dense = _allocate_by_error(plan, adjustable, target, config.rank_multiple, spectra,

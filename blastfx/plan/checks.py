@@ -32,9 +32,10 @@ def check_plan_fits(model: nn.Module, plan) -> None:
 
 def needs(config) -> frozenset:
     """The calibration statistics the planner reads under ``config`` (a resolved BlastConfig): input
-    covariances for measured strategies and block probes, output Fisher for the loss strategy."""
+    covariances for measured strategies, block probes and ``structure="auto"``, output Fisher for the
+    loss strategy."""
     wanted = set()
-    if config.strategy != "uniform" or config.block_choices:
+    if config.strategy != "uniform" or config.block_choices or config.structure == "auto":
         wanted.add("covariance")
     if config.strategy == "loss":
         wanted.add("output_fisher")

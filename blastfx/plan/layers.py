@@ -18,22 +18,29 @@ DEFAULT_STRUCTURE = "blast"      # what the planner makes, and what a layer plan
 
 @dataclass
 class LayerPlan:
+    """One planned layer. Each structure reads its own size knob: BLAST ``rank`` and ``blocks``, SS1
+    ``reduction`` (a power of two); the other structure's fields are None."""
     out_features: int
     in_features: int
-    rank: int
-    blocks: tuple[int, int]
+    rank: int | None
+    blocks: tuple[int, int] | None
     kind: str = "linear"              # "linear" | "conv1d"
     bias: bool = False
     method: str | None = None         # None: the config's
     structure: str = DEFAULT_STRUCTURE  # a name in blastfx.structures
+    reduction: int | None = None      # SS1: how many input tiles share one weight tile
+    factor_dtype: str | None = None   # BLAST: factors stored quantized ("int8", ...); None: the model's dtype
 
     def __post_init__(self):
-        self.blocks = normalize_blocks(self.blocks)
+        if self.blocks is not None:
+            self.blocks = normalize_blocks(self.blocks)
 
     @property
     def shape(self) -> BlastShape:
-        """The BLAST geometry of the layer; ``ValueError`` if it cannot be represented or the rank is
-        beyond :func:`~blastfx.structures.blast.layout.full_rank`."""
+        """The BLAST geometry of the layer; ``ValueError`` if it cannot be represented, the rank is
+        beyond :func:`~blastfx.structures.blast.layout.full_rank`, or the layer is not BLAST."""
+        if self.structure != DEFAULT_STRUCTURE:
+            raise ValueError(f"a {self.structure!r} layer has no BLAST shape")
         return planned_shape(self.out_features, self.in_features, self.rank, self.blocks)
 
     @property
@@ -54,6 +61,19 @@ class LayerPlan:
             raise ValueError(f"{where}: unknown field {unknown[0]!r} (fields: {sorted(names)})")
         if missing:
             raise ValueError(f"{where}: field {missing[0]!r} is missing")
+        if d.get("factor_dtype") is not None:
+            from ..structures.blast.quant import formats
+            try:
+                formats.check_name(d["factor_dtype"])
+            except ValueError as err:
+                raise ValueError(f"{where}.factor_dtype: {err}") from None
+            if d.get("structure", DEFAULT_STRUCTURE) != DEFAULT_STRUCTURE:
+                raise ValueError(f"{where}.factor_dtype: quantized factors are a BLAST format; must be null for a "
+                                 f"{d['structure']!r} layer, got {d['factor_dtype']!r}")
+        if d.get("structure", DEFAULT_STRUCTURE) != DEFAULT_STRUCTURE:
+            return _other_structure(cls, d, where)
+        if d.get("reduction") is not None:
+            raise ValueError(f"{where}.reduction: must be null for a BLAST layer, got {d['reduction']!r}")
         for key in ("out_features", "in_features", "rank"):
             value = d[key]
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -87,6 +107,46 @@ class LayerPlan:
         return self.out_features * self.in_features
 
 
+def _other_structure(cls, d: dict, where: str) -> LayerPlan:
+    """A layer plan of a structure other than BLAST: its BLAST fields null, its own knob bounded by
+    the structure's cost model (SS1: ``reduction`` a power of two the layer's input tiles allow)."""
+    try:
+        structure = structures.get(d["structure"])
+    except ValueError as err:
+        raise ValueError(f"{where}.structure: {err}") from None
+    for key in ("out_features", "in_features"):
+        value = d[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{where}.{key}: must be a positive integer, got {value!r}")
+    if structure.plan_fields is not None:
+        for key in ("rank", "blocks", "reduction"):
+            if key not in structure.plan_fields and d.get(key) is not None:
+                raise ValueError(f"{where}.{key}: must be null for a {structure.name!r} layer, got {d[key]!r}")
+    if d.get("kind", "linear") not in KINDS:
+        raise ValueError(f"{where}.kind: must be one of {KINDS}, got {d.get('kind')!r}")
+    if not isinstance(d.get("bias", False), bool):
+        raise ValueError(f"{where}.bias: must be true or false, got {d.get('bias')!r}")
+    if d.get("method") is not None and d.get("method") not in structure.methods:
+        raise ValueError(f"{where}.method: must be null or one of {tuple(structure.methods)}, got {d.get('method')!r}")
+    for key in ("rank", "reduction"):
+        value = d.get(key)
+        required = structure.plan_fields is not None and key in structure.plan_fields
+        if (value is not None or required) and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ValueError(f"{where}.{key}: must be a positive integer, got {value!r}")
+    if d.get("blocks") is not None and not isinstance(d["blocks"], (list, tuple)):
+        raise ValueError(f"{where}.blocks: must be a pair [b_out, b_in], got {d['blocks']!r}")
+    try:
+        lp = cls(**{**d, "blocks": None if d.get("blocks") is None else tuple(d["blocks"])})
+    except ValueError as err:
+        raise ValueError(f"{where}.blocks: {err}") from None
+    knob = structure.plan_fields[0] if structure.plan_fields else "structure"
+    try:
+        lp.params  # noqa: B018 -- bounds the size knob
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{where}.{knob}: {err}") from None
+    return lp
+
+
 @dataclass
 class Plan:
     layers: dict[str, LayerPlan]
@@ -111,13 +171,16 @@ class Plan:
     def summary(self) -> str:
         by_shape: dict[tuple, list[str]] = {}
         for name, lp in self.layers.items():
-            by_shape.setdefault((lp.out_features, lp.in_features, lp.blocks, lp.rank), []).append(name)
-        lines = [f"BLAST plan ({self.strategy}): {len(self.layers)} layers, budget {self.budget:.4f}, "
-                 f"kept {self.kept_params}/{self.dense_total} = {self.kept_fraction:.4f}"
+            by_shape.setdefault((lp.out_features, lp.in_features, lp.structure, lp.blocks, lp.rank, lp.reduction),
+                                []).append(name)
+        kinds = sorted({lp.structure for lp in self.layers.values()}) or [DEFAULT_STRUCTURE]
+        lines = [f"{'/'.join(k.upper() for k in kinds)} plan ({self.strategy}): {len(self.layers)} layers, "
+                 f"budget {self.budget:.4f}, kept {self.kept_params}/{self.dense_total} = {self.kept_fraction:.4f}"
                  + (f", objective {self.objective}" if self.objective else "")]
-        for (m, n, b, r), names in sorted(by_shape.items(), key=lambda kv: -len(kv[1])):
-            frac = BlastShape.make(m, n, r, b, allow_larger=True).num_params / (m * n)
-            lines.append(f"  {len(names):4d} x {m}x{n}  blocks={b}  rank={r}  ({frac:.1%} of dense)  e.g. {names[0]}")
+        for (m, n, s, b, r, red), names in sorted(by_shape.items(), key=lambda kv: -len(kv[1])):
+            frac = self.layers[names[0]].params / (m * n)
+            size = f"blocks={b}  rank={r}" if s == DEFAULT_STRUCTURE else f"{s}  reduction={red}"
+            lines.append(f"  {len(names):4d} x {m}x{n}  {size}  ({frac:.1%} of dense)  e.g. {names[0]}")
         if self.dense:
             lines.append(f"  {len(self.dense):4d} kept dense by the allocation, e.g. {self.dense[0]}")
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])

@@ -61,6 +61,13 @@ class Structure:
     * ``empty(layer_plan, bias, device, dtype)``: an uninitialized module of the planned size, for a
       checkpoint to be loaded into; ``random(...)``: the same, randomly initialized (training from scratch).
     * ``methods``: name -> :class:`Method`; ``default_method`` one of them.
+    * ``size_of(module)``: the :class:`~blastfx.plan.LayerPlan` size fields of a built module (what a
+      save records of a layer it finds in a model).
+    * ``plan_fields``: the :class:`~blastfx.plan.LayerPlan` size fields its knob reads (BLAST: rank and
+      blocks; SS1: reduction); a plan giving it another structure's size field is refused. None: any.
+    * ``loaded(module)``: called once a loader put a checkpoint's tensors into an ``empty`` module;
+      a loader may set tensors without ``load_state_dict`` (transformers does), so whatever a module
+      derives from its tensors is derived again here.
     """
     name: str
     module_type: type
@@ -71,6 +78,9 @@ class Structure:
     random: Callable
     methods: Mapping[str, Method]
     default_method: str
+    size_of: Callable | None = None
+    loaded: Callable | None = None
+    plan_fields: tuple | None = None
 
     def __post_init__(self):
         if self.default_method not in self.methods:
@@ -119,6 +129,14 @@ def names() -> tuple[str, ...]:
 def method_names() -> tuple[str, ...]:
     """Every method name of every registered structure (what a config may ask for)."""
     return tuple(dict.fromkeys(m for s in _REGISTRY.values() for m in s.methods))
+
+
+def of_module(module) -> Structure | None:
+    """The registered structure whose layers ``module`` is one of (None for any other module)."""
+    for structure in _REGISTRY.values():
+        if isinstance(module, structure.module_type):
+            return structure
+    return None
 
 
 def module_types() -> tuple[type, ...]:

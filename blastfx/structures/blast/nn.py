@@ -18,6 +18,11 @@ LoRA inits) thus fail at the access with that message, while the many that probe
 ``hasattr(module, "weight")`` see an ordinary module without one. Building the dense matrix on
 access would silently undo the compression (a fused QKV layer would come back dense) and cost a
 full (out, in) matrix on every read; :meth:`to_dense` does that when it is really wanted.
+
+Quantized factors (``factor_dtype="int8"``, see :mod:`blastfx.structures.blast.quant`): U and V are
+then buffers of codes with float32 buffers ``U_scale`` (b_out, p) and ``V_scale`` (b_in, r), and S and
+the bias stay parameters in the activation dtype. Codes are not trainable (an optimizer cannot step
+an int8 tensor), so the layer refuses to grow or shrink its rank; ``to_dense`` dequantizes.
 """
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ from torch import nn
 
 from .layout import BlastShape
 from .ops import blast_matmul, blast_to_dense
+from .quant import formats as qformats
+from .quant.ops import blast_matmul_quantized
 
 
 def check_padding(shape: BlastShape, U: torch.Tensor, V: torch.Tensor, where: str = "BLAST factors") -> None:
@@ -37,6 +44,8 @@ def check_padding(shape: BlastShape, U: torch.Tensor, V: torch.Tensor, where: st
                                                 ("V", V, shape.in_features, "in_features", shape.n_pad)):
         if padded == dim:
             continue
+        if factor.dtype.is_floating_point and factor.dtype.itemsize == 1:     # float8 codes: count as floats
+            factor = factor.float()
         bad = int(factor.detach().reshape(padded, shape.rank)[dim:].count_nonzero())
         if bad:
             raise ValueError(f"{where}: {bad} nonzero (or NaN/Inf) entries in the padding of {name}: rows {dim}.."
@@ -45,14 +54,21 @@ def check_padding(shape: BlastShape, U: torch.Tensor, V: torch.Tensor, where: st
 
 
 class BlastLinear(nn.Module):
+    factor_dtype: str | None = None        # set per layer when U and V are stored quantized
+
     def __init__(self, in_features: int, out_features: int, rank: int, blocks=(1, 1), bias: bool = True,
-                 device=None, dtype=None, *, allow_larger: bool = False):
+                 device=None, dtype=None, *, allow_larger: bool = False, factor_dtype: str | None = None):
         super().__init__()
         self.shape = BlastShape.make(out_features, in_features, rank, blocks, allow_larger=allow_larger)
+        self.factor_dtype = qformats.check_name(factor_dtype)
         kw = {"device": device, "dtype": dtype}
-        self.U = nn.Parameter(torch.empty(self.shape.factor_shapes["U"], **kw))
-        self.S = nn.Parameter(torch.empty(self.shape.factor_shapes["S"], **kw))
-        self.V = nn.Parameter(torch.empty(self.shape.factor_shapes["V"], **kw))
+        if self.quantized:
+            self._empty_codes(qformats.get(factor_dtype), device)
+            self.S = nn.Parameter(torch.empty(self.shape.factor_shapes["S"], **kw))
+        else:       # U, S, V in this order: optimizer states saved by parameter index depend on it
+            self.U = nn.Parameter(torch.empty(self.shape.factor_shapes["U"], **kw))
+            self.S = nn.Parameter(torch.empty(self.shape.factor_shapes["S"], **kw))
+            self.V = nn.Parameter(torch.empty(self.shape.factor_shapes["V"], **kw))
         self.register_parameter("bias", nn.Parameter(torch.empty(out_features, **kw)) if bias else None)
         self.reset_parameters()
 
@@ -60,6 +76,18 @@ class BlastLinear(nn.Module):
     out_features = property(lambda self: self.shape.out_features)
     rank = property(lambda self: self.shape.rank)
     blocks = property(lambda self: self.shape.blocks)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether U and V are stored as quantized codes (``factor_dtype`` names the format)."""
+        return self.factor_dtype is not None
+
+    def _empty_codes(self, fmt, device) -> None:
+        s = self.shape
+        self.register_buffer("U", torch.zeros(s.factor_shapes["U"], dtype=fmt.storage, device=device))
+        self.register_buffer("U_scale", torch.ones(s.b_out, s.p, dtype=qformats.SCALE_DTYPE, device=device))
+        self.register_buffer("V", torch.zeros(s.factor_shapes["V"], dtype=fmt.storage, device=device))
+        self.register_buffer("V_scale", torch.ones(s.b_in, s.rank, dtype=qformats.SCALE_DTYPE, device=device))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -71,10 +99,20 @@ class BlastLinear(nn.Module):
         """
         n, r = self.in_features, self.rank
         bound = math.sqrt(3.0) * (3.0 * n * r) ** -0.25          # uniform(-a, a) has variance a^2 / 3
-        for factor in (self.U, self.V):
-            factor.uniform_(-bound, bound)
+        if self.quantized:                                       # the same draw, rounded into the codes
+            s, fmt = self.shape, qformats.get(self.factor_dtype)
+            U = torch.empty(s.factor_shapes["U"], device=self.S.device).uniform_(-bound, bound)
+            V = torch.empty(s.factor_shapes["V"], device=self.S.device).uniform_(-bound, bound)
+            U.view(s.m_pad, r)[s.out_features:] = 0
+            V.view(s.n_pad, r)[s.in_features:] = 0
+            (Uc, su), (Vc, sv) = qformats.quantize_u(U, fmt), qformats.quantize_v(V, fmt)
+            for name, t in (("U", Uc), ("U_scale", su), ("V", Vc), ("V_scale", sv)):
+                getattr(self, name).copy_(t)
+        else:
+            for factor in (self.U, self.V):
+                factor.uniform_(-bound, bound)
+            self._zero_padding()
         self.S.fill_(1.0)
-        self._zero_padding()
         if self.bias is not None:
             self.bias.uniform_(-1 / math.sqrt(n), 1 / math.sqrt(n))
 
@@ -89,10 +127,15 @@ class BlastLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         U, S, V, bias = self.U, self.S, self.V, self.bias
-        if torch.is_autocast_enabled(x.device.type):   # behave like nn.Linear under autocast
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if autocast:                                   # behave like nn.Linear under autocast
             dt = torch.get_autocast_dtype(x.device.type)
-            x, U, S, V = x.to(dt), U.to(dt), S.to(dt), V.to(dt)
+            x, S = x.to(dt), S.to(dt)
             bias = bias.to(dt) if bias is not None else None
+        if self.quantized:                             # codes and scales stay as stored
+            return blast_matmul_quantized(x, U, self.U_scale, S, V, self.V_scale, bias, self.out_features)
+        if autocast:
+            U, V = U.to(dt), V.to(dt)
         return blast_matmul(x, U, S, V, bias, self.out_features)
 
     def __getattr__(self, name: str):
@@ -113,6 +156,7 @@ class BlastLinear(nn.Module):
         BLAST matrices with the same blocks add by concatenating their factors along the rank
         (U_i' = [U_i, B_i], V_j' = [V_j, A_j^T], s_ij' = [s_ij, 1]). The factors become new parameters
         (an optimizer holding the old ones must be rebuilt). :meth:`remove_rank_` undoes it."""
+        self._refuse_if_quantized("add_low_rank_")
         s = self.shape
         if B.dim() != 2 or A.dim() != 2 or B.shape[0] != s.out_features or A.shape[1] != s.in_features \
                 or B.shape[1] != A.shape[0]:
@@ -136,21 +180,39 @@ class BlastLinear(nn.Module):
     def remove_rank_(self, k: int) -> None:
         """Drop the last ``k`` rank components: exactly undoes an :meth:`add_low_rank_` of rank ``k``
         that was the last one."""
+        self._refuse_if_quantized("remove_rank_")
         if isinstance(k, bool) or not isinstance(k, int) or not 0 < k < self.rank:
             raise ValueError(f"k must be an integer in [1, {self.rank - 1}] (the rank is {self.rank}), got {k!r}")
         r = self.rank - k
         self._set_factors(self.U[..., :r].clone(), self.S[..., :r].clone(), self.V[..., :r].clone())
 
+    def _refuse_if_quantized(self, what: str) -> None:
+        if self.quantized:
+            raise ValueError(f"{what}: this BLAST layer stores {self.factor_dtype} factors, which cannot change rank "
+                             "exactly; merge or edit the float layer first and quantize after "
+                             "(blastfx.structures.blast.quant.quantize_model)")
+
     def _set_factors(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
+        self._refuse_if_quantized("changing the factors")
         shape = BlastShape.from_factors(U, S, V, self.out_features, self.in_features)
         check_padding(shape, U, V, "BlastLinear factors")
         grad = self.U.requires_grad
         self.shape = shape
         self.U, self.S, self.V = (nn.Parameter(t, requires_grad=grad) for t in (U, S, V))
 
+    def float_factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U, S, V) as floating-point tensors in ``dtype`` (default S's): dequantized where stored as
+        codes, the parameters themselves otherwise (when no cast is needed)."""
+        dtype = dtype or self.S.dtype
+        if self.quantized:
+            U = qformats.dequantize_u(self.U, self.U_scale, dtype)
+            V = qformats.dequantize_v(self.V, self.V_scale, dtype)
+            return U, self.S.to(dtype), V
+        return self.U.to(dtype), self.S.to(dtype), self.V.to(dtype)
+
     def to_dense(self) -> torch.Tensor:
         """The (out_features, in_features) weight this layer applies."""
-        return blast_to_dense(self.U, self.S, self.V, self.out_features, self.in_features)
+        return blast_to_dense(*self.float_factors(), self.out_features, self.in_features)
 
     def num_parameters(self, include_bias: bool = True) -> int:
         """Parameters really stored (padding included), plus the bias if asked."""
@@ -172,6 +234,25 @@ class BlastLinear(nn.Module):
         return layer
 
     @classmethod
+    def from_quantized(cls, factors, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> "BlastLinear":
+        """Wrap :class:`blastfx.structures.blast.quant.QuantizedFactors`: the codes and scales as
+        buffers, S (and the bias) as parameters in ``dtype`` (default S's). The padding must be zero."""
+        s = factors.shape
+        check_padding(s, factors.U, factors.V, "BlastLinear.from_quantized")
+        dtype = dtype or factors.S.dtype
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.shape = s
+        layer.factor_dtype = factors.format.name
+        layer.register_buffer("U", factors.U.detach().clone())
+        layer.register_buffer("U_scale", factors.U_scale.detach().to(qformats.SCALE_DTYPE).clone())
+        layer.register_buffer("V", factors.V.detach().clone())
+        layer.register_buffer("V_scale", factors.V_scale.detach().to(qformats.SCALE_DTYPE).clone())
+        layer.S = nn.Parameter(factors.S.detach().to(dtype).clone())
+        layer.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype).clone())
+        return layer
+
+    @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int, blocks=(1, 1), **factorize_kwargs) -> "BlastLinear":
         """Factorize a trained ``nn.Linear``'s weight (see :func:`blastfx.factorize`)."""
         from .factorize import factorize
@@ -185,4 +266,5 @@ class BlastLinear(nn.Module):
         pad = f", padded to {s.m_pad}x{s.n_pad}" if s.padded else ""
         return (f"in_features={s.in_features}, out_features={s.out_features}, rank={s.rank}, "
                 f"blocks=({s.b_out}, {s.b_in}), bias={self.bias is not None}, "
+                + (f"factor_dtype={self.factor_dtype}, " if self.quantized else "") +
                 f"params={s.num_params} ({s.num_params / s.dense_params:.1%} of dense){pad}")

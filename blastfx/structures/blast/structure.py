@@ -10,6 +10,7 @@ from .factorize import factorize
 from .factorize.methods import METHODS
 from .layout import planned_shape
 from .nn import BlastLinear
+from .quant import quantize_fitted
 
 
 def knob(lp) -> tuple[int, tuple[int, int]]:
@@ -25,19 +26,31 @@ def num_params(out_features: int, in_features: int, size) -> int:
 
 def build(weights: torch.Tensor, biases, stats, lp, method: str, options) -> list[BlastLinear]:
     """Factorize the (B, out, in) ``weights`` as one batched problem with the layers' input covariances
-    and output Fisher (where measured) and return one BlastLinear per weight, in its dtype."""
+    and output Fisher (where measured) and return one BlastLinear per weight, in its dtype. With a
+    ``factor_dtype`` on the plan, U and V are then quantized with the same objective, the other
+    factors refitted to absorb the rounding (:func:`.quant.quantize_fitted`)."""
     device = weights.device
+    covariance, fisher = stacked(stats, "covariance", device), stacked(stats, "output_fisher", device)
     factors = factorize(weights, lp.rank, lp.blocks, method=method, iters=options.iters, tol=options.tol,
-                        allow_larger=True, calibration=stacked(stats, "covariance", device),
-                        calibration_damping=options.calibration_damping,
-                        output_weights=stacked(stats, "output_fisher", device))
+                        allow_larger=True, calibration=covariance, calibration_damping=options.calibration_damping,
+                        output_weights=fisher)
+    if getattr(lp, "factor_dtype", None) is not None:
+        quantized = quantize_fitted(weights, factors, lp.factor_dtype, calibration=covariance,
+                                    calibration_damping=options.calibration_damping, output_weights=fisher)
+        return [BlastLinear.from_quantized(quantized[k], bias, dtype=weights.dtype) for k, bias in enumerate(biases)]
     return [BlastLinear.from_factors(factors[k].to(weights.dtype), bias) for k, bias in enumerate(biases)]
 
 
 def empty(lp, *, bias: bool, device=None, dtype=None) -> BlastLinear:
     """Allocated, not initialized: a checkpoint overwrites every tensor (initializing big models is costly)."""
     return torch.nn.utils.skip_init(BlastLinear, lp.in_features, lp.out_features, lp.rank, lp.blocks, bias=bias,
-                                    device=device, dtype=dtype, allow_larger=True)
+                                    device=device, dtype=dtype, allow_larger=True,
+                                    factor_dtype=getattr(lp, "factor_dtype", None))
+
+
+def size_of(module: BlastLinear) -> dict:
+    """The plan fields of a built layer: its rank, blocks and factor format."""
+    return {"rank": module.rank, "blocks": module.blocks, "factor_dtype": module.factor_dtype}
 
 
 def random(lp, *, bias: bool, device=None, dtype=None) -> BlastLinear:
@@ -47,4 +60,4 @@ def random(lp, *, bias: bool, device=None, dtype=None) -> BlastLinear:
 
 
 BLAST = Structure(name="blast", module_type=BlastLinear, knob=knob, num_params=num_params, build=build,
-                  empty=empty, random=random, methods=METHODS, default_method="als")
+                  empty=empty, random=random, methods=METHODS, default_method="als", size_of=size_of)

@@ -20,11 +20,19 @@ cheap solves.
 * :func:`ss1_matmul` (``torch.ops.blastfx.ss1_matmul``), :func:`ss1_matmul_reference`,
   :func:`ss1_to_dense`, :func:`ss1_fold`.
 * :class:`SS1Linear`, :func:`build_ss1`; :func:`project_weight`, :func:`project_calibrated`.
+* :data:`SS1` (:mod:`.structure`): the registry entry the pipeline plans, builds, saves and loads
+  through (``BlastConfig(structure="ss1")`` or ``"auto"``); :func:`projection_errors`
+  (:mod:`.sensitivity`): each reduction's output error, what the planner allocates by.
 """
 from .layout import SS1Layout, ss1_params
 from .ops import ss1_fold, ss1_matmul, ss1_matmul_reference, ss1_to_dense
 from .project import project_calibrated, project_weight
 from .nn import SS1Linear, build_ss1
+from .sensitivity import projection_errors
+from .structure import SS1
+from ..base import register
 
-__all__ = ["SS1Layout", "SS1Linear", "build_ss1", "project_calibrated", "project_weight", "ss1_fold", "ss1_matmul",
+register(SS1)
+
+__all__ = ["SS1", "SS1Layout", "SS1Linear", "build_ss1", "projection_errors", "project_calibrated", "project_weight", "ss1_fold", "ss1_matmul",
            "ss1_matmul_reference", "ss1_params", "ss1_to_dense"]

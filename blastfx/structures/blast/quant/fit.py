@@ -1,0 +1,213 @@
+"""Quantizing fitted BLAST factors so that the *layer's output* loses as little as possible.
+
+Rounding U and V at the end (:func:`round_factors`) throws the rounding error away uncorrected. The
+calibrated factorization already solves for each factor in closed form given the others, so
+:func:`quantize_fitted` lets the float factors absorb the error of the quantized ones instead:
+
+1. quantize V (per column of r, :mod:`.formats`);
+2. refit U and S to the fixed, quantized V: alternating exact least-squares steps of the output
+   objective ``||D^1/2 (W - What) C^1/2||`` (C the damped input covariance, D the output weights);
+3. quantize U (per row of p);
+4. refit each row's scale of U (one scalar per row, closed form) and S, alternately.
+
+Every step is an exact block minimization, so the objective never rises after step 1 and step 3;
+each refit can only remove error that rounding put in. Without calibration C is the identity and
+the steps fit the weight. The work is a few products with the covariance and (b_in r)-sized solves
+per block-row, small beside the factorization.
+
+Why V first: its error is then absorbed by U and S, which have m r + b_out b_in r free values, and
+per-row scales of U absorb what rounding U leaves in each output row's gain.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from ..factorize import blocks as blk
+from ..factorize.weighted import _cross_grams
+from ..layout import BlastShape
+from . import formats
+
+RIDGE = 1e-6            # proximal ridge of each solve, relative to its Gram's mean diagonal
+
+
+@dataclass
+class QuantizedFactors:
+    """Codes ``U`` (b_out, p, r) and ``V`` (b_in, q, r) in ``format``'s storage dtype with float32
+    ``U_scale`` (b_out, p) and ``V_scale`` (b_in, r), float ``S`` (b_out, b_in, r); with a leading batch
+    dimension when several matrices were quantized together."""
+    U: torch.Tensor
+    U_scale: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+    V_scale: torch.Tensor
+    shape: BlastShape
+    format: formats.FactorFormat
+
+    @property
+    def batched(self) -> bool:
+        return self.U.dim() == 4
+
+    def __getitem__(self, k: int) -> "QuantizedFactors":
+        if not self.batched:
+            raise TypeError("only batched QuantizedFactors can be indexed")
+        return replace(self, U=self.U[k], U_scale=self.U_scale[k], S=self.S[k], V=self.V[k], V_scale=self.V_scale[k])
+
+    def __len__(self) -> int:
+        if not self.batched:
+            raise TypeError("unbatched QuantizedFactors have no length")
+        return self.U.shape[0]
+
+    def dequantized(self, dtype=torch.float32):
+        """(U, S, V) as floats in ``dtype``."""
+        return (formats.dequantize_u(self.U, self.U_scale, dtype), self.S.to(dtype),
+                formats.dequantize_v(self.V, self.V_scale, dtype))
+
+    def to_dense(self, dtype=torch.float32) -> torch.Tensor:
+        """The dense matrix (or batch of them) the quantized factors represent."""
+        U, S, V = (t if self.batched else t.unsqueeze(0) for t in self.dequantized(dtype))
+        dense = blk.reconstruct(U, S, V)[:, : self.shape.out_features, : self.shape.in_features]
+        return dense if self.batched else dense[0]
+
+
+def _batched(factors):
+    U, S, V = factors.U, factors.S, factors.V
+    return (U, S, V, True) if U.dim() == 4 else (U.unsqueeze(0), S.unsqueeze(0), V.unsqueeze(0), False)
+
+
+def _result(Uc, su, S, Vc, sv, shape, fmt, batched) -> QuantizedFactors:
+    q = QuantizedFactors(Uc, su.to(formats.SCALE_DTYPE), S, Vc, sv.to(formats.SCALE_DTYPE), shape, fmt)
+    return q if batched else q[0]
+
+
+def round_factors(factors, factor_dtype: str) -> QuantizedFactors:
+    """Round-to-nearest of float factors (:class:`~blastfx.BlastFactors` or anything with U, S, V and
+    shape), nothing refitted: the baseline :func:`quantize_fitted` improves on."""
+    fmt = formats.get(factor_dtype)
+    U, S, V, batched = _batched(factors)
+    Uc, su = formats.quantize_u(U, fmt)
+    Vc, sv = formats.quantize_v(V, fmt)
+    return _result(Uc, su, S.clone(), Vc, sv, factors.shape, fmt, batched)
+
+
+def _prepared_covariance(C, B: int, n: int, n_pad: int, damping: float, dtype, device) -> torch.Tensor:
+    """The padded covariance, normalized to mean diagonal 1 and damped as the factorization damps it
+    (identity without calibration: the weight error)."""
+    if C is None:
+        return torch.eye(n_pad, dtype=dtype, device=device).expand(B, n_pad, n_pad)
+    C = C.to(device=device, dtype=dtype)
+    C = (C.unsqueeze(0) if C.dim() == 2 else C).expand(B, n, n)
+    C = F.pad(C, (0, n_pad - n, 0, n_pad - n))
+    C = C / C.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30).view(-1, 1, 1)
+    return C + damping * torch.eye(n_pad, dtype=dtype, device=device)
+
+
+def _row_weights(weights, B: int, m: int, m_pad: int, dtype, device) -> torch.Tensor:
+    """Output-row weights (B, m_pad), with the factorization's floor; zero on padding rows."""
+    if weights is None:
+        w = torch.ones(B, m, dtype=dtype, device=device)
+    else:
+        w = torch.as_tensor(weights).to(device=device, dtype=dtype)
+        w = (w.unsqueeze(0) if w.dim() == 1 else w).expand(B, m)
+        w = w + 1e-6 * w.mean(-1, keepdim=True)
+    return F.pad(w, (0, m_pad - m))
+
+
+class _Problem:
+    """The fixed parts of the output objective for a batch: A C, the cross Grams of V, the weights."""
+
+    def __init__(self, A, C, D):
+        self.A, self.C, self.D = A, C, D
+        self.AC = A @ C
+
+    def with_v(self, V, b_out: int):
+        self.K = _cross_grams(V, self.C)                                  # (B, j, k, r, r): V_j^T C_jk V_k
+        self.AVc = blk.a_times_v(self.AC, V, b_out)                        # (B, j, i, p, r): (AC)_ij V_j
+        return self
+
+    def u_system(self, S):
+        """G_i = sum_jk diag(s_ij) K_jk diag(s_ik) (B, b_out, r, r), R_i = sum_j (AC)_ij V_j diag(s_ij)."""
+        b_in = S.shape[2]
+        G = blk._sum_over(b_in * b_in, lambda t: (S[:, :, t // b_in].unsqueeze(-1) * S[:, :, t % b_in].unsqueeze(-2))
+                          * self.K[:, t // b_in, t % b_in].unsqueeze(1))
+        R = blk._sum_over(b_in, lambda j: self.AVc[:, j] * S[:, :, j].unsqueeze(2))
+        return G, R
+
+    def u_step(self, U, S):
+        """Every row of U at its exact optimum given S and V (rows are independent: D does not enter)."""
+        G, R = self.u_system(S)
+        lam = blk.relative_damping(G, RIDGE)
+        return blk.damped_solve_right(G, R + lam[..., None, None] * U, lam)
+
+    def s_step(self, U, S):
+        """All of S at its exact optimum given U and V, one (b_in r)-sized system per block-row:
+        H_i = (U_i^T D_i U_i) * K (Hadamard, K as a (b_in r)^2 matrix), d_i = diag(U_i^T D_i (AC)_ij V_j)."""
+        B, b_out, b_in, r = S.shape
+        p = U.shape[2]
+        Kfull = self.K.permute(0, 1, 3, 2, 4).reshape(B, b_in * r, b_in * r)
+        Dw = self.D.view(B, b_out, p, 1)
+        out = torch.empty_like(S)
+        for i in range(b_out):
+            UD = U[:, i] * Dw[:, i]                                               # (B, p, r)
+            GU = UD.mT @ U[:, i]                                                  # (B, r, r)
+            H = Kfull * GU.repeat(1, b_in, b_in)
+            d = torch.stack([(UD * self.AVc[:, j, i]).sum(1) for j in range(b_in)], 1).reshape(B, b_in * r)
+            lam = blk.relative_damping(H, RIDGE)
+            s = blk.damped_solve_vec(H, d + lam.unsqueeze(-1) * S[:, i].reshape(B, b_in * r), lam)
+            out[:, i] = s.view(B, b_in, r)
+        return out
+
+    def row_scales(self, codes, scale, S):
+        """Each row's scale of U at its exact optimum given its codes, S and V: alpha = (R u) / (u G u)."""
+        G, R = self.u_system(S)
+        u = codes.to(R.dtype)
+        num = (R * u).sum(-1)
+        den = ((u @ G) * u).sum(-1)
+        return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), scale)
+
+
+def quantize_fitted(W, factors, factor_dtype: str, *, calibration=None, calibration_damping: float | None = None,
+                    output_weights=None, refit_iters: int = 2) -> QuantizedFactors:
+    """Quantize fitted float factors of ``W`` ((m, n) or (B, m, n)) so that the output error stays
+    small: V rounded first, U and S refitted to it, then U rounded and its row scales and S refitted
+    (see the module docstring). ``calibration`` (the input covariance, (n, n) or (B, n, n)),
+    ``calibration_damping`` and ``output_weights`` ((m,) or (B, m)) are those the factors were
+    fitted with; without them the weight error is the objective. ``refit_iters``: alternations of
+    each refit (0: round only, as :func:`round_factors`). Computed in float32 (float64 for float64 W)."""
+    fmt = formats.get(factor_dtype)
+    if isinstance(refit_iters, bool) or not isinstance(refit_iters, int) or refit_iters < 0:
+        raise ValueError(f"refit_iters must be a non-negative integer, got {refit_iters!r}")
+    if refit_iters == 0:
+        return round_factors(factors, factor_dtype)
+    if calibration_damping is None:
+        from ....config import CALIBRATION_DAMPING       # config imports this package: import at call time
+        calibration_damping = CALIBRATION_DAMPING
+    shape: BlastShape = factors.shape
+    U, S, V, batched = _batched(factors)
+    A = W if W.dim() == 3 else W.unsqueeze(0)
+    B, m, n = A.shape
+    if (m, n) != (shape.out_features, shape.in_features) or U.shape[0] != B:
+        raise ValueError(f"W {tuple(W.shape)} does not match factors of shape {shape} (batch {U.shape[0]})")
+    dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
+    device = U.device
+    A = F.pad(A.to(device=device, dtype=dtype), (0, shape.n_pad - n, 0, shape.m_pad - m))
+    C = _prepared_covariance(calibration, B, n, shape.n_pad, calibration_damping, dtype, device)
+    D = _row_weights(output_weights, B, m, shape.m_pad, dtype, device)
+    U, S, V = (t.to(dtype) for t in (U, S, V))
+    problem = _Problem(A, C, D)
+
+    Vc, sv = formats.quantize_v(V, fmt)
+    V = formats.dequantize_v(Vc, sv, dtype)
+    problem.with_v(V, shape.b_out)
+    for _ in range(refit_iters):
+        U = problem.u_step(U, S)
+        S = problem.s_step(U, S)
+    U.view(B, shape.m_pad, shape.rank)[:, m:] = 0
+    Uc, su = formats.quantize_u(U, fmt)
+    su = su.to(dtype)
+    for _ in range(refit_iters):
+        su = problem.row_scales(Uc, su, S)
+        S = problem.s_step(formats.dequantize_u(Uc, su, dtype), S)
+    return _result(Uc, su, S, Vc, sv, shape, fmt, batched)

@@ -1,0 +1,56 @@
+"""Quantizing the float BLAST layers of an already compressed model (e.g. after ``blastfx.finetune``,
+which trains float factors only).
+
+Without the calibration data, the objective is each layer's own matrix: V is rounded, U and S are
+refitted to it, then U is rounded and its row scales and S refitted (:func:`.fit.quantize_fitted`
+with the identity covariance), which keeps more of the trained layer than rounding both factors.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..factorize import BlastFactors
+from ..nn import BlastLinear
+from . import formats
+from .fit import quantize_fitted
+
+
+def quantize_layer(layer: BlastLinear, factor_dtype: str = "int8", refit_iters: int = 2) -> BlastLinear:
+    """A new layer computing (nearly) what the float BLAST ``layer`` computes, with ``factor_dtype`` codes."""
+    if not isinstance(layer, BlastLinear):
+        raise TypeError(f"quantize_layer takes a BlastLinear, got {type(layer).__name__}")
+    if layer.quantized:
+        raise ValueError(f"this layer already stores {layer.factor_dtype} factors")
+    formats.get(factor_dtype)
+    with torch.no_grad():
+        work = torch.float64 if layer.S.dtype == torch.float64 else torch.float32
+        U, S, V = layer.float_factors(work)
+        factors = BlastFactors(U, S, V, layer.shape)
+        q = quantize_fitted(factors.to_dense(), factors, factor_dtype, refit_iters=refit_iters)
+        new = BlastLinear.from_quantized(q, layer.bias, dtype=layer.S.dtype)
+    new.train(layer.training)
+    return new
+
+
+def quantize_model(model: nn.Module, factor_dtype: str = "int8", refit_iters: int = 2) -> nn.Module:
+    """Replace every float :class:`BlastLinear` of ``model`` by a quantized one (layers already quantized
+    stay as they are); the recorded plan follows. All or nothing. Returns ``model``."""
+    from ....io import model_plan
+    from ....swap import PLAN_ATTR, attach_plan, swap_modules
+
+    formats.get(factor_dtype)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, BlastLinear) and not m.quantized}
+    if isinstance(model, BlastLinear) or not layers:
+        raise ValueError("quantize_model takes a model holding float BLAST layers: compress it first"
+                         if not isinstance(model, BlastLinear) else "for one layer use quantize_layer")
+    new = {name: quantize_layer(m, factor_dtype, refit_iters) for name, m in layers.items()}
+    had_plan = getattr(model, PLAN_ATTR, None) is not None
+    old = swap_modules(model, new)
+    try:
+        if had_plan:
+            attach_plan(model, model_plan(model))
+    except BaseException:
+        swap_modules(model, old)
+        raise
+    return model

@@ -1,0 +1,108 @@
+"""``torch.ops.blastfx.blast_matmul_quantized``: the BLAST product with U and V stored quantized.
+
+The reference (:func:`blast_matmul_quantized_reference`) is the source of truth: dequantize U and V
+(:mod:`.formats`) into the activation dtype, then the plain BLAST reference
+(:func:`blastfx.structures.blast.ops.blast_matmul_reference`). On CUDA the decode GEMV kernel reads
+the codes and applies the scales in registers (:mod:`blastfx.kernels.gemv`); other token counts
+dequantize and run the float paths (:mod:`blastfx.kernels.dispatch`).
+
+Autograd gives gradients for x, S and the bias (LoRA adapters over a quantized layer, activations
+flowing through it); the codes and scales get none: they are a fixed rounding of a fitted layer.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ....kernels import scope
+from ..layout import BlastShape
+from ..ops import blast_matmul_backward_reference, blast_matmul_reference
+from . import formats
+
+__all__ = ["blast_matmul_quantized", "blast_matmul_quantized_reference", "check_quantized_inputs", "dequantized"]
+
+
+def check_quantized_inputs(x, U, U_scale, S, V, V_scale, bias, out_features) -> BlastShape:
+    """Validate the op's arguments; the errors name the offending argument and value."""
+    shape = BlastShape.from_factors(U, S, V, out_features=out_features)
+    if U.dtype != V.dtype:
+        raise ValueError(f"blast_matmul_quantized needs U and V in one format, got U.dtype={U.dtype}, "
+                         f"V.dtype={V.dtype}")
+    formats.of_storage(U.dtype)
+    for name, scale, want in (("U_scale", U_scale, (shape.b_out, shape.p)), ("V_scale", V_scale, (shape.b_in, shape.rank))):
+        if tuple(scale.shape) != want:
+            raise ValueError(f"{name} must have shape {want}, got {tuple(scale.shape)}")
+        if not scale.dtype.is_floating_point:
+            raise ValueError(f"{name} must be floating point, got {name}.dtype={scale.dtype}")
+    floats = {"x": x, "S": S} | ({"bias": bias} if bias is not None else {})
+    dtypes = {k: t.dtype for k, t in floats.items()}
+    if len(set(dtypes.values())) != 1:
+        raise ValueError(f"blast_matmul_quantized needs one dtype for x, S and bias, got {dtypes}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"blast_matmul_quantized needs floating-point inputs, got x.dtype={x.dtype}")
+    tensors = floats | {"U": U, "U_scale": U_scale, "V": V, "V_scale": V_scale}
+    devices = {k: t.device for k, t in tensors.items()}
+    if len(set(devices.values())) != 1:
+        raise ValueError(f"blast_matmul_quantized needs all inputs on one device, got {devices}")
+    if x.dim() < 1 or x.shape[-1] > shape.n_pad or x.shape[-1] <= shape.n_pad - shape.q:
+        raise ValueError(f"x has {x.shape[-1] if x.dim() else 'no'} features but V {tuple(V.shape)} holds "
+                         f"{shape.b_in} blocks of {shape.q} columns")
+    if out_features is not None and not (shape.m_pad - shape.p < out_features <= shape.m_pad):
+        raise ValueError(f"out_features={out_features} does not fit U {tuple(U.shape)}")
+    if bias is not None and tuple(bias.shape) != (shape.out_features,):
+        raise ValueError(f"bias must have shape ({shape.out_features},), got {tuple(bias.shape)}")
+    return shape
+
+
+def dequantized(U, U_scale, V, V_scale, dtype):
+    """(U, V) in ``dtype``: codes times scales (computed in float32, or float64 for float64)."""
+    return formats.dequantize_u(U, U_scale, dtype), formats.dequantize_v(V, V_scale, dtype)
+
+
+def blast_matmul_quantized_reference(x, U, U_scale, S, V, V_scale, bias=None, out_features=None):
+    """``x @ A^T + bias`` for the BLAST matrix of the dequantized factors, in x's dtype."""
+    Ud, Vd = dequantized(U, U_scale, V, V_scale, x.dtype)
+    return blast_matmul_reference(x, Ud, S, Vd, bias, out_features)
+
+
+@torch.library.custom_op("blastfx::blast_matmul_quantized", mutates_args=())
+def _quantized_op(x: torch.Tensor, U: torch.Tensor, U_scale: torch.Tensor, S: torch.Tensor, V: torch.Tensor,
+                  V_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  out_features: Optional[int] = None) -> torch.Tensor:
+    check_quantized_inputs(x, U, U_scale, S, V, V_scale, bias, out_features)
+    return blast_matmul_quantized_reference(x, U, U_scale, S, V, V_scale, bias, out_features).contiguous()
+
+
+@_quantized_op.register_fake
+def _(x, U, U_scale, S, V, V_scale, bias=None, out_features=None):
+    shape = check_quantized_inputs(x, U, U_scale, S, V, V_scale, bias, out_features)
+    return x.new_empty(*x.shape[:-1], shape.out_features)
+
+
+def _setup_context(ctx, inputs, output):
+    x, U, U_scale, S, V, V_scale, bias, out_features = inputs
+    ctx.save_for_backward(x, U, U_scale, S, V, V_scale)
+    ctx.out_features = out_features
+    ctx.has_bias = bias is not None
+    ctx.kernels = scope.backward_kernels()
+
+
+def _backward(ctx, grad_y):
+    x, U, U_scale, S, V, V_scale = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    Ud, Vd = dequantized(U, U_scale, V, V_scale, x.dtype)
+    dx, _, dS, _, db = blast_matmul_backward_reference(
+        grad_y, x, Ud, S, Vd, ctx.out_features, (need[0], False, need[3], False, ctx.has_bias and need[6]),
+        ctx.kernels)
+    return dx, None, None, dS, None, None, db, None
+
+
+_quantized_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def blast_matmul_quantized(x, U, U_scale, S, V, V_scale, bias=None, out_features=None):
+    """``y = x A^T + bias`` for the BLAST matrix of quantized factors: codes U (b_out, p, r) with
+    ``U_scale`` (b_out, p), S (b_out, b_in, r) in x's dtype, codes V (b_in, q, r) with ``V_scale``
+    (b_in, r). ``out_features`` trims padded output rows (default ``b_out * p``)."""
+    return torch.ops.blastfx.blast_matmul_quantized(x, U, U_scale, S, V, V_scale, bias, out_features)

@@ -1,0 +1,92 @@
+"""The GEMV decode kernel reading int8 codes (scales applied in registers) against the quantized
+reference, and the quantized op's CUDA-side paths (``blastfx.kernels.forward``); on CPU under the
+Triton interpreter."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from blastfx.kernels import forward, gemv
+from blastfx.structures.blast.layout import BlastShape
+from blastfx.structures.blast.quant import formats
+from blastfx.structures.blast.quant.ops import blast_matmul_quantized_reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+TINY = dict(BQ=16, BR=16, BP=16, BK=16)
+
+
+def _codes(m, n, r, b_out, b_in, seed=0):
+    shape = BlastShape.make(m, n, r, (b_out, b_in), allow_larger=True)
+    g = torch.Generator().manual_seed(seed)
+    U = torch.randn(shape.b_out, shape.p, r, generator=g) * torch.rand(shape.b_out, shape.p, 1, generator=g)
+    V = torch.randn(shape.b_in, shape.q, r, generator=g) * torch.rand(shape.b_in, 1, r, generator=g)
+    U.view(-1, r)[m:] = 0
+    V.view(-1, r)[n:] = 0
+    fmt = formats.get("int8")
+    (Uc, su), (Vc, sv) = formats.quantize_u(U, fmt), formats.quantize_v(V, fmt)
+    S = torch.randn(b_out, b_in, r, generator=g)
+    b = torch.randn(m, generator=g)
+    return shape, [t.to(DEVICE) for t in (Uc, su, S, Vc, sv, b)]
+
+
+def _close(y, x, Uc, su, S, Vc, sv, b, m):
+    ref = blast_matmul_quantized_reference(x.double(), Uc, su, S.double(), Vc, sv,
+                                           b.double() if b is not None else None, m)
+    tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}[y.dtype]
+    assert y.shape == ref.shape and torch.isfinite(y).all()
+    assert (y.double() - ref).abs().max().item() / (ref.abs().max().item() + 1e-6) < tol
+
+
+@settings(max_examples=10 if not CUDA else 40, deadline=None)
+@given(T=st.integers(1, gemv.MAX_T), m=st.integers(17, 80), n=st.integers(17, 80), r=st.integers(1, 40),
+       b_out=st.integers(1, 4), b_in=st.integers(1, 4), bias=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+def test_int8_gemv_matches_reference_on_fuzzed_shapes(T, m, n, r, b_out, b_in, bias, dtype):
+    for count, dim in ((b_out, m), (b_in, n)):
+        if (count - 1) * math.ceil(dim / count) >= dim:
+            return          # a block count that leaves a block all padding is refused by BlastShape
+    shape, (Uc, su, S, Vc, sv, b) = _codes(m, n, r, b_out, b_in)
+    x = torch.randn(T, n, device=DEVICE, dtype=dtype)
+    b = b.to(dtype) if bias else None
+    y = gemv.blast_gemv(x, Uc, S.to(dtype), Vc, b, shape, TINY, interpret=not CUDA, U_scale=su, V_scale=sv)
+    assert y.dtype == dtype
+    _close(y, x, Uc, su, S.to(dtype), Vc, sv, b, m)
+
+
+def test_q_chunks_with_codes():
+    """x·V split into several q-chunks (each adds its share of z, scaled, into w with atomics)."""
+    shape, (Uc, su, S, Vc, sv, b) = _codes(70, 200, 24, 2, 2, seed=1)
+    x = torch.randn(2, 200, device=DEVICE)
+    y = gemv.blast_gemv(x, Uc, S, Vc, b, shape, dict(TINY, per_sm=8), interpret=not CUDA, U_scale=su, V_scale=sv)
+    _close(y, x, Uc, su, S, Vc, sv, b, 70)
+
+
+@pytest.mark.parametrize("T,path", [(1, "gemv"), (3, "gemv"), (6, "dequantize")])
+def test_quantized_forward_paths(T, path):
+    shape, (Uc, su, S, Vc, sv, b) = _codes(50, 37, 8, 3, 2, seed=2)
+    x = torch.randn(2, T // 2, 37, device=DEVICE) if T > gemv.MAX_T else torch.randn(T, 37, device=DEVICE)
+    assert forward.quantized_path(x.numel() // 37, Uc) == path
+    y = forward.blast_matmul_quantized_triton(x, Uc, su, S, Vc, sv, b, 50)
+    _close(y.reshape(-1, 50), x.reshape(-1, 37), Uc, su, S, Vc, sv, b, 50)
+
+
+def test_deterministic_mode_dequantizes():
+    shape, (Uc, *_) = _codes(50, 37, 8, 3, 2)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert forward.quantized_path(1, Uc) == "dequantize"
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_gemv_scale_arguments_are_checked():
+    shape, (Uc, su, S, Vc, sv, b) = _codes(50, 37, 8, 3, 2)
+    x = torch.randn(1, 37, device=DEVICE)
+    with pytest.raises(ValueError, match="U_scale and V_scale together"):
+        gemv.blast_gemv(x, Uc, S, Vc, b, shape, TINY, interpret=not CUDA, U_scale=su)
+    with pytest.raises(ValueError, match="int8 codes, got U.dtype=torch.float32"):
+        gemv.blast_gemv(x, Uc.float(), S, Vc.float(), b, shape, TINY, interpret=not CUDA, U_scale=su, V_scale=sv)
+    with pytest.raises(ValueError, match="path must be 'gemv' or 'dequantize'"):
+        forward.blast_matmul_quantized_triton(x, Uc, su, S, Vc, sv, b, 50, path="fused")

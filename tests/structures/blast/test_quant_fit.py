@@ -1,0 +1,73 @@
+"""Quantizing inside the calibrated fit against rounding at the end, on the float64 output error."""
+import pytest
+import torch
+
+import blastfx
+from blastfx.structures.blast.quant import quantize_fitted, round_factors
+
+
+def _problem(m=64, n=48, r=12, blocks=(4, 4), noise=1e-3, seed=0):
+    """A weight close to a BLAST matrix of rank r and strongly correlated inputs (a 6-dim latent plus
+    a little noise): rounding errors along the inputs' few directions are what the output sees."""
+    g = torch.Generator().manual_seed(seed)
+    W = blastfx.factorize(torch.randn(m, n, generator=g, dtype=torch.float64), r, blocks).to_dense()
+    W = W + noise * torch.randn(m, n, generator=g, dtype=torch.float64)
+    X = torch.randn(2000, 6, generator=g, dtype=torch.float64) @ torch.randn(6, n, generator=g, dtype=torch.float64)
+    X = X + 0.05 * torch.randn(2000, n, generator=g, dtype=torch.float64)
+    return W, X, X.T @ X
+
+
+def _output_error(W, What, X, weights=None):
+    E = (W - What) @ X.T
+    Y = W @ X.T
+    if weights is not None:
+        E, Y = E * weights.sqrt()[:, None], Y * weights.sqrt()[:, None]
+    return (E.norm() / Y.norm()).item()
+
+
+@pytest.mark.parametrize("name", ["int8", "float8_e4m3fn"])
+def test_refit_beats_rounding_at_the_end_on_correlated_inputs(name):
+    W, X, C = _problem()
+    fitted = blastfx.factorize(W, 12, (4, 4), calibration=C)
+    base = _output_error(W, fitted.to_dense(), X)
+    rounded = _output_error(W, round_factors(fitted, name).to_dense(torch.float64), X)
+    refit = _output_error(W, quantize_fitted(W, fitted, name, calibration=C).to_dense(torch.float64), X)
+    # the error quantization adds (in quadrature over the float fit's): well below what rounding adds
+    added = lambda e: max(e ** 2 - base ** 2, 0.0) ** 0.5        # noqa: E731
+    assert refit < rounded
+    assert added(refit) < 0.7 * added(rounded), (base, rounded, refit)
+
+
+def test_refit_with_output_weights_and_batch():
+    W, X, C = _problem(seed=1)
+    W2, _, _ = _problem(seed=2)
+    Ws = torch.stack([W, W2])
+    fisher = torch.rand(2, 64, dtype=torch.float64) + 0.1
+    fitted = blastfx.factorize(Ws, 12, (4, 4), calibration=C, output_weights=fisher)
+    q = quantize_fitted(Ws, fitted, "int8", calibration=C, output_weights=fisher)
+    r = round_factors(fitted, "int8")
+    for k in range(2):
+        assert _output_error(Ws[k], q[k].to_dense(torch.float64), X, fisher[k]) < \
+            _output_error(Ws[k], r[k].to_dense(torch.float64), X, fisher[k])
+        one = quantize_fitted(Ws[k], fitted[k], "int8", calibration=C, output_weights=fisher[k])   # batch = one by one
+        torch.testing.assert_close(one.to_dense(torch.float64), q[k].to_dense(torch.float64), rtol=1e-9, atol=1e-9)
+
+
+def test_weight_only_refit_beats_rounding_on_the_weight():
+    W, _, _ = _problem(seed=3)
+    fitted = blastfx.factorize(W, 12, (4, 4))
+    q = quantize_fitted(W, fitted, "int8")
+    r = round_factors(fitted, "int8")
+    assert (W - q.to_dense(torch.float64)).norm() < (W - r.to_dense(torch.float64)).norm()
+    assert quantize_fitted(W, fitted, "int8", refit_iters=0).to_dense().equal(r.to_dense())
+
+
+def test_arguments_are_checked():
+    W, _, C = _problem()
+    fitted = blastfx.factorize(W, 12, (4, 4), calibration=C)
+    with pytest.raises(ValueError, match="refit_iters must be a non-negative integer, got -1"):
+        quantize_fitted(W, fitted, "int8", refit_iters=-1)
+    with pytest.raises(ValueError, match="factor_dtype must be one of"):
+        quantize_fitted(W, fitted, "uint4")
+    with pytest.raises(ValueError, match="does not match factors"):
+        quantize_fitted(W[:, :40], fitted, "int8")

@@ -1,0 +1,128 @@
+"""A model compressed with quantized factors through the whole pipeline: config, plan, build,
+save/load, to_dense, torch.compile, finetune's refusal, quantizing after the fact, and its bytes."""
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import blastfx
+from blastfx import BlastConfig, LayerOverride, Plan
+from blastfx.structures.blast.quant import quantize_model
+from models import tiny_mlp
+
+
+def _calibration(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(256, n, generator=g) @ torch.randn(n, n, generator=g)
+    return [X[:128], X[128:]]
+
+
+def _compressed(factor_dtype="int8", overrides=None, dtype=torch.float32, model=None):
+    model = (model or tiny_mlp()).to(dtype)
+    cfg = BlastConfig(factor_dtype=factor_dtype, include=("*",), min_features=0, progress=False,
+                      overrides=overrides or {})
+    return blastfx.compress(model, 0.5, config=cfg, calibration=[x.to(dtype) for x in _calibration()])
+
+
+def test_config_checks_factor_dtype():
+    with pytest.raises(ValueError, match="factor_dtype must be one of .* got 'int3'"):
+        BlastConfig(factor_dtype="int3")
+    with pytest.raises(ValueError, match="factor_dtype must be one of .* got 'bf16' \\(or 'model'"):
+        LayerOverride(factor_dtype="bf16")
+    with pytest.raises(ValueError, match="overrides\\['\\*'\\]: factor_dtype must be one of"):
+        BlastConfig(overrides={"*": {"factor_dtype": "bf16"}})
+    with pytest.raises(ValueError, match="init='random' trains from scratch"):
+        BlastConfig(factor_dtype="int8", init="random")
+    cfg = BlastConfig(factor_dtype="int8", overrides={"*.down": LayerOverride(factor_dtype="model")})
+    assert cfg.factor_dtype_for("a.down") is None and cfg.factor_dtype_for("a.up") == "int8"
+
+
+def test_compress_records_factor_dtype_and_override_keeps_a_layer_float():
+    model = _compressed(overrides={"4": LayerOverride(factor_dtype="model")})
+    plan = model.blastfx_plan
+    assert {k: lp.factor_dtype for k, lp in plan.layers.items()} == {"0": "int8", "2": "int8", "4": None}
+    assert model[0].U.dtype == torch.int8 and model[4].U.dtype == torch.float32
+    again = Plan.from_json(plan.to_json())
+    assert again.layers["0"].factor_dtype == "int8" and again.layers["4"].factor_dtype is None
+    bad = json.loads(plan.to_json())
+    bad["layers"]["0"]["factor_dtype"] = "int2"
+    with pytest.raises(ValueError, match=r"layers\['0'\]\.factor_dtype: factor_dtype must be one of"):
+        Plan.from_dict(bad)
+
+
+def test_quantized_model_stays_close_to_the_float_one():
+    x = _calibration(seed=1)[0][:16]
+    dense = tiny_mlp()
+    floats, quantized = _compressed(None, model=copy.deepcopy(dense)), _compressed("int8", model=dense)
+    ref = floats(x)
+    err = ((quantized(x) - ref).norm() / ref.norm()).item()
+    assert 0 < err < 0.05
+
+
+def test_save_load_keeps_codes_scales_and_plan(tmp_path):
+    model = _compressed(overrides={"4": LayerOverride(factor_dtype="model")})
+    x = _calibration(seed=2)[0][:8]
+    y = model(x)
+    blastfx.save(model, tmp_path)
+    meta = json.loads((tmp_path / "blastfx.json").read_text())
+    assert meta["plan"]["layers"]["0"]["factor_dtype"] == "int8" and meta["plan"]["layers"]["4"]["factor_dtype"] is None
+    weights = next(tmp_path.glob("model-*.safetensors"))
+    with safe_open(str(weights), "pt") as f:
+        assert f.get_tensor("0.U").dtype == torch.int8 and f.get_tensor("0.V").dtype == torch.int8
+        assert f.get_tensor("0.U_scale").dtype == torch.float32 and f.get_tensor("4.U").dtype == torch.float32
+    loaded = blastfx.load(tmp_path, tiny_mlp())
+    assert loaded[0].factor_dtype == "int8" and loaded[4].factor_dtype is None
+    assert torch.equal(loaded(x), y)
+    assert loaded.blastfx_plan.layers["2"].factor_dtype == "int8"
+
+
+def test_to_dense_and_compile_of_a_quantized_model():
+    model = _compressed()
+    x = _calibration(seed=3)[0][:8]
+    y = model(x)
+    torch.testing.assert_close(torch.compile(model, backend="blast")(x), y, rtol=1e-5, atol=1e-4)
+    dense = blastfx.to_dense(copy.deepcopy(model))
+    assert all(type(m) is nn.Linear for m in (dense[0], dense[2], dense[4]))
+    torch.testing.assert_close(dense(x), y, rtol=1e-5, atol=1e-4)
+
+
+def test_finetune_is_refused_with_the_fix():
+    model = _compressed()
+    with pytest.raises(ValueError, match="compress without factor_dtype, finetune, then quantize"):
+        blastfx.finetune(model, tiny_mlp(), [torch.zeros(1, 4, dtype=torch.long)], steps=1, progress=False)
+
+
+def test_quantize_after_the_fact_is_all_or_nothing_and_close():
+    model = _compressed(None)
+    x = _calibration(seed=4)[0][:8]
+    y = model(x)
+    quantize_model(model, "int8")
+    assert all(model[k].factor_dtype == "int8" for k in (0, 2, 4))
+    assert {lp.factor_dtype for lp in model.blastfx_plan.layers.values()} == {"int8"}
+    assert ((model(x) - y).norm() / y.norm()).item() < 0.02
+    with pytest.raises(ValueError, match="float BLAST layers"):
+        quantize_model(model, "int8")
+    with pytest.raises(ValueError, match="factor_dtype must be one of"):
+        quantize_model(_compressed(None), "int5")
+
+
+def test_state_dict_bytes_are_a_quarter_of_bf16_dense_plus_scales():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 256)).to(torch.bfloat16)
+    dense_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    g = torch.Generator().manual_seed(0)
+    X = (torch.randn(512, 256, generator=g) @ torch.randn(256, 256, generator=g)).to(torch.bfloat16)
+    blastfx.compress(model, 0.5, config=BlastConfig(factor_dtype="int8", include=("*",), blocks=4,
+                                                    progress=False), calibration=[X[:256], X[256:]])
+    got = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    want = 0
+    for k in ("0", "2"):
+        s = model.get_submodule(k).shape
+        want += s.rank * (s.m_pad + s.n_pad)                     # int8 codes of U and V
+        want += 2 * s.b_out * s.b_in * s.rank + 2 * 256          # bf16 S and bias
+        want += 4 * (s.b_out * s.p + s.b_in * s.rank)            # float32 scales
+    assert got == want
+    assert 0.25 < got / dense_bytes < 0.28, got / dense_bytes       # half the parameters at 1 byte of 2, plus S and scales
