@@ -21,14 +21,9 @@ from blastfx.structures.blast.ops import blast_matmul
 from blastfx.structures.blast.quant import formats
 from blastfx.structures.blast.quant.ops import blast_matmul_quantized
 from common import copies_for, graph_ms, versions
+from layer_speed import SHAPES, rank_at
 from rows import add_arguments, measurements, record
 
-SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]       # (out, in)
-
-
-def rank_at(m, n, b, frac):
-    r = int(frac * m * n / (m + n + b * b))
-    return r - r % 16
 
 
 def main():

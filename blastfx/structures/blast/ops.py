@@ -34,9 +34,15 @@ def check_inputs(x, U, S, V, bias, out_features) -> BlastShape:
         raise ValueError(f"blast_matmul needs one dtype for all inputs, got {dtypes}")
     if not x.dtype.is_floating_point:
         raise ValueError(f"blast_matmul needs floating-point inputs, got x.dtype={x.dtype}")
+    return check_placement("blast_matmul", shape, tensors, x, U, V, bias, out_features)
+
+
+def check_placement(op: str, shape: BlastShape, tensors: dict, x, U, V, bias, out_features) -> BlastShape:
+    """The checks every BLAST op makes of its arguments beyond their dtypes: one device, x's width,
+    ``out_features`` and the bias against the factors' geometry. Errors name the argument."""
     devices = {k: t.device for k, t in tensors.items()}
     if len(set(devices.values())) != 1:
-        raise ValueError(f"blast_matmul needs all inputs on one device, got {devices}")
+        raise ValueError(f"{op} needs all inputs on one device, got {devices}")
     if x.dim() < 1 or x.shape[-1] > shape.n_pad or x.shape[-1] <= shape.n_pad - shape.q:
         raise ValueError(
             f"x has {x.shape[-1] if x.dim() else 'no'} features but V {tuple(V.shape)} holds "

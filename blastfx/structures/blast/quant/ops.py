@@ -17,7 +17,7 @@ import torch
 
 from ....kernels import scope
 from ..layout import BlastShape
-from ..ops import blast_matmul_backward_reference, blast_matmul_reference
+from ..ops import blast_matmul_backward_reference, blast_matmul_reference, check_placement
 from . import formats
 
 __all__ = ["blast_matmul_quantized", "blast_matmul_quantized_reference", "check_quantized_inputs", "dequantized"]
@@ -42,17 +42,7 @@ def check_quantized_inputs(x, U, U_scale, S, V, V_scale, bias, out_features) -> 
     if not x.dtype.is_floating_point:
         raise ValueError(f"blast_matmul_quantized needs floating-point inputs, got x.dtype={x.dtype}")
     tensors = floats | {"U": U, "U_scale": U_scale, "V": V, "V_scale": V_scale}
-    devices = {k: t.device for k, t in tensors.items()}
-    if len(set(devices.values())) != 1:
-        raise ValueError(f"blast_matmul_quantized needs all inputs on one device, got {devices}")
-    if x.dim() < 1 or x.shape[-1] > shape.n_pad or x.shape[-1] <= shape.n_pad - shape.q:
-        raise ValueError(f"x has {x.shape[-1] if x.dim() else 'no'} features but V {tuple(V.shape)} holds "
-                         f"{shape.b_in} blocks of {shape.q} columns")
-    if out_features is not None and not (shape.m_pad - shape.p < out_features <= shape.m_pad):
-        raise ValueError(f"out_features={out_features} does not fit U {tuple(U.shape)}")
-    if bias is not None and tuple(bias.shape) != (shape.out_features,):
-        raise ValueError(f"bias must have shape ({shape.out_features},), got {tuple(bias.shape)}")
-    return shape
+    return check_placement("blast_matmul_quantized", shape, tensors, x, U, V, bias, out_features)
 
 
 def dequantized(U, U_scale, V, V_scale, dtype):
