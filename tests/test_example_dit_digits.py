@@ -2,7 +2,6 @@
 and after. The fast mode runs the whole example (training, compression, recovery, sampling, the
 classifier's table, save and reload through the pipeline, the PNGs); the parts with a known answer
 are checked on their own."""
-import importlib.util
 import json
 import re
 import sys
@@ -14,17 +13,9 @@ import pytest
 import torch
 
 import blastfx
+from example_loader import load_example
 
 pytestmark = pytest.mark.requires("diffusers", "sklearn", "matplotlib")
-
-
-def load_example(name):
-    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module                  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -1,23 +1,12 @@
 """The examples as tests: training from scratch with init="random" BLAST layers must learn; the SmolLM2
 demo's pipeline runs end to end on a tiny model."""
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import blastfx
-
-
-def load_example(name):
-    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module                  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+from example_loader import load_example
 
 
 @pytest.mark.slow

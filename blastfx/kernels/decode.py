@@ -305,15 +305,23 @@ def blast_decode(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, 
     grid = cfg["per_sm"] * sms
     key = (_index(x2.device), shape, T, x2.dtype, tuple(sorted(cfg.items())), bias is not None,
            tuple(x2.stride()), tuple(U.stride()), tuple(V.stride()), tuple(S.stride()))
-    if key not in _CHECKED:     # compile without running; a grid that is not co-resident never launches
-        compiled = _blast_decode_kernel.warmup(*args(grid), STAGE=3, **const, **launch, grid=(grid,))
-        resident = resident_programs(compiled, x2.device)
-        if resident < grid:
-            raise RuntimeError(f"decode kernel config {cfg} fits {resident} co-resident programs, fewer than "
-                               f"its grid of {grid}: a grid barrier would deadlock")
-        _CHECKED.add(key)
-    _blast_decode_kernel[(grid,)](*args(grid), STAGE=3, **const, **launch)
+    launch_persistent(_blast_decode_kernel, key, args(grid), grid, x2.device, f"decode kernel config {cfg}",
+                      STAGE=3, **const, **launch)
     return y
+
+
+def launch_persistent(kernel, key, args, grid: int, device, what: str, **kwargs) -> None:
+    """Launch ``kernel`` on a grid that waits on a grid barrier. The first time ``key`` is seen the
+    kernel is compiled without running and its co-resident program count checked: a grid larger
+    than that would deadlock, so it raises instead of launching."""
+    if key not in _CHECKED:
+        compiled = kernel.warmup(*args, **kwargs, grid=(grid,))
+        resident = resident_programs(compiled, device)
+        if resident < grid:
+            raise RuntimeError(f"{what} fits {resident} co-resident programs, fewer than its grid of {grid}: "
+                               "a grid barrier would deadlock")
+        _CHECKED.add(key)
+    kernel[(grid,)](*args, **kwargs)
 
 
 _CHECKED: set = set()

@@ -36,11 +36,10 @@ import triton
 import triton.language as tl
 
 from ..structures.blast.layout import BlastShape
-from .decode import _index, _sm_limits, resident_programs
+from .decode import _index, _sm_limits, launch_persistent
 
 MAX_T = 4                   # FMA accumulators hold T x tile values per thread; past this, tensor cores win
 _WORKSPACES: dict = {}      # per device: (generation + barrier counters, two halves of w)
-_CHECKED: set = set()       # persistent configs whose grid was checked to be co-resident
 
 
 @triton.jit
@@ -323,14 +322,8 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
             _gemv_decode_kernel[(g2,)](*args(g2), STAGE=2, **const, **launch)
         return y
     key = (_index(x2.device), shape, BT, x2.dtype, tuple(sorted(cfg.items())), bias is not None, quant)
-    if key not in _CHECKED:     # compile without running; a grid that is not co-resident never launches
-        compiled = _gemv_decode_kernel.warmup(*args(grid), STAGE=3, **const, **launch, grid=(grid,))
-        resident = resident_programs(compiled, x2.device)
-        if resident < grid:
-            raise RuntimeError(f"GEMV decode config {cfg} fits {resident} co-resident programs, fewer than its "
-                               f"grid of {grid}: a grid barrier would deadlock")
-        _CHECKED.add(key)
-    _gemv_decode_kernel[(grid,)](*args(grid), STAGE=3, **const, **launch)
+    launch_persistent(_gemv_decode_kernel, key, args(grid), grid, x2.device, f"GEMV decode config {cfg}",
+                      STAGE=3, **const, **launch)
     return y
 
 
@@ -414,12 +407,6 @@ def blast_gemv_group(x2, members, cfg: dict | None = None, *, interpret: bool = 
         _gemv_group_kernel[(items2,)](*args(items2), STAGE=2, **const, **launch)
     else:
         key = ("group", _index(x2.device), BT, x2.dtype, tuple(sorted(cfg.items())))
-        if key not in _CHECKED:
-            compiled = _gemv_group_kernel.warmup(*args(grid), STAGE=3, **const, **launch, grid=(grid,))
-            resident = resident_programs(compiled, x2.device)
-            if resident < grid:
-                raise RuntimeError(f"GEMV group config {cfg} fits {resident} co-resident programs, fewer than "
-                                   f"its grid of {grid}: a grid barrier would deadlock")
-            _CHECKED.add(key)
-        _gemv_group_kernel[(grid,)](*args(grid), STAGE=3, **const, **launch)
+        launch_persistent(_gemv_group_kernel, key, args(grid), grid, x2.device, f"GEMV group config {cfg}",
+                          STAGE=3, **const, **launch)
     return y

@@ -11,36 +11,15 @@ from hypothesis import given, settings, strategies as st
 
 from blastfx.kernels import decode
 from blastfx.structures.blast.layout import BlastShape
-from blastfx.structures.blast.ops import blast_matmul_reference
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
+from decode_cases import CUDA, DEVICE, check, factors
 
 
-def _factors(m, n, r, b_out, b_in, dtype, bias=True, seed=0):
-    shape = BlastShape.make(m, n, r, (b_out, b_in), allow_larger=True)
-    g = torch.Generator().manual_seed(seed)
-    U = torch.randn(shape.b_out, shape.p, r, generator=g) / math.sqrt(r)
-    V = torch.randn(shape.b_in, shape.q, r, generator=g) / math.sqrt(shape.q)
-    S = torch.randn(b_out, b_in, r, generator=g)
-    U.view(-1, r)[m:] = 0                                   # padding rows are zero, as stored
-    V.view(-1, r)[n:] = 0
-    b = torch.randn(m, generator=g) if bias else None
-    to = dict(device=DEVICE, dtype=dtype)
-    return shape, U.to(**to), S.to(**to), V.to(**to), (b.to(**to) if b is not None else None)
+_factors = factors
 
 
-def _check(T, m, n, r, b_out, b_in, dtype, bias, cfg=None, seed=0):
-    shape, U, S, V, b = _factors(m, n, r, b_out, b_in, dtype, bias, seed)
-    x = torch.randn(T, n, device=DEVICE, dtype=dtype)
-    y = decode.blast_decode(x, U, S, V, b, shape, cfg, interpret=not CUDA)
-    ref = blast_matmul_reference(x.double(), U.double(), S.double(), V.double(),
-                                 b.double() if b is not None else None, m)
-    tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}[dtype]
-    scale = ref.abs().max().item() + 1e-6
-    assert y.shape == (T, m) and y.dtype == dtype
-    assert torch.isfinite(y).all()
-    assert (y.double() - ref).abs().max().item() / scale < tol
+def _check(*args, **kwargs):
+    check(decode.blast_decode, *args, **kwargs)
 
 
 @settings(max_examples=12 if not CUDA else 40, deadline=None)

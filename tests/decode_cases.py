@@ -1,0 +1,39 @@
+"""Shared cases of the decode-kernel tests: stored-layout factors (padding zero) and a check of a
+kernel's output against the float64 reference."""
+import math
+
+import torch
+
+from blastfx.structures.blast.layout import BlastShape
+from blastfx.structures.blast.ops import blast_matmul_reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+def factors(m, n, r, b_out, b_in, dtype, bias=True, seed=0):
+    """(shape, U, S, V, bias) on DEVICE in ``dtype``, with padding rows zero as stored."""
+    shape = BlastShape.make(m, n, r, (b_out, b_in), allow_larger=True)
+    g = torch.Generator().manual_seed(seed)
+    U = torch.randn(shape.b_out, shape.p, r, generator=g) / math.sqrt(r)
+    V = torch.randn(shape.b_in, shape.q, r, generator=g) / math.sqrt(shape.q)
+    S = torch.randn(b_out, b_in, r, generator=g)
+    U.view(-1, r)[m:] = 0
+    V.view(-1, r)[n:] = 0
+    b = torch.randn(m, generator=g) if bias else None
+    to = dict(device=DEVICE, dtype=dtype)
+    return shape, U.to(**to), S.to(**to), V.to(**to), (b.to(**to) if b is not None else None)
+
+
+def check(kernel, T, m, n, r, b_out, b_in, dtype, bias, cfg=None, seed=0):
+    """``kernel(x, U, S, V, b, shape, cfg, interpret=...)`` on random factors equals the float64
+    reference within ``dtype``'s tolerance (relative to the largest output)."""
+    shape, U, S, V, b = factors(m, n, r, b_out, b_in, dtype, bias, seed)
+    x = torch.randn(T, n, device=DEVICE, dtype=dtype)
+    y = kernel(x, U, S, V, b, shape, cfg, interpret=not CUDA)
+    ref = blast_matmul_reference(x.double(), U.double(), S.double(), V.double(),
+                                 b.double() if b is not None else None, m)
+    assert y.shape == (T, m) and y.dtype == dtype
+    assert torch.isfinite(y).all()
+    assert (y.double() - ref).abs().max().item() / (ref.abs().max().item() + 1e-6) < TOL[dtype]
