@@ -11,13 +11,24 @@ from .structures.blast.ops import blast_matmul, blast_matmul_reference, blast_to
 from .analyze import Analysis, analyze
 from .io import from_pretrained, load, save
 from .dense import to_dense
-from . import compiler as _compiler
 from . import integrations as _integrations
 from .plan import LayerPlan, Plan
 from .llm.recovery import FinetuneState, finetune, teacher_generate
 
 _dispatch.register()
-_compiler.register()         # backend="blast", also for a checkout that was never pip-installed
+
+
+def _register_backend() -> None:
+    """backend="blast" for a checkout that was never pip-installed. Installed, the entry point
+    registers it when dynamo first looks, so import time does not pay for importing dynamo."""
+    from importlib.metadata import entry_points
+
+    if not any(ep.name == "blast" for ep in entry_points(group="torch_dynamo_backends")):
+        from .compiler import register
+        register()
+
+
+_register_backend()
 _integrations.install()      # transformers, peft, diffusers: each registered when (if) it is imported
 
 __all__ = ["Analysis", "BlastConfig", "BudgetWarning", "WeightOnlyWarning", "BlastFactors", "BlastLinear", "BlastShape", "FinetuneState", "LayerOverride",
