@@ -1,14 +1,17 @@
 """End to end: a Llama-2-7B- or Llama-3-8B-shaped LlamaForCausalLM (random init, bf16, 32 layers) at 0.5.
 
-    python benchmarks/llama_e2e.py [--model llama3-8b] [--layers 32] [--only decode]
+    python benchmarks/llama_e2e.py [--model llama3-8b] [--layers 32] [--batch 1 8] [--only decode generate]
 
-Greedy decode of 256 tokens at batch 1 with CUDA graphs (torch.compile mode="reduce-overhead"):
-dense under inductor vs blastfx under backend="blast"; prefill of 2048 tokens; one training step
-(forward + backward) of a compressed 4096x4096 layer at T = 4096 vs dense.
+Greedy decode of 256 tokens with CUDA graphs (torch.compile mode="reduce-overhead"), dense under
+inductor vs blastfx under backend="blast", at each ``--batch``: a gpt-fast-style loop (``decode``)
+and HF ``generate`` with a static cache and ``CompileConfig(backend=...)`` as the transformers docs
+show (``generate``); prefill of 2048 tokens; one training step (forward + backward) of a compressed
+4096x4096 layer at T = 4096 vs dense.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -46,11 +49,11 @@ class Decoder:
     compiled T=1 step (``dynamic=False``: one graph, one compile per model) replayed as a CUDA graph.
     HF ``generate`` would also compile the prompt shape and sync on its stopping checks every step."""
 
-    def __init__(self, model, backend, prompt, new_tokens):
+    def __init__(self, model, backend, prompt, new_tokens, batch=1):
         from transformers import StaticCache
-        self.model, self.prompt, self.new_tokens = model, prompt, new_tokens
+        self.model, self.prompt, self.new_tokens, self.batch = model, prompt, new_tokens, batch
         self.cache = StaticCache(config=model.config, max_cache_len=prompt + new_tokens)
-        self.ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=DEVICE)
+        self.ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=DEVICE)
         self.positions = torch.arange(prompt + new_tokens, device=DEVICE)
         self.compiled = torch.compile(self.step, backend=backend, mode="reduce-overhead", dynamic=False)
 
@@ -83,9 +86,33 @@ class Decoder:
         out = self.generate()
         sync()
         dt = time.perf_counter() - t0
-        assert out.shape == (1, self.new_tokens)
+        assert out.shape == (self.batch, self.new_tokens)
         print(f"  tokens equal in two replays: {(out == replayed).float().mean().item():.3f}", flush=True)
-        return self.new_tokens / dt
+        return self.batch * self.new_tokens / dt
+
+
+@torch.no_grad()
+def generate_tokens_per_s(model, backend, prompt, new_tokens, batch=1):
+    """HF ``generate`` as a user calls it: a static cache, and generate's own compile of the decode
+    step with ``CompileConfig(backend=...)``; one eager ``generate`` first, so the blast op's
+    autotuner has seen the decode shapes before a CUDA graph is captured."""
+    from transformers import CompileConfig, GenerationConfig
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=DEVICE)
+    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              cache_implementation="static", pad_token_id=0,
+                              compile_config=CompileConfig(backend=backend, fullgraph=True, dynamic=False))
+    eager = copy.deepcopy(config)
+    eager.disable_compile = True
+    model.generate(ids, generation_config=eager)
+    for _ in range(2):                                          # compile + record, then one replayed run
+        model.generate(ids, generation_config=config)
+    sync()
+    t0 = time.perf_counter()
+    out = model.generate(ids, generation_config=config)
+    sync()
+    dt = time.perf_counter() - t0
+    assert out.shape == (batch, prompt + new_tokens)
+    return batch * new_tokens / dt
 
 
 @torch.no_grad()
@@ -133,8 +160,9 @@ def main():
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--train-tokens", type=int, default=4096)
     ap.add_argument("--lowering", default="auto", help='backend "blast" lowering option (auto, inline, extern)')
-    ap.add_argument("--only", nargs="+", choices=("train", "eager-prefill", "decode", "prefill"),
-                    default=("train", "eager-prefill", "decode", "prefill"), help="which measurements to run")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1], help="decode batch sizes")
+    ap.add_argument("--only", nargs="+", choices=("train", "eager-prefill", "decode", "generate", "prefill"),
+                    default=("train", "eager-prefill", "decode", "generate", "prefill"), help="which measurements to run")
     add_arguments(ap)
     args = ap.parse_args()
     dims = SHAPES[args.model]
@@ -151,8 +179,12 @@ def main():
     # cheapest first, each row printed as it lands: a time limit still leaves the rows before it
     rows = [("eager-prefill", "prefill %d tokens, eager" % args.prefill, "ms",
              lambda m, b: prefill_ms(m, args.prefill), False),
-            ("decode", "decode %d tokens at batch 1, CUDA graphs" % args.new_tokens, "tok/s",
-             lambda m, b: Decoder(m, b, args.prompt, args.new_tokens).tokens_per_s(), True),
+            *[("decode", "decode %d tokens at batch %d, CUDA graphs" % (args.new_tokens, bs), "tok/s",
+               lambda m, b, bs=bs: Decoder(m, b, args.prompt, args.new_tokens, bs).tokens_per_s(), True)
+              for bs in args.batch],
+            *[("generate", "HF generate %d tokens at batch %d, static cache, compiled" % (args.new_tokens, bs), "tok/s",
+               lambda m, b, bs=bs: generate_tokens_per_s(m, b, args.prompt, args.new_tokens, bs), True)
+              for bs in args.batch],
             ("prefill", "prefill %d tokens, compiled" % args.prefill, "ms", lambda m, b: prefill_ms(
                 m, args.prefill, b, {"lowering": args.lowering} if b == "blast" else None), False)]
     rows = [r for r in rows if r[0] in args.only]

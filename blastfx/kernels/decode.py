@@ -35,6 +35,7 @@ except ImportError:                      # triton without grid dependency contro
     gdc_launch_dependents = gdc_wait = None
 
 from ..structures.blast.layout import BlastShape
+from .state import allocate_state
 
 _COUNTERS: dict = {}
 
@@ -189,7 +190,7 @@ def _counters(device: torch.device, count: int) -> torch.Tensor:
     the kernel resets each on its way out, so no memset is launched per call."""
     key = (device.type, device.index)
     if key not in _COUNTERS or _COUNTERS[key].numel() < count:
-        _COUNTERS[key] = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[key] = allocate_state(lambda: torch.zeros(max(count, 4096), dtype=torch.int32, device=device), device)
     return _COUNTERS[key]
 
 

@@ -288,7 +288,7 @@ def _all_candidates(decode: bool, few_tokens: bool, shape: BlastShape, device) -
     wide_mix = [{"BI": 16, "BTM": 16, "BRM": 32}, {"BI": 8, "BTM": 32, "BRM": 32}] if shape.b_out > 4 else []
     if decode:
         kernels = [c for c in decode_kernels.CANDIDATES if c["mode"] != "pdl" or decode_kernels.pdl_supported(device)]
-        gemv = [("gemv", c) for c in gemv_kernels.CANDIDATES] if few_tokens else []
+        gemv = [("gemv", c) for c in gemv_kernels.candidates(device)] if few_tokens else []
         return ([("bmm_mix_bmm", {})] + gemv + [("decode", c) for c in kernels]
                 + [("fused", decode_config(shape, device, 4)),
                    ("fused", decode_config(shape, device, 8)), ("fused_bmm", decode_config(shape, device, 4))]
@@ -395,7 +395,7 @@ def blast_matmul_quantized_triton(x, U, U_scale, S, V, V_scale, bias=None, out_f
 
     key = ("quantized", str(U.dtype)) + tuning_key(T, shape, x.dtype, bias is not None, x.device)
     copies = _WeightCopies((U, U_scale, S, V, V_scale), x.device)
-    _, cfg = autotune.choose(key, [("gemv", c) for c in gemv_kernels.CANDIDATES],
+    _, cfg = autotune.choose(key, [("gemv", c) for c in gemv_kernels.candidates(x2.device)],
                              lambda p, c, k: run(c, copies[k]), copies=copies.count)
     cfg = {**cfg, **(config or {})}
     if INTERPRET:

@@ -26,8 +26,17 @@ per-(j, rank) scale multiplies z after its reduction over q, where ``s_ij`` mult
 U's per-row scale multiplies each output after its reduction over r. No dequantized copy is made.
 
 Launch modes (``cfg["mode"]``): ``persistent`` runs both stages in one grid no larger than what is
-co-resident, with a grid barrier between them; ``two`` is two plain launches. Under
-``TRITON_INTERPRET=1`` programs run one after another, so both modes run as two launches there.
+co-resident, with a grid barrier between them; ``two`` is two plain launches; ``pdl`` is two
+launches, each a programmatic dependent of the kernel before it (Hopper and newer), so it becomes
+resident while that kernel drains. Under ``TRITON_INTERPRET=1`` programs run one after another, so
+every mode runs as two plain launches there.
+
+Prefetch (``cfg["prefetch"]``): the fixed cost of a stage (ramp-up until enough loads are in flight,
+and the tail) is paid per stage, so the U stream should not wait for the dependency on w. With
+``prefetch`` the weights a program will read later are requested into L2 (``prefetch.global.L2``,
+nothing held in registers) before it waits: in ``persistent`` mode U at the start (2) or just
+before the grid barrier (1); in ``pdl`` mode each stage's weights before ``gdc_wait``, which is
+the only point where the previous kernel's results (x, w, the generation counter) may be read.
 """
 from __future__ import annotations
 
@@ -36,7 +45,9 @@ import triton
 import triton.language as tl
 
 from ..structures.blast.layout import BlastShape
-from .decode import _index, _sm_limits, launch_persistent
+from .decode import _index, _prefetch_l2, _prefetch_u, _sm_limits, gdc_launch_dependents, gdc_wait, \
+    launch_persistent, pdl_supported
+from .state import allocate_state
 
 MAX_T = 4                   # FMA accumulators hold T x tile values per thread; past this, tensor cores win
 _WORKSPACES: dict = {}      # per device: (generation + barrier counters, two halves of w)
@@ -69,6 +80,25 @@ def _clear_other_half(ws_ptr, sync_ptr, gen, pid, GRID, HALF, extent, ZB: tl.con
         tl.store(nxt + offs_z, tl.zeros((ZB,), tl.float32), mask=offs_z < dirty)
     if pid == 0:
         tl.store(sync_ptr + 4 + gen % 2, extent)
+
+
+@triton.jit
+def _prefetch_v_items(v_ptr, pid, items, GRID, Q, R, B_IN, Q_CHUNK, R_TILES, svj, svq, svr,
+                      BR: tl.constexpr, LINE: tl.constexpr):
+    """L2 prefetch of the V tiles of program ``pid``'s stage-1 items (one address per 128-byte line)."""
+    offs_l = tl.arange(0, BR // LINE) * LINE
+    offs_q = tl.arange(0, 16)
+    for item in range(pid, items, GRID):
+        rt = item % R_TILES
+        jq = item // R_TILES
+        j = jq % B_IN
+        q0 = (jq // B_IN) * Q_CHUNK
+        q_lim = tl.minimum(Q, q0 + Q_CHUNK)
+        cols = rt * BR + offs_l
+        for c0 in range(q0, q_lim, 16):
+            rows = c0 + offs_q
+            inside = (rows[:, None] < q_lim) & (cols[None, :] < R)     # outside: the block's own start
+            _prefetch_l2(v_ptr + j * svj + tl.where(inside, rows[:, None] * svq + cols[None, :] * svr, 0))
 
 
 @triton.jit
@@ -153,10 +183,26 @@ def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_p
                         us_ptr, vs_ptr, susi, susp, svsj, svsr,
                         HAS_BIAS: tl.constexpr, BT: tl.constexpr, B_OUT: tl.constexpr,
                         BQ: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr,
-                        ZB: tl.constexpr, STAGE: tl.constexpr, QUANT: tl.constexpr):
+                        ZB: tl.constexpr, STAGE: tl.constexpr, QUANT: tl.constexpr,
+                        PREFETCH: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, ADVANCE: tl.constexpr):
     """STAGE 1: x·V and the s-mix into w; STAGE 2: w·Uᵀ; STAGE 3: both, grid barrier between.
-    w is (B_OUT, BT, R) fp32 in the workspace half picked by the generation counter's parity."""
+    w is (B_OUT, BT, R) fp32 in the workspace half picked by the generation counter's parity.
+    PDL: only weights are touched before ``gdc_wait``; the generation counter is read after it.
+    ADVANCE (two-launch form): this launch moves the generation on when its last program ends:
+    stage 2 of a full call, or stage 1 launched alone (which leaves its half for the next call to
+    clear, as a full call does); stage 2 launched alone leaves the workspace as it found it."""
     pid = tl.program_id(0)
+    if PDL:
+        if PREFETCH:
+            if STAGE == 1:
+                _prefetch_v_items(v_ptr, pid, B_IN * R_TILES * Q_SPLIT, GRID, Q, R, B_IN, Q_CHUNK, R_TILES,
+                                  svj, svq, svr, BR, LINE)
+            else:
+                _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, R, sui, sup, sur, BP, LINE)
+        gdc_wait()
+        gdc_launch_dependents()     # a dependent touches only its weights until its own wait
+    if (STAGE == 3) & (PREFETCH == 2):
+        _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, R, sui, sup, sur, BP, LINE)
     gen = tl.load(sync_ptr, volatile=True)
     w_ptr = ws_ptr + (gen % 2) * HALF
     if STAGE != 2:
@@ -165,12 +211,14 @@ def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_p
             _xv_mix_item(item, x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, B_OUT, Q_CHUNK, R_TILES,
                          sxt, sxn, ssi, ssj, ssr, svj, svq, svr, BT, BQ, BR, vs_ptr, svsj, svsr, QUANT)
     if STAGE == 3:
+        if PREFETCH == 1:
+            _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, R, sui, sup, sur, BP, LINE)
         _grid_barrier(sync_ptr, GRID)
     if STAGE != 1:
         for item in range(pid, B_OUT * P_TILES, GRID):
             _wu_item(item, u_ptr, b_ptr, y_ptr, w_ptr, T, M, P, R, P_TILES, sui, sup, sur, syt, sym, HAS_BIAS,
                      BT, BP, BK, us_ptr, susi, susp, QUANT)
-    if STAGE == 2:
+    if ADVANCE:
         _advance_generation(sync_ptr, GRID)
 
 
@@ -192,15 +240,36 @@ def _member(table_ptr, item, G, FIELD: tl.constexpr):
 @triton.jit
 def _gemv_group_kernel(x_ptr, y_ptr, table_ptr, ws_ptr, sync_ptr, T, N, YS, G, ITEMS1, ITEMS2, EXTENT,
                        GRID, HALF, sxt, BT: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
-                       BP: tl.constexpr, BK: tl.constexpr, ZB: tl.constexpr, STAGE: tl.constexpr):
+                       BP: tl.constexpr, BK: tl.constexpr, ZB: tl.constexpr, STAGE: tl.constexpr,
+                       PREFETCH: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr):
     """Several BLAST layers that read the same x (q/k/v, gate/up) in one stream of work items: the
     same two stages as ``_gemv_decode_kernel``, each item first looking up its member in the table.
     Factors are contiguous (strides derived from the geometry, ranks multiples of 8); y is one
-    (T, YS) buffer, each member writing its columns."""
+    (T, YS) buffer, each member writing its columns. PDL and PREFETCH as in ``_gemv_decode_kernel``
+    (two-launch form: one item per program)."""
     pid = tl.program_id(0)
+    ptr_ty = tl.pointer_type(x_ptr.dtype.element_ty)
+    if PDL:
+        if PREFETCH:
+            if STAGE == 1:
+                row = table_ptr + _member(table_ptr, pid, G, 14) * _NF
+                Q = tl.load(row + 7).to(tl.int32)
+                R = tl.load(row + 8).to(tl.int32)
+                local = pid - tl.load(row + 14).to(tl.int32)
+                _prefetch_v_items(tl.load(row + 2).to(ptr_ty, bitcast=True), local, local + 1, 1, Q, R,
+                                  tl.load(row + 9).to(tl.int32), tl.load(row + 11).to(tl.int32),
+                                  tl.load(row + 12).to(tl.int32), Q * R, R, 1, BR, LINE)
+            else:
+                row = table_ptr + _member(table_ptr, pid, G, 15) * _NF
+                P = tl.load(row + 6).to(tl.int32)
+                R = tl.load(row + 8).to(tl.int32)
+                local = pid - tl.load(row + 15).to(tl.int32)
+                _prefetch_u(tl.load(row + 0).to(ptr_ty, bitcast=True), local, local + 1, 1,
+                            tl.load(row + 13).to(tl.int32), P, R, P * R, R, 1, BP, LINE)
+        gdc_wait()
+        gdc_launch_dependents()
     gen = tl.load(sync_ptr, volatile=True)
     w_base = ws_ptr + (gen % 2) * HALF
-    ptr_ty = tl.pointer_type(x_ptr.dtype.element_ty)
     if STAGE != 2:
         _clear_other_half(ws_ptr, sync_ptr, gen, pid, GRID, HALF, EXTENT, ZB)
         for item in range(pid, ITEMS1, GRID):
@@ -240,8 +309,8 @@ def workspace(device: torch.device, half: int) -> tuple[torch.Tensor, torch.Tens
     if key not in _WORKSPACES or _WORKSPACES[key][1].numel() < 2 * half:
         half = max(half, 1 << 16)
         _WORKSPACES.setdefault(("retired", key), []).extend([_WORKSPACES[key]] if key in _WORKSPACES else [])
-        _WORKSPACES[key] = (torch.zeros(8, dtype=torch.int32, device=device),
-                            torch.zeros(2 * half, dtype=torch.float32, device=device))
+        _WORKSPACES[key] = allocate_state(lambda: (torch.zeros(8, dtype=torch.int32, device=device),
+                                                   torch.zeros(2 * half, dtype=torch.float32, device=device)), device)
     return _WORKSPACES[key]
 
 
@@ -265,10 +334,42 @@ def gemv_plan(shape: BlastShape, grid: int, cfg: dict) -> dict:
 
 # Tiles of 16-32 KB per loop step keep enough loads in flight per SM to stream at full bandwidth.
 # per_sm: programs per SM of the persistent grid (and what the x·V split aims to fill in both modes).
-DEFAULT = dict(mode="two", BQ=32, BR=512, BP=16, BK=512, warps=4, stages=1, per_sm=2)
+# prefetch: 0 none; persistent mode: 1 U into L2 before the barrier, 2 U at the start (streams with V);
+# pdl mode: 1 each stage's weights before its gdc_wait.
+DEFAULT = dict(mode="two", BQ=32, BR=512, BP=16, BK=512, warps=4, stages=1, per_sm=2, prefetch=0)
 CANDIDATES = (DEFAULT, {**DEFAULT, "BQ": 64, "BR": 128, "BP": 32, "BK": 256, "per_sm": 4},
               {**DEFAULT, "BR": 256, "warps": 8, "warps2": 4}, {**DEFAULT, "mode": "persistent"},
-              {**DEFAULT, "mode": "persistent", "BQ": 64, "BR": 256})
+              {**DEFAULT, "mode": "persistent", "BQ": 64, "BR": 256},
+              {**DEFAULT, "mode": "persistent", "prefetch": 1}, {**DEFAULT, "mode": "persistent", "prefetch": 2},
+              {**DEFAULT, "mode": "pdl", "prefetch": 1}, {**DEFAULT, "mode": "pdl"},
+              {**DEFAULT, "mode": "pdl", "prefetch": 1, "BR": 256, "warps": 8, "warps2": 4})
+
+
+def candidates(device) -> list[dict]:
+    """The configs worth timing on ``device``: PDL ones only where programmatic launch exists."""
+    return [c for c in CANDIDATES if c["mode"] != "pdl" or pdl_supported(device)]
+
+
+def group_candidates(device) -> list[dict]:
+    """The configs a GEMV group is timed with: a group prefetches only in ``pdl`` mode."""
+    return [c for c in candidates(device) if not (c["mode"] == "persistent" and c["prefetch"])]
+
+
+def _launch_flags(cfg: dict, interpret: bool, device, element_size: int) -> tuple[str, dict]:
+    """(launch mode, the PREFETCH/PDL/LINE constants) for ``cfg``; the interpreter runs two plain
+    launches with neither (no inline PTX there)."""
+    mode = cfg["mode"]
+    if mode not in ("persistent", "two", "pdl"):
+        raise ValueError(f"GEMV decode mode must be 'persistent', 'two' or 'pdl', got {mode!r}")
+    if cfg["prefetch"] not in (0, 1, 2) or (cfg["prefetch"] == 2 and mode != "persistent"):
+        raise ValueError(f"GEMV prefetch must be 0, 1 or (persistent mode) 2, got {cfg['prefetch']!r} in mode {mode!r}")
+    if interpret:
+        return "two", dict(PREFETCH=0, PDL=False, LINE=128 // element_size)
+    if mode == "pdl" and not pdl_supported(device):
+        raise RuntimeError("GEMV mode 'pdl' needs programmatic dependent launch: a Hopper (sm_90) or newer GPU "
+                           "and a triton that exposes gdc_wait")
+    prefetch = 0 if mode == "two" else int(cfg["prefetch"])
+    return mode, dict(PREFETCH=prefetch, PDL=mode == "pdl", LINE=128 // element_size)
 
 
 def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *, interpret: bool = False,
@@ -285,11 +386,9 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
     T, n = x2.shape
     if T > MAX_T:
         raise ValueError(f"the GEMV decode kernel takes at most {MAX_T} tokens, got T={T}")
-    mode = "two" if interpret else cfg["mode"]
-    if mode not in ("persistent", "two"):
-        raise ValueError(f"GEMV decode mode must be 'persistent' or 'two', got {mode!r}")
-    if only_stage is not None and mode != "two":
-        raise ValueError("only_stage needs mode 'two'")
+    mode, flags = _launch_flags(cfg, interpret, x2.device, U.element_size())
+    if only_stage is not None and mode == "persistent":
+        raise ValueError("only_stage needs a two-launch mode ('two' or 'pdl')")
     BT = triton.next_power_of_2(T)
     # the FMA accumulators hold BT x tile values per thread: keep that constant as T grows
     cfg.update(BQ=max(8, cfg["BQ"] // BT), BP=max(4, cfg["BP"] // BT))
@@ -300,9 +399,11 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
     sync, ws = workspace(x2.device, half)
     y = torch.empty(T, shape.out_features, device=x2.device, dtype=x2.dtype)
     const = dict(HAS_BIAS=bias is not None, BT=BT, B_OUT=shape.b_out, BQ=cfg["BQ"], BR=cfg["BR"], BP=cfg["BP"],
-                 BK=cfg["BK"], ZB=1024, QUANT=quant)
+                 BK=cfg["BK"], ZB=1024, QUANT=quant, **flags)
     us, vs = (U_scale, V_scale) if quant else (y, y)           # not read without QUANT
     launch = {} if interpret else {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
+    if mode == "pdl":
+        launch["launch_pdl"] = True
 
     def args(g):
         return (x2, U, S, V, bias if bias is not None else y, y, ws, sync, T, n, shape.out_features,
@@ -311,19 +412,19 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
                 *V.stride(), y.stride(0), y.stride(1), us, vs, *(us.stride() if quant else (0, 0)),
                 *(vs.stride() if quant else (0, 0)))
 
-    if mode == "two":
+    if mode != "persistent":
         g1 = shape.b_in * plan["R_TILES"] * plan["Q_SPLIT"]
         g2 = shape.b_out * plan["P_TILES"]
         if only_stage in (None, 1):
-            _gemv_decode_kernel[(g1,)](*args(g1), STAGE=1, **const, **launch)
+            _gemv_decode_kernel[(g1,)](*args(g1), STAGE=1, ADVANCE=only_stage == 1, **const, **launch)
         if only_stage in (None, 2):
             if not interpret:
                 launch = {**launch, "num_warps": cfg.get("warps2", cfg["warps"])}
-            _gemv_decode_kernel[(g2,)](*args(g2), STAGE=2, **const, **launch)
+            _gemv_decode_kernel[(g2,)](*args(g2), STAGE=2, ADVANCE=only_stage is None, **const, **launch)
         return y
     key = (_index(x2.device), shape, BT, x2.dtype, tuple(sorted(cfg.items())), bias is not None, quant)
     launch_persistent(_gemv_decode_kernel, key, args(grid), grid, x2.device, f"GEMV decode config {cfg}",
-                      STAGE=3, **const, **launch)
+                      STAGE=3, ADVANCE=False, **const, **launch)
     return y
 
 
@@ -365,7 +466,7 @@ def _group_table(members, device, grid: int, cfg: dict, BT: int):
             y_col += shape.out_features
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("a GEMV group's table is built on its first call, which must not be captured")
-        table = torch.tensor(rows, dtype=torch.int64).to(device)
+        table = allocate_state(lambda: torch.tensor(rows, dtype=torch.int64).to(device), device)
         _TABLES[key] = (table, items1, items2, w_off, y_col)
     return _TABLES[key]
 
@@ -383,9 +484,9 @@ def blast_gemv_group(x2, members, cfg: dict | None = None, *, interpret: bool = 
         raise ValueError(f"cannot run these layers as one GEMV group: {why}")
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    mode = "two" if interpret else cfg["mode"]
-    if mode not in ("persistent", "two"):
-        raise ValueError(f"GEMV decode mode must be 'persistent' or 'two', got {mode!r}")
+    mode, flags = _launch_flags(cfg, interpret, x2.device, x2.element_size())
+    if flags["PREFETCH"] == 2:
+        raise ValueError("a GEMV group prefetches only in mode 'pdl' (prefetch=1)")
     BT = triton.next_power_of_2(T)
     cfg.update(BQ=max(8, cfg["BQ"] // BT), BP=max(4, cfg["BP"] // BT))
     sms = _sm_limits(_index(x2.device))[0] if x2.is_cuda else 4
@@ -393,14 +494,17 @@ def blast_gemv_group(x2, members, cfg: dict | None = None, *, interpret: bool = 
     table, items1, items2, extent, width = _group_table(members, x2.device, grid, cfg, BT)
     sync, ws = workspace(x2.device, extent)
     y = torch.empty(T, width, device=x2.device, dtype=x2.dtype)
-    const = dict(BT=BT, BQ=cfg["BQ"], BR=cfg["BR"], BP=cfg["BP"], BK=cfg["BK"], ZB=1024)
+    const = dict(BT=BT, BQ=cfg["BQ"], BR=cfg["BR"], BP=cfg["BP"], BK=cfg["BK"], ZB=1024,
+                 **dict(flags, PREFETCH=flags["PREFETCH"] if mode == "pdl" else 0))
     launch = {} if interpret else {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
+    if mode == "pdl":
+        launch["launch_pdl"] = True
 
     def args(g):
         return (x2, y, table, ws, sync, T, n, width, len(members), items1, items2, extent, g, ws.numel() // 2,
                 x2.stride(0))
 
-    if mode == "two":
+    if mode != "persistent":
         _gemv_group_kernel[(items1,)](*args(items1), STAGE=1, **const, **launch)
         if not interpret:
             launch = {**launch, "num_warps": cfg.get("warps2", cfg["warps"])}

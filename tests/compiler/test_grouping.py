@@ -88,3 +88,23 @@ def test_group_op_reference_matches_members_and_passes_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(ValueError, match="one U, S, V, bias and out_features per member"):
         torch.ops.blastfx.blast_matmul_group(x, [model.q.U], [], [], [], [])
+
+
+@pytest.mark.cuda
+def test_grouped_model_records_a_cuda_graph_without_an_eager_warm_up():
+    """Under ``mode="reduce-overhead"`` the group's table and the GEMV workspace are first needed
+    while CUDA-graph trees warm up and record; they must not land in the graph's memory pool (which
+    refuses live tensors it does not own), and replays must equal eager."""
+    torch.manual_seed(0)
+    model = Siblings().cuda().to(torch.bfloat16)
+    from blastfx.kernels import gemv
+    gemv._WORKSPACES.clear()
+    gemv._TABLES.clear()
+    x = torch.randn(1, 32, device="cuda", dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="blast", mode="reduce-overhead")    # groups by default on CUDA
+    with torch.no_grad():
+        want = model(x).float()
+        for _ in range(4):
+            got = compiled(x).float()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

@@ -78,6 +78,19 @@ def test_rejects_more_tokens_and_unknown_modes():
         gemv.blast_gemv(torch.randn(gemv.MAX_T + 1, 32, device=DEVICE), U, S, V, b, shape, interpret=not CUDA)
     with pytest.raises(ValueError, match="GEMV decode mode"):
         gemv.blast_gemv(torch.randn(1, 32, device=DEVICE), U, S, V, b, shape, {"mode": "fast"})
+    with pytest.raises(ValueError, match="prefetch must be 0, 1 or"):
+        gemv.blast_gemv(torch.randn(1, 32, device=DEVICE), U, S, V, b, shape, {"mode": "pdl", "prefetch": 2})
+    with pytest.raises(ValueError, match="prefetch must be 0, 1 or"):
+        gemv.blast_gemv(torch.randn(1, 32, device=DEVICE), U, S, V, b, shape, {"prefetch": 3})
+
+
+def test_pdl_is_refused_where_programmatic_launch_does_not_exist():
+    shape, U, S, V, b = _factors(32, 32, 8, 2, 2, torch.float32)
+    x = torch.randn(1, 32)
+    with pytest.raises(RuntimeError, match="needs programmatic dependent launch"):
+        gemv.blast_gemv(x, U.cpu(), S.cpu(), V.cpu(), b.cpu(), shape, {"mode": "pdl"})
+    assert all(c["mode"] != "pdl" for c in gemv.candidates(torch.device("cpu")))
+    assert all(not (c["mode"] == "persistent" and c["prefetch"]) for c in gemv.group_candidates(torch.device("cpu")))
 
 
 @pytest.mark.cuda
@@ -92,7 +105,8 @@ def test_every_config_matches_reference_on_cuda(T, dtype, cfg):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("cfg", [gemv.DEFAULT, {**gemv.DEFAULT, "mode": "two"}], ids=["persistent", "two"])
+@pytest.mark.parametrize("cfg", [{**gemv.DEFAULT, "mode": "two"}, {**gemv.DEFAULT, "mode": "persistent", "prefetch": 2},
+                                 {**gemv.DEFAULT, "mode": "pdl", "prefetch": 1}], ids=["two", "persistent", "pdl"])
 def test_replays_in_a_cuda_graph(cfg):
     shape, U, S, V, b = _factors(2048, 2048, 500, 4, 4, torch.bfloat16)
     x = torch.randn(2, 2048, device="cuda", dtype=torch.bfloat16)
@@ -162,8 +176,24 @@ def test_group_refuses_members_it_cannot_stream():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("cfg", gemv.CANDIDATES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+@pytest.mark.parametrize("cfg", gemv.group_candidates(torch.device("cuda" if CUDA else "cpu")), ids=lambda c: "-".join(f"{v}" for v in c.values()))
 @pytest.mark.parametrize("T", [1, 4])
 def test_group_matches_reference_on_cuda(T, cfg):
     _group_check(T, [(4096, 1024, 4, 4, False), (1024, 512, 4, 4, False), (1024, 512, 4, 4, True)],
                  torch.bfloat16, cfg, n=4096)
+
+
+@pytest.mark.parametrize("cfg", [{**TINY, "mode": "two"}] + ([{"mode": "pdl"}] if CUDA else []),
+                         ids=lambda c: c["mode"])
+def test_stage_probes_leave_the_workspace_ready_for_the_next_call(cfg):
+    """``only_stage`` launches (a profile of where the time goes) may repeat any number of times;
+    a full call after them still starts from a cleared workspace and equals the reference."""
+    if cfg["mode"] == "pdl" and not gemv.pdl_supported(torch.device(DEVICE)):
+        cfg = {**cfg, "mode": "two"}
+    shape, U, S, V, b = _factors(48, 40, 24, 2, 2, torch.float32)
+    x = torch.randn(2, 40, device=DEVICE)
+    for stage in (1, 1, 2, 1, 2, 2, 1):
+        gemv.blast_gemv(x, U, S, V, b, shape, cfg, interpret=not CUDA, only_stage=stage)
+    ref = blast_matmul_reference(x.double(), U.double(), S.double(), V.double(), b.double(), 48)
+    y = gemv.blast_gemv(x, U, S, V, b, shape, cfg, interpret=not CUDA)
+    assert (y.double() - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
