@@ -2,9 +2,13 @@
 each launch mode, against dense cuBLAS and the measured streaming bandwidth of the GPU.
 
     python benchmarks/decode_stages.py                  # Llama-2-7B layer shapes, b = 4, T = 1
+    python benchmarks/decode_stages.py --kernel decode  # the tensor-core slot kernel instead of the GEMV one
 
-Stage 1 streams V (x·V into partial sums, the last partial of each r-tile mixes it into w), stage 2
-streams U (w·Uᵀ). Each time is a CUDA-graph replay over weight copies rotated out of L2; the
+Stage 1 streams V (x·V with the s-mix), stage 2 streams U (w·Uᵀ). Each launch mode of the kernel is
+timed (for the GEMV kernel: two launches, one persistent launch with and without the L2 prefetch of
+U, and programmatic dependent launches with and without prefetch), then the seven linears of one
+Llama-2-7B block called in a row (four blocks' worth of weights, so they stream from HBM), where
+a programmatic dependent launch also overlaps one layer's start with the previous layer's tail. Each time is a CUDA-graph replay over weight copies rotated out of L2; the
 bandwidths are the factor bytes over that time, beside the "stream" bandwidth (a dense GEMV's, the
 best a read of the same bytes reaches on this GPU) so the gap per stage is explicit.
 """
@@ -14,7 +18,7 @@ import argparse
 
 import torch
 
-from blastfx.kernels import decode, forward
+from blastfx.kernels import decode, forward, gemv
 from blastfx.structures.blast.layout import BlastShape
 from common import copies_for, graph_ms, versions
 from rows import add_arguments, measurements, record
@@ -26,11 +30,22 @@ def main():
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1])
     ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--kernel", choices=("gemv", "decode"), default="gemv")
+    ap.add_argument("--no-chain", action="store_true", help="skip the block of seven linears in a row")
     add_arguments(ap)
     args = ap.parse_args()
     dt, dev = torch.bfloat16, "cuda"
     print(versions(), flush=True)
-    modes = {c["mode"]: c for c in reversed(decode.CANDIDATES)}     # the first config of each mode
+    if args.kernel == "gemv":
+        D = gemv.DEFAULT
+        modes = {"two": {**D, "mode": "two"}, "persistent": {**D, "mode": "persistent"},
+                 "persistent+prefetch": {**D, "mode": "persistent", "prefetch": 2},
+                 "pdl": {**D, "mode": "pdl"}, "pdl+prefetch": {**D, "mode": "pdl", "prefetch": 1}}
+        run, staged = gemv.blast_gemv, modes["two"]
+    else:
+        modes = {c["mode"]: c for c in reversed(decode.CANDIDATES)}     # the first config of each mode
+        run, staged = decode.blast_decode, {**modes["pdl"], "mode": "two"}
+    usable = {k: c for k, c in modes.items() if c["mode"] != "pdl" or decode.pdl_supported(torch.device(dev))}
     for text in args.shapes:
         m, n = map(int, text.split("x"))
         r = int(args.budget * m * n / (m + n + args.blocks ** 2)) // 16 * 16
@@ -45,14 +60,11 @@ def main():
             t_dense = graph_ms(lambda k: torch.nn.functional.linear(x, dense[k]), nd)
             stream = m * n * 2 / t_dense / 1e6                                   # GB/s
             metrics = [("dense time", t_dense, "ms"), ("dense stream bandwidth", round(stream), "GB/s")]
-            two = {**modes["pdl"], "mode": "two"}
             for stage, nbytes in ((1, v_bytes), (2, u_bytes)):
-                t = graph_ms(lambda k: decode.blast_decode(x, *fac[k], None, shape, two, only_stage=stage), len(fac))
+                t = graph_ms(lambda k: run(x, *fac[k], None, shape, staged, only_stage=stage), len(fac))
                 metrics += [(f"stage {stage} time", t, "ms"), (f"stage {stage} bandwidth", round(nbytes / t / 1e6), "GB/s")]
-            for mode, cfg in modes.items():
-                if mode == "pdl" and not decode.pdl_supported(x.device):
-                    continue
-                t = graph_ms(lambda k: decode.blast_decode(x, *fac[k], None, shape, cfg), len(fac))
+            for mode, cfg in usable.items():
+                t = graph_ms(lambda k: run(x, *fac[k], None, shape, cfg), len(fac))
                 metrics += [(f"{mode} time", t, "ms"), (f"{mode} vs dense", round(t_dense / t, 3), "x")]
             t_best = graph_ms(lambda k: forward.blast_matmul_triton(x, *fac[k]), len(fac))
             metrics += [("blastfx vs dense", round(t_dense / t_best, 3), "x"),
@@ -63,6 +75,42 @@ def main():
                 out=m, b=args.blocks, r=r, T=T, budget=args.budget, dtype="bfloat16", **{"in": n}), metrics),
                 directory=args.results_dir)
         del dense, fac
+    if not args.no_chain:
+        chain(args, usable, run)
+
+
+def chain(args, modes, run, blocks=4, hidden=4096, inter=11008):
+    """One Llama-2-7B block's linears (q, k, v, o, gate, up, down) called in a row, ``blocks`` blocks'
+    worth of distinct weights: dense, blastfx as the autotuner picks, and each launch mode."""
+    dt, dev = torch.bfloat16, "cuda"
+    shapes = [(hidden, hidden)] * 4 + [(inter, hidden)] * 2 + [(hidden, inter)]
+    for T in args.tokens:
+        xs = {n: torch.randn(T, n, device=dev, dtype=dt) for n in (hidden, inter)}
+        dense = [torch.randn(m, n, device=dev, dtype=dt) / n ** 0.5 for _ in range(blocks) for m, n in shapes]
+        t_dense = graph_ms(lambda k: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in dense], 1)
+        del dense
+        layers = []
+        for _ in range(blocks):
+            for m, n in shapes:
+                r = int(args.budget * m * n / (m + n + args.blocks ** 2)) // 16 * 16
+                shape = BlastShape.make(m, n, r, args.blocks)
+                layers.append((shape, tuple(torch.randn(*shape.factor_shapes[k], device=dev, dtype=dt) * 0.05
+                                            for k in "USV")))
+        calls = {"blastfx": lambda k: [forward.blast_matmul_triton(xs[s.in_features], *f, None, s.out_features)
+                                       for s, f in layers]}
+        for mode, cfg in modes.items():
+            calls[mode] = lambda k, cfg=cfg: [run(xs[s.in_features], *f, None, s, cfg) for s, f in layers]
+        calls["blastfx"](0)                                     # tune each shape outside the timed graph
+        metrics = [("dense time", t_dense, "ms")]
+        for name, call in calls.items():
+            t = graph_ms(call, 1)
+            metrics += [(f"{name} time", t, "ms"), (f"{name} vs dense", round(t_dense / t, 3), "x")]
+        print(f"Llama-2-7B block x{blocks}, 7 linears each, T={T}: " + ", ".join(
+            f"{k} {v:.4g}{u}" for k, v, u in metrics), flush=True)
+        record("decode_stages", measurements(f"llama2-7b block linears x{blocks} T={T}", dict(
+            blocks=blocks, b=args.blocks, T=T, budget=args.budget, dtype="bfloat16", kernel=args.kernel), metrics),
+            directory=args.results_dir)
+        del layers
 
 
 def V_bytes(shape):

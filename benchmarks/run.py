@@ -71,10 +71,11 @@ REGISTRY: dict[str, Benchmark] = {
         "\"x\" columns are dense time / blastfx time in the same process."),
     "decode_stages": Benchmark(
         "decode_stages.py", "Decode kernels: time per stage",
-        "per-stage time and bandwidth of the decode kernels, each launch mode, vs dense cuBLAS",
-        "yes", "1 min",
+        "per-stage time and bandwidth of the decode kernels, each launch mode, and a Llama block's linears in a row, vs dense",
+        "yes", "2 min",
         "One decode-sized BLAST call (budget 0.5) split into its stages: stage 1 streams V, stage 2 streams U; "
-        "each bandwidth is the factor bytes over the stage's time, beside a dense GEMV's on the same GPU."),
+        "each bandwidth is the factor bytes over the stage's time, beside a dense GEMV's on the same GPU. "
+        "The block rows call the seven linears of Llama-2-7B blocks in a row (weights from HBM)."),
     "llama_e2e": Benchmark(
         "llama_e2e.py", "End to end: Llama-2-7B shape",
         "decode tok/s, prefill and training-step time of a Llama-2-7B-shaped model, dense vs blastfx 0.5",

@@ -20,6 +20,7 @@ from .analyze import Analysis, analyze
 from .build import BuildOptions, build_layers
 from .config import BlastConfig
 from .plan import BUDGET_TOLERANCE, DEFAULT_STRUCTURE, Plan, check_budget, check_plan_fits, make_plan
+from .plan.speed import apply_speed, latency_model
 from .reconstruct import ReconstructOptions
 from .sequential import compress_sequential
 from .statistics import LayerStats, calibration_batches, collect_statistics, returns_loss
@@ -201,7 +202,15 @@ def _plan(model, budget, config, resolved, analysis, batches, stats: dict[str, L
         plan.notes.append(note)
     plan.objective = _fitted_objective(resolved, batches)
     _warn_budget_exceeded(plan, resolved)
-    return plan
+    return apply_speed(plan, latency_model(resolved.latency), _element_size(model), resolved.min_speedup)
+
+
+def _element_size(model: nn.Module) -> int:
+    """Bytes per weight entry as the model is stored (what a decode call streams per parameter)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.element_size()
+    return 4
 
 
 def compress(model: nn.Module, budget: float = 0.5, *, config: BlastConfig | None = None, example_inputs=None,

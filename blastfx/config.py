@@ -127,6 +127,10 @@ class BlastConfig:
                                            # inside the calibrated fit; None: the model's dtype
     structure: str = "blast"               # "blast", "ss1", or "auto": per layer BLAST, SS1 or dense, whichever
                                            # the measured output error per parameter favours (blastfx.plan.choice)
+    # speed-aware plans (blastfx.plan.speed): each layer's expected decode speedup is in the plan's notes;
+    # with min_speedup, layers expected slower than that on the target GPU are kept dense
+    latency: object = "h200"               # a blastfx.plan.speed.LatencyModel, a preset name, or "measure"
+    min_speedup: float | None = None       # e.g. 1.0: no compressed layer slower than dense at decode
     # sequential=True: after a block's layers are built, fit its factors (and norms) jointly to the dense
     # block's outputs on the calibration streams (blastfx.reconstruct); 0 steps turns it off
     reconstruct_steps: int = 32            # optimizer steps per block, one calibration batch each
@@ -152,6 +156,11 @@ class BlastConfig:
         if self.reconstruct_seconds is not None:
             self.reconstruct_seconds = _check_float("reconstruct_seconds", self.reconstruct_seconds, positive=True)
         self.reconstruct_lr = _check_float("reconstruct_lr", self.reconstruct_lr, positive=True)
+        if self.min_speedup is not None:
+            self.min_speedup = _check_float("min_speedup", self.min_speedup, positive=True)
+        from .plan.speed import latency_model
+        if self.latency != "measure":
+            latency_model(self.latency)              # a bad preset name or type fails here, not after calibration
         _check_bool("reconstruct_norms", self.reconstruct_norms)
         for name in ("progress", "sequential", "allow_dense", "distribute"):
             _check_bool(name, getattr(self, name))

@@ -1,0 +1,176 @@
+"""Speed-aware plans: what each planned layer is expected to cost at decode on a given GPU, and
+keeping dense the layers that would be slower than dense there.
+
+Why: at decode a layer's time is a fixed cost per kernel stage (launch, ramp-up until enough loads
+are in flight, the tail) plus its weight bytes over the achieved bandwidth. A structured layer moves
+fewer bytes but runs more stages (BLAST: x·V with the s-mix, then w·Uᵀ), so below some size it is
+slower than the dense GEMV it replaces, however few bytes it moves: on an H200 a 576x576 layer at
+half its parameters takes longer than dense. A user who compresses to go faster should not get such
+layers silently; the plan says what it expects, and ``BlastConfig(min_speedup=...)`` keeps dense
+what would fall below it.
+
+The model is ``t = stages * fixed + bytes / bandwidth``, fitted by least squares to measured
+(stages, bytes, time) points: :meth:`LatencyModel.measure` times the library's own kernels on the
+current GPU, and :data:`PRESETS` holds fits to measurements published in ``benchmarks/results``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import structures
+from ..structures.blast.quant import formats as factor_formats
+
+# kernel stages a decode call of each structure runs (dense: one GEMV); others: one
+STAGES = {"dense": 1, "blast": 2}
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Decode time of a linear layer on one GPU: ``stages * fixed_us + bytes / bandwidth``, with its
+    own constants for dense layers (one cuBLAS GEMV) and for structured ones (the blastfx kernels).
+    ``device``: what it was measured on, named in the plan's notes."""
+    device: str
+    dense_fixed_us: float
+    dense_bandwidth_gbs: float
+    fixed_us: float                  # per stage of a structured layer
+    bandwidth_gbs: float
+
+    def __post_init__(self):
+        for name in ("dense_fixed_us", "dense_bandwidth_gbs", "fixed_us", "bandwidth_gbs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"LatencyModel.{name} must be a finite non-negative number, got {value!r}")
+        if self.dense_bandwidth_gbs == 0 or self.bandwidth_gbs == 0:
+            raise ValueError("LatencyModel bandwidths must be positive")
+
+    def dense_us(self, weight_bytes: float) -> float:
+        return self.dense_fixed_us + weight_bytes / (self.dense_bandwidth_gbs * 1e3)
+
+    def structured_us(self, stages: int, weight_bytes: float) -> float:
+        return stages * self.fixed_us + weight_bytes / (self.bandwidth_gbs * 1e3)
+
+    @classmethod
+    def fit(cls, device: str, dense: list[tuple[float, float]], structured: list[tuple[int, float, float]]):
+        """Least-squares constants from measured points: ``dense`` [(bytes, µs)], ``structured``
+        [(stages, bytes, µs)]; each needs at least two points of different sizes."""
+        if len({b for b, _ in dense}) < 2 or len({(s, b) for s, b, _ in structured}) < 2:
+            raise ValueError("LatencyModel.fit needs at least two dense and two structured points of different sizes")
+        a = torch.tensor([[1.0, b / 1e3] for b, _ in dense], dtype=torch.float64)
+        d_fixed, d_slope = torch.linalg.lstsq(a, torch.tensor([[t] for _, t in dense], dtype=torch.float64)).solution[:, 0]
+        a = torch.tensor([[float(s), b / 1e3] for s, b, _ in structured], dtype=torch.float64)
+        s_fixed, s_slope = torch.linalg.lstsq(a, torch.tensor([[t] for *_, t in structured],
+                                                                dtype=torch.float64)).solution[:, 0]
+        if d_slope <= 0 or s_slope <= 0:
+            raise ValueError("LatencyModel.fit: the points do not grow with bytes; measure larger layers")
+        return cls(device, max(float(d_fixed), 0.0), 1.0 / float(d_slope), max(float(s_fixed), 0.0), 1.0 / float(s_slope))
+
+    @classmethod
+    def measure(cls, device=None, dtype=torch.bfloat16, reps: int = 20) -> "LatencyModel":
+        """Fit to this GPU: dense GEMVs and BLAST layers at half their parameters (b = 4), sizes of
+        4096x4096 to 11008x4096, timed at T = 1 as CUDA-graph replays over weight copies rotated out
+        of L2, through the same autotuned kernels a compiled model runs."""
+        from ..kernels import autotune
+        from ..structures.blast.layout import BlastShape
+        from ..structures.blast.ops import blast_matmul
+
+        device = torch.device(device or "cuda")
+        if device.type != "cuda" or not torch.cuda.is_available():
+            raise RuntimeError("LatencyModel.measure times kernels on a CUDA GPU; on this machine pass a preset "
+                               f"({', '.join(PRESETS)}) or a LatencyModel")
+        size = torch.tensor([], dtype=dtype).element_size()
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
+        dense, structured = [], []
+        for m, n in ((2048, 2048), (4096, 4096), (11008, 4096)):
+            copies = max(2, 4 * l2 // (m * n * size) + 1)
+            ws = [torch.randn(m, n, device=device, dtype=dtype) for _ in range(copies)]
+            x = torch.randn(1, n, device=device, dtype=dtype)
+            dense.append((m * n * size, 1e3 * autotune.graph_ms(lambda k: torch.nn.functional.linear(x, ws[k]),
+                                                               copies, reps)))
+            del ws
+            rank = int(0.5 * m * n / (m + n + 16)) // 16 * 16
+            shape = BlastShape.make(m, n, rank, 4)
+            copies = max(2, 4 * l2 // (shape.num_params * size) + 1)
+            fs = [tuple(torch.randn(*shape.factor_shapes[k], device=device, dtype=dtype) for k in "USV")
+                  for _ in range(copies)]
+            blast_matmul(x, *fs[0], None, m)                        # tune outside the timed graph
+            structured.append((STAGES["blast"], shape.num_params * size,
+                               1e3 * autotune.graph_ms(lambda k: blast_matmul(x, *fs[k], None, m), copies, reps)))
+            del fs
+        return cls.fit(torch.cuda.get_device_name(device), dense, structured)
+
+
+def _fit_rows(device: str, dense_rows, blast_rows, element_size: int = 2) -> LatencyModel:
+    """A fit from measured rows: dense [(out, in, µs)], BLAST at b = 4 [(out, in, rank, µs)]."""
+    from ..structures.blast.layout import BlastShape
+    return LatencyModel.fit(device, [(m * n * element_size, t) for m, n, t in dense_rows],
+                            [(STAGES["blast"], BlastShape.make(m, n, r, 4).num_params * element_size, t)
+                             for m, n, r, t in blast_rows])
+
+
+# Fits to measured T = 1 rows (H200, torch 2.11, triton 3.6, bf16, budget 0.5, b = 4, CUDA-graph
+# medians over weights rotated out of L2; ``python benchmarks/run.py layer_speed``).
+PRESETS = {"h200": _fit_rows("NVIDIA H200 (preset)",
+                             [(4096, 4096, 12.91), (11008, 4096, 25.14), (4096, 11008, 28.38)],
+                             [(4096, 4096, 1008, 12.12), (11008, 4096, 1488, 22.48), (4096, 11008, 1488, 20.93)])}
+
+
+def latency_model(spec) -> LatencyModel:
+    """A :class:`LatencyModel` from a config's ``latency``: the model itself, a preset name, or
+    ``"measure"`` (time this machine's GPU)."""
+    if isinstance(spec, LatencyModel):
+        return spec
+    if spec == "measure":
+        return LatencyModel.measure()
+    if isinstance(spec, str) and spec in PRESETS:
+        return PRESETS[spec]
+    raise ValueError(f"latency must be a LatencyModel, 'measure' or a preset in {tuple(PRESETS)}, got {spec!r}")
+
+
+def layer_bytes(lp, element_size: int) -> float:
+    """Weight bytes a decode call of planned layer ``lp`` streams: its parameters at the model's
+    element size, or one byte per entry for quantized factors."""
+    size = element_size
+    if lp.factor_dtype not in (None, factor_formats.MODEL):
+        size = 1
+    return lp.params * size
+
+
+def expected_speedups(plan, latency: LatencyModel, element_size: int) -> dict[str, float]:
+    """{layer: dense time / planned time} at decode under ``latency``."""
+    out = {}
+    for name, lp in plan.layers.items():
+        dense = latency.dense_us(lp.dense_params * element_size)
+        planned = latency.structured_us(STAGES.get(lp.structure, 1), layer_bytes(lp, element_size))
+        out[name] = dense / planned
+    return out
+
+
+def apply_speed(plan, latency: LatencyModel, element_size: int, min_speedup: float | None):
+    """``plan`` with each layer's expected decode speedup in its notes and, with ``min_speedup``,
+    the layers expected below it kept dense (moved to ``plan.dense``; the kept fraction then rises
+    above the budget, which the notes say). Returns a new plan; ``plan`` is not changed."""
+    speed = expected_speedups(plan, latency, element_size)
+    slow = sorted(k for k, s in speed.items() if min_speedup is not None and s < min_speedup)
+    if speed and len(slow) == len(speed):
+        best = max(speed.items(), key=lambda kv: kv[1])
+        raise ValueError(f"min_speedup={min_speedup}: every selected layer is expected slower than that at decode on "
+                         f"{latency.device} (the fastest, {best[0]}, {best[1]:.2f}x): nothing would be compressed. "
+                         "Lower min_speedup, or leave it None to compress for size alone.")
+    layers = {k: v for k, v in plan.layers.items() if k not in slow}
+    new = dataclasses.replace(plan, layers=layers, dense=sorted(set(plan.dense) | set(slow)), notes=list(plan.notes))
+    total_dense = sum(latency.dense_us(lp.dense_params * element_size) for lp in plan.layers.values())
+    total = sum(latency.dense_us(plan.layers[k].dense_params * element_size) if k in slow
+                else latency.dense_us(plan.layers[k].dense_params * element_size) / speed[k] for k in plan.layers)
+    by = sorted(speed.items(), key=lambda kv: kv[1])
+    new.notes.append(f"expected decode speedup on {latency.device} (T=1): compressed layers together "
+                     f"{total_dense / total:.2f}x dense; slowest {by[0][0]} {by[0][1]:.2f}x, fastest "
+                     f"{by[-1][0]} {by[-1][1]:.2f}x" if by else f"expected decode speedup on {latency.device}: no layers")
+    if slow:
+        new.notes.append(f"kept dense {len(slow)} layers expected below min_speedup={min_speedup} on {latency.device} "
+                         f"(e.g. {slow[0]}: {speed[slow[0]]:.2f}x); kept fraction {new.kept_fraction:.4f} "
+                         f"against the budget {plan.budget}")
+    return new

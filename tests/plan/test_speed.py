@@ -1,0 +1,133 @@
+"""Speed-aware plans (``blastfx.plan.speed``): the latency model's fit, the expected speedups the plan
+reports, and ``min_speedup`` keeping dense exactly the layers expected below it."""
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import blastfx
+from blastfx import BlastConfig
+from blastfx.plan.speed import PRESETS, STAGES, LatencyModel, apply_speed, expected_speedups, latency_model
+
+
+class Mixed(nn.Module):
+    """Repeated blocks with one wide layer and one narrow layer each (sizes far apart, so a latency
+    model with a large fixed cost favours compressing only the wide one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"wide": nn.Linear(256, 512), "narrow": nn.Linear(64, 64)})
+                                    for _ in range(2))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b["wide"](x)[..., :256]
+            x = torch.cat([b["narrow"](x[..., :64]), x[..., 64:]], -1)
+        return x
+
+
+# a GPU where a stage costs 10 µs and both paths stream at 1 GB/s (1000 bytes per µs): a layer of P
+# weight bytes takes 10 + P/1000 µs dense and 20 + P'/1000 µs structured
+TOY = LatencyModel("toy GPU", dense_fixed_us=10.0, dense_bandwidth_gbs=1.0, fixed_us=10.0, bandwidth_gbs=1.0)
+
+
+def _plan(model, config):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return blastfx.plan_for(model, 0.5, config, example_inputs=(torch.randn(2, 256),))
+
+
+def test_fit_recovers_known_constants():
+    dense = [(b, 3.0 + b / 2e6) for b in (1e6, 4e6, 9e6)]                     # 3 µs + 2 TB/s
+    structured = [(s, b, 2.5 * s + b / 1e6) for s, b in ((2, 1e6), (2, 5e6), (1, 3e6))]   # 2.5 µs/stage, 1 TB/s
+    m = LatencyModel.fit("synthetic", dense, structured)
+    assert m.dense_fixed_us == pytest.approx(3.0, rel=1e-9)
+    assert m.dense_bandwidth_gbs == pytest.approx(2000.0, rel=1e-9)
+    assert m.fixed_us == pytest.approx(2.5, rel=1e-9)
+    assert m.bandwidth_gbs == pytest.approx(1000.0, rel=1e-9)
+
+
+def test_the_preset_reproduces_its_measurements():
+    """The H200 preset is a fit to six measured layers: it must predict each within 10%."""
+    from blastfx.structures.blast.layout import BlastShape
+    h200 = PRESETS["h200"]
+    for (m, n), t in (((4096, 4096), 12.91), ((11008, 4096), 25.14), ((4096, 11008), 28.38)):
+        assert h200.dense_us(m * n * 2) == pytest.approx(t, rel=0.1)
+    for m, n, r, t in ((4096, 4096, 1008, 12.12), (11008, 4096, 1488, 22.48), (4096, 11008, 1488, 20.93)):
+        assert h200.structured_us(2, BlastShape.make(m, n, r, 4).num_params * 2) == pytest.approx(t, rel=0.1)
+
+
+def test_expected_speedups_follow_the_model():
+    plan = _plan(Mixed(), BlastConfig(include=("*",)))
+    speed = expected_speedups(plan, TOY, 4)
+    for name, lp in plan.layers.items():
+        dense = 10.0 + lp.dense_params * 4 / 1000.0
+        ours = STAGES["blast"] * 10.0 + lp.params * 4 / 1000.0
+        assert speed[name] == pytest.approx(dense / ours, rel=1e-12)
+    assert any("expected decode speedup on toy GPU" in n for n in apply_speed(plan, TOY, 4, None).notes)
+
+
+def test_min_speedup_keeps_dense_exactly_the_slow_layers():
+    torch.manual_seed(0)
+    model = Mixed()
+    config = BlastConfig(include=("*",), latency=TOY, min_speedup=1.0)
+    plan = _plan(model, config)
+    full = _plan(model, BlastConfig(include=("*",), latency=TOY))
+    speed = expected_speedups(full, TOY, 4)
+    slow = sorted(k for k, s in speed.items() if s < 1.0)
+    assert slow == ["blocks.0.narrow", "blocks.1.narrow"]                  # the toy GPU's fixed cost
+    assert sorted(plan.layers) == ["blocks.0.wide", "blocks.1.wide"]
+    assert set(slow) <= set(plan.dense)
+    assert any("kept dense 2 layers expected below min_speedup=1.0" in n for n in plan.notes)
+    x = torch.randn(3, 256)
+    want = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        blastfx.compress(model, 0.5, config=config, example_inputs=(x,))
+    assert type(model.blocks[0]["narrow"]) is nn.Linear
+    assert isinstance(model.blocks[0]["wide"], blastfx.BlastLinear)
+    assert torch.isfinite(model(x)).all() and model(x).shape == want.shape
+
+
+def test_min_speedup_nobody_reaches_is_an_error_and_the_model_is_untouched():
+    model = Mixed()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    slow_gpu = LatencyModel("slow GPU", 1.0, 1.0, 1e6, 1.0)
+    with pytest.raises(ValueError, match="every selected layer is expected slower"):
+        blastfx.compress(model, 0.5, config=BlastConfig(include=("*",), latency=slow_gpu, min_speedup=1.0),
+                         example_inputs=(torch.randn(2, 256),))
+    assert all(type(b["wide"]) is nn.Linear for b in model.blocks)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"min_speedup": 0.0}, "min_speedup must be a positive"),
+    ({"min_speedup": math.nan}, "min_speedup must be a positive"),
+    ({"latency": "a100"}, "latency must be a LatencyModel, 'measure' or a preset"),
+    ({"latency": 3}, "latency must be a LatencyModel"),
+])
+def test_bad_speed_options_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BlastConfig(**kwargs)
+
+
+def test_bad_latency_model_constants_are_named():
+    with pytest.raises(ValueError, match="LatencyModel.fixed_us must be a finite non-negative number"):
+        LatencyModel("x", 1.0, 1.0, -1.0, 1.0)
+    with pytest.raises(ValueError, match="at least two dense and two structured points"):
+        LatencyModel.fit("x", [(1.0, 1.0)], [(2, 1.0, 1.0), (2, 2.0, 2.0)])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_measure_without_a_gpu_says_what_to_pass_instead():
+    with pytest.raises(RuntimeError, match="pass a preset"):
+        latency_model("measure")
+
+
+@pytest.mark.cuda
+def test_measure_on_the_gpu_gives_a_model_that_predicts_its_own_points():
+    m = LatencyModel.measure()
+    assert m.dense_bandwidth_gbs > 100 and m.bandwidth_gbs > 100
+    assert 0 < m.dense_fixed_us < 100 and 0 <= m.fixed_us < 100
