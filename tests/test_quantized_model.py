@@ -126,3 +126,26 @@ def test_state_dict_bytes_are_a_quarter_of_bf16_dense_plus_scales():
         want += 4 * (s.b_out * s.p + s.b_in * s.rank)            # float32 scales
     assert got == want
     assert 0.25 < got / dense_bytes < 0.28, got / dense_bytes       # half the parameters at 1 byte of 2, plus S and scales
+
+
+def test_hf_save_pretrained_round_trip_keeps_int8_codes_and_generates(tmp_path):
+    """transformers' own save/load: the codes stay int8 on disk and in the reloaded model, the
+    reloaded logits are identical, and ``generate`` runs on it."""
+    from models import tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    blastfx.compress(model, 0.5, config=BlastConfig(factor_dtype="int8", progress=False),
+                     calibration=torch.randint(3, 128, (4, 16)))
+    x = torch.randint(3, 128, (2, 8))
+    want = model(x).logits
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.up_proj.U").dtype == torch.int8
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    layer = loaded.model.layers[0].mlp.up_proj
+    assert isinstance(layer, blastfx.BlastLinear) and layer.U.dtype == torch.int8 and layer.factor_dtype == "int8"
+    assert torch.equal(loaded(x).logits, want)
+    out = loaded.generate(x, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 11) and torch.equal(out[:, :8], x)
