@@ -1,12 +1,15 @@
 """End to end: a Llama-2-7B- or Llama-3-8B-shaped LlamaForCausalLM (random init, bf16, 32 layers) at 0.5.
 
     python benchmarks/llama_e2e.py [--model llama3-8b] [--layers 32] [--batch 1 8] [--only decode generate]
+    python benchmarks/llama_e2e.py --only decode --factor-dtype int8 --torchao int8 int4   # equal-bytes baselines
 
 Greedy decode of 256 tokens with CUDA graphs (torch.compile mode="reduce-overhead"), dense under
 inductor vs blastfx under backend="blast", at each ``--batch``: a gpt-fast-style loop (``decode``)
 and HF ``generate`` with a static cache and ``CompileConfig(backend=...)`` as the transformers docs
 show (``generate``); prefill of 2048 tokens; one training step (forward + backward) of a compressed
-4096x4096 layer at T = 4096 vs dense.
+4096x4096 layer at T = 4096 vs dense. ``--factor-dtype int8`` adds blastfx with int8 factors (a
+quarter of dense's bytes at 0.5) and ``--torchao int8 int4`` torchao's weight-only quantized dense
+models (``quantize_``, compiled by inductor), each against the same dense run.
 """
 from __future__ import annotations
 
@@ -161,6 +164,9 @@ def main():
     ap.add_argument("--train-tokens", type=int, default=4096)
     ap.add_argument("--lowering", default="auto", help='backend "blast" lowering option (auto, inline, extern)')
     ap.add_argument("--batch", type=int, nargs="+", default=[1], help="decode batch sizes")
+    ap.add_argument("--factor-dtype", default=None, help="also blastfx with factors quantized to this (e.g. int8)")
+    ap.add_argument("--torchao", nargs="*", default=[], choices=("int8", "int4"),
+                    help="also torchao weight-only quantized dense models")
     ap.add_argument("--only", nargs="+", choices=("train", "eager-prefill", "decode", "generate", "prefill"),
                     default=("train", "eager-prefill", "decode", "generate", "prefill"), help="which measurements to run")
     add_arguments(ap)
@@ -173,9 +179,17 @@ def main():
     models = {"dense": (build(args.layers, **dims), "inductor")}
     blast = build(args.layers, **dims)
     blastfx.compress(blast, args.budget, config=BlastConfig(init="random", progress=False))
-    models[f"blastfx {args.budget}"] = (blast, "blast")
+    models["blastfx"] = (blast, "blast")
+    if args.factor_dtype:
+        from blastfx.structures.blast.quant import quantize_model
+        quantized = build(args.layers, **dims)
+        blastfx.compress(quantized, args.budget, config=BlastConfig(init="random", progress=False))
+        models[f"blastfx {args.factor_dtype}"] = (quantize_model(quantized, args.factor_dtype), "blast")
+    for kind in args.torchao:
+        models[f"torchao {kind}"] = (torchao_model(build(args.layers, **dims), kind), "inductor")
     for name, (model, _) in models.items():
-        print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params", flush=True)
+        size = sum(stored_bytes(t) for t in list(model.parameters()) + list(model.buffers()))
+        print(f"{name}: {size / 2**30:.2f} GiB of weights", flush=True)
     # cheapest first, each row printed as it lands: a time limit still leaves the rows before it
     rows = [("eager-prefill", "prefill %d tokens, eager" % args.prefill, "ms",
              lambda m, b: prefill_ms(m, args.prefill), False),
@@ -188,20 +202,41 @@ def main():
             ("prefill", "prefill %d tokens, compiled" % args.prefill, "ms", lambda m, b: prefill_ms(
                 m, args.prefill, b, {"lowering": args.lowering} if b == "blast" else None), False)]
     rows = [r for r in rows if r[0] in args.only]
-    print("\n| measurement | dense (inductor) | blastfx (blast) | blastfx vs dense |\n|---|---|---|---|", flush=True)
+    others = [n for n in models if n != "dense"]
+    print("\n| measurement | dense (inductor) | " + " | ".join(others) + " | "
+          + " | ".join(f"{n} vs dense" for n in others) + " |\n|" + "---|" * (2 + 2 * len(others)), flush=True)
     config = dict(layers=args.layers, budget=args.budget, b=4, dtype="bfloat16", **dims)
     for _, label, unit, measure, higher_is_better in rows:
-        vals = []
-        for model, backend in models.values():
+        vals = {}
+        for name, (model, backend) in models.items():
             torch._dynamo.reset()
-            vals.append(measure(model, backend))
-        d, b = vals
-        ratio = b / d if higher_is_better else d / b
-        print(f"| {label}, {unit} | {d:.1f} | {b:.1f} | {ratio:.2f}x |", flush=True)
+            vals[name] = measure(model, backend)
+        d = vals["dense"]
+        ratios = {n: vals[n] / d if higher_is_better else d / vals[n] for n in others}
+        print(f"| {label}, {unit} | {d:.1f} | " + " | ".join(f"{vals[n]:.1f}" for n in others) + " | "
+              + " | ".join(f"{ratios[n]:.2f}x" for n in others) + " |", flush=True)
         case = label if args.model == "llama2-7b" else f"{args.model}: {label}"
-        record("llama_e2e", measurements(case, config, [("dense", round(d, 3), unit), ("blastfx", round(b, 3), unit),
-                                                         ("blastfx vs dense", round(ratio, 3), "x")]),
-               directory=args.results_dir)
+        metrics = [("dense", round(d, 3), unit)]
+        for n in others:
+            metrics += [(n, round(vals[n], 3), unit), (f"{n} vs dense", round(ratios[n], 3), "x")]
+        record("llama_e2e", measurements(case, config, metrics), directory=args.results_dir)
+
+
+def stored_bytes(t) -> int:
+    """Bytes a tensor holds; a tensor subclass (torchao's quantized weights) by its inner tensors."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(stored_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def torchao_model(model, kind):
+    """``model`` with every linear but the head quantized by torchao's weight-only configs: the
+    dense baseline at int8 (half of bf16's bytes) or int4 with group size 128 (about a quarter)."""
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    config = Int8WeightOnlyConfig() if kind == "int8" else Int4WeightOnlyConfig(group_size=128)
+    quantize_(model.model, config)
+    return model
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ stream from HBM (``common.graph_ms``), as in a CUDA-graph decode loop. "int8" is
 ``torch.ops.blastfx.blast_matmul_quantized`` runs by default: at T <= 4 the GEMV kernel reading the
 int8 codes (its config autotuned), otherwise the dequantized float paths. Speed is dense time over the
 layer's time, measured in the same process; rows go to ``benchmarks/results/quantized_speed.csv``.
+Where torchao is installed, its int8 weight-only dense layer (``quantize_(..., Int8WeightOnlyConfig())``,
+half of bf16's bytes) is timed beside them, the equal-bytes baseline for quantized factors.
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ def main():
             torch.cuda.synchronize()
             t_q = graph_ms(q, len(quant))
             path = forward.quantized_path(T, quant[0][0])
+            extra = torchao_int8_metrics(x, dense, t_dense, t_q, fmt.name)
             print(f"| {m}x{n} | {args.blocks} | {r} | {T} | {t_dense:.4f} | {t_blast:.4f} | {t_q:.4f} | "
                   f"{t_dense / t_blast:.2f} | {t_dense / t_q:.2f} | {path} |", flush=True)
             record("quantized_speed", measurements(
@@ -69,8 +72,31 @@ def main():
                 {"out": m, "in": n, "b": args.blocks, "r": r, "T": T, "budget": args.budget, "factor_dtype": fmt.name},
                 [("dense time", round(t_dense, 5), "ms"), ("bf16 BLAST time", round(t_blast, 5), "ms"),
                  (f"{fmt.name} BLAST time", round(t_q, 5), "ms"), ("bf16 BLAST vs dense", round(t_dense / t_blast, 3), "x"),
-                 (f"{fmt.name} BLAST vs dense", round(t_dense / t_q, 3), "x"), (f"{fmt.name} path", path, "")]),
+                 (f"{fmt.name} BLAST vs dense", round(t_dense / t_q, 3), "x"), (f"{fmt.name} path", path, "")]
+                + extra),
                 directory=args.results_dir)
+
+
+def torchao_int8_metrics(x, dense, t_dense, t_q, name) -> list:
+    """torchao's int8 weight-only dense layer on the same weights (copies enough to stream from HBM),
+    or nothing where torchao is not installed."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        print("  (torchao not installed: its int8 weight-only baseline is left out)", flush=True)
+        return []
+    m, n = dense[0].shape
+    layers = []
+    for w in dense[:copies_for(m * n)]:
+        lin = torch.nn.Linear(n, m, bias=False, device=w.device, dtype=w.dtype)
+        lin.weight.data.copy_(w)
+        quantize_(lin, Int8WeightOnlyConfig())
+        layers.append(lin)
+    t_ao = graph_ms(lambda k: layers[k % len(layers)](x), len(layers))
+    print(f"  torchao int8 weight-only: {t_ao:.4f} ms ({t_dense / t_ao:.2f}x dense; {name} BLAST {t_ao / t_q:.2f}x it)",
+          flush=True)
+    return [("torchao int8 time", round(t_ao, 5), "ms"), ("torchao int8 vs dense", round(t_dense / t_ao, 3), "x"),
+            (f"{name} BLAST vs torchao int8", round(t_ao / t_q, 3), "x")]
 
 
 if __name__ == "__main__":
