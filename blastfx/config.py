@@ -53,6 +53,33 @@ def _check_bool(name: str, value) -> bool:
     return value
 
 
+def _check_compute_device(value, sequential: bool, init: str) -> str | None:
+    """A device string (or torch.device) naming an available device that computes, as its str; streaming
+    walks the model block by block, which sequential calibration of fitted layers does."""
+    if value is None:
+        return None
+    import torch
+
+    if not isinstance(value, (str, torch.device)):
+        raise ValueError(f"compute_device must be a device string such as 'cuda' or 'cuda:1', got {value!r}")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"compute_device {value!r} is not a device torch knows (e.g. 'cuda', 'cuda:1', 'cpu')") from None
+    if device.type == "meta":
+        raise ValueError("compute_device 'meta' holds no values and cannot compute; name the accelerator, e.g. 'cuda'")
+    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+    if backend is not None and hasattr(backend, "is_available"):
+        count = backend.device_count() if hasattr(backend, "device_count") else 1
+        if not backend.is_available() or (device.index is not None and device.index >= count):
+            raise ValueError(f"compute_device {str(device)!r} is not available here "
+                             f"({count if backend.is_available() else 0} {device.type} device(s))")
+    if not sequential or init != "factorize":
+        raise ValueError("compute_device streams the model block by block through sequential calibration: set "
+                         "sequential=True (with init='factorize') as well")
+    return str(device)
+
+
 def _check_patterns(name: str, value) -> tuple[str, ...]:
     """One pattern (a str) or several; a str is never split into its characters."""
     patterns = (value,) if isinstance(value, str) else value
@@ -74,6 +101,7 @@ class LayerOverride:
     skip: bool = False
     method: str | None = None
     factor_dtype: str | None = None     # "int8", ...; "model" keeps this layer's factors in the model's dtype
+    structure: str | None = None        # "blast", "ss1" or "auto" for the matched layers; rank and blocks size BLAST
 
     def __post_init__(self):
         try:
@@ -86,6 +114,14 @@ class LayerOverride:
         _check_bool("skip", self.skip)
         if self.method is not None and self.method not in method_names():
             raise ValueError(f"method must be one of {method_names()}, got {self.method!r}")
+        if self.structure is not None and self.structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {STRUCTURES} or None, got {self.structure!r}")
+        if self.structure == "ss1" and (self.rank is not None or self.blocks is not None):
+            raise ValueError(f"rank and blocks size a BLAST layer; structure='ss1' has neither "
+                             f"(got rank={self.rank!r}, blocks={self.blocks!r})")
+        if self.structure == "auto" and self.rank is not None:
+            raise ValueError(f"a fixed rank makes the layer BLAST: use structure='blast' or None with rank="
+                             f"{self.rank!r}, not 'auto'")
 
 
 @dataclass
@@ -99,6 +135,15 @@ class BlastConfig:
     output objective with a uniform budget); with other calibration batches, the output objective
     with a uniform budget (the "error" strategy measured worse than uniform there); without
     calibration, the weights alone with a uniform budget. The resolved values are on the plan.
+
+    ``compute_device`` (with ``sequential=True``) is streaming mode, for models larger than the
+    accelerator: the model stays where its weights live (the CPU, or safetensors files memory-mapped by
+    :func:`blastfx.streaming.attach_safetensors`), and only what is being computed on is moved to
+    ``compute_device``: for the calibration passes the non-block modules and the one block being
+    called, for the planner's measurements one layer, for the sequential walk one block with its
+    calibration activations. Built layers go back to where the model lives, unchanged weights get
+    their original tensors back, and the compressed model is the one compressing in place gives
+    (:mod:`blastfx.streaming`).
     """
     blocks: int | tuple[int, int] = 4      # default (b_out, b_in); reduced to divisors of each layer's dims
     strategy: str = "auto"                 # "uniform": same kept fraction everywhere; "error": by relative
@@ -117,6 +162,9 @@ class BlastConfig:
     progress: bool = True                  # tqdm bars (also off with TQDM_DISABLE=1)
     calibration_damping: float = CALIBRATION_DAMPING   # C + damping * mean(diag C) * I, as in GPTQ
     sequential: bool = False               # calibrate each block on the already-compressed model
+    compute_device: str | None = None      # streaming mode (with sequential=True), e.g. "cuda": the model stays
+                                           # where it lives (the CPU); only the non-block modules and one block
+                                           # at a time, with its calibration activations, are moved here
     distribute: bool = True                # in an initialized torch.distributed group: each rank fits a share
                                            # of the layers and receives the rest (same model on every rank)
     block_choices: tuple = ()              # e.g. (4, 8): each layer takes the one with the least measured error
@@ -125,8 +173,8 @@ class BlastConfig:
                                            # (estimated) error per parameter than any rank step elsewhere
     factor_dtype: str | None = None        # BLAST U and V stored quantized ("int8", "float8_e4m3fn"), rounded
                                            # inside the calibrated fit; None: the model's dtype
-    structure: str = "blast"               # "blast", "ss1", or "auto": per layer BLAST, SS1 or dense, whichever
-                                           # the measured output error per parameter favours (blastfx.plan.choice)
+    structure: str = "blast"               # "blast", "ss1", or "auto": per layer BLAST, SS1 or dense, never worse
+                                           # than one family alone on the calibration objective (blastfx.plan.auto)
     # speed-aware plans (blastfx.plan.speed): each layer's expected decode speedup is in the plan's notes;
     # with min_speedup, layers expected slower than that on the target GPU are kept dense
     latency: object = "h200"               # a blastfx.plan.speed.LatencyModel, a preset name, or "measure"
@@ -164,6 +212,7 @@ class BlastConfig:
         _check_bool("reconstruct_norms", self.reconstruct_norms)
         for name in ("progress", "sequential", "allow_dense", "distribute"):
             _check_bool(name, getattr(self, name))
+        self.compute_device = _check_compute_device(self.compute_device, self.sequential, self.init)
         self.include = _check_patterns("include", self.include)
         self.exclude = _check_patterns("exclude", self.exclude)
         if isinstance(self.block_choices, (int, str)):
@@ -221,11 +270,19 @@ class BlastConfig:
         merged = LayerOverride()
         for pattern, o in self.overrides.items():
             if fnmatch.fnmatchcase(fqn, pattern):
-                for key in ("rank", "blocks", "method", "factor_dtype"):
+                for key in ("rank", "blocks", "method", "factor_dtype", "structure"):
                     if getattr(o, key) is not None:
                         setattr(merged, key, getattr(o, key))
                 merged.skip = merged.skip or o.skip
         return merged
+
+    def structures_used(self) -> set[str]:
+        """The structures the config or any of its overrides names (what the planner must measure for)."""
+        return {self.structure} | {o.structure for o in self.overrides.values() if o.structure is not None}
+
+    def structure_for(self, fqn: str) -> str:
+        """The structure layer ``fqn`` is planned with: its override's, else the config's."""
+        return self.override_for(fqn).structure or self.structure
 
     def factor_dtype_for(self, fqn: str) -> str | None:
         """The factor format of layer ``fqn``: its override's (``"model"``: None), else the config's."""

@@ -22,9 +22,15 @@ Block-wise reconstruction (chain path, ``reconstruct`` options with steps): once
 stages are built, its factors (and norm weights) are fitted jointly so that the block's output on the
 compressed stream matches the dense block's output on the dense stream (:mod:`blastfx.reconstruct`);
 the next block then reads the reconstructed block's outputs.
+
+Streaming (``compute_device``, :mod:`blastfx.streaming`): the model stays where it lives; the capture
+pass brings the non-block modules and one block at a time to the compute device, and the walk brings
+each block there for its calibration, build and reconstruction and sends it home (built layers
+included) before the next, so the compute device holds one block and the calibration streams.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import replace
 
@@ -36,6 +42,7 @@ from .build import BuildOptions, build_layers
 from .progress import progress_bar
 from .reconstruct import ReconstructOptions, norm_parameters, reconstruct_block
 from .statistics import LayerStats, check_reached, collect_covariances, run_batch, singular_covariance_error
+from .streaming import Residency, streamed
 from .swap import swap_modules
 
 
@@ -128,12 +135,13 @@ def _capture(model: nn.Module, blocks: list[str], batches, device, progress: boo
 
 
 @torch.no_grad()
-def _replays_the_model(model, blocks, rests, last_out) -> bool:
+def _replays_the_model(model, blocks, rests, last_out, compute_device=None) -> bool:
     """Does running the blocks one after another on batch 0's stream reproduce what the model computed?"""
     for k, b in enumerate(blocks):
         hidden, rest = rests[b][0]
         expected = rests[blocks[k + 1]][0][0] if k + 1 < len(blocks) else last_out
-        got = _call(model.get_submodule(b), hidden, rest)
+        with _resident(model.get_submodule(b), compute_device):
+            got = _call(model.get_submodule(b), hidden, rest)
         if got.shape != expected.shape or (got - expected).norm() > 1e-4 * expected.norm() + 1e-6:
             return False
     return True
@@ -195,36 +203,52 @@ def _stage_statistics(dense_block, block, prefix, names, dense_stream, stream, r
     return {n: (cc / count, dc / count) for n, (cc, dc) in sums.items()}
 
 
+def _resident(module: nn.Module, compute_device, replaced: dict | None = None):
+    """``module`` on the compute device for the block (streaming), else where it is. ``replaced``:
+    collects the original home tensors of those sent home changed (see :class:`Residency`)."""
+    return contextlib.nullcontext() if compute_device is None else Residency([module], compute_device,
+                                                                              replaced=replaced)
+
+
 def compress_sequential(model: nn.Module, plan, batches, stats: dict[str, LayerStats],
-                        options: BuildOptions, reconstruct: ReconstructOptions | None = None) -> dict[str, nn.Module]:
+                        options: BuildOptions, reconstruct: ReconstructOptions | None = None,
+                        compute_device=None) -> dict[str, nn.Module]:
     """Calibrate, build and swap block by block (see the module docstring). ``stats``: what was measured
     up front on the dense model (the output Fisher, where the objective uses it); each layer's input
     covariance and target are measured here. ``reconstruct``: block-wise reconstruction after each
-    block of a chain (None or 0 steps: none). All-or-nothing: if a later block fails (or is
-    interrupted) every swap is undone and every norm weight reconstruction changed is restored.
-    Returns the replaced modules, by name."""
-    device = next(model.parameters()).device
+    block of a chain (None or 0 steps: none). ``compute_device``: stream the model through it, one
+    block at a time (None: compute where the model is). All-or-nothing: if a later block fails (or is
+    interrupted) every swap is undone, every norm weight reconstruction changed is restored and every
+    weight is back where it was. Returns the replaced modules, by name."""
+    device = next(model.parameters()).device if compute_device is None else torch.device(compute_device)
     blocks = _chain_blocks(model, list(plan.layers))
     swapped: dict[str, nn.Module] = {}
     norms: dict[nn.Parameter, torch.Tensor] = {}            # originals of what reconstruction changes in place
+    homes: dict[int, tuple] = {}                            # streaming: their original home tensors
     reconstruct = reconstruct if reconstruct is not None and reconstruct.steps else None
     was_training = model.training
     model.eval()
     try:
         chain = None
-        captured = _capture(model, blocks, batches, device, options.progress) if blocks is not None else None
+        with streamed(model, compute_device):
+            captured = _capture(model, blocks, batches, device, options.progress) if blocks is not None else None
         if captured is not None:
             streams, rests, order, last_out = captured
-            if order == blocks and last_out is not None and _replays_the_model(model, blocks, rests, last_out):
-                chain = (streams, rests)
+            if order == blocks and last_out is not None \
+                    and _replays_the_model(model, blocks, rests, last_out, compute_device):
+                chain = (streams, {b: [(None, rest) for _, rest in calls] for b, calls in rests.items()})
+            del captured, rests, last_out           # the blocks' inputs on batch 0 served the check only
         if chain is None:
-            _sequential_full_passes(model, plan, batches, stats, options, swapped)
+            _sequential_full_passes(model, plan, batches, stats, options, swapped, compute_device)
         else:
-            _sequential_chain(model, plan, blocks, *chain, stats, options, swapped, reconstruct, norms)
+            _sequential_chain(model, plan, blocks, *chain, stats, options, swapped, reconstruct, norms,
+                              compute_device, homes)
     except BaseException:
         with torch.no_grad():
             for p, value in norms.items():
                 p.copy_(value)
+        for tensor, home in homes.values():                # never written: the original storage, as it was
+            tensor.data = home
         swap_modules(model, swapped)
         raise
     finally:
@@ -261,41 +285,52 @@ def _reconstruction_note(results) -> str:
 
 
 def _sequential_chain(model, plan, blocks, streams, rests, stats, options, swapped, reconstruct=None,
-                      norms=None) -> None:
+                      norms=None, compute_device=None, homes=None) -> None:
     dense_stream = streams
     stream = [s.clone() for s in streams]
     quiet = replace(options, progress=False)            # one bar over the blocks, none per stage
     results = []
     for b in _blocks_bar(blocks, options, "sequential calibration with error feedback"):
-        block = model.get_submodule(b)
-        dense_block = copy.deepcopy(block)
-        names = [n for n in plan.layers if block_of(n) == b]
-        for stage in _stages(block, b, names, stream[0], rests[b][0][1]):
-            measured = _stage_statistics(dense_block, block, b, stage, dense_stream, stream, rests[b])
-            stage_stats = _stage_stats(model, measured, stats, options.calibration_damping)
-            swapped.update(swap_modules(model, build_layers(model, plan, stage_stats, quiet, names=set(stage))))
-        with torch.no_grad():
-            dense_stream = [_call(dense_block, h, rest) for h, (_, rest) in zip(dense_stream, rests[b])]
-        if reconstruct is not None and names:
-            for p in norm_parameters(block):
-                norms.setdefault(p, p.detach().clone())
-            results.append(reconstruct_block(block, stream, dense_stream,
-                                             lambda blk, h, k, b=b: _call(blk, h, rests[b][k][1]), reconstruct,
-                                             desc=f"reconstructing {b}"))
-        with torch.no_grad():
-            stream = [_call(block, h, rest) for h, (_, rest) in zip(stream, rests[b])]
-        del dense_block
+        with _resident(model.get_submodule(b), compute_device, homes):
+            dense_stream, stream = _calibrate_block(model, plan, b, dense_stream, stream, rests, stats, quiet,
+                                                    swapped, reconstruct, norms, results)
     if results:
         plan.notes.append(_reconstruction_note(results))
 
 
-def _sequential_full_passes(model, plan, batches, stats, options, swapped) -> None:
+def _calibrate_block(model, plan, b, dense_stream, stream, rests, stats, quiet, swapped, reconstruct, norms,
+                     results):
+    """One block of the chain: its stages calibrated, built and swapped, then reconstructed; returns the
+    dense and the compressed streams after it."""
+    block = model.get_submodule(b)
+    dense_block = copy.deepcopy(block)
+    names = [n for n in plan.layers if block_of(n) == b]
+    for stage in _stages(block, b, names, stream[0], rests[b][0][1]):
+        measured = _stage_statistics(dense_block, block, b, stage, dense_stream, stream, rests[b])
+        stage_stats = _stage_stats(model, measured, stats, quiet.calibration_damping)
+        swapped.update(swap_modules(model, build_layers(model, plan, stage_stats, quiet, names=set(stage))))
+    with torch.no_grad():
+        dense_stream = [_call(dense_block, h, rest) for h, (_, rest) in zip(dense_stream, rests[b])]
+    if reconstruct is not None and names:
+        for p in norm_parameters(block):
+            norms.setdefault(p, p.detach().clone())
+        results.append(reconstruct_block(block, stream, dense_stream,
+                                         lambda blk, h, k, b=b: _call(blk, h, rests[b][k][1]), reconstruct,
+                                         desc=f"reconstructing {b}"))
+    with torch.no_grad():
+        stream = [_call(block, h, rest) for h, (_, rest) in zip(stream, rests[b])]
+    return dense_stream, stream
+
+
+def _sequential_full_passes(model, plan, batches, stats, options, swapped, compute_device=None) -> None:
     groups: dict[str, list[str]] = {}
     for name in plan.layers:
         groups.setdefault(block_of(name), []).append(name)
     quiet = replace(options, progress=False)
     for block in _blocks_bar(list(groups), options, "sequential calibration, one full pass per block"):
         names = groups[block]
-        covs = collect_covariances(model, names, batches)
+        with streamed(model, compute_device):
+            covs = collect_covariances(model, names, batches)
         block_stats = {n: (stats.get(n) or LayerStats()).merged(covariance=covs[n]) for n in names}
-        swapped.update(swap_modules(model, build_layers(model, plan, block_stats, quiet, names=set(names))))
+        with _resident(model.get_submodule(block), compute_device):
+            swapped.update(swap_modules(model, build_layers(model, plan, block_stats, quiet, names=set(names))))

@@ -62,3 +62,27 @@ def tiny_sd3():
 
 def tiny_mlp():
     return nn.Sequential(nn.Linear(48, 96), nn.GELU(), nn.Linear(96, 96), nn.GELU(), nn.Linear(96, 48)).eval()
+
+
+class ResidualBlock(nn.Module):
+    """x + down(gelu(up(x))): the smallest block a sequential (block-by-block) compress walks."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(32, 48), nn.Linear(48, 32)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+def layer_inputs(model, names, batches):
+    """Each named layer's inputs over the batches (tensors or keyword dicts), (tokens, in) in float64."""
+    seen = {n: [] for n in names}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: seen[n].append(a[0].reshape(-1, a[0].shape[-1]).double())) for n in names]
+    with torch.no_grad():
+        for b in batches:
+            model(b) if torch.is_tensor(b) else model(**b)
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(v) for n, v in seen.items()}

@@ -27,13 +27,28 @@ def test_bad_field_is_a_value_error_naming_it(field, value):
 
 @pytest.mark.parametrize("field,value", [
     ("rank", 0), ("rank", -8), ("rank", "8"), ("rank", True), ("rank", 8.0),
-    ("blocks", 0), ("blocks", (2, -1)), ("skip", "yes"), ("method", "svd"),
+    ("blocks", 0), ("blocks", (2, -1)), ("skip", "yes"), ("method", "svd"), ("structure", "ss2"),
+    ("structure", 1),
 ])
 def test_bad_override_field_is_a_value_error_naming_pattern_and_field(field, value):
     with pytest.raises(ValueError, match=field):
         LayerOverride(**{field: value})
     with pytest.raises(ValueError, match=r"overrides\['\*\.q_proj'\].*" + field):
         BlastConfig(overrides={"*.q_proj": {field: value}})
+
+
+def test_structure_override_is_per_layer_and_refuses_a_size_of_another_structure():
+    cfg = BlastConfig(structure="ss1", overrides={"*.mlp.*": {"structure": "blast"}, "*.down_proj": {"rank": 8},
+                                                  "*.0.mlp.up_proj": LayerOverride(structure="auto")})
+    assert cfg.structure_for("m.0.self_attn.q_proj") == "ss1"
+    assert cfg.structure_for("m.0.mlp.down_proj") == "blast" and cfg.override_for("m.0.mlp.down_proj").rank == 8
+    assert cfg.structure_for("m.0.mlp.up_proj") == "auto" and cfg.structure_for("m.1.mlp.up_proj") == "blast"
+    assert cfg.structures_used() == {"ss1", "blast", "auto"}
+    for fields, says in (({"structure": "ss1", "rank": 8}, "rank and blocks size a BLAST layer"),
+                         ({"structure": "ss1", "blocks": 4}, "rank and blocks size a BLAST layer"),
+                         ({"structure": "auto", "rank": 8}, "a fixed rank makes the layer BLAST")):
+        with pytest.raises(ValueError, match=rf"overrides\['\*'\]: {says}"):
+            BlastConfig(overrides={"*": fields})
 
 
 def test_override_edited_after_it_was_made_is_checked_by_the_config():

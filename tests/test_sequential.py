@@ -13,6 +13,7 @@ from blastfx.build import BuildOptions, build_layers
 from blastfx.statistics import LayerStats
 from blastfx.swap import swap_modules
 import models
+from models import ResidualBlock
 
 
 def test_corrected_target_is_the_least_squares_fit_to_dense_outputs():
@@ -101,21 +102,12 @@ def test_error_feedback_beats_plain_and_sequential_calibration(make, monkeypatch
     assert feedback < 0.95 * no_feedback and feedback < 0.95 * plain
 
 
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up, self.down = nn.Linear(32, 48), nn.Linear(48, 32)
-
-    def forward(self, x):
-        return x + self.down(torch.nn.functional.gelu(self.up(x)))
-
-
 class Blocks(nn.Module):
     """Three blocks; with ``skip`` the last also reads the model input, so they are not a chain."""
 
     def __init__(self, skip):
         super().__init__()
-        self.blocks, self.skip = nn.ModuleList(Block() for _ in range(3)), skip
+        self.blocks, self.skip = nn.ModuleList(ResidualBlock() for _ in range(3)), skip
 
     def forward(self, x):
         h = self.blocks[1](self.blocks[0](x))

@@ -143,7 +143,8 @@ def _config(args):
     from ..config import BlastConfig
     return BlastConfig(blocks=args.blocks, strategy=args.strategy, objective=args.objective, method=args.method,
                        iters=args.iters, include=tuple(args.include or ()), exclude=tuple(args.exclude or ()),
-                       block_choices=tuple(args.block_choices or ()), allow_dense=not args.blast_only)
+                       block_choices=tuple(args.block_choices or ()), allow_dense=not args.blast_only,
+                       structure=args.structure)
 
 
 # ---- commands -----------------------------------------------------------------------------------------
@@ -260,7 +261,7 @@ def cmd_eval(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..config import OBJECTIVES, STRATEGIES
+    from ..config import OBJECTIVES, STRATEGIES, STRUCTURES
     from ..structures import method_names
     common = Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -285,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--objective", choices=OBJECTIVES, default=None,
                    help="what the calibrated factorization preserves: each layer's outputs, or those weighted "
                         "by their loss Fisher (default: loss when calibrating, else output)")
+    c.add_argument("--structure", choices=STRUCTURES, default="blast",
+                   help="what the layers become: BLAST (default), SS1, or auto: per layer BLAST, SS1 or dense, "
+                        "whichever the measured output error favours")
     c.add_argument("--blast-only", action="store_true",
                    help="with --strategy error/loss: never keep a layer dense, even where that buys more")
     c.add_argument("--blocks", type=positive_int, default=4)

@@ -6,13 +6,14 @@ singular values (computed by :mod:`blastfx.statistics.sensitivity`) as numbers.
 from __future__ import annotations
 
 import heapq
+from dataclasses import replace
 
 import torch
 
 from ..config import BlastConfig
 from ..structures.blast.layout import BlastShape, normalize_blocks
 from .checks import BUDGET_TOLERANCE, check_budget
-from .layers import LayerPlan, Plan, full_rank
+from .layers import DEFAULT_STRUCTURE, LayerPlan, Plan, full_rank
 
 
 def fit_blocks(dim: int, b: int) -> int:
@@ -143,22 +144,83 @@ def _allocate_by_error(plan: Plan, adjustable: list[str], target: int, multiple:
 
 
 def make_plan(analysis, budget: float, config: BlastConfig | None = None, spectra=None, block_errors=None,
-              ss1_errors=None) -> Plan:
-    """Per-layer ranks and block counts so that the compressible layers keep ``budget`` of their
+              ss1_errors=None, blast_errors=None) -> Plan:
+    """Per-layer structures and sizes so that the compressible layers keep ``budget`` of their
     parameters (within 1%). ``spectra``: {fqn: singular values}, needed by strategy="error".
-    ``config.structure`` "ss1" or "auto": each layer's structure and size by :mod:`.choice`, with
-    ``ss1_errors`` ({fqn: ({reduction: error}, energy)}) for measured strategies and "auto".
+    ``config.structure`` "ss1" or "auto": each layer's structure and size by :mod:`.choice` and
+    :mod:`.auto`, with ``ss1_errors`` ({fqn: ({reduction: error}, energy)}) for measured strategies and
+    "auto", and ``blast_errors`` ({fqn: ({rank: error}, energy)}, measured at the ranks of
+    :func:`auto_start_plan`) for "auto". A layer whose override names a structure is planned with the
+    layers of that structure, on the same fraction of their own parameters.
     ``block_errors``: {fqn: {(b_out, b_in): measured error}}; a layer without a blocks override takes
     the block count of least error (``config.block_choices``, measured by ``blastfx.statistics.sensitivity``)."""
     config = config or BlastConfig()
     budget = check_budget(budget)
+    return _plan_groups(_targets(analysis, config), budget, config, spectra, block_errors, ss1_errors, blast_errors)
+
+
+def auto_start_plan(analysis, budget: float, config: BlastConfig | None = None, spectra=None, block_errors=None,
+                    ss1_errors=None) -> Plan:
+    """The plan with every ``"auto"`` layer planned as BLAST: what ``structure="auto"`` starts from, so
+    its BLAST layers are where :func:`make_plan` needs ``blast_errors`` measured."""
+    config = config or BlastConfig()
+    budget = check_budget(budget)
+    return _plan_groups(_targets(analysis, config), budget, config, spectra, block_errors, ss1_errors, None,
+                        auto_as=DEFAULT_STRUCTURE)
+
+
+def _targets(analysis, config: BlastConfig) -> list:
     sites = [s for s in analysis if s.substitutable]
     config.check_patterns([s.fqn for s in sites])
-    b_default = normalize_blocks(config.blocks)
     targets = [s for s in sites if config.selects(s.fqn, s.repeated, min(s.in_features, s.out_features))]
     if not targets:
         raise ValueError("no linear layer is selected for compression: check include/exclude/min_features "
                          f"(the model has {len(sites)} linear layers)")
+    return targets
+
+
+def _plan_groups(targets, budget, config, spectra, block_errors, ss1_errors, blast_errors, auto_as=None) -> Plan:
+    """The layers grouped by their structure (the config's, or their override's), each group planned
+    on its own at ``budget``, merged into one plan."""
+    groups: dict[str, list] = {}
+    for s in targets:
+        groups.setdefault(config.structure_for(s.fqn), []).append(s)
+    plans = []
+    for structure, sites in groups.items():
+        structure = auto_as if structure == "auto" and auto_as else structure
+        cfg = config if structure == config.structure else replace(config, structure=structure)
+        if structure == "auto":
+            plans.append(_plan_auto(sites, budget, cfg, spectra, block_errors, ss1_errors, blast_errors))
+        else:
+            plans.append(_plan_family(sites, budget, cfg, spectra, block_errors, ss1_errors))
+    if len(plans) == 1:
+        return plans[0]
+    order = {s.fqn: i for i, s in enumerate(targets)}
+    layers = {k: lp for p in plans for k, lp in p.layers.items()}
+    merged = Plan(dict(sorted(layers.items(), key=lambda kv: order[kv[0]])), budget, config.strategy,
+                  dense_total=sum(p.dense_total for p in plans), dense=sorted(k for p in plans for k in p.dense))
+    merged.notes.append("structure per layer from overrides: " + ", ".join(
+        f"{structure} for {len(sites)} layers" for structure, sites in groups.items()))
+    merged.notes += [n for p in plans for n in p.notes]
+    note_budget_miss(merged)
+    return merged
+
+
+def _plan_auto(sites, budget, config, spectra, block_errors, ss1_errors, blast_errors) -> Plan:
+    from .auto import choose_auto
+
+    def make(structure: str) -> Plan:
+        return _plan_family(sites, budget, replace(config, structure=structure), spectra, block_errors, ss1_errors)
+
+    adjustable = [s.fqn for s in sites if config.override_for(s.fqn).rank is None]
+    target = round(budget * sum(s.params for s in sites))
+    return choose_auto(make, adjustable, target, config, spectra, ss1_errors, blast_errors)
+
+
+def _plan_family(targets, budget, config, spectra, block_errors, ss1_errors) -> Plan:
+    """The plan of ``targets`` for ``config.structure``: "blast", "ss1", or "auto" for one allocation
+    over both families' error curves (:func:`.choice.choose_structures`)."""
+    b_default = normalize_blocks(config.blocks)
     plan = Plan({}, budget, config.strategy, dense_total=sum(s.params for s in targets))
     fixed, adjustable = [], []
     for s in targets:
@@ -191,7 +253,13 @@ def make_plan(analysis, budget: float, config: BlastConfig | None = None, spectr
         plan.dense = sorted(dense)
     if adjustable:
         _balance(plan, adjustable, target, config.rank_multiple)
-    if abs(plan.kept_fraction - budget) > BUDGET_TOLERANCE * budget:
-        plan.notes.append(f"kept fraction {plan.kept_fraction:.4f} is more than 1% from the budget {budget}: "
-                          "fixed ranks or tiny layers leave too little to adjust")
+    note_budget_miss(plan)
     return plan
+
+
+def note_budget_miss(plan: Plan) -> None:
+    """Say on the plan (once) when its kept fraction is more than 1% from its budget."""
+    plan.notes = [n for n in plan.notes if not n.startswith("kept fraction")]
+    if abs(plan.kept_fraction - plan.budget) > BUDGET_TOLERANCE * plan.budget:
+        plan.notes.append(f"kept fraction {plan.kept_fraction:.4f} is more than 1% from the budget {plan.budget}: "
+                          "fixed ranks or tiny layers leave too little to adjust")

@@ -33,10 +33,11 @@ def check_plan_fits(model: nn.Module, plan) -> None:
 def needs(config) -> frozenset:
     """The calibration statistics the planner reads under ``config`` (a resolved BlastConfig): input
     covariances for measured strategies, block probes and ``structure="auto"``, output Fisher for the
-    loss strategy."""
+    loss strategy (and for ``"auto"``'s BLAST probes under the loss objective, fitted as built)."""
     wanted = set()
-    if config.strategy != "uniform" or config.block_choices or config.structure == "auto":
+    auto = "auto" in config.structures_used()
+    if config.strategy != "uniform" or config.block_choices or auto:
         wanted.add("covariance")
-    if config.strategy == "loss":
+    if config.strategy == "loss" or (auto and config.objective == "loss"):
         wanted.add("output_fisher")
     return frozenset(wanted)

@@ -1,5 +1,6 @@
-"""The planner for ``BlastConfig(structure="ss1")`` and ``structure="auto"``: which structure each
-layer gets, and at which size.
+"""The planner for ``BlastConfig(structure="ss1")``, and the allocation over both families that
+``structure="auto"`` weighs against the others (:mod:`.auto`): which structure each layer gets, and
+at which size.
 
 SS1's size knob is a power-of-two reduction factor, so a layer's sizes are a few coarse steps
 (1/2, 1/4, ... of its parameters) and a budget between two steps is met by mixing layers at two
@@ -9,16 +10,15 @@ choice per layer is between half and all of its parameters).
 * ``strategy="uniform"`` (SS1): every layer at the same reduction, the least compression whose total
   fits the budget, then layers one step up (to half the reduction, or dense) in a low-discrepancy
   order over the model, so the mix is spread evenly over depth, while the budget allows.
-* ``strategy="error"`` / ``"loss"`` and ``structure="auto"``: each layer has a curve of candidate
-  (parameters, error) points, the greedy of :mod:`.allocation` walks the lower convex hulls, each step
-  to the layer whose error drops most per parameter. SS1 points carry the measured error of the
-  projection at each reduction (:func:`blastfx.structures.ss1.projection_errors`); with ``"auto"`` the
-  same curve also holds BLAST's points (the tail energy of the layer's whitened spectrum at each rank,
-  an upper bound of BLAST's error there, exact for low-rank layers) and dense (no error), all in one
-  unit, so whichever structure buys the most error per parameter at the layer's budget wins. With
-  ``"error"`` (and ``"auto"`` under a uniform strategy) errors are relative to each layer's own
-  output energy; with ``"loss"`` they are weighted by the outputs' loss Fisher (an estimated loss
-  increase, comparable across layers).
+* ``strategy="error"`` / ``"loss"``, and the "mixed" candidate of ``structure="auto"``: each layer
+  has a curve of candidate (parameters, error) points, the greedy of :mod:`.allocation` walks the
+  lower convex hulls, each step to the layer whose error drops most per parameter. SS1 points carry
+  the measured error of the projection at each reduction
+  (:func:`blastfx.structures.ss1.projection_errors`); for "mixed" the same curve also holds BLAST's
+  points (the tail energy of the layer's whitened spectrum at each rank, an upper bound of BLAST's
+  error there, exact for low-rank layers) and dense (no error), all in one unit. With ``"error"``
+  errors are relative to each layer's own output energy; with ``"loss"`` they are weighted by the
+  outputs' loss Fisher (an estimated loss increase, comparable across layers).
 
 Pure, like the rest of the planner: errors and spectra arrive as numbers.
 """
@@ -198,6 +198,7 @@ def choose_structures(plan: Plan, adjustable: list[str], target: int, config, sp
     counts = Counter(lp.structure for k, lp in plan.layers.items() if k in adjustable)
     how = ("uniform reduction" if structure == "ss1" and strategy == "uniform" else
            f"measured {'relative output' if relative else 'loss-weighted output'} error per parameter")
-    plan.notes.append(f"structure {structure!r} by {how}: " + ", ".join(
+    label = "BLAST and SS1 in one allocation" if structure == "auto" else f"structure {structure!r}"
+    plan.notes.append(f"{label} by {how}: " + ", ".join(
         [f"{counts[s]} {s.upper()}" for s in sorted(counts)] + [f"{len(dense)} dense"]))
     return [k for k in adjustable if k in plan.layers and plan.layers[k].structure == "blast"]

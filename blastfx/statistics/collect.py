@@ -28,7 +28,7 @@ def run_batch(model: nn.Module, batch, device):
 
 
 @contextmanager
-def _covariance_hooks(model: nn.Module, names):
+def _covariance_hooks(model: nn.Module, names, store=None):
     covs: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -36,7 +36,7 @@ def _covariance_hooks(model: nn.Module, names):
         def hook(module, args, kwargs=None):
             x = args[0].detach()
             x = x.reshape(-1, x.shape[-1]).float()
-            c = x.T @ x
+            c = x.T @ x if store is None else (x.T @ x).to(store)
             covs[name] = c if name not in covs else covs[name].add_(c)
             counts[name] = counts.get(name, 0) + x.shape[0]
         return hook
@@ -58,14 +58,15 @@ def check_reached(names, collected) -> None:
 
 
 @torch.no_grad()
-def collect_covariances(model: nn.Module, names, batches, progress: bool = False) -> dict[str, torch.Tensor]:
-    """{layer: mean x x^T over all calibration tokens} for the named linear layers."""
+def collect_covariances(model: nn.Module, names, batches, progress: bool = False, store=None) -> dict[str, torch.Tensor]:
+    """{layer: mean x x^T over all calibration tokens} for the named linear layers. ``store``: the device
+    the sums are kept on (None: the inputs'); a streamed pass keeps them at home, off the compute device."""
     names = list(names)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        with _covariance_hooks(model, names) as (covs, counts):
+        with _covariance_hooks(model, names, store) as (covs, counts):
             for batch in progress_bar(batches, enabled=progress, desc=f"input covariances of {len(names)} layers"):
                 run_batch(model, batch, device)
     finally:
@@ -123,17 +124,18 @@ def collect_output_fisher(model: nn.Module, names, batches, damping: float = FIS
     each output row of the factorization error by F_c makes errors of different layers comparable
     (an estimated loss increase) and spends each layer's rank on the outputs the loss depends on.
     Gradients are taken with ``torch.autograd.grad`` w.r.t. the layer outputs only: no parameter's
-    ``.grad`` is touched, and ``requires_grad`` is restored."""
+    ``.grad`` is touched, and ``requires_grad`` is restored. The outputs are held by their gradient
+    edges, not as tensors, so an output autograd does not save is freed as soon as it is used."""
     names = list(names)
     device = next(model.parameters()).device
     modules = {n: model.get_submodule(n) for n in names}
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    outputs: list[tuple[str, torch.Tensor]] = []
+    outputs: list[tuple[str, torch.autograd.graph.GradientEdge, torch.Size, torch.device]] = []
 
     def hook_for(name):
         def hook(module, args, out):
-            outputs.append((name, out))
+            outputs.append((name, torch.autograd.graph.get_gradient_edge(out), out.shape, out.device))
         return hook
 
     saved = {n: m.weight.requires_grad for n, m in modules.items()}
@@ -146,10 +148,10 @@ def collect_output_fisher(model: nn.Module, names, batches, damping: float = FIS
         for batch in progress_bar(batches, enabled=progress, desc=f"loss Fisher of {len(names)} layers' outputs"):
             outputs.clear()
             loss = batch_loss(model, batch, device)
-            grads = torch.autograd.grad(loss, [o for _, o in outputs], allow_unused=True)
-            for (name, out), g in zip(outputs, grads):
-                g = torch.zeros_like(out) if g is None else g
-                g2 = g.detach().float().pow(2).reshape(-1, g.shape[-1])
+            grads = torch.autograd.grad(loss, [edge for _, edge, _, _ in outputs], allow_unused=True)
+            for (name, _, shape, where), g in zip(outputs, grads):
+                g2 = torch.zeros(shape, device=where) if g is None else g.detach().float().pow(2)
+                g2 = g2.reshape(-1, shape[-1])
                 sums[name] = g2.sum(0) if name not in sums else sums[name].add_(g2.sum(0))
                 counts[name] = counts.get(name, 0) + g2.shape[0]
     finally:

@@ -5,11 +5,13 @@ The planner and the builder each declare which statistics they need (:data:`STAT
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
 
+from ..streaming.passes import streamed
 from ..structures.base import STATISTICS
 from .collect import collect_covariances, collect_output_fisher
 
@@ -44,20 +46,25 @@ def check_needs(needs) -> frozenset:
     return needs
 
 
-def collect_statistics(model: nn.Module, names, batches, needs, progress: bool = False) -> dict[str, LayerStats]:
+def collect_statistics(model: nn.Module, names, batches, needs, progress: bool = False,
+                       compute_device=None) -> dict[str, LayerStats]:
     """{layer: LayerStats} for the named layers, with the statistics in ``needs`` measured on ``batches``
-    (one pass over them per statistic); empty records without batches or needs."""
+    (one pass over them per statistic); empty records without batches or needs. ``compute_device``:
+    stream the model through it (:mod:`blastfx.streaming`), the covariances kept where the model lives."""
     needs = check_needs(needs)
     names = list(names)
     stats = {n: LayerStats() for n in names}
-    if batches is None or not names:
+    if batches is None or not names or not needs:
         return stats
-    if "covariance" in needs:
-        for n, c in collect_covariances(model, names, batches, progress=progress).items():
-            stats[n].covariance = c
-    if "output_fisher" in needs:
-        for n, f in collect_output_fisher(model, names, batches, progress=progress).items():
-            stats[n].output_fisher = f
+    with streamed(model, compute_device) as passes:
+        if "covariance" in needs:
+            store = None if passes is None else passes.home
+            for n, c in collect_covariances(model, names, batches, progress=progress, store=store).items():
+                stats[n].covariance = c
+        if "output_fisher" in needs:
+            with contextlib.nullcontext() if passes is None else passes.saved_tensors_at_home():
+                for n, f in collect_output_fisher(model, names, batches, progress=progress).items():
+                    stats[n].output_fisher = f
     return stats
 
 

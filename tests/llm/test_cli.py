@@ -106,6 +106,7 @@ def test_nonempty_out_needs_overwrite_and_only_replaces_a_model_folder(fake_mode
     ("--iters", "0", "argument --iters: must be a positive integer, got '0'"),
     ("--blocks", "two", "argument --blocks: must be a positive integer, got 'two'"),
     ("--method", "magic", "argument --method: invalid choice: 'magic'"),
+    ("--structure", "ss2", "argument --structure: invalid choice: 'ss2'"),
     ("--calibration-text", "missing.txt", "argument --calibration-text: 'missing.txt' is not a file"),
 ])
 def test_bad_arguments_are_refused_before_loading(fake_model, tmp_path, loads, capsys, flag, value, says):
@@ -285,6 +286,25 @@ def test_loss_strategy_and_objective_from_the_cli(hf_dir, tmp_path, capsys, blas
     assert plan.strategy == "loss"
     assert abs(plan.kept_fraction - 0.5) <= 0.005
     assert (plan.dense == []) == blast_only
+
+
+@needs_hf
+@pytest.mark.parametrize("structure", ["ss1", "auto"])
+def test_structure_from_the_cli(hf_dir, tmp_path, capsys, structure):
+    from blastfx.structures.ss1 import SS1Linear
+    out = tmp_path / structure
+    assert main(compress_args(hf_dir, out, "--structure", structure, "--calibrate", "256")) == 0
+    printed = capsys.readouterr().out
+    model = blastfx.from_pretrained(out)
+    plan = model.blastfx_plan
+    assert abs(plan.kept_fraction - 0.5) <= 0.005 and plan.strategy == "loss"
+    built = {n: type(model.get_submodule(n)) for n in plan.layers}
+    assert all(built[n] is (SS1Linear if lp.structure == "ss1" else blastfx.BlastLinear)
+               for n, lp in plan.layers.items())
+    if structure == "ss1":
+        assert "SS1 plan (loss)" in printed and {lp.structure for lp in plan.layers.values()} == {"ss1"}
+    else:
+        assert any(n.startswith("structure 'auto'") for n in plan.notes)
 
 
 def test_the_console_script_and_python_dash_m_reach_the_cli():

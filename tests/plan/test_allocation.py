@@ -74,3 +74,31 @@ def test_allocation_keeps_the_incompressible_layer_dense_and_exact(tmp_path):
             torch.testing.assert_close(fresh(x), m(x), rtol=0, atol=0)
     err = {k: ((v - reference).norm() / reference.norm()).item() for k, v in outputs.items()}
     assert err["dense"] < 0.5 * err["capped"]
+
+
+def test_structure_override_plans_each_structure_on_its_own_share():
+    """SS1 everywhere but the second linear of each block, kept BLAST by an override: each group keeps
+    the budget of its own parameters, so the whole does too."""
+    from blastfx import LayerOverride
+    from blastfx.plan import Plan
+
+    model = nn.Module()
+    model.blocks = nn.ModuleList(nn.Sequential(nn.Linear(128, 256), nn.Linear(256, 128)) for _ in range(3))
+    cfg = BlastConfig(structure="ss1", strategy="uniform", overrides={"blocks.*.1": LayerOverride(structure="blast")},
+                      **QUIET)
+    plan = blastfx.plan.make_plan(blastfx.analyze(model), 0.5, cfg)
+    assert {n: lp.structure for n, lp in plan.layers.items()} == {
+        f"blocks.{i}.{j}": ("blast" if j else "ss1") for i in range(3) for j in range(2)}
+    assert list(plan.layers) == [f"blocks.{i}.{j}" for i in range(3) for j in range(2)]   # the model's order
+    for structure in ("ss1", "blast"):
+        group = [lp for lp in plan.layers.values() if lp.structure == structure]
+        kept = sum(lp.params for lp in group) / sum(lp.dense_params for lp in group)
+        assert abs(kept - 0.5) <= 0.005 * (structure == "blast")                # SS1 at reduction 2: exactly half
+    assert abs(plan.kept_fraction - 0.5) <= 0.005 and plan.dense_total == 6 * 128 * 256
+    assert "structure per layer from overrides: ss1 for 3 layers, blast for 3 layers" in plan.notes
+    assert Plan.from_json(plan.to_json()).layers == plan.layers
+    # and the other way round: BLAST by default, SS1 where an override says so
+    flipped = blastfx.plan.make_plan(blastfx.analyze(model), 0.5, BlastConfig(
+        strategy="uniform", overrides={"blocks.*.1": LayerOverride(structure="ss1")}, **QUIET))
+    assert {n: lp.structure for n, lp in flipped.layers.items()} == {
+        f"blocks.{i}.{j}": ("ss1" if j else "blast") for i in range(3) for j in range(2)}

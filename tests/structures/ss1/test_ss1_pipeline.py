@@ -13,6 +13,7 @@ from blastfx import BlastConfig
 from blastfx.plan import LayerPlan, Plan
 from blastfx.structures.ss1 import SS1Layout, SS1Linear, project_calibrated, project_weight, ss1_to_dense
 import models
+from models import layer_inputs
 
 
 class Blocks(nn.Module):
@@ -28,19 +29,6 @@ class Blocks(nn.Module):
         return x
 
 
-def _layer_inputs(model, names, batches):
-    """Each named layer's inputs over the batches, (tokens, in) in float64."""
-    seen = {n: [] for n in names}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(
-        lambda m, a, n=n: seen[n].append(a[0].reshape(-1, a[0].shape[-1]).double())) for n in names]
-    with torch.no_grad():
-        for b in batches:
-            model(b)
-    for h in hooks:
-        h.remove()
-    return {n: torch.cat(v) for n, v in seen.items()}
-
-
 def _cfg(**kw):
     return BlastConfig(progress=False, **kw)
 
@@ -49,7 +37,7 @@ def test_ss1_layers_are_the_calibrated_projection_of_the_dense_weights():
     dense = Blocks().eval()
     batches = [torch.randn(4, 16, 128) for _ in range(2)]
     names = [n for n, m in dense.named_modules() if isinstance(m, nn.Linear)]
-    inputs = _layer_inputs(dense, names, batches)
+    inputs = layer_inputs(dense, names, batches)
     model = blastfx.compress(copy.deepcopy(dense), 0.5, config=_cfg(structure="ss1"), calibration=batches)
     plan = model.blastfx_plan
     assert plan.kept_fraction == pytest.approx(0.5) and set(plan.layers) == set(names)
@@ -116,7 +104,11 @@ def test_measured_strategy_spends_on_the_layer_ss1_fits_worst():
     assert plan.layers["blocks.0"].reduction == 4 and plan.layers["blocks.1"].reduction < 4
 
 
-def test_auto_picks_ss1_for_the_ss1_layer_and_blast_for_the_low_rank_one():
+@pytest.mark.parametrize("budget, strategy", [(0.3, "auto"), (0.2, "error")])
+def test_auto_picks_ss1_for_the_ss1_layer_and_blast_for_the_low_rank_one(budget, strategy):
+    """Layer 0 is exactly SS1 at reduction 4 (a quarter of its parameters), layer 1 exactly rank 8.
+    At 0.3 each layer's share (uniform strategy) holds the exact structure; at 0.2 only an allocation
+    that moves parameters from the low-rank layer to the SS1 one does."""
     torch.manual_seed(0)
     model = nn.Module()
     model.blocks = nn.ModuleList(nn.Linear(256, 256, bias=False) for _ in range(2))
@@ -127,15 +119,34 @@ def test_auto_picks_ss1_for_the_ss1_layer_and_blast_for_the_low_rank_one():
     model.forward = lambda x: model.blocks[1](model.blocks[0](x))
     batches = [torch.randn(128, 256) for _ in range(4)]
     ref = model.forward(batches[0])
-    blastfx.compress(model, 0.2, config=_cfg(structure="auto"), calibration=batches)
+    blastfx.compress(model, budget, config=_cfg(structure="auto", strategy=strategy), calibration=batches)
     plan = model.blastfx_plan
     assert plan.layers["blocks.0"].structure == "ss1" and plan.layers["blocks.0"].reduction == 4
     assert plan.layers["blocks.1"].structure == "blast" and plan.layers["blocks.1"].rank >= 8
     assert isinstance(model.blocks[0], SS1Linear) and isinstance(model.blocks[1], blastfx.BlastLinear)
     assert any("structure 'auto'" in note and "1 SS1" in note and "1 BLAST" in note for note in plan.notes)
-    assert plan.kept_fraction <= 0.2 * 1.01
+    assert plan.kept_fraction <= budget * 1.01
     # both are exact: the compressed model computes what the dense one did
     assert torch.allclose(model.forward(batches[0]), ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("structure, override", [("ss1", "blast"), ("blast", "auto")])
+def test_a_structure_override_keeps_some_layers_of_another_structure(structure, override):
+    """``LayerOverride(structure=...)`` on the MLP down projections: they are built as the override
+    says, the other layers as the config says, within the budget."""
+    torch.manual_seed(0)
+    cfg = _cfg(structure=structure, strategy="uniform", objective="output",
+               overrides={"*.down_proj": blastfx.LayerOverride(structure=override)})
+    model = blastfx.compress(models.tiny_llama(), 0.5, calibration=torch.randint(3, 128, (4, 16)), config=cfg)
+    plan = model.blastfx_plan
+    kinds = {"ss1": SS1Linear, "blast": blastfx.BlastLinear}
+    for name, lp in plan.layers.items():
+        wanted = override if name.endswith("down_proj") else structure
+        assert isinstance(model.get_submodule(name), kinds[lp.structure])
+        assert lp.structure == wanted or wanted == "auto"
+    assert len(plan.layers) + len(plan.dense) == 14 and abs(plan.kept_fraction - 0.5) <= 0.005
+    assert any(n.startswith("structure per layer from overrides") for n in plan.notes)
+    assert any(n.startswith("structure 'auto'") for n in plan.notes) == (override == "auto")
 
 
 def test_loss_strategy_weighs_ss1_errors_but_not_the_fit():
