@@ -8,6 +8,7 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -36,6 +37,16 @@ class Parser(argparse.ArgumentParser):
 
 
 # ---- argument types: each checks one value and names it in its error ----------------------------------
+
+def positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value!r}")
+    return number
+
 
 def budget(value: str) -> float:
     from ..plan import check_budget
@@ -144,7 +155,8 @@ def _config(args):
     return BlastConfig(blocks=args.blocks, strategy=args.strategy, objective=args.objective, method=args.method,
                        iters=args.iters, include=tuple(args.include or ()), exclude=tuple(args.exclude or ()),
                        block_choices=tuple(args.block_choices or ()), allow_dense=not args.blast_only,
-                       structure=args.structure)
+                       structure=args.structure, sequential=args.sequential or args.compute_device is not None,
+                       compute_device=args.compute_device, min_speedup=args.min_speedup, latency=args.latency)
 
 
 # ---- commands -----------------------------------------------------------------------------------------
@@ -289,6 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--structure", choices=STRUCTURES, default="blast",
                    help="what the layers become: BLAST (default), SS1, or auto: per layer BLAST, SS1 or dense, "
                         "whichever the measured output error favours")
+    c.add_argument("--sequential", action="store_true",
+                   help="calibrate block by block on the already-compressed model (with block reconstruction)")
+    c.add_argument("--compute-device", metavar="DEVICE", default=None,
+                   help="stream the model through this device (e.g. cuda) one block at a time, the model staying "
+                        "on the CPU: for models larger than the GPU; implies --sequential")
+    c.add_argument("--min-speedup", type=positive_float, default=None, metavar="X",
+                   help="keep dense the layers expected slower than X times dense at decode (see --latency)")
+    c.add_argument("--latency", choices=("h200", "measure"), default="h200",
+                   help="the decode latency model plans report against: the H200 preset, or measured on this GPU")
     c.add_argument("--blast-only", action="store_true",
                    help="with --strategy error/loss: never keep a layer dense, even where that buys more")
     c.add_argument("--blocks", type=positive_int, default=4)

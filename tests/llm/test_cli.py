@@ -107,6 +107,10 @@ def test_nonempty_out_needs_overwrite_and_only_replaces_a_model_folder(fake_mode
     ("--blocks", "two", "argument --blocks: must be a positive integer, got 'two'"),
     ("--method", "magic", "argument --method: invalid choice: 'magic'"),
     ("--structure", "ss2", "argument --structure: invalid choice: 'ss2'"),
+    ("--min-speedup", "-1", "argument --min-speedup: must be a positive number, got '-1'"),
+    ("--min-speedup", "fast", "argument --min-speedup: must be a positive number, got 'fast'"),
+    ("--latency", "a100", "argument --latency: invalid choice: 'a100'"),
+    ("--compute-device", "gpu0", "compute_device 'gpu0' is not a device torch knows"),
     ("--calibration-text", "missing.txt", "argument --calibration-text: 'missing.txt' is not a file"),
 ])
 def test_bad_arguments_are_refused_before_loading(fake_model, tmp_path, loads, capsys, flag, value, says):
@@ -320,3 +324,16 @@ def test_the_console_script_and_python_dash_m_reach_the_cli():
     done = subprocess.run([sys.executable, "-m", "blastfx.cli", "compress", "--budget", "2", "x.gguf", "--out", "o"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "budget" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_streaming_and_speed_flags_reach_the_config(fake_model):
+    def config(*flags):
+        args = cli.build_parser().parse_args(["compress", str(fake_model), "--budget", "0.5", "--out", "o", *flags])
+        cli.resolve_recipe(args)
+        return cli._config(args)
+
+    streamed = config("--compute-device", "cpu", "--min-speedup", "1.2", "--latency", "measure")
+    assert streamed.sequential and streamed.compute_device == "cpu"
+    assert streamed.min_speedup == 1.2 and streamed.latency == "measure"
+    plain = config()
+    assert not plain.sequential and plain.compute_device is None and plain.min_speedup is None
