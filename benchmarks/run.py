@@ -117,6 +117,15 @@ REGISTRY: dict[str, Benchmark] = {
         "table's protocol; \"x dense\" its ratio to dense), the all-MiniLM-L6-v2 sentence encoder by the "
         "cosine of held-out news sentences' embeddings to the dense model's; layer counts say what \"auto\" "
         "chose. Smaller calibration or evaluation sets than the defaults are named in the case."),
+    "quality_encoder": Benchmark(
+        "quality_encoder.py", "Recipes on a sentence encoder, in and out of domain: all-MiniLM-L6-v2",
+        "MiniLM embedding cosine per recipe (calibrated / sequential / reconstructed), Wikipedia and news text",
+        "optional", "15 min CPU",
+        "The all-MiniLM-L6-v2 sentence encoder compressed with BLAST by each recipe (calibrated: every layer on "
+        "the dense activations; sequential: each block on the compressed model's own inputs; reconstructed: "
+        "sequential, then each block fitted to the dense block's outputs), calibrated on Wikipedia only, no "
+        "retraining; the cosine of each sentence's embedding to the dense model's, mean and minimum, on "
+        "held-out Wikipedia sentences and on news sentences (a domain calibration never saw)."),
     "als_iterations": Benchmark(
         "als_iterations.py", "Calibrated ALS iterations",
         "output error of calibrated ALS after 30 / 100 / 300 iterations on real SmolLM2 layers",
