@@ -91,8 +91,7 @@ def _objective(dense, compressed, inputs) -> float:
     for name, X in inputs.items():
         W = dense.get_submodule(name).weight.detach().double()
         layer = compressed.get_submodule(name)
-        W_hat = (layer.weight if isinstance(layer, nn.Linear) else layer.dense_weight() if isinstance(layer, SS1Linear)
-                 else layer.to_dense()).detach().double()
+        W_hat = (layer.weight if isinstance(layer, nn.Linear) else layer.to_dense()).detach().double()
         total += float(((X @ (W - W_hat).T) ** 2).sum() / ((X @ W.T) ** 2).sum())
     return total
 

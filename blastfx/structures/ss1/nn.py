@@ -110,14 +110,20 @@ class SS1Linear(nn.Module):
         return ss1_to_dense(self.weight, self.layout, self.shifts)
 
     @torch.no_grad()
-    def to_dense(self) -> nn.Linear:
+    def to_dense(self) -> torch.Tensor:
+        """The (out_features, in_features) weight this layer applies, as ``BlastLinear.to_dense()``
+        gives it: one call works on a layer of either structure."""
+        return self.dense_weight()
+
+    def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` computing the same function (same device and dtype)."""
         w = self.weight
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=w.device, dtype=w.dtype)
-        linear.weight.copy_(self.dense_weight())
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
+        with torch.no_grad():
+            linear.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
         return linear
 
     def extra_repr(self) -> str:

@@ -41,13 +41,16 @@ def test_init_keeps_the_scale_of_nn_linear():
     assert abs(float(dense.std()) - bound / math.sqrt(3)) < 0.1 * bound      # uniform(-b, b) has std b/sqrt(3)
 
 
-def test_to_dense_is_an_equivalent_linear():
+def test_to_dense_is_the_weight_and_to_linear_an_equivalent_linear():
     layer = SS1Linear(100, 37, 2, block_k=16, block_n=16, dtype=torch.float64)
     x = torch.randn(5, 100, dtype=torch.float64)
-    lin = layer.to_dense()
+    W = layer.to_dense()
+    assert W.shape == (37, 100) and W.dtype == torch.float64
+    torch.testing.assert_close(x @ W.T + layer.bias, layer(x), rtol=1e-12, atol=1e-12)
+    lin = layer.to_linear()
     assert isinstance(lin, nn.Linear) and lin.weight.dtype == torch.float64
     torch.testing.assert_close(lin(x), layer(x), rtol=1e-12, atol=1e-12)
-    lin_nb = SS1Linear(100, 37, 2, bias=False, block_k=16, block_n=16).to_dense()
+    lin_nb = SS1Linear(100, 37, 2, bias=False, block_k=16, block_n=16).to_linear()
     assert lin_nb.bias is None
 
 
