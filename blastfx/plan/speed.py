@@ -139,21 +139,24 @@ def layer_bytes(lp, element_size: int) -> float:
     return lp.params * size
 
 
+def _layer_times(plan, latency: LatencyModel, element_size: int) -> dict[str, tuple[float, float]]:
+    """{layer: (dense µs, planned µs)} at decode under ``latency``."""
+    return {name: (latency.dense_us(lp.dense_params * element_size),
+                   latency.structured_us(STAGES.get(lp.structure, 1), layer_bytes(lp, element_size)))
+            for name, lp in plan.layers.items()}
+
+
 def expected_speedups(plan, latency: LatencyModel, element_size: int) -> dict[str, float]:
     """{layer: dense time / planned time} at decode under ``latency``."""
-    out = {}
-    for name, lp in plan.layers.items():
-        dense = latency.dense_us(lp.dense_params * element_size)
-        planned = latency.structured_us(STAGES.get(lp.structure, 1), layer_bytes(lp, element_size))
-        out[name] = dense / planned
-    return out
+    return {name: dense / planned for name, (dense, planned) in _layer_times(plan, latency, element_size).items()}
 
 
 def apply_speed(plan, latency: LatencyModel, element_size: int, min_speedup: float | None):
     """``plan`` with each layer's expected decode speedup in its notes and, with ``min_speedup``,
     the layers expected below it kept dense (moved to ``plan.dense``; the kept fraction then rises
     above the budget, which the notes say). Returns a new plan; ``plan`` is not changed."""
-    speed = expected_speedups(plan, latency, element_size)
+    times = _layer_times(plan, latency, element_size)
+    speed = {name: dense / planned for name, (dense, planned) in times.items()}
     slow = sorted(k for k, s in speed.items() if min_speedup is not None and s < min_speedup)
     if speed and len(slow) == len(speed):
         best = max(speed.items(), key=lambda kv: kv[1])
@@ -162,9 +165,8 @@ def apply_speed(plan, latency: LatencyModel, element_size: int, min_speedup: flo
                          "Lower min_speedup, or leave it None to compress for size alone.")
     layers = {k: v for k, v in plan.layers.items() if k not in slow}
     new = dataclasses.replace(plan, layers=layers, dense=sorted(set(plan.dense) | set(slow)), notes=list(plan.notes))
-    total_dense = sum(latency.dense_us(lp.dense_params * element_size) for lp in plan.layers.values())
-    total = sum(latency.dense_us(plan.layers[k].dense_params * element_size) if k in slow
-                else latency.dense_us(plan.layers[k].dense_params * element_size) / speed[k] for k in plan.layers)
+    total_dense = sum(dense for dense, _ in times.values())
+    total = sum(dense if k in slow else planned for k, (dense, planned) in times.items())
     by = sorted(speed.items(), key=lambda kv: kv[1])
     new.notes.append(f"expected decode speedup on {latency.device} (T=1): compressed layers together "
                      f"{total_dense / total:.2f}x dense; slowest {by[0][0]} {by[0][1]:.2f}x, fastest "

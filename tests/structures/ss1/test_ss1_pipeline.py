@@ -88,15 +88,21 @@ def test_uniform_ss1_at_0_8_mixes_half_and_dense_evenly_within_budget():
     assert not strict.dense and {lp.reduction for lp in strict.layers.values()} == {1, 2}
 
 
+def _first_layer_ss1(out_features, in_features):
+    """Two bias-free linears under ``blocks`` (seed 0), the first exactly SS1 at reduction 4."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.blocks = nn.ModuleList(nn.Linear(in_features, out_features, bias=False) for _ in range(2))
+    layout = SS1Layout(out_features, in_features, 4)
+    with torch.no_grad():
+        model.blocks[0].weight.copy_(ss1_to_dense(torch.randn(layout.weight_shape), layout))
+    return model
+
+
 def test_measured_strategy_spends_on_the_layer_ss1_fits_worst():
     """Layer 0 is exactly SS1 at reduction 4, layer 1 is noise: the error strategy leaves layer 0 at
     4 (error 0) and gives the parameters to layer 1."""
-    torch.manual_seed(0)
-    model = nn.Module()
-    model.blocks = nn.ModuleList(nn.Linear(256, 128, bias=False) for _ in range(2))
-    layout = SS1Layout(128, 256, 4)
-    with torch.no_grad():
-        model.blocks[0].weight.copy_(ss1_to_dense(torch.randn(layout.weight_shape), layout))
+    model = _first_layer_ss1(128, 256)
     batches = [torch.randn(64, 256) for _ in range(2)]
     model.forward = lambda x: model.blocks[1](x) + model.blocks[0](x)
     plan = blastfx.plan_for(model, 0.5, _cfg(structure="ss1", strategy="error", allow_dense=False),
@@ -109,12 +115,8 @@ def test_auto_picks_ss1_for_the_ss1_layer_and_blast_for_the_low_rank_one(budget,
     """Layer 0 is exactly SS1 at reduction 4 (a quarter of its parameters), layer 1 exactly rank 8.
     At 0.3 each layer's share (uniform strategy) holds the exact structure; at 0.2 only an allocation
     that moves parameters from the low-rank layer to the SS1 one does."""
-    torch.manual_seed(0)
-    model = nn.Module()
-    model.blocks = nn.ModuleList(nn.Linear(256, 256, bias=False) for _ in range(2))
-    layout = SS1Layout(256, 256, 4)
+    model = _first_layer_ss1(256, 256)
     with torch.no_grad():
-        model.blocks[0].weight.copy_(ss1_to_dense(torch.randn(layout.weight_shape), layout))
         model.blocks[1].weight.copy_(torch.randn(256, 8) @ torch.randn(8, 256) / 16)
     model.forward = lambda x: model.blocks[1](model.blocks[0](x))
     batches = [torch.randn(128, 256) for _ in range(4)]
