@@ -113,9 +113,8 @@ def _methods(config: BlastConfig, plan: Plan | None, names) -> set:
     options = BuildOptions.from_config(config)
     if plan is not None:
         return {build.method_of(lp, options) for lp in plan.layers.values()}
-    kinds = lambda n: {"auto": ("blast", "ss1")}.get(config.structure_for(n), (config.structure_for(n),))  # noqa: E731
     return {build.method_for(structures.get(kind), config.override_for(n).method, config.method)
-            for n in names for kind in kinds(n)}
+            for n in names for s in (config.structure_for(n),) for kind in (("blast", "ss1") if s == "auto" else (s,))}
 
 
 def _check_methods_take_calibration(methods, batches) -> None:
@@ -194,7 +193,7 @@ def _plan(model, budget, config, resolved, analysis, batches, stats: dict[str, L
             ss1 = ss1_errors(layers, names, stats, resolved.calibration_damping, budget)
         if resolved.block_choices and used - {"ss1"}:
             first = auto_start_plan(analysis, budget, resolved, spectra, ss1_errors=ss1)
-            errors = block_errors(layers, _blast_part(first, lambda k: True), resolved, stats)
+            errors = block_errors(layers, _blast_part(first), resolved, stats)
         if "auto" in used:           # BLAST's measured errors where "auto" starts from, at the ranks it plans
             start = auto_start_plan(analysis, budget, resolved, spectra, errors, ss1)
             probes = blast_errors(layers, _blast_part(start, lambda k: resolved.structure_for(k) == "auto"),
@@ -215,10 +214,10 @@ def _plan(model, budget, config, resolved, analysis, batches, stats: dict[str, L
     return apply_speed(plan, latency_model(resolved.latency), _element_size(model), resolved.min_speedup)
 
 
-def _blast_part(plan: Plan, keep) -> Plan:
-    """``plan`` restricted to its BLAST layers whose name ``keep`` accepts (what a probe measures)."""
+def _blast_part(plan: Plan, keep=None) -> Plan:
+    """``plan`` restricted to its BLAST layers (whose name ``keep`` accepts, if given): what a probe measures."""
     return dataclasses.replace(plan, layers={k: lp for k, lp in plan.layers.items()
-                                             if lp.structure == DEFAULT_STRUCTURE and keep(k)})
+                                             if lp.structure == DEFAULT_STRUCTURE and (keep is None or keep(k))})
 
 
 def _element_size(model: nn.Module) -> int:
@@ -266,7 +265,7 @@ def compress(model: nn.Module, budget: float = 0.5, *, config: BlastConfig | Non
     _needs_calibration(config, batches)
     resolved = resolve_recipe(model, config, batches)
     sequential = resolved.sequential and batches is not None and resolved.init != "random"
-    if resolved.compute_device is not None and not sequential:
+    if resolved.compute_device is not None and batches is None:
         raise ValueError(f"compute_device={resolved.compute_device!r} streams the model through sequential calibration, "
                          "which needs calibration data: pass calibration=")
     _warn_weight_only(resolved, batches)

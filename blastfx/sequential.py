@@ -140,8 +140,9 @@ def _replays_the_model(model, blocks, rests, last_out, compute_device=None) -> b
     for k, b in enumerate(blocks):
         hidden, rest = rests[b][0]
         expected = rests[blocks[k + 1]][0][0] if k + 1 < len(blocks) else last_out
-        with _resident(model.get_submodule(b), compute_device):
-            got = _call(model.get_submodule(b), hidden, rest)
+        block = model.get_submodule(b)
+        with _resident(block, compute_device):
+            got = _call(block, hidden, rest)
         if got.shape != expected.shape or (got - expected).norm() > 1e-4 * expected.norm() + 1e-6:
             return False
     return True

@@ -5,8 +5,8 @@ The choice is made between whole plans, each within the budget:
 
 * ``"blast"``: the plan ``structure="blast"`` makes (the resolved strategy's allocation);
 * ``"per layer"``: that plan with each BLAST layer made SS1 where SS1's measured output error at no
-  more than the layer's allotted parameters is below BLAST's measured output error at them (a short
-  factorization at the planned rank, :func:`blastfx.statistics.structure_errors.blast_errors`); the
+  more than the layer's allotted parameters is below BLAST's measured output error at them (a
+  factorization at the planned rank, fitted as the builder fits it, :func:`blastfx.statistics.structure_errors.blast_errors`); the
   parameters an SS1 layer frees go back to the ranks of the layers still BLAST. Each layer keeps the
   allotment the strategy gave it, so this plan is the BLAST plan with some layers swapped for
   something measured better at their size;

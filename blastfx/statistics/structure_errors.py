@@ -2,8 +2,8 @@
 
 Reads the layers' weights and calibration statistics and hands the planner numbers, as
 :mod:`.sensitivity` does with spectra: per layer, the output error of the SS1 projection at every
-reduction it admits, and for ``"auto"`` the output error of a short BLAST factorization at the rank
-the BLAST plan gives it, both in the units of :func:`.sensitivity.layer_spectra`
+reduction it admits, and for ``"auto"`` the output error of a BLAST factorization at the rank
+the BLAST plan gives it (fitted as the builder fits it), both in the units of :func:`.sensitivity.layer_spectra`
 (``sum_n f_n ((W - W_hat) C (W - W_hat)^T)_nn`` with ``C`` the damped input covariance, the identity
 without calibration, and ``f`` the output Fisher where measured), so the two structures compare.
 """

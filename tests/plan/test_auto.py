@@ -10,7 +10,7 @@ import blastfx
 from blastfx import BlastConfig
 from blastfx.plan import make_plan
 from blastfx.plan.auto import choose_auto
-from blastfx.structures.ss1 import SS1Layout, SS1Linear, ss1_to_dense
+from blastfx.structures.ss1 import SS1Layout, ss1_to_dense
 from blastfx.structures.ss1.layout import ss1_params
 import models
 from models import layer_inputs
@@ -31,14 +31,10 @@ class Parallel(nn.Module):
         return sum(b(x) for b in self.blocks)
 
 
-def _linears(n, m=256, k=256):
-    return Parallel(n, m, k)
-
-
 def test_each_layer_takes_the_structure_measured_better_at_its_share():
     """Known answer from given errors: layer 0 is better as SS1 at the largest reduction that fits its
     BLAST share, layer 1 is better as BLAST and gets the parameters layer 0 frees."""
-    analysis = blastfx.analyze(_linears(2))
+    analysis = blastfx.analyze(Parallel(2))
     cfg = _cfg(structure="auto", strategy="uniform")
     blast = make_plan(analysis, 0.5, _cfg(strategy="uniform"))
     share = blast.layers["blocks.0"].params
@@ -57,7 +53,7 @@ def test_each_layer_takes_the_structure_measured_better_at_its_share():
 def test_the_ss1_plan_wins_where_it_is_better_on_the_objective():
     """At 0.75 the SS1 plan keeps one layer dense and the other at reduction 2; with that layer exact
     at reduction 2 its objective is 0, which no plan keeping each layer's BLAST share reaches."""
-    analysis = blastfx.analyze(_linears(2))
+    analysis = blastfx.analyze(Parallel(2))
     ss1_plan = make_plan(analysis, 0.75, _cfg(structure="ss1", strategy="uniform"))
     assert len(ss1_plan.dense) == 1
     (exact,) = ss1_plan.layers
@@ -73,7 +69,7 @@ def test_the_ss1_plan_wins_where_it_is_better_on_the_objective():
 
 
 def test_auto_needs_blast_errors_at_the_blast_plans_ranks():
-    analysis = blastfx.analyze(_linears(2))
+    analysis = blastfx.analyze(Parallel(2))
     ss1 = {f"blocks.{i}": ({2: 0.1}, 1.0) for i in range(2)}
     with pytest.raises(ValueError, match="BLAST errors"):
         make_plan(analysis, 0.5, _cfg(structure="auto"), ss1_errors=ss1)
@@ -111,7 +107,7 @@ def test_auto_beats_both_families_where_layers_differ():
     """Two layers nearly SS1 (reduction 2), two nearly rank 16 (each plus 1% noise): auto takes each
     family where it fits and its calibration error is below both single-family plans'."""
     torch.manual_seed(0)
-    dense = _linears(4)
+    dense = Parallel(4)
     layout = SS1Layout(256, 256, 2)
     with torch.no_grad():
         for i, layer in enumerate(dense.blocks):

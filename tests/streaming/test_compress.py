@@ -149,9 +149,9 @@ def test_bad_compute_device_is_refused_when_the_config_is_made():
         BlastConfig(sequential=True, compute_device=0)
     with pytest.raises(ValueError, match="set sequential=True"):
         BlastConfig(compute_device="cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="'cuda:0' is not available here"):
-            BlastConfig(sequential=True, compute_device="cuda:0")
+    missing = f"cuda:{torch.cuda.device_count()}"           # one past the last GPU: never available
+    with pytest.raises(ValueError, match=f"'{missing}' is not available here"):
+        BlastConfig(sequential=True, compute_device=missing)
 
 
 def _snapshot(model):
@@ -191,13 +191,16 @@ def test_a_failure_mid_walk_leaves_the_model_exactly_as_it_was(monkeypatch, fail
     assert _unchanged(model, before)                  # the same tensors, same storage, same values
 
 
-def test_plan_for_streams_to_the_same_plan():
+def test_plan_for_streams_to_the_same_plan(monkeypatch):
     model = models.tiny_llama()
     before = _snapshot(model)
     batches = _llama_batches()
     config = dict(progress=False, sequential=True, strategy="loss")
     a = blastfx.plan_for(model, 0.5, BlastConfig(**config), calibration=batches)
+    entered, enter = [], Residency.enter
+    monkeypatch.setattr(Residency, "enter", lambda self, *args, **kw: entered.append(1) or enter(self, *args, **kw))
     b = blastfx.plan_for(model, 0.5, BlastConfig(compute_device="cpu", **config), calibration=batches)
+    assert entered                                  # the streamed planner really moved modules in
     assert a.layers == b.layers
     assert _unchanged(model, before)
 
