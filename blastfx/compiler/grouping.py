@@ -87,10 +87,10 @@ def _(x, U, S, V, bias, out_features):
 
 
 class _MemberCopies:
-    """Clones of a group's factors for the autotuner (see ``kernels.forward._WeightCopies``)."""
+    """Clones of a group's factors for the autotuner (see ``kernels.autotune.WeightCopies``)."""
 
     def __init__(self, members, device):
-        from ..kernels.forward import copies_needed
+        from ..kernels.autotune import copies_needed
 
         self.members, self._clones = members, {}
         self.count = copies_needed([t for m in members for t in m[:3]], device)

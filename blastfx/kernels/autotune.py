@@ -63,6 +63,30 @@ def graph_ms(fn, calls: int, reps: int = 7, eager_fallback: bool = False) -> flo
     return statistics.median(times)
 
 
+def copies_needed(tensors, device) -> int:
+    """How many copies of ``tensors`` (at most 8) together take twice the L2 cache."""
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+    return max(1, min(8, -(-2 * l2 // max(nbytes, 1))))
+
+
+class WeightCopies:
+    """The factors, and clones of them made only when the autotuner times candidates: enough that
+    rotating through them streams the weights from memory, as a model's layers do in a decode step.
+    Timing one copy over and over would measure L2 bandwidth and pick the wrong kernel."""
+
+    def __init__(self, factors, device):
+        self.factors, self._clones = factors, {}
+        self.count = copies_needed(factors, device)
+
+    def __getitem__(self, k: int):
+        if k == 0:
+            return self.factors
+        if k not in self._clones:
+            self._clones[k] = tuple(t.clone() for t in self.factors)
+        return self._clones[k]
+
+
 def choose(key, candidates, run, copies: int = 1):
     """Best (path, config) of ``candidates`` for ``key``; ``run(path, config, k)`` executes one on
     weight copy ``k`` (of ``copies``): each candidate is timed over every copy in turn, so weights

@@ -300,30 +300,6 @@ def _all_candidates(decode: bool, few_tokens: bool, shape: BlastShape, device) -
     return out
 
 
-def copies_needed(tensors, device) -> int:
-    """How many copies of ``tensors`` (at most 8) together take twice the L2 cache."""
-    nbytes = sum(t.numel() * t.element_size() for t in tensors)
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
-    return max(1, min(8, -(-2 * l2 // max(nbytes, 1))))
-
-
-class _WeightCopies:
-    """The factors, and clones of them made only when the autotuner times candidates: enough that
-    rotating through them streams the weights from memory, as a model's layers do in a decode step.
-    Timing one copy over and over would measure L2 bandwidth and pick the wrong kernel."""
-
-    def __init__(self, factors, device):
-        self.factors, self._clones = factors, {}
-        self.count = copies_needed(factors, device)
-
-    def __getitem__(self, k: int):
-        if k == 0:
-            return self.factors
-        if k not in self._clones:
-            self._clones[k] = tuple(t.clone() for t in self.factors)
-        return self._clones[k]
-
-
 def tuning_key(T: int, shape: BlastShape, dtype, has_bias: bool, device) -> tuple:
     """What an autotuned choice is shared by (benchmarks use it to read the choice back)."""
     return (autotune.token_bucket(T), shape, dtype, has_bias, str(device))
@@ -348,7 +324,7 @@ def blast_matmul_triton(x, U, S, V, bias=None, out_features=None, path: str | No
     cands = candidates(T, shape, x.device)
     if path is None:
         key = tuning_key(T, shape, x.dtype, bias is not None, x.device)
-        copies = _WeightCopies((U, S, V), x.device)
+        copies = autotune.WeightCopies((U, S, V), x.device)
         path, cfg = autotune.choose(key, cands, lambda p, c, k: run_path(x2, *copies[k], bias, shape, p, c),
                                     copies=copies.count)
     else:
@@ -394,7 +370,7 @@ def blast_matmul_quantized_triton(x, U, U_scale, S, V, V_scale, bias=None, out_f
         return gemv_kernels.blast_gemv(x2, Uk, Sk, Vk, bias, shape, cfg, interpret=INTERPRET, U_scale=suk, V_scale=svk)
 
     key = ("quantized", str(U.dtype)) + tuning_key(T, shape, x.dtype, bias is not None, x.device)
-    copies = _WeightCopies((U, U_scale, S, V, V_scale), x.device)
+    copies = autotune.WeightCopies((U, U_scale, S, V, V_scale), x.device)
     _, cfg = autotune.choose(key, [("gemv", c) for c in gemv_kernels.candidates(x2.device)],
                              lambda p, c, k: run(c, copies[k]), copies=copies.count)
     cfg = {**cfg, **(config or {})}

@@ -12,8 +12,12 @@ tiles, which are small when T is (decode) and reused from cache across output ti
 (prefill). Input features past ``in_features`` and rows past T / out_features are masked, so no
 padding is ever materialised.
 
-Tiles: decode (T <= 16) uses 16-row tiles and narrow output tiles for more programs; prefill 64-row
-tiles. The output tile BN must divide ``block_n`` (all rows of a program share one rotation).
+Tiles: a step of the K-loop covers ``KB`` shared columns (``KB // block_k`` shared tiles, each with
+its own rotations), so a program keeps more weight bytes in flight than one 32-wide hash tile
+gives: at decode the kernel is a stream of the shared weight, and its speed is the bytes in flight
+per SM. BN must divide ``block_n`` (all rows of a program share one rotation). The (BM, BN, KB,
+warps, stages) tile is timed per (shape, dtype, token bucket) by the autotuner on a GPU, over weight
+copies that stream from HBM, from :func:`candidates`; its first entry is :func:`kernel_config`.
 Under ``TRITON_INTERPRET=1`` (CPU tests) the dot runs on fp32 operands (the interpreter's bf16 dot
 is wrong); fp32 inputs always use IEEE dots, never TF32.
 """
@@ -26,7 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["ss1_matmul_triton", "kernel_config"]
+from blastfx.kernels import autotune
+
+__all__ = ["ss1_matmul_triton", "kernel_config", "candidates", "DENSE"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DECODE_MAX_T = 16
@@ -36,27 +42,31 @@ DECODE_MAX_T = 16
 def _ss1_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, T, N, K, K_TILES, SHARED_TILES,
                 sxt, sxk, swn, swk, sst, ssn, syt, syn,
                 R: tl.constexpr, HASH_BN: tl.constexpr, HAS_BIAS: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_k = tl.arange(0, BK)
+    offs_k = tl.arange(0, KB)                       # KB // BK shared tiles per step
+    sub = offs_k // BK                              # which of them a column belongs to
+    within = offs_k % BK
     j = (pid_n * BN) // HASH_BN                     # the output tile of the hash
     m_ok = offs_m < T
     n_ok = offs_n < N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for g in range(0, SHARED_TILES):
-        a = tl.zeros((BM, BK), dtype=tl.float32)
+    for g0 in range(0, SHARED_TILES, KB // BK):
+        g = g0 + sub
+        g_ok = g < SHARED_TILES
+        a = tl.zeros((BM, KB), dtype=tl.float32)
         for t in range(R):
             i = g * R + t
-            s = tl.load(s_ptr + i * sst + j * ssn, mask=i < K_TILES, other=0)
-            cols = i * BK + ((offs_k + s) & (BK - 1))   # & is mod for a power of two, also for s < 0
+            s = tl.load(s_ptr + i * sst + j * ssn, mask=g_ok & (i < K_TILES), other=0)
+            cols = i * BK + ((within + s) & (BK - 1))   # & is mod for a power of two, also for s < 0
             xt = tl.load(x_ptr + offs_m[:, None] * sxt + cols[None, :] * sxk,
-                         mask=m_ok[:, None] & (cols[None, :] < K), other=0.0)
+                         mask=m_ok[:, None] & (g_ok & (cols < K))[None, :], other=0.0)
             a += xt.to(tl.float32)
-        wt = tl.load(w_ptr + offs_n[None, :] * swn + (g * BK + offs_k)[:, None] * swk,
-                     mask=n_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + offs_n[None, :] * swn + (g0 * BK + offs_k)[:, None] * swk,
+                     mask=n_ok[None, :] & g_ok[:, None], other=0.0)
         if UPCAST:
             acc = tl.dot(a, wt.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -67,19 +77,74 @@ def _ss1_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, T, N, K, K_TILES, SHARED_TILE
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-def kernel_config(T: int, block_n: int, interpret: bool = INTERPRET) -> dict:
-    """Tile sizes and launch options for T tokens (BN never exceeds the hash's ``block_n``)."""
+def kernel_config(T: int, block_n: int, block_k: int = 32, interpret: bool = INTERPRET) -> dict:
+    """The default tile for T tokens (BN never exceeds the hash's ``block_n``; KB is a multiple of
+    ``block_k``): what runs without timing, and the first of :func:`candidates`."""
     if interpret:                                   # small tiles keep the CPU interpreter fast
-        return {"BM": 16, "BN": min(16, block_n)}
+        return {"BM": 16, "BN": min(16, block_n), "KB": block_k}
     if T <= DECODE_MAX_T:
-        return {"BM": 16, "BN": min(32, block_n), "num_warps": 4, "num_stages": 4}
-    return {"BM": 64, "BN": min(64, block_n), "num_warps": 4, "num_stages": 3}
+        return {"BM": 16, "BN": min(32, block_n), "KB": max(block_k, 128), "num_warps": 4, "num_stages": 4}
+    return {"BM": 64, "BN": min(64, block_n), "KB": max(block_k, 64), "num_warps": 4, "num_stages": 3}
+
+
+def candidates(T: int, block_n: int, block_k: int) -> list[dict]:
+    """Configs the autotuner times for T tokens. Decode: narrow output tiles for enough programs, K
+    steps of 128-256 shared columns for enough bytes in flight; prefill: larger M tiles. Every list
+    also holds ``{"path": "dense"}``: the shared weight expanded to the dense one (one gather) and a
+    cuBLAS GEMM. At prefill sizes that runs first: there the GEMM is compute-bound and the kernel,
+    which builds its A operand from rotated gathers of x in registers, reaches a fraction of the
+    tensor cores' rate (measured on an H200: 0.12x dense at T >= 1024), while the expansion costs
+    one write of the dense weight."""
+    first = kernel_config(T, block_n, block_k, interpret=False)
+    if T <= DECODE_MAX_T:
+        tiles = [(16, 128, 4, 4), (16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 8, 3),
+                 (32, block_k, 4, 4)]
+        more = [{"BM": 16, "BN": bn, "KB": kb, "num_warps": w, "num_stages": st} for bn, kb, w, st in tiles]
+    else:
+        tiles = [(64, 64, 64, 4, 4), (128, 64, 64, 8, 3), (128, 64, 128, 8, 3), (64, 64, 128, 4, 3)]
+        more = [{"BM": bm, "BN": bn, "KB": kb, "num_warps": w, "num_stages": st} for bm, bn, kb, w, st in tiles]
+    out = [first]
+    for c in more:
+        c = {**c, "BN": min(c["BN"], block_n), "KB": max(c["KB"], block_k)}
+        if c not in out:
+            out.append(c)
+    return out + [DENSE] if T <= DECODE_MAX_T else [DENSE] + out
+
+
+DENSE = {"path": "dense"}
+
+
+def _launch(x2, weight, shifts, bias, y, reduction, block_k, block_n, cfg):
+    """Run one config into ``y`` (T, out): the kernel with its tile, or ``{"path": "dense"}``."""
+    cfg = dict(cfg)
+    if cfg.pop("path", "kernel") == "dense":
+        from .ops import _expand
+        dense = _expand(weight, shifts, x2.shape[1], reduction, block_k, block_n)
+        return torch.addmm(bias, x2, dense.t(), out=y) if bias is not None else torch.mm(x2, dense.t(), out=y)
+    BM, BN, KB = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("KB", block_k)
+    if BN > block_n or block_n % BN:
+        raise ValueError(f"config BN={BN} must be a power of two dividing block_n={block_n}")
+    if KB < block_k or KB % block_k or KB & (KB - 1):
+        raise ValueError(f"config KB={KB} must be a power-of-two multiple of block_k={block_k}")
+    T, in_features = x2.shape
+    out_features = weight.shape[0]
+    grid = (triton.cdiv(T, BM), triton.cdiv(out_features, BN))
+    _ss1_kernel[grid](
+        x2, weight, shifts, bias if bias is not None else weight, y, T, out_features, in_features,
+        math.ceil(in_features / block_k), weight.shape[1] // block_k,
+        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), shifts.stride(0), shifts.stride(1),
+        y.stride(0), y.stride(1),
+        R=reduction, HASH_BN=block_n, HAS_BIAS=bias is not None, BM=BM, BN=BN, BK=block_k, KB=KB,
+        UPCAST=INTERPRET or x2.dtype == torch.float32, **({} if INTERPRET else cfg))
+    return y
 
 
 def ss1_matmul_triton(x: torch.Tensor, weight: torch.Tensor, shifts: torch.Tensor, bias: torch.Tensor | None,
                       reduction: int, block_k: int, block_n: int, config: dict | None = None) -> torch.Tensor:
-    """Same contract as the op (arguments already checked by ``ops.check_inputs``); ``config``
-    overrides :func:`kernel_config` keys (tests, benchmarks)."""
+    """Same contract as the op (arguments already checked by ``ops.check_inputs``). ``config``
+    overrides keys of the tile, or is ``{"path": "dense"}`` (tests, benchmarks); without it a GPU
+    runs the autotuned config for this (shape, dtype, token bucket), the interpreter
+    :func:`kernel_config`."""
     lead, in_features = x.shape[:-1], x.shape[-1]
     out_features = weight.shape[0]
     x2 = x.reshape(-1, in_features)
@@ -87,17 +152,15 @@ def ss1_matmul_triton(x: torch.Tensor, weight: torch.Tensor, shifts: torch.Tenso
     y = torch.empty(T, out_features, device=x.device, dtype=x.dtype)
     if T == 0:
         return y.reshape(*lead, out_features)
-    cfg = {**kernel_config(T, block_n), **(config or {})}
-    BM, BN = cfg.pop("BM"), cfg.pop("BN")
-    if BN > block_n or block_n % BN:
-        raise ValueError(f"config BN={BN} must be a power of two dividing block_n={block_n}")
-    k_tiles = math.ceil(in_features / block_k)
-    grid = (triton.cdiv(T, BM), triton.cdiv(out_features, BN))
-    _ss1_kernel[grid](
-        x2, weight, shifts, bias if bias is not None else weight, y, T, out_features, in_features,
-        k_tiles, weight.shape[1] // block_k,
-        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), shifts.stride(0), shifts.stride(1),
-        y.stride(0), y.stride(1),
-        R=reduction, HASH_BN=block_n, HAS_BIAS=bias is not None, BM=BM, BN=BN, BK=block_k,
-        UPCAST=INTERPRET or x.dtype == torch.float32, **({} if INTERPRET else cfg))
+    if config is not None or INTERPRET or x.device.type != "cuda":
+        cfg = {**(DENSE if (config or {}).get("path") == "dense" else kernel_config(T, block_n, block_k)),
+               **(config or {})}
+    else:
+        key = ("ss1", autotune.token_bucket(T), tuple(weight.shape), in_features, reduction, block_k, block_n,
+               x.dtype, bias is not None, str(x.device))
+        copies = autotune.WeightCopies((weight,), x.device)
+        _, cfg = autotune.choose(key, [(c.get("path", "kernel"), c) for c in candidates(T, block_n, block_k)],
+                                 lambda _p, c, k: _launch(x2, copies[k][0], shifts, bias, y, reduction,
+                                                          block_k, block_n, c), copies=copies.count)
+    _launch(x2, weight, shifts, bias, y, reduction, block_k, block_n, cfg)
     return y.reshape(*lead, out_features)

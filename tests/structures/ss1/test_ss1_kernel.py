@@ -7,7 +7,7 @@ import torch
 
 import blastfx
 from blastfx.structures.ss1 import SS1Layout, SS1Linear, ss1_matmul, ss1_matmul_reference
-from blastfx.structures.ss1.kernel import kernel_config, ss1_matmul_triton
+from blastfx.structures.ss1.kernel import DENSE, candidates, kernel_config, ss1_matmul_triton
 from ss1_oracles import dense_oracle
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
@@ -54,7 +54,8 @@ def test_kernel_matches_reference_on_fuzzed_shapes(case):
 
 
 @pytest.mark.parametrize("T,cfg", [(1, {"BM": 16, "BN": 16}), (3, {"BM": 16, "BN": 32}), (40, {"BM": 32, "BN": 32}),
-                                   (40, {"BM": 16, "BN": 16})])
+                                   (40, {"BM": 16, "BN": 16}), (1, {"BM": 16, "BN": 16, "KB": 32}),
+                                   (3, {"BM": 16, "BN": 32, "KB": 64}), (40, {"BM": 32, "BN": 16, "KB": 128})])
 def test_tile_configs_and_leading_dims(T, cfg):
     L = SS1Layout(45, 100, 2, seed=3, block_k=16, block_n=32)
     x = torch.randn(T, 2, L.in_features)
@@ -101,22 +102,58 @@ def test_shifts_outside_the_tile_wrap_like_the_reference():
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kb", [32, 64, 128])
+def test_wide_k_steps_with_a_ragged_last_step(kb):
+    """KB spans several shared tiles; 7 shared tiles leave a partial last step for every KB > 16,
+    and NaN past the shared weight's columns would show any read beyond them."""
+    L = SS1Layout(40, 16 * 7 * 2 - 5, 2, seed=11, block_k=16, block_n=32)
+    assert L.shared_tiles == 7
+    wbuf = torch.full((L.out_features, L.shared_in_features + 64), float("nan"))
+    wbuf[:, :L.shared_in_features] = torch.randn(L.weight_shape)
+    w = wbuf[:, :L.shared_in_features]
+    x, b = torch.randn(3, L.in_features), torch.randn(L.out_features)
+    y = ss1_matmul_triton(x, w, L.shifts(), b, 2, 16, 32, config={"BM": 16, "BN": 16, "KB": kb})
+    _check(y, x, w.contiguous(), b, L, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_path_matches_the_float64_oracle(dtype):
+    """The expand-then-GEMM config, writing into the kernel's output buffer, bias or none."""
+    L = SS1Layout(45, 100, 4, seed=9, block_k=16, block_n=32)
+    x = torch.randn(6, 2, L.in_features).to(dtype)
+    w = torch.randn(L.weight_shape).to(dtype)
+    b = torch.randn(L.out_features).to(dtype)
+    for bias in (b, None):
+        y = ss1_matmul_triton(x, w, L.shifts(), bias, 4, 16, 32, config=DENSE)
+        assert y.shape == (6, 2, L.out_features)
+        _check(y.reshape(-1, L.out_features), x.reshape(-1, L.in_features), w, bias, L, dtype)
+
+
 def test_empty_tokens_and_bad_config():
     L = SS1Layout(20, 64, 2, block_k=16, block_n=16)
     w = torch.randn(L.weight_shape)
     assert ss1_matmul_triton(torch.randn(0, 64), w, L.shifts(), None, 2, 16, 16).shape == (0, 20)
     with pytest.raises(ValueError, match="config BN=32 must be a power of two dividing block_n=16"):
         ss1_matmul_triton(torch.randn(2, 64), w, L.shifts(), None, 2, 16, 16, config={"BN": 32})
+    with pytest.raises(ValueError, match="config KB=24 must be a power-of-two multiple of block_k=16"):
+        ss1_matmul_triton(torch.randn(2, 64), w, L.shifts(), None, 2, 16, 16, config={"KB": 24})
 
 
 def test_config_never_exceeds_the_hash_tile():
     for T in (1, 16, 17, 4096):
         for bn in (16, 32, 64, 128):
             for interpret in (False, True):
-                cfg = kernel_config(T, bn, interpret=interpret)
-                assert cfg["BN"] <= bn and bn % cfg["BN"] == 0
+                for bk in (16, 32, 256):
+                    cfgs = [kernel_config(T, bn, bk, interpret=interpret)]
+                    cfgs += [c for c in candidates(T, bn, bk) if c != DENSE] if not interpret else []
+                    for cfg in cfgs:
+                        assert cfg["BN"] <= bn and bn % cfg["BN"] == 0
+                        assert cfg["KB"] >= bk and cfg["KB"] % bk == 0
     assert kernel_config(1, 64, interpret=False)["BM"] == 16
     assert kernel_config(512, 64, interpret=False)["BM"] == 64
+    assert candidates(1, 64, 32)[0] == kernel_config(1, 64, 32, interpret=False)
+    assert candidates(1, 64, 32)[-1] == DENSE and candidates(17, 64, 32)[0] == DENSE      # untimed prefill: GEMM
+    assert len(candidates(1, 64, 32)) == len({str(c) for c in candidates(1, 64, 32)})      # no repeats
 
 
 def test_cpu_op_runs_the_reference():
@@ -140,10 +177,11 @@ def test_cuda_kernel_matches_reference(dtype, T, geom):
     x = torch.randn(T, in_f, device="cuda", generator=g).to(dtype)
     w = (torch.randn(L.weight_shape, device="cuda", generator=g) / in_f ** 0.5).to(dtype)
     b = torch.randn(out_f, device="cuda", generator=g).to(dtype)
-    y = ss1_matmul_triton(x, w, L.shifts("cuda"), b, r, L.block_k, L.block_n)
     want = ss1_matmul_reference(x.double(), w.double(), L, b.double())
     scale = want.abs().max().item()
-    torch.testing.assert_close(y.double(), want, rtol=TOL[dtype], atol=TOL[dtype] * scale)
+    for cfg in [None] + candidates(T, L.block_n, L.block_k):        # the autotuned config, and every candidate
+        y = ss1_matmul_triton(x, w, L.shifts("cuda"), b, r, L.block_k, L.block_n, config=cfg)
+        torch.testing.assert_close(y.double(), want, rtol=TOL[dtype], atol=TOL[dtype] * scale)
 
 
 @pytest.mark.cuda
