@@ -7,6 +7,15 @@ the drift earlier blocks introduced. Over all matrices the minimizer is W' = W C
 (C_dc = E[x_d x_c^T], C_cc = E[x_c x_c^T]), and ||W x_d - What x_c||^2 = ||(W' - What) x_c||^2 + const,
 so the usual calibrated factorization of W' under C_cc solves it.
 
+W' is a free regression of every output on all in_features inputs, estimated from the calibration
+tokens alone, so it is ridge-regularized *towards W* (no drift: W' = W exactly), with a relative ridge
+of at least :data:`FEEDBACK_DAMPING`. A ridge towards zero shrinks W wherever the calibration inputs
+are weak, and held-out inputs (other lengths, special tokens) are not weak there; a ridge as light as
+the whitening's lets the correction fit the calibration tokens' noise. Both made sequential
+calibration worse than plain calibration on a sentence encoder (all-MiniLM-L6-v2 at budget 0.8,
+4096 calibration tokens: mean embedding cosine 0.778 against plain calibration's 0.831; 0.833 with
+the ridge towards W at 0.1).
+
 The stages are the same as :func:`blastfx.compress`'s: each stage's statistics go into a
 :class:`~blastfx.statistics.LayerStats` per layer (input covariance, corrected target, and the
 output Fisher measured up front on the dense model), and :func:`blastfx.build.build_layers` and
@@ -50,13 +59,25 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once it has what it came for."""
 
 
+# Least relative ridge of the error-feedback correction (see the module docstring): ten times the
+# whitening's CALIBRATION_DAMPING, since the correction is a full regression, not a low-rank fit.
+FEEDBACK_DAMPING = 0.1
+
+
 def corrected_target(w: torch.Tensor, c_cc: torch.Tensor, c_dc: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
-    """W C_dc (C_cc + damping * mean(diag C_cc) I)^-1: the matrix whose output error on the compressed
-    inputs equals, up to a constant, the error against the dense layer's outputs on the dense inputs."""
+    """W (C_dc + r I)(C_cc + r I)^-1, r = damping * mean(diag C_cc): the matrix M minimizing
+    E||W x_d - M x_c||^2 + r ||M - W||^2, i.e. whose output error on the compressed inputs equals, up
+    to a constant, the error against the dense layer's outputs on the dense inputs, ridge-regularized
+    towards the dense weight (so that without drift, C_dc = C_cc, it is W for any damping)."""
     c = c_cc.double()
-    c = c + damping * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype, device=c.device)
-    rhs = (w.double() @ c_dc.double()).T                      # C W'^T = C_dc^T W^T (C symmetric)
-    return torch.linalg.solve(c, rhs).T.to(torch.float32)
+    ridge = damping * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype, device=c.device)
+    rhs = (w.double() @ (c_dc.double() + ridge)).T            # (C + rI) M^T = (C_dc + rI)^T W^T (C symmetric)
+    return torch.linalg.solve(c + ridge, rhs).T.to(torch.float32)
+
+
+def feedback_damping(calibration_damping: float) -> float:
+    """The relative ridge of the corrected targets: the config's damping, at least FEEDBACK_DAMPING."""
+    return max(calibration_damping, FEEDBACK_DAMPING)
 
 
 def _stream_and_rest(args, kwargs):
@@ -308,7 +329,7 @@ def _calibrate_block(model, plan, b, dense_stream, stream, rests, stats, quiet, 
     names = [n for n in plan.layers if block_of(n) == b]
     for stage in _stages(block, b, names, stream[0], rests[b][0][1]):
         measured = _stage_statistics(dense_block, block, b, stage, dense_stream, stream, rests[b])
-        stage_stats = _stage_stats(model, measured, stats, quiet.calibration_damping)
+        stage_stats = _stage_stats(model, measured, stats, feedback_damping(quiet.calibration_damping))
         swapped.update(swap_modules(model, build_layers(model, plan, stage_stats, quiet, names=set(stage))))
     with torch.no_grad():
         dense_stream = [_call(dense_block, h, rest) for h, (_, rest) in zip(dense_stream, rests[b])]

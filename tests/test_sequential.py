@@ -30,6 +30,37 @@ def test_corrected_target_is_the_least_squares_fit_to_dense_outputs():
     assert gaps[0] == pytest.approx(gaps[1], rel=1e-5)
 
 
+def test_corrected_target_is_the_ridge_fit_towards_the_dense_weight():
+    """With damping, the target is argmin ||X_d W^T - X_c M^T||^2 + n r ||M - W||^2 (r the relative
+    ridge): a float64 least-squares solve of the stacked system. Without drift it is W itself."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(12, 10, generator=g, dtype=torch.float64)
+    Xd = torch.randn(300, 10, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 10, dtype=torch.float64)
+    Xc = Xd + 0.05 * torch.randn(300, 10, generator=g, dtype=torch.float64)      # drifted, weak directions
+    c_cc, c_dc, damping = Xc.T @ Xc / 300, Xd.T @ Xc / 300, 0.1
+    r = damping * c_cc.diagonal().mean()
+    eye = torch.eye(10, dtype=torch.float64)
+    ref = torch.linalg.lstsq(torch.cat([Xc, (300 * r).sqrt() * eye]),
+                             torch.cat([Xd @ W.T, (300 * r).sqrt() * W.T])).solution.T
+    torch.testing.assert_close(seq.corrected_target(W, c_cc, c_dc, damping).double(), ref, rtol=1e-5, atol=1e-5)
+    c_dd = Xd.T @ Xd / 300
+    torch.testing.assert_close(seq.corrected_target(W, c_dd, c_dd, damping).double(), W, rtol=1e-5, atol=1e-5)
+
+
+def test_feedback_is_damped_at_least_by_the_feedback_damping(monkeypatch):
+    """The correction is a full regression on the calibration tokens: the walk never damps it less
+    than FEEDBACK_DAMPING, whatever the (whitening's) calibration_damping."""
+    assert seq.feedback_damping(1e-4) == seq.FEEDBACK_DAMPING
+    assert seq.feedback_damping(10 * seq.FEEDBACK_DAMPING) == 10 * seq.FEEDBACK_DAMPING
+    used = []
+    real = seq.corrected_target
+    monkeypatch.setattr(seq, "corrected_target", lambda w, cc, dc, damping=0.0: used.append(damping) or real(
+        w, cc, dc, damping))
+    blastfx.compress(models.tiny_llama().eval(), 0.4, calibration=[torch.randint(3, 128, (2, 16))],
+                     config=BlastConfig(progress=False, sequential=True, reconstruct_steps=0, calibration_damping=1e-3))
+    assert used and set(used) == {seq.FEEDBACK_DAMPING}
+
+
 LLAMA_STAGES = [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)]
 
@@ -57,7 +88,8 @@ def reference_sequential(model, dense, plan, batches, options):
                     sums[n][2] += len(c)
             covs = {n: (cc / t).float() for n, (cc, _, t) in sums.items()}
             stats = {n: LayerStats(covariance=covs[n], target=seq.corrected_target(
-                         dense_weight(model.get_submodule(n)), cc / t, dc / t, options.calibration_damping))
+                         dense_weight(model.get_submodule(n)), cc / t, dc / t,
+                         seq.feedback_damping(options.calibration_damping)))
                      for n, (cc, dc, t) in sums.items()}
             swap_modules(model, build_layers(model, plan, stats, options, names=set(names)))
 
