@@ -2,6 +2,7 @@
 
     python benchmarks/layer_speed.py                    # bf16; shapes, b and T from the issue
     python benchmarks/layer_speed.py --paths            # also time every kernel path (a profile)
+    python benchmarks/layer_speed.py --structures blast ss1 --blocks 4   # SS1 layers beside BLAST
 
 Every call is replayed from a CUDA graph that runs it once per weight copy, with enough copies to
 come from HBM, not L2 (as in a CUDA-graph decode loop; CPU launch cost excluded for every column).
@@ -9,6 +10,9 @@ come from HBM, not L2 (as in a CUDA-graph decode loop; CPU launch cost excluded 
 Prints a markdown table of medians and speedups vs dense measured in the same process, and records
 each case's rows in ``benchmarks/results/layer_speed.csv``; ``--paths`` also records each kernel
 path's best time (for the decode kernels, ``decode:<mode>``) so the per-stage trade-offs stay visible.
+An SS1 layer at the same budget (reduction factor 1 / budget, the layer's default hash tiles) is one
+GEMM over the shared weight; its rows also give its speed against BLAST's (the first ``--blocks``)
+at the same T.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 import blastfx
 from blastfx.kernels import autotune, forward
 from blastfx.structures.blast.layout import BlastShape
+from blastfx.structures.ss1 import SS1Layout, ss1_matmul
 from common import copies_for, graph_ms, versions
 from rows import add_arguments, measurements, record
 
@@ -37,6 +42,7 @@ def main():
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 1024, 4096])
     ap.add_argument("--shapes", nargs="+", default=None, help="OUTxIN")
     ap.add_argument("--paths", action="store_true", help="also time each path (its best config)")
+    ap.add_argument("--structures", nargs="+", choices=("blast", "ss1"), default=["blast"])
     add_arguments(ap)
     args = ap.parse_args()
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
@@ -49,7 +55,8 @@ def main():
     for m, n in shapes:
         nc = copies_for(m * n * 2)
         dense = [torch.randn(m, n, device=dev, dtype=dt) / n ** 0.5 for _ in range(nc)]
-        for b in args.blocks:
+        blast_ms = {}
+        for b in args.blocks if "blast" in args.structures else ():
             r = rank_at(m, n, b, args.budget)
             shape = BlastShape.make(m, n, r, b)
             r_lr = int(args.budget * m * n / (m + n))
@@ -64,6 +71,8 @@ def main():
                 blastfx.blast_matmul(x, *fac[0])                  # autotune outside the graph
                 chosen = autotune.report().get(forward.tuning_key(T, shape, dt, False, x.device), "default")
                 t_blast = graph_ms(lambda k: blastfx.blast_matmul(x, *fac[k]), len(fac))
+                if b == args.blocks[0]:
+                    blast_ms[T] = (b, t_blast)
                 row = (f"| {m}x{n} | {b} | {r} | {T} | {t_dense:.4f} | {t_lr:.4f} | {t_blast:.4f} | "
                        f"{t_dense / t_lr:.2f} | {t_dense / t_blast:.2f} | {chosen} |")
                 metrics = [("dense time", t_dense, "ms"), ("low-rank time", t_lr, "ms"), ("blastfx time", t_blast, "ms"),
@@ -79,7 +88,36 @@ def main():
                     f"{m}x{n} b={b} T={T}", dict(out=m, b=b, r=r, T=T, budget=args.budget, dtype="bfloat16", **{"in": n}),
                     metrics), directory=args.results_dir)
             del lr, fac
+        if "ss1" in args.structures:
+            ss1_rows(m, n, args, dense, blast_ms)
         del dense
+
+
+def ss1_rows(m, n, args, dense, blast_ms):
+    """SS1 at the same budget: dense and SS1 timed in this process, BLAST's time from the rows above."""
+    dev, dt = dense[0].device, dense[0].dtype
+    reduction = round(1 / args.budget)
+    layout = SS1Layout(m, n, reduction)
+    shifts = layout.shifts(dev)
+    ws = [torch.randn(*layout.weight_shape, device=dev, dtype=dt) / n ** 0.5
+          for _ in range(copies_for(layout.num_params * 2))]
+    for T in args.tokens:
+        x = torch.randn(T, n, device=dev, dtype=dt)
+        t_dense = graph_ms(lambda k: torch.nn.functional.linear(x, dense[k]), len(dense))
+        ss1_matmul(x, ws[0], layout, shifts=shifts)             # autotune outside the graph
+        t_ss1 = graph_ms(lambda k: ss1_matmul(x, ws[k], layout, shifts=shifts), len(ws))
+        metrics = [("dense time", t_dense, "ms"), ("ss1 time", t_ss1, "ms"),
+                   ("ss1 vs dense", round(t_dense / t_ss1, 3), "x")]
+        line = f"| {m}x{n} | ss1 R={reduction} | | {T} | {t_dense:.4f} | | {t_ss1:.4f} | | {t_dense / t_ss1:.2f} |"
+        if T in blast_ms:
+            b, t_blast = blast_ms[T]
+            metrics.append((f"ss1 vs blastfx b={b}", round(t_blast / t_ss1, 3), "x"))
+            line += f" vs BLAST b={b}: {t_blast / t_ss1:.2f}x |"
+        print(line, flush=True)
+        record("layer_speed", measurements(
+            f"{m}x{n} ss1 R={reduction} T={T}",
+            dict(out=m, structure="ss1", reduction=reduction, T=T, budget=args.budget, dtype="bfloat16",
+                 **{"in": n}), metrics), directory=args.results_dir)
 
 
 def _best_of_path(name, x, fac, shape) -> float:

@@ -9,7 +9,8 @@ and HF ``generate`` with a static cache and ``CompileConfig(backend=...)`` as th
 show (``generate``); prefill of 2048 tokens; one training step (forward + backward) of a compressed
 4096x4096 layer at T = 4096 vs dense. ``--factor-dtype int8`` adds blastfx with int8 factors (a
 quarter of dense's bytes at 0.5) and ``--torchao int8 int4`` torchao's weight-only quantized dense
-models (``quantize_``, compiled by inductor), each against the same dense run.
+models (``quantize_``, compiled by inductor), each against the same dense run. ``--ss1`` adds the
+model compressed with ``structure="ss1"`` (the weight-only projection, one GEMM per layer).
 """
 from __future__ import annotations
 
@@ -165,6 +166,8 @@ def main():
     ap.add_argument("--lowering", default="auto", help='backend "blast" lowering option (auto, inline, extern)')
     ap.add_argument("--batch", type=int, nargs="+", default=[1], help="decode batch sizes")
     ap.add_argument("--factor-dtype", default=None, help="also blastfx with factors quantized to this (e.g. int8)")
+    ap.add_argument("--ss1", action="store_true", help="also the model compressed with structure='ss1' (weight-only)")
+    ap.add_argument("--no-blast", action="store_true", help="leave out the BLAST model (e.g. SS1 or torchao rows only)")
     ap.add_argument("--torchao", nargs="*", default=[], choices=("int8", "int4"),
                     help="also torchao weight-only quantized dense models")
     ap.add_argument("--only", nargs="+", choices=("train", "eager-prefill", "decode", "generate", "prefill"),
@@ -177,9 +180,14 @@ def main():
     if DEVICE == "cuda" and "train" in args.only:   # first: quick, independent of the model runs
         train_step_table(args)
     models = {"dense": (build(args.layers, **dims), "inductor")}
-    blast = build(args.layers, **dims)
-    blastfx.compress(blast, args.budget, config=BlastConfig(init="random", progress=False))
-    models["blastfx"] = (blast, "blast")
+    if not args.no_blast:
+        blast = build(args.layers, **dims)
+        blastfx.compress(blast, args.budget, config=BlastConfig(init="random", progress=False))
+        models["blastfx"] = (blast, "blast")
+    if args.ss1:
+        ss1 = build(args.layers, **dims)
+        blastfx.compress(ss1, args.budget, config=BlastConfig(structure="ss1", progress=False))
+        models["blastfx ss1"] = (ss1, "blast")
     if args.factor_dtype:
         from blastfx.structures.blast.quant import quantize_model
         quantized = build(args.layers, **dims)

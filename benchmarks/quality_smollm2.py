@@ -9,6 +9,8 @@ benchmarks/results/quality_smollm2.csv as it finishes.
 Rows (all decoder linears, blocks=4, uniform budget):
   svd      truncated SVD of each weight (weight-only low-rank)
   wsvd     activation-whitened SVD (SVD-LLM style) on the calibration tokens
+  wsvd-seq, wsvd-seq-rec  the same calibrated block by block (error feedback), and with the block-wise
+               reconstruction of blastfx-loss-alloc-seq-rec: the baseline for that recipe at equal parameters
   precgd   weight-only BLAST by the paper's algorithm (PrecGD, --precgd-iters iterations)
   blastfx  calibration-aware BLAST (whitened-SVD start + weighted ALS), blastfx's default with calibration
   blastfx-seq  the same, calibrated block by block on the already-compressed model
@@ -45,6 +47,8 @@ from rows import add_arguments, measurements, record
 METHODS = {
     "svd": dict(method="lowrank", calibrate=False),
     "wsvd": dict(method="lowrank", calibrate=True),
+    "wsvd-seq": dict(method="lowrank", calibrate=True, sequential=True, reconstruct=False),
+    "wsvd-seq-rec": dict(method="lowrank", calibrate=True, sequential=True, reconstruct=True),
     "precgd": dict(method="precgd", calibrate=False),
     "blastfx-weight": dict(method="als", calibrate=False),
     "blastfx": dict(method="als", calibrate=True),

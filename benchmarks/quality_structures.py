@@ -118,12 +118,13 @@ def main():
     torch.manual_seed(0)
     if args.model == "smollm2":
         from blastfx.llm.evaluate import perplexity
-        from common import smollm2_setup
+        from common import place_on_gpu_if_any, smollm2_setup
 
         dense, tok, _, windows, calib = smollm2_setup(None, args.eval, args.calib_tokens)
+        where = place_on_gpu_if_any(dense)     # same rows on a GPU, where factorization is fast
         base = perplexity(dense, windows)
         print(f"dense perplexity {base:.2f} on {windows.numel()} held-out tokens; calibration "
-              f"{args.calib_tokens} tokens; CPU threads {torch.get_num_threads()}", flush=True)
+              f"{args.calib_tokens} tokens; device {where}; CPU threads {torch.get_num_threads()}", flush=True)
         print("\n| budget | structure | kept | blast/ss1/dense layers | perplexity | x dense | compress s |\n"
               "|---|---|---|---|---|---|---|", flush=True)
     else:
