@@ -10,7 +10,8 @@ layers silently; the plan says what it expects, and ``BlastConfig(min_speedup=..
 what would fall below it.
 
 The model is ``t = stages * fixed + bytes / bandwidth``, fitted by least squares to measured
-(stages, bytes, time) points: :meth:`LatencyModel.measure` times the library's own kernels on the
+(stages, bytes, time) points, with its own constants for SS1 layers where it has SS1 points (one
+GEMM over the shared weight, but a kernel that streams it at a different rate than BLAST's): :meth:`LatencyModel.measure` times the library's own kernels on the
 current GPU, and :data:`PRESETS` holds fits to measurements published in ``benchmarks/results``.
 """
 from __future__ import annotations
@@ -25,57 +26,69 @@ from .. import structures
 from ..structures.blast.quant import formats as factor_formats
 
 # kernel stages a decode call of each structure runs (dense: one GEMV); others: one
-STAGES = {"dense": 1, "blast": 2}
+STAGES = {"dense": 1, "blast": 2, "ss1": 1}
 
 
 @dataclass(frozen=True)
 class LatencyModel:
     """Decode time of a linear layer on one GPU: ``stages * fixed_us + bytes / bandwidth``, with its
     own constants for dense layers (one cuBLAS GEMV) and for structured ones (the blastfx kernels).
-    ``device``: what it was measured on, named in the plan's notes."""
+    ``device``: what it was measured on, named in the plan's notes. ``ss1_fixed_us`` and
+    ``ss1_bandwidth_gbs`` (both or neither): SS1 layers' own constants; without them SS1 layers are
+    costed as one stage of the structured constants."""
     device: str
     dense_fixed_us: float
     dense_bandwidth_gbs: float
     fixed_us: float                  # per stage of a structured layer
     bandwidth_gbs: float
+    ss1_fixed_us: float | None = None
+    ss1_bandwidth_gbs: float | None = None
 
     def __post_init__(self):
-        for name in ("dense_fixed_us", "dense_bandwidth_gbs", "fixed_us", "bandwidth_gbs"):
+        if (self.ss1_fixed_us is None) != (self.ss1_bandwidth_gbs is None):
+            raise ValueError("LatencyModel takes ss1_fixed_us and ss1_bandwidth_gbs together or neither")
+        names = ("dense_fixed_us", "dense_bandwidth_gbs", "fixed_us", "bandwidth_gbs")
+        for name in names + (("ss1_fixed_us", "ss1_bandwidth_gbs") if self.ss1_fixed_us is not None else ()):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"LatencyModel.{name} must be a finite non-negative number, got {value!r}")
-        if self.dense_bandwidth_gbs == 0 or self.bandwidth_gbs == 0:
+        if self.dense_bandwidth_gbs == 0 or self.bandwidth_gbs == 0 or self.ss1_bandwidth_gbs == 0:
             raise ValueError("LatencyModel bandwidths must be positive")
 
     def dense_us(self, weight_bytes: float) -> float:
         return self.dense_fixed_us + weight_bytes / (self.dense_bandwidth_gbs * 1e3)
 
-    def structured_us(self, stages: int, weight_bytes: float) -> float:
+    def structured_us(self, stages: int, weight_bytes: float, structure: str = "blast") -> float:
+        if structure == "ss1" and self.ss1_fixed_us is not None:
+            return self.ss1_fixed_us + weight_bytes / (self.ss1_bandwidth_gbs * 1e3)
         return stages * self.fixed_us + weight_bytes / (self.bandwidth_gbs * 1e3)
 
     @classmethod
-    def fit(cls, device: str, dense: list[tuple[float, float]], structured: list[tuple[int, float, float]]):
+    def fit(cls, device: str, dense: list[tuple[float, float]], structured: list[tuple[int, float, float]],
+            ss1: list[tuple[float, float]] | None = None):
         """Least-squares constants from measured points: ``dense`` [(bytes, µs)], ``structured``
-        [(stages, bytes, µs)]; each needs at least two points of different sizes."""
-        if len({b for b, _ in dense}) < 2 or len({(s, b) for s, b, _ in structured}) < 2:
-            raise ValueError("LatencyModel.fit needs at least two dense and two structured points of different sizes")
-        a = torch.tensor([[1.0, b / 1e3] for b, _ in dense], dtype=torch.float64)
-        d_fixed, d_slope = torch.linalg.lstsq(a, torch.tensor([[t] for _, t in dense], dtype=torch.float64)).solution[:, 0]
-        a = torch.tensor([[float(s), b / 1e3] for s, b, _ in structured], dtype=torch.float64)
-        s_fixed, s_slope = torch.linalg.lstsq(a, torch.tensor([[t] for *_, t in structured],
-                                                                dtype=torch.float64)).solution[:, 0]
-        if d_slope <= 0 or s_slope <= 0:
+        [(stages, bytes, µs)], optionally ``ss1`` [(bytes, µs)]; each needs at least two points of
+        different sizes."""
+        if len({b for b, _ in dense}) < 2 or len({(s, b) for s, b, _ in structured}) < 2 or \
+                (ss1 is not None and len({b for b, _ in ss1}) < 2):
+            raise ValueError("LatencyModel.fit needs at least two points of different sizes for each kind of layer")
+        d_fixed, d_slope = _lstsq([(1.0, b) for b, _ in dense], [t for _, t in dense])
+        s_fixed, s_slope = _lstsq([(float(s), b) for s, b, _ in structured], [t for *_, t in structured])
+        ss1_fixed, ss1_slope = _lstsq([(1.0, b) for b, _ in ss1], [t for _, t in ss1]) if ss1 else (0.0, 1.0)
+        if d_slope <= 0 or s_slope <= 0 or ss1_slope <= 0:
             raise ValueError("LatencyModel.fit: the points do not grow with bytes; measure larger layers")
-        return cls(device, max(float(d_fixed), 0.0), 1.0 / float(d_slope), max(float(s_fixed), 0.0), 1.0 / float(s_slope))
+        extra = dict(ss1_fixed_us=max(ss1_fixed, 0.0), ss1_bandwidth_gbs=1.0 / ss1_slope) if ss1 else {}
+        return cls(device, max(d_fixed, 0.0), 1.0 / d_slope, max(s_fixed, 0.0), 1.0 / s_slope, **extra)
 
     @classmethod
     def measure(cls, device=None, dtype=torch.bfloat16, reps: int = 20) -> "LatencyModel":
-        """Fit to this GPU: dense GEMVs and BLAST layers at half their parameters (b = 4), sizes of
-        4096x4096 to 11008x4096, timed at T = 1 as CUDA-graph replays over weight copies rotated out
+        """Fit to this GPU: dense GEMVs, BLAST layers (b = 4) and SS1 layers (reduction 2) at half
+        their parameters, sizes of 2048x2048 to 11008x4096, timed at T = 1 as CUDA-graph replays over weight copies rotated out
         of L2, through the same autotuned kernels a compiled model runs."""
         from ..kernels import autotune
         from ..structures.blast.layout import BlastShape
         from ..structures.blast.ops import blast_matmul
+        from ..structures.ss1 import SS1Layout, ss1_matmul
 
         device = torch.device(device or "cuda")
         if device.type != "cuda" or not torch.cuda.is_available():
@@ -83,7 +96,7 @@ class LatencyModel:
                                f"({', '.join(PRESETS)}) or a LatencyModel")
         size = torch.tensor([], dtype=dtype).element_size()
         l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
-        dense, structured = [], []
+        dense, structured, ss1 = [], [], []
         for m, n in ((2048, 2048), (4096, 4096), (11008, 4096)):
             copies = max(2, 4 * l2 // (m * n * size) + 1)
             ws = [torch.randn(m, n, device=device, dtype=dtype) for _ in range(copies)]
@@ -100,22 +113,43 @@ class LatencyModel:
             structured.append((STAGES["blast"], shape.num_params * size,
                                1e3 * autotune.graph_ms(lambda k: blast_matmul(x, *fs[k], None, m), copies, reps)))
             del fs
-        return cls.fit(torch.cuda.get_device_name(device), dense, structured)
+            layout = SS1Layout(m, n, 2)
+            shifts = layout.shifts(device)
+            copies = max(2, 4 * l2 // (layout.num_params * size) + 1)
+            ws = [torch.randn(*layout.weight_shape, device=device, dtype=dtype) for _ in range(copies)]
+            ss1_matmul(x, ws[0], layout, shifts=shifts)               # tune outside the timed graph
+            ss1.append((layout.num_params * size,
+                        1e3 * autotune.graph_ms(lambda k: ss1_matmul(x, ws[k], layout, shifts=shifts), copies, reps)))
+            del ws
+        return cls.fit(torch.cuda.get_device_name(device), dense, structured, ss1)
 
 
-def _fit_rows(device: str, dense_rows, blast_rows, element_size: int = 2) -> LatencyModel:
-    """A fit from measured rows: dense [(out, in, µs)], BLAST at b = 4 [(out, in, rank, µs)]."""
+def _lstsq(rows: list[tuple[float, float]], times: list[float]) -> tuple[float, float]:
+    """(per-unit fixed cost, µs per kB) of ``time = unit * fixed + bytes * slope`` by least squares."""
+    a = torch.tensor([[u, b / 1e3] for u, b in rows], dtype=torch.float64)
+    fixed, slope = torch.linalg.lstsq(a, torch.tensor([[t] for t in times], dtype=torch.float64)).solution[:, 0]
+    return float(fixed), float(slope)
+
+
+def _fit_rows(device: str, dense_rows, blast_rows, ss1_rows, element_size: int = 2) -> LatencyModel:
+    """A fit from measured rows: dense [(out, in, µs)], BLAST at b = 4 [(out, in, rank, µs)], SS1 at
+    reduction 2 [(out, in, µs)]."""
     from ..structures.blast.layout import BlastShape
+    from ..structures.ss1 import SS1Layout
     return LatencyModel.fit(device, [(m * n * element_size, t) for m, n, t in dense_rows],
                             [(STAGES["blast"], BlastShape.make(m, n, r, 4).num_params * element_size, t)
-                             for m, n, r, t in blast_rows])
+                             for m, n, r, t in blast_rows],
+                            [(SS1Layout(m, n, 2).num_params * element_size, t) for m, n, t in ss1_rows])
 
 
 # Fits to measured T = 1 rows (H200, torch 2.11, triton 3.6, bf16, budget 0.5, b = 4, CUDA-graph
-# medians over weights rotated out of L2; ``python benchmarks/run.py layer_speed``).
+# medians over weights rotated out of L2; ``python benchmarks/layer_speed.py --structures blast ss1``).
+# SS1's kernel time depends on the layer's shape beyond its bytes (4096x11008 takes twice
+# 11008x4096), so its fit is rougher: it says SS1 is slower than dense at decode there, as measured.
 PRESETS = {"h200": _fit_rows("NVIDIA H200 (preset)",
                              [(4096, 4096, 12.91), (11008, 4096, 25.14), (4096, 11008, 28.38)],
-                             [(4096, 4096, 1008, 12.12), (11008, 4096, 1488, 22.48), (4096, 11008, 1488, 20.93)])}
+                             [(4096, 4096, 1008, 12.12), (11008, 4096, 1488, 22.48), (4096, 11008, 1488, 20.93)],
+                             [(4096, 4096, 24.90), (11008, 4096, 35.90), (4096, 11008, 77.90)])}
 
 
 def latency_model(spec) -> LatencyModel:
@@ -142,7 +176,7 @@ def layer_bytes(lp, element_size: int) -> float:
 def _layer_times(plan, latency: LatencyModel, element_size: int) -> dict[str, tuple[float, float]]:
     """{layer: (dense µs, planned µs)} at decode under ``latency``."""
     return {name: (latency.dense_us(lp.dense_params * element_size),
-                   latency.structured_us(STAGES.get(lp.structure, 1), layer_bytes(lp, element_size)))
+                   latency.structured_us(STAGES.get(lp.structure, 1), layer_bytes(lp, element_size), lp.structure))
             for name, lp in plan.layers.items()}
 
 

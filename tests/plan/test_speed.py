@@ -47,6 +47,13 @@ def test_fit_recovers_known_constants():
     assert m.dense_bandwidth_gbs == pytest.approx(2000.0, rel=1e-9)
     assert m.fixed_us == pytest.approx(2.5, rel=1e-9)
     assert m.bandwidth_gbs == pytest.approx(1000.0, rel=1e-9)
+    assert m.ss1_fixed_us is None and m.structured_us(1, 4e6, "ss1") == m.structured_us(1, 4e6)
+    ss1 = [(b, 7.0 + b / 5e5) for b in (1e6, 2e6, 6e6)]                        # 7 µs + 0.5 TB/s
+    m = LatencyModel.fit("synthetic", dense, structured, ss1)
+    assert m.ss1_fixed_us == pytest.approx(7.0, rel=1e-9)
+    assert m.ss1_bandwidth_gbs == pytest.approx(500.0, rel=1e-9)
+    assert m.structured_us(1, 4e6, "ss1") == pytest.approx(15.0, rel=1e-9)
+    assert m.structured_us(2, 4e6, "blast") == pytest.approx(9.0, rel=1e-9)   # BLAST keeps its constants
 
 
 def test_the_preset_reproduces_its_measurements():
@@ -57,6 +64,25 @@ def test_the_preset_reproduces_its_measurements():
         assert h200.dense_us(m * n * 2) == pytest.approx(t, rel=0.1)
     for m, n, r, t in ((4096, 4096, 1008, 12.12), (11008, 4096, 1488, 22.48), (4096, 11008, 1488, 20.93)):
         assert h200.structured_us(2, BlastShape.make(m, n, r, 4).num_params * 2) == pytest.approx(t, rel=0.1)
+
+
+def test_the_preset_says_ss1_is_slower_than_dense_at_decode_where_it_was_measured():
+    """The H200's SS1 rows were 0.36-0.76x dense at T = 1; a plan must not promise SS1 speed there."""
+    from blastfx.structures.ss1 import SS1Layout
+    h200 = PRESETS["h200"]
+    assert h200.structured_us(1, SS1Layout(4096, 4096, 2).num_params * 2, "ss1") == pytest.approx(24.9, rel=0.1)
+    for m, n in ((4096, 4096), (11008, 4096), (4096, 11008)):
+        assert h200.structured_us(1, SS1Layout(m, n, 2).num_params * 2, "ss1") > h200.dense_us(m * n * 2)
+
+
+def test_ss1_layers_are_costed_with_the_ss1_constants():
+    model = Mixed()
+    slow_ss1 = LatencyModel("toy GPU", 10.0, 1.0, 10.0, 1.0, ss1_fixed_us=100.0, ss1_bandwidth_gbs=1.0)
+    plan = _plan(model, BlastConfig(include=("*",), structure="ss1"))
+    assert plan.layers and all(lp.structure == "ss1" for lp in plan.layers.values())
+    speed = expected_speedups(plan, slow_ss1, 4)
+    for name, lp in plan.layers.items():
+        assert speed[name] == pytest.approx((10.0 + lp.dense_params * 4 / 1000.0) / (100.0 + lp.params * 4 / 1000.0))
 
 
 def test_expected_speedups_follow_the_model():
@@ -116,8 +142,14 @@ def test_bad_speed_options_are_named(kwargs, message):
 def test_bad_latency_model_constants_are_named():
     with pytest.raises(ValueError, match="LatencyModel.fixed_us must be a finite non-negative number"):
         LatencyModel("x", 1.0, 1.0, -1.0, 1.0)
-    with pytest.raises(ValueError, match="at least two dense and two structured points"):
+    with pytest.raises(ValueError, match="at least two points of different sizes for each kind"):
         LatencyModel.fit("x", [(1.0, 1.0)], [(2, 1.0, 1.0), (2, 2.0, 2.0)])
+    with pytest.raises(ValueError, match="at least two points of different sizes for each kind"):
+        LatencyModel.fit("x", [(1.0, 1.0), (2.0, 2.0)], [(2, 1.0, 1.0), (2, 2.0, 2.0)], [(1.0, 3.0)])
+    with pytest.raises(ValueError, match="ss1_fixed_us and ss1_bandwidth_gbs together or neither"):
+        LatencyModel("x", 1.0, 1.0, 1.0, 1.0, ss1_fixed_us=1.0)
+    with pytest.raises(ValueError, match="LatencyModel.ss1_bandwidth_gbs must be a finite"):
+        LatencyModel("x", 1.0, 1.0, 1.0, 1.0, ss1_fixed_us=1.0, ss1_bandwidth_gbs=math.inf)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
@@ -131,3 +163,4 @@ def test_measure_on_the_gpu_gives_a_model_that_predicts_its_own_points():
     m = LatencyModel.measure()
     assert m.dense_bandwidth_gbs > 100 and m.bandwidth_gbs > 100
     assert 0 < m.dense_fixed_us < 100 and 0 <= m.fixed_us < 100
+    assert m.ss1_bandwidth_gbs > 10 and 0 <= m.ss1_fixed_us < 1000
