@@ -45,6 +45,9 @@ def main():
     ap.add_argument("--structures", nargs="+", choices=("blast", "ss1"), default=["blast"])
     add_arguments(ap)
     args = ap.parse_args()
+    if "ss1" in args.structures and ss1_reduction(args.budget) is None:
+        ap.error(f"--structures ss1 needs a budget of 1 / (a power of two >= 2), got --budget {args.budget}: "
+                 f"an SS1 layer keeps 1 / reduction of the parameters")
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
     dt, dev = torch.bfloat16, "cuda"
     print(versions())
@@ -93,10 +96,17 @@ def main():
         del dense
 
 
+def ss1_reduction(budget: float) -> int | None:
+    """The reduction factor that keeps ``budget`` of the parameters, or None where none does (SS1
+    reductions are powers of two, so rounding 1 / 0.8 to 1 would time a layer as large as dense)."""
+    r = round(1 / budget)
+    return r if r >= 2 and r & (r - 1) == 0 and abs(r * budget - 1) < 1e-6 else None
+
+
 def ss1_rows(m, n, args, dense, blast_ms):
     """SS1 at the same budget: dense and SS1 timed in this process, BLAST's time from the rows above."""
     dev, dt = dense[0].device, dense[0].dtype
-    reduction = round(1 / args.budget)
+    reduction = ss1_reduction(args.budget)
     layout = SS1Layout(m, n, reduction)
     shifts = layout.shifts(dev)
     ws = [torch.randn(*layout.weight_shape, device=dev, dtype=dt) / n ** 0.5

@@ -12,9 +12,8 @@ tokens alone, so it is ridge-regularized *towards W* (no drift: W' = W exactly),
 of at least :data:`FEEDBACK_DAMPING`. A ridge towards zero shrinks W wherever the calibration inputs
 are weak, and held-out inputs (other lengths, special tokens) are not weak there; a ridge as light as
 the whitening's lets the correction fit the calibration tokens' noise. Both made sequential
-calibration worse than plain calibration on a sentence encoder (all-MiniLM-L6-v2 at budget 0.8,
-4096 calibration tokens: mean embedding cosine 0.778 against plain calibration's 0.831; 0.833 with
-the ridge towards W at 0.1).
+calibration worse than plain calibration on a sentence encoder (all-MiniLM-L6-v2); with the ridge
+towards W it is as good at budget 0.8 and better at 0.5 (``benchmarks/quality_encoder.py``).
 
 The stages are the same as :func:`blastfx.compress`'s: each stage's statistics go into a
 :class:`~blastfx.statistics.LayerStats` per layer (input covariance, corrected target, and the

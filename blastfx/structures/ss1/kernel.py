@@ -17,7 +17,9 @@ its own rotations), so a program keeps more weight bytes in flight than one 32-w
 gives: at decode the kernel is a stream of the shared weight, and its speed is the bytes in flight
 per SM. BN must divide ``block_n`` (all rows of a program share one rotation). The (BM, BN, KB,
 warps, stages) tile is timed per (shape, dtype, token bucket) by the autotuner on a GPU, over weight
-copies that stream from HBM, from :func:`candidates`; its first entry is :func:`kernel_config`.
+copies that stream from HBM, from :func:`candidates`. Where nothing is timed (CUDA-graph capture,
+``autotune=False``) the first candidate runs: :func:`kernel_config` at decode sizes, the
+expand-then-GEMM config at prefill sizes.
 Under ``TRITON_INTERPRET=1`` (CPU tests) the dot runs on fp32 operands (the interpreter's bf16 dot
 is wrong); fp32 inputs always use IEEE dots, never TF32.
 """
@@ -79,7 +81,8 @@ def _ss1_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, T, N, K, K_TILES, SHARED_TILE
 
 def kernel_config(T: int, block_n: int, block_k: int = 32, interpret: bool = INTERPRET) -> dict:
     """The default tile for T tokens (BN never exceeds the hash's ``block_n``; KB is a multiple of
-    ``block_k``): what runs without timing, and the first of :func:`candidates`."""
+    ``block_k``): the base an explicit ``config`` overrides, and the first kernel tile of
+    :func:`candidates` (at decode sizes the first candidate, so what runs untimed)."""
     if interpret:                                   # small tiles keep the CPU interpreter fast
         return {"BM": 16, "BN": min(16, block_n), "KB": block_k}
     if T <= DECODE_MAX_T:
@@ -117,13 +120,18 @@ DENSE = {"path": "dense"}
 def _launch(x2, weight, shifts, bias, y, reduction, block_k, block_n, cfg):
     """Run one config into ``y`` (T, out): the kernel with its tile, or ``{"path": "dense"}``."""
     cfg = dict(cfg)
-    if cfg.pop("path", "kernel") == "dense":
+    path = cfg.pop("path", "kernel")
+    if path not in ("kernel", "dense"):
+        raise ValueError(f"config path={path!r}: expected 'kernel' or 'dense'")
+    if path == "dense":
         from .ops import _expand
         dense = _expand(weight, shifts, x2.shape[1], reduction, block_k, block_n)
         return torch.addmm(bias, x2, dense.t(), out=y) if bias is not None else torch.mm(x2, dense.t(), out=y)
     BM, BN, KB = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("KB", block_k)
-    if BN > block_n or block_n % BN:
-        raise ValueError(f"config BN={BN} must be a power of two dividing block_n={block_n}")
+    if BM < 16 or BM & (BM - 1):
+        raise ValueError(f"config BM={BM} must be a power of two of at least 16 (a tensor-core tile)")
+    if BN < 16 or BN > block_n or block_n % BN:
+        raise ValueError(f"config BN={BN} must be a power of two dividing block_n={block_n}, at least 16")
     if KB < block_k or KB % block_k or KB & (KB - 1):
         raise ValueError(f"config KB={KB} must be a power-of-two multiple of block_k={block_k}")
     T, in_features = x2.shape
@@ -145,6 +153,9 @@ def ss1_matmul_triton(x: torch.Tensor, weight: torch.Tensor, shifts: torch.Tenso
     overrides keys of the tile, or is ``{"path": "dense"}`` (tests, benchmarks); without it a GPU
     runs the autotuned config for this (shape, dtype, token bucket), the interpreter
     :func:`kernel_config`."""
+    if x.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"ss1_matmul_triton needs CUDA tensors (or TRITON_INTERPRET=1), got x on {x.device}; "
+                         f"blastfx.structures.ss1.ss1_matmul runs the reference there")
     lead, in_features = x.shape[:-1], x.shape[-1]
     out_features = weight.shape[0]
     x2 = x.reshape(-1, in_features)

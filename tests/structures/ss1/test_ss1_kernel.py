@@ -105,28 +105,34 @@ def test_shifts_outside_the_tile_wrap_like_the_reference():
 @pytest.mark.parametrize("kb", [32, 64, 128])
 def test_wide_k_steps_with_a_ragged_last_step(kb):
     """KB spans several shared tiles; 7 shared tiles leave a partial last step for every KB > 16,
-    and NaN past the shared weight's columns would show any read beyond them."""
+    and NaN past the shared weight's columns or past the last input feature would show any read
+    beyond them (the masked tiles of the last step sit over both)."""
     L = SS1Layout(40, 16 * 7 * 2 - 5, 2, seed=11, block_k=16, block_n=32)
     assert L.shared_tiles == 7
     wbuf = torch.full((L.out_features, L.shared_in_features + 64), float("nan"))
     wbuf[:, :L.shared_in_features] = torch.randn(L.weight_shape)
     w = wbuf[:, :L.shared_in_features]
-    x, b = torch.randn(3, L.in_features), torch.randn(L.out_features)
+    xbuf = torch.full((3, L.in_features + 4 * 16 * 2), float("nan"))
+    xbuf[:, :L.in_features] = torch.randn(3, L.in_features)
+    x, b = xbuf[:, :L.in_features], torch.randn(L.out_features)
     y = ss1_matmul_triton(x, w, L.shifts(), b, 2, 16, 32, config={"BM": 16, "BN": 16, "KB": kb})
-    _check(y, x, w.contiguous(), b, L, torch.float32)
+    _check(y, x.contiguous(), w.contiguous(), b, L, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dense_path_matches_the_float64_oracle(dtype):
-    """The expand-then-GEMM config, writing into the kernel's output buffer, bias or none."""
+    """The expand-then-GEMM config, writing into the kernel's output buffer, bias or none, from a
+    contiguous input and from a strided view (feature stride 2, which the flattening keeps)."""
     L = SS1Layout(45, 100, 4, seed=9, block_k=16, block_n=32)
-    x = torch.randn(6, 2, L.in_features).to(dtype)
+    strided = torch.randn(6, 2, 2 * L.in_features).to(dtype)[..., ::2]
+    assert not strided.reshape(-1, L.in_features).is_contiguous()
     w = torch.randn(L.weight_shape).to(dtype)
     b = torch.randn(L.out_features).to(dtype)
-    for bias in (b, None):
-        y = ss1_matmul_triton(x, w, L.shifts(), bias, 4, 16, 32, config=DENSE)
-        assert y.shape == (6, 2, L.out_features)
-        _check(y.reshape(-1, L.out_features), x.reshape(-1, L.in_features), w, bias, L, dtype)
+    for x in (torch.randn(6, 2, L.in_features).to(dtype), strided):
+        for bias in (b, None):
+            y = ss1_matmul_triton(x, w, L.shifts(), bias, 4, 16, 32, config=DENSE)
+            assert y.shape == (6, 2, L.out_features) and y.is_contiguous()
+            _check(y.reshape(-1, L.out_features), x.reshape(-1, L.in_features), w, bias, L, dtype)
 
 
 def test_empty_tokens_and_bad_config():
@@ -137,6 +143,21 @@ def test_empty_tokens_and_bad_config():
         ss1_matmul_triton(torch.randn(2, 64), w, L.shifts(), None, 2, 16, 16, config={"BN": 32})
     with pytest.raises(ValueError, match="config KB=24 must be a power-of-two multiple of block_k=16"):
         ss1_matmul_triton(torch.randn(2, 64), w, L.shifts(), None, 2, 16, 16, config={"KB": 24})
+    with pytest.raises(ValueError, match="config BM=24 must be a power of two of at least 16"):
+        ss1_matmul_triton(torch.randn(2, 64), w, L.shifts(), None, 2, 16, 16, config={"BM": 24})
+    with pytest.raises(ValueError, match="config BN=8 must be a power of two dividing block_n=16, at least 16"):
+        ss1_matmul_triton(torch.randn(2, 64), w, L.shifts(), None, 2, 16, 16, config={"BN": 8})
+    with pytest.raises(ValueError, match="config path='dens': expected 'kernel' or 'dense'"):
+        ss1_matmul_triton(torch.randn(2, 64), w, L.shifts(), None, 2, 16, 16, config={"path": "dens"})
+
+
+def test_a_cpu_call_outside_the_interpreter_is_refused(monkeypatch):
+    """Off the GPU only the interpreter can run the kernel; anything else would fail inside Triton."""
+    from blastfx.structures.ss1 import kernel
+    monkeypatch.setattr(kernel, "INTERPRET", False)
+    L = SS1Layout(20, 64, 2, block_k=16, block_n=16)
+    with pytest.raises(ValueError, match="ss1_matmul_triton needs CUDA tensors .* got x on cpu"):
+        ss1_matmul_triton(torch.randn(2, 64), torch.randn(L.weight_shape), L.shifts(), None, 2, 16, 16)
 
 
 def test_config_never_exceeds_the_hash_tile():
