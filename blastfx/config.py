@@ -171,7 +171,7 @@ class BlastConfig:
     probe_iters: int = 5                   # factorization iterations of each block-choice probe
     allow_dense: bool = True               # strategies error/loss: keep a layer dense where that buys more
                                            # (estimated) error per parameter than any rank step elsewhere
-    factor_dtype: str | None = None        # BLAST U and V stored quantized ("int8", "float8_e4m3fn"), rounded
+    factor_dtype: str | None = None        # BLAST U and V stored quantized ("int8", "float8_e4m3fn", "int4"), rounded
                                            # inside the calibrated fit; None: the model's dtype
     structure: str = "blast"               # "blast", "ss1", or "auto": per layer BLAST, SS1 or dense, never worse
                                            # than one family alone on the calibration objective (blastfx.plan.auto)

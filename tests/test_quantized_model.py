@@ -62,6 +62,27 @@ def test_quantized_model_stays_close_to_the_float_one():
     assert 0 < err < 0.05
 
 
+def test_int4_save_load_and_quantize_after_the_fact_round_trip(tmp_path):
+    model = _compressed("int4")
+    assert all(model[k].U.dtype == torch.uint8 and model[k].U.shape[-1] == (model[k].rank + 1) // 2 for k in (0, 2, 4))
+    x = _calibration(seed=2)[0][:8]
+    y = model(x)
+    blastfx.save(model, tmp_path / "compressed")
+    loaded = blastfx.load(tmp_path / "compressed", tiny_mlp())
+    assert {loaded[k].factor_dtype for k in (0, 2, 4)} == {"int4"} and loaded[0].V.dtype == torch.uint8
+    assert torch.equal(loaded(x), y)
+    assert loaded.blastfx_plan.layers["2"].factor_dtype == "int4"
+
+    after = _compressed(None)
+    y_float = after(x)
+    quantize_model(after, "int4")
+    assert {lp.factor_dtype for lp in after.blastfx_plan.layers.values()} == {"int4"}
+    err4 = ((after(x) - y_float).norm() / y_float.norm()).item()
+    assert 0 < err4 < 0.3          # 16 times coarser than int8 (< 0.02 below): per-row scales at 4 bits
+    blastfx.save(after, tmp_path / "after")
+    assert torch.equal(blastfx.load(tmp_path / "after", tiny_mlp())(x), after(x))
+
+
 def test_save_load_keeps_codes_scales_and_plan(tmp_path):
     model = _compressed(overrides={"4": LayerOverride(factor_dtype="model")})
     x = _calibration(seed=2)[0][:8]
@@ -109,14 +130,23 @@ def test_quantize_after_the_fact_is_all_or_nothing_and_close():
         quantize_model(_compressed(None), "int5")
 
 
-def test_state_dict_bytes_are_a_quarter_of_bf16_dense_plus_scales():
+def _bf16_mlp_compressed(factor_dtype, tmp_path=None):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 256)).to(torch.bfloat16)
     dense_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     g = torch.Generator().manual_seed(0)
     X = (torch.randn(512, 256, generator=g) @ torch.randn(256, 256, generator=g)).to(torch.bfloat16)
-    blastfx.compress(model, 0.5, config=BlastConfig(factor_dtype="int8", include=("*",), blocks=4,
+    blastfx.compress(model, 0.5, config=BlastConfig(factor_dtype=factor_dtype, include=("*",), blocks=4,
                                                     progress=False), calibration=[X[:256], X[256:]])
+    return model, dense_bytes
+
+
+def _code_bytes(model):
+    return sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if k.endswith((".U", ".V")))
+
+
+def test_state_dict_bytes_are_a_quarter_of_bf16_dense_plus_scales():
+    model, dense_bytes = _bf16_mlp_compressed("int8")
     got = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     want = 0
     for k in ("0", "2"):
@@ -126,6 +156,34 @@ def test_state_dict_bytes_are_a_quarter_of_bf16_dense_plus_scales():
         want += 4 * (s.b_out * s.p + s.b_in * s.rank)            # float32 scales
     assert got == want
     assert 0.25 < got / dense_bytes < 0.28, got / dense_bytes       # half the parameters at 1 byte of 2, plus S and scales
+
+
+def test_int4_codes_are_half_the_bytes_of_int8_on_disk(tmp_path):
+    """Packed int4: ceil(r/2) bytes per row of U and V, half of int8's codes (the ranks agree: the plan
+    does not depend on the format); what the safetensors file holds is what the tensor sizes say."""
+    int8, dense_bytes = _bf16_mlp_compressed("int8")
+    int4, _ = _bf16_mlp_compressed("int4")
+    got = sum(t.numel() * t.element_size() for t in int4.state_dict().values())
+    want = 0
+    for k in ("0", "2"):
+        s = int4.get_submodule(k).shape
+        assert s == int8.get_submodule(k).shape and s.rank % 2 == 0
+        want += (s.rank // 2) * (s.m_pad + s.n_pad)              # packed codes of U and V, two per byte
+        want += 2 * s.b_out * s.b_in * s.rank + 2 * 256          # bf16 S and bias
+        want += 4 * (s.b_out * s.p + s.b_in * s.rank)            # float32 scales
+    assert got == want
+    assert 2 * _code_bytes(int4) == _code_bytes(int8)
+    assert 0.14 < got / dense_bytes < 0.17, got / dense_bytes       # half the parameters at half a byte of 2
+    blastfx.save(int4, tmp_path)
+    weights = next(tmp_path.glob("model-*.safetensors"))
+    with safe_open(str(weights), "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    assert stored["0.U"].dtype == torch.uint8
+    assert sum(t.numel() * t.element_size() for t in stored.values()) == got
+    # the file: its tensors' bytes plus the safetensors header (8-byte length + JSON), nothing more
+    with open(weights, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    assert weights.stat().st_size == 8 + header + got
 
 
 def test_hf_save_pretrained_round_trip_keeps_int8_codes_and_generates(tmp_path):

@@ -22,9 +22,10 @@ Which path (and tile config) is fastest depends on the shape and the token count
 measures the candidates of :func:`candidates` once per (shape, dtype, token bucket), rotating through
 clones of the weights so they stream from memory as in a model, and caches the winner. Every path is checked against ``blastfx.structures.blast.ops.blast_matmul_reference`` in tests.
 
-Quantized factors (``blastfx::blast_matmul_quantized``, :func:`blast_matmul_quantized_triton`): int8 codes
-at T <= 4 run the ``gemv`` kernels reading the codes (dequantized in registers, its configs timed
-like the float ones); every other case dequantizes once and runs the float paths above.
+Quantized factors (``blastfx::blast_matmul_quantized``, :func:`blast_matmul_quantized_triton`): int8 and
+packed int4 codes at T <= 4 run the ``gemv`` kernels reading the codes (unpacked and dequantized in
+registers, its configs timed like the float ones); every other case dequantizes once and runs the
+float paths above.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) operands are upcast to fp32 before ``tl.dot``: the
 interpreter's bf16 dot is wrong. fp32 inputs use IEEE dots (a GPU would otherwise use TF32).
@@ -340,9 +341,9 @@ def blast_matmul_triton(x, U, S, V, bias=None, out_features=None, path: str | No
 
 
 def quantized_path(T: int, U) -> str:
-    """"gemv" where the GEMV kernel reads the codes (int8, T <= 4, float atomics allowed), else
-    "dequantize"."""
-    few = T <= gemv_kernels.MAX_T and U.dtype == torch.int8
+    """"gemv" where the GEMV kernel reads the codes (int8 or packed int4, T <= 4, float atomics
+    allowed), else "dequantize"."""
+    few = T <= gemv_kernels.MAX_T and U.dtype in gemv_kernels.CODE_DTYPES
     return "gemv" if few and not torch.are_deterministic_algorithms_enabled() else "dequantize"
 
 
@@ -351,9 +352,9 @@ def blast_matmul_quantized_triton(x, U, U_scale, S, V, V_scale, bias=None, out_f
     """The fast forward of quantized factors; same contract as
     :func:`blastfx.structures.blast.quant.ops.blast_matmul_quantized_reference`. ``path``: "gemv" or
     "dequantize" (default :func:`quantized_path`); ``config`` overrides GEMV config keys."""
-    from ..structures.blast.quant.ops import dequantized
+    from ..structures.blast.quant.ops import dequantized, quantized_shape
 
-    shape = shape or BlastShape.from_factors(U, S, V, out_features=out_features)
+    shape = shape or quantized_shape(U, S, V, out_features)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     T = x2.shape[0]

@@ -21,9 +21,12 @@ order vary between runs, so the result is not bitwise reproducible; with
 ``torch.use_deterministic_algorithms(True)`` the slot kernel of :mod:`.decode` is used instead.
 
 Quantized factors (``QUANT``, :mod:`blastfx.structures.blast.quant`): U and V are loaded as int8
-codes (one byte per entry, half of bf16's) and widened to fp32 in registers; V's
-per-(j, rank) scale multiplies z after its reduction over q, where ``s_ij`` multiplies anyway, and
-U's per-row scale multiplies each output after its reduction over r. No dequantized copy is made.
+codes (``QUANT=8``: one byte per entry, half of bf16's) or packed int4 codes (``QUANT=4``: a tile of
+BR codes is BR/2 bytes, two per byte along r; each byte is split in registers into its low and high
+nibble, sign-extended, and the two interleaved back into the full tile) and widened to fp32 in
+registers; V's per-(j, rank) scale multiplies z after its reduction over q, where ``s_ij``
+multiplies anyway, and U's per-row scale multiplies each output after its reduction over r. No
+dequantized copy is made.
 
 Launch modes (``cfg["mode"]``): ``persistent`` runs both stages in one grid no larger than what is
 co-resident, with a grid barrier between them; ``two`` is two plain launches; ``pdl`` is two
@@ -50,6 +53,8 @@ from .decode import _index, _prefetch_l2, _prefetch_u, _sm_limits, gdc_launch_de
 from .state import allocate_state
 
 MAX_T = 4                   # FMA accumulators hold T x tile values per thread; past this, tensor cores win
+CODE_BITS = {torch.int8: 8, torch.uint8: 4}     # the code dtypes the kernel reads: int8, packed int4
+CODE_DTYPES = tuple(CODE_BITS)
 _WORKSPACES: dict = {}      # per device: (generation + barrier counters, two halves of w)
 
 
@@ -102,12 +107,24 @@ def _prefetch_v_items(v_ptr, pid, items, GRID, Q, R, B_IN, Q_CHUNK, R_TILES, svj
 
 
 @triton.jit
+def _unpack_int4(b, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """(ROWS, COLS // 2) packed bytes -> (ROWS, COLS) int32 codes: byte k gives element 2k (low
+    nibble) and 2k + 1 (high nibble), each a two's-complement nibble."""
+    b = b.to(tl.int32)
+    lo = b & 15
+    hi = (b >> 4) & 15
+    lo = tl.where(lo > 7, lo - 16, lo)
+    hi = tl.where(hi > 7, hi - 16, hi)
+    return tl.reshape(tl.join(lo, hi), (ROWS, COLS))
+
+
+@triton.jit
 def _xv_mix_item(item, x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, B_OUT, Q_CHUNK, R_TILES,
                  sxt, sxn, ssi, ssj, ssr, svj, svq, svr, BT: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
                  vs_ptr, svsj, svsr, QUANT: tl.constexpr):
     """One stage-1 work item (j, r-tile, q-chunk): stream V[j, chunk, tile] against x_j and add
-    ``s_ij * z_j`` into w_i (B_OUT, BT, R) for every block-row i. QUANT: V holds codes, z is scaled
-    by ``V_scale[j, tile]``."""
+    ``s_ij * z_j`` into w_i (B_OUT, BT, R) for every block-row i. QUANT (8 or 4): V holds int8 or
+    packed int4 codes (then ``svr`` steps bytes of two codes), z is scaled by ``V_scale[j, tile]``."""
     offs_t = tl.arange(0, BT)
     tmask = offs_t < T
     rt = item % R_TILES                 # neighbouring programs read neighbouring r-tiles of a row
@@ -122,8 +139,14 @@ def _xv_mix_item(item, x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, B_OUT, Q_CH
         offs_c = c0 + tl.arange(0, BQ)
         col = j * Q + offs_c
         cmask = (offs_c < q_lim) & (col < N)
-        v = tl.load(v_ptr + j * svj + offs_c[:, None] * svq + offs_r[None, :] * svr,
-                    mask=cmask[:, None] & rmask[None, :], other=0.0)
+        if QUANT == 4:
+            offs_h = rt * (BR // 2) + tl.arange(0, BR // 2)
+            packed = tl.load(v_ptr + j * svj + offs_c[:, None] * svq + offs_h[None, :] * svr,
+                             mask=cmask[:, None] & (offs_h < (R + 1) // 2)[None, :], other=0)
+            v = _unpack_int4(packed, BQ, BR)
+        else:
+            v = tl.load(v_ptr + j * svj + offs_c[:, None] * svq + offs_r[None, :] * svr,
+                        mask=cmask[:, None] & rmask[None, :], other=0.0)
         xt = tl.load(x_ptr + offs_t[:, None] * sxt + col[None, :] * sxn,
                      mask=tmask[:, None] & cmask[None, :], other=0.0)
         acc += xt.to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :]
@@ -140,7 +163,8 @@ def _xv_mix_item(item, x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, B_OUT, Q_CH
 def _wu_item(item, u_ptr, b_ptr, y_ptr, w_ptr, T, M, P, R, P_TILES, sui, sup, sur, syt, sym, has_bias,
              BT: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, us_ptr, susi, susp, QUANT: tl.constexpr):
     """One stage-2 work item (i, p-tile): stream U[i, tile, :] against w_i; bias, cast, store.
-    QUANT: U holds codes, each output row is scaled by ``U_scale[i, row]``."""
+    QUANT (8 or 4): U holds int8 or packed int4 codes (then ``sur`` steps bytes of two codes), each
+    output row is scaled by ``U_scale[i, row]``."""
     offs_t = tl.arange(0, BT)
     tmask = offs_t < T
     i = item // P_TILES
@@ -150,8 +174,14 @@ def _wu_item(item, u_ptr, b_ptr, y_ptr, w_ptr, T, M, P, R, P_TILES, sui, sup, su
     for k0 in range(0, R, BK):
         offs_k = k0 + tl.arange(0, BK)
         kmask = offs_k < R
-        u = tl.load(u_ptr + i * sui + offs_p[:, None] * sup + offs_k[None, :] * sur,
-                    mask=pmask[:, None] & kmask[None, :], other=0.0)
+        if QUANT == 4:
+            offs_h = k0 // 2 + tl.arange(0, BK // 2)
+            packed = tl.load(u_ptr + i * sui + offs_p[:, None] * sup + offs_h[None, :] * sur,
+                             mask=pmask[:, None] & (offs_h < (R + 1) // 2)[None, :], other=0)
+            u = _unpack_int4(packed, BP, BK)
+        else:
+            u = tl.load(u_ptr + i * sui + offs_p[:, None] * sup + offs_k[None, :] * sur,
+                        mask=pmask[:, None] & kmask[None, :], other=0.0)
         wv = tl.load(w_ptr + i * BT * R + offs_t[:, None] * R + offs_k[None, :],
                      mask=tmask[:, None] & kmask[None, :], other=0.0, cache_modifier=".cg")
         acc += wv[:, None, :] * u.to(tl.float32)[None, :, :]
@@ -183,26 +213,28 @@ def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_p
                         us_ptr, vs_ptr, susi, susp, svsj, svsr,
                         HAS_BIAS: tl.constexpr, BT: tl.constexpr, B_OUT: tl.constexpr,
                         BQ: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr,
-                        ZB: tl.constexpr, STAGE: tl.constexpr, QUANT: tl.constexpr,
+                        ZB: tl.constexpr, STAGE: tl.constexpr, QUANT: tl.constexpr, PACK: tl.constexpr,
                         PREFETCH: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, ADVANCE: tl.constexpr):
     """STAGE 1: x·V and the s-mix into w; STAGE 2: w·Uᵀ; STAGE 3: both, grid barrier between.
     w is (B_OUT, BT, R) fp32 in the workspace half picked by the generation counter's parity.
     PDL: only weights are touched before ``gdc_wait``; the generation counter is read after it.
     ADVANCE (two-launch form): this launch moves the generation on when its last program ends:
     stage 2 of a full call, or stage 1 launched alone (which leaves its half for the next call to
-    clear, as a full call does); stage 2 launched alone leaves the workspace as it found it."""
+    clear, as a full call does); stage 2 launched alone leaves the workspace as it found it.
+    PACK: codes per stored element along r (2 for int4), so prefetches cover ceil(R / PACK) columns."""
     pid = tl.program_id(0)
+    RC = (R + PACK - 1) // PACK                 # stored columns of U and V
     if PDL:
         if PREFETCH:
             if STAGE == 1:
-                _prefetch_v_items(v_ptr, pid, B_IN * R_TILES * Q_SPLIT, GRID, Q, R, B_IN, Q_CHUNK, R_TILES,
-                                  svj, svq, svr, BR, LINE)
+                _prefetch_v_items(v_ptr, pid, B_IN * R_TILES * Q_SPLIT, GRID, Q, RC, B_IN, Q_CHUNK, R_TILES,
+                                  svj, svq, svr, BR // PACK, LINE)
             else:
-                _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, R, sui, sup, sur, BP, LINE)
+                _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, RC, sui, sup, sur, BP, LINE)
         gdc_wait()
         gdc_launch_dependents()     # a dependent touches only its weights until its own wait
     if (STAGE == 3) & (PREFETCH == 2):
-        _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, R, sui, sup, sur, BP, LINE)
+        _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, RC, sui, sup, sur, BP, LINE)
     gen = tl.load(sync_ptr, volatile=True)
     w_ptr = ws_ptr + (gen % 2) * HALF
     if STAGE != 2:
@@ -212,7 +244,7 @@ def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_p
                          sxt, sxn, ssi, ssj, ssr, svj, svq, svr, BT, BQ, BR, vs_ptr, svsj, svsr, QUANT)
     if STAGE == 3:
         if PREFETCH == 1:
-            _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, R, sui, sup, sur, BP, LINE)
+            _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, RC, sui, sup, sur, BP, LINE)
         _grid_barrier(sync_ptr, GRID)
     if STAGE != 1:
         for item in range(pid, B_OUT * P_TILES, GRID):
@@ -282,7 +314,7 @@ def _gemv_group_kernel(x_ptr, y_ptr, table_ptr, ws_ptr, sync_ptr, T, N, YS, G, I
             _xv_mix_item(item - tl.load(row + 14).to(tl.int32), x_ptr, v_ptr, s_ptr,
                          w_base + tl.load(row + 16), T, N, Q, R, B_IN, tl.load(row + 10).to(tl.int32),
                          tl.load(row + 11).to(tl.int32), tl.load(row + 12).to(tl.int32),
-                         sxt, 1, B_IN * R, R, 1, Q * R, R, 1, BT, BQ, BR, x_ptr, 0, 0, False)
+                         sxt, 1, B_IN * R, R, 1, Q * R, R, 1, BT, BQ, BR, x_ptr, 0, 0, 0)
     if STAGE == 3:
         _grid_barrier(sync_ptr, GRID)
     if STAGE != 1:
@@ -294,7 +326,7 @@ def _gemv_group_kernel(x_ptr, y_ptr, table_ptr, ws_ptr, sync_ptr, T, N, YS, G, I
             _wu_item(item - tl.load(row + 15).to(tl.int32), tl.load(row + 0).to(ptr_ty, bitcast=True),
                      b_addr.to(ptr_ty, bitcast=True), y_ptr + tl.load(row + 4), w_base + tl.load(row + 16),
                      T, tl.load(row + 5).to(tl.int32), P, R, tl.load(row + 13).to(tl.int32),
-                     P * R, R, 1, YS, 1, b_addr != 0, BT, BP, BK, x_ptr, 0, 0, False)
+                     P * R, R, 1, YS, 1, b_addr != 0, BT, BP, BK, x_ptr, 0, 0, 0)
     if STAGE == 2:
         _advance_generation(sync_ptr, GRID)
 
@@ -376,17 +408,29 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
                only_stage: int | None = None, U_scale=None, V_scale=None):
     """y (T, out_features) for T <= MAX_T. ``only_stage`` (1 or 2, mode "two"): launch just that
     stage, to see where the time goes; the output is then not the product. ``U_scale`` (b_out, p)
-    and ``V_scale`` (b_in, r), both or neither: U and V are int8 codes with these scales."""
+    and ``V_scale`` (b_in, r), both or neither: U and V are codes with these scales, int8 or packed
+    int4 (uint8, last dimension ceil(r/2), see :mod:`blastfx.structures.blast.quant.formats`)."""
     quant = U_scale is not None
     if quant != (V_scale is not None):
         raise ValueError("blast_gemv takes U_scale and V_scale together (quantized factors) or neither")
-    if quant and (U.dtype != torch.int8 or V.dtype != torch.int8):
-        raise ValueError(f"the GEMV kernel reads quantized factors as int8 codes, got U.dtype={U.dtype}, V.dtype={V.dtype}")
+    bits = 0
+    if quant:
+        if U.dtype != V.dtype or U.dtype not in CODE_BITS:
+            raise ValueError(f"the GEMV kernel reads quantized factors as int8 or packed int4 (uint8) codes, "
+                             f"got U.dtype={U.dtype}, V.dtype={V.dtype}")
+        bits = CODE_BITS[U.dtype]
+        stored = -(-shape.rank // 2) if bits == 4 else shape.rank
+        if U.shape[-1] != stored or V.shape[-1] != stored:
+            raise ValueError(f"codes of U {tuple(U.shape)} and V {tuple(V.shape)} do not hold rank {shape.rank}: "
+                             f"their last dimension must be {stored}")
     cfg = {**DEFAULT, **(cfg or {})}
     T, n = x2.shape
     if T > MAX_T:
         raise ValueError(f"the GEMV decode kernel takes at most {MAX_T} tokens, got T={T}")
     mode, flags = _launch_flags(cfg, interpret, x2.device, U.element_size())
+    pack = 2 if bits == 4 else 1
+    if pack > 1:                    # a packed V tile is BR / 2 bytes wide: at least one prefetch address a row
+        flags["LINE"] = min(flags["LINE"], cfg["BR"] // pack)
     if only_stage is not None and mode == "persistent":
         raise ValueError("only_stage needs a two-launch mode ('two' or 'pdl')")
     BT = triton.next_power_of_2(T)
@@ -399,7 +443,7 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
     sync, ws = workspace(x2.device, half)
     y = torch.empty(T, shape.out_features, device=x2.device, dtype=x2.dtype)
     const = dict(HAS_BIAS=bias is not None, BT=BT, B_OUT=shape.b_out, BQ=cfg["BQ"], BR=cfg["BR"], BP=cfg["BP"],
-                 BK=cfg["BK"], ZB=1024, QUANT=quant, **flags)
+                 BK=cfg["BK"], ZB=1024, QUANT=bits, PACK=pack, **flags)
     us, vs = (U_scale, V_scale) if quant else (y, y)           # not read without QUANT
     launch = {} if interpret else {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
     if mode == "pdl":
@@ -422,7 +466,7 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
                 launch = {**launch, "num_warps": cfg.get("warps2", cfg["warps"])}
             _gemv_decode_kernel[(g2,)](*args(g2), STAGE=2, ADVANCE=only_stage is None, **const, **launch)
         return y
-    key = (_index(x2.device), shape, BT, x2.dtype, tuple(sorted(cfg.items())), bias is not None, quant)
+    key = (_index(x2.device), shape, BT, x2.dtype, tuple(sorted(cfg.items())), bias is not None, bits)
     launch_persistent(_gemv_decode_kernel, key, args(grid), grid, x2.device, f"GEMV decode config {cfg}",
                       STAGE=3, ADVANCE=False, **const, **launch)
     return y

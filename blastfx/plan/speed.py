@@ -166,10 +166,11 @@ def latency_model(spec) -> LatencyModel:
 
 def layer_bytes(lp, element_size: int) -> float:
     """Weight bytes a decode call of planned layer ``lp`` streams: its parameters at the model's
-    element size, or one byte per entry for quantized factors."""
+    element size, or the format's code size per entry for quantized factors (one byte for int8, half
+    a byte for packed int4)."""
     size = element_size
     if lp.factor_dtype not in (None, factor_formats.MODEL):
-        size = 1
+        size = factor_formats.get(lp.factor_dtype).bits / 8
     return lp.params * size
 
 

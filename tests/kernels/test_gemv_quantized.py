@@ -1,6 +1,6 @@
-"""The GEMV decode kernel reading int8 codes (scales applied in registers) against the quantized
-reference, and the quantized op's CUDA-side paths (``blastfx.kernels.forward``); on CPU under the
-Triton interpreter."""
+"""The GEMV decode kernel reading int8 codes and packed int4 codes (unpacked and scaled in registers)
+against the quantized reference, and the quantized op's CUDA-side paths (``blastfx.kernels.forward``);
+on CPU under the Triton interpreter."""
 import math
 
 import pytest
@@ -17,14 +17,14 @@ DEVICE = "cuda" if CUDA else "cpu"
 TINY = dict(BQ=16, BR=16, BP=16, BK=16)
 
 
-def _codes(m, n, r, b_out, b_in, seed=0):
+def _codes(m, n, r, b_out, b_in, seed=0, name="int8"):
     shape = BlastShape.make(m, n, r, (b_out, b_in), allow_larger=True)
     g = torch.Generator().manual_seed(seed)
     U = torch.randn(shape.b_out, shape.p, r, generator=g) * torch.rand(shape.b_out, shape.p, 1, generator=g)
     V = torch.randn(shape.b_in, shape.q, r, generator=g) * torch.rand(shape.b_in, 1, r, generator=g)
     U.view(-1, r)[m:] = 0
     V.view(-1, r)[n:] = 0
-    fmt = formats.get("int8")
+    fmt = formats.get(name)
     (Uc, su), (Vc, sv) = formats.quantize_u(U, fmt), formats.quantize_v(V, fmt)
     S = torch.randn(b_out, b_in, r, generator=g)
     b = torch.randn(m, generator=g)
@@ -39,15 +39,30 @@ def _close(y, x, Uc, su, S, Vc, sv, b, m):
     assert (y.double() - ref).abs().max().item() / (ref.abs().max().item() + 1e-6) < tol
 
 
+FUZZ = dict(T=st.integers(1, gemv.MAX_T), m=st.integers(17, 80), n=st.integers(17, 80), r=st.integers(1, 40),
+            b_out=st.integers(1, 4), b_in=st.integers(1, 4), bias=st.booleans(),
+            dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+
+
 @settings(max_examples=10 if not CUDA else 40, deadline=None)
-@given(T=st.integers(1, gemv.MAX_T), m=st.integers(17, 80), n=st.integers(17, 80), r=st.integers(1, 40),
-       b_out=st.integers(1, 4), b_in=st.integers(1, 4), bias=st.booleans(),
-       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+@given(**FUZZ)
 def test_int8_gemv_matches_reference_on_fuzzed_shapes(T, m, n, r, b_out, b_in, bias, dtype):
+    _check_fuzzed("int8", T, m, n, r, b_out, b_in, bias, dtype)
+
+
+@settings(max_examples=12 if not CUDA else 40, deadline=None)
+@given(**FUZZ)
+def test_int4_gemv_matches_reference_on_fuzzed_shapes(T, m, n, r, b_out, b_in, bias, dtype):
+    """Packed codes: odd r (a zero pad nibble), ragged p and q, tiles of r that end inside a byte pair."""
+    _check_fuzzed("int4", T, m, n, r, b_out, b_in, bias, dtype)
+
+
+def _check_fuzzed(name, T, m, n, r, b_out, b_in, bias, dtype):
     for count, dim in ((b_out, m), (b_in, n)):
         if (count - 1) * math.ceil(dim / count) >= dim:
             return          # a block count that leaves a block all padding is refused by BlastShape
-    shape, (Uc, su, S, Vc, sv, b) = _codes(m, n, r, b_out, b_in)
+    shape, (Uc, su, S, Vc, sv, b) = _codes(m, n, r, b_out, b_in, name=name)
+    assert Uc.dtype == formats.get(name).storage
     x = torch.randn(T, n, device=DEVICE, dtype=dtype)
     b = b.to(dtype) if bias else None
     y = gemv.blast_gemv(x, Uc, S.to(dtype), Vc, b, shape, TINY, interpret=not CUDA, U_scale=su, V_scale=sv)
@@ -55,17 +70,20 @@ def test_int8_gemv_matches_reference_on_fuzzed_shapes(T, m, n, r, b_out, b_in, b
     _close(y, x, Uc, su, S.to(dtype), Vc, sv, b, m)
 
 
-def test_q_chunks_with_codes():
-    """x·V split into several q-chunks (each adds its share of z, scaled, into w with atomics)."""
-    shape, (Uc, su, S, Vc, sv, b) = _codes(70, 200, 24, 2, 2, seed=1)
+@pytest.mark.parametrize("name,r", [("int8", 24), ("int4", 24), ("int4", 37)])
+def test_q_chunks_with_codes(name, r):
+    """x·V split into several q-chunks (each adds its share of z, scaled, into w with atomics); for
+    int4 also several r-tiles (BR = 16 codes, 8 bytes) and an odd r."""
+    shape, (Uc, su, S, Vc, sv, b) = _codes(70, 200, r, 2, 2, seed=1, name=name)
     x = torch.randn(2, 200, device=DEVICE)
     y = gemv.blast_gemv(x, Uc, S, Vc, b, shape, dict(TINY, per_sm=8), interpret=not CUDA, U_scale=su, V_scale=sv)
     _close(y, x, Uc, su, S, Vc, sv, b, 70)
 
 
+@pytest.mark.parametrize("name", ["int8", "int4"])
 @pytest.mark.parametrize("T,path", [(1, "gemv"), (3, "gemv"), (6, "dequantize")])
-def test_quantized_forward_paths(T, path):
-    shape, (Uc, su, S, Vc, sv, b) = _codes(50, 37, 8, 3, 2, seed=2)
+def test_quantized_forward_paths(T, path, name):
+    shape, (Uc, su, S, Vc, sv, b) = _codes(50, 37, 9, 3, 2, seed=2, name=name)
     x = torch.randn(2, T // 2, 37, device=DEVICE) if T > gemv.MAX_T else torch.randn(T, 37, device=DEVICE)
     assert forward.quantized_path(x.numel() // 37, Uc) == path
     y = forward.blast_matmul_quantized_triton(x, Uc, su, S, Vc, sv, b, 50)
@@ -86,7 +104,11 @@ def test_gemv_scale_arguments_are_checked():
     x = torch.randn(1, 37, device=DEVICE)
     with pytest.raises(ValueError, match="U_scale and V_scale together"):
         gemv.blast_gemv(x, Uc, S, Vc, b, shape, TINY, interpret=not CUDA, U_scale=su)
-    with pytest.raises(ValueError, match="int8 codes, got U.dtype=torch.float32"):
+    with pytest.raises(ValueError, match=r"int8 or packed int4 \(uint8\) codes, got U.dtype=torch.float32"):
         gemv.blast_gemv(x, Uc.float(), S, Vc.float(), b, shape, TINY, interpret=not CUDA, U_scale=su, V_scale=sv)
+    shape4, (Uc4, su4, S4, Vc4, sv4, b4) = _codes(50, 37, 8, 3, 2, name="int4")
+    with pytest.raises(ValueError, match=r"do not hold rank 8: their last dimension must be 4"):
+        gemv.blast_gemv(x, Uc4[..., :3], S4, Vc4[..., :3], b4, shape4, TINY, interpret=not CUDA, U_scale=su4,
+                        V_scale=sv4)
     with pytest.raises(ValueError, match="path must be 'gemv' or 'dequantize'"):
         forward.blast_matmul_quantized_triton(x, Uc, su, S, Vc, sv, b, 50, path="fused")

@@ -19,9 +19,10 @@ LoRA inits) thus fail at the access with that message, while the many that probe
 access would silently undo the compression (a fused QKV layer would come back dense) and cost a
 full (out, in) matrix on every read; :meth:`to_dense` does that when it is really wanted.
 
-Quantized factors (``factor_dtype="int8"``, see :mod:`blastfx.structures.blast.quant`): U and V are
-then buffers of codes with float32 buffers ``U_scale`` (b_out, p) and ``V_scale`` (b_in, r), and S and
-the bias stay parameters in the activation dtype. Codes are not trainable (an optimizer cannot step
+Quantized factors (``factor_dtype="int8"``, ``"int4"``, ..., see :mod:`blastfx.structures.blast.quant`):
+U and V are then buffers of codes with float32 buffers ``U_scale`` (b_out, p) and ``V_scale`` (b_in, r),
+and S and the bias stay parameters in the activation dtype. int4 codes are packed two per byte along
+r, so U and V are then (b_out, p, ceil(r/2)) and (b_in, q, ceil(r/2)) ``torch.uint8`` tensors. Codes are not trainable (an optimizer cannot step
 an int8 tensor), so the layer refuses to grow or shrink its rank; ``to_dense`` dequantizes.
 """
 from __future__ import annotations
@@ -44,6 +45,8 @@ def check_padding(shape: BlastShape, U: torch.Tensor, V: torch.Tensor, where: st
                                                 ("V", V, shape.in_features, "in_features", shape.n_pad)):
         if padded == dim:
             continue
+        if factor.dtype == torch.uint8:                                         # packed int4 codes
+            factor = qformats.codes_of(factor, shape.rank)
         if factor.dtype.is_floating_point and factor.dtype.itemsize == 1:     # float8 codes: count as floats
             factor = factor.float()
         bad = int(factor.detach().reshape(padded, shape.rank)[dim:].count_nonzero())
@@ -84,9 +87,9 @@ class BlastLinear(nn.Module):
 
     def _empty_codes(self, fmt, device) -> None:
         s = self.shape
-        self.register_buffer("U", torch.zeros(s.factor_shapes["U"], dtype=fmt.storage, device=device))
+        self.register_buffer("U", torch.zeros(fmt.stored_shape(s.factor_shapes["U"]), dtype=fmt.storage, device=device))
         self.register_buffer("U_scale", torch.ones(s.b_out, s.p, dtype=qformats.SCALE_DTYPE, device=device))
-        self.register_buffer("V", torch.zeros(s.factor_shapes["V"], dtype=fmt.storage, device=device))
+        self.register_buffer("V", torch.zeros(fmt.stored_shape(s.factor_shapes["V"]), dtype=fmt.storage, device=device))
         self.register_buffer("V_scale", torch.ones(s.b_in, s.rank, dtype=qformats.SCALE_DTYPE, device=device))
 
     @torch.no_grad()
@@ -205,7 +208,7 @@ class BlastLinear(nn.Module):
         codes, the parameters themselves otherwise (when no cast is needed)."""
         dtype = dtype or self.S.dtype
         if self.quantized:
-            U = qformats.dequantize_u(self.U, self.U_scale, dtype)
+            U = qformats.dequantize_u(self.U, self.U_scale, dtype, rank=self.rank)
             V = qformats.dequantize_v(self.V, self.V_scale, dtype)
             return U, self.S.to(dtype), V
         return self.U.to(dtype), self.S.to(dtype), self.V.to(dtype)

@@ -25,7 +25,7 @@ def _output_error(W, What, X, weights=None):
     return (E.norm() / Y.norm()).item()
 
 
-@pytest.mark.parametrize("name", ["int8", "float8_e4m3fn"])
+@pytest.mark.parametrize("name", ["int8", "float8_e4m3fn", "int4"])
 def test_refit_beats_rounding_at_the_end_on_correlated_inputs(name):
     W, X, C = _problem()
     fitted = blastfx.factorize(W, 12, (4, 4), calibration=C)

@@ -1,8 +1,8 @@
-"""Quantized BLAST factors: U and V stored as int8 (or float8) codes with float32 scales, S and the
-bias in the activation dtype.
+"""Quantized BLAST factors: U and V stored as int8, float8 or int4 (two per byte) codes with float32
+scales, S and the bias in the activation dtype.
 
 * :mod:`.formats`: the storage formats by name (``factor_dtype``) and the scale layout (U per row,
-  V per column of r), quantize and dequantize.
+  V per column of r), quantize and dequantize, and int4's packing (:func:`.formats.pack_int4`).
 * :mod:`.ops`: ``torch.ops.blastfx.blast_matmul_quantized`` and its plain-PyTorch reference
   (dequantize, then the BLAST reference).
 * :mod:`.fit`: quantization inside the calibrated fit (round one factor, refit the others in closed

@@ -35,9 +35,10 @@ RIDGE = 1e-6            # proximal ridge of each solve, relative to its Gram's m
 
 @dataclass
 class QuantizedFactors:
-    """Codes ``U`` (b_out, p, r) and ``V`` (b_in, q, r) in ``format``'s storage dtype with float32
-    ``U_scale`` (b_out, p) and ``V_scale`` (b_in, r), float ``S`` (b_out, b_in, r); with a leading batch
-    dimension when several matrices were quantized together."""
+    """Codes ``U`` (b_out, p, r) and ``V`` (b_in, q, r) in ``format``'s storage dtype (the last
+    dimension ceil(r/2) for packed int4) with float32 ``U_scale`` (b_out, p) and ``V_scale`` (b_in, r),
+    float ``S`` (b_out, b_in, r); with a leading batch dimension when several matrices were quantized
+    together."""
     U: torch.Tensor
     U_scale: torch.Tensor
     S: torch.Tensor
@@ -62,7 +63,7 @@ class QuantizedFactors:
 
     def dequantized(self, dtype=torch.float32):
         """(U, S, V) as floats in ``dtype``."""
-        return (formats.dequantize_u(self.U, self.U_scale, dtype), self.S.to(dtype),
+        return (formats.dequantize_u(self.U, self.U_scale, dtype, rank=self.shape.rank), self.S.to(dtype),
                 formats.dequantize_v(self.V, self.V_scale, dtype))
 
     def to_dense(self, dtype=torch.float32) -> torch.Tensor:
@@ -160,9 +161,10 @@ class _Problem:
         return out
 
     def row_scales(self, codes, scale, S):
-        """Each row's scale of U at its exact optimum given its codes, S and V: alpha = (R u) / (u G u)."""
+        """Each row's scale of U at its exact optimum given its (stored) codes, S and V:
+        alpha = (R u) / (u G u)."""
         G, R = self.u_system(S)
-        u = codes.to(R.dtype)
+        u = formats.codes_of(codes, S.shape[-1]).to(R.dtype)
         num = (R * u).sum(-1)
         den = ((u @ G) * u).sum(-1)
         return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), scale)
@@ -209,5 +211,5 @@ def quantize_fitted(W, factors, factor_dtype: str, *, calibration=None, calibrat
     su = su.to(dtype)
     for _ in range(refit_iters):
         su = problem.row_scales(Uc, su, S)
-        S = problem.s_step(formats.dequantize_u(Uc, su, dtype), S)
+        S = problem.s_step(formats.dequantize_u(Uc, su, dtype, rank=shape.rank), S)
     return _result(Uc, su, S, Vc, sv, shape, fmt, batched)

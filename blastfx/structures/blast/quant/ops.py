@@ -3,7 +3,7 @@
 The reference (:func:`blast_matmul_quantized_reference`) is the source of truth: dequantize U and V
 (:mod:`.formats`) into the activation dtype, then the plain BLAST reference
 (:func:`blastfx.structures.blast.ops.blast_matmul_reference`). On CUDA the decode GEMV kernel reads
-the codes and applies the scales in registers (:mod:`blastfx.kernels.gemv`); other token counts
+the codes (int8, or packed int4 unpacked in registers) and applies the scales there (:mod:`blastfx.kernels.gemv`); other token counts
 dequantize and run the float paths (:mod:`blastfx.kernels.dispatch`).
 
 Autograd gives gradients for x, S and the bias (LoRA adapters over a quantized layer, activations
@@ -20,16 +20,34 @@ from ..layout import BlastShape
 from ..ops import blast_matmul_backward_reference, blast_matmul_reference, check_placement
 from . import formats
 
-__all__ = ["blast_matmul_quantized", "blast_matmul_quantized_reference", "check_quantized_inputs", "dequantized"]
+__all__ = ["blast_matmul_quantized", "blast_matmul_quantized_reference", "check_quantized_inputs", "dequantized",
+           "quantized_shape"]
+
+
+def quantized_shape(U, S, V, out_features=None) -> BlastShape:
+    """The geometry of quantized factors: the format from the codes' dtype, r from S (packed codes
+    do not say it), each code tensor's last dimension checked against r. ``ValueError`` naming the
+    tensor and both lengths otherwise."""
+    if U.dtype != V.dtype:
+        raise ValueError(f"blast_matmul_quantized needs U and V in one format, got U.dtype={U.dtype}, "
+                         f"V.dtype={V.dtype}")
+    fmt = formats.of_storage(U.dtype)
+    if S.dim() != 3:
+        raise ValueError(f"S must be 3-D (b_out, b_in, r), got shape {tuple(S.shape)}")
+    r = S.shape[-1]
+    logical = []
+    for name, codes in (("U", U), ("V", V)):
+        if codes.dim() != 3 or codes.shape[-1] != fmt.stored_length(r):
+            raise ValueError(f"{fmt.name} codes {name} of shape {tuple(codes.shape)} do not match r={r} (S's last "
+                             f"dimension): {name} must be 3-D with last dimension {fmt.stored_length(r)}"
+                             + (f" (r packed {fmt.per_element} per byte)" if fmt.packed else ""))
+        logical.append(torch.empty(*codes.shape[:-1], r, device="meta"))
+    return BlastShape.from_factors(logical[0], S, logical[1], out_features=out_features)
 
 
 def check_quantized_inputs(x, U, U_scale, S, V, V_scale, bias, out_features) -> BlastShape:
     """Validate the op's arguments; the errors name the offending argument and value."""
-    shape = BlastShape.from_factors(U, S, V, out_features=out_features)
-    if U.dtype != V.dtype:
-        raise ValueError(f"blast_matmul_quantized needs U and V in one format, got U.dtype={U.dtype}, "
-                         f"V.dtype={V.dtype}")
-    formats.of_storage(U.dtype)
+    shape = quantized_shape(U, S, V, out_features)
     for name, scale, want in (("U_scale", U_scale, (shape.b_out, shape.p)), ("V_scale", V_scale, (shape.b_in, shape.rank))):
         if tuple(scale.shape) != want:
             raise ValueError(f"{name} must have shape {want}, got {tuple(scale.shape)}")
@@ -46,8 +64,10 @@ def check_quantized_inputs(x, U, U_scale, S, V, V_scale, bias, out_features) -> 
 
 
 def dequantized(U, U_scale, V, V_scale, dtype):
-    """(U, V) in ``dtype``: codes times scales (computed in float32, or float64 for float64)."""
-    return formats.dequantize_u(U, U_scale, dtype), formats.dequantize_v(V, V_scale, dtype)
+    """(U, V) in ``dtype``: codes times scales (computed in float32, or float64 for float64); r, which
+    packed codes need, is ``V_scale``'s last dimension."""
+    rank = V_scale.shape[-1]
+    return formats.dequantize_u(U, U_scale, dtype, rank=rank), formats.dequantize_v(V, V_scale, dtype)
 
 
 def blast_matmul_quantized_reference(x, U, U_scale, S, V, V_scale, bias=None, out_features=None):
@@ -94,5 +114,6 @@ _quantized_op.register_autograd(_backward, setup_context=_setup_context)
 def blast_matmul_quantized(x, U, U_scale, S, V, V_scale, bias=None, out_features=None):
     """``y = x A^T + bias`` for the BLAST matrix of quantized factors: codes U (b_out, p, r) with
     ``U_scale`` (b_out, p), S (b_out, b_in, r) in x's dtype, codes V (b_in, q, r) with ``V_scale``
-    (b_in, r). ``out_features`` trims padded output rows (default ``b_out * p``)."""
+    (b_in, r); int4 codes are packed, U (b_out, p, ceil(r/2)) and V (b_in, q, ceil(r/2)) of
+    ``torch.uint8`` (:mod:`.formats`). ``out_features`` trims padded output rows (default ``b_out * p``)."""
     return torch.ops.blastfx.blast_matmul_quantized(x, U, U_scale, S, V, V_scale, bias, out_features)
