@@ -119,6 +119,21 @@ def _unpack_int4(b, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
+def _load_factor_tile(base, rows, row_ok, stride_row, stride_col, c0, R, ROWS: tl.constexpr, COLS: tl.constexpr,
+                      QUANT: tl.constexpr):
+    """Columns c0 .. c0 + COLS of the given rows of a factor whose columns run along r: its own
+    dtype, int8 codes, or (QUANT == 4) packed int4 codes read as COLS / 2 bytes and unpacked."""
+    if QUANT == 4:
+        offs_h = c0 // 2 + tl.arange(0, COLS // 2)
+        packed = tl.load(base + rows[:, None] * stride_row + offs_h[None, :] * stride_col,
+                         mask=row_ok[:, None] & (offs_h < (R + 1) // 2)[None, :], other=0)
+        return _unpack_int4(packed, ROWS, COLS)
+    offs = c0 + tl.arange(0, COLS)
+    return tl.load(base + rows[:, None] * stride_row + offs[None, :] * stride_col,
+                   mask=row_ok[:, None] & (offs < R)[None, :], other=0.0)
+
+
+@triton.jit
 def _xv_mix_item(item, x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, B_OUT, Q_CHUNK, R_TILES,
                  sxt, sxn, ssi, ssj, ssr, svj, svq, svr, BT: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
                  vs_ptr, svsj, svsr, QUANT: tl.constexpr):
@@ -139,14 +154,7 @@ def _xv_mix_item(item, x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, B_OUT, Q_CH
         offs_c = c0 + tl.arange(0, BQ)
         col = j * Q + offs_c
         cmask = (offs_c < q_lim) & (col < N)
-        if QUANT == 4:
-            offs_h = rt * (BR // 2) + tl.arange(0, BR // 2)
-            packed = tl.load(v_ptr + j * svj + offs_c[:, None] * svq + offs_h[None, :] * svr,
-                             mask=cmask[:, None] & (offs_h < (R + 1) // 2)[None, :], other=0)
-            v = _unpack_int4(packed, BQ, BR)
-        else:
-            v = tl.load(v_ptr + j * svj + offs_c[:, None] * svq + offs_r[None, :] * svr,
-                        mask=cmask[:, None] & rmask[None, :], other=0.0)
+        v = _load_factor_tile(v_ptr + j * svj, offs_c, cmask, svq, svr, rt * BR, R, BQ, BR, QUANT)
         xt = tl.load(x_ptr + offs_t[:, None] * sxt + col[None, :] * sxn,
                      mask=tmask[:, None] & cmask[None, :], other=0.0)
         acc += xt.to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :]
@@ -174,14 +182,7 @@ def _wu_item(item, u_ptr, b_ptr, y_ptr, w_ptr, T, M, P, R, P_TILES, sui, sup, su
     for k0 in range(0, R, BK):
         offs_k = k0 + tl.arange(0, BK)
         kmask = offs_k < R
-        if QUANT == 4:
-            offs_h = k0 // 2 + tl.arange(0, BK // 2)
-            packed = tl.load(u_ptr + i * sui + offs_p[:, None] * sup + offs_h[None, :] * sur,
-                             mask=pmask[:, None] & (offs_h < (R + 1) // 2)[None, :], other=0)
-            u = _unpack_int4(packed, BP, BK)
-        else:
-            u = tl.load(u_ptr + i * sui + offs_p[:, None] * sup + offs_k[None, :] * sur,
-                        mask=pmask[:, None] & kmask[None, :], other=0.0)
+        u = _load_factor_tile(u_ptr + i * sui, offs_p, pmask, sup, sur, k0, R, BP, BK, QUANT)
         wv = tl.load(w_ptr + i * BT * R + offs_t[:, None] * R + offs_k[None, :],
                      mask=tmask[:, None] & kmask[None, :], other=0.0, cache_modifier=".cg")
         acc += wv[:, None, :] * u.to(tl.float32)[None, :, :]
