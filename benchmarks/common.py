@@ -64,3 +64,12 @@ def smollm2_setup(gguf=None, eval_windows: int = 32, calib_tokens: int = 8192):
     fit, heldout = split_articles()
     windows = token_windows(tok, heldout, 512, eval_windows)
     return dense, tok, fit, windows, text_batches(tok, calib_tokens, texts=fit)
+
+
+def torchao_weight_only(module, kind: str):
+    """``module`` with its linears quantized in place by torchao's weight-only config ``kind``: "int8"
+    (half of bf16's bytes) or "int4" with group size 128 (about a quarter); the equal-bytes dense
+    baselines for quantized factors. ImportError where torchao is not installed."""
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    quantize_(module, Int8WeightOnlyConfig() if kind == "int8" else Int4WeightOnlyConfig(group_size=128))
+    return module

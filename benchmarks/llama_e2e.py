@@ -22,7 +22,7 @@ import torch
 
 import blastfx
 from blastfx import BlastConfig
-from common import median_ms, versions
+from common import median_ms, torchao_weight_only, versions
 from rows import add_arguments, measurements, record
 
 
@@ -239,11 +239,9 @@ def stored_bytes(t) -> int:
 
 
 def torchao_model(model, kind):
-    """``model`` with every linear but the head quantized by torchao's weight-only configs: the
-    dense baseline at int8 (half of bf16's bytes) or int4 with group size 128 (about a quarter)."""
-    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
-    config = Int8WeightOnlyConfig() if kind == "int8" else Int4WeightOnlyConfig(group_size=128)
-    quantize_(model.model, config)
+    """``model`` with every linear but the head quantized by torchao's weight-only configs
+    (:func:`common.torchao_weight_only`)."""
+    torchao_weight_only(model.model, kind)
     return model
 
 

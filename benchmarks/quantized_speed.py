@@ -22,7 +22,7 @@ from blastfx.structures.blast.layout import BlastShape
 from blastfx.structures.blast.ops import blast_matmul
 from blastfx.structures.blast.quant import formats
 from blastfx.structures.blast.quant.ops import blast_matmul_quantized
-from common import copies_for, graph_ms, versions
+from common import copies_for, graph_ms, torchao_weight_only, versions
 from layer_speed import SHAPES, rank_at
 from rows import add_arguments, measurements, record
 
@@ -81,7 +81,7 @@ def torchao_int8_metrics(x, dense, t_dense, t_q, name) -> list:
     """torchao's int8 weight-only dense layer on the same weights (copies enough to stream from HBM),
     or nothing where torchao is not installed."""
     try:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        import torchao  # noqa: F401
     except ImportError:
         print("  (torchao not installed: its int8 weight-only baseline is left out)", flush=True)
         return []
@@ -90,8 +90,7 @@ def torchao_int8_metrics(x, dense, t_dense, t_q, name) -> list:
     for w in dense[:copies_for(m * n)]:
         lin = torch.nn.Linear(n, m, bias=False, device=w.device, dtype=w.dtype)
         lin.weight.data.copy_(w)
-        quantize_(lin, Int8WeightOnlyConfig())
-        layers.append(lin)
+        layers.append(torchao_weight_only(lin, "int8"))
     t_ao = graph_ms(lambda k: layers[k % len(layers)](x), len(layers))
     print(f"  torchao int8 weight-only: {t_ao:.4f} ms ({t_dense / t_ao:.2f}x dense; {name} BLAST {t_ao / t_q:.2f}x it)",
           flush=True)

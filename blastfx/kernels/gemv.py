@@ -48,13 +48,14 @@ import triton
 import triton.language as tl
 
 from ..structures.blast.layout import BlastShape
+from ..structures.blast.quant import formats as factor_formats
 from .decode import _index, _prefetch_l2, _prefetch_u, _sm_limits, gdc_launch_dependents, gdc_wait, \
     launch_persistent, pdl_supported
 from .state import allocate_state
 
 MAX_T = 4                   # FMA accumulators hold T x tile values per thread; past this, tensor cores win
-CODE_BITS = {torch.int8: 8, torch.uint8: 4}     # the code dtypes the kernel reads: int8, packed int4
-CODE_DTYPES = tuple(CODE_BITS)
+# the factor formats whose codes the kernel reads (QUANT = their bits): int8, packed int4
+CODE_DTYPES = tuple(factor_formats.get(name).storage for name in ("int8", "int4"))
 _WORKSPACES: dict = {}      # per device: (generation + barrier counters, two halves of w)
 
 
@@ -414,13 +415,14 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
     quant = U_scale is not None
     if quant != (V_scale is not None):
         raise ValueError("blast_gemv takes U_scale and V_scale together (quantized factors) or neither")
-    bits = 0
+    bits, pack = 0, 1
     if quant:
-        if U.dtype != V.dtype or U.dtype not in CODE_BITS:
+        if U.dtype != V.dtype or U.dtype not in CODE_DTYPES:
             raise ValueError(f"the GEMV kernel reads quantized factors as int8 or packed int4 (uint8) codes, "
                              f"got U.dtype={U.dtype}, V.dtype={V.dtype}")
-        bits = CODE_BITS[U.dtype]
-        stored = -(-shape.rank // 2) if bits == 4 else shape.rank
+        fmt = factor_formats.of_storage(U.dtype)
+        bits, pack = fmt.bits, fmt.per_element
+        stored = fmt.stored_length(shape.rank)
         if U.shape[-1] != stored or V.shape[-1] != stored:
             raise ValueError(f"codes of U {tuple(U.shape)} and V {tuple(V.shape)} do not hold rank {shape.rank}: "
                              f"their last dimension must be {stored}")
@@ -429,7 +431,6 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
     if T > MAX_T:
         raise ValueError(f"the GEMV decode kernel takes at most {MAX_T} tokens, got T={T}")
     mode, flags = _launch_flags(cfg, interpret, x2.device, U.element_size())
-    pack = 2 if bits == 4 else 1
     if pack > 1:                    # a packed V tile is BR / 2 bytes wide: at least one prefetch address a row
         flags["LINE"] = min(flags["LINE"], cfg["BR"] // pack)
     if only_stage is not None and mode == "persistent":

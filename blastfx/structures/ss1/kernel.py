@@ -90,6 +90,9 @@ def kernel_config(T: int, block_n: int, block_k: int = 32, interpret: bool = INT
     return {"BM": 64, "BN": min(64, block_n), "KB": max(block_k, 64), "num_warps": 4, "num_stages": 3}
 
 
+DENSE = {"path": "dense"}      # the config that expands the shared weight and runs one cuBLAS GEMM
+
+
 def candidates(T: int, block_n: int, block_k: int) -> list[dict]:
     """Configs the autotuner times for T tokens. Decode: narrow output tiles for enough programs, K
     steps of 128-256 shared columns for enough bytes in flight; prefill: larger M tiles. Every list
@@ -112,9 +115,6 @@ def candidates(T: int, block_n: int, block_k: int) -> list[dict]:
         if c not in out:
             out.append(c)
     return out + [DENSE] if T <= DECODE_MAX_T else [DENSE] + out
-
-
-DENSE = {"path": "dense"}
 
 
 def _launch(x2, weight, shifts, bias, y, reduction, block_k, block_n, cfg):
@@ -163,7 +163,7 @@ def ss1_matmul_triton(x: torch.Tensor, weight: torch.Tensor, shifts: torch.Tenso
     y = torch.empty(T, out_features, device=x.device, dtype=x.dtype)
     if T == 0:
         return y.reshape(*lead, out_features)
-    if config is not None or INTERPRET or x.device.type != "cuda":
+    if config is not None or INTERPRET:
         cfg = {**(DENSE if (config or {}).get("path") == "dense" else kernel_config(T, block_n, block_k)),
                **(config or {})}
     else:
