@@ -114,7 +114,12 @@ def _methods(config: BlastConfig, plan: Plan | None, names) -> set:
     if plan is not None:
         return {build.method_of(lp, options) for lp in plan.layers.values()}
     return {build.method_for(structures.get(kind), config.override_for(n).method, config.method)
-            for n in names for s in (config.structure_for(n),) for kind in (("blast", "ss1") if s == "auto" else (s,))}
+            for n in names for kind in _candidate_structures(config.structure_for(n))}
+
+
+def _candidate_structures(structure: str) -> tuple[str, ...]:
+    """The structures a layer planned with ``structure`` may become ("auto": BLAST or SS1)."""
+    return ("blast", "ss1") if structure == "auto" else (structure,)
 
 
 def _check_methods_take_calibration(methods, batches) -> None:

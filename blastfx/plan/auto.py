@@ -6,10 +6,11 @@ The choice is made between whole plans, each within the budget:
 * ``"blast"``: the plan ``structure="blast"`` makes (the resolved strategy's allocation);
 * ``"per layer"``: that plan with each BLAST layer made SS1 where SS1's measured output error at no
   more than the layer's allotted parameters is below BLAST's measured output error at them (a
-  factorization at the planned rank, fitted as the builder fits it, :func:`blastfx.statistics.structure_errors.blast_errors`); the
-  parameters an SS1 layer frees go back to the ranks of the layers still BLAST. Each layer keeps the
-  allotment the strategy gave it, so this plan is the BLAST plan with some layers swapped for
-  something measured better at their size;
+  factorization at the planned rank, fitted as the builder fits it,
+  :func:`blastfx.statistics.structure_errors.blast_errors`); the parameters an SS1 layer frees go
+  back to the ranks of the layers still BLAST. Each layer keeps the allotment the strategy gave it,
+  so this plan is the BLAST plan with some layers swapped for something measured better at their
+  size;
 * ``"ss1"``: the plan ``structure="ss1"`` makes;
 * ``"mixed"``, under the measured strategies ("error", "loss") only: one allocation over both
   families' error curves (:func:`blastfx.plan.choice.choose_structures`), which can move parameters
@@ -92,9 +93,12 @@ def per_layer(blast: Plan, adjustable: list[str], target: int, config, blast_err
             continue
         fits = [(e, -r) for r, e in ss1_errors.get(k, ({}, 0.0))[0].items()
                 if ss1_params(lp.out_features, lp.in_features, r) <= lp.params]
-        if fits and min(fits)[0] < blast_error(k, lp, blast_errors, spectra):
+        if not fits:
+            continue
+        error, least = min(fits)                # the least error, ties to the larger reduction
+        if error < blast_error(k, lp, blast_errors, spectra):
             plan.layers[k] = LayerPlan(lp.out_features, lp.in_features, None, None, kind=lp.kind, bias=lp.bias,
-                                       structure="ss1", reduction=-min(fits)[1])
+                                       structure="ss1", reduction=-least)
     still_blast = [k for k in adjustable if k in plan.layers and plan.layers[k].structure == DEFAULT_STRUCTURE]
     if still_blast:
         _balance(plan, still_blast, target, config.rank_multiple)

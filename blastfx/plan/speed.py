@@ -11,8 +11,9 @@ what would fall below it.
 
 The model is ``t = stages * fixed + bytes / bandwidth``, fitted by least squares to measured
 (stages, bytes, time) points, with its own constants for SS1 layers where it has SS1 points (one
-GEMM over the shared weight, but a kernel that streams it at a different rate than BLAST's): :meth:`LatencyModel.measure` times the library's own kernels on the
-current GPU, and :data:`PRESETS` holds fits to measurements published in ``benchmarks/results``.
+GEMM over the shared weight, but a kernel that streams it at a different rate than BLAST's):
+:meth:`LatencyModel.measure` times the library's own kernels on the current GPU, and
+:data:`PRESETS` holds fits to measurements published in ``benchmarks/results``.
 """
 from __future__ import annotations
 
@@ -83,8 +84,8 @@ class LatencyModel:
     @classmethod
     def measure(cls, device=None, dtype=torch.bfloat16, reps: int = 20) -> "LatencyModel":
         """Fit to this GPU: dense GEMVs, BLAST layers (b = 4) and SS1 layers (reduction 2) at half
-        their parameters, sizes of 2048x2048 to 11008x4096, timed at T = 1 as CUDA-graph replays over weight copies rotated out
-        of L2, through the same autotuned kernels a compiled model runs."""
+        their parameters, sizes of 2048x2048 to 11008x4096, timed at T = 1 as CUDA-graph replays over
+        weight copies rotated out of L2, through the same autotuned kernels a compiled model runs."""
         from ..kernels import autotune
         from ..structures.blast.layout import BlastShape
         from ..structures.blast.ops import blast_matmul

@@ -75,13 +75,17 @@ def blast_errors(model: nn.Module, plan, config, stats: dict[str, LayerStats] | 
                 if C is None:
                     raise
                 raise singular_covariance_error(part, covariances, config.calibration_damping) from err
-            D, Wd = W.double() - f.to_dense().double(), W.double()
+            Wd = W.double()
+            D = Wd - f.to_dense().double()
             for i, k in enumerate(part):
                 Cd = None if C is None else damped(C[i], config.calibration_damping)
-                rows = (D[i] * D[i]).sum(1) if Cd is None else ((D[i] @ Cd) * D[i]).sum(1)
-                energy = (Wd[i] * Wd[i]).sum(1) if Cd is None else ((Wd[i] @ Cd) * Wd[i]).sum(1)
-                if F is not None:
-                    w = F[i].double().clamp_min(0)
-                    rows, energy = rows * w, energy * w
-                out[k] = ({rank: float(rows.sum())}, float(energy.sum()))
+                w = None if F is None else F[i].double().clamp_min(0)
+                out[k] = ({rank: _output_energy(D[i], Cd, w)}, _output_energy(Wd[i], Cd, w))
     return out
+
+
+def _output_energy(x: torch.Tensor, c: torch.Tensor | None, f: torch.Tensor | None) -> float:
+    """``sum_n f_n (x C x^T)_nn`` for a float64 (out, in) ``x``: the module docstring's units (``C`` the
+    identity and ``f`` ones where None)."""
+    rows = (x * x).sum(1) if c is None else ((x @ c) * x).sum(1)
+    return float(rows.sum() if f is None else (rows * f).sum())

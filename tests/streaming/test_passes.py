@@ -57,10 +57,9 @@ def test_one_block_resident_at_every_layer_call_and_everything_home_after():
     with StreamedPasses(model, "cpu"):
         out = model(x)
     assert torch.equal(out, expected)
-    calls = seen
-    assert len(calls) == 1 + 2 * 3 + 1                 # embed, two layers per block, head
-    assert all(rest for _, _, rest in calls)           # embed and head resident for the whole pass
-    for module, resident, _ in calls:
+    assert len(seen) == 1 + 2 * 3 + 1                  # embed, two layers per block, head
+    assert all(rest for _, _, rest in seen)            # embed and head resident for the whole pass
+    for module, resident, _ in seen:
         owner = [k for k, b in enumerate(model.blocks) if any(module is m for m in b.modules())]
         assert resident == owner                       # the block being called, and no other
     assert _homes(model) == homes
