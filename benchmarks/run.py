@@ -76,6 +76,14 @@ REGISTRY: dict[str, Benchmark] = {
         "One decode-sized BLAST call (budget 0.5) split into its stages: stage 1 streams V, stage 2 streams U; "
         "each bandwidth is the factor bytes over the stage's time, beside a dense GEMV's on the same GPU. "
         "The block rows call the seven linears of Llama-2-7B blocks in a row (weights from HBM)."),
+    "compress_speed": Benchmark(
+        "compress_speed.py", "Compress time and memory: Llama shapes",
+        "wall time per pipeline stage and peak GPU memory of compress, resident or streamed from the CPU",
+        "yes", "3 min (4 blocks of the 7B shape)",
+        "`blastfx.compress` at budget 0.5 on a Llama-shaped model (random weights, bf16) with a few of its decoder "
+        "blocks: wall time per pipeline stage (`blastfx.stage_times`), seconds per block and the full model's time "
+        "scaled by its block count, peak GPU memory beyond the weights on the GPU (streamed: the model stays on "
+        "the CPU), and the final hidden states' relative error on held-out tokens, to compare recipes at equal error."),
     "llama_e2e": Benchmark(
         "llama_e2e.py", "End to end: Llama-2-7B shape",
         "decode tok/s, prefill and training-step time of a Llama-2-7B-shaped model, dense vs blastfx 0.5",

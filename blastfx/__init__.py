@@ -11,6 +11,7 @@ from .structures.blast.ops import blast_matmul, blast_matmul_reference, blast_to
 from .analyze import Analysis, analyze
 from .io import from_pretrained, load, save
 from .dense import to_dense
+from .timing import StageTimes, stage_times
 from . import integrations as _integrations
 from .plan import LayerPlan, Plan
 from .llm.recovery import FinetuneState, finetune, teacher_generate
@@ -32,6 +33,6 @@ _register_backend()
 _integrations.install()      # transformers, peft, diffusers: each registered when (if) it is imported
 
 __all__ = ["Analysis", "BlastConfig", "BudgetWarning", "WeightOnlyWarning", "BlastFactors", "BlastLinear", "BlastShape", "FinetuneState", "LayerOverride",
-           "LayerPlan", "Plan", "analyze", "blast_matmul", "blast_matmul_reference", "blast_to_dense", "compress",
-           "factorize", "finetune", "from_pretrained", "load", "plan_for", "save", "teacher_generate", "to_dense",
+           "LayerPlan", "Plan", "StageTimes", "analyze", "blast_matmul", "blast_matmul_reference", "blast_to_dense", "compress",
+           "factorize", "finetune", "from_pretrained", "load", "plan_for", "save", "stage_times", "teacher_generate", "to_dense",
            "__version__"]

@@ -17,6 +17,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..timing import stage
+
 
 def concrete_device(device) -> torch.device:
     """``device`` with its index filled in ("cuda" -> "cuda:0", the current one), as tensors report it:
@@ -67,10 +69,11 @@ class Residency:
         self.homes = {}
         self.resident = True
         try:
-            for _, _, _, tensor in module_tensors(self.modules, self.skip):
-                home = tensor.data
-                tensor.data = home.to(self.device, copy=True)
-                self.homes[id(tensor)] = (tensor, home, tensor._version)
+            with stage("residency"):
+                for _, _, _, tensor in module_tensors(self.modules, self.skip):
+                    home = tensor.data
+                    tensor.data = home.to(self.device, copy=True)
+                    self.homes[id(tensor)] = (tensor, home, tensor._version)
         except BaseException:
             self.leave()
             raise
@@ -87,6 +90,11 @@ class Residency:
         if not self.resident:
             return
         self.resident = False
+        with stage("residency"):
+            self._send_home()
+        self.homes = {}
+
+    def _send_home(self) -> None:
         home_device = next((home.device for _, home, _ in self.homes.values()), None)
         for tensor, home, version in self.homes.values():
             if tensor._version == version:
@@ -99,7 +107,6 @@ class Residency:
             for _, _, _, tensor in module_tensors(self.modules, self.skip):
                 if id(tensor) not in self.homes and tensor.device != home_device:
                     tensor.data = tensor.data.to(home_device)
-        self.homes = {}
 
     def __enter__(self) -> "Residency":
         return self.enter()

@@ -1,0 +1,117 @@
+"""Compress time and GPU memory of a Llama-shaped model, per pipeline stage, resident or streamed.
+
+    python benchmarks/compress_speed.py                                   # Llama-2-7B shape, 4 blocks
+    python benchmarks/compress_speed.py --model llama2-13b --layers 4 --stream
+    python benchmarks/compress_speed.py --recipes loss --iters 100 --sequential
+    python benchmarks/compress_speed.py --model tiny --results-dir /tmp/rows      # a quick check on a CPU
+
+A ``--model``-shaped LlamaForCausalLM (random weights, bf16) with ``--layers`` of its decoder
+blocks is compressed at ``--budget`` with each ``--recipes`` entry: ``weight`` (no calibration) or
+``loss`` (``--calib-tokens`` random tokens, the loss-aware objective and allocation that token ids
+select). ``--stream`` keeps the model on the CPU and streams it through the GPU one block at a
+time (``compute_device="cuda"``, sequential calibration). Rows: wall time per stage
+(:func:`blastfx.stage_times`), the total, seconds per block and the whole model's time scaled by its
+block count, peak GPU memory beyond the model's weights on the GPU and one block's weight bytes
+(the streaming bound; memory on CUDA only), and the relative error of the final hidden states on held-out tokens, so
+that a faster recipe can be compared at equal error.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import torch
+
+import blastfx
+from blastfx import BlastConfig
+from llama_e2e import SHAPES as E2E_SHAPES, build
+from rows import add_arguments, measurements, record
+
+SHAPES = {**E2E_SHAPES, "llama2-13b": dict(hidden=5120, inter=13824, heads=40, kv_heads=40, vocab=32000),
+          "tiny": dict(hidden=256, inter=512, heads=4, kv_heads=4, vocab=1000)}     # tiny: a quick check anywhere
+BLOCKS = {"llama2-7b": 32, "llama3-8b": 32, "llama2-13b": 40, "tiny": 4}     # decoder blocks of the full model
+CUDA = torch.cuda.is_available()
+GIB = 2 ** 30
+
+
+def weight_bytes(module: torch.nn.Module, device_type: str | None = None) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters()
+               if device_type is None or p.device.type == device_type)
+
+
+def final_hidden(model, ids) -> torch.Tensor:
+    """The last decoder block's normed output on ``ids``, in fp32 on the CPU."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return model.model(input_ids=ids.to(device)).last_hidden_state.float().cpu()
+
+
+def run(args, recipe: str):
+    dims = SHAPES[args.model]
+    torch.manual_seed(0)
+    model = build(args.layers, **dims)
+    if args.stream:
+        model = model.to("cpu")
+    torch.cuda.empty_cache()
+    rows = max(1, args.calib_tokens // args.seq)
+    calibration = torch.randint(0, dims["vocab"], (rows, args.seq)) if recipe == "loss" else None
+    held_out = torch.randint(0, dims["vocab"], (1, args.seq), generator=torch.Generator().manual_seed(1))
+    reference = final_hidden(model, held_out)
+    config = BlastConfig(progress=False, iters=args.iters, sequential=args.sequential or args.stream,
+                         compute_device="cuda" if args.stream else None)
+    on_gpu = weight_bytes(model, "cuda")
+    block = weight_bytes(model.model.layers[0])
+    if CUDA:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    with blastfx.stage_times() as times, warnings.catch_warnings():
+        warnings.simplefilter("ignore", blastfx.WeightOnlyWarning)      # the weight recipe is weight-only on purpose
+        blastfx.compress(model, args.budget, calibration=calibration, config=config)
+    seconds = time.perf_counter() - start         # stage_times waits for the GPU at each stage's end
+    peak = torch.cuda.max_memory_allocated() if CUDA else 0
+    error = ((final_hidden(model, held_out) - reference).norm() / reference.norm()).item()
+    full = BLOCKS[args.model]
+    print(f"{args.model} x{args.layers} {recipe}{' streamed' if args.stream else ''}: {seconds:.1f} s "
+          f"({seconds / args.layers:.1f} s/block, ~{seconds * full / args.layers / 60:.1f} min for {full} blocks), "
+          + (f"peak GPU memory {peak / GIB:.1f} GiB (model {on_gpu / GIB:.1f} GiB), " if CUDA else "")
+          + f"one block {block / GIB:.2f} GiB, hidden-state error {error:.4f}\n  {times}", flush=True)
+    metrics = [("total time", round(seconds, 2), "s"), ("time per block", round(seconds / args.layers, 2), "s"),
+               (f"{full}-block model time (scaled)", round(seconds * full / args.layers / 60, 2), "min"),
+               ("one block's weights", round(block / GIB, 3), "GiB"), ("hidden-state rel error", round(error, 5), "")]
+    if CUDA:
+        metrics += [("peak GPU memory", round(peak / GIB, 2), "GiB"),
+                    ("peak GPU memory beyond the model", round((peak - on_gpu) / GIB, 2), "GiB")]
+    metrics += [(f"stage {path}", round(s, 2), "s") for path, s in times.seconds.items()]
+    mode = "streamed" if args.stream else ("sequential" if args.sequential else "resident")
+    record("compress_speed", measurements(
+        f"{args.model} {args.layers} blocks {recipe} {mode}",
+        {"model": args.model, "layers": args.layers, "recipe": recipe, "mode": mode, "budget": args.budget,
+         "iters": args.iters, "calib_tokens": rows * args.seq if calibration is not None else 0},
+        metrics), directory=args.results_dir)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=sorted(SHAPES), default="llama2-7b")
+    ap.add_argument("--layers", type=int, default=4, help="decoder blocks built (the full model's time is scaled)")
+    ap.add_argument("--recipes", nargs="+", choices=("weight", "loss"), default=["weight", "loss"])
+    ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--iters", type=int, default=None, help="ALS iterations (default: the method's)")
+    ap.add_argument("--calib-tokens", type=int, default=8192)
+    ap.add_argument("--seq", type=int, default=512, help="tokens per calibration row")
+    ap.add_argument("--sequential", action="store_true", help="sequential calibration (block by block)")
+    ap.add_argument("--stream", action="store_true", help="model on the CPU, streamed through the GPU")
+    add_arguments(ap)
+    args = ap.parse_args()
+    if args.stream and not CUDA:
+        ap.error("--stream streams the model through a GPU: it needs CUDA")
+    if args.stream and "weight" in args.recipes:
+        ap.error("--stream walks the model through sequential calibration, which needs --recipes loss")
+    for recipe in args.recipes:
+        run(args, recipe)
+
+
+if __name__ == "__main__":
+    main()
