@@ -2,6 +2,7 @@
 
     python benchmarks/llama_e2e.py [--model llama3-8b] [--layers 32] [--batch 1 8] [--only decode generate]
     python benchmarks/llama_e2e.py --only decode --factor-dtype int8 --torchao int8 int4   # equal-bytes baselines
+    python benchmarks/llama_e2e.py --only decode --profile   # + kernel time per category of one decode step
 
 Greedy decode of 256 tokens with CUDA graphs (torch.compile mode="reduce-overhead"), dense under
 inductor vs blastfx under backend="blast", at each ``--batch``: a gpt-fast-style loop (``decode``)
@@ -11,11 +12,14 @@ show (``generate``); prefill of 2048 tokens; one training step (forward + backwa
 quarter of dense's bytes at 0.5) and ``--torchao int8 int4`` torchao's weight-only quantized dense
 models (``quantize_``, compiled by inductor), each against the same dense run. ``--ss1`` adds the
 model compressed with ``structure="ss1"`` (the weight-only projection, one GEMM per layer).
+``--profile`` (CUDA), after every timed row: each model's decode step compiled afresh and replayed
+under ``torch.profiler``, its kernel time per :func:`kernel_category` (µs per step) and kernel count.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import re
 import time
 
 import torch
@@ -27,6 +31,21 @@ from rows import add_arguments, measurements, record
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# blastfx's launched Triton kernels (its @triton.jit functions named *_kernel; a test checks the sources)
+BLAST_KERNELS = frozenset({"_gemv_decode_kernel", "_gemv_group_kernel", "_blast_decode_kernel", "_xv_mix_kernel",
+                           "_wu_kernel", "_mix_kernel", "_grad_mix_stream_kernel", "_ss1_kernel"})
+CATEGORIES = ("blast", "gemm", "attention", "other")        # kernel_category's answers
+KERNEL_MARKS = (("other", ("triton_poi_", "triton_red_", "triton_per_")),   # Inductor's, named after their ops
+                ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
+                ("gemm", ("gemm", "gemv", "cublas", "cutlass", "nvjet", "xmma", "splitkreduce")))
+
+
+def kernel_category(name: str) -> str:
+    """A GPU kernel's category by its name: "blast" (blastfx's Triton kernels), then the first of
+    ``KERNEL_MARKS`` whose marks the lower-cased name contains, else "other" (norms, copies, the rest)."""
+    if BLAST_KERNELS.intersection(re.findall(r"\w+", name)):
+        return "blast"
+    return next((cat for cat, marks in KERNEL_MARKS if any(m in name.lower() for m in marks)), "other")
 
 
 SHAPES = {   # the published configurations' shapes (random weights)
@@ -55,7 +74,7 @@ class Decoder:
 
     def __init__(self, model, backend, prompt, new_tokens, batch=1):
         from transformers import StaticCache
-        self.model, self.prompt, self.new_tokens, self.batch = model, prompt, new_tokens, batch
+        self.model, self.backend, self.prompt, self.new_tokens, self.batch = model, backend, prompt, new_tokens, batch
         self.cache = StaticCache(config=model.config, max_cache_len=prompt + new_tokens)
         self.ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=DEVICE)
         self.positions = torch.arange(prompt + new_tokens, device=DEVICE)
@@ -93,6 +112,51 @@ class Decoder:
         assert out.shape == (self.batch, self.new_tokens)
         print(f"  tokens equal in two replays: {(out == replayed).float().mean().item():.3f}", flush=True)
         return self.batch * self.new_tokens / dt
+
+    @torch.no_grad()
+    def kernel_profile(self, steps=16):
+        """(µs per step by category and "total", kernels per step, how it ran) over ``steps`` decode
+        steps replayed from the CUDA graph, or, where kineto records no kernels inside graph replays
+        (fewer than two per layer), from the same step compiled without CUDA graphs."""
+        if not 0 < steps <= self.new_tokens - 3:                # the cache holds a prefill, 2 + steps steps
+            raise ValueError(f"steps={steps}: profile 1 to new_tokens - 3 = {self.new_tokens - 3} steps")
+        self.generate(compiled=False)                           # as tokens_per_s: tune, compile, record
+        self.generate()
+
+        def replay(tok, pos):                                   # as generate's compiled steps
+            torch.compiler.cudagraph_mark_step_begin()
+            return self.compiled(tok, pos).clone()
+        events, how = self._kernels(replay, steps), "CUDA-graph replays"
+        if len(events) < steps * (2 * self.model.config.num_hidden_layers + 4):
+            torch._dynamo.reset()
+            plain = torch.compile(self.step, backend=self.backend, dynamic=False)
+            events, how = self._kernels(plain, steps), "compiled step without CUDA graphs (replays unrecorded)"
+        if not events:
+            raise RuntimeError("the profiler recorded no CUDA kernels")
+        times = dict.fromkeys((*CATEGORIES, "total"), 0.0)
+        for name, us in events:
+            times[kernel_category(name)] += us / steps
+            times["total"] += us / steps
+        return times, len(events) / steps, how
+
+    def _kernels(self, step, steps):
+        """(name, µs) of every GPU kernel and copy that ``steps`` calls of ``step`` ran: after an eager
+        prefill (the cache writes at its own count of tokens, which generate leaves at the end) and two
+        steps outside the profiler (a compile, for a step not yet run)."""
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+        self.cache.reset()
+        tok = self.step(self.ids, self.positions[:self.prompt])
+        window = [self.positions[k:k + 1] for k in range(self.prompt, self.prompt + steps + 2)]
+        for pos in window[:2]:
+            tok = step(tok, pos)
+        sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for pos in window[2:]:
+                tok = step(tok, pos)
+            sync()
+        return [(e.name, e.time_range.elapsed_us()) for e in prof.events()    # not the GPU-side annotation ranges
+                if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
 
 
 @torch.no_grad()
@@ -170,6 +234,8 @@ def main():
     ap.add_argument("--no-blast", action="store_true", help="leave out the BLAST model (e.g. SS1 or torchao rows only)")
     ap.add_argument("--torchao", nargs="*", default=[], choices=("int8", "int4"),
                     help="also torchao weight-only quantized dense models")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed rows, each model's decode-step kernel time by category (CUDA only)")
     ap.add_argument("--only", nargs="+", choices=("train", "eager-prefill", "decode", "generate", "prefill"),
                     default=("train", "eager-prefill", "decode", "generate", "prefill"), help="which measurements to run")
     add_arguments(ap)
@@ -228,6 +294,30 @@ def main():
         for n in others:
             metrics += [(n, round(vals[n], 3), unit), (f"{n} vs dense", round(ratios[n], 3), "x")]
         record("llama_e2e", measurements(case, config, metrics), directory=args.results_dir)
+    if args.profile and "decode" in args.only:
+        profile_decode(args, models, config)
+
+
+def profile_decode(args, models, config, steps=16):
+    """One row per model and category: µs of kernel time per decode step (per token at batch 1), and
+    kernels per step. Each model is compiled afresh after every timed row: the profiler cannot touch them."""
+    if DEVICE != "cuda":
+        print("--profile: the kernel breakdown needs CUDA; skipped", flush=True)
+        return
+    steps = min(steps, args.new_tokens - 3)                     # the cache holds the prompt and new_tokens
+    for bs in args.batch:
+        label = "decode %d tokens at batch %d, CUDA graphs: kernels per step" % (args.new_tokens, bs)
+        case = label if args.model == "llama2-7b" else f"{args.model}: {label}"
+        rows = []
+        for name, (model, backend) in models.items():
+            torch._dynamo.reset()
+            times, launches, how = Decoder(model, backend, args.prompt, args.new_tokens, bs).kernel_profile(steps)
+            print(f"{label}, {name}: " + ", ".join(f"{c} {t:.0f} µs" for c, t in times.items())
+                  + f", {launches:.0f} kernels ({how})", flush=True)
+            rows += measurements(case, {**config, "profiled": how, "steps": steps},
+                                 [(f"{name} {c} kernel time", round(t, 2), "µs") for c, t in times.items()]
+                                 + [(f"{name} kernel launches", round(launches, 1), "")])
+        record("llama_e2e", rows, directory=args.results_dir)
 
 
 def stored_bytes(t) -> int:

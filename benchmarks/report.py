@@ -136,6 +136,23 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def metric_groups(rows: list[dict]) -> list[list[dict]]:
+    """``rows`` split into the groups of cases that share no metric with another group (a kernel
+    breakdown beside speed ratios), in row order: one table each, so no case widens the others'."""
+    parent: dict = {}
+
+    def root(x):
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+    for r in rows:
+        parent[root(("case", r["case"]))] = root(("metric", r["metric"], r["unit"]))
+    groups: "OrderedDict[object, list[dict]]" = OrderedDict()
+    for r in rows:
+        groups.setdefault(root(("case", r["case"])), []).append(r)
+    return list(groups.values())
+
+
 def section(name: str, rows: list[dict], plots: list[str]) -> str:
     bench = REGISTRY.get(name)
     parts = [f"## {bench.title if bench else name} (`{name}`)", ""]
@@ -149,7 +166,8 @@ def section(name: str, rows: list[dict], plots: list[str]) -> str:
         devices.setdefault(r["device"], []).append(r)
     newest = lambda group: max(parse_date(r["date"]) for r in group)          # noqa: E731
     for group in sorted(devices.values(), key=newest, reverse=True):
-        parts += [table(group), ""]
+        for part in metric_groups(group):
+            parts += [table(part), ""]
     return "\n".join(parts)
 
 

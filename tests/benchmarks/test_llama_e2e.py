@@ -1,0 +1,82 @@
+"""benchmarks/llama_e2e.py: --profile's kernel categories and the rows it records per model."""
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+import llama_e2e  # noqa: E402
+import rows  # noqa: E402
+
+
+def test_blast_kernels_are_blastfx_launched_triton_kernels():
+    sources = (BENCH.parent / "blastfx").rglob("*.py")
+    jitted = {name for path in sources
+              for name in re.findall(r"@triton\.jit[^\n]*\n\s*def\s+(\w+)", path.read_text(encoding="utf-8"))}
+    assert llama_e2e.BLAST_KERNELS == {name for name in jitted if name.endswith("_kernel")}
+
+
+@pytest.mark.parametrize("name, category", [
+    ("_gemv_decode_kernel", "blast"),
+    ("_gemv_group_kernel", "blast"),
+    ("_mix_kernel", "blast"),
+    ("_ss1_kernel", "blast"),
+    ("my_mix_kernel", "other"),                                     # a blast name inside another name is not one
+    ("nvjet_tst_64x8_64x16_4x1_v_bz_splitK_TNT", "gemm"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_cublas", "gemm"),
+    ("void gemv2T_kernel_val<int, int, __nv_bfloat16, __nv_bfloat16, float, 128, 16, 4, 4, false>(...)", "gemm"),
+    ("void splitKreduce_kernel<32, 16, int, float, __nv_bfloat16, float, true>(...)", "gemm"),
+    ("void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>(...)", "gemm"),
+    ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>::Params)", "attention"),
+    ("void pytorch_flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<128, 64, 128, 4>>(...)", "attention"),
+    ("triton_poi_fused__scaled_dot_product_efficient_attention_0", "other"),   # Inductor's, named after its ops
+    ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_1", "other"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>(...)", "other"),
+    ("Memcpy DtoD (Device -> Device)", "other"),
+])
+def test_kernel_category(name, category):
+    assert llama_e2e.kernel_category(name) == category
+    assert category in llama_e2e.CATEGORIES
+
+
+def test_profile_rows_per_model_and_category(tmp_path, monkeypatch):
+    class Decoder:
+        def __init__(self, model, backend, prompt, new_tokens, batch):
+            self.model = model
+
+        def kernel_profile(self, steps):
+            times = {"blast": 0.0, "gemm": 3000.0, "attention": 200.0, "other": 800.0}
+            times = {c: t / self.model for c, t in times.items()}
+            return {**times, "total": sum(times.values())}, 900.0 / self.model, "CUDA-graph replays"
+
+    monkeypatch.setattr(llama_e2e, "DEVICE", "cuda")
+    monkeypatch.setattr(llama_e2e, "Decoder", Decoder)
+    args = argparse.Namespace(batch=[1], model="llama2-7b", prompt=16, new_tokens=256, results_dir=str(tmp_path))
+    llama_e2e.profile_decode(args, {"dense": (1, "inductor"), "blastfx": (2, "blast")}, {"layers": 32})
+    got = {(r["case"], r["metric"]): (float(r["value"]), r["unit"]) for r in rows.read(tmp_path / "llama_e2e.csv")}
+    case = "decode 256 tokens at batch 1, CUDA graphs: kernels per step"
+    assert got[(case, "dense gemm kernel time")] == (3000.0, "µs")
+    assert got[(case, "blastfx total kernel time")] == (2000.0, "µs")
+    assert got[(case, "blastfx kernel launches")] == (450.0, "")
+    assert len(got) == 2 * (len(llama_e2e.CATEGORIES) + 2)
+
+
+def test_profile_is_skipped_without_cuda(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(llama_e2e, "DEVICE", "cpu")
+    args = argparse.Namespace(batch=[1], model="llama2-7b", prompt=16, new_tokens=256, results_dir=str(tmp_path))
+    llama_e2e.profile_decode(args, {}, {})
+    assert "needs CUDA" in capsys.readouterr().out
+    assert not (tmp_path / "llama_e2e.csv").exists()
+
+
+def test_kernel_rows_get_a_table_of_their_own():
+    import report
+    row = lambda case, metric: dict(case=case, metric=metric, unit="")     # noqa: E731
+    decode = [row("decode", "dense"), row("decode", "blastfx vs dense"), row("prefill", "blastfx vs dense")]
+    kernels = [row("decode: kernels", "dense gemm kernel time"), row("decode: kernels", "dense kernel launches")]
+    assert report.metric_groups(decode[:2] + kernels + decode[2:]) == [decode, kernels]
