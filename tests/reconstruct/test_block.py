@@ -160,3 +160,57 @@ def test_mismatched_targets_are_refused():
     block, inputs, targets = problem()
     with pytest.raises(ValueError, match="one target per input batch, got 4 inputs and 3 targets"):
         reconstruct_block(block, inputs, targets[:3], call, ReconstructOptions(steps=1))
+
+
+def bf16_problem():
+    block, inputs, targets = problem()
+    return block.to(torch.bfloat16), [x.bfloat16() for x in inputs], [t.bfloat16() for t in targets]
+
+
+def test_products_in_fp32_on_a_slow_cpu_gemm_give_the_dtype_own_values(monkeypatch):
+    """Where bf16 has no fast CPU GEMM, the block's dense layers (and matmuls) run their products in fp32 and
+    round back: the same outputs and gradients as bf16 products, up to fp32 summation order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from blastfx.reconstruct.block import _fast_products
+    from blastfx.structures.blast import ops
+
+    block, inputs, _ = bf16_problem()
+
+    class ProductDtypes(TorchDispatchMode):
+        """The dtypes the dense layer's and the matmul's aten products see."""
+        def __init__(self):
+            super().__init__()
+            self.dtypes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+                self.dtypes |= {a.dtype for a in args if isinstance(a, torch.Tensor)}
+            return func(*args, **(kwargs or {}))
+
+    def matmul_too(b, x, k):
+        return b(x) + 1e-3 * torch.matmul(x, torch.ones(30, 30, dtype=x.dtype))
+
+    def run(fast_dtypes):
+        monkeypatch.setattr(ops, "_ONEDNN_GEMM_DTYPES", frozenset(fast_dtypes))
+        with ProductDtypes() as products:
+            y = _fast_products(matmul_too, block, inputs)(block, inputs[0], 0)
+        assert products.dtypes == {torch.float32 if torch.bfloat16 not in fast_dtypes else torch.bfloat16}
+        return y, torch.autograd.grad(y.float().square().sum(), block.parameters())
+
+    y32, grads32 = run(())
+    y, grads = run((torch.bfloat16,))
+    assert y32.dtype == torch.bfloat16
+    for a, b in zip((y32, *grads32), (y, *grads)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02 * b.float().abs().max().item())
+    assert _fast_products(call, *problem()[:2]) is call           # fp32: the call as it is
+
+
+def test_bf16_reconstruction_with_fp32_products(monkeypatch):
+    from blastfx.structures.blast import ops
+
+    monkeypatch.setattr(ops, "_ONEDNN_GEMM_DTYPES", frozenset())
+    block, inputs, targets = bf16_problem()
+    result = reconstruct_block(block, inputs, targets, call, ReconstructOptions(steps=8, lr=1e-2, progress=False))
+    assert result.kept and result.error_after < result.error_before
+    assert all(p.dtype == torch.bfloat16 for p in block.parameters())

@@ -185,3 +185,28 @@ def test_hessian_vector_product_matches_dense(m, n, r, b_out, b_in, bias):
     for h, e in zip(hvp, ref):
         assert h.abs().max() > 0
         torch.testing.assert_close(h, e, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_slow_cpu_gemm_dtypes_take_their_products_in_fp32(dtype, monkeypatch):
+    """Where the CPU has no oneDNN GEMM for bf16 / fp16, the reference takes each product in fp32 and rounds it
+    back: the values of the dtype's own bmm (which accumulates in fp32 too), forward and backward, up to
+    summation order."""
+    from blastfx.structures.blast import ops
+
+    s, U, S, V = factors(48, 40, 8, 4, 2, dtype=torch.float32)
+    leaves = [t.to(dtype).requires_grad_() for t in (torch.randn(3, 7, 40), U, S, V)]
+
+    def run(fast_dtypes):
+        monkeypatch.setattr(ops, "_ONEDNN_GEMM_DTYPES", frozenset(fast_dtypes))
+        assert ops.gemm_in_fp32(leaves[0]) == (dtype not in fast_dtypes)
+        y = torch.ops.blastfx.blast_matmul(*leaves, None, None)
+        grads = torch.autograd.grad(y.float().square().sum(), leaves)
+        return y, grads
+
+    y32, grads32 = run(())
+    y, grads = run((dtype,))
+    assert y32.dtype == dtype and all(g.dtype == dtype for g in grads32)
+    for a, b in zip((y32, *grads32), (y, *grads)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02 * b.float().abs().max().item())
+    assert not ops.gemm_in_fp32(torch.ones(2, dtype=torch.float32))
