@@ -4,7 +4,8 @@ each launch mode, against dense cuBLAS and the measured streaming bandwidth of t
     python benchmarks/decode_stages.py                  # Llama-2-7B layer shapes, b = 4, T = 1
     python benchmarks/decode_stages.py --kernel decode  # the tensor-core slot kernel instead of the GEMV one
 
-Stage 1 streams V (x·V with the s-mix), stage 2 streams U (w·Uᵀ). Each launch mode of the kernel is
+Stage 1 streams V (x·V with the s-mix), stage 2 streams U (w·Uᵀ), each alone with the default tiles
+and (GEMV kernel) with narrow r-tiles (``BR=64``: fewer atomics in stage 1). Each launch mode of the kernel is
 timed (for the GEMV kernel: two launches, one persistent launch with and without the L2 prefetch of
 U, and programmatic dependent launches with and without prefetch), then the seven linears of one
 Llama-2-7B block called in a row (four blocks' worth of weights, so they stream from HBM), where
@@ -42,9 +43,12 @@ def main():
                  "persistent+prefetch": {**D, "mode": "persistent", "prefetch": 2},
                  "pdl": {**D, "mode": "pdl"}, "pdl+prefetch": {**D, "mode": "pdl", "prefetch": 1}}
         run, staged = gemv.blast_gemv, modes["two"]
+        # narrow r-tiles: fewer q-chunks fill the grid, so stage 1 issues fewer atomics
+        stage_configs = {"": staged, " BR=64": {**staged, "BQ": 64, "BR": 64}}
     else:
         modes = {c["mode"]: c for c in reversed(decode.CANDIDATES)}     # the first config of each mode
         run, staged = decode.blast_decode, {**modes["pdl"], "mode": "two"}
+        stage_configs = {"": staged}
     usable = {k: c for k, c in modes.items() if c["mode"] != "pdl" or decode.pdl_supported(torch.device(dev))}
     for text in args.shapes:
         m, n = map(int, text.split("x"))
@@ -60,9 +64,11 @@ def main():
             t_dense = graph_ms(lambda k: torch.nn.functional.linear(x, dense[k]), nd)
             stream = m * n * 2 / t_dense / 1e6                                   # GB/s
             metrics = [("dense time", t_dense, "ms"), ("dense stream bandwidth", round(stream), "GB/s")]
-            for stage, nbytes in ((1, v_bytes), (2, u_bytes)):
-                t = graph_ms(lambda k: run(x, *fac[k], None, shape, staged, only_stage=stage), len(fac))
-                metrics += [(f"stage {stage} time", t, "ms"), (f"stage {stage} bandwidth", round(nbytes / t / 1e6), "GB/s")]
+            for tiles, cfg in stage_configs.items():
+                for stage, nbytes in ((1, v_bytes), (2, u_bytes)):
+                    t = graph_ms(lambda k: run(x, *fac[k], None, shape, cfg, only_stage=stage), len(fac))
+                    metrics += [(f"stage {stage}{tiles} time", t, "ms"),
+                                (f"stage {stage}{tiles} bandwidth", round(nbytes / t / 1e6), "GB/s")]
             for mode, cfg in usable.items():
                 t = graph_ms(lambda k: run(x, *fac[k], None, shape, cfg), len(fac))
                 metrics += [(f"{mode} time", t, "ms"), (f"{mode} vs dense", round(t_dense / t, 3), "x")]

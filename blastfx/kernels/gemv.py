@@ -124,14 +124,17 @@ def _load_factor_tile(base, rows, row_ok, stride_row, stride_col, c0, R, ROWS: t
                       QUANT: tl.constexpr):
     """Columns c0 .. c0 + COLS of the given rows of a factor whose columns run along r: its own
     dtype, int8 codes, or (QUANT == 4) packed int4 codes read as COLS / 2 bytes and unpacked."""
+    # one return statement: the compiler types every return of a function, a constexpr branch's too
     if QUANT == 4:
         offs_h = c0 // 2 + tl.arange(0, COLS // 2)
         packed = tl.load(base + rows[:, None] * stride_row + offs_h[None, :] * stride_col,
                          mask=row_ok[:, None] & (offs_h < (R + 1) // 2)[None, :], other=0)
-        return _unpack_int4(packed, ROWS, COLS)
-    offs = c0 + tl.arange(0, COLS)
-    return tl.load(base + rows[:, None] * stride_row + offs[None, :] * stride_col,
-                   mask=row_ok[:, None] & (offs < R)[None, :], other=0.0)
+        tile = _unpack_int4(packed, ROWS, COLS)
+    else:
+        offs = c0 + tl.arange(0, COLS)
+        tile = tl.load(base + rows[:, None] * stride_row + offs[None, :] * stride_col,
+                       mask=row_ok[:, None] & (offs < R)[None, :], other=0.0)
+    return tile
 
 
 @triton.jit
@@ -376,7 +379,10 @@ CANDIDATES = (DEFAULT, {**DEFAULT, "BQ": 64, "BR": 128, "BP": 32, "BK": 256, "pe
               {**DEFAULT, "mode": "persistent", "BQ": 64, "BR": 256},
               {**DEFAULT, "mode": "persistent", "prefetch": 1}, {**DEFAULT, "mode": "persistent", "prefetch": 2},
               {**DEFAULT, "mode": "pdl", "prefetch": 1}, {**DEFAULT, "mode": "pdl"},
-              {**DEFAULT, "mode": "pdl", "prefetch": 1, "BR": 256, "warps": 8, "warps2": 4})
+              {**DEFAULT, "mode": "pdl", "prefetch": 1, "BR": 256, "warps": 8, "warps2": 4},
+              # narrow r-tiles: more work items per block-column, so fewer q-chunks fill the grid and
+              # stage 1 issues several times fewer atomics (B_OUT per r element per q-chunk)
+              {**DEFAULT, "BQ": 64, "BR": 64}, {**DEFAULT, "mode": "pdl", "prefetch": 1, "BQ": 64, "BR": 64})
 
 
 def candidates(device) -> list[dict]:
@@ -431,8 +437,9 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
     if T > MAX_T:
         raise ValueError(f"the GEMV decode kernel takes at most {MAX_T} tokens, got T={T}")
     mode, flags = _launch_flags(cfg, interpret, x2.device, U.element_size())
-    if pack > 1:                    # a packed V tile is BR / 2 bytes wide: at least one prefetch address a row
-        flags["LINE"] = min(flags["LINE"], cfg["BR"] // pack)
+    # a V tile row is BR / pack stored elements, narrower than a line for narrow tiles of 1-byte codes
+    # (int8 at BR = 64, packed int4): at least one prefetch address a row
+    flags["LINE"] = min(flags["LINE"], cfg["BR"] // pack)
     if only_stage is not None and mode == "persistent":
         raise ValueError("only_stage needs a two-launch mode ('two' or 'pdl')")
     BT = triton.next_power_of_2(T)
