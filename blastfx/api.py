@@ -31,6 +31,7 @@ from .structures.ss1.layout import ss1_params
 from .structures.ss1.structure import reductions as ss1_reductions
 from .structures.blast.layout import BlastShape
 from .swap import attach_plan, swap_modules
+from .timing import stage
 
 
 class WeightOnlyWarning(UserWarning):
@@ -61,15 +62,15 @@ def _needs_calibration(config: BlastConfig, calibration) -> None:
                          "calibration batches: pass calibration=")
 
 
-def resolve_recipe(model: nn.Module, config: BlastConfig, batches) -> BlastConfig:
-    """``config`` with an ``"auto"`` objective or strategy resolved (the rule: :meth:`BlastConfig.resolved`).
-    Whether the model returns a loss is probed with one forward pass on the first calibration batch,
-    only when that decides something."""
+def resolve_recipe(model: nn.Module, config: BlastConfig, batches, budget: float | None = None) -> BlastConfig:
+    """``config`` with an ``"auto"`` objective, strategy or sequential resolved (the rule:
+    :meth:`BlastConfig.resolved`; ``budget``: the kept fraction aimed at). Whether the model returns a
+    loss is probed with one forward pass on the first calibration batch, only when that decides something."""
     probe = batches is not None and config.init != "random" and "auto" in (config.objective, config.strategy)
     if probe:
         with streamed(model, config.compute_device):
             probe = returns_loss(model, batches[0])
-    return config.resolved(calibrated=batches is not None, returns_loss=probe)
+    return config.resolved(calibrated=batches is not None, returns_loss=probe, budget=budget)
 
 
 def _recipe_note(config: BlastConfig, resolved: BlastConfig, batches) -> str | None:
@@ -78,7 +79,8 @@ def _recipe_note(config: BlastConfig, resolved: BlastConfig, batches) -> str | N
     why = ("no calibration data" if batches is None else "init='random'" if config.init == "random"
            else "the model returns a loss on the calibration batches" if resolved.needs_loss
            else "the model returns no loss on the calibration batches")
-    return f"recipe (auto): objective {resolved.objective!r}, strategy {resolved.strategy!r}: {why}"
+    return (f"recipe (auto): objective {resolved.objective!r}, strategy {resolved.strategy!r}"
+            + (f", sequential {resolved.sequential}" if config.sequential == "auto" else "") + f": {why}")
 
 
 def _fitted_objective(config: BlastConfig, batches) -> str | None:
@@ -174,7 +176,7 @@ def plan_for(model: nn.Module, budget: float, config: BlastConfig | None = None,
     budget = check_budget(budget)
     batches = calibration_batches(model, calibration, tokenizer)
     _needs_calibration(config, batches)
-    resolved = resolve_recipe(model, config, batches)
+    resolved = resolve_recipe(model, config, batches, budget)
     analysis = analysis or analyze(model, example_inputs)
     names = selected_layers(analysis, resolved)
     if statistics is None:
@@ -268,7 +270,7 @@ def compress(model: nn.Module, budget: float = 0.5, *, config: BlastConfig | Non
         budget = check_budget(budget)
     batches = calibration_batches(model, calibration, tokenizer)
     _needs_calibration(config, batches)
-    resolved = resolve_recipe(model, config, batches)
+    resolved = resolve_recipe(model, config, batches, plan.budget if plan is not None else budget)
     sequential = resolved.sequential and batches is not None and resolved.init != "random"
     if resolved.compute_device is not None and batches is None:
         raise ValueError(f"compute_device={resolved.compute_device!r} streams the model through sequential calibration, "
@@ -276,7 +278,8 @@ def compress(model: nn.Module, budget: float = 0.5, *, config: BlastConfig | Non
     _warn_weight_only(resolved, batches)
 
     # analyze
-    analysis = analyze(model, example_inputs) if plan is None else None
+    with stage("analyze"):
+        analysis = analyze(model, example_inputs) if plan is None else None
     names = list(plan.layers) if plan is not None else selected_layers(analysis, resolved)
     methods = _methods(resolved, plan, names) if resolved.init != "random" else set()
     _check_methods_take_calibration(methods, batches)
@@ -285,20 +288,25 @@ def compress(model: nn.Module, budget: float = 0.5, *, config: BlastConfig | Non
     if sequential:                              # per block, in compress_sequential; the Fisher up front
         for_build &= {"output_fisher"}
     for_plan = planning.needs(resolved) if plan is None else frozenset()
-    stats = collect_statistics(model, names, batches, for_build | for_plan, progress=resolved.progress,
-                               compute_device=resolved.compute_device)
+    with stage("statistics"):
+        stats = collect_statistics(model, names, batches, for_build | for_plan, progress=resolved.progress,
+                                   compute_device=resolved.compute_device)
     # plan
     if plan is None:
-        plan = _plan(model, budget, config, resolved, analysis, batches, stats)
+        with stage("plan"):
+            plan = _plan(model, budget, config, resolved, analysis, batches, stats)
         check_plan_fits(model, plan)
     # build and swap
     options = BuildOptions.from_config(resolved)
     stats = {k: s.only(for_build) for k, s in stats.items()}
     if sequential:
-        old = compress_sequential(model, plan, batches, stats, options, ReconstructOptions.from_config(resolved),
-                                  resolved.compute_device)
+        with stage("sequential"):
+            old = compress_sequential(model, plan, batches, stats, options, ReconstructOptions.from_config(resolved),
+                                      resolved.compute_device)
     else:
-        old = swap_modules(model, build_layers(model, plan, stats, options))
+        with stage("build"):
+            built = build_layers(model, plan, stats, options)
+        old = swap_modules(model, built)
     try:
         plan.objective = _fitted_objective(resolved, batches)
         if getattr(model, "hf_quantizer", None) is not None:      # e.g. read from GGUF: floats now, saveable

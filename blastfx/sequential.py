@@ -52,6 +52,7 @@ from .reconstruct import ReconstructOptions, norm_parameters, reconstruct_block
 from .statistics import LayerStats, check_reached, collect_covariances, run_batch, singular_covariance_error
 from .streaming import Residency, streamed
 from .swap import swap_modules
+from .timing import stage
 
 
 class _Stop(Exception):
@@ -251,7 +252,7 @@ def compress_sequential(model: nn.Module, plan, batches, stats: dict[str, LayerS
     model.eval()
     try:
         chain = None
-        with streamed(model, compute_device):
+        with streamed(model, compute_device), stage("capture"):
             captured = _capture(model, blocks, batches, device, options.progress) if blocks is not None else None
         if captured is not None:
             streams, rests, order, last_out = captured
@@ -326,19 +327,23 @@ def _calibrate_block(model, plan, b, dense_stream, stream, rests, stats, quiet, 
     block = model.get_submodule(b)
     dense_block = copy.deepcopy(block)
     names = [n for n in plan.layers if block_of(n) == b]
-    for stage in _stages(block, b, names, stream[0], rests[b][0][1]):
-        measured = _stage_statistics(dense_block, block, b, stage, dense_stream, stream, rests[b])
-        stage_stats = _stage_stats(model, measured, stats, feedback_damping(quiet.calibration_damping))
-        swapped.update(swap_modules(model, build_layers(model, plan, stage_stats, quiet, names=set(stage))))
-    with torch.no_grad():
+    for layers in _stages(block, b, names, stream[0], rests[b][0][1]):
+        with stage("statistics"):
+            measured = _stage_statistics(dense_block, block, b, layers, dense_stream, stream, rests[b])
+            stage_stats = _stage_stats(model, measured, stats, feedback_damping(quiet.calibration_damping))
+        with stage("build"):
+            built = build_layers(model, plan, stage_stats, quiet, names=set(layers))
+        swapped.update(swap_modules(model, built))
+    with torch.no_grad(), stage("forward"):
         dense_stream = [_call(dense_block, h, rest) for h, (_, rest) in zip(dense_stream, rests[b])]
     if reconstruct is not None and names:
         for p in norm_parameters(block):
             norms.setdefault(p, p.detach().clone())
-        results.append(reconstruct_block(block, stream, dense_stream,
-                                         lambda blk, h, k, b=b: _call(blk, h, rests[b][k][1]), reconstruct,
-                                         desc=f"reconstructing {b}"))
-    with torch.no_grad():
+        with stage("reconstruct"):
+            results.append(reconstruct_block(block, stream, dense_stream,
+                                             lambda blk, h, k, b=b: _call(blk, h, rests[b][k][1]), reconstruct,
+                                             desc=f"reconstructing {b}"))
+    with torch.no_grad(), stage("forward"):
         stream = [_call(block, h, rest) for h, (_, rest) in zip(stream, rests[b])]
     return dense_stream, stream
 

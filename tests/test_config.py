@@ -4,7 +4,7 @@ import math
 import pytest
 
 from blastfx import BlastConfig, LayerOverride
-from blastfx.config import CALIBRATION_DAMPING
+from blastfx.config import CALIBRATION_DAMPING, SEQUENTIAL_BELOW
 
 
 @pytest.mark.parametrize("field,value", [
@@ -91,7 +91,27 @@ def test_auto_recipe_rule(calibrated, loss, init, expected):
 
 
 def test_explicit_recipe_is_kept():
-    cfg = BlastConfig(objective="output", strategy="error")
+    cfg = BlastConfig(objective="output", strategy="error", sequential=False)
     assert cfg.resolved(calibrated=True, returns_loss=True) is cfg
     half = BlastConfig(strategy="uniform").resolved(calibrated=True, returns_loss=True)
     assert (half.objective, half.strategy) == ("loss", "uniform")
+    assert BlastConfig(sequential=True).resolved(calibrated=True, returns_loss=True, budget=0.9).sequential is True
+
+
+@pytest.mark.parametrize("calibrated, init, budget, expected", [
+    (True, "factorize", 0.5, True),         # where it pays: calibrated, at most SEQUENTIAL_BELOW kept
+    (True, "factorize", SEQUENTIAL_BELOW, True),
+    (True, "factorize", 0.8, False),        # one pass: the gain is small for twice the time
+    (True, "factorize", None, False),       # no budget known: one pass
+    (False, "factorize", 0.5, False),       # nothing to calibrate on
+    (True, "random", 0.5, False),           # nothing is fitted
+])
+def test_auto_sequential_rule(calibrated, init, budget, expected):
+    r = BlastConfig(init=init).resolved(calibrated=calibrated, returns_loss=True, budget=budget)
+    assert r.sequential is expected
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_sequential_must_be_a_bool_or_auto(value):
+    with pytest.raises(ValueError, match="sequential must be True, False or 'auto'"):
+        BlastConfig(sequential=value)

@@ -23,7 +23,7 @@ def _calibration(n=48, seed=0):
 def _compressed(factor_dtype="int8", overrides=None, dtype=torch.float32, model=None):
     model = (model or tiny_mlp()).to(dtype)
     cfg = BlastConfig(factor_dtype=factor_dtype, include=("*",), min_features=0, progress=False,
-                      overrides=overrides or {})
+                      overrides=overrides or {}, sequential=False)
     return blastfx.compress(model, 0.5, config=cfg, calibration=[x.to(dtype) for x in _calibration()])
 
 

@@ -125,7 +125,7 @@ def test_error_feedback_beats_plain_and_sequential_calibration(make, monkeypatch
     torch.manual_seed(1)
     batches = [torch.randint(3, 128, (4, 32)) for _ in range(8)]      # the correction needs tokens >> width
     test = torch.randint(3, 128, (8, 32))
-    plain, _ = logits_error(make, batches, test)
+    plain, _ = logits_error(make, batches, test, sequential=False)
     feedback, model = logits_error(make, batches, test, sequential=True)
     monkeypatch.setattr(seq, "_chain_blocks", lambda model, names: None)      # force the fallback
     no_feedback, fallback = logits_error(make, batches, test, sequential=True)

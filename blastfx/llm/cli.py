@@ -155,7 +155,7 @@ def _config(args):
     return BlastConfig(blocks=args.blocks, strategy=args.strategy, objective=args.objective, method=args.method,
                        iters=args.iters, include=tuple(args.include or ()), exclude=tuple(args.exclude or ()),
                        block_choices=tuple(args.block_choices or ()), allow_dense=not args.blast_only,
-                       structure=args.structure, sequential=args.sequential or args.compute_device is not None,
+                       structure=args.structure, sequential={"on": True, "off": False}.get(args.sequential, "auto"),
                        compute_device=args.compute_device, min_speedup=args.min_speedup, latency=args.latency)
 
 
@@ -301,11 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--structure", choices=STRUCTURES, default="blast",
                    help="what the layers become: BLAST (default), SS1, or auto: per layer BLAST, SS1 or dense, "
                         "whichever the measured output error favours")
-    c.add_argument("--sequential", action="store_true",
-                   help="calibrate block by block on the already-compressed model (with block reconstruction)")
+    c.add_argument("--sequential", choices=("auto", "on", "off"), default="auto",
+                   type=str.lower, help="calibrate block by block on the already-compressed model, with block "
+                        "reconstruction (auto, the default: at budgets up to 0.6, where it pays for its time)")
     c.add_argument("--compute-device", metavar="DEVICE", default=None,
                    help="stream the model through this device (e.g. cuda) one block at a time, the model staying "
-                        "on the CPU: for models larger than the GPU; implies --sequential")
+                        "on the CPU: for models larger than the GPU; compresses block by block")
     c.add_argument("--min-speedup", type=positive_float, default=None, metavar="X",
                    help="keep dense the layers expected slower than X times dense at decode (see --latency)")
     c.add_argument("--latency", choices=("h200", "measure"), default="h200",

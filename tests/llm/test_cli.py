@@ -336,4 +336,5 @@ def test_streaming_and_speed_flags_reach_the_config(fake_model):
     assert streamed.sequential and streamed.compute_device == "cpu"
     assert streamed.min_speedup == 1.2 and streamed.latency == "measure"
     plain = config()
-    assert not plain.sequential and plain.compute_device is None and plain.min_speedup is None
+    assert plain.sequential == "auto" and plain.compute_device is None and plain.min_speedup is None
+    assert config("--sequential", "off").sequential is False and config("--sequential", "ON").sequential is True

@@ -147,8 +147,9 @@ def test_bad_compute_device_is_refused_when_the_config_is_made():
         BlastConfig(sequential=True, compute_device="meta")
     with pytest.raises(ValueError, match="must be a device string"):
         BlastConfig(sequential=True, compute_device=0)
-    with pytest.raises(ValueError, match="set sequential=True"):
-        BlastConfig(compute_device="cpu")
+    with pytest.raises(ValueError, match="leave sequential at 'auto' or set it True"):
+        BlastConfig(sequential=False, compute_device="cpu")
+    assert BlastConfig(compute_device="cpu").resolved(calibrated=True, returns_loss=False, budget=0.9).sequential
     missing = f"cuda:{torch.cuda.device_count()}"           # one past the last GPU: never available
     with pytest.raises(ValueError, match=f"'{missing}' is not available here"):
         BlastConfig(sequential=True, compute_device=missing)

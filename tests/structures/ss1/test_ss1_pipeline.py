@@ -38,7 +38,8 @@ def test_ss1_layers_are_the_calibrated_projection_of_the_dense_weights():
     batches = [torch.randn(4, 16, 128) for _ in range(2)]
     names = [n for n, m in dense.named_modules() if isinstance(m, nn.Linear)]
     inputs = layer_inputs(dense, names, batches)
-    model = blastfx.compress(copy.deepcopy(dense), 0.5, config=_cfg(structure="ss1"), calibration=batches)
+    model = blastfx.compress(copy.deepcopy(dense), 0.5, config=_cfg(structure="ss1", sequential=False),
+                             calibration=batches)
     plan = model.blastfx_plan
     assert plan.kept_fraction == pytest.approx(0.5) and set(plan.layers) == set(names)
     for n in names:
