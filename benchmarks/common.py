@@ -1,4 +1,5 @@
-"""Timing helpers shared by the benchmarks: CUDA-event medians over rotated weight copies."""
+"""Helpers shared by the benchmarks: CUDA-event medians over rotated weight copies, the quality
+tables' SmolLM2 protocol, and the quantized dense baselines they compare against."""
 from __future__ import annotations
 
 import statistics
@@ -73,3 +74,77 @@ def torchao_weight_only(module, kind: str):
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
     quantize_(module, Int8WeightOnlyConfig() if kind == "int8" else Int4WeightOnlyConfig(group_size=128))
     return module
+
+
+def decoder_linears(model) -> dict[str, torch.nn.Module]:
+    """The linears ``blastfx.compress`` picks with its default config, by name: for an HF decoder those
+    of its repeated blocks (SmolLM2-135M: 210), not the embeddings nor ``lm_head``. The dense
+    baselines quantize exactly these, so their bytes compare with the compressed layers'."""
+    import blastfx
+    from blastfx.api import selected_layers
+
+    names = selected_layers(blastfx.analyze(model), blastfx.BlastConfig())
+    return {name: model.get_submodule(name) for name in names}
+
+
+def int4_rtn(weight: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, int]:
+    """torchao's int4 weight-only quantization (``Int4WeightOnlyConfig``) of one (out, in) weight:
+    its dequantized value, in the weight's dtype, and the bytes it is stored in.
+
+    Asymmetric round-to-nearest over groups of ``group_size`` input columns, in torchao's float
+    zero point form (``_choose_qparams_affine_tinygemm``, ``_quantize_affine_tinygemm``): per group
+    ``scale = (max - min) / 15`` and ``zero = min + 8 * scale``, both stored in bf16; codes
+    ``q = clamp(round((w - (zero - 8 * scale)) / scale), 0, 15)`` from the stored values; dequantized
+    ``(q - 8) * scale + zero``. The arithmetic is float32 (torchao's runs in the bf16 weight's dtype,
+    so a code can differ by one where a value falls on a rounding boundary).
+
+    Stored: the uint4 codes (half a byte each) and a bf16 scale and zero per group (4 bytes).
+
+    Ragged groups: where ``in_features`` is not a multiple of ``group_size`` the last group of each
+    row is shorter (its own scale and zero over the remaining columns) and stored as a full group's
+    parameters. torchao instead leaves such a layer unquantized (SmolLM2-135M: every layer with 576
+    inputs, 180 of its 210), so this is the scheme at its intended bytes, not torchao's model.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"int4_rtn quantizes a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    out_features, in_features = weight.shape
+    pad = -in_features % group_size
+    w = weight.detach().float()
+    if pad:                                     # repeat the last column: the short group's min and max stay its own
+        w = torch.cat([w, w[:, -1:].expand(-1, pad)], dim=1)
+    groups = w.view(out_features, -1, group_size)
+    lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    bf16 = torch.bfloat16
+    scale = ((hi - lo) / 15).clamp(min=torch.finfo(bf16).smallest_normal).to(bf16).float()
+    zero = (lo + 8 * scale).to(bf16).float()
+    codes = ((groups - (zero - 8 * scale)) / scale).round().clamp(0, 15)
+    dequantized = ((codes - 8) * scale + zero).view(out_features, -1)[:, :in_features]
+    stored = (out_features * in_features + 1) // 2 + 4 * out_features * groups.shape[1]
+    return dequantized.to(weight.dtype), stored
+
+
+def int4_weight_only_(model, group_size: int = 128, layers: dict | None = None) -> int:
+    """Replace the weight of every linear in ``layers`` (default :func:`decoder_linears`) by its int4
+    weight-only quantized value (:func:`int4_rtn`), in place; returns the bytes those layers would be
+    stored in (codes, scales and zeros; biases in bf16). A fake-quantized model: it runs anywhere
+    at the dtype it had, and its perplexity is that of torchao's int4 weight-only scheme."""
+    layers = decoder_linears(model) if layers is None else layers
+    total = 0
+    with torch.no_grad():
+        for name, layer in layers.items():
+            if not isinstance(layer, torch.nn.Linear):
+                raise ValueError(f"int4_weight_only_ quantizes nn.Linear layers; {name} is {type(layer).__name__}")
+            dequantized, stored = int4_rtn(layer.weight, group_size)
+            layer.weight.copy_(dequantized)
+            total += stored + (2 * layer.bias.numel() if layer.bias is not None else 0)
+    return total
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds; a tensor subclass (torchao's quantized weights) by its inner tensors."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
