@@ -14,6 +14,7 @@ from torch import nn
 from ..analyze import dense_weight
 from ..build import MAX_BATCH_ELEMENTS
 from ..config import CALIBRATION_DAMPING
+from ..linalg import singular_values
 from ..plan import Plan, block_candidates, rank_at
 from ..structures.blast.factorize import factorize
 from ..structures.blast.factorize.weighted import damped_cholesky
@@ -39,7 +40,7 @@ def layer_spectra(model: nn.Module, names, stats: dict[str, LayerStats] | None =
                 W = W @ damped_cholesky(covariances[k].to(W).unsqueeze(0), damping)[0]
             except torch.linalg.LinAlgError as err:
                 raise singular_covariance_error([k], covariances, damping) from err
-        spectra[k] = torch.linalg.svdvals(W).cpu()
+        spectra[k] = singular_values(W).cpu()
     return spectra
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ....linalg import top_singular
 from . import blocks as blk
 
 
@@ -33,8 +34,8 @@ def damped_cholesky(C: torch.Tensor, damping: float) -> torch.Tensor:
 def whitened_svd_init(A, L, b_out: int, b_in: int, rank: int):
     """The rank-r minimizer of ||(A - Ahat) L|| as BLAST factors (s = 1)."""
     B, m_pad, n_pad = A.shape
-    P, sigma, Qh = torch.linalg.svd(A @ L, full_matrices=False)
-    k = min(rank, sigma.shape[-1])
+    k = min(rank, m_pad, n_pad)
+    P, sigma, Qh = top_singular(A @ L, k)
     root = sigma[:, :k].sqrt()
     U = A.new_zeros(B, m_pad, rank)
     V = A.new_zeros(B, n_pad, rank)
