@@ -1,0 +1,570 @@
+"""Every Triton kernel blastfx launches, compiled for Hopper (sm_90) in each variant its launchers pass.
+
+Why: on a CPU the kernels run under ``TRITON_INTERPRET=1``, as Python, so an error that only Triton's
+compiler raises (a function whose returns have different types, a layout it cannot build, inline PTX
+the target rejects) would first show on a GPU. Triton's nvidia backend compiles for a target named
+explicitly, with no device present: source -> TTIR -> TTGIR -> LLVM IR -> PTX -> cubin (ptxas).
+
+The variants are *recorded*, not listed: each launcher (the forward paths, the quantized GEMV, the
+GEMV group, the backward middle, SS1) is called over its own config table with meta tensors of
+realistic shapes, as on a Hopper GPU (programmatic dependent launch available, no interpreter),
+while every kernel is replaced by a recorder that keeps its arguments and launch options instead of
+running. So a new config, constexpr or launch mode is covered without touching this file, and only
+what the code launches is compiled. Identical launches are compiled once; each distinct one is a test.
+
+Coverage: every config of every table at the base points, the first config of each launch mode
+elsewhere (a launch mode selects code, the rest of a config only tile sizes). Every (path, config)
+the forward's autotuner times, in bf16 with a bias, at T = 1 (the GEMV, decode, fused and bmm paths)
+and T = 256 (prefill) on an attention-sized layer (4 x 4 blocks); the GEMV reading each code format
+it reads, and the GEMV group, over all their configs at T = 1. One config per mode: T = 2, 4, 16
+(the GEMV's BT = 2, 4), fp16 and fp32 (IEEE dots) at T = 1 and 256, no bias, an MLP-sized layer of
+16 x 4 blocks, the GEMV's stages launched alone. The backward middle for every pair of block counts
+the CUDA op runs it for (bf16; one pair in fp16 and fp32); SS1 over its decode and prefill
+candidates (bf16) and its decode ones in fp32.
+
+Kernels decorated under the interpreter are Python functions that Triton cannot compile, so the
+compiles run in worker processes (this file run as a script) that import blastfx without
+``TRITON_INTERPRET``. Without triton's nvidia backend or its ptxas the tests skip, naming what is
+missing.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import importlib
+import inspect
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+TARGET = ("cuda", 90, 32)           # Hopper: sm_90, warps of 32 threads
+KERNEL_MODULES = ("blastfx.kernels.gemv", "blastfx.kernels.decode", "blastfx.kernels.forward",
+                  "blastfx.kernels.backward", "blastfx.structures.ss1.kernel")
+TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+                torch.int8: "i8", torch.uint8: "u8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64",
+                torch.bool: "i1"}
+WORKER_TIMEOUT_S = 1800
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel signatures (used by the compile workers)
+
+
+def _scalar_type(value) -> str:
+    """Triton's type of a scalar argument that is not a constexpr (ints as the JIT types them)."""
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"a scalar kernel argument must be a bool, int or float, got {value!r}")
+
+
+def kernel_signature(kernel, values: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) for ``triton.compiler.ASTSource`` from a launch's arguments by
+    name: ``{"pointer": "*bf16"}`` for a tensor, ``{"value": v}`` for a constexpr (or None),
+    ``{"scalar": "i32"}`` for another scalar. Which arguments are constexprs comes from the kernel
+    (its ``tl.constexpr`` annotations). Pointers are marked 16-byte aligned, as the JIT marks torch's."""
+    names = [p.name for p in kernel.params]
+    missing, unknown = set(names) - set(values), set(values) - set(names)
+    if missing or unknown:
+        raise ValueError(f"{kernel.__name__}: the launch misses arguments {sorted(missing)} and gives unknown "
+                         f"ones {sorted(unknown)}")
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(kernel.params):
+        value = values[param.name]
+        if param.is_constexpr or value.get("value", 0) is None:     # triton treats None as a constexpr
+            if "value" not in value:
+                raise TypeError(f"{kernel.__name__}: constexpr {param.name} was given {value}, not a value")
+            signature[param.name] = "constexpr"
+            constexprs[(index,)] = value["value"]
+        elif "pointer" in value:
+            signature[param.name] = value["pointer"]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif "scalar" in value:
+            signature[param.name] = value["scalar"]
+        else:
+            raise TypeError(f"{kernel.__name__}: {param.name} is no constexpr but was given the value "
+                            f"{value['value']!r}")
+    return signature, constexprs, attrs
+
+
+def _describe_error(error: BaseException) -> str:
+    """The error and the errors it was raised from, innermost last (a compile error's cause says why)."""
+    parts, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        parts.append("".join(traceback.format_exception_only(type(error), error)).strip())
+        error = error.__cause__ or error.__context__
+    return "\n-- raised from --\n".join(parts)
+
+
+def compile_launch(spec: dict) -> None:
+    """Compile one recorded launch for :data:`TARGET`; raises whatever the compiler raises."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
+    if not isinstance(kernel, JITFunction):
+        raise TypeError(f"{spec['module']}.{spec['kernel']} is a {type(kernel).__name__}, not a JITFunction: "
+                        "the compile worker must import blastfx without TRITON_INTERPRET")
+    signature, constexprs, attrs = kernel_signature(kernel, spec["values"])
+    source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
+    triton.compile(source, target=GPUTarget(*TARGET), options=spec["options"])
+
+
+def _work(specs_path: str, results_path: str) -> None:
+    """Compile every launch of ``specs_path`` (JSON), one JSON line per launch into ``results_path``."""
+    sys.path.insert(0, str(REPO))
+    specs = json.loads(Path(specs_path).read_text())
+    with open(results_path, "w") as out:
+        for spec in specs:
+            start = time.perf_counter()
+            try:
+                compile_launch(spec)
+                error = None
+            except Exception as e:              # reported by the test of this launch
+                error = _describe_error(e)
+            out.write(json.dumps({"id": spec["id"], "error": error, "seconds": time.perf_counter() - start}) + "\n")
+            out.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording the launches
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel launch as recorded: its arguments by name (pointer dtypes, other values) and options."""
+    module: str
+    kernel: str
+    values: tuple           # ((name, (("pointer", "*bf16"),), (("scalar", "i32"),) or (("value", v),)), ...)
+    options: tuple          # ((name, value), ...): num_warps, num_stages, launch_pdl, ...
+    constexprs: tuple       # names of the kernel's constexpr parameters, in order
+
+    def spec(self, launch_id: str) -> dict:
+        return {"id": launch_id, "module": self.module, "kernel": self.kernel,
+                "values": {name: dict(desc) for name, desc in self.values}, "options": dict(self.options)}
+
+    def label(self) -> str:
+        """Kernel, constexprs, pointer dtypes in argument order (distinct ones) and options: a test id."""
+        values = dict(self.values)
+        const = ",".join(f"{n}={dict(values[n]).get('value')}" for n in self.constexprs)
+        dtypes = []
+        for name, desc in self.values:
+            ptr = dict(desc).get("pointer")
+            if ptr and ptr[1:] not in dtypes:
+                dtypes.append(ptr[1:])
+        opts = ",".join(f"{k}={v}" for k, v in self.options)
+        return f"{self.kernel}[{const}][{'/'.join(dtypes)}][{opts}]"
+
+
+def _constexpr_names(kernel) -> tuple[str, ...]:
+    """Names of the kernel's ``tl.constexpr`` parameters: from a JITFunction's params, or from the
+    annotations of the function an interpreted kernel wraps (strings under postponed evaluation)."""
+    if hasattr(kernel, "params"):
+        return tuple(p.name for p in kernel.params if p.is_constexpr)
+    params = inspect.signature(kernel.fn).parameters.values()
+    return tuple(p.name for p in params if "constexpr" in str(p.annotation))
+
+
+def _describe_value(kernel_name: str, name: str, value, constexpr: bool):
+    """What the compile of a launch needs of one argument: a constexpr's value, a tensor's pointer
+    type, another scalar's type (so launches that differ only in sizes are compiled once)."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype not in TRITON_TYPES:
+            raise TypeError(f"{kernel_name}: argument {name} is a {value.dtype} tensor, which has no triton type here")
+        return (("pointer", "*" + TRITON_TYPES[value.dtype]),)
+    if value is None or (constexpr and isinstance(value, (bool, int, float))):
+        return (("value", value),)
+    if isinstance(value, (bool, int, float)):
+        return (("scalar", _scalar_type(value)),)
+    raise TypeError(f"{kernel_name}: argument {name}={value!r} is neither a tensor nor a scalar")
+
+
+class _Recorder:
+    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the launch, runs nothing."""
+
+    def __init__(self, module: str, name: str, kernel, sink: list):
+        self.module, self.name, self.kernel, self.sink = module, name, kernel, sink
+        self.constexprs = _constexpr_names(kernel)
+
+    def __getitem__(self, grid):
+        return self._launch
+
+    def _launch(self, *args, **kwargs):
+        names = list(self.kernel.arg_names)
+        if len(args) > len(names):
+            raise TypeError(f"{self.name} takes {len(names)} arguments, the launch gives {len(args)}")
+        values, options = dict(zip(names, args)), {}
+        for key, value in kwargs.items():
+            (values if key in names else options)[key] = value
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise TypeError(f"the launch of {self.name} misses arguments {missing}")
+        described = tuple((n, _describe_value(self.name, n, values[n], n in self.constexprs)) for n in names)
+        self.sink.append(Launch(self.module, self.name, described, tuple(sorted(options.items())), self.constexprs))
+
+
+def _kernels_of(module) -> dict:
+    """The Triton kernels (jitted or interpreted) a module defines itself, by name."""
+    from triton.runtime.jit import JITFunction
+
+    kinds = (JITFunction,)
+    with contextlib.suppress(ImportError):
+        from triton.runtime.interpreter import InterpretedFunction
+        kinds += (InterpretedFunction,)
+    return {name: obj for name, obj in vars(module).items()
+            if isinstance(obj, kinds) and getattr(getattr(obj, "fn", None), "__module__", None) == module.__name__}
+
+
+def _direct_launch(kernel, key, args, grid, device, what, **kwargs):
+    """``launch_persistent`` without its occupancy check (that needs the device): the launch itself."""
+    kernel[(grid,)](*args, **kwargs)
+
+
+@contextlib.contextmanager
+def recording(sink: list):
+    """Within: every kernel of :data:`KERNEL_MODULES` records its launches into ``sink``; launchers
+    behave as on a Hopper GPU without the interpreter (programmatic dependent launch available; one
+    device, index 0, for caches keyed by it)."""
+    modules = [importlib.import_module(m) for m in KERNEL_MODULES]
+    with contextlib.ExitStack() as stack:
+        for module in modules:
+            for name, kernel in _kernels_of(module).items():
+                stack.enter_context(mock.patch.object(module, name, _Recorder(module.__name__, name, kernel, sink)))
+            for name, value in (("INTERPRET", False), ("pdl_supported", lambda device: True),
+                                ("launch_persistent", _direct_launch), ("_index", lambda device: 0)):
+                if hasattr(module, name):
+                    stack.enter_context(mock.patch.object(module, name, value))
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# The launchers, over their config tables
+
+META = torch.device("meta")
+
+
+def _per_mode(configs, every: bool, mode=lambda cfg: cfg.get("mode")) -> list:
+    """``configs`` (every=True), or the first config of each launch mode and every config that has
+    none: the launch modes select code, the rest of a config only tile sizes."""
+    if every:
+        return list(configs)
+    out, seen = [], set()
+    for k, cfg in enumerate(configs):
+        key = mode(cfg)
+        if key is None:
+            key = ("config", k)
+        if key not in seen:
+            seen.add(key)
+            out.append(cfg)
+    return out
+
+
+def _layer_shapes():
+    """An attention projection (4 x 4 blocks) and an MLP up-projection (16 x 4 blocks, where the
+    forward mixes more block-rows per program)."""
+    from blastfx.structures.blast.layout import BlastShape
+
+    return (BlastShape.make(2048, 2048, 512, 4), BlastShape.make(8192, 2048, 768, (16, 4)))
+
+
+def _factors(shape, dtype, bias: bool):
+    U = torch.empty(shape.b_out, shape.p, shape.rank, dtype=dtype, device=META)
+    S = torch.empty(shape.b_out, shape.b_in, shape.rank, dtype=dtype, device=META)
+    V = torch.empty(shape.b_in, shape.q, shape.rank, dtype=dtype, device=META)
+    b = torch.empty(shape.out_features, dtype=dtype, device=META) if bias else None
+    return U, S, V, b
+
+
+def _forward_paths(T: int, shape, dtype, bias: bool = True, every: bool = True) -> None:
+    """The (path, config) pairs the forward's autotuner times for T tokens (decode or prefill)."""
+    from blastfx.kernels import forward, gemv
+
+    x2 = torch.empty(T, shape.in_features, dtype=dtype, device=META)
+    U, S, V, b = _factors(shape, dtype, bias)
+    cands = forward._all_candidates(T <= forward.DECODE_MAX_T, T <= gemv.MAX_T, shape, META)
+    for path, cfg in _per_mode(cands, every, lambda pc: (pc[0], pc[1]["mode"]) if "mode" in pc[1] else None):
+        forward.run_path(x2, U, S, V, b, shape, path, cfg)
+
+
+def _quantized_gemv(T: int, shape, dtype, code_dtype, every: bool = True) -> None:
+    """The GEMV reading codes of the format stored as ``code_dtype``, over its configs."""
+    from blastfx.kernels import gemv
+    from blastfx.structures.blast.quant import formats
+
+    fmt = formats.of_storage(code_dtype)
+    U, S, V, b = _factors(shape, torch.float32, bias=True)
+    (Uc, su), (Vc, sv) = formats.quantize_u(U, fmt), formats.quantize_v(V, fmt)
+    x2 = torch.empty(T, shape.in_features, dtype=dtype, device=META)
+    for cfg in _per_mode(gemv.candidates(META), every):
+        gemv.blast_gemv(x2, Uc, S.to(dtype), Vc, b.to(dtype), shape, cfg, U_scale=su, V_scale=sv)
+
+
+def _gemv_single_stages(shape, dtype) -> None:
+    """The GEMV's stages launched alone (``only_stage``, for profiles) in its two-launch modes."""
+    from blastfx.kernels import gemv
+
+    x2 = torch.empty(1, shape.in_features, dtype=dtype, device=META)
+    U, S, V, b = _factors(shape, dtype, bias=True)
+    for cfg in _per_mode(gemv.candidates(META), every=False):
+        if cfg["mode"] != "persistent":
+            for stage in (1, 2):
+                gemv.blast_gemv(x2, U, S, V, b, shape, cfg, only_stage=stage)
+
+
+def _gemv_group(T: int, dtype, every: bool = True) -> None:
+    """Attention's q/k/v projections (k and v narrower, only q with a bias) as one GEMV group."""
+    from blastfx.kernels import gemv
+    from blastfx.structures.blast.layout import BlastShape
+
+    q, kv = BlastShape.make(2048, 2048, 512, 4), BlastShape.make(512, 2048, 128, 4)
+    shapes = (q, kv, kv)
+    members = [(*_factors(s, dtype, bias=k == 0), s) for k, s in enumerate(shapes)]
+    x2 = torch.empty(T, 2048, dtype=dtype, device=META)
+    for cfg in _per_mode(gemv.group_candidates(META), every):
+        gemv.blast_gemv_group(x2, members, cfg)
+
+
+def _grad_mix(dtype, blocks=None) -> None:
+    """The backward middle for every power-of-two pair of block counts the CUDA op runs it for (or
+    just ``blocks``)."""
+    from blastfx.kernels import backward
+
+    counts = [1 << k for k in range(6)]
+    pairs = [blocks] if blocks else [(bo, bi) for bo in counts for bi in counts
+                                     if backward.kernel_beats_reference(bo, bi)]
+    for b_out, b_in in pairs:
+        z = torch.empty(b_in, 256, 512, dtype=dtype, device=META)
+        gw = torch.empty(b_out, 256, 512, dtype=dtype, device=META)
+        S = torch.empty(b_out, b_in, 512, dtype=dtype, device=META)
+        backward.grad_mix_triton(z, gw, S)
+
+
+def _ss1(T: int, dtype, reduction: int = 4) -> None:
+    """The SS1 kernel over its candidates for T tokens (the layer pipeline's default tiles)."""
+    from blastfx.structures.ss1 import kernel
+    from blastfx.structures.ss1.layout import SS1Layout
+
+    layout = SS1Layout(2048, 2048, reduction)
+    x2 = torch.empty(T, layout.in_features, dtype=dtype, device=META)
+    weight = torch.empty(*layout.weight_shape, dtype=dtype, device=META)
+    shifts = torch.empty(layout.k_tiles, layout.n_tiles, dtype=torch.int64, device=META)
+    bias = torch.empty(layout.out_features, dtype=dtype, device=META)
+    y = torch.empty(T, layout.out_features, dtype=dtype, device=META)
+    for cfg in kernel.candidates(T, layout.block_n, layout.block_k):
+        if cfg.get("path", "kernel") == "kernel":
+            kernel._launch(x2, weight, shifts, bias, y, reduction, layout.block_k, layout.block_n, cfg)
+
+
+def _scenarios():
+    """(what, call) pairs. Every config of every table at the base points (bf16 with a bias; T = 1
+    for decode and T = 256 for prefill; both layer shapes; each code format); the other token counts
+    (GEMV tiles at BT = 2, 4), fp16, fp32 (IEEE dots) and no bias with one config per launch mode."""
+    from blastfx.kernels import gemv
+
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    shapes = _layer_shapes()
+    out = [(f"forward T={T} {s.blocks} bf16", lambda T=T, s=s: _forward_paths(T, s, bf16, every=s is shapes[0]))
+           for s in shapes for T in (1, 256)]
+    out += [(f"forward T={T} bf16, one config per mode", lambda T=T: _forward_paths(T, shapes[0], bf16, every=False))
+            for T in (2, 4, 16)]
+    out += [("forward T=1 bf16 no bias", lambda: _forward_paths(1, shapes[0], bf16, bias=False, every=False))]
+    out += [(f"forward T={T} {dt}", lambda T=T, dt=dt: _forward_paths(T, shapes[0], dt, every=False))
+            for dt in (fp16, fp32) for T in (1, 256)]
+    out += [(f"quantized GEMV {cd} T={T}", lambda T=T, cd=cd: _quantized_gemv(T, shapes[0], bf16, cd, every=T == 1))
+            for cd in gemv.CODE_DTYPES for T in (1, 2, 4)]
+    out += [("GEMV single stages", lambda: _gemv_single_stages(shapes[0], bf16))]
+    out += [(f"GEMV group T={T}", lambda T=T: _gemv_group(T, bf16, every=T == 1)) for T in (1, 2, 4)]
+    out += [("grad mix bf16", lambda: _grad_mix(bf16))]
+    out += [(f"grad mix {dt}", lambda dt=dt: _grad_mix(dt, (4, 4))) for dt in (fp16, fp32)]
+    out += [(f"SS1 T={T} {dt}", lambda T=T, dt=dt: _ss1(T, dt)) for T, dt in ((1, bf16), (256, bf16), (1, fp32))]
+    return out
+
+
+def recorded_launches() -> dict[str, Launch]:
+    """Every distinct launch of :func:`_scenarios`, by test id, in first-seen order."""
+    sink: list[Launch] = []
+    with recording(sink):
+        for what, call in _scenarios():
+            try:
+                call()
+            except Exception as e:
+                raise RuntimeError(f"recording the launches of '{what}' failed: {e}") from e
+    out, seen = {}, set()
+    for launch in sink:
+        if launch in seen:
+            continue
+        seen.add(launch)
+        label, k = launch.label(), 2
+        while label in out:                     # same constexprs and dtypes, different argument dtypes
+            label, k = f"{launch.label()}#{k}", k + 1
+        out[label] = launch
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling them
+
+triton = pytest.importorskip("triton")
+
+
+@functools.cache
+def launches() -> dict[str, Launch]:
+    """:func:`recorded_launches`, recorded once (at collection)."""
+    return recorded_launches()
+
+
+def _ptxas_path(nvidia_compiler) -> str | None:
+    """Where triton's nvidia backend finds ptxas for sm_90, or None where it finds none."""
+    get = getattr(nvidia_compiler, "get_ptxas", None)
+    if get is None:
+        return None
+    try:
+        try:
+            tool = get(TARGET[1])
+        except TypeError:                       # triton versions whose get_ptxas takes no arch
+            tool = get()
+    except RuntimeError:                        # "Cannot find ptxas"
+        return None
+    path = tool[0] if isinstance(tool, tuple) else getattr(tool, "path", tool)
+    return path if isinstance(path, str) and os.path.isfile(path) else None
+
+
+def missing_toolchain() -> str | None:
+    """What this triton lacks to compile for sm_90 without a GPU (its nvidia backend, ptxas, the
+    compile API used here), or None."""
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        return f"triton {triton.__version__} has no nvidia backend (backends: {sorted(backends)})"
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia import compiler as nvidia_compiler
+        from triton.compiler import ASTSource
+    except ImportError as e:
+        return f"triton {triton.__version__} lacks {e.name or e}"
+    if _ptxas_path(nvidia_compiler) is None:
+        return f"triton {triton.__version__}'s nvidia backend finds no ptxas (TRITON_PTXAS_PATH unset or wrong?)"
+    if not {"constexprs", "attrs"} <= set(inspect.signature(ASTSource).parameters):
+        return f"triton {triton.__version__}'s ASTSource takes no constexprs/attrs arguments"
+    return None
+
+
+def _workers(count: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 4, math.ceil(count / 8)))
+
+
+def compile_in_workers(specs: list[dict], scratch: Path) -> dict[str, dict]:
+    """Compile ``specs`` in worker processes (round-robin, one per core up to 4) that import blastfx
+    without the interpreter; {id: {"error": str | None, "seconds": float}}. A launch a worker never
+    reported (it crashed or ran out of time) gets an error saying so, with the end of its stderr."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")     # the launches' default; set, it silences a warning
+    env["TRITON_CACHE_DIR"] = str(scratch / "cache")    # a fresh cache: every launch is compiled from source
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    n = _workers(len(specs))
+    jobs = []
+    for k in range(n):
+        specs_path, results_path, log = (scratch / f"worker{k}.{ext}" for ext in ("json", "out", "log"))
+        specs_path.write_text(json.dumps(specs[k::n]))
+        with open(log, "w") as stderr:
+            proc = subprocess.Popen([sys.executable, __file__, "--compile", str(specs_path), str(results_path)],
+                                    cwd=REPO, env=env, stdout=stderr, stderr=subprocess.STDOUT)
+        jobs.append((proc, results_path, log, specs[k::n]))
+    results = {}
+    deadline = time.monotonic() + WORKER_TIMEOUT_S
+    for proc, results_path, log, chunk in jobs:
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if results_path.exists():
+            for line in results_path.read_text().splitlines():
+                row = json.loads(line)
+                results[row["id"]] = row
+        tail = log.read_text()[-3000:] if log.exists() else ""
+        for spec in chunk:
+            results.setdefault(spec["id"], {"error": f"the compile worker (exit code {proc.returncode}) never "
+                                                     f"reported this launch; its output ends:\n{tail}", "seconds": 0.0})
+    return results
+
+
+@pytest.fixture(scope="module")
+def compiled(request, tmp_path_factory):
+    """The compile results of every launch selected in this session (all, or those ``-k`` keeps)."""
+    missing = missing_toolchain()
+    if missing:
+        pytest.skip(f"cannot compile for sm_90 on this machine: {missing}")
+    wanted = [item.callspec.params["launch_id"] for item in request.session.items
+              if item.module is request.module and hasattr(item, "callspec") and "launch_id" in item.callspec.params]
+    specs = [launches()[i].spec(i) for i in dict.fromkeys(wanted)]
+    return compile_in_workers(specs, tmp_path_factory.mktemp("sm90"))
+
+
+def pytest_generate_tests(metafunc):
+    """One test per distinct recorded launch (recorded at collection, not when run as a worker)."""
+    if "launch_id" in metafunc.fixturenames:
+        ids = list(launches())
+        metafunc.parametrize("launch_id", ids, ids=ids)
+
+
+def test_compiles_for_sm90(compiled, launch_id):
+    error = compiled[launch_id]["error"]
+    if error:
+        pytest.fail(f"{launch_id} does not compile for sm_90:\n{error}", pytrace=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# What is covered
+
+
+def _source_of(module_name: str) -> str:
+    return Path(importlib.import_module(module_name).__file__).read_text()
+
+
+def test_every_module_with_kernels_is_recorded():
+    """A module of blastfx that defines a @triton.jit function is one whose kernels are recorded."""
+    found = set()
+    for path in (REPO / "blastfx").rglob("*.py"):
+        if "@triton.jit" in path.read_text():
+            found.add(".".join(path.relative_to(REPO).with_suffix("").parts))
+    assert found <= set(KERNEL_MODULES), f"kernels defined in {sorted(found - set(KERNEL_MODULES))} are not recorded"
+
+
+def test_every_launched_kernel_is_compiled():
+    """Every kernel a module launches (``kernel[grid](...)`` or through ``launch_persistent``) has at
+    least one recorded launch: a new kernel without a scenario here fails this."""
+    recorded = {(launch.module, launch.kernel) for launch in launches().values()}
+    for module_name in KERNEL_MODULES:
+        source = _source_of(module_name)
+        kernels = set(_kernels_of(importlib.import_module(module_name)))
+        launched = set(re.findall(r"\b(\w+)\[[^\]\n]+\]\(", source))
+        launched |= set(re.findall(r"launch_persistent\((\w+)", source))
+        for name in sorted(launched & kernels):
+            assert (module_name, name) in recorded, f"{module_name}.{name} is launched but no launch of it is recorded"
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="compile recorded kernel launches for sm_90 (a worker of the tests)")
+    parser.add_argument("--compile", nargs=2, metavar=("SPECS", "RESULTS"), required=True)
+    _work(*parser.parse_args().compile)
