@@ -107,8 +107,13 @@ def main():
     args = ap.parse_args()
     if args.stream and not CUDA:
         ap.error("--stream streams the model through a GPU: it needs CUDA")
-    if args.stream and "weight" in args.recipes:
-        ap.error("--stream walks the model through sequential calibration, which needs --recipes loss")
+    if (args.stream or args.sequential) and "weight" in args.recipes:
+        ap.error("--stream and --sequential walk the model through sequential calibration, which needs "
+                 "--recipes loss (the weight recipe has no calibration data)")
+    if args.layers < 2:         # compress selects the linears repeated over the blocks: one block has none
+        ap.error(f"--layers must be at least 2, got {args.layers}")
+    if not 0 < args.budget <= 1:
+        ap.error(f"--budget must be in (0, 1], got {args.budget}")
     for recipe in args.recipes:
         run(args, recipe)
 

@@ -26,7 +26,7 @@ import torch
 
 import blastfx
 from blastfx import BlastConfig
-from common import median_ms, torchao_weight_only, versions
+from common import median_ms, tensor_bytes, torchao_weight_only, versions
 from rows import add_arguments, measurements, record
 
 
@@ -262,7 +262,7 @@ def main():
     for kind in args.torchao:
         models[f"torchao {kind}"] = (torchao_model(build(args.layers, **dims), kind), "inductor")
     for name, (model, _) in models.items():
-        size = sum(stored_bytes(t) for t in list(model.parameters()) + list(model.buffers()))
+        size = sum(tensor_bytes(t) for t in list(model.parameters()) + list(model.buffers()))
         print(f"{name}: {size / 2**30:.2f} GiB of weights", flush=True)
     # cheapest first, each row printed as it lands: a time limit still leaves the rows before it
     rows = [("eager-prefill", "prefill %d tokens, eager" % args.prefill, "ms",
@@ -318,14 +318,6 @@ def profile_decode(args, models, config, steps=16):
                                  [(f"{name} {c} kernel time", round(t, 2), "µs") for c, t in times.items()]
                                  + [(f"{name} kernel launches", round(launches, 1), "")])
         record("llama_e2e", rows, directory=args.results_dir)
-
-
-def stored_bytes(t) -> int:
-    """Bytes a tensor holds; a tensor subclass (torchao's quantized weights) by its inner tensors."""
-    if hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return sum(stored_bytes(getattr(t, n)) for n in names)
-    return t.numel() * t.element_size()
 
 
 def torchao_model(model, kind):

@@ -18,7 +18,7 @@ from torch import nn
 from . import build, plan as planning, structures
 from .analyze import Analysis, analyze
 from .build import BuildOptions, build_layers
-from .config import BlastConfig
+from .config import SEQUENTIAL_BELOW, BlastConfig
 from .plan import BUDGET_TOLERANCE, DEFAULT_STRUCTURE, Plan, auto_start_plan, check_budget, check_plan_fits, make_plan
 from .plan.speed import apply_speed, latency_model
 from .reconstruct import ReconstructOptions
@@ -73,14 +73,19 @@ def resolve_recipe(model: nn.Module, config: BlastConfig, batches, budget: float
     return config.resolved(calibrated=batches is not None, returns_loss=probe, budget=budget)
 
 
-def _recipe_note(config: BlastConfig, resolved: BlastConfig, batches) -> str | None:
-    if "auto" not in (config.objective, config.strategy):
-        return None
-    why = ("no calibration data" if batches is None else "init='random'" if config.init == "random"
-           else "the model returns a loss on the calibration batches" if resolved.needs_loss
-           else "the model returns no loss on the calibration batches")
-    return (f"recipe (auto): objective {resolved.objective!r}, strategy {resolved.strategy!r}"
-            + (f", sequential {resolved.sequential}" if config.sequential == "auto" else "") + f": {why}")
+def _recipe_note(config: BlastConfig, resolved: BlastConfig, batches, budget: float) -> str | None:
+    """What the ``"auto"`` parts of the recipe became, and why; ``None`` when nothing was ``"auto"``."""
+    unfitted = "no calibration data" if batches is None else "init='random'" if config.init == "random" else None
+    parts = []
+    if "auto" in (config.objective, config.strategy):
+        why = unfitted or ("the model returns a loss on the calibration batches" if resolved.needs_loss
+                           else "the model returns no loss on the calibration batches")
+        parts.append(f"objective {resolved.objective!r}, strategy {resolved.strategy!r}: {why}")
+    if config.sequential == "auto":
+        why = ("streaming mode" if resolved.compute_device is not None else unfitted
+               or f"budget {budget:g} {'<=' if resolved.sequential else '>'} {SEQUENTIAL_BELOW:g}")
+        parts.append(f"sequential {resolved.sequential}: {why}")
+    return "recipe (auto): " + "; ".join(parts) if parts else None
 
 
 def _fitted_objective(config: BlastConfig, batches) -> str | None:
@@ -213,7 +218,7 @@ def _plan(model, budget, config, resolved, analysis, batches, stats: dict[str, L
                           + ", ".join(f"{b}: {k} layers" for b, k in sorted(chosen.items())))
     if not analysis.traced:
         plan.notes.append(f"not traced: {analysis.note}; layers found by module discovery")
-    note = _recipe_note(config, resolved, batches)
+    note = _recipe_note(config, resolved, batches, budget)
     if note:
         plan.notes.append(note)
     plan.objective = _fitted_objective(resolved, batches)

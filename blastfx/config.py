@@ -173,8 +173,8 @@ class BlastConfig:
     calibration_damping: float = CALIBRATION_DAMPING   # C + damping * mean(diag C) * I, as in GPTQ
     sequential: bool | str = "auto"        # calibrate each block on the already-compressed model, with error
                                            # feedback and block reconstruction; "auto": where it pays (below)
-    compute_device: str | None = None      # streaming mode (with sequential=True), e.g. "cuda": the model stays
-                                           # where it lives (the CPU); only the non-block modules and one block
+    compute_device: str | None = None      # streaming mode (sequential "auto" or True), e.g. "cuda": the model
+                                           # stays where it lives (the CPU); only the non-block modules and one block
                                            # at a time, with its calibration activations, are moved here
     distribute: bool = True                # in an initialized torch.distributed group: each rank fits a share
                                            # of the layers and receives the rest (same model on every rank)
@@ -270,16 +270,17 @@ class BlastConfig:
         """This config with ``"auto"`` objective, strategy and sequential replaced by what they mean
         here (see the class docstring): "loss" and "loss" when calibration batches are given (and used:
         not with ``init="random"``) and the model returns a loss on them; otherwise "output" and
-        "uniform". Sequential when calibrated and streaming, or at a ``budget`` (the kept fraction)
-        of at most :data:`SEQUENTIAL_BELOW`. Explicit values are kept."""
+        "uniform". Sequential in streaming mode (``compute_device``), or when calibrated at a ``budget``
+        (the kept fraction) of at most :data:`SEQUENTIAL_BELOW`. Explicit values are kept."""
         fitted = calibrated and self.init != "random"
         use_loss = fitted and returns_loss
         objective = ("loss" if use_loss else "output") if self.objective == "auto" else self.objective
         strategy = ("loss" if use_loss else "uniform") if self.strategy == "auto" else self.strategy
         sequential = self.sequential
         if sequential == "auto":
-            sequential = fitted and (self.compute_device is not None
-                                     or (budget is not None and budget <= SEQUENTIAL_BELOW + 1e-9))
+            # streaming is always sequential: without calibration compress refuses it with that reason
+            sequential = self.compute_device is not None or (
+                fitted and budget is not None and budget <= SEQUENTIAL_BELOW + 1e-9)
         if (objective, strategy, sequential) == (self.objective, self.strategy, self.sequential):
             return self
         return replace(self, objective=objective, strategy=strategy, sequential=sequential)

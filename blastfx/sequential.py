@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from .analyze import block_of, dense_weight
-from .build import BuildOptions, build_layers
+from .build import BuildOptions, build_layers, distributed
 from .progress import progress_bar
 from .reconstruct import ReconstructOptions, norm_parameters, reconstruct_block
 from .statistics import LayerStats, check_reached, collect_covariances, run_batch, singular_covariance_error
@@ -343,6 +343,7 @@ def _calibrate_block(model, plan, b, dense_stream, stream, rests, stats, quiet, 
             results.append(reconstruct_block(block, stream, dense_stream,
                                              lambda blk, h, k, b=b: _call(blk, h, rests[b][k][1]), reconstruct,
                                              desc=f"reconstructing {b}"))
+            distributed.same_everywhere(block, quiet.distribute)     # ranks stepped on their own
     with torch.no_grad(), stage("forward"):
         stream = [_call(block, h, rest) for h, (_, rest) in zip(stream, rests[b])]
     return dense_stream, stream

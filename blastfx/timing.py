@@ -69,12 +69,12 @@ def stage_times():
 @contextlib.contextmanager
 def stage(name: str):
     """Charge the block's wall time to ``name`` (under the enclosing stage) while recording."""
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"a stage name is a non-empty word without '/', got {name!r}")
     times = _ACTIVE.get()
     if times is None:
         yield
         return
-    if not name or "/" in name:
-        raise ValueError(f"a stage name is a non-empty word without '/', got {name!r}")
     _sync()
     times._stack.append(name)
     path = "/".join(times._stack)
@@ -82,7 +82,9 @@ def stage(name: str):
     try:
         yield
     finally:
-        _sync()
-        times.seconds[path] = times.seconds.get(path, 0.0) + time.perf_counter() - start
-        times.counts[path] = times.counts.get(path, 0) + 1
-        times._stack.pop()
+        try:
+            _sync()
+        finally:                                 # the stack unwinds even if the wait fails
+            times.seconds[path] = times.seconds.get(path, 0.0) + time.perf_counter() - start
+            times.counts[path] = times.counts.get(path, 0) + 1
+            times._stack.pop()

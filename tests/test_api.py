@@ -3,6 +3,7 @@ model's own API kept, and all-or-nothing behaviour on errors."""
 import copy
 import threading
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -295,6 +296,18 @@ def test_weight_only_compression_warns_how_to_calibrate():
     assert warned({}, calibration=[torch.randn(8, 48)]) == []
     assert warned({"init": "random"}) == []                           # nothing is fitted
     assert warned({"method": "block_diagonal"}) == []                 # a structure that takes no calibration
+
+
+def test_auto_sequential_is_noted_on_the_plan_with_its_reason():
+    batches = [{"input_ids": torch.randint(3, 128, (2, 16))}]
+    explicit = BlastConfig(objective="output", strategy="uniform", **QUIET)
+    notes = lambda budget, cfg=explicit, cal=batches: [n for n in blastfx.plan_for(  # noqa: E731
+        models.tiny_llama(), budget, cfg, calibration=cal).notes if n.startswith("recipe (auto)")]
+    assert notes(0.5) == ["recipe (auto): sequential True: budget 0.5 <= 0.6"]
+    assert notes(0.8) == ["recipe (auto): sequential False: budget 0.8 > 0.6"]
+    assert notes(0.5, replace(explicit, sequential=False)) == []
+    [both] = notes(0.5, BlastConfig(**QUIET))
+    assert "objective 'loss', strategy 'loss': the model returns a loss" in both and "; sequential True" in both
 
 
 def test_auto_recipe_is_the_loss_recipe_when_the_model_returns_a_loss():

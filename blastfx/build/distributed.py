@@ -55,6 +55,17 @@ def share(built: dict[str, nn.Module], owners: dict[str, int], empty) -> dict[st
     return out
 
 
+def same_everywhere(module: nn.Module, enabled: bool = True) -> None:
+    """Every rank's ``module`` parameters set to rank 0's, in place: for work every rank does on its
+    own (block reconstruction's optimizer steps), whose rounding may differ between GPUs."""
+    _, ranks = world()
+    if not enabled or ranks == 1:
+        return
+    with torch.no_grad():
+        for _, p in sorted(module.named_parameters()):
+            torch.distributed.broadcast(p.data, src=0)
+
+
 @contextlib.contextmanager
 def launched_group():
     """The gloo process group ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1), set up

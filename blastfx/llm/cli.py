@@ -301,9 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--structure", choices=STRUCTURES, default="blast",
                    help="what the layers become: BLAST (default), SS1, or auto: per layer BLAST, SS1 or dense, "
                         "whichever the measured output error favours")
-    c.add_argument("--sequential", choices=("auto", "on", "off"), default="auto",
+    c.add_argument("--sequential", choices=("auto", "on", "off"), default="auto", nargs="?", const="on",
                    type=str.lower, help="calibrate block by block on the already-compressed model, with block "
-                        "reconstruction (auto, the default: at budgets up to 0.6, where it pays for its time)")
+                        "reconstruction (auto, the default: at budgets up to 0.6, where it pays for its time; "
+                        "the bare flag: on)")
     c.add_argument("--compute-device", metavar="DEVICE", default=None,
                    help="stream the model through this device (e.g. cuda) one block at a time, the model staying "
                         "on the CPU: for models larger than the GPU; compresses block by block")

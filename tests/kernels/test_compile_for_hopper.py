@@ -239,6 +239,18 @@ def _direct_launch(kernel, key, args, grid, device, what, **kwargs):
     kernel[(grid,)](*args, **kwargs)
 
 
+def _restore_caches_on_exit(stack: contextlib.ExitStack, modules) -> None:
+    """The launchers keep per-device state in module-level dicts (counters, workspaces, group tables)
+    and memoize per-device answers: what the recording put there (meta tensors, answers for a GPU
+    that is not here) is dropped on exit, so the tests collected after this file see none of it."""
+    for module in modules:
+        for value in vars(module).values():
+            if type(value) is dict:
+                stack.callback(lambda d=value, saved=dict(value): (d.clear(), d.update(saved)))
+            elif hasattr(value, "cache_clear") and getattr(value, "__module__", None) == module.__name__:
+                stack.callback(value.cache_clear)
+
+
 @contextlib.contextmanager
 def recording(sink: list):
     """Within: every kernel of :data:`KERNEL_MODULES` records its launches into ``sink``; launchers
@@ -246,6 +258,7 @@ def recording(sink: list):
     device, index 0, for caches keyed by it)."""
     modules = [importlib.import_module(m) for m in KERNEL_MODULES]
     with contextlib.ExitStack() as stack:
+        _restore_caches_on_exit(stack, [*modules, importlib.import_module("blastfx.kernels.state")])
         for module in modules:
             for name, kernel in _kernels_of(module).items():
                 stack.enter_context(mock.patch.object(module, name, _Recorder(module.__name__, name, kernel, sink)))

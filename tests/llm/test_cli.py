@@ -333,8 +333,10 @@ def test_streaming_and_speed_flags_reach_the_config(fake_model):
         return cli._config(args)
 
     streamed = config("--compute-device", "cpu", "--min-speedup", "1.2", "--latency", "measure")
-    assert streamed.sequential and streamed.compute_device == "cpu"
+    assert streamed.sequential == "auto" and streamed.compute_device == "cpu"
+    assert streamed.resolved(calibrated=True, returns_loss=True, budget=0.9).sequential is True    # streaming
     assert streamed.min_speedup == 1.2 and streamed.latency == "measure"
     plain = config()
     assert plain.sequential == "auto" and plain.compute_device is None and plain.min_speedup is None
     assert config("--sequential", "off").sequential is False and config("--sequential", "ON").sequential is True
+    assert config("--sequential").sequential is True                   # the bare flag, as before it took a value

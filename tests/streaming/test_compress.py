@@ -150,6 +150,8 @@ def test_bad_compute_device_is_refused_when_the_config_is_made():
     with pytest.raises(ValueError, match="leave sequential at 'auto' or set it True"):
         BlastConfig(sequential=False, compute_device="cpu")
     assert BlastConfig(compute_device="cpu").resolved(calibrated=True, returns_loss=False, budget=0.9).sequential
+    with pytest.raises(ValueError, match="needs calibration data: pass calibration="):   # not "set sequential"
+        blastfx.compress(models.tiny_llama(), 0.5, config=BlastConfig(compute_device="cpu", progress=False))
     missing = f"cuda:{torch.cuda.device_count()}"           # one past the last GPU: never available
     with pytest.raises(ValueError, match=f"'{missing}' is not available here"):
         BlastConfig(sequential=True, compute_device=missing)
