@@ -130,6 +130,7 @@ def main():
           f"dense perplexity {base:.2f}", flush=True)
     print("\n| budget | factors | perplexity | x dense | bytes vs bf16 dense | compress s |\n|---|---|---|---|---|---|",
           flush=True)
+    dense_layers = decoder_linears(dense)             # what every case's bytes are counted over
     for budget, factor_dtype in args.cases:
         if factor_dtype == INT4_DENSE:
             int4_dense(dense, windows, base, model_dtype, args)
@@ -140,7 +141,7 @@ def main():
                          calibration=calib)
         secs = time.perf_counter() - t0
         ppl = perplexity(model, windows)
-        stored, dense_bytes = layer_bytes(model, decoder_linears(dense))
+        stored, dense_bytes = layer_bytes(model, dense_layers)
         config = {"budget": budget, "factor_dtype": factor_dtype, "model_dtype": model_dtype,
                   "calib_tokens": args.calib_tokens, "eval_windows": args.eval_windows,
                   "blast_layers": len(model.blastfx_plan.layers), "kept_dense": len(model.blastfx_plan.dense)}

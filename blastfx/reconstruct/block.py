@@ -20,13 +20,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from .. import structures
 from ..progress import progress_bar
-from ..structures.blast.ops import gemm_in_fp32
+from ..cpu_products import products_in_fp32
 
 
 def _check_number(name: str, value, integer: bool = False, optional: bool = False):
@@ -98,53 +96,6 @@ def block_parameters(block: nn.Module, norms: bool = True) -> list[nn.Parameter]
     return list({id(p): p for p in chosen}.values())
 
 
-_PRODUCTS = frozenset({F.linear, torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm, torch.Tensor.matmul,
-                       torch.Tensor.__rmatmul__, torch.Tensor.mm, torch.Tensor.bmm, torch.Tensor.addmm,
-                       torch.Tensor.baddbmm})
-
-
-class _ProductsInFp32(TorchFunctionMode):
-    """Matrix products (``F.linear``, ``matmul``, ``mm``, ``bmm``, ...) of bf16 / fp16 CPU tensors taken in
-    fp32 and rounded back, where that dtype has no fast CPU GEMM (:func:`gemm_in_fp32`): the BLAST op does
-    so for its own products, this does it for the block's other layers (its dense linears, attention's
-    matmuls). The same values up to fp32 summation order; autograd records the casts, so the backward's
-    products run in fp32 too."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        dtype = _slow_product_dtype(func, args, kwargs)
-        if dtype is None:
-            return func(*args, **kwargs)
-        return func(*map(_fp32, args), **{k: _fp32(v) for k, v in kwargs.items()}).to(dtype)
-
-
-def _fp32(a):
-    return a.float() if isinstance(a, torch.Tensor) else a
-
-
-def _slow_product_dtype(func, args, kwargs) -> torch.dtype | None:
-    """The dtype of a call to a matrix product whose tensors share one dtype with a slow CPU GEMM
-    (:func:`gemm_in_fp32`); ``None`` for any other call."""
-    if func not in _PRODUCTS or "out" in kwargs:
-        return None
-    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-    if tensors and all(t.dtype == tensors[0].dtype and gemm_in_fp32(t) for t in tensors):
-        return tensors[0].dtype
-    return None
-
-
-def _fast_products(call, block: nn.Module, inputs):
-    """``call``, its matrix products in fp32 where the block computes in a dtype whose CPU GEMM is slow
-    (:class:`_ProductsInFp32`); ``call`` itself otherwise."""
-    if not any(gemm_in_fp32(t) for t in (*inputs, *block.parameters())):
-        return call
-
-    def in_fp32(blk, x, k):
-        with _ProductsInFp32():
-            return call(blk, x, k)
-    return in_fp32
-
-
 def _error(block, inputs, targets, call, scale: float) -> float:
     with torch.no_grad():
         return sum((call(block, x, k).float() - t.float()).square().sum().item()
@@ -164,7 +115,7 @@ def reconstruct_block(block: nn.Module, inputs: Sequence[torch.Tensor], targets:
     params = block_parameters(block, options.norms)
     if options.steps == 0 or not params:
         return ReconstructResult(0, 0.0, math.nan, math.nan, False)
-    call = _fast_products(call, block, inputs)
+    call = products_in_fp32(call, (*inputs, *block.parameters()))
     flags = [(p, p.requires_grad) for p in block.parameters()]
     originals = [p.detach().clone() for p in params]
     was_training = block.training

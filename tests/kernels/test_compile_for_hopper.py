@@ -524,7 +524,7 @@ def compile_in_workers(specs: list[dict], scratch: Path) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def compiled(request, tmp_path_factory):
-    """The compile results of every launch selected in this session (all, or those ``-k`` keeps)."""
+    """The compile results of every launch this pytest run selected (all, or those ``-k`` keeps)."""
     missing = missing_toolchain()
     if missing:
         pytest.skip(f"cannot compile for sm_90 on this machine: {missing}")

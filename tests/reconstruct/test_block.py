@@ -172,8 +172,7 @@ def test_products_in_fp32_on_a_slow_cpu_gemm_give_the_dtype_own_values(monkeypat
     round back: the same outputs and gradients as bf16 products, up to fp32 summation order."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from blastfx.reconstruct.block import _fast_products
-    from blastfx.structures.blast import ops
+    from blastfx import cpu_products
 
     block, inputs, _ = bf16_problem()
 
@@ -192,9 +191,9 @@ def test_products_in_fp32_on_a_slow_cpu_gemm_give_the_dtype_own_values(monkeypat
         return b(x) + 1e-3 * torch.matmul(x, torch.ones(30, 30, dtype=x.dtype))
 
     def run(fast_dtypes):
-        monkeypatch.setattr(ops, "_ONEDNN_GEMM_DTYPES", frozenset(fast_dtypes))
+        monkeypatch.setattr(cpu_products, "_ONEDNN_GEMM_DTYPES", frozenset(fast_dtypes))
         with ProductDtypes() as products:
-            y = _fast_products(matmul_too, block, inputs)(block, inputs[0], 0)
+            y = cpu_products.products_in_fp32(matmul_too, (*inputs, *block.parameters()))(block, inputs[0], 0)
         assert products.dtypes == {torch.float32 if torch.bfloat16 not in fast_dtypes else torch.bfloat16}
         return y, torch.autograd.grad(y.float().square().sum(), block.parameters())
 
@@ -203,13 +202,14 @@ def test_products_in_fp32_on_a_slow_cpu_gemm_give_the_dtype_own_values(monkeypat
     assert y32.dtype == torch.bfloat16
     for a, b in zip((y32, *grads32), (y, *grads)):
         torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02 * b.float().abs().max().item())
-    assert _fast_products(call, *problem()[:2]) is call           # fp32: the call as it is
+    block32, inputs32 = problem()[:2]
+    assert cpu_products.products_in_fp32(call, (*inputs32, *block32.parameters())) is call     # fp32: as it is
 
 
 def test_bf16_reconstruction_with_fp32_products(monkeypatch):
-    from blastfx.structures.blast import ops
+    from blastfx import cpu_products
 
-    monkeypatch.setattr(ops, "_ONEDNN_GEMM_DTYPES", frozenset())
+    monkeypatch.setattr(cpu_products, "_ONEDNN_GEMM_DTYPES", frozenset())
     block, inputs, targets = bf16_problem()
     result = reconstruct_block(block, inputs, targets, call, ReconstructOptions(steps=8, lr=1e-2, progress=False))
     assert result.kept and result.error_after < result.error_before

@@ -18,11 +18,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ...cpu_products import bmm, gemm_in_fp32  # noqa: F401  (gemm_in_fp32: where the op's products run)
 from ...kernels import scope
 from .layout import BlastShape
 
 __all__ = ["blast_matmul", "blast_to_dense", "blast_matmul_reference", "blast_matmul_backward_reference", "mix",
-           "mix_grad_S", "grad_mix_reference", "check_inputs", "gemm_in_fp32"]
+           "mix_grad_S", "grad_mix_reference", "check_inputs"]
 
 
 def check_inputs(x, U, S, V, bias, out_features) -> BlastShape:
@@ -54,33 +55,6 @@ def check_placement(op: str, shape: BlastShape, tensors: dict, x, U, V, bias, ou
     return shape
 
 
-def _onednn_gemm_dtypes() -> frozenset:
-    """The reduced-precision dtypes PyTorch has a oneDNN GEMM for on this CPU (bf16: AVX-512 or AMX; fp16:
-    AVX-512-FP16 or AMX-FP16)."""
-    mkldnn = torch.ops.mkldnn if torch.backends.mkldnn.is_available() else None
-    checks = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
-    return frozenset(dtype for dtype, name in checks.items()
-                     if mkldnn is not None and hasattr(mkldnn, name) and getattr(mkldnn, name)())
-
-
-_ONEDNN_GEMM_DTYPES = _onednn_gemm_dtypes()
-
-
-def gemm_in_fp32(t: torch.Tensor) -> bool:
-    """True when a matrix product of ``t`` is better taken in fp32 and rounded back: ``t`` is bf16 / fp16 on
-    a CPU without a oneDNN GEMM for its dtype. There PyTorch's fallback GEMM is a scalar loop, tens of times
-    slower than fp32; it accumulates in fp32 and rounds once, so the fp32 product rounded to ``t.dtype`` is
-    the same result up to fp32 summation order."""
-    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16) and t.dtype not in _ONEDNN_GEMM_DTYPES
-
-
-def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``torch.bmm``, in fp32 where :func:`gemm_in_fp32` says the dtype's own CPU GEMM is slow."""
-    if gemm_in_fp32(a):
-        return torch.bmm(a.float(), b.float()).to(a.dtype)
-    return torch.bmm(a, b)
-
-
 def _pad_to(t: torch.Tensor, size: int) -> torch.Tensor:
     return t if t.shape[-1] == size else F.pad(t, (0, size - t.shape[-1]))
 
@@ -95,13 +69,13 @@ def mix(S: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
     One batched matmul over the rank: (r, b_out, b_in) @ (r, b_in, T). No (b_out, b_in, T, r) temporary.
     """
-    return _bmm(S.permute(2, 0, 1), z.permute(2, 0, 1)).permute(1, 2, 0)
+    return bmm(S.permute(2, 0, 1), z.permute(2, 0, 1)).permute(1, 2, 0)
 
 
 def mix_grad_S(g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``dS[i, j] = sum_t g_i * z_j`` for g (b_out, T, r), z (b_in, T, r) -> (b_out, b_in, r): the gradient
     of ``mix(S, z)`` with respect to S when its output's gradient is g."""
-    return _bmm(g.permute(2, 0, 1), z.permute(2, 1, 0)).permute(1, 2, 0)
+    return bmm(g.permute(2, 0, 1), z.permute(2, 1, 0)).permute(1, 2, 0)
 
 
 def blast_matmul_reference(x, U, S, V, bias=None, out_features=None):
@@ -109,9 +83,9 @@ def blast_matmul_reference(x, U, S, V, bias=None, out_features=None):
     shape = BlastShape.from_factors(U, S, V, out_features=out_features)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    z = _bmm(_in_blocks(x2, shape.b_in, shape.q), V)               # (b_in, T, r)
+    z = bmm(_in_blocks(x2, shape.b_in, shape.q), V)               # (b_in, T, r)
     w = mix(S, z)                                                    # (b_out, T, r)
-    y = _bmm(w, U.transpose(1, 2))                                   # (b_out, T, p)
+    y = bmm(w, U.transpose(1, 2))                                   # (b_out, T, p)
     y = y.transpose(0, 1).reshape(x2.shape[0], shape.m_pad)[:, : shape.out_features]
     if bias is not None:
         y = y + bias
@@ -133,17 +107,17 @@ def blast_matmul_backward_reference(grad_y, x, U, S, V, out_features=None, needs
     gy = _pad_to(g2, shape.m_pad).view(T, shape.b_out, shape.p).transpose(0, 1)   # (b_out, T, p)
     xb = _in_blocks(x2, shape.b_in, shape.q)                                          # (b_in, T, q)
     need_x, need_U, need_S, need_V, need_b = needs
-    z = _bmm(xb, V)                                                                    # (b_in, T, r)
-    gw = _bmm(gy, U)                                                                   # (b_out, T, r)
+    z = bmm(xb, V)                                                                    # (b_in, T, r)
+    gw = bmm(gy, U)                                                                   # (b_out, T, r)
     w, gz, dS = torch.ops.blastfx.blast_grad_mix(z, gw, S, kernels)
-    dU = _bmm(gy.transpose(1, 2), w) if need_U else None
+    dU = bmm(gy.transpose(1, 2), w) if need_U else None
     dS = dS if need_S else None
     dx = dV = None
     if need_x or need_V:
         if need_V:
-            dV = _bmm(xb.transpose(1, 2), gz)
+            dV = bmm(xb.transpose(1, 2), gz)
         if need_x:
-            dx = _bmm(gz, V.transpose(1, 2)).transpose(0, 1).reshape(T, shape.n_pad)[:, :n]
+            dx = bmm(gz, V.transpose(1, 2)).transpose(0, 1).reshape(T, shape.n_pad)[:, :n]
             dx = dx.reshape(x.shape)
     db = g2.sum(0) if need_b else None
     return dx, dU, dS, dV, db

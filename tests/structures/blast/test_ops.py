@@ -192,13 +192,14 @@ def test_slow_cpu_gemm_dtypes_take_their_products_in_fp32(dtype, monkeypatch):
     """Where the CPU has no oneDNN GEMM for bf16 / fp16, the reference takes each product in fp32 and rounds it
     back: the values of the dtype's own bmm (which accumulates in fp32 too), forward and backward, up to
     summation order."""
+    from blastfx import cpu_products
     from blastfx.structures.blast import ops
 
     s, U, S, V = factors(48, 40, 8, 4, 2, dtype=torch.float32)
     leaves = [t.to(dtype).requires_grad_() for t in (torch.randn(3, 7, 40), U, S, V)]
 
     def run(fast_dtypes):
-        monkeypatch.setattr(ops, "_ONEDNN_GEMM_DTYPES", frozenset(fast_dtypes))
+        monkeypatch.setattr(cpu_products, "_ONEDNN_GEMM_DTYPES", frozenset(fast_dtypes))
         assert ops.gemm_in_fp32(leaves[0]) == (dtype not in fast_dtypes)
         y = torch.ops.blastfx.blast_matmul(*leaves, None, None)
         grads = torch.autograd.grad(y.float().square().sum(), leaves)
