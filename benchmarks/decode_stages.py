@@ -3,6 +3,7 @@ each launch mode, against dense cuBLAS and the measured streaming bandwidth of t
 
     python benchmarks/decode_stages.py                  # Llama-2-7B layer shapes, b = 4, T = 1
     python benchmarks/decode_stages.py --kernel decode  # the tensor-core slot kernel instead of the GEMV one
+    python benchmarks/decode_stages.py --sweep --no-chain   # + each GEMV stage alone over a grid of tile configs
 
 Stage 1 streams V (x·V with the s-mix), stage 2 streams U (w·Uᵀ), each alone with the default tiles
 and (GEMV kernel) with narrow r-tiles (``BR=64``: fewer atomics in stage 1). Each launch mode of the kernel is
@@ -21,8 +22,44 @@ import torch
 
 from blastfx.kernels import decode, forward, gemv
 from blastfx.structures.blast.layout import BlastShape
+import itertools
+
 from common import copies_for, graph_ms, versions
 from rows import add_arguments, measurements, record
+
+
+# stage 1: (BQ, BR) tiles of 4-64 KB of bf16, warps, pipeline stages, programs per SM (sets the q-split)
+STAGE1_SWEEP = [dict(BQ=bq, BR=br, warps=w, stages=st, per_sm=ps)
+                for (bq, br), w, st, ps in itertools.product(
+                    ((16, 512), (32, 512), (64, 512), (32, 256), (64, 256), (128, 256), (64, 128), (128, 128),
+                     (256, 128), (128, 64), (256, 64)), (4, 8), (1, 3), (1, 2, 4))]
+# stage 2: (BP, BK) tiles, warps, pipeline stages (its grid is b_out x p-tiles, whatever per_sm says)
+STAGE2_SWEEP = [dict(BP=bp, BK=bk, warps=w, warps2=w, stages=st)
+                for (bp, bk), w, st in itertools.product(
+                    ((4, 1024), (8, 1024), (8, 512), (16, 512), (32, 512), (16, 256), (32, 256), (64, 256),
+                     (32, 128), (64, 128)), (4, 8), (1, 3))]
+
+
+def sweep(x, fac, shape, v_bytes, u_bytes, keep=8):
+    """(metrics, lines): each stage alone, mode "two", over its sweep; the ``keep`` fastest configs of
+    each stage become rows, every config a printed line."""
+    metrics, lines = [], []
+    for stage, grid, nbytes in ((1, STAGE1_SWEEP, v_bytes), (2, STAGE2_SWEEP, u_bytes)):
+        timed = []
+        for tiles in grid:
+            cfg = {**gemv.DEFAULT, "mode": "two", **tiles}
+            try:
+                t = graph_ms(lambda k: gemv.blast_gemv(x, *fac[k], None, shape, cfg, only_stage=stage), len(fac))
+            except Exception as err:                            # noqa: BLE001 -- e.g. out of registers
+                print(f"  stage {stage} {tiles}: {type(err).__name__}", flush=True)
+                continue
+            timed.append((t, " ".join(f"{k}={v}" for k, v in tiles.items() if k != "warps2")))
+        timed.sort()
+        for t, label in timed[:keep]:
+            metrics += [(f"stage {stage} {label} time", t, "ms"),
+                        (f"stage {stage} {label} bandwidth", round(nbytes / t / 1e6), "GB/s")]
+        lines += [f"  stage {stage}: {label} {t * 1e3:.2f} us ({nbytes / t / 1e6:.0f} GB/s)" for t, label in timed]
+    return metrics, lines
 
 
 def main():
@@ -33,6 +70,7 @@ def main():
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--kernel", choices=("gemv", "decode"), default="gemv")
     ap.add_argument("--no-chain", action="store_true", help="skip the block of seven linears in a row")
+    ap.add_argument("--sweep", action="store_true", help="each GEMV stage alone over a grid of tile configs")
     add_arguments(ap)
     args = ap.parse_args()
     dt, dev = torch.bfloat16, "cuda"
@@ -77,6 +115,12 @@ def main():
                         ("ideal vs dense", round(m * n / shape.num_params, 3), "x")]
             print(f"{m}x{n} b={args.blocks} r={r} T={T}: " + ", ".join(
                 f"{k} {v:.4g}{u}" for k, v, u in metrics), flush=True)
+            if args.sweep and args.kernel == "gemv":
+                swept, lines = sweep(x, fac, shape, v_bytes, u_bytes)
+                print("\n".join(lines), flush=True)
+                record("decode_stage_sweep", measurements(f"{m}x{n} b={args.blocks} T={T}", dict(
+                    out=m, b=args.blocks, r=r, T=T, budget=args.budget, dtype="bfloat16", **{"in": n}), swept),
+                    directory=args.results_dir)
             record("decode_stages", measurements(f"{m}x{n} b={args.blocks} T={T}", dict(
                 out=m, b=args.blocks, r=r, T=T, budget=args.budget, dtype="bfloat16", **{"in": n}), metrics),
                 directory=args.results_dir)

@@ -48,6 +48,18 @@ def kernel_category(name: str) -> str:
     return next((cat for cat, marks in KERNEL_MARKS if any(m in name.lower() for m in marks)), "other")
 
 
+def top_kernels(events, steps: int, count: int = 12) -> list[tuple[str, str, float, float]]:
+    """The ``count`` kernels that take the most time: (category, name cut to 80 characters, µs per
+    step, launches per step), from the profiler's (name, µs) events of ``steps`` decode steps; a
+    category total says how much time, this says which kernels (e.g. which cuBLAS GEMV ran a BLAST call)."""
+    total, launches = {}, {}
+    for name, us in events:
+        total[name] = total.get(name, 0.0) + us / steps
+        launches[name] = launches.get(name, 0) + 1 / steps
+    ranked = sorted(total, key=total.get, reverse=True)[:count]
+    return [(kernel_category(n), n[:80], total[n], launches[n]) for n in ranked]
+
+
 SHAPES = {   # the published configurations' shapes (random weights)
     "llama2-7b": dict(hidden=4096, inter=11008, heads=32, kv_heads=32, vocab=32000),
     "llama3-8b": dict(hidden=4096, inter=14336, heads=32, kv_heads=8, vocab=128256),
@@ -137,7 +149,7 @@ class Decoder:
         for name, us in events:
             times[kernel_category(name)] += us / steps
             times["total"] += us / steps
-        return times, len(events) / steps, how
+        return times, len(events) / steps, how, top_kernels(events, steps)
 
     def _kernels(self, step, steps):
         """(name, µs) of every GPU kernel and copy that ``steps`` calls of ``step`` ran: after an eager
@@ -308,16 +320,32 @@ def profile_decode(args, models, config, steps=16):
     for bs in args.batch:
         label = "decode %d tokens at batch %d, CUDA graphs: kernels per step" % (args.new_tokens, bs)
         case = label if args.model == "llama2-7b" else f"{args.model}: {label}"
-        rows = []
+        rows, kernel_rows = [], []
         for name, (model, backend) in models.items():
             torch._dynamo.reset()
-            times, launches, how = Decoder(model, backend, args.prompt, args.new_tokens, bs).kernel_profile(steps)
+            times, launches, how, top = Decoder(model, backend, args.prompt, args.new_tokens, bs).kernel_profile(steps)
             print(f"{label}, {name}: " + ", ".join(f"{c} {t:.0f} µs" for c, t in times.items())
                   + f", {launches:.0f} kernels ({how})", flush=True)
+            for cat, kernel, us, count in top:
+                print(f"    {us:8.1f} µs {count:6.1f}x  {us / count:6.2f} µs each  [{cat}] {kernel}", flush=True)
             rows += measurements(case, {**config, "profiled": how, "steps": steps},
                                  [(f"{name} {c} kernel time", round(t, 2), "µs") for c, t in times.items()]
                                  + [(f"{name} kernel launches", round(launches, 1), "")])
+            kernel_rows += measurements(f"{case}, {name}", {**config, "steps": steps},
+                                        [(f"[{cat}] {kernel}: µs per step", round(us, 2), "µs")
+                                         for cat, kernel, us, _ in top]
+                                        + [(f"[{cat}] {kernel}: launches per step", round(count, 2), "")
+                                           for cat, kernel, _, count in top])
+        if backend_choices():
+            print("  autotuned paths: " + ", ".join(backend_choices()), flush=True)
         record("llama_e2e", rows, directory=args.results_dir)
+        record("llama_e2e_kernels", kernel_rows, directory=args.results_dir)
+
+
+def backend_choices() -> list[str]:
+    """What the BLAST op's autotuner chose, one "shape T-bucket: path" per tuned key."""
+    from blastfx.kernels import autotune
+    return [f"{key}: {path}" for key, path in autotune.report().items()]
 
 
 def torchao_model(model, kind):

@@ -259,9 +259,10 @@ def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_p
         _advance_generation(sync_ptr, GRID)
 
 
-# Per-member fields of a group's table (int64): factor addresses, geometry, work-item ranges.
+# Per-member fields of a group's table (int64): where its factors are (in elements from the anchor,
+# the first member's U), geometry, work-item ranges.
 FIELDS = ("u", "s", "v", "bias", "y_col", "M", "P", "Q", "R", "B_IN", "B_OUT", "Q_CHUNK", "R_TILES",
-          "P_TILES", "items1", "items2", "w_off")
+          "P_TILES", "items1", "items2", "w_off", "has_bias")
 _NF = tl.constexpr(len(FIELDS))
 
 
@@ -275,8 +276,18 @@ def _member(table_ptr, item, G, FIELD: tl.constexpr):
 
 
 @triton.jit
-def _gemv_group_kernel(x_ptr, y_ptr, table_ptr, ws_ptr, sync_ptr, T, N, YS, G, ITEMS1, ITEMS2, EXTENT,
-                       GRID, HALF, sxt, BT: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
+def _factor_address(anchor_ptr, row, FIELD: tl.constexpr, ALIGN: tl.constexpr):
+    """A member's factor as the anchor pointer plus its element offset from the table row, hinted a
+    multiple of ALIGN elements (16 bytes; :func:`groupable` checks it). Why not the address itself:
+    an address loaded from memory and cast to a pointer carries no alignment the compiler can see,
+    so every factor load would be a 2-byte scalar load instead of a 16-byte vector load; an aligned
+    pointer argument plus a hinted offset keeps the vector loads of the one-layer kernel."""
+    return anchor_ptr + tl.multiple_of(tl.load(row + FIELD), ALIGN)
+
+
+@triton.jit
+def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, table_ptr, ws_ptr, sync_ptr, T, N, YS, G, ITEMS1, ITEMS2,
+                       EXTENT, GRID, HALF, sxt, ALIGN: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
                        BP: tl.constexpr, BK: tl.constexpr, ZB: tl.constexpr, STAGE: tl.constexpr,
                        PREFETCH: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr):
     """Several BLAST layers that read the same x (q/k/v, gate/up) in one stream of work items: the
@@ -285,7 +296,6 @@ def _gemv_group_kernel(x_ptr, y_ptr, table_ptr, ws_ptr, sync_ptr, T, N, YS, G, I
     (T, YS) buffer, each member writing its columns. PDL and PREFETCH as in ``_gemv_decode_kernel``
     (two-launch form: one item per program)."""
     pid = tl.program_id(0)
-    ptr_ty = tl.pointer_type(x_ptr.dtype.element_ty)
     if PDL:
         if PREFETCH:
             if STAGE == 1:
@@ -293,7 +303,7 @@ def _gemv_group_kernel(x_ptr, y_ptr, table_ptr, ws_ptr, sync_ptr, T, N, YS, G, I
                 Q = tl.load(row + 7).to(tl.int32)
                 R = tl.load(row + 8).to(tl.int32)
                 local = pid - tl.load(row + 14).to(tl.int32)
-                _prefetch_v_items(tl.load(row + 2).to(ptr_ty, bitcast=True), local, local + 1, 1, Q, R,
+                _prefetch_v_items(_factor_address(anchor_ptr, row, 2, ALIGN), local, local + 1, 1, Q, R,
                                   tl.load(row + 9).to(tl.int32), tl.load(row + 11).to(tl.int32),
                                   tl.load(row + 12).to(tl.int32), Q * R, R, 1, BR, LINE)
             else:
@@ -301,7 +311,7 @@ def _gemv_group_kernel(x_ptr, y_ptr, table_ptr, ws_ptr, sync_ptr, T, N, YS, G, I
                 P = tl.load(row + 6).to(tl.int32)
                 R = tl.load(row + 8).to(tl.int32)
                 local = pid - tl.load(row + 15).to(tl.int32)
-                _prefetch_u(tl.load(row + 0).to(ptr_ty, bitcast=True), local, local + 1, 1,
+                _prefetch_u(_factor_address(anchor_ptr, row, 0, ALIGN), local, local + 1, 1,
                             tl.load(row + 13).to(tl.int32), P, R, P * R, R, 1, BP, LINE)
         gdc_wait()
         gdc_launch_dependents()
@@ -311,8 +321,8 @@ def _gemv_group_kernel(x_ptr, y_ptr, table_ptr, ws_ptr, sync_ptr, T, N, YS, G, I
         _clear_other_half(ws_ptr, sync_ptr, gen, pid, GRID, HALF, EXTENT, ZB)
         for item in range(pid, ITEMS1, GRID):
             row = table_ptr + _member(table_ptr, item, G, 14) * _NF
-            v_ptr = tl.load(row + 2).to(ptr_ty, bitcast=True)
-            s_ptr = tl.load(row + 1).to(ptr_ty, bitcast=True)
+            v_ptr = _factor_address(anchor_ptr, row, 2, ALIGN)
+            s_ptr = _factor_address(anchor_ptr, row, 1, ALIGN)
             Q = tl.load(row + 7).to(tl.int32)
             R = tl.multiple_of(tl.load(row + 8).to(tl.int32), 8)
             B_IN = tl.load(row + 9).to(tl.int32)
@@ -325,13 +335,12 @@ def _gemv_group_kernel(x_ptr, y_ptr, table_ptr, ws_ptr, sync_ptr, T, N, YS, G, I
     if STAGE != 1:
         for item in range(pid, ITEMS2, GRID):
             row = table_ptr + _member(table_ptr, item, G, 15) * _NF
-            b_addr = tl.load(row + 3)
             P = tl.load(row + 6).to(tl.int32)
             R = tl.multiple_of(tl.load(row + 8).to(tl.int32), 8)
-            _wu_item(item - tl.load(row + 15).to(tl.int32), tl.load(row + 0).to(ptr_ty, bitcast=True),
-                     b_addr.to(ptr_ty, bitcast=True), y_ptr + tl.load(row + 4), w_base + tl.load(row + 16),
+            _wu_item(item - tl.load(row + 15).to(tl.int32), _factor_address(anchor_ptr, row, 0, ALIGN),
+                     _factor_address(anchor_ptr, row, 3, ALIGN), y_ptr + tl.load(row + 4), w_base + tl.load(row + 16),
                      T, tl.load(row + 5).to(tl.int32), P, R, tl.load(row + 13).to(tl.int32),
-                     P * R, R, 1, YS, 1, b_addr != 0, BT, BP, BK, x_ptr, 0, 0, 0)
+                     P * R, R, 1, YS, 1, tl.load(row + 17) != 0, BT, BP, BK, x_ptr, 0, 0, 0)
     if STAGE == 2:
         _advance_generation(sync_ptr, GRID)
 
@@ -382,7 +391,13 @@ CANDIDATES = (DEFAULT, {**DEFAULT, "BQ": 64, "BR": 128, "BP": 32, "BK": 256, "pe
               {**DEFAULT, "mode": "pdl", "prefetch": 1, "BR": 256, "warps": 8, "warps2": 4},
               # narrow r-tiles: more work items per block-column, so fewer q-chunks fill the grid and
               # stage 1 issues several times fewer atomics (B_OUT per r element per q-chunk)
-              {**DEFAULT, "BQ": 64, "BR": 64}, {**DEFAULT, "mode": "pdl", "prefetch": 1, "BQ": 64, "BR": 64})
+              {**DEFAULT, "BQ": 64, "BR": 64}, {**DEFAULT, "mode": "pdl", "prefetch": 1, "BQ": 64, "BR": 64},
+              # the fastest tiles of each stage timed alone on an H200 (benchmarks/decode_stages.py --sweep):
+              # stage 1 tall-narrow V tiles (128 x 64, 16 KB), stage 2 eight U rows by 512
+              {**DEFAULT, "BQ": 128, "BR": 64, "stages": 3, "BP": 8},
+              {**DEFAULT, "BQ": 64, "BR": 128, "per_sm": 4, "BP": 8},
+              {**DEFAULT, "BP": 8},
+              {**DEFAULT, "mode": "pdl", "prefetch": 1, "BQ": 128, "BR": 64, "stages": 3, "BP": 8})
 
 
 def candidates(device) -> list[dict]:
@@ -495,11 +510,13 @@ def groupable(members) -> str | None:
             return f"member {k} has non-contiguous factors"
         if shape.rank % 8:
             return f"member {k} has rank {shape.rank}, not a multiple of 8"
+        if any(t.data_ptr() % 16 for t in (U, S, V) + ((b,) if b is not None else ())):
+            return f"member {k} has a factor or bias not 16-byte aligned (a view at an offset?)"
     return None
 
 
 def _group_table(members, device, grid: int, cfg: dict, BT: int):
-    """(table, totals) for ``members``: each member's addresses, geometry and the ranges of the two
+    """(table, totals) for ``members``: each member's factor offsets from the anchor, geometry and the ranges of the two
     stages' work items; cached by the members' addresses and geometry, so a CUDA-graph capture (which
     cannot copy a new table to the device) finds the one the warm-up call built."""
     key = (grid, BT, tuple(sorted(cfg.items())),
@@ -508,11 +525,16 @@ def _group_table(members, device, grid: int, cfg: dict, BT: int):
     if key not in _TABLES:
         total = sum(shape.num_params for *_, shape in members)
         rows, items1, items2, w_off, y_col = [], 0, 0, 0, 0
+        anchor, size = members[0][0], members[0][0].element_size()
+
+        def offset(t):                          # elements from the anchor (exact: both are 16-byte aligned)
+            return (t.data_ptr() - anchor.data_ptr()) // size if t is not None else 0
+
         for U, S, V, b, shape in members:
             plan = gemv_plan(shape, max(1, grid * shape.num_params // total), cfg)
-            rows.append([U.data_ptr(), S.data_ptr(), V.data_ptr(), b.data_ptr() if b is not None else 0, y_col,
+            rows.append([offset(U), offset(S), offset(V), offset(b), y_col,
                          shape.out_features, shape.p, shape.q, shape.rank, shape.b_in, shape.b_out,
-                         plan["Q_CHUNK"], plan["R_TILES"], plan["P_TILES"], items1, items2, w_off])
+                         plan["Q_CHUNK"], plan["R_TILES"], plan["P_TILES"], items1, items2, w_off, b is not None])
             items1 += shape.b_in * plan["R_TILES"] * plan["Q_SPLIT"]
             items2 += shape.b_out * plan["P_TILES"]
             w_off += shape.b_out * BT * shape.rank
@@ -547,15 +569,15 @@ def blast_gemv_group(x2, members, cfg: dict | None = None, *, interpret: bool = 
     table, items1, items2, extent, width = _group_table(members, x2.device, grid, cfg, BT)
     sync, ws = workspace(x2.device, extent)
     y = torch.empty(T, width, device=x2.device, dtype=x2.dtype)
-    const = dict(BT=BT, BQ=cfg["BQ"], BR=cfg["BR"], BP=cfg["BP"], BK=cfg["BK"], ZB=1024,
-                 **dict(flags, PREFETCH=flags["PREFETCH"] if mode == "pdl" else 0))
+    const = dict(ALIGN=16 // members[0][0].element_size(), BT=BT, BQ=cfg["BQ"], BR=cfg["BR"], BP=cfg["BP"],
+                 BK=cfg["BK"], ZB=1024, **dict(flags, PREFETCH=flags["PREFETCH"] if mode == "pdl" else 0))
     launch = {} if interpret else {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
     if mode == "pdl":
         launch["launch_pdl"] = True
 
     def args(g):
-        return (x2, y, table, ws, sync, T, n, width, len(members), items1, items2, extent, g, ws.numel() // 2,
-                x2.stride(0))
+        return (x2, y, members[0][0], table, ws, sync, T, n, width, len(members), items1, items2, extent, g,
+                ws.numel() // 2, x2.stride(0))
 
     if mode != "persistent":
         _gemv_group_kernel[(items1,)](*args(items1), STAGE=1, **const, **launch)

@@ -52,7 +52,8 @@ def test_profile_rows_per_model_and_category(tmp_path, monkeypatch):
         def kernel_profile(self, steps):
             times = {"blast": 0.0, "gemm": 3000.0, "attention": 200.0, "other": 800.0}
             times = {c: t / self.model for c, t in times.items()}
-            return {**times, "total": sum(times.values())}, 900.0 / self.model, "CUDA-graph replays"
+            top = [("gemm", "gemv2T_kernel", 3000.0 / self.model, 224.0)]
+            return {**times, "total": sum(times.values())}, 900.0 / self.model, "CUDA-graph replays", top
 
     monkeypatch.setattr(llama_e2e, "DEVICE", "cuda")
     monkeypatch.setattr(llama_e2e, "Decoder", Decoder)
@@ -64,6 +65,16 @@ def test_profile_rows_per_model_and_category(tmp_path, monkeypatch):
     assert got[(case, "blastfx total kernel time")] == (2000.0, "µs")
     assert got[(case, "blastfx kernel launches")] == (450.0, "")
     assert len(got) == 2 * (len(llama_e2e.CATEGORIES) + 2)
+    kernels = {(r["case"], r["metric"]): float(r["value"]) for r in rows.read(tmp_path / "llama_e2e_kernels.csv")}
+    assert kernels[(case + ", blastfx", "[gemm] gemv2T_kernel: µs per step")] == 1500.0
+    assert kernels[(case + ", dense", "[gemm] gemv2T_kernel: launches per step")] == 224.0
+
+
+def test_top_kernels_rank_by_time_per_step():
+    events = [("_gemv_group_kernel", 6.0), ("gemv2T_kernel", 10.0), ("_gemv_group_kernel", 6.0),
+              ("triton_red_fused_mean_0", 1.0), ("gemv2T_kernel", 10.0), ("_gemv_group_kernel", 6.0)]
+    top = llama_e2e.top_kernels(events, steps=2, count=2)
+    assert top == [("gemm", "gemv2T_kernel", 10.0, 1.0), ("blast", "_gemv_group_kernel", 9.0, 1.5)]
 
 
 def test_profile_is_skipped_without_cuda(tmp_path, monkeypatch, capsys):

@@ -173,6 +173,35 @@ def test_group_refuses_members_it_cannot_stream():
         gemv.blast_gemv_group(torch.randn(1, n, device=DEVICE), [(U, S, V, b, shape16), (U.half(), S.half(),
                               V.half(), None, shape16)], interpret=not CUDA)
     assert "non-contiguous" in gemv.groupable([(U, S, V.transpose(1, 2).contiguous().transpose(1, 2), b, shape16)])
+    flat = torch.zeros(U.numel() + 1, device=DEVICE)
+    shifted = flat[1:].view_as(U)                   # contiguous, but 4 bytes past a 16-byte boundary
+    assert "16-byte aligned" in gemv.groupable([(shifted, S, V, b, shape16)])
+
+
+def test_group_finds_factors_before_and_after_the_anchor():
+    """The kernel reads each factor at its element offset from the first member's U (the anchor): the
+    members' factors lie in one buffer on both sides of it, at 16-byte steps that are not factor sizes."""
+    n, T = 48, 2
+    specs = [(40, 16, 4, 4), (24, 8, 2, 3), (56, 24, 4, 2)]
+    shapes = [BlastShape.make(m, n, r, (bo, bi), allow_larger=True) for m, r, bo, bi in specs]
+    sizes = [[math.prod(shape.factor_shapes[k]) for k in "USV"] + [shape.out_features] for shape in shapes]
+    pad = 4                                          # fp32 elements: 16 bytes
+    buffer = torch.randn(sum(sum(s) + 4 * pad for s in sizes), device=DEVICE) * 0.1
+    members, at = [], buffer.numel()
+    for shape, sz in zip(shapes, sizes):             # from the end backwards: member 0 sits last
+        views = []
+        for k, size in enumerate(sz):
+            at -= size + pad
+            at -= at % pad
+            views.append(buffer[at:at + size].view(shape.factor_shapes["USV"[k]] if k < 3 else (size,)))
+        members.append((*views, shape))
+    assert members[0][0].data_ptr() > members[-1][2].data_ptr()
+    assert gemv.groupable(members) is None
+    x = torch.randn(T, n, device=DEVICE)
+    y = gemv.blast_gemv_group(x, members, TINY, interpret=not CUDA)
+    for y_k, (U, S, V, b, shape) in zip(y.split([s.out_features for s in shapes], dim=-1), members):
+        ref = blast_matmul_reference(x.double(), U.double(), S.double(), V.double(), b.double(), shape.out_features)
+        assert (y_k.double() - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
 
 
 @pytest.mark.cuda
