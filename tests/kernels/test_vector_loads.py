@@ -1,0 +1,147 @@
+"""The decode GEMV kernels stream their factors with 16-byte vector loads when compiled for Hopper.
+
+A GEMV at decode is a memory stream: with 2-byte scalar loads instead of 16-byte vector loads a
+kernel issues eight times the load instructions and falls far short of the memory bandwidth, while
+its results stay exactly right, so no correctness test notices. (The grouped kernel once read its
+factors through addresses loaded from a table, which carry no alignment the compiler can see, and
+ran q/k/v at 0.95x dense instead of 1.5x.) Each kernel is launched here as a decode call of a
+Llama-2-7B-shaped layer would launch it (bf16, T = 1), its arguments specialized as triton's JIT
+specializes them (16-byte-aligned pointers, integers equal to 1 or divisible by 16), compiled for
+sm_90 in a subprocess without the interpreter, and the vector loads in its PTX counted: each thread
+must read its share of a factor tile in 16-byte loads.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from blastfx.kernels import gemv
+from blastfx.structures.blast.layout import BlastShape
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import test_compile_for_hopper as hopper  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+THREADS = 4 * 32                                # num_warps of the default config
+
+
+class _Recorder:
+    """Stands in for a kernel: keeps the arguments of every ``kernel[grid](...)`` launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((args, kwargs))
+
+
+def _spec(kernel, args, kwargs) -> dict:
+    """Signature, constexprs and divisibility attributes of one launch of a kernel of :mod:`gemv`, as
+    the JIT specializes it."""
+    fn = getattr(kernel, "fn", kernel)
+    names = list(inspect.signature(fn).parameters)
+    constexprs = set(hopper._constexpr_names(kernel))
+    values = dict(zip(names, args), **{k: v for k, v in kwargs.items() if k in names})
+    signature, consts, aligned = {}, {}, []
+    for index, name in enumerate(names):
+        value = values[name]
+        if name in constexprs or value is None or (isinstance(value, int) and not isinstance(value, bool)
+                                                    and value == 1):
+            signature[name] = "constexpr"
+            consts[index] = value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + hopper.TRITON_TYPES[value.dtype]
+            if value.data_ptr() % 16 == 0:
+                aligned.append(index)
+        else:
+            signature[name] = hopper._scalar_type(value)
+            if isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0:
+                aligned.append(index)
+    return {"module": gemv.__name__, "kernel": fn.__name__, "signature": signature,
+            "constexprs": {str(k): v for k, v in consts.items()}, "aligned": aligned}
+
+
+_WORKER = r"""
+import collections, importlib, json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+specs, target = json.load(open(sys.argv[1])), tuple(json.loads(sys.argv[2]))
+out = []
+for spec in specs:
+    kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
+    source = ASTSource(kernel, spec["signature"], constexprs={(int(k),): v for k, v in spec["constexprs"].items()},
+                       attrs={(i,): [["tt.divisibility", 16]] for i in spec["aligned"]})
+    ptx = triton.compile(source, target=GPUTarget(*target), options={"num_warps": 4}).asm["ptx"]
+    out.append(dict(collections.Counter(re.findall(r"ld\.global(?:\.\w+)*", ptx))))
+print(json.dumps(out))
+"""
+
+
+def _compile_loads(specs: list[dict], tmp_path) -> list[dict]:
+    """For each spec, the count of each ``ld.global`` form in its sm_90 PTX."""
+    path = tmp_path / "specs.json"
+    path.write_text(json.dumps(specs))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    done = subprocess.run([sys.executable, "-c", _WORKER, str(path), json.dumps(hopper.TARGET)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _vector_loads(loads: dict) -> int:
+    return sum(count for form, count in loads.items() if ".v4." in form and form.endswith(".b32"))
+
+
+def _layer(m, n, b=4, budget=0.5):
+    r = int(budget * m * n / (m + n + b * b)) // 16 * 16
+    shape = BlastShape.make(m, n, r, b)
+    return (*(torch.zeros(*shape.factor_shapes[k], dtype=torch.bfloat16) for k in "USV"), None, shape)
+
+
+@pytest.fixture(scope="module")
+def toolchain():
+    missing = hopper.missing_toolchain()
+    if missing:
+        pytest.skip(f"cannot compile for sm_90 on this machine: {missing}")
+
+
+def _record(monkeypatch, name, call):
+    kernel = getattr(gemv, name)
+    recorder = _Recorder(kernel.kernel if isinstance(kernel, _Recorder) else kernel)
+    monkeypatch.setattr(gemv, name, recorder)
+    call()
+    return [_spec(recorder.kernel, args, kwargs) for args, kwargs in recorder.launches]
+
+
+def test_one_layer_grouped_and_int8_kernels_stream_factors_in_16_byte_loads(toolchain, monkeypatch, tmp_path):
+    cfg = {**gemv.DEFAULT, "mode": "two"}
+    x = torch.zeros(1, 4096, dtype=torch.bfloat16)
+    o_proj = _layer(4096, 4096)
+    qkv = [_layer(4096, 4096) for _ in range(3)]
+    specs = _record(monkeypatch, "_gemv_decode_kernel", lambda: gemv.blast_gemv(x, *o_proj, cfg, interpret=True))
+    specs += _record(monkeypatch, "_gemv_group_kernel", lambda: gemv.blast_gemv_group(x, qkv, cfg, interpret=True))
+    U, S, V, _, shape = o_proj                                  # int8 codes with their scales
+    codes = (U.to(torch.int8), S, V.to(torch.int8))
+    scales = dict(U_scale=torch.ones(shape.b_out, shape.p), V_scale=torch.ones(shape.b_in, shape.rank))
+    specs += _record(monkeypatch, "_gemv_decode_kernel",
+                     lambda: gemv.blast_gemv(x, *codes, None, shape, cfg, interpret=True, **scales))
+    assert [s["kernel"] for s in specs] == ["_gemv_decode_kernel"] * 2 + ["_gemv_group_kernel"] * 2 + \
+        ["_gemv_decode_kernel"] * 2
+    loads = _compile_loads(specs, tmp_path)
+    for k, (spec, counts) in enumerate(zip(specs, loads)):
+        stage = spec["constexprs"][str(list(spec["signature"]).index("STAGE"))]
+        factor_bytes = 1 if k >= 4 else 2
+        # per thread, a stage-1 V tile (BQ x BR) or a stage-2 U tile (BP x BK), in 16-byte loads
+        tile = cfg["BQ"] * cfg["BR"] if stage == 1 else cfg["BP"] * cfg["BK"]
+        assert _vector_loads(counts) >= tile * factor_bytes // (16 * THREADS), (spec["kernel"], stage, counts)
