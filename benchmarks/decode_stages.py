@@ -17,13 +17,12 @@ best a read of the same bytes reaches on this GPU) so the gap per stage is expli
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 
 from blastfx.kernels import decode, forward, gemv
 from blastfx.structures.blast.layout import BlastShape
-import itertools
-
 from common import copies_for, graph_ms, versions
 from rows import add_arguments, measurements, record
 
@@ -115,15 +114,13 @@ def main():
                         ("ideal vs dense", round(m * n / shape.num_params, 3), "x")]
             print(f"{m}x{n} b={args.blocks} r={r} T={T}: " + ", ".join(
                 f"{k} {v:.4g}{u}" for k, v, u in metrics), flush=True)
+            case = f"{m}x{n} b={args.blocks} T={T}"
+            params = dict(out=m, b=args.blocks, r=r, T=T, budget=args.budget, dtype="bfloat16", **{"in": n})
             if args.sweep and args.kernel == "gemv":
                 swept, lines = sweep(x, fac, shape, v_bytes, u_bytes)
                 print("\n".join(lines), flush=True)
-                record("decode_stage_sweep", measurements(f"{m}x{n} b={args.blocks} T={T}", dict(
-                    out=m, b=args.blocks, r=r, T=T, budget=args.budget, dtype="bfloat16", **{"in": n}), swept),
-                    directory=args.results_dir)
-            record("decode_stages", measurements(f"{m}x{n} b={args.blocks} T={T}", dict(
-                out=m, b=args.blocks, r=r, T=T, budget=args.budget, dtype="bfloat16", **{"in": n}), metrics),
-                directory=args.results_dir)
+                record("decode_stage_sweep", measurements(case, params, swept), directory=args.results_dir)
+            record("decode_stages", measurements(case, params, metrics), directory=args.results_dir)
         del dense, fac
     if not args.no_chain:
         chain(args, usable, run)

@@ -52,12 +52,14 @@ def top_kernels(events, steps: int, count: int = 12) -> list[tuple[str, str, flo
     """The ``count`` kernels that take the most time: (category, name cut to 80 characters, µs per
     step, launches per step), from the profiler's (name, µs) events of ``steps`` decode steps; a
     category total says how much time, this says which kernels (e.g. which cuBLAS GEMV ran a BLAST call)."""
-    total, launches = {}, {}
-    for name, us in events:
-        total[name] = total.get(name, 0.0) + us / steps
-        launches[name] = launches.get(name, 0) + 1 / steps
+    total, launches, category = {}, {}, {}
+    for name, us in events:                     # summed under the cut name: templated names may share it
+        cut = name[:80]
+        total[cut] = total.get(cut, 0.0) + us / steps
+        launches[cut] = launches.get(cut, 0) + 1 / steps
+        category.setdefault(cut, kernel_category(name))
     ranked = sorted(total, key=total.get, reverse=True)[:count]
-    return [(kernel_category(n), n[:80], total[n], launches[n]) for n in ranked]
+    return [(category[n], n, total[n], launches[n]) for n in ranked]
 
 
 SHAPES = {   # the published configurations' shapes (random weights)
@@ -331,19 +333,21 @@ def profile_decode(args, models, config, steps=16):
             rows += measurements(case, {**config, "profiled": how, "steps": steps},
                                  [(f"{name} {c} kernel time", round(t, 2), "µs") for c, t in times.items()]
                                  + [(f"{name} kernel launches", round(launches, 1), "")])
-            kernel_rows += measurements(f"{case}, {name}", {**config, "steps": steps},
-                                        [(f"[{cat}] {kernel}: µs per step", round(us, 2), "µs")
-                                         for cat, kernel, us, _ in top]
-                                        + [(f"[{cat}] {kernel}: launches per step", round(count, 2), "")
-                                           for cat, kernel, _, count in top])
-        if backend_choices():
-            print("  autotuned paths: " + ", ".join(backend_choices()), flush=True)
+            for cat, kernel, us, count in top:
+                kernel_rows += measurements(f"{case}, {name}: [{cat}] {kernel}", {**config, "steps": steps},
+                                            [("time per step", round(us, 2), "µs"),
+                                             ("launches per step", round(count, 2), ""),
+                                             ("time per launch", round(us / count, 3), "µs")])
+        choices = backend_choices()
+        if choices:
+            print("  autotuned paths: " + ", ".join(choices), flush=True)
         record("llama_e2e", rows, directory=args.results_dir)
         record("llama_e2e_kernels", kernel_rows, directory=args.results_dir)
 
 
 def backend_choices() -> list[str]:
-    """What the BLAST op's autotuner chose, one "shape T-bucket: path" per tuned key."""
+    """What the BLAST op's autotuner chose so far in this process (every model and batch timed), one
+    "key: path" per tuned key."""
     from blastfx.kernels import autotune
     return [f"{key}: {path}" for key, path in autotune.report().items()]
 

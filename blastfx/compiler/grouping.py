@@ -11,7 +11,9 @@ the ``"blast"`` backend receives. It applies to graphs that run without autograd
 ``torch.no_grad`` / ``inference_mode``), to siblings whose token count is known to be at most
 :data:`~blastfx.kernels.gemv.MAX_T`, on CUDA; siblings kept dense by the plan are simply not part of
 the group, and members may differ in shape, rank and block count. On CUDA the grouped op is timed
-against calling its members one by one (the autotuner), so grouping never makes a call slower.
+against calling its members one by one (the autotuner), so grouping never makes a call slower;
+members the grouped kernel cannot stream (:func:`blastfx.kernels.gemv.groupable`: mixed dtypes,
+non-contiguous or not 16-byte-aligned factors, ranks not a multiple of 8) are called one by one.
 
 ``blastfx::blast_matmul_group`` is defined here with its reference (the members' reference calls,
 the source of truth) and its fake; it has no autograd, which is why the pass leaves training graphs

@@ -392,8 +392,8 @@ CANDIDATES = (DEFAULT, {**DEFAULT, "BQ": 64, "BR": 128, "BP": 32, "BK": 256, "pe
               # narrow r-tiles: more work items per block-column, so fewer q-chunks fill the grid and
               # stage 1 issues several times fewer atomics (B_OUT per r element per q-chunk)
               {**DEFAULT, "BQ": 64, "BR": 64}, {**DEFAULT, "mode": "pdl", "prefetch": 1, "BQ": 64, "BR": 64},
-              # the fastest tiles of each stage timed alone on an H200 (benchmarks/decode_stages.py --sweep):
-              # stage 1 tall-narrow V tiles (128 x 64, 16 KB), stage 2 eight U rows by 512
+              # built from the fastest tiles of each stage timed alone on an H200 (benchmarks/decode_stages.py
+              # --sweep): stage 1 tall-narrow V tiles (128 x 64, 16 KB), stage 2 eight U rows by 512
               {**DEFAULT, "BQ": 128, "BR": 64, "stages": 3, "BP": 8},
               {**DEFAULT, "BQ": 64, "BR": 128, "per_sm": 4, "BP": 8},
               {**DEFAULT, "BP": 8},
@@ -499,33 +499,46 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
 _TABLES: dict = {}          # group tables by the members' addresses and geometry (built outside capture)
 
 
+def _tensors(member) -> tuple:
+    """A group member's factors and bias (if it has one)."""
+    U, S, V, b, _ = member
+    return (U, S, V) + ((b,) if b is not None else ())
+
+
 def groupable(members) -> str | None:
     """Why these (U, S, V, bias, shape) members cannot run as one GEMV group, or None if they can:
-    the group kernel derives strides from the geometry and reads 16-byte vectors."""
-    dtypes = {t.dtype for U, S, V, b, _ in members for t in (U, S, V) + ((b,) if b is not None else ())}
+    the group kernel derives strides from the geometry and reads 16-byte vectors at 16-byte-aligned
+    offsets from the first member's U."""
+    dtypes = {t.dtype for member in members for t in _tensors(member)}
     if len(dtypes) != 1:
         return f"members mix dtypes {sorted(map(str, dtypes))}"
-    for k, (U, S, V, b, shape) in enumerate(members):
-        if not all(t.is_contiguous() for t in (U, S, V) + ((b,) if b is not None else ())):
+    for k, member in enumerate(members):
+        if not all(t.is_contiguous() for t in _tensors(member)):
             return f"member {k} has non-contiguous factors"
-        if shape.rank % 8:
-            return f"member {k} has rank {shape.rank}, not a multiple of 8"
-        if any(t.data_ptr() % 16 for t in (U, S, V) + ((b,) if b is not None else ())):
+        if member[-1].rank % 8:
+            return f"member {k} has rank {member[-1].rank}, not a multiple of 8"
+        if any(t.data_ptr() % 16 for t in _tensors(member)):
             return f"member {k} has a factor or bias not 16-byte aligned (a view at an offset?)"
     return None
+
+
+def anchor_size(members) -> int:
+    """Bytes per element of the group's anchor (the first member's U), in which the table's factor
+    offsets and the kernel's alignment hint count."""
+    return members[0][0].element_size()
 
 
 def _group_table(members, device, grid: int, cfg: dict, BT: int):
     """(table, totals) for ``members``: each member's factor offsets from the anchor, geometry and the ranges of the two
     stages' work items; cached by the members' addresses and geometry, so a CUDA-graph capture (which
     cannot copy a new table to the device) finds the one the warm-up call built."""
-    key = (grid, BT, tuple(sorted(cfg.items())),
+    key = (grid, BT, tuple(sorted(cfg.items())), members[0][0].dtype,      # offsets count elements of this dtype
            tuple((U.data_ptr(), S.data_ptr(), V.data_ptr(), b.data_ptr() if b is not None else 0, shape)
                  for U, S, V, b, shape in members))
     if key not in _TABLES:
         total = sum(shape.num_params for *_, shape in members)
         rows, items1, items2, w_off, y_col = [], 0, 0, 0, 0
-        anchor, size = members[0][0], members[0][0].element_size()
+        anchor, size = members[0][0], anchor_size(members)
 
         def offset(t):                          # elements from the anchor (exact: both are 16-byte aligned)
             return (t.data_ptr() - anchor.data_ptr()) // size if t is not None else 0
@@ -569,7 +582,7 @@ def blast_gemv_group(x2, members, cfg: dict | None = None, *, interpret: bool = 
     table, items1, items2, extent, width = _group_table(members, x2.device, grid, cfg, BT)
     sync, ws = workspace(x2.device, extent)
     y = torch.empty(T, width, device=x2.device, dtype=x2.dtype)
-    const = dict(ALIGN=16 // members[0][0].element_size(), BT=BT, BQ=cfg["BQ"], BR=cfg["BR"], BP=cfg["BP"],
+    const = dict(ALIGN=16 // anchor_size(members), BT=BT, BQ=cfg["BQ"], BR=cfg["BR"], BP=cfg["BP"],
                  BK=cfg["BK"], ZB=1024, **dict(flags, PREFETCH=flags["PREFETCH"] if mode == "pdl" else 0))
     launch = {} if interpret else {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
     if mode == "pdl":

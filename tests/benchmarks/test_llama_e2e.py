@@ -66,8 +66,9 @@ def test_profile_rows_per_model_and_category(tmp_path, monkeypatch):
     assert got[(case, "blastfx kernel launches")] == (450.0, "")
     assert len(got) == 2 * (len(llama_e2e.CATEGORIES) + 2)
     kernels = {(r["case"], r["metric"]): float(r["value"]) for r in rows.read(tmp_path / "llama_e2e_kernels.csv")}
-    assert kernels[(case + ", blastfx", "[gemm] gemv2T_kernel: µs per step")] == 1500.0
-    assert kernels[(case + ", dense", "[gemm] gemv2T_kernel: launches per step")] == 224.0
+    assert kernels[(case + ", blastfx: [gemm] gemv2T_kernel", "time per step")] == 1500.0
+    assert kernels[(case + ", dense: [gemm] gemv2T_kernel", "launches per step")] == 224.0
+    assert kernels[(case + ", dense: [gemm] gemv2T_kernel", "time per launch")] == round(3000.0 / 224.0, 3)
 
 
 def test_top_kernels_rank_by_time_per_step():
@@ -75,6 +76,9 @@ def test_top_kernels_rank_by_time_per_step():
               ("triton_red_fused_mean_0", 1.0), ("gemv2T_kernel", 10.0), ("_gemv_group_kernel", 6.0)]
     top = llama_e2e.top_kernels(events, steps=2, count=2)
     assert top == [("gemm", "gemv2T_kernel", 10.0, 1.0), ("blast", "_gemv_group_kernel", 9.0, 1.5)]
+    long = "void gemv2T_kernel_val<int, int, __nv_bfloat16, __nv_bfloat16, float, 128, 16, 4, 4, false, "
+    same_cut = [(long + "true>(...)", 4.0), (long + "false>(...)", 2.0)]     # one name when cut to 80
+    assert llama_e2e.top_kernels(same_cut, steps=1) == [("gemm", long[:80], 6.0, 2.0)]
 
 
 def test_profile_is_skipped_without_cuda(tmp_path, monkeypatch, capsys):

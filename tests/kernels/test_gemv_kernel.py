@@ -180,28 +180,46 @@ def test_group_refuses_members_it_cannot_stream():
 
 def test_group_finds_factors_before_and_after_the_anchor():
     """The kernel reads each factor at its element offset from the first member's U (the anchor): the
-    members' factors lie in one buffer on both sides of it, at 16-byte steps that are not factor sizes."""
+    members' factors lie in one buffer on both sides of it, in shuffled slots."""
     n, T = 48, 2
     specs = [(40, 16, 4, 4), (24, 8, 2, 3), (56, 24, 4, 2)]
     shapes = [BlastShape.make(m, n, r, (bo, bi), allow_larger=True) for m, r, bo, bi in specs]
     sizes = [[math.prod(shape.factor_shapes[k]) for k in "USV"] + [shape.out_features] for shape in shapes]
-    pad = 4                                          # fp32 elements: 16 bytes
-    buffer = torch.randn(sum(sum(s) + 4 * pad for s in sizes), device=DEVICE) * 0.1
-    members, at = [], buffer.numel()
-    for shape, sz in zip(shapes, sizes):             # from the end backwards: member 0 sits last
-        views = []
-        for k, size in enumerate(sz):
-            at -= size + pad
-            at -= at % pad
-            views.append(buffer[at:at + size].view(shape.factor_shapes["USV"[k]] if k < 3 else (size,)))
+    slot = max(map(max, sizes)) + 4                  # fp32 elements; a multiple of 4 is 16 bytes
+    slot += -slot % 4
+    buffer = torch.randn(12 * slot, device=DEVICE) * 0.1
+    order = [5, 0, 9, 2, 7, 11, 4, 1, 10, 3, 8, 6]   # slot of each factor: member 0's U (the anchor) in the middle
+    members = []
+    for m, shape in enumerate(shapes):
+        views = [buffer[order[4 * m + k] * slot:][:size].view(shape.factor_shapes["USV"[k]] if k < 3 else (size,))
+                 for k, size in enumerate(sizes[m])]
         members.append((*views, shape))
-    assert members[0][0].data_ptr() > members[-1][2].data_ptr()
+    anchor = members[0][0].data_ptr()
+    offsets = [t.data_ptr() - anchor for U, S, V, b, _ in members for t in (U, S, V, b)]
+    assert min(offsets) < 0 < max(offsets)
     assert gemv.groupable(members) is None
     x = torch.randn(T, n, device=DEVICE)
     y = gemv.blast_gemv_group(x, members, TINY, interpret=not CUDA)
     for y_k, (U, S, V, b, shape) in zip(y.split([s.out_features for s in shapes], dim=-1), members):
         ref = blast_matmul_reference(x.double(), U.double(), S.double(), V.double(), b.double(), shape.out_features)
         assert (y_k.double() - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+
+
+def test_group_table_is_per_dtype():
+    """The same addresses and shapes in another dtype are another table: its offsets count elements."""
+    n, shape = 48, BlastShape.make(40, 48, 16, 4)
+    sizes = [math.prod(shape.factor_shapes[k]) for k in "USV"]
+    buffer = torch.empty(4 * max(sizes) * 2, device=DEVICE)
+    for dtype in (torch.float32, torch.bfloat16):
+        flat = buffer.view(dtype)
+        flat.copy_(torch.randn(flat.shape) * 0.1)            # values that are numbers in this dtype
+        step = 2 * max(sizes) * (4 // flat.element_size())     # the same byte offsets in both dtypes
+        U, S, V = (flat[k * step:][:size].view(shape.factor_shapes[name])
+                   for k, (name, size) in enumerate(zip("USV", sizes)))
+        x = torch.randn(1, n, device=DEVICE, dtype=dtype)
+        y = gemv.blast_gemv_group(x, [(U, S, V, None, shape)], TINY, interpret=not CUDA)
+        ref = blast_matmul_reference(x.double(), U.double(), S.double(), V.double(), None, 40)
+        assert (y.double() - ref).abs().max().item() < 3e-2 * ref.abs().max().item()
 
 
 @pytest.mark.cuda
