@@ -153,11 +153,25 @@ def metric_groups(rows: list[dict]) -> list[list[dict]]:
     return list(groups.values())
 
 
+# result files a benchmark writes beside its own: (title, reading)
+SECONDARY = {
+    "llama_e2e_kernels": ("End to end: the top kernels of a decode step",
+                          "`llama_e2e --profile`: the kernels that take the most time in one decode step of each model "
+                          "(CUDA-graph replays), by name with their category: time and launches per step, time per "
+                          "launch."),
+    "decode_stage_sweep": ("Decode kernels: the fastest tiles of each stage",
+                           "`decode_stages --sweep`: each stage of the GEMV decode kernel timed alone over a grid of "
+                           "tile configs (tiles, warps, pipeline stages, programs per SM); the fastest configs of "
+                           "each stage, time and bandwidth of its factor bytes."),
+}
+
+
 def section(name: str, rows: list[dict], plots: list[str]) -> str:
     bench = REGISTRY.get(name)
-    parts = [f"## {bench.title if bench else name} (`{name}`)", ""]
-    if bench:
-        parts += [bench.reading, ""]
+    title, reading = (bench.title, bench.reading) if bench else SECONDARY.get(name, (name, None))
+    parts = [f"## {title} (`{name}`)", ""]
+    if reading:
+        parts += [reading, ""]
     for plot in plots:
         parts += [f"![{name}]({plot})", ""]
     current = latest(rows)
