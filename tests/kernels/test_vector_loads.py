@@ -81,7 +81,7 @@ for spec in specs:
     source = ASTSource(kernel, spec["signature"], constexprs={(int(k),): v for k, v in spec["constexprs"].items()},
                        attrs={(i,): [["tt.divisibility", 16]] for i in spec["aligned"]})
     ptx = triton.compile(source, target=GPUTarget(*target), options={"num_warps": 4}).asm["ptx"]
-    out.append(dict(collections.Counter(re.findall(r"ld\.global(?:\.\w+)*", ptx))))
+    out.append(dict(collections.Counter(re.findall(r"ld\.global[\w.:]*", ptx))))
 print(json.dumps(out))
 """
 
@@ -100,7 +100,14 @@ def _compile_loads(specs: list[dict], tmp_path) -> list[dict]:
 
 
 def _vector_loads(loads: dict) -> int:
-    return sum(count for form, count in loads.items() if ".v4." in form and form.endswith(".b32"))
+    """How many of the counted ``ld.global`` forms read 16 bytes (``.v4.b32``, ``.v2.u64``, ...)."""
+    total = 0
+    for form, count in loads.items():
+        lanes = re.search(r"\.v(\d)\.", form)
+        bits = re.search(r"\.[bfsu](\d+)$", form)
+        if lanes and bits and int(lanes.group(1)) * int(bits.group(1)) == 128:
+            total += count
+    return total
 
 
 def _layer(m, n, b=4, budget=0.5):
