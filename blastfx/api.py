@@ -223,7 +223,8 @@ def _plan(model, budget, config, resolved, analysis, batches, stats: dict[str, L
         plan.notes.append(note)
     plan.objective = _fitted_objective(resolved, batches)
     _warn_budget_exceeded(plan, resolved)
-    return apply_speed(plan, latency_model(resolved.latency), _element_size(model), resolved.min_speedup)
+    return apply_speed(plan, latency_model(resolved.latency), _element_size(model), resolved.min_speedup,
+                       analysis.groups)
 
 
 def _blast_part(plan: Plan, keep=None) -> Plan:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import structures
+from .layers import DEFAULT_STRUCTURE
 from ..structures.blast.quant import formats as factor_formats
 
 # kernel stages a decode call of each structure runs (dense: one GEMV); others: one
@@ -175,23 +176,49 @@ def layer_bytes(lp, element_size: int) -> float:
     return lp.params * size
 
 
-def _layer_times(plan, latency: LatencyModel, element_size: int) -> dict[str, tuple[float, float]]:
-    """{layer: (dense µs, planned µs)} at decode under ``latency``."""
-    return {name: (latency.dense_us(lp.dense_params * element_size),
-                   latency.structured_us(STAGES.get(lp.structure, 1), layer_bytes(lp, element_size), lp.structure))
-            for name, lp in plan.layers.items()}
+def grouped_siblings(plan, groups) -> list[list[str]]:
+    """The members of each sibling group (layers that read one input: q/k/v, gate/up) that a model
+    compiled with ``backend="blast"`` runs as one grouped call at decode: its planned BLAST layers
+    with float factors, where there are at least two."""
+    out = []
+    for group in groups:
+        members = [k for k in group if k in plan.layers and plan.layers[k].structure == DEFAULT_STRUCTURE
+                   and plan.layers[k].factor_dtype in (None, factor_formats.MODEL)]
+        if len(members) > 1:
+            out.append(members)
+    return out
 
 
-def expected_speedups(plan, latency: LatencyModel, element_size: int) -> dict[str, float]:
-    """{layer: dense time / planned time} at decode under ``latency``."""
-    return {name: dense / planned for name, (dense, planned) in _layer_times(plan, latency, element_size).items()}
+def _layer_times(plan, latency: LatencyModel, element_size: int, groups=()) -> dict[str, tuple[float, float]]:
+    """{layer: (dense µs, planned µs)} at decode under ``latency``. Siblings run as one grouped call
+    (:func:`grouped_siblings`) pay the stages' fixed cost once for the group: the group's time is
+    shared among its members in proportion to their dense times, so each has the group's speedup."""
+    times = {name: (latency.dense_us(lp.dense_params * element_size),
+                    latency.structured_us(STAGES.get(lp.structure, 1), layer_bytes(lp, element_size), lp.structure))
+             for name, lp in plan.layers.items()}
+    for members in grouped_siblings(plan, groups):
+        dense = sum(times[k][0] for k in members)
+        grouped = latency.structured_us(STAGES[DEFAULT_STRUCTURE],
+                                        sum(layer_bytes(plan.layers[k], element_size) for k in members))
+        for k in members:
+            times[k] = (times[k][0], grouped * times[k][0] / dense)
+    return times
 
 
-def apply_speed(plan, latency: LatencyModel, element_size: int, min_speedup: float | None):
+def expected_speedups(plan, latency: LatencyModel, element_size: int, groups=()) -> dict[str, float]:
+    """{layer: dense time / planned time} at decode under ``latency``; ``groups``: the model's sibling
+    groups (``Analysis.groups``), costed as grouped calls."""
+    return {name: dense / planned
+            for name, (dense, planned) in _layer_times(plan, latency, element_size, groups).items()}
+
+
+def apply_speed(plan, latency: LatencyModel, element_size: int, min_speedup: float | None, groups=()):
     """``plan`` with each layer's expected decode speedup in its notes and, with ``min_speedup``,
     the layers expected below it kept dense (moved to ``plan.dense``; the kept fraction then rises
-    above the budget, which the notes say). Returns a new plan; ``plan`` is not changed."""
-    times = _layer_times(plan, latency, element_size)
+    above the budget, which the notes say). ``groups``: the model's sibling groups, each costed as the
+    one grouped call ``backend="blast"`` makes of it (its members share one speedup, so they are kept
+    or dropped together). Returns a new plan; ``plan`` is not changed."""
+    times = _layer_times(plan, latency, element_size, groups)
     speed = {name: dense / planned for name, (dense, planned) in times.items()}
     slow = sorted(k for k, s in speed.items() if min_speedup is not None and s < min_speedup)
     if speed and len(slow) == len(speed):
@@ -204,7 +231,10 @@ def apply_speed(plan, latency: LatencyModel, element_size: int, min_speedup: flo
     total_dense = sum(dense for dense, _ in times.values())
     total = sum(dense if k in slow else planned for k, (dense, planned) in times.items())
     by = sorted(speed.items(), key=lambda kv: kv[1])
-    new.notes.append(f"expected decode speedup on {latency.device} (T=1): compressed layers together "
+    grouped = grouped_siblings(plan, groups)
+    how = (f" ({len(grouped)} groups of siblings as one grouped call each, as torch.compile(backend='blast') "
+           "runs them)" if grouped else "")
+    new.notes.append(f"expected decode speedup on {latency.device} (T=1{how}): compressed layers together "
                      f"{total_dense / total:.2f}x dense; slowest {by[0][0]} {by[0][1]:.2f}x, fastest "
                      f"{by[-1][0]} {by[-1][1]:.2f}x" if by else f"expected decode speedup on {latency.device}: no layers")
     if slow:

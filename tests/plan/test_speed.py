@@ -1,5 +1,6 @@
 """Speed-aware plans (``blastfx.plan.speed``): the latency model's fit, the expected speedups the plan
 reports, and ``min_speedup`` keeping dense exactly the layers expected below it."""
+import dataclasses
 import math
 import warnings
 
@@ -164,3 +165,52 @@ def test_measure_on_the_gpu_gives_a_model_that_predicts_its_own_points():
     assert m.dense_bandwidth_gbs > 100 and m.bandwidth_gbs > 100
     assert 0 < m.dense_fixed_us < 100 and 0 <= m.fixed_us < 100
     assert m.ss1_bandwidth_gbs > 10 and 0 <= m.ss1_fixed_us < 1000
+
+
+class Siblings(nn.Module):
+    """q/k/v-like layers reading one input, then one o-like layer on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(256, 256) for _ in range(4))
+
+    def forward(self, x):
+        return self.o(self.q(x) + self.k(x) + self.v(x))
+
+
+# a GPU where a stage's fixed cost outweighs half of a 256x256 layer's bytes: alone each BLAST layer
+# is slower than dense there, three siblings in one grouped call are faster
+HEAVY_STAGES = LatencyModel("toy GPU", dense_fixed_us=200.0, dense_bandwidth_gbs=1.0, fixed_us=200.0, bandwidth_gbs=1.0)
+
+
+def test_siblings_are_costed_as_one_grouped_call():
+    plan = _plan(Siblings(), BlastConfig(include=("*",)))
+    groups = [["k", "q", "v"]]
+    assert sorted(plan.layers) == ["k", "o", "q", "v"]
+    alone = expected_speedups(plan, HEAVY_STAGES, 4)
+    grouped = expected_speedups(plan, HEAVY_STAGES, 4, groups)
+    siblings = [plan.layers[k] for k in "qkv"]
+    dense = sum(200.0 + lp.dense_params * 4 / 1000.0 for lp in siblings)
+    ours = STAGES["blast"] * 200.0 + sum(lp.params * 4 / 1000.0 for lp in siblings)
+    for k in "qkv":
+        assert alone[k] < 1.0 < grouped[k] == pytest.approx(dense / ours, rel=1e-12)
+    assert grouped["o"] == alone["o"] < 1.0
+    notes = apply_speed(plan, HEAVY_STAGES, 4, None, groups).notes
+    assert any("1 groups of siblings as one grouped call each" in n for n in notes)
+
+
+def test_min_speedup_keeps_grouped_siblings_and_drops_the_slow_lone_layer():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = blastfx.plan_for(Siblings(), 0.5, BlastConfig(include=("*",), latency=HEAVY_STAGES, min_speedup=1.0),
+                                example_inputs=(torch.randn(2, 256),))
+    assert sorted(plan.layers) == ["k", "q", "v"] and "o" in plan.dense
+
+
+def test_quantized_or_lone_members_are_not_grouped():
+    plan = _plan(Siblings(), BlastConfig(include=("*",)))
+    from blastfx.plan.speed import grouped_siblings
+    assert grouped_siblings(plan, [["k", "q", "v"], ["o"]]) == [["k", "q", "v"]]
+    plan.layers["q"] = dataclasses.replace(plan.layers["q"], factor_dtype="int8")
+    plan.layers["k"] = dataclasses.replace(plan.layers["k"], factor_dtype="int8")
+    assert grouped_siblings(plan, [["k", "q", "v"]]) == []
