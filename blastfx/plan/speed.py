@@ -179,11 +179,12 @@ def layer_bytes(lp, element_size: int) -> float:
 def grouped_siblings(plan, groups) -> list[list[str]]:
     """The members of each sibling group (layers that read one input: q/k/v, gate/up) that a model
     compiled with ``backend="blast"`` runs as one grouped call at decode: its planned BLAST layers
-    with float factors, where there are at least two."""
+    with float factors and ranks the grouped kernel streams (multiples of 8), where there are at
+    least two."""
     out = []
     for group in groups:
         members = [k for k in group if k in plan.layers and plan.layers[k].structure == DEFAULT_STRUCTURE
-                   and plan.layers[k].factor_dtype in (None, factor_formats.MODEL)]
+                   and plan.layers[k].factor_dtype in (None, factor_formats.MODEL) and plan.layers[k].rank % 8 == 0]
         if len(members) > 1:
             out.append(members)
     return out

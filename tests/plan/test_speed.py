@@ -211,6 +211,9 @@ def test_quantized_or_lone_members_are_not_grouped():
     plan = _plan(Siblings(), BlastConfig(include=("*",)))
     from blastfx.plan.speed import grouped_siblings
     assert grouped_siblings(plan, [["k", "q", "v"], ["o"]]) == [["k", "q", "v"]]
+    odd = dataclasses.replace(plan, layers=dict(plan.layers))
+    odd.layers["q"] = dataclasses.replace(plan.layers["q"], rank=plan.layers["q"].rank - 1)    # not a multiple of 8
+    assert grouped_siblings(odd, [["k", "q", "v"]]) == [["k", "v"]]
     plan.layers["q"] = dataclasses.replace(plan.layers["q"], factor_dtype="int8")
     plan.layers["k"] = dataclasses.replace(plan.layers["k"], factor_dtype="int8")
     assert grouped_siblings(plan, [["k", "q", "v"]]) == []
