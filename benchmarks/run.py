@@ -151,6 +151,14 @@ def list_benchmarks(registry=REGISTRY) -> str:
     return "\n".join(lines + ["", "GPU: yes = needs CUDA; optional = runs on a CPU too, much slower; no = runs anywhere."])
 
 
+def _interruptible() -> None:
+    """In the benchmark's process before it starts: SIGINT back to its default action. A process
+    started with SIGINT ignored (run.py in a background job or under nohup) passes that on, and
+    Python then never raises KeyboardInterrupt, so the deadline's interrupt would not let the
+    benchmark's cleanups run."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """Interrupt the benchmark's process group (KeyboardInterrupt: its cleanups run), then terminate,
     then kill, each after ``grace`` seconds."""
@@ -172,7 +180,7 @@ def run(name: str, args: list[str], deadline: float | None = None, registry=REGI
     stopped it, 130 on Ctrl-C). The rows it recorded before stopping stay recorded."""
     bench = registry[name]
     script = (HERE / bench.script).resolve()
-    proc = subprocess.Popen([sys.executable, str(script), *args], start_new_session=True)
+    proc = subprocess.Popen([sys.executable, str(script), *args], start_new_session=True, preexec_fn=_interruptible)
     try:
         return proc.wait(timeout=None if deadline is None else deadline * 60)
     except subprocess.TimeoutExpired:

@@ -1,4 +1,5 @@
 """benchmarks/run.py: the registry covers the scripts, --list, --deadline keeps recorded rows."""
+import signal
 import subprocess
 import sys
 import textwrap
@@ -45,7 +46,8 @@ def test_bad_arguments_are_named(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_deadline_stops_the_script_and_keeps_its_rows(tmp_path):
+@pytest.mark.parametrize("sigint", ["default", "ignored"])   # ignored: run.py in a background job, nohup
+def test_deadline_stops_the_script_and_keeps_its_rows(tmp_path, sigint):
     marker = tmp_path / "interrupted"
     script = tmp_path / "slow.py"
     script.write_text(textwrap.dedent(f"""
@@ -63,7 +65,11 @@ def test_deadline_stops_the_script_and_keeps_its_rows(tmp_path):
         """))
     registry = {"slow": run.Benchmark(str(script), "Slow", "sleeps", "no", "2 min", "sleeps")}
     t0 = time.perf_counter()
-    rc = run.main(["--deadline", "0.15", "slow"], registry=registry)   # 9 s: room to import on a busy machine
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler)
+    try:
+        rc = run.main(["--deadline", "0.15", "slow"], registry=registry)   # 9 s: room to import on a busy machine
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert rc == 124
     assert time.perf_counter() - t0 < 30
     assert [r["case"] for r in rows.read(tmp_path / "slow.csv")] == ["first"]
