@@ -233,9 +233,9 @@ def apply_speed(plan, latency: LatencyModel, element_size: int, min_speedup: flo
     total = sum(dense if k in slow else planned for k, (dense, planned) in times.items())
     by = sorted(speed.items(), key=lambda kv: kv[1])
     grouped = grouped_siblings(plan, groups)
-    how = (f" ({len(grouped)} groups of siblings as one grouped call each, as torch.compile(backend='blast') "
-           "runs them)" if grouped else "")
-    new.notes.append(f"expected decode speedup on {latency.device} (T=1{how}): compressed layers together "
+    how = (f", {len(grouped)} sibling group{'s' if len(grouped) != 1 else ''} as one grouped call each (as "
+           "torch.compile(backend='blast') runs them)" if grouped else "")
+    new.notes.append(f"expected decode speedup on {latency.device} at T=1{how}: compressed layers together "
                      f"{total_dense / total:.2f}x dense; slowest {by[0][0]} {by[0][1]:.2f}x, fastest "
                      f"{by[-1][0]} {by[-1][1]:.2f}x" if by else f"expected decode speedup on {latency.device}: no layers")
     if slow:

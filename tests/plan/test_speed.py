@@ -196,7 +196,7 @@ def test_siblings_are_costed_as_one_grouped_call():
         assert alone[k] < 1.0 < grouped[k] == pytest.approx(dense / ours, rel=1e-12)
     assert grouped["o"] == alone["o"] < 1.0
     notes = apply_speed(plan, HEAVY_STAGES, 4, None, groups).notes
-    assert any("1 groups of siblings as one grouped call each" in n for n in notes)
+    assert any("at T=1, 1 sibling group as one grouped call each" in n for n in notes)
 
 
 def test_min_speedup_keeps_grouped_siblings_and_drops_the_slow_lone_layer():
