@@ -328,12 +328,11 @@ def profile_decode(args, models, config, steps=16):
             times, launches, how, top = Decoder(model, backend, args.prompt, args.new_tokens, bs).kernel_profile(steps)
             print(f"{label}, {name}: " + ", ".join(f"{c} {t:.0f} µs" for c, t in times.items())
                   + f", {launches:.0f} kernels ({how})", flush=True)
-            for cat, kernel, us, count in top:
-                print(f"    {us:8.1f} µs {count:6.1f}x  {us / count:6.2f} µs each  [{cat}] {kernel}", flush=True)
             rows += measurements(case, {**config, "profiled": how, "steps": steps},
                                  [(f"{name} {c} kernel time", round(t, 2), "µs") for c, t in times.items()]
                                  + [(f"{name} kernel launches", round(launches, 1), "")])
             for cat, kernel, us, count in top:
+                print(f"    {us:8.1f} µs {count:6.1f}x  {us / count:6.2f} µs each  [{cat}] {kernel}", flush=True)
                 kernel_rows += measurements(f"{case}, {name}: [{cat}] {kernel}", {**config, "steps": steps},
                                             [("time per step", round(us, 2), "µs"),
                                              ("launches per step", round(count, 2), ""),

@@ -153,22 +153,16 @@ def metric_groups(rows: list[dict]) -> list[list[dict]]:
     return list(groups.values())
 
 
-# result files a benchmark writes beside its own: (title, reading)
-SECONDARY = {
-    "llama_e2e_kernels": ("End to end: the top kernels of a decode step",
-                          "`llama_e2e --profile`: the kernels that take the most time in one decode step of each model "
-                          "(CUDA-graph replays), by name with their category: time and launches per step, time per "
-                          "launch."),
-    "decode_stage_sweep": ("Decode kernels: the fastest tiles of each stage",
-                           "`decode_stages --sweep`: each stage of the GEMV decode kernel timed alone over a grid of "
-                           "tile configs (tiles, warps, pipeline stages, programs per SM); the fastest configs of "
-                           "each stage, time and bandwidth of its factor bytes."),
-}
+def heading(name: str) -> tuple[str, str | None]:
+    """(title, reading) of a result file: a benchmark's own, or one it writes beside its own."""
+    if name in REGISTRY:
+        return REGISTRY[name].title, REGISTRY[name].reading
+    also = {file: (title, reading) for bench in REGISTRY.values() for file, title, reading in bench.also}
+    return also.get(name, (name, None))
 
 
 def section(name: str, rows: list[dict], plots: list[str]) -> str:
-    bench = REGISTRY.get(name)
-    title, reading = (bench.title, bench.reading) if bench else SECONDARY.get(name, (name, None))
+    title, reading = heading(name)
     parts = [f"## {title} (`{name}`)", ""]
     if reading:
         parts += [reading, ""]

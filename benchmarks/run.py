@@ -31,6 +31,7 @@ class Benchmark:
     gpu: str             # "yes": needs CUDA; "optional": runs on a CPU too, much slower; "no": CPU timings
     duration: str        # rough wall clock of the default arguments
     reading: str         # what the numbers mean: the one or two sentences heading its tables in RESULTS.md
+    also: tuple = ()     # result files it writes beside its own: (name, title, reading) each
 
 
 REGISTRY: dict[str, Benchmark] = {
@@ -75,7 +76,11 @@ REGISTRY: dict[str, Benchmark] = {
         "yes", "2 min",
         "One decode-sized BLAST call (budget 0.5) split into its stages: stage 1 streams V, stage 2 streams U; "
         "each bandwidth is the factor bytes over the stage's time, beside a dense GEMV's on the same GPU. "
-        "The block rows call the seven linears of Llama-2-7B blocks in a row (weights from HBM)."),
+        "The block rows call the seven linears of Llama-2-7B blocks in a row (weights from HBM).",
+        also=(("decode_stage_sweep", "Decode kernels: the fastest tiles of each stage",
+               "`decode_stages --sweep`: each stage of the GEMV decode kernel timed alone over a grid of tile "
+               "configs (tiles, warps, pipeline stages, programs per SM); the fastest configs of each stage, time "
+               "and bandwidth of its factor bytes."),)),
     "compress_speed": Benchmark(
         "compress_speed.py", "Compress time and memory: Llama shapes",
         "wall time per pipeline stage and peak GPU memory of compress, resident or streamed from the CPU",
@@ -89,7 +94,10 @@ REGISTRY: dict[str, Benchmark] = {
         "decode tok/s, prefill and training-step time of a Llama-2-7B-shaped model, dense vs blastfx 0.5",
         "yes", "8 min",
         "A random-init Llama-2-7B-shaped model (bf16, 32 layers) against its `compress(model, 0.5)` version in "
-        "one process; \"blastfx vs dense\" is the speed ratio (above 1: blastfx is faster)."),
+        "one process; \"blastfx vs dense\" is the speed ratio (above 1: blastfx is faster).",
+        also=(("llama_e2e_kernels", "End to end: the top kernels of a decode step",
+               "`llama_e2e --profile`: the kernels that take the most time in one decode step of each model "
+               "(CUDA-graph replays), by name with their category: time and launches per step, time per launch."),)),
     "grad_mix_speed": Benchmark(
         "grad_mix_speed.py", "Backward middle (blast_grad_mix)",
         "the backward's mixes and dS: plain-PyTorch reference vs the Triton kernel",

@@ -529,8 +529,8 @@ def anchor_size(members) -> int:
 
 
 def _group_table(members, device, grid: int, cfg: dict, BT: int):
-    """(table, totals) for ``members``: each member's factor offsets from the anchor, geometry and the ranges of the two
-    stages' work items; cached by the members' addresses and geometry, so a CUDA-graph capture (which
+    """(table, totals) for ``members``: each member's factor offsets from the anchor, geometry and the
+    ranges of the two stages' work items; cached by the members' addresses and geometry, so a CUDA-graph capture (which
     cannot copy a new table to the device) finds the one the warm-up call built."""
     key = (grid, BT, tuple(sorted(cfg.items())), members[0][0].dtype,      # offsets count elements of this dtype
            tuple((U.data_ptr(), S.data_ptr(), V.data_ptr(), b.data_ptr() if b is not None else 0, shape)

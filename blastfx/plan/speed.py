@@ -181,23 +181,23 @@ def grouped_siblings(plan, groups) -> list[list[str]]:
     compiled with ``backend="blast"`` runs as one grouped call at decode: its planned BLAST layers
     with float factors and ranks the grouped kernel streams (multiples of 8), where there are at
     least two."""
-    out = []
-    for group in groups:
-        members = [k for k in group if k in plan.layers and plan.layers[k].structure == DEFAULT_STRUCTURE
-                   and plan.layers[k].factor_dtype in (None, factor_formats.MODEL) and plan.layers[k].rank % 8 == 0]
-        if len(members) > 1:
-            out.append(members)
-    return out
+    def streamed(lp) -> bool:
+        float_factors = lp.factor_dtype in (None, factor_formats.MODEL)
+        return lp.structure == DEFAULT_STRUCTURE and float_factors and lp.rank % 8 == 0
+
+    members = ([k for k in group if k in plan.layers and streamed(plan.layers[k])] for group in groups)
+    return [m for m in members if len(m) > 1]
 
 
-def _layer_times(plan, latency: LatencyModel, element_size: int, groups=()) -> dict[str, tuple[float, float]]:
-    """{layer: (dense µs, planned µs)} at decode under ``latency``. Siblings run as one grouped call
-    (:func:`grouped_siblings`) pay the stages' fixed cost once for the group: the group's time is
-    shared among its members in proportion to their dense times, so each has the group's speedup."""
+def _layer_times(plan, latency: LatencyModel, element_size: int, grouped) -> dict[str, tuple[float, float]]:
+    """{layer: (dense µs, planned µs)} at decode under ``latency``. The members of each of ``grouped``
+    (:func:`grouped_siblings`) run as one call and pay the stages' fixed cost once for the group: the
+    group's time is shared among its members in proportion to their dense times, so each has the
+    group's speedup."""
     times = {name: (latency.dense_us(lp.dense_params * element_size),
                     latency.structured_us(STAGES.get(lp.structure, 1), layer_bytes(lp, element_size), lp.structure))
              for name, lp in plan.layers.items()}
-    for members in grouped_siblings(plan, groups):
+    for members in grouped:
         dense = sum(times[k][0] for k in members)
         grouped = latency.structured_us(STAGES[DEFAULT_STRUCTURE],
                                         sum(layer_bytes(plan.layers[k], element_size) for k in members))
@@ -210,7 +210,8 @@ def expected_speedups(plan, latency: LatencyModel, element_size: int, groups=())
     """{layer: dense time / planned time} at decode under ``latency``; ``groups``: the model's sibling
     groups (``Analysis.groups``), costed as grouped calls."""
     return {name: dense / planned
-            for name, (dense, planned) in _layer_times(plan, latency, element_size, groups).items()}
+            for name, (dense, planned) in _layer_times(plan, latency, element_size,
+                                                       grouped_siblings(plan, groups)).items()}
 
 
 def apply_speed(plan, latency: LatencyModel, element_size: int, min_speedup: float | None, groups=()):
@@ -219,7 +220,8 @@ def apply_speed(plan, latency: LatencyModel, element_size: int, min_speedup: flo
     above the budget, which the notes say). ``groups``: the model's sibling groups, each costed as the
     one grouped call ``backend="blast"`` makes of it (its members share one speedup, so they are kept
     or dropped together). Returns a new plan; ``plan`` is not changed."""
-    times = _layer_times(plan, latency, element_size, groups)
+    grouped = grouped_siblings(plan, groups)
+    times = _layer_times(plan, latency, element_size, grouped)
     speed = {name: dense / planned for name, (dense, planned) in times.items()}
     slow = sorted(k for k, s in speed.items() if min_speedup is not None and s < min_speedup)
     if speed and len(slow) == len(speed):
@@ -232,7 +234,6 @@ def apply_speed(plan, latency: LatencyModel, element_size: int, min_speedup: flo
     total_dense = sum(dense for dense, _ in times.values())
     total = sum(dense if k in slow else planned for k, (dense, planned) in times.items())
     by = sorted(speed.items(), key=lambda kv: kv[1])
-    grouped = grouped_siblings(plan, groups)
     how = (f", {len(grouped)} sibling group{'s' if len(grouped) != 1 else ''} as one grouped call each (as "
            "torch.compile(backend='blast') runs them)" if grouped else "")
     new.notes.append(f"expected decode speedup on {latency.device} at T=1{how}: compressed layers together "

@@ -83,9 +83,9 @@ def blast_matmul_reference(x, U, S, V, bias=None, out_features=None):
     shape = BlastShape.from_factors(U, S, V, out_features=out_features)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    z = bmm(_in_blocks(x2, shape.b_in, shape.q), V)               # (b_in, T, r)
+    z = bmm(_in_blocks(x2, shape.b_in, shape.q), V)                # (b_in, T, r)
     w = mix(S, z)                                                    # (b_out, T, r)
-    y = bmm(w, U.transpose(1, 2))                                   # (b_out, T, p)
+    y = bmm(w, U.transpose(1, 2))                                    # (b_out, T, p)
     y = y.transpose(0, 1).reshape(x2.shape[0], shape.m_pad)[:, : shape.out_features]
     if bias is not None:
         y = y + bias
@@ -107,8 +107,8 @@ def blast_matmul_backward_reference(grad_y, x, U, S, V, out_features=None, needs
     gy = _pad_to(g2, shape.m_pad).view(T, shape.b_out, shape.p).transpose(0, 1)   # (b_out, T, p)
     xb = _in_blocks(x2, shape.b_in, shape.q)                                          # (b_in, T, q)
     need_x, need_U, need_S, need_V, need_b = needs
-    z = bmm(xb, V)                                                                    # (b_in, T, r)
-    gw = bmm(gy, U)                                                                   # (b_out, T, r)
+    z = bmm(xb, V)                                                                     # (b_in, T, r)
+    gw = bmm(gy, U)                                                                    # (b_out, T, r)
     w, gz, dS = torch.ops.blastfx.blast_grad_mix(z, gw, S, kernels)
     dU = bmm(gy.transpose(1, 2), w) if need_U else None
     dS = dS if need_S else None
