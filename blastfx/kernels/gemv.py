@@ -34,6 +34,10 @@ launches, each a programmatic dependent of the kernel before it (Hopper and newe
 resident while that kernel drains. Under ``TRITON_INTERPRET=1`` programs run one after another, so
 every mode runs as two plain launches there.
 
+Late bookkeeping (``cfg["late"]``): stage 1 normally reads the generation counter and clears the
+other half before it streams V, two dependent round trips in front of the stream; with ``late`` it
+streams and reduces V first, then looks up its half just before the atomics and clears after.
+
 Prefetch (``cfg["prefetch"]``): the fixed cost of a stage (ramp-up until enough loads are in flight,
 and the tail) is paid per stage, so the U stream should not wait for the dependency on w. With
 ``prefetch`` the weights a program will read later are requested into L2 (``prefetch.global.L2``,
@@ -140,10 +144,12 @@ def _load_factor_tile(base, rows, row_ok, stride_row, stride_col, c0, R, ROWS: t
 @triton.jit
 def _xv_mix_item(item, x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, B_OUT, Q_CHUNK, R_TILES,
                  sxt, sxn, ssi, ssj, ssr, svj, svq, svr, BT: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
-                 vs_ptr, svsj, svsr, QUANT: tl.constexpr):
+                 vs_ptr, svsj, svsr, QUANT: tl.constexpr, sync_ptr, HALF, LATE: tl.constexpr):
     """One stage-1 work item (j, r-tile, q-chunk): stream V[j, chunk, tile] against x_j and add
     ``s_ij * z_j`` into w_i (B_OUT, BT, R) for every block-row i. QUANT (8 or 4): V holds int8 or
-    packed int4 codes (then ``svr`` steps bytes of two codes), z is scaled by ``V_scale[j, tile]``."""
+    packed int4 codes (then ``svr`` steps bytes of two codes), z is scaled by ``V_scale[j, tile]``.
+    LATE: ``w_ptr`` is the workspace, and the half this call accumulates into is looked up only
+    once V is reduced, so the generation counter's round trip is not in front of the V stream."""
     offs_t = tl.arange(0, BT)
     tmask = offs_t < T
     rt = item % R_TILES                 # neighbouring programs read neighbouring r-tiles of a row
@@ -165,6 +171,8 @@ def _xv_mix_item(item, x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, B_OUT, Q_CH
     z = tl.sum(acc, axis=1)                                             # (BT, BR)
     if QUANT:
         z *= tl.load(vs_ptr + j * svsj + offs_r * svsr, mask=rmask, other=0.0).to(tl.float32)[None, :]
+    if LATE:
+        w_ptr += (tl.load(sync_ptr, volatile=True) % 2) * HALF
     for i in range(B_OUT):
         s = tl.load(s_ptr + i * ssi + j * ssj + offs_r * ssr, mask=rmask, other=0.0)
         tl.atomic_add(w_ptr + i * BT * R + offs_t[:, None] * R + offs_r[None, :],
@@ -203,9 +211,13 @@ def _wu_item(item, u_ptr, b_ptr, y_ptr, w_ptr, T, M, P, R, P_TILES, sui, sup, su
 
 @triton.jit
 def _advance_generation(sync_ptr, GRID):
-    """Two-launch form: the last stage-2 program to finish advances the generation."""
+    """Two-launch form: the last stage-2 program to finish advances the generation.
+    Relaxed, not acquire-release: what must precede the count is this program's read of the
+    generation, and that read has completed (w's addresses, and through them the output, depend on
+    it); a release would make every program wait for its output stores to land first, which cost
+    about a microsecond per call on an H200. The next call sees the new generation by stream order."""
     tl.debug_barrier()
-    done = tl.atomic_add(sync_ptr + 3, 1, sem="acq_rel", scope="gpu")
+    done = tl.atomic_add(sync_ptr + 3, 1, sem="relaxed", scope="gpu")
     if done == GRID - 1:
         tl.atomic_xchg(sync_ptr + 3, 0, sem="relaxed", scope="gpu")
         tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
@@ -219,14 +231,17 @@ def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_p
                         HAS_BIAS: tl.constexpr, BT: tl.constexpr, B_OUT: tl.constexpr,
                         BQ: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr,
                         ZB: tl.constexpr, STAGE: tl.constexpr, QUANT: tl.constexpr, PACK: tl.constexpr,
-                        PREFETCH: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, ADVANCE: tl.constexpr):
+                        PREFETCH: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, ADVANCE: tl.constexpr,
+                        LATE: tl.constexpr):
     """STAGE 1: x·V and the s-mix into w; STAGE 2: w·Uᵀ; STAGE 3: both, grid barrier between.
     w is (B_OUT, BT, R) fp32 in the workspace half picked by the generation counter's parity.
     PDL: only weights are touched before ``gdc_wait``; the generation counter is read after it.
     ADVANCE (two-launch form): this launch moves the generation on when its last program ends:
     stage 2 of a full call, or stage 1 launched alone (which leaves its half for the next call to
     clear, as a full call does); stage 2 launched alone leaves the workspace as it found it.
-    PACK: codes per stored element along r (2 for int4), so prefetches cover ceil(R / PACK) columns."""
+    PACK: codes per stored element along r (2 for int4), so prefetches cover ceil(R / PACK) columns.
+    LATE: stage 1 streams V first and reads the generation counter and clears the other half after
+    it (see ``_xv_mix_item``); otherwise both come first, one round trip each in front of the stream."""
     pid = tl.program_id(0)
     RC = (R + PACK - 1) // PACK                 # stored columns of U and V
     if PDL:
@@ -240,13 +255,22 @@ def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_p
         gdc_launch_dependents()     # a dependent touches only its weights until its own wait
     if (STAGE == 3) & (PREFETCH == 2):
         _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, RC, sui, sup, sur, BP, LINE)
-    gen = tl.load(sync_ptr, volatile=True)
-    w_ptr = ws_ptr + (gen % 2) * HALF
+    w_ptr = ws_ptr
+    if not LATE:
+        gen = tl.load(sync_ptr, volatile=True)
+        w_ptr = ws_ptr + (gen % 2) * HALF
+        if STAGE != 2:
+            _clear_other_half(ws_ptr, sync_ptr, gen, pid, GRID, HALF, B_OUT * BT * R, ZB)
     if STAGE != 2:
-        _clear_other_half(ws_ptr, sync_ptr, gen, pid, GRID, HALF, B_OUT * BT * R, ZB)
         for item in range(pid, B_IN * R_TILES * Q_SPLIT, GRID):
             _xv_mix_item(item, x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, B_OUT, Q_CHUNK, R_TILES,
-                         sxt, sxn, ssi, ssj, ssr, svj, svq, svr, BT, BQ, BR, vs_ptr, svsj, svsr, QUANT)
+                         sxt, sxn, ssi, ssj, ssr, svj, svq, svr, BT, BQ, BR, vs_ptr, svsj, svsr, QUANT,
+                         sync_ptr, HALF, LATE)
+    if LATE:
+        gen = tl.load(sync_ptr, volatile=True)
+        w_ptr = ws_ptr + (gen % 2) * HALF
+        if STAGE != 2:
+            _clear_other_half(ws_ptr, sync_ptr, gen, pid, GRID, HALF, B_OUT * BT * R, ZB)
     if STAGE == 3:
         if PREFETCH == 1:
             _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, RC, sui, sup, sur, BP, LINE)
@@ -289,7 +313,7 @@ def _factor_address(anchor_ptr, row, FIELD: tl.constexpr, ALIGN: tl.constexpr):
 def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, table_ptr, ws_ptr, sync_ptr, T, N, YS, G, ITEMS1, ITEMS2,
                        EXTENT, GRID, HALF, sxt, ALIGN: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
                        BP: tl.constexpr, BK: tl.constexpr, ZB: tl.constexpr, STAGE: tl.constexpr,
-                       PREFETCH: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr):
+                       PREFETCH: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LATE: tl.constexpr):
     """Several BLAST layers that read the same x (q/k/v, gate/up) in one stream of work items: the
     same two stages as ``_gemv_decode_kernel``, each item first looking up its member in the table.
     Factors are contiguous (strides derived from the geometry, ranks multiples of 8); y is one
@@ -315,10 +339,13 @@ def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, table_ptr, ws_ptr, sync_ptr, T,
                             tl.load(row + 13).to(tl.int32), P, R, P * R, R, 1, BP, LINE)
         gdc_wait()
         gdc_launch_dependents()
-    gen = tl.load(sync_ptr, volatile=True)
-    w_base = ws_ptr + (gen % 2) * HALF
+    w_base = ws_ptr
+    if not LATE:
+        gen = tl.load(sync_ptr, volatile=True)
+        w_base = ws_ptr + (gen % 2) * HALF
+        if STAGE != 2:
+            _clear_other_half(ws_ptr, sync_ptr, gen, pid, GRID, HALF, EXTENT, ZB)
     if STAGE != 2:
-        _clear_other_half(ws_ptr, sync_ptr, gen, pid, GRID, HALF, EXTENT, ZB)
         for item in range(pid, ITEMS1, GRID):
             row = table_ptr + _member(table_ptr, item, G, 14) * _NF
             v_ptr = _factor_address(anchor_ptr, row, 2, ALIGN)
@@ -329,7 +356,12 @@ def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, table_ptr, ws_ptr, sync_ptr, T,
             _xv_mix_item(item - tl.load(row + 14).to(tl.int32), x_ptr, v_ptr, s_ptr,
                          w_base + tl.load(row + 16), T, N, Q, R, B_IN, tl.load(row + 10).to(tl.int32),
                          tl.load(row + 11).to(tl.int32), tl.load(row + 12).to(tl.int32),
-                         sxt, 1, B_IN * R, R, 1, Q * R, R, 1, BT, BQ, BR, x_ptr, 0, 0, 0)
+                         sxt, 1, B_IN * R, R, 1, Q * R, R, 1, BT, BQ, BR, x_ptr, 0, 0, 0, sync_ptr, HALF, LATE)
+    if LATE:
+        gen = tl.load(sync_ptr, volatile=True)
+        w_base = ws_ptr + (gen % 2) * HALF
+        if STAGE != 2:
+            _clear_other_half(ws_ptr, sync_ptr, gen, pid, GRID, HALF, EXTENT, ZB)
     if STAGE == 3:
         _grid_barrier(sync_ptr, GRID)
     if STAGE != 1:
@@ -382,7 +414,7 @@ def gemv_plan(shape: BlastShape, grid: int, cfg: dict) -> dict:
 # per_sm: programs per SM of the persistent grid (and what the x·V split aims to fill in both modes).
 # prefetch: 0 none; persistent mode: 1 U into L2 before the barrier, 2 U at the start (streams with V);
 # pdl mode: 1 each stage's weights before its gdc_wait.
-DEFAULT = dict(mode="two", BQ=32, BR=512, BP=16, BK=512, warps=4, stages=1, per_sm=2, prefetch=0)
+DEFAULT = dict(mode="two", BQ=32, BR=512, BP=16, BK=512, warps=4, stages=1, per_sm=2, prefetch=0, late=False)
 CANDIDATES = (DEFAULT, {**DEFAULT, "BQ": 64, "BR": 128, "BP": 32, "BK": 256, "per_sm": 4},
               {**DEFAULT, "BR": 256, "warps": 8, "warps2": 4}, {**DEFAULT, "mode": "persistent"},
               {**DEFAULT, "mode": "persistent", "BQ": 64, "BR": 256},
@@ -397,7 +429,15 @@ CANDIDATES = (DEFAULT, {**DEFAULT, "BQ": 64, "BR": 128, "BP": 32, "BK": 256, "pe
               {**DEFAULT, "BQ": 128, "BR": 64, "stages": 3, "BP": 8},
               {**DEFAULT, "BQ": 64, "BR": 128, "per_sm": 4, "BP": 8},
               {**DEFAULT, "BP": 8},
-              {**DEFAULT, "mode": "pdl", "prefetch": 1, "BQ": 128, "BR": 64, "stages": 3, "BP": 8})
+              {**DEFAULT, "mode": "pdl", "prefetch": 1, "BQ": 128, "BR": 64, "stages": 3, "BP": 8},
+              # late: stage 1 streams V before the workspace bookkeeping; with narrow r-tiles (16-32) a
+              # block-column's whole q range is one item, so each w element takes b_in atomics, no more
+              {**DEFAULT, "late": True}, {**DEFAULT, "late": True, "BQ": 128, "BR": 64, "stages": 3, "BP": 8},
+              {**DEFAULT, "late": True, "mode": "pdl", "prefetch": 1},
+              {**DEFAULT, "late": True, "mode": "pdl", "prefetch": 1, "BQ": 128, "BR": 64, "stages": 3, "BP": 8},
+              {**DEFAULT, "late": True, "BQ": 256, "BR": 32, "stages": 3, "BP": 8},
+              {**DEFAULT, "late": True, "mode": "pdl", "prefetch": 1, "BQ": 512, "BR": 16, "stages": 2, "warps": 8,
+               "warps2": 4, "BP": 8})
 
 
 def candidates(device) -> list[dict]:
@@ -467,7 +507,7 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
     sync, ws = workspace(x2.device, half)
     y = torch.empty(T, shape.out_features, device=x2.device, dtype=x2.dtype)
     const = dict(HAS_BIAS=bias is not None, BT=BT, B_OUT=shape.b_out, BQ=cfg["BQ"], BR=cfg["BR"], BP=cfg["BP"],
-                 BK=cfg["BK"], ZB=1024, QUANT=bits, PACK=pack, **flags)
+                 BK=cfg["BK"], ZB=1024, QUANT=bits, PACK=pack, LATE=bool(cfg["late"]), **flags)
     us, vs = (U_scale, V_scale) if quant else (y, y)           # not read without QUANT
     launch = {} if interpret else {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
     if mode == "pdl":
@@ -573,6 +613,7 @@ def blast_gemv_group(x2, members, cfg: dict | None = None, *, interpret: bool = 
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     mode, flags = _launch_flags(cfg, interpret, x2.device, x2.element_size())
+    flags["LINE"] = min(flags["LINE"], cfg["BR"])       # narrow r-tiles: at least one prefetch address a row
     if flags["PREFETCH"] == 2:
         raise ValueError("a GEMV group prefetches only in mode 'pdl' (prefetch=1)")
     BT = triton.next_power_of_2(T)
@@ -583,7 +624,8 @@ def blast_gemv_group(x2, members, cfg: dict | None = None, *, interpret: bool = 
     sync, ws = workspace(x2.device, extent)
     y = torch.empty(T, width, device=x2.device, dtype=x2.dtype)
     const = dict(ALIGN=16 // anchor_size(members), BT=BT, BQ=cfg["BQ"], BR=cfg["BR"], BP=cfg["BP"],
-                 BK=cfg["BK"], ZB=1024, **dict(flags, PREFETCH=flags["PREFETCH"] if mode == "pdl" else 0))
+                 BK=cfg["BK"], ZB=1024, LATE=bool(cfg["late"]),
+                 **dict(flags, PREFETCH=flags["PREFETCH"] if mode == "pdl" else 0))
     launch = {} if interpret else {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
     if mode == "pdl":
         launch["launch_pdl"] = True

@@ -38,20 +38,24 @@ def test_matches_reference_on_fuzzed_shapes(T, m, n, r, b_out, b_in, bias, dtype
     _check(T, m, n, r, b_out, b_in, dtype, bias, cfg=TINY)
 
 
-def test_q_split_into_chunks_adds_every_chunk_once():
+@pytest.mark.parametrize("late", [False, True], ids=["bookkeeping-first", "late"])
+def test_q_split_into_chunks_adds_every_chunk_once(late):
     """Small tiles and a wide grid force several q-chunks per block-column, each added atomically."""
     shape = BlastShape.make(64, 96, 24, 2)
     plan = gemv.gemv_plan(shape, 64, TINY)
     assert plan["Q_SPLIT"] > 1
-    _check(3, 64, 96, 24, 2, 2, torch.float32, True, cfg=TINY)
+    _check(3, 64, 96, 24, 2, 2, torch.float32, True, cfg={**TINY, "late": late})
 
 
-def test_calls_of_different_sizes_each_start_from_a_cleared_workspace():
+@pytest.mark.parametrize("order", [(False,), (True,), (False, True, True, False)], ids=["first", "late", "mixed"])
+def test_calls_of_different_sizes_each_start_from_a_cleared_workspace(order):
     """Each call clears, in the other half of the workspace, what the call before wrote there: a big
-    call, then small ones, then a big one again all match the reference."""
-    for T, m, n, r, b in ((4, 80, 80, 40, 4), (1, 24, 24, 4, 1), (2, 33, 40, 9, 2), (4, 80, 80, 40, 4),
-                          (3, 64, 48, 33, 3), (1, 80, 80, 40, 4)):
-        _check(T, m, n, r, b, b, torch.float32, True, cfg=TINY, seed=T + r)
+    call, then small ones, then a big one again all match the reference; also when calls that do
+    the bookkeeping before V (``late=False``) and after it (``late=True``) alternate."""
+    cases = ((4, 80, 80, 40, 4), (1, 24, 24, 4, 1), (2, 33, 40, 9, 2), (4, 80, 80, 40, 4),
+             (3, 64, 48, 33, 3), (1, 80, 80, 40, 4))
+    for k, (T, m, n, r, b) in enumerate(cases):
+        _check(T, m, n, r, b, b, torch.float32, True, cfg={**TINY, "late": order[k % len(order)]}, seed=T + r)
 
 
 def test_poisoned_output_is_fully_overwritten(monkeypatch):
@@ -106,7 +110,9 @@ def test_every_config_matches_reference_on_cuda(T, dtype, cfg):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("cfg", [{**gemv.DEFAULT, "mode": "two"}, {**gemv.DEFAULT, "mode": "persistent", "prefetch": 2},
-                                 {**gemv.DEFAULT, "mode": "pdl", "prefetch": 1}], ids=["two", "persistent", "pdl"])
+                                 {**gemv.DEFAULT, "mode": "pdl", "prefetch": 1},
+                                 {**gemv.DEFAULT, "mode": "pdl", "prefetch": 1, "late": True}],
+                         ids=["two", "persistent", "pdl", "pdl-late"])
 def test_replays_in_a_cuda_graph(cfg):
     shape, U, S, V, b = _factors(2048, 2048, 500, 4, 4, torch.bfloat16)
     x = torch.randn(2, 2048, device="cuda", dtype=torch.bfloat16)
@@ -155,10 +161,11 @@ def test_group_of_siblings_matches_each_reference(T):
     _group_check(T, [(40, 16, 4, 4, True), (24, 8, 2, 3, False), (56, 24, 4, 2, True)])
 
 
-def test_group_of_one_and_repeated_groups_start_from_a_cleared_workspace():
+@pytest.mark.parametrize("late", [False, True], ids=["bookkeeping-first", "late"])
+def test_group_of_one_and_repeated_groups_start_from_a_cleared_workspace(late):
     for T, specs in ((1, [(40, 16, 4, 4, True)]), (4, [(40, 16, 4, 4, True), (32, 32, 2, 2, False)]),
                      (2, [(16, 8, 1, 1, True)]), (4, [(40, 16, 4, 4, True), (32, 32, 2, 2, False)])):
-        _group_check(T, specs)
+        _group_check(T, specs, cfg={**TINY, "late": late})
 
 
 def test_group_refuses_members_it_cannot_stream():

@@ -131,8 +131,9 @@ def _record(monkeypatch, name, call):
     return [_spec(recorder.kernel, args, kwargs) for args, kwargs in recorder.launches]
 
 
-def test_one_layer_grouped_and_int8_kernels_stream_factors_in_16_byte_loads(toolchain, monkeypatch, tmp_path):
-    cfg = {**gemv.DEFAULT, "mode": "two"}
+@pytest.mark.parametrize("late", [False, True], ids=["bookkeeping-first", "late"])
+def test_one_layer_grouped_and_int8_kernels_stream_factors_in_16_byte_loads(toolchain, monkeypatch, tmp_path, late):
+    cfg = {**gemv.DEFAULT, "mode": "two", "late": late}
     x = torch.zeros(1, 4096, dtype=torch.bfloat16)
     o_proj = _layer(4096, 4096)
     qkv = [_layer(4096, 4096) for _ in range(3)]
