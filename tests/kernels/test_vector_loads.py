@@ -43,8 +43,8 @@ class _Recorder:
         return lambda *args, **kwargs: self.launches.append((args, kwargs))
 
 
-def _spec(kernel, args, kwargs) -> dict:
-    """Signature, constexprs and divisibility attributes of one launch of a kernel of :mod:`gemv`, as
+def _spec(kernel, args, kwargs, module: str) -> dict:
+    """Signature, constexprs and divisibility attributes of one launch of a kernel of ``module``, as
     the JIT specializes it."""
     fn = getattr(kernel, "fn", kernel)
     names = list(inspect.signature(fn).parameters)
@@ -65,7 +65,7 @@ def _spec(kernel, args, kwargs) -> dict:
             signature[name] = hopper._scalar_type(value)
             if isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0:
                 aligned.append(index)
-    return {"module": gemv.__name__, "kernel": fn.__name__, "signature": signature,
+    return {"module": module, "kernel": fn.__name__, "signature": signature,
             "constexprs": {str(k): v for k, v in consts.items()}, "aligned": aligned}
 
 
@@ -123,12 +123,12 @@ def toolchain():
         pytest.skip(f"cannot compile for sm_90 on this machine: {missing}")
 
 
-def _record(monkeypatch, name, call):
-    kernel = getattr(gemv, name)
+def _record(monkeypatch, name, call, module=gemv):
+    kernel = getattr(module, name)
     recorder = _Recorder(kernel.kernel if isinstance(kernel, _Recorder) else kernel)
-    monkeypatch.setattr(gemv, name, recorder)
+    monkeypatch.setattr(module, name, recorder)
     call()
-    return [_spec(recorder.kernel, args, kwargs) for args, kwargs in recorder.launches]
+    return [_spec(recorder.kernel, args, kwargs, module.__name__) for args, kwargs in recorder.launches]
 
 
 @pytest.mark.parametrize("late", [False, True], ids=["bookkeeping-first", "late"])
@@ -153,3 +153,18 @@ def test_one_layer_grouped_and_int8_kernels_stream_factors_in_16_byte_loads(tool
         # per thread, a stage-1 V tile (BQ x BR) or a stage-2 U tile (BP x BK), in 16-byte loads
         tile = cfg["BQ"] * cfg["BR"] if stage == 1 else cfg["BP"] * cfg["BK"]
         assert _vector_loads(counts) >= tile * factor_bytes // (16 * THREADS), (spec["kernel"], stage, counts)
+
+
+def test_ss1_decode_kernel_streams_its_shared_weight_in_16_byte_loads(toolchain, monkeypatch, tmp_path):
+    """The SS1 CUDA-core form on a 4096x4096 layer at reduction 2 (half the parameters), T = 1."""
+    from blastfx.structures.ss1 import SS1Layout, kernel as ss1_kernel
+    monkeypatch.setattr(ss1_kernel, "INTERPRET", True)          # record the launch, run nothing
+    L = SS1Layout(4096, 4096, 2)
+    cfg = {"path": "gemv", "BN": 16, "KB": 256, "num_warps": 4}
+    x = torch.zeros(1, 4096, dtype=torch.bfloat16)
+    w = torch.zeros(L.weight_shape, dtype=torch.bfloat16)
+    specs = _record(monkeypatch, "_ss1_gemv_kernel", lambda: ss1_kernel.ss1_matmul_triton(
+        x, w, L.shifts(), None, L.reduction, L.block_k, L.block_n, config=cfg), module=ss1_kernel)
+    assert [s["kernel"] for s in specs] == ["_ss1_gemv_kernel"]
+    (counts,) = _compile_loads(specs, tmp_path)
+    assert _vector_loads(counts) >= cfg["BN"] * cfg["KB"] * 2 // (16 * THREADS), counts

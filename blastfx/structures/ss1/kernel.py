@@ -20,6 +20,11 @@ warps, stages) tile is timed per (shape, dtype, token bucket) by the autotuner o
 copies that stream from HBM, from :func:`candidates`. Where nothing is timed (CUDA-graph capture,
 ``autotune=False``) the first candidate runs: :func:`kernel_config` at decode sizes, the
 expand-then-GEMM config at prefill sizes.
+At T <= ``GEMV_MAX_T`` the autotuner also times a CUDA-core form (``{"path": "gemv"}``,
+``_ss1_gemv_kernel``): the same folded input, but each shared weight tile is loaded once into
+registers with 16-byte vector loads and multiplied on CUDA cores, with no tensor-core tile padding
+T = 1 to 16 rows and no staging through shared memory. At decode the layer is one stream of its
+shared weight in one launch, so unlike BLAST's two stages it pays a kernel's fixed cost once.
 Under ``TRITON_INTERPRET=1`` (CPU tests) the dot runs on fp32 operands (the interpreter's bf16 dot
 is wrong); fp32 inputs always use IEEE dots, never TF32.
 """
@@ -34,10 +39,11 @@ import triton.language as tl
 
 from blastfx.kernels import autotune
 
-__all__ = ["ss1_matmul_triton", "kernel_config", "candidates", "DENSE"]
+__all__ = ["ss1_matmul_triton", "kernel_config", "candidates", "gemv_configs", "DENSE", "GEMV_MAX_T"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DECODE_MAX_T = 16
+GEMV_MAX_T = 4              # FMA accumulators hold T x tile values per thread; past this, tensor cores win
 
 
 @triton.jit
@@ -79,6 +85,71 @@ def _ss1_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, T, N, K, K_TILES, SHARED_TILE
              mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _fold_input(x_ptr, s_ptr, g, g_ok, within, offs_t, t_ok, j, K, K_TILES, sxt, sxk, sst, ssn,
+                R: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr):
+    """(BT, KB) fp32: for the shared columns of tiles ``g``, the sum of the R input tiles that read
+    them, each gathered at its rotation for output tile j (zero past the last input feature)."""
+    a = tl.zeros((BT, KB), dtype=tl.float32)
+    for t in range(R):
+        i = g * R + t
+        s = tl.load(s_ptr + i * sst + j * ssn, mask=g_ok & (i < K_TILES), other=0)
+        cols = i * BK + ((within + s) & (BK - 1))
+        xt = tl.load(x_ptr + offs_t[:, None] * sxt + cols[None, :] * sxk,
+                     mask=t_ok[:, None] & (g_ok & (cols < K))[None, :], other=0.0)
+        a += xt.to(tl.float32)
+    return a
+
+
+@triton.jit
+def _ss1_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, T, N, K, K_TILES, SHARED_TILES,
+                     sxt, sxk, swn, swk, sst, ssn, syt, syn,
+                     R: tl.constexpr, HASH_BN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr):
+    """y[:, tile] for T <= BT tokens on CUDA cores: a program owns BN output rows (inside one hash
+    tile, so one set of rotations) and streams their shared weight rows in (BN, KB) tiles, rows
+    contiguous along k, against the folded input; one reduction over k at the end."""
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_t = tl.arange(0, BT)
+    offs_k = tl.arange(0, KB)
+    sub = offs_k // BK
+    within = offs_k % BK
+    j = (pid_n * BN) // HASH_BN
+    n_ok = offs_n < N
+    t_ok = offs_t < T
+    acc = tl.zeros((BT, BN, KB), dtype=tl.float32)
+    for g0 in range(0, SHARED_TILES, KB // BK):
+        g = g0 + sub
+        g_ok = g < SHARED_TILES
+        wt = tl.load(w_ptr + offs_n[:, None] * swn + (g0 * BK + offs_k)[None, :] * swk,
+                     mask=n_ok[:, None] & g_ok[None, :], other=0.0)
+        a = _fold_input(x_ptr, s_ptr, g, g_ok, within, offs_t, t_ok, j, K, K_TILES, sxt, sxk, sst, ssn, R, BK, KB, BT)
+        acc += a[:, None, :] * wt.to(tl.float32)[None, :, :]
+    out = tl.sum(acc, axis=2)                                           # (BT, BN)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_t[:, None] * syt + offs_n[None, :] * syn, out.to(y_ptr.dtype.element_ty),
+             mask=t_ok[:, None] & n_ok[None, :])
+
+
+def gemv_configs(T: int, block_n: int, block_k: int) -> list[dict]:
+    """The CUDA-core configs timed at T <= GEMV_MAX_T: (BN, KB) tiles of 8-16 KB of bf16 per loop
+    step, so each SM keeps enough weight bytes in flight; BN shrinks with T to keep the FMA
+    accumulators (T x BN x KB) at the same register count."""
+    if T > GEMV_MAX_T:
+        return []
+    bt = triton.next_power_of_2(T)
+    tiles = [(16, 256, 4, 1), (16, 512, 4, 1), (8, 512, 4, 2), (32, 256, 8, 1), (16, 256, 4, 3)]
+    out = []
+    for bn, kb, w, st in tiles:
+        c = {"path": "gemv", "BN": min(max(1, bn // bt), block_n), "KB": max(kb, block_k), "num_warps": w,
+             "num_stages": st}
+        if c not in out:
+            out.append(c)
+    return out
+
+
 def kernel_config(T: int, block_n: int, block_k: int = 32, interpret: bool = INTERPRET) -> dict:
     """The default tile for T tokens (BN never exceeds the hash's ``block_n``; KB is a multiple of
     ``block_k``): the base an explicit ``config`` overrides, and the first kernel tile of
@@ -114,15 +185,38 @@ def candidates(T: int, block_n: int, block_k: int) -> list[dict]:
         c = {**c, "BN": min(c["BN"], block_n), "KB": max(c["KB"], block_k)}
         if c not in out:
             out.append(c)
-    return out + [DENSE] if T <= DECODE_MAX_T else [DENSE] + out
+    return out + gemv_configs(T, block_n, block_k) + [DENSE] if T <= DECODE_MAX_T else [DENSE] + out
+
+
+def _launch_gemv(x2, weight, shifts, bias, y, reduction, block_k, block_n, cfg):
+    """The CUDA-core kernel with tile ``cfg`` (BN, KB and launch options) into ``y``."""
+    T, in_features = x2.shape
+    if T > GEMV_MAX_T:
+        raise ValueError(f"config path='gemv' takes at most {GEMV_MAX_T} tokens, got T={T}")
+    BN, KB = cfg.pop("BN"), cfg.pop("KB", block_k)
+    if BN < 1 or BN & (BN - 1) or block_n % BN:
+        raise ValueError(f"config BN={BN} must be a power of two dividing block_n={block_n}")
+    if KB < block_k or KB % block_k or KB & (KB - 1):
+        raise ValueError(f"config KB={KB} must be a power-of-two multiple of block_k={block_k}")
+    out_features = weight.shape[0]
+    _ss1_gemv_kernel[(triton.cdiv(out_features, BN),)](
+        x2, weight, shifts, bias if bias is not None else weight, y, T, out_features, in_features,
+        math.ceil(in_features / block_k), weight.shape[1] // block_k,
+        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), shifts.stride(0), shifts.stride(1),
+        y.stride(0), y.stride(1),
+        R=reduction, HASH_BN=block_n, HAS_BIAS=bias is not None, BT=triton.next_power_of_2(T), BN=BN, BK=block_k,
+        KB=KB, **({} if INTERPRET else cfg))
+    return y
 
 
 def _launch(x2, weight, shifts, bias, y, reduction, block_k, block_n, cfg):
     """Run one config into ``y`` (T, out): the kernel with its tile, or ``{"path": "dense"}``."""
     cfg = dict(cfg)
     path = cfg.pop("path", "kernel")
-    if path not in ("kernel", "dense"):
-        raise ValueError(f"config path={path!r}: expected 'kernel' or 'dense'")
+    if path not in ("kernel", "dense", "gemv"):
+        raise ValueError(f"config path={path!r}: expected 'kernel', 'gemv' or 'dense'")
+    if path == "gemv":
+        return _launch_gemv(x2, weight, shifts, bias, y, reduction, block_k, block_n, cfg)
     if path == "dense":
         from .ops import _expand
         dense = _expand(weight, shifts, x2.shape[1], reduction, block_k, block_n)
@@ -164,8 +258,10 @@ def ss1_matmul_triton(x: torch.Tensor, weight: torch.Tensor, shifts: torch.Tenso
     if T == 0:
         return y.reshape(*lead, out_features)
     if config is not None or INTERPRET:
-        cfg = {**(DENSE if (config or {}).get("path") == "dense" else kernel_config(T, block_n, block_k)),
-               **(config or {})}
+        path = (config or {}).get("path")
+        base = DENSE if path == "dense" else gemv_configs(T, block_n, block_k)[0] if path == "gemv" and \
+            T <= GEMV_MAX_T else kernel_config(T, block_n, block_k)
+        cfg = {**base, **(config or {})}
     else:
         key = ("ss1", autotune.token_bucket(T), tuple(weight.shape), in_features, reduction, block_k, block_n,
                x.dtype, bias is not None, str(x.device))

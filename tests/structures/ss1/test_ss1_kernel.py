@@ -7,7 +7,8 @@ import torch
 
 import blastfx
 from blastfx.structures.ss1 import SS1Layout, SS1Linear, ss1_matmul, ss1_matmul_reference
-from blastfx.structures.ss1.kernel import DENSE, candidates, kernel_config, ss1_matmul_triton
+from blastfx.structures.ss1.kernel import DENSE, GEMV_MAX_T, candidates, gemv_configs, kernel_config, \
+    ss1_matmul_triton
 from ss1_oracles import dense_oracle
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
@@ -64,6 +65,60 @@ def test_tile_configs_and_leading_dims(T, cfg):
     y = ss1_matmul_triton(x, w, L.shifts(), b, 2, 16, 32, config=cfg)
     _check(y.reshape(-1, L.out_features), x.reshape(-1, L.in_features), w, b, L, torch.float32)
     assert y.shape == (T, 2, L.out_features)
+
+
+@pytest.mark.parametrize("case", [c for c in _fuzz_cases(60, seed=77) if c[0] <= GEMV_MAX_T][:14] +
+                         [(T, *c[1:]) for c in _fuzz_cases(8, seed=5) for T in (3, 4)][:6],
+                         ids=lambda c: "T{}-K{}-N{}-r{}-bk{}-bn{}-{}-bias{}-s{}".format(
+                             *c[:6], str(c[6]).split(".")[-1], int(c[7]), c[8]))
+def test_cuda_core_form_matches_reference_on_fuzzed_shapes(case):
+    """The decode GEMV form (T <= 4): ragged in/out features, every reduction, bias or none, with
+    its tile a power of two down to one row (BN 1..16) and K steps of one or several shared tiles."""
+    T, in_f, out_f, r, bk, bn, dtype, bias, seed = case
+    L = SS1Layout(out_f, in_f, r, seed=seed, block_k=bk, block_n=bn)
+    x = torch.randn(T, in_f).to(dtype)
+    w = torch.randn(L.weight_shape).to(dtype)
+    b = torch.randn(out_f).to(dtype) if bias else None
+    for cfg in ({"path": "gemv"}, {"path": "gemv", "BN": 1 << (seed % 5), "KB": bk * (1 << (seed % 3))}):
+        y = ss1_matmul_triton(x, w, L.shifts(), b, r, bk, bn, config=cfg)
+        _check(y, x, w, b, L, dtype)
+
+
+def test_cuda_core_form_reads_only_the_shared_weight_and_the_real_inputs():
+    """NaN around strided views of x, the shared weight and the bias: the GEMV form must mask
+    exactly as the tensor-core kernel does (ragged last K step, last rows, last features)."""
+    L = SS1Layout(37, 70, 4, seed=5, block_k=16, block_n=16)
+    T = 3
+    xbuf = torch.full((T + 3, L.in_features + 40), float("nan"))
+    xbuf[:T, :L.in_features] = torch.randn(T, L.in_features)
+    wbuf = torch.full((L.out_features + 9, L.shared_in_features + 64), float("nan"))
+    wbuf[:L.out_features, :L.shared_in_features] = torch.randn(L.weight_shape)
+    x, w = xbuf[:T, :L.in_features], wbuf[:L.out_features, :L.shared_in_features]
+    b = torch.randn(L.out_features)
+    y = ss1_matmul_triton(x, w, L.shifts(), b, L.reduction, L.block_k, L.block_n,
+                          config={"path": "gemv", "BN": 16, "KB": 64})
+    assert bool(torch.isfinite(y).all())
+    _check(y, x.contiguous(), w.contiguous(), b, L, torch.float32)
+
+
+def test_cuda_core_form_is_offered_and_checked_only_at_decode_sizes():
+    for T in range(1, GEMV_MAX_T + 1):
+        gemv = [c for c in candidates(T, 64, 32) if c.get("path") == "gemv"]
+        assert gemv and gemv == gemv_configs(T, 64, 32)
+        assert all(c["BN"] * triton_next_pow2(T) <= 32 and 64 % c["BN"] == 0 for c in gemv)
+    assert not [c for T in (5, 16, 17, 512) for c in candidates(T, 64, 32) if c.get("path") == "gemv"]
+    L = SS1Layout(20, 64, 2, block_k=16, block_n=16)
+    w = torch.randn(L.weight_shape)
+    with pytest.raises(ValueError, match=f"config path='gemv' takes at most {GEMV_MAX_T} tokens, got T=5"):
+        ss1_matmul_triton(torch.randn(5, 64), w, L.shifts(), None, 2, 16, 16, config={"path": "gemv"})
+    with pytest.raises(ValueError, match="config BN=32 must be a power of two dividing block_n=16"):
+        ss1_matmul_triton(torch.randn(2, 64), w, L.shifts(), None, 2, 16, 16, config={"path": "gemv", "BN": 32})
+    with pytest.raises(ValueError, match="config KB=24 must be a power-of-two multiple of block_k=16"):
+        ss1_matmul_triton(torch.randn(2, 64), w, L.shifts(), None, 2, 16, 16, config={"path": "gemv", "KB": 24})
+
+
+def triton_next_pow2(n):
+    return 1 << (n - 1).bit_length()
 
 
 def test_kernel_reads_only_the_shared_weight_and_the_real_inputs():
@@ -147,7 +202,7 @@ def test_empty_tokens_and_bad_config():
         ss1_matmul_triton(torch.randn(2, 64), w, L.shifts(), None, 2, 16, 16, config={"BM": 24})
     with pytest.raises(ValueError, match="config BN=8 must be a power of two dividing block_n=16, at least 16"):
         ss1_matmul_triton(torch.randn(2, 64), w, L.shifts(), None, 2, 16, 16, config={"BN": 8})
-    with pytest.raises(ValueError, match="config path='dens': expected 'kernel' or 'dense'"):
+    with pytest.raises(ValueError, match="config path='dens': expected 'kernel', 'gemv' or 'dense'"):
         ss1_matmul_triton(torch.randn(2, 64), w, L.shifts(), None, 2, 16, 16, config={"path": "dens"})
 
 
