@@ -352,6 +352,7 @@ def blast_matmul_quantized_triton(x, U, U_scale, S, V, V_scale, bias=None, out_f
     """The fast forward of quantized factors; same contract as
     :func:`blastfx.structures.blast.quant.ops.blast_matmul_quantized_reference`. ``path``: "gemv" or
     "dequantize" (default :func:`quantized_path`); ``config`` overrides GEMV config keys."""
+    from ..structures.blast.quant import formats as factor_formats
     from ..structures.blast.quant.ops import dequantized, quantized_shape
 
     shape = shape or quantized_shape(U, S, V, out_features)
@@ -372,7 +373,8 @@ def blast_matmul_quantized_triton(x, U, U_scale, S, V, V_scale, bias=None, out_f
 
     key = ("quantized", str(U.dtype)) + tuning_key(T, shape, x.dtype, bias is not None, x.device)
     copies = autotune.WeightCopies((U, U_scale, S, V, V_scale), x.device)
-    _, cfg = autotune.choose(key, [("gemv", c) for c in gemv_kernels.candidates(x2.device)],
+    int4 = U.dtype == factor_formats.get("int4").storage
+    _, cfg = autotune.choose(key, [("gemv", c) for c in gemv_kernels.candidates(x2.device, int4=int4)],
                              lambda p, c, k: run(c, copies[k]), copies=copies.count)
     cfg = {**cfg, **(config or {})}
     if INTERPRET:

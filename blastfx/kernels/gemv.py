@@ -26,7 +26,9 @@ BR codes is BR/2 bytes, two per byte along r; each byte is split in registers in
 nibble, sign-extended, and the two interleaved back into the full tile) and widened to fp32 in
 registers; V's per-(j, rank) scale multiplies z after its reduction over q, where ``s_ij``
 multiplies anyway, and U's per-row scale multiplies each output after its reduction over r. No
-dequantized copy is made.
+dequantized copy is made. With ``cfg["nibbles"] == "split"`` int4 tiles are not interleaved: the
+low nibbles (even ranks) and the high ones (odd ranks) are reduced as two half-width tiles, and the
+even and odd elements of w are added and read at stride 2.
 
 Launch modes (``cfg["mode"]``): ``persistent`` runs both stages in one grid no larger than what is
 co-resident, with a grid barrier between them; ``two`` is two plain launches; ``pdl`` is two
@@ -46,6 +48,8 @@ before the grid barrier (1); in ``pdl`` mode each stage's weights before ``gdc_w
 the only point where the previous kernel's results (x, w, the generation counter) may be read.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -124,15 +128,29 @@ def _unpack_int4(b, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
-def _load_factor_tile(base, rows, row_ok, stride_row, stride_col, c0, R, ROWS: tl.constexpr, COLS: tl.constexpr,
-                      QUANT: tl.constexpr):
+def _load_nibbles(base, rows, row_ok, stride_row, stride_col, c0, RC, COLS: tl.constexpr):
+    """Columns c0 .. c0 + COLS of the given rows of packed int4 codes as two (rows, COLS / 2) int32
+    tiles, the even columns (low nibbles) and the odd ones (high nibbles), each sign-extended by
+    two shifts; no interleaving back into one tile."""
+    offs_h = c0 // 2 + tl.arange(0, COLS // 2)
+    b = tl.load(base + rows[:, None] * stride_row + offs_h[None, :] * stride_col,
+                mask=row_ok[:, None] & (offs_h < RC)[None, :], other=0).to(tl.int32)
+    return (b << 28) >> 28, (b << 24) >> 28
+
+
+@triton.jit
+def _load_factor_tile(base, rows, row_ok, stride_row, stride_col, c0, R, RC, ROWS: tl.constexpr,
+                      COLS: tl.constexpr, QUANT: tl.constexpr):
     """Columns c0 .. c0 + COLS of the given rows of a factor whose columns run along r: its own
-    dtype, int8 codes, or (QUANT == 4) packed int4 codes read as COLS / 2 bytes and unpacked."""
+    dtype, int8 codes, or (QUANT == 4) packed int4 codes read as COLS / 2 bytes and unpacked.
+    RC: the stored columns (ceil(R / 2) for int4), an argument of its own so that the JIT sees its
+    divisibility: a bound derived as (R + 1) // 2 has none, and a mask with none turns every
+    16-byte load of codes into sixteen byte loads."""
     # one return statement: the compiler types every return of a function, a constexpr branch's too
     if QUANT == 4:
         offs_h = c0 // 2 + tl.arange(0, COLS // 2)
         packed = tl.load(base + rows[:, None] * stride_row + offs_h[None, :] * stride_col,
-                         mask=row_ok[:, None] & (offs_h < (R + 1) // 2)[None, :], other=0)
+                         mask=row_ok[:, None] & (offs_h < RC)[None, :], other=0)
         tile = _unpack_int4(packed, ROWS, COLS)
     else:
         offs = c0 + tl.arange(0, COLS)
@@ -142,14 +160,61 @@ def _load_factor_tile(base, rows, row_ok, stride_row, stride_col, c0, R, ROWS: t
 
 
 @triton.jit
+def _xv_mix_item_split(item, x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, B_OUT, Q_CHUNK, R_TILES,
+                       sxt, sxn, ssi, ssj, ssr, svj, svq, svr, BT: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
+                       vs_ptr, svsj, svsr, sync_ptr, HALF, LATE: tl.constexpr, RC):
+    """``_xv_mix_item`` for packed int4 V with the nibbles kept apart (even ranks, odd ranks)."""
+    offs_t = tl.arange(0, BT)
+    tmask = offs_t < T
+    rt = item % R_TILES
+    jq = item // R_TILES
+    j = jq % B_IN
+    q0 = (jq // B_IN) * Q_CHUNK
+    q_lim = tl.minimum(Q, q0 + Q_CHUNK)
+    offs_e = rt * BR + 2 * tl.arange(0, BR // 2)                       # the even ranks; odd = even + 1
+    emask = offs_e < R
+    omask = offs_e + 1 < R
+    acc_e = tl.zeros((BT, BQ, BR // 2), dtype=tl.float32)
+    acc_o = tl.zeros((BT, BQ, BR // 2), dtype=tl.float32)
+    for c0 in range(q0, q0 + Q_CHUNK, BQ):
+        offs_c = c0 + tl.arange(0, BQ)
+        col = j * Q + offs_c
+        cmask = (offs_c < q_lim) & (col < N)
+        lo, hi = _load_nibbles(v_ptr + j * svj, offs_c, cmask, svq, svr, rt * BR, RC, BR)
+        xt = tl.load(x_ptr + offs_t[:, None] * sxt + col[None, :] * sxn,
+                     mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)[:, :, None]
+        acc_e += xt * lo.to(tl.float32)[None, :, :]
+        acc_o += xt * hi.to(tl.float32)[None, :, :]
+    z_e = tl.sum(acc_e, axis=1) * tl.load(vs_ptr + j * svsj + offs_e * svsr, mask=emask, other=0.0)[None, :]
+    z_o = tl.sum(acc_o, axis=1) * tl.load(vs_ptr + j * svsj + (offs_e + 1) * svsr, mask=omask, other=0.0)[None, :]
+    if LATE:
+        w_ptr += (tl.load(sync_ptr, volatile=True) % 2) * HALF
+    for i in range(B_OUT):
+        s_e = tl.load(s_ptr + i * ssi + j * ssj + offs_e * ssr, mask=emask, other=0.0).to(tl.float32)
+        s_o = tl.load(s_ptr + i * ssi + j * ssj + (offs_e + 1) * ssr, mask=omask, other=0.0).to(tl.float32)
+        w_row = w_ptr + i * BT * R + offs_t[:, None] * R
+        tl.atomic_add(w_row + offs_e[None, :], s_e[None, :] * z_e, mask=tmask[:, None] & emask[None, :], sem="relaxed")
+        tl.atomic_add(w_row + offs_e[None, :] + 1, s_o[None, :] * z_o, mask=tmask[:, None] & omask[None, :],
+                      sem="relaxed")
+
+
+@triton.jit
 def _xv_mix_item(item, x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, B_OUT, Q_CHUNK, R_TILES,
                  sxt, sxn, ssi, ssj, ssr, svj, svq, svr, BT: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
-                 vs_ptr, svsj, svsr, QUANT: tl.constexpr, sync_ptr, HALF, LATE: tl.constexpr):
+                 vs_ptr, svsj, svsr, QUANT: tl.constexpr, sync_ptr, HALF, LATE: tl.constexpr, RC,
+                 SPLIT: tl.constexpr = False):
     """One stage-1 work item (j, r-tile, q-chunk): stream V[j, chunk, tile] against x_j and add
     ``s_ij * z_j`` into w_i (B_OUT, BT, R) for every block-row i. QUANT (8 or 4): V holds int8 or
     packed int4 codes (then ``svr`` steps bytes of two codes), z is scaled by ``V_scale[j, tile]``.
     LATE: ``w_ptr`` is the workspace, and the half this call accumulates into is looked up only
-    once V is reduced, so the generation counter's round trip is not in front of the V stream."""
+    once V is reduced, so the generation counter's round trip is not in front of the V stream.
+    SPLIT (int4): the even and odd ranks of the tile are reduced as two half-width tiles straight
+    from the low and high nibbles and added into w at stride 2."""
+    if SPLIT:
+        _xv_mix_item_split(item, x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, B_OUT, Q_CHUNK, R_TILES,
+                           sxt, sxn, ssi, ssj, ssr, svj, svq, svr, BT, BQ, BR, vs_ptr, svsj, svsr, sync_ptr, HALF, LATE,
+                           RC)
+        return
     offs_t = tl.arange(0, BT)
     tmask = offs_t < T
     rt = item % R_TILES                 # neighbouring programs read neighbouring r-tiles of a row
@@ -164,7 +229,7 @@ def _xv_mix_item(item, x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, B_OUT, Q_CH
         offs_c = c0 + tl.arange(0, BQ)
         col = j * Q + offs_c
         cmask = (offs_c < q_lim) & (col < N)
-        v = _load_factor_tile(v_ptr + j * svj, offs_c, cmask, svq, svr, rt * BR, R, BQ, BR, QUANT)
+        v = _load_factor_tile(v_ptr + j * svj, offs_c, cmask, svq, svr, rt * BR, R, RC, BQ, BR, QUANT)
         xt = tl.load(x_ptr + offs_t[:, None] * sxt + col[None, :] * sxn,
                      mask=tmask[:, None] & cmask[None, :], other=0.0)
         acc += xt.to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :]
@@ -181,7 +246,8 @@ def _xv_mix_item(item, x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, B_OUT, Q_CH
 
 @triton.jit
 def _wu_item(item, u_ptr, b_ptr, y_ptr, w_ptr, T, M, P, R, P_TILES, sui, sup, sur, syt, sym, has_bias,
-             BT: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, us_ptr, susi, susp, QUANT: tl.constexpr):
+             BT: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, us_ptr, susi, susp, QUANT: tl.constexpr, RC,
+             SPLIT: tl.constexpr = False):
     """One stage-2 work item (i, p-tile): stream U[i, tile, :] against w_i; bias, cast, store.
     QUANT (8 or 4): U holds int8 or packed int4 codes (then ``sur`` steps bytes of two codes), each
     output row is scaled by ``U_scale[i, row]``."""
@@ -190,15 +256,28 @@ def _wu_item(item, u_ptr, b_ptr, y_ptr, w_ptr, T, M, P, R, P_TILES, sui, sup, su
     i = item // P_TILES
     offs_p = (item % P_TILES) * BP + tl.arange(0, BP)
     pmask = offs_p < P
-    acc = tl.zeros((BT, BP, BK), dtype=tl.float32)
-    for k0 in range(0, R, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        kmask = offs_k < R
-        u = _load_factor_tile(u_ptr + i * sui, offs_p, pmask, sup, sur, k0, R, BP, BK, QUANT)
-        wv = tl.load(w_ptr + i * BT * R + offs_t[:, None] * R + offs_k[None, :],
-                     mask=tmask[:, None] & kmask[None, :], other=0.0, cache_modifier=".cg")
-        acc += wv[:, None, :] * u.to(tl.float32)[None, :, :]
-    out = tl.sum(acc, axis=2)                                           # (BT, BP)
+    if SPLIT:                           # packed int4: even ranks from low nibbles, odd from high
+        acc_e = tl.zeros((BT, BP, BK // 2), dtype=tl.float32)
+        acc_o = tl.zeros((BT, BP, BK // 2), dtype=tl.float32)
+        for k0 in range(0, R, BK):
+            offs_e = k0 + 2 * tl.arange(0, BK // 2)
+            lo, hi = _load_nibbles(u_ptr + i * sui, offs_p, pmask, sup, sur, k0, RC, BK)
+            w_row = w_ptr + i * BT * R + offs_t[:, None] * R + offs_e[None, :]
+            w_e = tl.load(w_row, mask=tmask[:, None] & (offs_e < R)[None, :], other=0.0, cache_modifier=".cg")
+            w_o = tl.load(w_row + 1, mask=tmask[:, None] & (offs_e + 1 < R)[None, :], other=0.0, cache_modifier=".cg")
+            acc_e += w_e[:, None, :] * lo.to(tl.float32)[None, :, :]
+            acc_o += w_o[:, None, :] * hi.to(tl.float32)[None, :, :]
+        out = tl.sum(acc_e, axis=2) + tl.sum(acc_o, axis=2)
+    else:
+        acc = tl.zeros((BT, BP, BK), dtype=tl.float32)
+        for k0 in range(0, R, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            kmask = offs_k < R
+            u = _load_factor_tile(u_ptr + i * sui, offs_p, pmask, sup, sur, k0, R, RC, BP, BK, QUANT)
+            wv = tl.load(w_ptr + i * BT * R + offs_t[:, None] * R + offs_k[None, :],
+                         mask=tmask[:, None] & kmask[None, :], other=0.0, cache_modifier=".cg")
+            acc += wv[:, None, :] * u.to(tl.float32)[None, :, :]
+        out = tl.sum(acc, axis=2)                                       # (BT, BP)
     if QUANT:
         out *= tl.load(us_ptr + i * susi + offs_p * susp, mask=pmask, other=0.0).to(tl.float32)[None, :]
     rows = i * P + offs_p
@@ -225,25 +304,41 @@ def _advance_generation(sync_ptr, GRID):
 
 @triton.jit
 def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_ptr,
-                        T, N, M, P, Q, R, B_IN, Q_SPLIT, Q_CHUNK, R_TILES, P_TILES, GRID, HALF,
+                        T, N, M, P, Q, R, RC, B_IN, Q_SPLIT, Q_CHUNK, R_TILES, P_TILES, GRID, HALF,
                         sxt, sxn, sui, sup, sur, ssi, ssj, ssr, svj, svq, svr, syt, sym,
                         us_ptr, vs_ptr, susi, susp, svsj, svsr,
                         HAS_BIAS: tl.constexpr, BT: tl.constexpr, B_OUT: tl.constexpr,
                         BQ: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr,
                         ZB: tl.constexpr, STAGE: tl.constexpr, QUANT: tl.constexpr, PACK: tl.constexpr,
                         PREFETCH: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, ADVANCE: tl.constexpr,
-                        LATE: tl.constexpr):
+                        LATE: tl.constexpr, SPLIT: tl.constexpr, AL_R: tl.constexpr, AL: tl.constexpr,
+                        AL_S: tl.constexpr):
     """STAGE 1: x·V and the s-mix into w; STAGE 2: w·Uᵀ; STAGE 3: both, grid barrier between.
     w is (B_OUT, BT, R) fp32 in the workspace half picked by the generation counter's parity.
     PDL: only weights are touched before ``gdc_wait``; the generation counter is read after it.
     ADVANCE (two-launch form): this launch moves the generation on when its last program ends:
     stage 2 of a full call, or stage 1 launched alone (which leaves its half for the next call to
     clear, as a full call does); stage 2 launched alone leaves the workspace as it found it.
-    PACK: codes per stored element along r (2 for int4), so prefetches cover ceil(R / PACK) columns.
+    PACK: codes per stored element along r (2 for int4); RC: the stored columns, ceil(R / PACK).
+    AL_R, AL, AL_S: powers of two (up to 16) that divide R; RC and U's and V's row and block strides;
+    S's strides:
+    the JIT marks an integer argument only when 16 divides it, so a rank such as 1016 would leave
+    every mask and row start unaligned to the compiler and turn each 16-byte load into eight 2-byte
+    ones; the hints give it back what the host knows.
     LATE: stage 1 streams V first and reads the generation counter and clears the other half after
     it (see ``_xv_mix_item``); otherwise both come first, one round trip each in front of the stream."""
     pid = tl.program_id(0)
-    RC = (R + PACK - 1) // PACK                 # stored columns of U and V
+    if AL_R > 1:                    # (v // A) * A: the same value, and a product the compiler sees
+        R = (R // AL_R) * AL_R      # divisible by A (a hint on an argument itself is not kept)
+    if AL > 1:
+        RC = (RC // AL) * AL
+        svj = (svj // AL) * AL
+        svq = (svq // AL) * AL
+        sui = (sui // AL) * AL
+        sup = (sup // AL) * AL
+    if AL_S > 1:
+        ssi = (ssi // AL_S) * AL_S
+        ssj = (ssj // AL_S) * AL_S
     if PDL:
         if PREFETCH:
             if STAGE == 1:
@@ -265,7 +360,7 @@ def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_p
         for item in range(pid, B_IN * R_TILES * Q_SPLIT, GRID):
             _xv_mix_item(item, x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, B_OUT, Q_CHUNK, R_TILES,
                          sxt, sxn, ssi, ssj, ssr, svj, svq, svr, BT, BQ, BR, vs_ptr, svsj, svsr, QUANT,
-                         sync_ptr, HALF, LATE)
+                         sync_ptr, HALF, LATE, RC, SPLIT)
     if LATE:
         gen = tl.load(sync_ptr, volatile=True)
         w_ptr = ws_ptr + (gen % 2) * HALF
@@ -278,7 +373,7 @@ def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_p
     if STAGE != 1:
         for item in range(pid, B_OUT * P_TILES, GRID):
             _wu_item(item, u_ptr, b_ptr, y_ptr, w_ptr, T, M, P, R, P_TILES, sui, sup, sur, syt, sym, HAS_BIAS,
-                     BT, BP, BK, us_ptr, susi, susp, QUANT)
+                     BT, BP, BK, us_ptr, susi, susp, QUANT, RC, SPLIT)
     if ADVANCE:
         _advance_generation(sync_ptr, GRID)
 
@@ -356,7 +451,7 @@ def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, table_ptr, ws_ptr, sync_ptr, T,
             _xv_mix_item(item - tl.load(row + 14).to(tl.int32), x_ptr, v_ptr, s_ptr,
                          w_base + tl.load(row + 16), T, N, Q, R, B_IN, tl.load(row + 10).to(tl.int32),
                          tl.load(row + 11).to(tl.int32), tl.load(row + 12).to(tl.int32),
-                         sxt, 1, B_IN * R, R, 1, Q * R, R, 1, BT, BQ, BR, x_ptr, 0, 0, 0, sync_ptr, HALF, LATE)
+                         sxt, 1, B_IN * R, R, 1, Q * R, R, 1, BT, BQ, BR, x_ptr, 0, 0, 0, sync_ptr, HALF, LATE, R)
     if LATE:
         gen = tl.load(sync_ptr, volatile=True)
         w_base = ws_ptr + (gen % 2) * HALF
@@ -372,7 +467,7 @@ def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, table_ptr, ws_ptr, sync_ptr, T,
             _wu_item(item - tl.load(row + 15).to(tl.int32), _factor_address(anchor_ptr, row, 0, ALIGN),
                      _factor_address(anchor_ptr, row, 3, ALIGN), y_ptr + tl.load(row + 4), w_base + tl.load(row + 16),
                      T, tl.load(row + 5).to(tl.int32), P, R, tl.load(row + 13).to(tl.int32),
-                     P * R, R, 1, YS, 1, tl.load(row + 17) != 0, BT, BP, BK, x_ptr, 0, 0, 0)
+                     P * R, R, 1, YS, 1, tl.load(row + 17) != 0, BT, BP, BK, x_ptr, 0, 0, 0, R)
     if STAGE == 2:
         _advance_generation(sync_ptr, GRID)
 
@@ -414,7 +509,8 @@ def gemv_plan(shape: BlastShape, grid: int, cfg: dict) -> dict:
 # per_sm: programs per SM of the persistent grid (and what the x·V split aims to fill in both modes).
 # prefetch: 0 none; persistent mode: 1 U into L2 before the barrier, 2 U at the start (streams with V);
 # pdl mode: 1 each stage's weights before its gdc_wait.
-DEFAULT = dict(mode="two", BQ=32, BR=512, BP=16, BK=512, warps=4, stages=1, per_sm=2, prefetch=0, late=False)
+DEFAULT = dict(mode="two", BQ=32, BR=512, BP=16, BK=512, warps=4, stages=1, per_sm=2, prefetch=0, late=False,
+               nibbles="interleave")
 CANDIDATES = (DEFAULT, {**DEFAULT, "BQ": 64, "BR": 128, "BP": 32, "BK": 256, "per_sm": 4},
               {**DEFAULT, "BR": 256, "warps": 8, "warps2": 4}, {**DEFAULT, "mode": "persistent"},
               {**DEFAULT, "mode": "persistent", "BQ": 64, "BR": 256},
@@ -440,9 +536,13 @@ CANDIDATES = (DEFAULT, {**DEFAULT, "BQ": 64, "BR": 128, "BP": 32, "BK": 256, "pe
                "warps2": 4, "BP": 8})
 
 
-def candidates(device) -> list[dict]:
-    """The configs worth timing on ``device``: PDL ones only where programmatic launch exists."""
-    return [c for c in CANDIDATES if c["mode"] != "pdl" or pdl_supported(device)]
+def candidates(device, int4: bool = False) -> list[dict]:
+    """The configs worth timing on ``device``: PDL ones only where programmatic launch exists. For
+    packed int4 codes each also with ``nibbles="split"``: the even and odd ranks reduced as two
+    half-width tiles from the low and high nibbles, instead of the nibbles interleaved back into
+    one tile (which of the two a GPU runs faster is measured, not assumed)."""
+    usable = [c for c in CANDIDATES if c["mode"] != "pdl" or pdl_supported(device)]
+    return usable + ([{**c, "nibbles": "split"} for c in usable] if int4 else [])
 
 
 def group_candidates(device) -> list[dict]:
@@ -456,6 +556,8 @@ def _launch_flags(cfg: dict, interpret: bool, device, element_size: int) -> tupl
     mode = cfg["mode"]
     if mode not in ("persistent", "two", "pdl"):
         raise ValueError(f"GEMV decode mode must be 'persistent', 'two' or 'pdl', got {mode!r}")
+    if cfg["nibbles"] not in ("interleave", "split"):
+        raise ValueError(f"GEMV nibbles must be 'interleave' or 'split', got {cfg['nibbles']!r}")
     if cfg["prefetch"] not in (0, 1, 2) or (cfg["prefetch"] == 2 and mode != "persistent"):
         raise ValueError(f"GEMV prefetch must be 0, 1 or (persistent mode) 2, got {cfg['prefetch']!r} in mode {mode!r}")
     if interpret:
@@ -507,7 +609,10 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
     sync, ws = workspace(x2.device, half)
     y = torch.empty(T, shape.out_features, device=x2.device, dtype=x2.dtype)
     const = dict(HAS_BIAS=bias is not None, BT=BT, B_OUT=shape.b_out, BQ=cfg["BQ"], BR=cfg["BR"], BP=cfg["BP"],
-                 BK=cfg["BK"], ZB=1024, QUANT=bits, PACK=pack, LATE=bool(cfg["late"]), **flags)
+                 BK=cfg["BK"], ZB=1024, QUANT=bits, PACK=pack, LATE=bool(cfg["late"]),
+                 SPLIT=bits == 4 and cfg["nibbles"] == "split", AL_R=math.gcd(shape.rank, 16),
+                 AL=math.gcd(U.shape[-1], V.stride(0), V.stride(1), U.stride(0), U.stride(1), 16),
+                 AL_S=math.gcd(S.stride(0), S.stride(1), 16), **flags)
     us, vs = (U_scale, V_scale) if quant else (y, y)           # not read without QUANT
     launch = {} if interpret else {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
     if mode == "pdl":
@@ -515,7 +620,7 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
 
     def args(g):
         return (x2, U, S, V, bias if bias is not None else y, y, ws, sync, T, n, shape.out_features,
-                shape.p, shape.q, shape.rank, shape.b_in, plan["Q_SPLIT"], plan["Q_CHUNK"], plan["R_TILES"],
+                shape.p, shape.q, shape.rank, U.shape[-1], shape.b_in, plan["Q_SPLIT"], plan["Q_CHUNK"], plan["R_TILES"],
                 plan["P_TILES"], g, ws.numel() // 2, x2.stride(0), x2.stride(1), *U.stride(), *S.stride(),
                 *V.stride(), y.stride(0), y.stride(1), us, vs, *(us.stride() if quant else (0, 0)),
                 *(vs.stride() if quant else (0, 0)))

@@ -57,7 +57,14 @@ def test_int4_gemv_matches_reference_on_fuzzed_shapes(T, m, n, r, b_out, b_in, b
     _check_fuzzed("int4", T, m, n, r, b_out, b_in, bias, dtype)
 
 
-def _check_fuzzed(name, T, m, n, r, b_out, b_in, bias, dtype):
+@settings(max_examples=12 if not CUDA else 40, deadline=None)
+@given(**FUZZ)
+def test_int4_split_nibbles_match_reference_on_fuzzed_shapes(T, m, n, r, b_out, b_in, bias, dtype):
+    """The same with the nibbles kept apart (even and odd ranks as two half-width tiles)."""
+    _check_fuzzed("int4", T, m, n, r, b_out, b_in, bias, dtype, cfg=dict(TINY, nibbles="split"))
+
+
+def _check_fuzzed(name, T, m, n, r, b_out, b_in, bias, dtype, cfg=TINY):
     for count, dim in ((b_out, m), (b_in, n)):
         if (count - 1) * math.ceil(dim / count) >= dim:
             return          # a block count that leaves a block all padding is refused by BlastShape
@@ -65,18 +72,20 @@ def _check_fuzzed(name, T, m, n, r, b_out, b_in, bias, dtype):
     assert Uc.dtype == formats.get(name).storage
     x = torch.randn(T, n, device=DEVICE, dtype=dtype)
     b = b.to(dtype) if bias else None
-    y = gemv.blast_gemv(x, Uc, S.to(dtype), Vc, b, shape, TINY, interpret=not CUDA, U_scale=su, V_scale=sv)
+    y = gemv.blast_gemv(x, Uc, S.to(dtype), Vc, b, shape, cfg, interpret=not CUDA, U_scale=su, V_scale=sv)
     assert y.dtype == dtype
     _close(y, x, Uc, su, S.to(dtype), Vc, sv, b, m)
 
 
-@pytest.mark.parametrize("name,r", [("int8", 24), ("int4", 24), ("int4", 37)])
-def test_q_chunks_with_codes(name, r):
+@pytest.mark.parametrize("name,r,nibbles", [("int8", 24, "interleave"), ("int4", 24, "interleave"),
+                                            ("int4", 37, "interleave"), ("int4", 24, "split"), ("int4", 37, "split")])
+def test_q_chunks_with_codes(name, r, nibbles):
     """x·V split into several q-chunks (each adds its share of z, scaled, into w with atomics); for
-    int4 also several r-tiles (BR = 16 codes, 8 bytes) and an odd r."""
+    int4 also several r-tiles (BR = 16 codes, 8 bytes) and an odd r, nibbles interleaved or apart."""
     shape, (Uc, su, S, Vc, sv, b) = _codes(70, 200, r, 2, 2, seed=1, name=name)
     x = torch.randn(2, 200, device=DEVICE)
-    y = gemv.blast_gemv(x, Uc, S, Vc, b, shape, dict(TINY, per_sm=8), interpret=not CUDA, U_scale=su, V_scale=sv)
+    y = gemv.blast_gemv(x, Uc, S, Vc, b, shape, dict(TINY, per_sm=8, nibbles=nibbles), interpret=not CUDA,
+                        U_scale=su, V_scale=sv)
     _close(y, x, Uc, su, S, Vc, sv, b, 70)
 
 
@@ -110,5 +119,15 @@ def test_gemv_scale_arguments_are_checked():
     with pytest.raises(ValueError, match=r"do not hold rank 8: their last dimension must be 4"):
         gemv.blast_gemv(x, Uc4[..., :3], S4, Vc4[..., :3], b4, shape4, TINY, interpret=not CUDA, U_scale=su4,
                         V_scale=sv4)
+    with pytest.raises(ValueError, match="GEMV nibbles must be 'interleave' or 'split', got 'apart'"):
+        gemv.blast_gemv(x, Uc4, S4, Vc4, b4, shape4, dict(TINY, nibbles="apart"), interpret=not CUDA, U_scale=su4,
+                        V_scale=sv4)
     with pytest.raises(ValueError, match="path must be 'gemv' or 'dequantize'"):
         forward.blast_matmul_quantized_triton(x, Uc, su, S, Vc, sv, b, 50, path="fused")
+
+
+def test_split_nibbles_are_timed_only_for_int4():
+    device = torch.device(DEVICE)
+    plain, int4 = gemv.candidates(device), gemv.candidates(device, int4=True)
+    assert all(c["nibbles"] == "interleave" for c in plain)
+    assert int4[:len(plain)] == plain and [c for c in int4[len(plain):]] == [{**c, "nibbles": "split"} for c in plain]

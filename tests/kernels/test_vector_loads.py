@@ -110,8 +110,8 @@ def _vector_loads(loads: dict) -> int:
     return total
 
 
-def _layer(m, n, b=4, budget=0.5):
-    r = int(budget * m * n / (m + n + b * b)) // 16 * 16
+def _layer(m, n, b=4, budget=0.5, rank=None):
+    r = rank or int(budget * m * n / (m + n + b * b)) // 16 * 16
     shape = BlastShape.make(m, n, r, b)
     return (*(torch.zeros(*shape.factor_shapes[k], dtype=torch.bfloat16) for k in "USV"), None, shape)
 
@@ -132,7 +132,7 @@ def _record(monkeypatch, name, call, module=gemv):
 
 
 @pytest.mark.parametrize("late", [False, True], ids=["bookkeeping-first", "late"])
-def test_one_layer_grouped_and_int8_kernels_stream_factors_in_16_byte_loads(toolchain, monkeypatch, tmp_path, late):
+def test_one_layer_grouped_int8_and_int4_kernels_stream_factors_in_16_byte_loads(toolchain, monkeypatch, tmp_path, late):
     cfg = {**gemv.DEFAULT, "mode": "two", "late": late}
     x = torch.zeros(1, 4096, dtype=torch.bfloat16)
     o_proj = _layer(4096, 4096)
@@ -144,15 +144,52 @@ def test_one_layer_grouped_and_int8_kernels_stream_factors_in_16_byte_loads(tool
     scales = dict(U_scale=torch.ones(shape.b_out, shape.p), V_scale=torch.ones(shape.b_in, shape.rank))
     specs += _record(monkeypatch, "_gemv_decode_kernel",
                      lambda: gemv.blast_gemv(x, *codes, None, shape, cfg, interpret=True, **scales))
+    # packed int4 (two codes a byte) at a rank that is a multiple of 32: 16-byte rows of codes
+    U4, S4, V4, _, shape4 = _layer(4096, 4096, rank=1024)
+    packed = (torch.zeros(*U4.shape[:-1], 512, dtype=torch.uint8), S4, torch.zeros(*V4.shape[:-1], 512, dtype=torch.uint8))
+    scales4 = dict(U_scale=torch.ones(shape4.b_out, shape4.p), V_scale=torch.ones(shape4.b_in, shape4.rank))
+    for nibbles in ("interleave", "split"):
+        specs += _record(monkeypatch, "_gemv_decode_kernel", lambda: gemv.blast_gemv(
+            x, *packed, None, shape4, {**cfg, "nibbles": nibbles}, interpret=True, **scales4))
     assert [s["kernel"] for s in specs] == ["_gemv_decode_kernel"] * 2 + ["_gemv_group_kernel"] * 2 + \
-        ["_gemv_decode_kernel"] * 2
+        ["_gemv_decode_kernel"] * 6
     loads = _compile_loads(specs, tmp_path)
     for k, (spec, counts) in enumerate(zip(specs, loads)):
         stage = spec["constexprs"][str(list(spec["signature"]).index("STAGE"))]
-        factor_bytes = 1 if k >= 4 else 2
+        factor_bytes = 2 if k < 4 else 1 if k < 6 else 0.5
         # per thread, a stage-1 V tile (BQ x BR) or a stage-2 U tile (BP x BK), in 16-byte loads
         tile = cfg["BQ"] * cfg["BR"] if stage == 1 else cfg["BP"] * cfg["BK"]
-        assert _vector_loads(counts) >= tile * factor_bytes // (16 * THREADS), (spec["kernel"], stage, counts)
+        assert _vector_loads(counts) >= int(tile * factor_bytes) // (16 * THREADS), (k, spec["kernel"], stage, counts)
+        if k >= 4:      # codes: no byte loads (only the codes are one byte wide)
+            assert not counts.get("ld.global.b8") and not counts.get("ld.global.u8"), (k, stage, counts)
+
+
+def test_a_rank_that_16_does_not_divide_keeps_vector_loads(toolchain, monkeypatch, tmp_path):
+    """Ranks are multiples of 8 (``rank_multiple``), e.g. 1016 = 8 x 127, which the JIT does not mark
+    as aligned (it marks multiples of 16): without the kernel's own alignment constants every mask
+    and row start would look unaligned and each 16-byte load would become eight 2-byte loads (seen:
+    a Llama-2-7B o_proj at rank 1016). bf16 keeps 16-byte loads, int8 and packed int4 codes keep
+    vector loads (8 and 4 bytes: what 1016 and its 508 packed columns allow), none of them byte loads."""
+    cfg = {**gemv.DEFAULT, "mode": "two"}
+    x = torch.zeros(1, 4096, dtype=torch.bfloat16)
+    U, S, V, _, shape = _layer(4096, 4096, rank=1016)
+    scales = dict(U_scale=torch.ones(shape.b_out, shape.p), V_scale=torch.ones(shape.b_in, shape.rank))
+    int8 = (U.to(torch.int8), S, V.to(torch.int8))
+    int4 = (torch.zeros(*U.shape[:-1], 508, dtype=torch.uint8), S, torch.zeros(*V.shape[:-1], 508, dtype=torch.uint8))
+    specs = _record(monkeypatch, "_gemv_decode_kernel", lambda: gemv.blast_gemv(x, U, S, V, None, shape, cfg,
+                                                                                interpret=True))
+    for codes in (int8, int4):
+        specs += _record(monkeypatch, "_gemv_decode_kernel",
+                         lambda: gemv.blast_gemv(x, *codes, None, shape, cfg, interpret=True, **scales))
+    loads = _compile_loads(specs, tmp_path)
+    for k, (spec, counts) in enumerate(zip(specs, loads)):
+        stage = spec["constexprs"][str(list(spec["signature"]).index("STAGE"))]
+        if k < 2:
+            tile = cfg["BQ"] * cfg["BR"] if stage == 1 else cfg["BP"] * cfg["BK"]
+            assert _vector_loads(counts) >= tile * 2 // (16 * THREADS), (stage, counts)
+            assert not counts.get("ld.global.b16"), (stage, counts)
+        else:
+            assert not counts.get("ld.global.b8") and not counts.get("ld.global.u8"), (k, stage, counts)
 
 
 def test_ss1_decode_kernel_streams_its_shared_weight_in_16_byte_loads(toolchain, monkeypatch, tmp_path):
