@@ -275,9 +275,15 @@ def recording(sink: list):
 META = torch.device("meta")
 
 
-def _per_mode(configs, every: bool, mode=lambda cfg: cfg.get("mode")) -> list:
-    """``configs`` (every=True), or the first config of each launch mode and every config that has
-    none: the launch modes select code, the rest of a config only tile sizes."""
+def _code_variant(cfg):
+    """What of a config selects code rather than tile sizes: its launch mode, and for the GEMV where
+    stage 1 does its bookkeeping (``late``) and how int4 nibbles are reduced; None without a mode."""
+    return (cfg["mode"], cfg.get("late"), cfg.get("nibbles")) if "mode" in cfg else None
+
+
+def _per_mode(configs, every: bool, mode=_code_variant) -> list:
+    """``configs`` (every=True), or the first config of each code variant (launch mode and the like)
+    and every config that has none: those select code, the rest of a config only tile sizes."""
     if every:
         return list(configs)
     out, seen = [], set()
@@ -314,7 +320,7 @@ def _forward_paths(T: int, shape, dtype, bias: bool = True, every: bool = True) 
     x2 = torch.empty(T, shape.in_features, dtype=dtype, device=META)
     U, S, V, b = _factors(shape, dtype, bias)
     cands = forward._all_candidates(T <= forward.DECODE_MAX_T, T <= gemv.MAX_T, shape, META)
-    for path, cfg in _per_mode(cands, every, lambda pc: (pc[0], pc[1]["mode"]) if "mode" in pc[1] else None):
+    for path, cfg in _per_mode(cands, every, lambda pc: (pc[0], _code_variant(pc[1])) if "mode" in pc[1] else None):
         forward.run_path(x2, U, S, V, b, shape, path, cfg)
 
 
@@ -327,7 +333,7 @@ def _quantized_gemv(T: int, shape, dtype, code_dtype, every: bool = True) -> Non
     U, S, V, b = _factors(shape, torch.float32, bias=True)
     (Uc, su), (Vc, sv) = formats.quantize_u(U, fmt), formats.quantize_v(V, fmt)
     x2 = torch.empty(T, shape.in_features, dtype=dtype, device=META)
-    for cfg in _per_mode(gemv.candidates(META), every):
+    for cfg in _per_mode(gemv.candidates(META, int4=code_dtype == formats.get("int4").storage), every):
         gemv.blast_gemv(x2, Uc, S.to(dtype), Vc, b.to(dtype), shape, cfg, U_scale=su, V_scale=sv)
 
 
@@ -372,7 +378,7 @@ def _grad_mix(dtype, blocks=None) -> None:
 
 
 def _ss1(T: int, dtype, reduction: int = 4) -> None:
-    """The SS1 kernel over its candidates for T tokens (the layer pipeline's default tiles)."""
+    """The SS1 kernels (tensor-core and, at T <= 4, CUDA-core) over their candidates for T tokens."""
     from blastfx.structures.ss1 import kernel
     from blastfx.structures.ss1.layout import SS1Layout
 
@@ -383,7 +389,7 @@ def _ss1(T: int, dtype, reduction: int = 4) -> None:
     bias = torch.empty(layout.out_features, dtype=dtype, device=META)
     y = torch.empty(T, layout.out_features, dtype=dtype, device=META)
     for cfg in kernel.candidates(T, layout.block_n, layout.block_k):
-        if cfg.get("path", "kernel") == "kernel":
+        if cfg.get("path", "kernel") in ("kernel", "gemv"):
             kernel._launch(x2, weight, shifts, bias, y, reduction, layout.block_k, layout.block_n, cfg)
 
 

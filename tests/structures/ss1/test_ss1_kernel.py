@@ -4,6 +4,7 @@ import random
 
 import pytest
 import torch
+import triton
 
 import blastfx
 from blastfx.structures.ss1 import SS1Layout, SS1Linear, ss1_matmul, ss1_matmul_reference
@@ -84,28 +85,11 @@ def test_cuda_core_form_matches_reference_on_fuzzed_shapes(case):
         _check(y, x, w, b, L, dtype)
 
 
-def test_cuda_core_form_reads_only_the_shared_weight_and_the_real_inputs():
-    """NaN around strided views of x, the shared weight and the bias: the GEMV form must mask
-    exactly as the tensor-core kernel does (ragged last K step, last rows, last features)."""
-    L = SS1Layout(37, 70, 4, seed=5, block_k=16, block_n=16)
-    T = 3
-    xbuf = torch.full((T + 3, L.in_features + 40), float("nan"))
-    xbuf[:T, :L.in_features] = torch.randn(T, L.in_features)
-    wbuf = torch.full((L.out_features + 9, L.shared_in_features + 64), float("nan"))
-    wbuf[:L.out_features, :L.shared_in_features] = torch.randn(L.weight_shape)
-    x, w = xbuf[:T, :L.in_features], wbuf[:L.out_features, :L.shared_in_features]
-    b = torch.randn(L.out_features)
-    y = ss1_matmul_triton(x, w, L.shifts(), b, L.reduction, L.block_k, L.block_n,
-                          config={"path": "gemv", "BN": 16, "KB": 64})
-    assert bool(torch.isfinite(y).all())
-    _check(y, x.contiguous(), w.contiguous(), b, L, torch.float32)
-
-
 def test_cuda_core_form_is_offered_and_checked_only_at_decode_sizes():
     for T in range(1, GEMV_MAX_T + 1):
         gemv = [c for c in candidates(T, 64, 32) if c.get("path") == "gemv"]
         assert gemv and gemv == gemv_configs(T, 64, 32)
-        assert all(c["BN"] * triton_next_pow2(T) <= 32 and 64 % c["BN"] == 0 for c in gemv)
+        assert all(c["BN"] * triton.next_power_of_2(T) <= 32 and 64 % c["BN"] == 0 for c in gemv)
     assert not [c for T in (5, 16, 17, 512) for c in candidates(T, 64, 32) if c.get("path") == "gemv"]
     L = SS1Layout(20, 64, 2, block_k=16, block_n=16)
     w = torch.randn(L.weight_shape)
@@ -117,23 +101,20 @@ def test_cuda_core_form_is_offered_and_checked_only_at_decode_sizes():
         ss1_matmul_triton(torch.randn(2, 64), w, L.shifts(), None, 2, 16, 16, config={"path": "gemv", "KB": 24})
 
 
-def triton_next_pow2(n):
-    return 1 << (n - 1).bit_length()
-
-
-def test_kernel_reads_only_the_shared_weight_and_the_real_inputs():
+@pytest.mark.parametrize("T,cfg", [(5, None), (3, {"path": "gemv", "BN": 16, "KB": 64})], ids=["tensor-core", "gemv"])
+def test_kernel_reads_only_the_shared_weight_and_the_real_inputs(T, cfg):
     """Strided views into NaN-filled buffers: a read past the shared weight's columns, past the last
-    input feature, past the last row or token would make the output NaN."""
+    input feature, past the last row or token would make the output NaN (the CUDA-core form with a
+    K step of four shared tiles, so its last step reaches past the shared columns)."""
     L = SS1Layout(37, 70, 4, seed=5, block_k=16, block_n=16)
-    T = 5
-    xbuf = torch.full((T + 3, L.in_features + 20), float("nan"))
+    xbuf = torch.full((T + 3, L.in_features + 40), float("nan"))
     xbuf[:T, :L.in_features] = torch.randn(T, L.in_features)
-    wbuf = torch.full((L.out_features + 9, L.shared_in_features + 16), float("nan"))
+    wbuf = torch.full((L.out_features + 9, L.shared_in_features + 64), float("nan"))
     wbuf[:L.out_features, :L.shared_in_features] = torch.randn(L.weight_shape)
     bbuf = torch.full((L.out_features + 7,), float("nan"))
     bbuf[:L.out_features] = torch.randn(L.out_features)
     x, w, b = xbuf[:T, :L.in_features], wbuf[:L.out_features, :L.shared_in_features], bbuf[:L.out_features]
-    y = ss1_matmul_triton(x, w, L.shifts(), b, L.reduction, L.block_k, L.block_n)
+    y = ss1_matmul_triton(x, w, L.shifts(), b, L.reduction, L.block_k, L.block_n, config=cfg)
     assert bool(torch.isfinite(y).all())
     _check(y, x.contiguous(), w.contiguous(), b.contiguous(), L, torch.float32)
 
