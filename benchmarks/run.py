@@ -119,10 +119,11 @@ REGISTRY: dict[str, Benchmark] = {
         "\"bytes vs bf16 dense\" is the compressed layers' stored bytes over the same layers dense in bf16."),
     "quantized_speed": Benchmark(
         "quantized_speed.py", "Quantized factors: one layer at decode",
-        "T=1 time of one layer: int8 BLAST (GEMV reading codes) vs bf16 BLAST vs bf16 dense",
+        "T=1 time of one layer: int8 or int4 BLAST (GEMV reading codes) vs bf16 BLAST vs bf16 dense",
         "yes", "2 min",
         "One linear layer at T = 1 (budget 0.5, b = 4), each call replayed from a CUDA graph over enough weight "
-        "copies to stream them from HBM: bf16 dense, bf16 BLAST and int8 BLAST; \"x\" columns are dense time "
+        "copies to stream them from HBM: bf16 dense, bf16 BLAST and BLAST with `--factor-dtype` codes (int8 by "
+        "default); \"x\" columns are dense time "
         "over the layer's time in the same process."),
     "quality_structures": Benchmark(
         "quality_structures.py", "Structures without retraining: SS1 vs BLAST vs auto",

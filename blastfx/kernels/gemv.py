@@ -293,8 +293,9 @@ def _advance_generation(sync_ptr, GRID):
     """Two-launch form: the last stage-2 program to finish advances the generation.
     Relaxed, not acquire-release: what must precede the count is this program's read of the
     generation, and that read has completed (w's addresses, and through them the output, depend on
-    it); a release would make every program wait for its output stores to land first, which cost
-    about a microsecond per call on an H200. The next call sees the new generation by stream order."""
+    it), and the barrier before the count keeps every thread's read ahead of it; a release would
+    make every program wait for its output stores to land before it exits. The next call sees the
+    new generation by stream order (in PDL mode after its ``gdc_wait``)."""
     tl.debug_barrier()
     done = tl.atomic_add(sync_ptr + 3, 1, sem="relaxed", scope="gpu")
     if done == GRID - 1:
@@ -312,7 +313,7 @@ def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_p
                         ZB: tl.constexpr, STAGE: tl.constexpr, QUANT: tl.constexpr, PACK: tl.constexpr,
                         PREFETCH: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, ADVANCE: tl.constexpr,
                         LATE: tl.constexpr, SPLIT: tl.constexpr, AL_R: tl.constexpr, AL: tl.constexpr,
-                        AL_S: tl.constexpr):
+                        AL_S: tl.constexpr, AL_SC: tl.constexpr, LINE_U: tl.constexpr):
     """STAGE 1: x·V and the s-mix into w; STAGE 2: w·Uᵀ; STAGE 3: both, grid barrier between.
     w is (B_OUT, BT, R) fp32 in the workspace half picked by the generation counter's parity.
     PDL: only weights are touched before ``gdc_wait``; the generation counter is read after it.
@@ -320,9 +321,8 @@ def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_p
     stage 2 of a full call, or stage 1 launched alone (which leaves its half for the next call to
     clear, as a full call does); stage 2 launched alone leaves the workspace as it found it.
     PACK: codes per stored element along r (2 for int4); RC: the stored columns, ceil(R / PACK).
-    AL_R, AL, AL_S: powers of two (up to 16) that divide R; RC and U's and V's row and block strides;
-    S's strides:
-    the JIT marks an integer argument only when 16 divides it, so a rank such as 1016 would leave
+    AL_R, AL, AL_S, AL_SC: powers of two (up to 16) that divide R; RC and U's and V's row and block
+    strides; S's strides; the scales' strides. The JIT marks an integer argument only when 16 divides it, so a rank such as 1016 would leave
     every mask and row start unaligned to the compiler and turn each 16-byte load into eight 2-byte
     ones; the hints give it back what the host knows.
     LATE: stage 1 streams V first and reads the generation counter and clears the other half after
@@ -339,17 +339,20 @@ def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_p
     if AL_S > 1:
         ssi = (ssi // AL_S) * AL_S
         ssj = (ssj // AL_S) * AL_S
+    if AL_SC > 1:
+        svsj = (svsj // AL_SC) * AL_SC
+        susi = (susi // AL_SC) * AL_SC
     if PDL:
         if PREFETCH:
             if STAGE == 1:
                 _prefetch_v_items(v_ptr, pid, B_IN * R_TILES * Q_SPLIT, GRID, Q, RC, B_IN, Q_CHUNK, R_TILES,
                                   svj, svq, svr, BR // PACK, LINE)
             else:
-                _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, RC, sui, sup, sur, BP, LINE)
+                _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, RC, sui, sup, sur, BP, LINE_U)
         gdc_wait()
         gdc_launch_dependents()     # a dependent touches only its weights until its own wait
     if (STAGE == 3) & (PREFETCH == 2):
-        _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, RC, sui, sup, sur, BP, LINE)
+        _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, RC, sui, sup, sur, BP, LINE_U)
     w_ptr = ws_ptr
     if not LATE:
         gen = tl.load(sync_ptr, volatile=True)
@@ -368,7 +371,7 @@ def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_p
             _clear_other_half(ws_ptr, sync_ptr, gen, pid, GRID, HALF, B_OUT * BT * R, ZB)
     if STAGE == 3:
         if PREFETCH == 1:
-            _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, RC, sui, sup, sur, BP, LINE)
+            _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, RC, sui, sup, sur, BP, LINE_U)
         _grid_barrier(sync_ptr, GRID)
     if STAGE != 1:
         for item in range(pid, B_OUT * P_TILES, GRID):
@@ -408,7 +411,8 @@ def _factor_address(anchor_ptr, row, FIELD: tl.constexpr, ALIGN: tl.constexpr):
 def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, table_ptr, ws_ptr, sync_ptr, T, N, YS, G, ITEMS1, ITEMS2,
                        EXTENT, GRID, HALF, sxt, ALIGN: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
                        BP: tl.constexpr, BK: tl.constexpr, ZB: tl.constexpr, STAGE: tl.constexpr,
-                       PREFETCH: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LATE: tl.constexpr):
+                       PREFETCH: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LATE: tl.constexpr,
+                       LINE_U: tl.constexpr):
     """Several BLAST layers that read the same x (q/k/v, gate/up) in one stream of work items: the
     same two stages as ``_gemv_decode_kernel``, each item first looking up its member in the table.
     Factors are contiguous (strides derived from the geometry, ranks multiples of 8); y is one
@@ -431,7 +435,7 @@ def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, table_ptr, ws_ptr, sync_ptr, T,
                 R = tl.load(row + 8).to(tl.int32)
                 local = pid - tl.load(row + 15).to(tl.int32)
                 _prefetch_u(_factor_address(anchor_ptr, row, 0, ALIGN), local, local + 1, 1,
-                            tl.load(row + 13).to(tl.int32), P, R, P * R, R, 1, BP, LINE)
+                            tl.load(row + 13).to(tl.int32), P, R, P * R, R, 1, BP, LINE_U)
         gdc_wait()
         gdc_launch_dependents()
     w_base = ws_ptr
@@ -449,7 +453,8 @@ def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, table_ptr, ws_ptr, sync_ptr, T,
             R = tl.multiple_of(tl.load(row + 8).to(tl.int32), 8)
             B_IN = tl.load(row + 9).to(tl.int32)
             _xv_mix_item(item - tl.load(row + 14).to(tl.int32), x_ptr, v_ptr, s_ptr,
-                         w_base + tl.load(row + 16), T, N, Q, R, B_IN, tl.load(row + 10).to(tl.int32),
+                         w_base + tl.multiple_of(tl.load(row + 16), 8), T, N, Q, R, B_IN,
+                         tl.load(row + 10).to(tl.int32),
                          tl.load(row + 11).to(tl.int32), tl.load(row + 12).to(tl.int32),
                          sxt, 1, B_IN * R, R, 1, Q * R, R, 1, BT, BQ, BR, x_ptr, 0, 0, 0, sync_ptr, HALF, LATE, R)
     if LATE:
@@ -465,7 +470,8 @@ def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, table_ptr, ws_ptr, sync_ptr, T,
             P = tl.load(row + 6).to(tl.int32)
             R = tl.multiple_of(tl.load(row + 8).to(tl.int32), 8)
             _wu_item(item - tl.load(row + 15).to(tl.int32), _factor_address(anchor_ptr, row, 0, ALIGN),
-                     _factor_address(anchor_ptr, row, 3, ALIGN), y_ptr + tl.load(row + 4), w_base + tl.load(row + 16),
+                     _factor_address(anchor_ptr, row, 3, ALIGN), y_ptr + tl.load(row + 4),
+                     w_base + tl.multiple_of(tl.load(row + 16), 8),
                      T, tl.load(row + 5).to(tl.int32), P, R, tl.load(row + 13).to(tl.int32),
                      P * R, R, 1, YS, 1, tl.load(row + 17) != 0, BT, BP, BK, x_ptr, 0, 0, 0, R)
     if STAGE == 2:
@@ -480,7 +486,7 @@ def workspace(device: torch.device, half: int) -> tuple[torch.Tensor, torch.Tens
     CUDA graph may still point at it."""
     key = (device.type, device.index)
     if key not in _WORKSPACES or _WORKSPACES[key][1].numel() < 2 * half:
-        half = max(half, 1 << 16)
+        half = max(-(-half // 1024) * 1024, 1 << 16)     # halves start 4 KB-aligned: w loads stay vector loads
         _WORKSPACES.setdefault(("retired", key), []).extend([_WORKSPACES[key]] if key in _WORKSPACES else [])
         _WORKSPACES[key] = allocate_state(lambda: (torch.zeros(8, dtype=torch.int32, device=device),
                                                    torch.zeros(2 * half, dtype=torch.float32, device=device)), device)
@@ -532,6 +538,7 @@ CANDIDATES = (DEFAULT, {**DEFAULT, "BQ": 64, "BR": 128, "BP": 32, "BK": 256, "pe
               {**DEFAULT, "late": True, "mode": "pdl", "prefetch": 1},
               {**DEFAULT, "late": True, "mode": "pdl", "prefetch": 1, "BQ": 128, "BR": 64, "stages": 3, "BP": 8},
               {**DEFAULT, "late": True, "BQ": 256, "BR": 32, "stages": 3, "BP": 8},
+              {**DEFAULT, "late": True, "mode": "persistent"},
               {**DEFAULT, "late": True, "mode": "pdl", "prefetch": 1, "BQ": 512, "BR": 16, "stages": 2, "warps": 8,
                "warps2": 4, "BP": 8})
 
@@ -551,8 +558,9 @@ def group_candidates(device) -> list[dict]:
 
 
 def _launch_flags(cfg: dict, interpret: bool, device, element_size: int) -> tuple[str, dict]:
-    """(launch mode, the PREFETCH/PDL/LINE constants) for ``cfg``; the interpreter runs two plain
-    launches with neither (no inline PTX there)."""
+    """(launch mode, the PREFETCH/PDL/LINE/LINE_U constants) for ``cfg``: LINE elements per L2 prefetch
+    address of a V row, LINE_U of a U row (one 128-byte line each; the callers narrow LINE for narrow
+    r-tiles). The interpreter runs two plain launches with neither (no inline PTX there)."""
     mode = cfg["mode"]
     if mode not in ("persistent", "two", "pdl"):
         raise ValueError(f"GEMV decode mode must be 'persistent', 'two' or 'pdl', got {mode!r}")
@@ -561,12 +569,12 @@ def _launch_flags(cfg: dict, interpret: bool, device, element_size: int) -> tupl
     if cfg["prefetch"] not in (0, 1, 2) or (cfg["prefetch"] == 2 and mode != "persistent"):
         raise ValueError(f"GEMV prefetch must be 0, 1 or (persistent mode) 2, got {cfg['prefetch']!r} in mode {mode!r}")
     if interpret:
-        return "two", dict(PREFETCH=0, PDL=False, LINE=128 // element_size)
+        return "two", dict(PREFETCH=0, PDL=False, LINE=128 // element_size, LINE_U=128 // element_size)
     if mode == "pdl" and not pdl_supported(device):
         raise RuntimeError("GEMV mode 'pdl' needs programmatic dependent launch: a Hopper (sm_90) or newer GPU "
                            "and a triton that exposes gdc_wait")
     prefetch = 0 if mode == "two" else int(cfg["prefetch"])
-    return mode, dict(PREFETCH=prefetch, PDL=mode == "pdl", LINE=128 // element_size)
+    return mode, dict(PREFETCH=prefetch, PDL=mode == "pdl", LINE=128 // element_size, LINE_U=128 // element_size)
 
 
 def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *, interpret: bool = False,
@@ -612,7 +620,8 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
                  BK=cfg["BK"], ZB=1024, QUANT=bits, PACK=pack, LATE=bool(cfg["late"]),
                  SPLIT=bits == 4 and cfg["nibbles"] == "split", AL_R=math.gcd(shape.rank, 16),
                  AL=math.gcd(U.shape[-1], V.stride(0), V.stride(1), U.stride(0), U.stride(1), 16),
-                 AL_S=math.gcd(S.stride(0), S.stride(1), 16), **flags)
+                 AL_S=math.gcd(S.stride(0), S.stride(1), 16),
+                 AL_SC=math.gcd(*(U_scale.stride() + V_scale.stride() if quant else ()), 16), **flags)
     us, vs = (U_scale, V_scale) if quant else (y, y)           # not read without QUANT
     launch = {} if interpret else {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
     if mode == "pdl":

@@ -135,8 +135,8 @@ def _ss1_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, T, N, K, K_TILES, SHARED
 
 def gemv_configs(T: int, block_n: int, block_k: int) -> list[dict]:
     """The CUDA-core configs timed at T <= GEMV_MAX_T: (BN, KB) tiles of 8-16 KB of bf16 per loop
-    step, so each SM keeps enough weight bytes in flight; BN shrinks with T to keep the FMA
-    accumulators (T x BN x KB) at the same register count."""
+    step at T = 1, so each SM keeps enough weight bytes in flight; BN shrinks with T (here, not in
+    the launcher) to keep the FMA accumulators (T x BN x KB) at the same register count."""
     if T > GEMV_MAX_T:
         return []
     bt = triton.next_power_of_2(T)
@@ -189,7 +189,9 @@ def candidates(T: int, block_n: int, block_k: int) -> list[dict]:
 
 
 def _launch_gemv(x2, weight, shifts, bias, y, reduction, block_k, block_n, cfg):
-    """The CUDA-core kernel with tile ``cfg`` (BN, KB and launch options) into ``y``."""
+    """The CUDA-core kernel with tile ``cfg`` (BN, KB and launch options) into ``y``; BN is taken as
+    given for every T (:func:`gemv_configs` scales it down with T; a config passed by hand keeps its
+    accumulators at T x BN x KB)."""
     T, in_features = x2.shape
     if T > GEMV_MAX_T:
         raise ValueError(f"config path='gemv' takes at most {GEMV_MAX_T} tokens, got T={T}")
