@@ -15,8 +15,9 @@ what the code launches is compiled. Identical launches are compiled once; each d
 Coverage: every config of every table at the base points, the first config of each launch mode
 elsewhere (a launch mode selects code, the rest of a config only tile sizes). Every (path, config)
 the forward's autotuner times, in bf16 with a bias, at T = 1 (the GEMV, decode, fused and bmm paths)
-and T = 256 (prefill) on an attention-sized layer (4 x 4 blocks); the GEMV reading each code format
-it reads, and the GEMV group, over all their configs at T = 1. One config per mode: T = 2, 4, 16
+and T = 256 (prefill) on an attention-sized layer (4 x 4 blocks); the GEMV reading int8 codes, and
+the GEMV group, over all their configs at T = 1, and reading packed int4 codes (which shares the
+tile code) over one config per code variant. One config per mode: T = 2, 4, 16
 (the GEMV's BT = 2, 4), fp16 and fp32 (IEEE dots) at T = 1 and 256, no bias, an MLP-sized layer of
 16 x 4 blocks, the GEMV's stages launched alone. The backward middle for every pair of block counts
 the CUDA op runs it for (bf16; one pair in fp16 and fp32); SS1 over its decode and prefill
@@ -408,8 +409,9 @@ def _scenarios():
     out += [("forward T=1 bf16 no bias", lambda: _forward_paths(1, shapes[0], bf16, bias=False, every=False))]
     out += [(f"forward T={T} {dt}", lambda T=T, dt=dt: _forward_paths(T, shapes[0], dt, every=False))
             for dt in (fp16, fp32) for T in (1, 256)]
-    out += [(f"quantized GEMV {cd} T={T}", lambda T=T, cd=cd: _quantized_gemv(T, shapes[0], bf16, cd, every=T == 1))
-            for cd in gemv.CODE_DTYPES for T in (1, 2, 4)]
+    # every config with int8 codes at T = 1; int4 shares its tile code, so one config per code variant
+    out += [(f"quantized GEMV {cd} T={T}", lambda T=T, cd=cd: _quantized_gemv(
+        T, shapes[0], bf16, cd, every=T == 1 and cd == gemv.CODE_DTYPES[0])) for cd in gemv.CODE_DTYPES for T in (1, 2, 4)]
     out += [("GEMV single stages", lambda: _gemv_single_stages(shapes[0], bf16))]
     out += [(f"GEMV group T={T}", lambda T=T: _gemv_group(T, bf16, every=T == 1)) for T in (1, 2, 4)]
     out += [("grad mix bf16", lambda: _grad_mix(bf16))]
