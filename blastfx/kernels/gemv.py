@@ -97,6 +97,16 @@ def _clear_other_half(ws_ptr, sync_ptr, gen, pid, GRID, HALF, extent, ZB: tl.con
 
 
 @triton.jit
+def _this_calls_half(ws_ptr, sync_ptr, pid, GRID, HALF, extent, CLEAR: tl.constexpr, ZB: tl.constexpr):
+    """The workspace half this call accumulates into (picked by the generation counter); with CLEAR
+    (a launch that runs stage 1) also this program's share of clearing the other half."""
+    gen = tl.load(sync_ptr, volatile=True)
+    if CLEAR:
+        _clear_other_half(ws_ptr, sync_ptr, gen, pid, GRID, HALF, extent, ZB)
+    return ws_ptr + (gen % 2) * HALF
+
+
+@triton.jit
 def _prefetch_v_items(v_ptr, pid, items, GRID, Q, R, B_IN, Q_CHUNK, R_TILES, svj, svq, svr,
                       BR: tl.constexpr, LINE: tl.constexpr):
     """L2 prefetch of the V tiles of program ``pid``'s stage-1 items (one address per 128-byte line)."""
@@ -355,20 +365,14 @@ def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_p
         _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, RC, sui, sup, sur, BP, LINE_U)
     w_ptr = ws_ptr
     if not LATE:
-        gen = tl.load(sync_ptr, volatile=True)
-        w_ptr = ws_ptr + (gen % 2) * HALF
-        if STAGE != 2:
-            _clear_other_half(ws_ptr, sync_ptr, gen, pid, GRID, HALF, B_OUT * BT * R, ZB)
+        w_ptr = _this_calls_half(ws_ptr, sync_ptr, pid, GRID, HALF, B_OUT * BT * R, STAGE != 2, ZB)
     if STAGE != 2:
         for item in range(pid, B_IN * R_TILES * Q_SPLIT, GRID):
             _xv_mix_item(item, x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, B_OUT, Q_CHUNK, R_TILES,
                          sxt, sxn, ssi, ssj, ssr, svj, svq, svr, BT, BQ, BR, vs_ptr, svsj, svsr, QUANT,
                          sync_ptr, HALF, LATE, RC, SPLIT)
     if LATE:
-        gen = tl.load(sync_ptr, volatile=True)
-        w_ptr = ws_ptr + (gen % 2) * HALF
-        if STAGE != 2:
-            _clear_other_half(ws_ptr, sync_ptr, gen, pid, GRID, HALF, B_OUT * BT * R, ZB)
+        w_ptr = _this_calls_half(ws_ptr, sync_ptr, pid, GRID, HALF, B_OUT * BT * R, STAGE != 2, ZB)
     if STAGE == 3:
         if PREFETCH == 1:
             _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, RC, sui, sup, sur, BP, LINE_U)
@@ -440,10 +444,7 @@ def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, table_ptr, ws_ptr, sync_ptr, T,
         gdc_launch_dependents()
     w_base = ws_ptr
     if not LATE:
-        gen = tl.load(sync_ptr, volatile=True)
-        w_base = ws_ptr + (gen % 2) * HALF
-        if STAGE != 2:
-            _clear_other_half(ws_ptr, sync_ptr, gen, pid, GRID, HALF, EXTENT, ZB)
+        w_base = _this_calls_half(ws_ptr, sync_ptr, pid, GRID, HALF, EXTENT, STAGE != 2, ZB)
     if STAGE != 2:
         for item in range(pid, ITEMS1, GRID):
             row = table_ptr + _member(table_ptr, item, G, 14) * _NF
@@ -458,10 +459,7 @@ def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, table_ptr, ws_ptr, sync_ptr, T,
                          tl.load(row + 11).to(tl.int32), tl.load(row + 12).to(tl.int32),
                          sxt, 1, B_IN * R, R, 1, Q * R, R, 1, BT, BQ, BR, x_ptr, 0, 0, 0, sync_ptr, HALF, LATE, R)
     if LATE:
-        gen = tl.load(sync_ptr, volatile=True)
-        w_base = ws_ptr + (gen % 2) * HALF
-        if STAGE != 2:
-            _clear_other_half(ws_ptr, sync_ptr, gen, pid, GRID, HALF, EXTENT, ZB)
+        w_base = _this_calls_half(ws_ptr, sync_ptr, pid, GRID, HALF, EXTENT, STAGE != 2, ZB)
     if STAGE == 3:
         _grid_barrier(sync_ptr, GRID)
     if STAGE != 1:
@@ -564,13 +562,14 @@ def _launch_flags(cfg: dict, interpret: bool, device, element_size: int) -> tupl
         raise ValueError(f"GEMV nibbles must be 'interleave' or 'split', got {cfg['nibbles']!r}")
     if cfg["prefetch"] not in (0, 1, 2) or (cfg["prefetch"] == 2 and mode != "persistent"):
         raise ValueError(f"GEMV prefetch must be 0, 1 or (persistent mode) 2, got {cfg['prefetch']!r} in mode {mode!r}")
+    line = 128 // element_size
     if interpret:
-        return "two", dict(PREFETCH=0, PDL=False, LINE=128 // element_size, LINE_U=128 // element_size)
+        return "two", dict(PREFETCH=0, PDL=False, LINE=line, LINE_U=line)
     if mode == "pdl" and not pdl_supported(device):
         raise RuntimeError("GEMV mode 'pdl' needs programmatic dependent launch: a Hopper (sm_90) or newer GPU "
                            "and a triton that exposes gdc_wait")
     prefetch = 0 if mode == "two" else int(cfg["prefetch"])
-    return mode, dict(PREFETCH=prefetch, PDL=mode == "pdl", LINE=128 // element_size, LINE_U=128 // element_size)
+    return mode, dict(PREFETCH=prefetch, PDL=mode == "pdl", LINE=line, LINE_U=line)
 
 
 def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *, interpret: bool = False,
