@@ -3,6 +3,7 @@
     python benchmarks/compress_speed.py                                   # Llama-2-7B shape, 4 blocks
     python benchmarks/compress_speed.py --model llama2-13b --layers 4 --stream
     python benchmarks/compress_speed.py --recipes loss --iters 100 --sequential
+    python benchmarks/compress_speed.py --recipes loss --fit-precision fp32 --profile
     python benchmarks/compress_speed.py --model tiny --results-dir /tmp/rows      # a quick check on a CPU
 
 A ``--model``-shaped LlamaForCausalLM (random weights, bf16) with ``--layers`` of its decoder
@@ -13,7 +14,11 @@ time (``compute_device="cuda"``, sequential calibration). Rows: wall time per st
 (:func:`blastfx.stage_times`), the total, seconds per block and the whole model's time scaled by its
 block count, peak GPU memory beyond the model's weights on the GPU and one block's weight bytes
 (the streaming bound; memory on CUDA only), and the relative error of the final hidden states on held-out tokens, so
-that a faster recipe can be compared at equal error.
+that a faster recipe can be compared at equal error. ``--fit-precision fp32`` runs the fit's large
+products in IEEE fp32 instead of the default TF32 tensor cores (``BlastConfig(fit_precision=...)``).
+``--profile`` runs compress under ``torch.profiler`` (GPU kernels only on a GPU: recording every CPU
+operator of a 7B compress makes the profile itself take minutes) and records the kernels with the
+most time instead of the timings, which the profiler inflates.
 """
 from __future__ import annotations
 
@@ -22,9 +27,11 @@ import time
 import warnings
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import blastfx
 from blastfx import BlastConfig
+from blastfx.structures.blast.factorize.precision import PRECISIONS
 from llama_e2e import SHAPES as E2E_SHAPES, build
 from rows import add_arguments, measurements, record
 
@@ -59,16 +66,22 @@ def run(args, recipe: str):
     held_out = torch.randint(0, dims["vocab"], (1, args.seq), generator=torch.Generator().manual_seed(1))
     reference = final_hidden(model, held_out)
     config = BlastConfig(progress=False, iters=args.iters, sequential=args.sequential or args.stream,
-                         compute_device="cuda" if args.stream else None)
+                         compute_device="cuda" if args.stream else None, fit_precision=args.fit_precision)
     on_gpu = weight_bytes(model, "cuda")
     block = weight_bytes(model.model.layers[0])
     if CUDA:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    activities = [ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]
+    profiler = profile(activities=activities) if args.profile else None
     start = time.perf_counter()
     with blastfx.stage_times() as times, warnings.catch_warnings():
         warnings.simplefilter("ignore", blastfx.WeightOnlyWarning)      # the weight recipe is weight-only on purpose
-        blastfx.compress(model, args.budget, calibration=calibration, config=config)
+        if profiler is not None:
+            with profiler:
+                blastfx.compress(model, args.budget, calibration=calibration, config=config)
+        else:
+            blastfx.compress(model, args.budget, calibration=calibration, config=config)
     seconds = time.perf_counter() - start         # stage_times waits for the GPU at each stage's end
     peak = torch.cuda.max_memory_allocated() if CUDA else 0
     error = ((final_hidden(model, held_out) - reference).norm() / reference.norm()).item()
@@ -85,11 +98,29 @@ def run(args, recipe: str):
                     ("peak GPU memory beyond the model", round((peak - on_gpu) / GIB, 2), "GiB")]
     metrics += [(f"stage {path}", round(s, 2), "s") for path, s in times.seconds.items()]
     mode = "streamed" if args.stream else ("sequential" if args.sequential else "resident")
-    record("compress_speed", measurements(
-        f"{args.model} {args.layers} blocks {recipe} {mode}",
-        {"model": args.model, "layers": args.layers, "recipe": recipe, "mode": mode, "budget": args.budget,
-         "iters": args.iters, "calib_tokens": rows * args.seq if calibration is not None else 0},
-        metrics), directory=args.results_dir)
+    case = (f"{args.model} {args.layers} blocks {recipe} {mode}" + (" fp32" if args.fit_precision == "fp32" else "")
+            + (f" {args.iters} iters" if args.iters is not None else ""))
+    config_row = {"model": args.model, "layers": args.layers, "recipe": recipe, "mode": mode, "budget": args.budget,
+                  "iters": args.iters, "calib_tokens": rows * args.seq if calibration is not None else 0,
+                  "fit_precision": args.fit_precision}
+    if profiler is not None:        # profiled times are inflated: record where the time goes, not how much
+        metrics = profile_metrics(profiler, seconds)
+        case += " profiled"
+    record("compress_speed", measurements(case, config_row, metrics), directory=args.results_dir)
+
+
+def profile_metrics(profiler, seconds: float, top: int = 12) -> list:
+    """Print the operators with the most self GPU time (on a CPU: self CPU time) and return them as
+    rows: seconds in all and per call count, besides the profiled wall time."""
+    key = "self_device_time_total" if CUDA else "self_cpu_time_total"
+    averages = profiler.key_averages()
+    print(averages.table(sort_by=key, row_limit=top), flush=True)
+    ranked = sorted(averages, key=lambda e: getattr(e, key), reverse=True)[:top]
+    metrics = [("profiled wall time", round(seconds, 2), "s")]
+    for e in ranked:
+        metrics.append((f"{'GPU' if CUDA else 'CPU'} time in {e.key} ({e.count} calls)",
+                        round(getattr(e, key) / 1e6, 3), "s"))
+    return metrics
 
 
 def main():
@@ -103,6 +134,9 @@ def main():
     ap.add_argument("--seq", type=int, default=512, help="tokens per calibration row")
     ap.add_argument("--sequential", action="store_true", help="sequential calibration (block by block)")
     ap.add_argument("--stream", action="store_true", help="model on the CPU, streamed through the GPU")
+    ap.add_argument("--fit-precision", choices=PRECISIONS, default=BlastConfig.fit_precision,
+                    help="the BLAST fit's large products on TF32 tensor cores or in IEEE fp32")
+    ap.add_argument("--profile", action="store_true", help="record the operators with the most GPU time")
     add_arguments(ap)
     args = ap.parse_args()
     if args.stream and not CUDA:

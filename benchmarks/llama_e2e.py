@@ -34,7 +34,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # blastfx's launched Triton kernels (its @triton.jit functions named *_kernel; a test checks the sources)
 BLAST_KERNELS = frozenset({"_gemv_decode_kernel", "_gemv_group_kernel", "_blast_decode_kernel", "_xv_mix_kernel",
                            "_wu_kernel", "_mix_kernel", "_grad_mix_stream_kernel", "_ss1_kernel",
-                           "_ss1_gemv_kernel"})
+                           "_ss1_gemv_kernel", "_mlp_mid_kernel"})
 CATEGORIES = ("blast", "gemm", "attention", "other")        # kernel_category's answers
 KERNEL_MARKS = (("other", ("triton_poi_", "triton_red_", "triton_per_")),   # Inductor's, named after their ops
                 ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
@@ -87,13 +87,19 @@ class Decoder:
     compiled T=1 step (``dynamic=False``: one graph, one compile per model) replayed as a CUDA graph.
     HF ``generate`` would also compile the prompt shape and sync on its stopping checks every step."""
 
-    def __init__(self, model, backend, prompt, new_tokens, batch=1):
+    def __init__(self, model, backend, prompt, new_tokens, batch=1, blast_options=None):
         from transformers import StaticCache
         self.model, self.backend, self.prompt, self.new_tokens, self.batch = model, backend, prompt, new_tokens, batch
         self.cache = StaticCache(config=model.config, max_cache_len=prompt + new_tokens)
         self.ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=DEVICE)
         self.positions = torch.arange(prompt + new_tokens, device=DEVICE)
-        self.compiled = torch.compile(self.step, backend=backend, mode="reduce-overhead", dynamic=False)
+        # backend "blast" options travel beside CUDA graphs as one options dict (torch.compile takes a mode
+        # or options, not both; the backend's "reduce-overhead" is Inductor's cudagraphs patch)
+        self.blast_options = blast_options if backend == "blast" else None
+        self.compiled = (torch.compile(self.step, backend=backend, mode="reduce-overhead", dynamic=False)
+                         if not self.blast_options else
+                         torch.compile(self.step, backend=backend, dynamic=False,
+                                       options={"triton.cudagraphs": True, **self.blast_options}))
 
     def step(self, tokens, positions):
         out = self.model(input_ids=tokens, past_key_values=self.cache, cache_position=positions, use_cache=True,
@@ -144,7 +150,7 @@ class Decoder:
         events, how = self._kernels(replay, steps), "CUDA-graph replays"
         if len(events) < steps * (2 * self.model.config.num_hidden_layers + 4):
             torch._dynamo.reset()
-            plain = torch.compile(self.step, backend=self.backend, dynamic=False)
+            plain = torch.compile(self.step, backend=self.backend, dynamic=False, options=self.blast_options)
             events, how = self._kernels(plain, steps), "compiled step without CUDA graphs (replays unrecorded)"
         if not events:
             raise RuntimeError("the profiler recorded no CUDA kernels")
@@ -243,6 +249,9 @@ def main():
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--train-tokens", type=int, default=4096)
     ap.add_argument("--lowering", default="auto", help='backend "blast" lowering option (auto, inline, extern)')
+    ap.add_argument("--chain-mlp", default="auto", choices=("auto", "never"),
+                    help='backend "blast" chain_mlp option of the decode loop: "never" runs each MLP as grouped gate/up and '
+                         'down calls (the models are then named "... MLP not chained")')
     ap.add_argument("--batch", type=int, nargs="+", default=[1], help="decode batch sizes")
     ap.add_argument("--factor-dtype", default=None, help="also blastfx with factors quantized to this (e.g. int8)")
     ap.add_argument("--ss1", action="store_true", help="also the model compressed with structure='ss1' (weight-only)")
@@ -269,6 +278,7 @@ def main():
         ss1 = build(args.layers, **dims)
         blastfx.compress(ss1, args.budget, config=BlastConfig(structure="ss1", progress=False))
         models["blastfx ss1"] = (ss1, "blast")
+    blast_options = decode_options(args)
     if args.factor_dtype:
         from blastfx.structures.blast.quant import quantize_model
         quantized = build(args.layers, **dims)
@@ -276,6 +286,9 @@ def main():
         models[f"blastfx {args.factor_dtype}"] = (quantize_model(quantized, args.factor_dtype), "blast")
     for kind in args.torchao:
         models[f"torchao {kind}"] = (torchao_model(build(args.layers, **dims), kind), "inductor")
+    if blast_options:
+        models = {f"{name}, MLP not chained" if backend == "blast" else name: (model, backend)
+                  for name, (model, backend) in models.items()}
     for name, (model, _) in models.items():
         size = sum(tensor_bytes(t) for t in list(model.parameters()) + list(model.buffers()))
         print(f"{name}: {size / 2**30:.2f} GiB of weights", flush=True)
@@ -283,7 +296,7 @@ def main():
     rows = [("eager-prefill", "prefill %d tokens, eager" % args.prefill, "ms",
              lambda m, b: prefill_ms(m, args.prefill), False),
             *[("decode", "decode %d tokens at batch %d, CUDA graphs" % (args.new_tokens, bs), "tok/s",
-               lambda m, b, bs=bs: Decoder(m, b, args.prompt, args.new_tokens, bs).tokens_per_s(), True)
+               lambda m, b, bs=bs: Decoder(m, b, args.prompt, args.new_tokens, bs, blast_options).tokens_per_s(), True)
               for bs in args.batch],
             *[("generate", "HF generate %d tokens at batch %d, static cache, compiled" % (args.new_tokens, bs), "tok/s",
                lambda m, b, bs=bs: generate_tokens_per_s(m, b, args.prompt, args.new_tokens, bs), True)
@@ -313,6 +326,11 @@ def main():
         profile_decode(args, models, config)
 
 
+def decode_options(args) -> dict | None:
+    """The backend "blast" options of the decode loop beyond its defaults (None: none)."""
+    return {"chain_mlp": args.chain_mlp} if getattr(args, "chain_mlp", "auto") != "auto" else None
+
+
 def profile_decode(args, models, config, steps=16):
     """One row per model and category: µs of kernel time per decode step (per token at batch 1), and
     kernels per step. Each model is compiled afresh after every timed row: the profiler cannot touch them."""
@@ -326,7 +344,8 @@ def profile_decode(args, models, config, steps=16):
         rows, kernel_rows = [], []
         for name, (model, backend) in models.items():
             torch._dynamo.reset()
-            times, launches, how, top = Decoder(model, backend, args.prompt, args.new_tokens, bs).kernel_profile(steps)
+            times, launches, how, top = Decoder(model, backend, args.prompt, args.new_tokens, bs,
+                                                decode_options(args)).kernel_profile(steps)
             print(f"{label}, {name}: " + ", ".join(f"{c} {t:.0f} µs" for c, t in times.items())
                   + f", {launches:.0f} kernels ({how})", flush=True)
             rows += measurements(case, {**config, "profiled": how, "steps": steps},

@@ -44,6 +44,7 @@ def main():
           f"{fmt.name} path |\n|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for m, n in shapes:
         r = rank_at(m, n, args.blocks, args.budget)
+        r -= r % fmt.rank_multiple          # as a quantized plan rounds it: rows of codes in whole 16-byte vectors
         shape = BlastShape.make(m, n, r, args.blocks)
         dense = [torch.randn(m, n, device=dev, dtype=dt) / n ** 0.5 for _ in range(copies_for(m * n * 2))]
         fac = [tuple(torch.randn(*shape.factor_shapes[k], device=dev, dtype=dt) * 0.05 for k in "USV")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from numbers import Integral, Real
 
 from .structures.base import method_names
+from .structures.blast.factorize import precision as fit_precisions
 from .structures.blast.layout import normalize_blocks
 from .structures.blast.quant import formats as factor_formats
 
@@ -171,6 +172,9 @@ class BlastConfig:
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
     progress: bool = True                  # tqdm bars (also off with TQDM_DISABLE=1)
     calibration_damping: float = CALIBRATION_DAMPING   # C + damping * mean(diag C) * I, as in GPTQ
+    fit_precision: str = "tf32"            # the BLAST fit's large products on CUDA tensor cores in TF32 (on an H200
+                                           # 10% less compress time, the same error: blastfx.structures.blast.
+                                           # factorize.precision); "fp32": IEEE products. No effect on a CPU
     sequential: bool | str = "auto"        # calibrate each block on the already-compressed model, with error
                                            # feedback and block reconstruction; "auto": where it pays (below)
     compute_device: str | None = None      # streaming mode (sequential "auto" or True), e.g. "cuda": the model
@@ -210,6 +214,7 @@ class BlastConfig:
         self.min_features = _check_int("min_features", self.min_features, minimum=0)
         self.probe_iters = _check_int("probe_iters", self.probe_iters)
         self.calibration_damping = _check_float("calibration_damping", self.calibration_damping, positive=True)
+        fit_precisions.check(self.fit_precision)
         factor_formats.check_name(self.factor_dtype)
         self.reconstruct_steps = _check_int("reconstruct_steps", self.reconstruct_steps, minimum=0)
         if self.reconstruct_seconds is not None:
@@ -295,6 +300,25 @@ class BlastConfig:
                         setattr(merged, key, getattr(o, key))
                 merged.skip = merged.skip or o.skip
         return merged
+
+    @property
+    def plan_rank_multiple(self) -> int:
+        """The step of every planned BLAST rank: ``rank_multiple``, raised where the config or an
+        override quantizes factors to what makes a row of their codes whole 16-byte vectors
+        (:attr:`FactorFormat.rank_multiple <blastfx.structures.blast.quant.formats.FactorFormat.rank_multiple>`:
+        32 for int4, 16 for int8 and fp8)."""
+        names = {self.factor_dtype} | {o.factor_dtype for o in self.overrides.values()}
+        multiple = self.rank_multiple
+        for name in names - {None, factor_formats.MODEL}:
+            multiple = math.lcm(multiple, factor_formats.get(name).rank_multiple)
+        return multiple
+
+    @property
+    def rank_balance_step(self) -> int:
+        """The finest rank step the planner takes to meet the budget: 1 for float factors (the budget
+        met to a rank), :attr:`plan_rank_multiple` where factors are quantized (rows of codes stay
+        whole 16-byte vectors; the budget is then met to within one such step per layer)."""
+        return 1 if self.plan_rank_multiple == self.rank_multiple else self.plan_rank_multiple
 
     def structures_used(self) -> set[str]:
         """The structures the config or any of its overrides names (what the planner must measure for)."""

@@ -33,6 +33,7 @@ class BuildOptions:
     iters: int | None = None
     tol: float = 1e-4
     calibration_damping: float = CALIBRATION_DAMPING
+    fit_precision: str = "tf32"   # BLAST fits' large products on CUDA tensor cores ("fp32": IEEE)
     progress: bool = True
     distribute: bool = True       # split the fitting over the ranks of an initialized process group
 
@@ -43,7 +44,8 @@ class BuildOptions:
     @classmethod
     def from_config(cls, config, **changes) -> "BuildOptions":
         values = dict(init=config.init, method=config.method, iters=config.iters, tol=config.tol,
-                      calibration_damping=config.calibration_damping, progress=config.progress,
+                      calibration_damping=config.calibration_damping, fit_precision=config.fit_precision,
+                      progress=config.progress,
                       distribute=config.distribute)
         return cls(**{**values, **changes})
 

@@ -103,9 +103,10 @@ class _MemberCopies:
         return self._clones[k]
 
 
-def check_group_mode(mode: str) -> str:
+def check_group_mode(mode: str, option: str = "group_siblings") -> str:
+    """``mode`` if it is one of :data:`MODES`, else a ValueError naming the backend option."""
     if mode not in MODES:
-        raise ValueError(f"group_siblings must be one of {MODES}, got {mode!r}")
+        raise ValueError(f"{option} must be one of {MODES}, got {mode!r}")
     return mode
 
 

@@ -573,9 +573,12 @@ def _launch_flags(cfg: dict, interpret: bool, device, element_size: int) -> tupl
 
 
 def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *, interpret: bool = False,
-               only_stage: int | None = None, U_scale=None, V_scale=None):
+               only_stage: int | None = None, U_scale=None, V_scale=None, chained=None):
     """y (T, out_features) for T <= MAX_T. ``only_stage`` (1 or 2, mode "two"): launch just that
-    stage, to see where the time goes; the output is then not the product. ``U_scale`` (b_out, p)
+    stage, to see where the time goes; the output is then not the product. ``chained`` = (sync
+    counters, w of this layer in the first workspace half, floats per half), with ``only_stage=2``:
+    the last stage of a chain of kernels (:mod:`.mlp_chain`) that wrote this layer's w there; it
+    moves the workspace's generation on, as a whole call does. ``U_scale`` (b_out, p)
     and ``V_scale`` (b_in, r), both or neither: U and V are codes with these scales, int8 or packed
     int4 (uint8, last dimension ceil(r/2), see :mod:`blastfx.structures.blast.quant.formats`)."""
     quant = U_scale is not None
@@ -602,14 +605,19 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
     flags["LINE"] = min(flags["LINE"], cfg["BR"] // pack)
     if only_stage is not None and mode == "persistent":
         raise ValueError("only_stage needs a two-launch mode ('two' or 'pdl')")
+    if chained is not None and only_stage != 2:
+        raise ValueError("chained runs stage 2 of a chain: pass only_stage=2")
     BT = triton.next_power_of_2(T)
     # the FMA accumulators hold BT x tile values per thread: keep that constant as T grows
     cfg.update(BQ=max(8, cfg["BQ"] // BT), BP=max(4, cfg["BP"] // BT))
     sms = _sm_limits(_index(x2.device))[0] if x2.is_cuda else 4
     grid = cfg["per_sm"] * sms
     plan = gemv_plan(shape, grid, cfg)
-    half = shape.b_out * BT * shape.rank
-    sync, ws = workspace(x2.device, half)
+    if chained is None:
+        sync, ws = workspace(x2.device, shape.b_out * BT * shape.rank)
+        half = ws.numel() // 2
+    else:
+        sync, ws, half = chained
     y = torch.empty(T, shape.out_features, device=x2.device, dtype=x2.dtype)
     const = dict(HAS_BIAS=bias is not None, BT=BT, B_OUT=shape.b_out, BQ=cfg["BQ"], BR=cfg["BR"], BP=cfg["BP"],
                  BK=cfg["BK"], ZB=1024, QUANT=bits, PACK=pack, LATE=bool(cfg["late"]),
@@ -625,7 +633,7 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
     def args(g):
         return (x2, U, S, V, bias if bias is not None else y, y, ws, sync, T, n, shape.out_features,
                 shape.p, shape.q, shape.rank, U.shape[-1], shape.b_in, plan["Q_SPLIT"], plan["Q_CHUNK"], plan["R_TILES"],
-                plan["P_TILES"], g, ws.numel() // 2, x2.stride(0), x2.stride(1), *U.stride(), *S.stride(),
+                plan["P_TILES"], g, half, x2.stride(0), x2.stride(1), *U.stride(), *S.stride(),
                 *V.stride(), y.stride(0), y.stride(1), us, vs, *(us.stride() if quant else (0, 0)),
                 *(vs.stride() if quant else (0, 0)))
 
@@ -637,7 +645,8 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
         if only_stage in (None, 2):
             if not interpret:
                 launch = {**launch, "num_warps": cfg.get("warps2", cfg["warps"])}
-            _gemv_decode_kernel[(g2,)](*args(g2), STAGE=2, ADVANCE=only_stage is None, **const, **launch)
+            _gemv_decode_kernel[(g2,)](*args(g2), STAGE=2, ADVANCE=only_stage is None or chained is not None,
+                                       **const, **launch)
         return y
     key = (_index(x2.device), shape, BT, x2.dtype, tuple(sorted(cfg.items())), bias is not None, bits)
     launch_persistent(_gemv_decode_kernel, key, args(grid), grid, x2.device, f"GEMV decode config {cfg}",

@@ -145,13 +145,13 @@ def _fit_rows(device: str, dense_rows, blast_rows, ss1_rows, element_size: int =
 
 
 # Fits to measured T = 1 rows (H200, torch 2.11, triton 3.6, bf16, budget 0.5, b = 4, CUDA-graph
-# medians over weights rotated out of L2; ``python benchmarks/layer_speed.py --structures blast ss1``).
-# SS1's kernel time depends on the layer's shape beyond its bytes (4096x11008 takes twice
-# 11008x4096), so its fit is rougher: it says SS1 is slower than dense at decode there, as measured.
+# medians over weights rotated out of L2; ``python benchmarks/layer_speed.py --structures blast ss1
+# --tokens 1 16``): dense, BLAST's GEMV kernels, and SS1's one-launch CUDA-core kernel (1.6x dense at
+# 4096x4096, 1.3-1.4x at the MLP shapes). The fits extrapolate to layers much smaller than these.
 PRESETS = {"h200": _fit_rows("NVIDIA H200 (preset)",
                              [(4096, 4096, 12.91), (11008, 4096, 25.14), (4096, 11008, 28.38)],
                              [(4096, 4096, 1008, 12.12), (11008, 4096, 1488, 22.48), (4096, 11008, 1488, 20.93)],
-                             [(4096, 4096, 24.90), (11008, 4096, 35.90), (4096, 11008, 77.90)])}
+                             [(4096, 4096, 8.75), (11008, 4096, 19.13), (4096, 11008, 19.69)])}
 
 
 def latency_model(spec) -> LatencyModel:

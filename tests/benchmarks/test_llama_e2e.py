@@ -45,9 +45,12 @@ def test_kernel_category(name, category):
 
 
 def test_profile_rows_per_model_and_category(tmp_path, monkeypatch):
+    options = []
+
     class Decoder:
-        def __init__(self, model, backend, prompt, new_tokens, batch):
+        def __init__(self, model, backend, prompt, new_tokens, batch, blast_options=None):
             self.model = model
+            options.append(blast_options)
 
         def kernel_profile(self, steps):
             times = {"blast": 0.0, "gemm": 3000.0, "attention": 200.0, "other": 800.0}
@@ -69,6 +72,10 @@ def test_profile_rows_per_model_and_category(tmp_path, monkeypatch):
     assert kernels[(case + ", blastfx: [gemm] gemv2T_kernel", "time per step")] == 1500.0
     assert kernels[(case + ", dense: [gemm] gemv2T_kernel", "launches per step")] == 224.0
     assert kernels[(case + ", dense: [gemm] gemv2T_kernel", "time per launch")] == round(3000.0 / 224.0, 3)
+    assert options == [None, None]                   # the backend's defaults
+    args.chain_mlp, args.results_dir = "never", str(tmp_path / "never")
+    llama_e2e.profile_decode(args, {"blastfx, MLP not chained": (2, "blast")}, {"layers": 32})
+    assert options[-1] == {"chain_mlp": "never"}
 
 
 def test_top_kernels_rank_by_time_per_step():

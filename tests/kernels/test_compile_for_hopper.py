@@ -53,7 +53,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 TARGET = ("cuda", 90, 32)           # Hopper: sm_90, warps of 32 threads
 KERNEL_MODULES = ("blastfx.kernels.gemv", "blastfx.kernels.decode", "blastfx.kernels.forward",
-                  "blastfx.kernels.backward", "blastfx.structures.ss1.kernel")
+                  "blastfx.kernels.backward", "blastfx.kernels.mlp_chain", "blastfx.structures.ss1.kernel")
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
                 torch.int8: "i8", torch.uint8: "u8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64",
                 torch.bool: "i1"}
@@ -363,6 +363,19 @@ def _gemv_group(T: int, dtype, every: bool = True) -> None:
         gemv.blast_gemv_group(x2, members, cfg)
 
 
+def _mlp_chain(T: int, dtype, every: bool = True) -> None:
+    """A gated MLP (gate and up of different ranks, gate with a bias) as one chain of three launches."""
+    from blastfx.kernels import mlp_chain
+    from blastfx.structures.blast.layout import BlastShape
+
+    gate, up, down = (BlastShape.make(5632, 2048, 760, 4), BlastShape.make(5632, 2048, 640, 4),
+                      BlastShape.make(2048, 5632, 768, 4))
+    layers = [(*_factors(s, dtype, bias=k == 0), s) for k, s in enumerate((gate, up, down))]
+    x2 = torch.empty(T, 2048, dtype=dtype, device=META)
+    for cfg in _per_mode(mlp_chain.candidates(META), every):
+        mlp_chain.blast_mlp_chain_gemv(x2, *layers, cfg)
+
+
 def _grad_mix(dtype, blocks=None) -> None:
     """The backward middle for every power-of-two pair of block counts the CUDA op runs it for (or
     just ``blocks``)."""
@@ -414,6 +427,7 @@ def _scenarios():
         T, shapes[0], bf16, cd, every=T == 1 and cd == gemv.CODE_DTYPES[0])) for cd in gemv.CODE_DTYPES for T in (1, 2, 4)]
     out += [("GEMV single stages", lambda: _gemv_single_stages(shapes[0], bf16))]
     out += [(f"GEMV group T={T}", lambda T=T: _gemv_group(T, bf16, every=T == 1)) for T in (1, 2, 4)]
+    out += [(f"MLP chain T={T}", lambda T=T: _mlp_chain(T, bf16, every=T == 1)) for T in (1, 4)]
     out += [("grad mix bf16", lambda: _grad_mix(bf16))]
     out += [(f"grad mix {dt}", lambda dt=dt: _grad_mix(dt, (4, 4))) for dt in (fp16, fp32)]
     out += [(f"SS1 T={T} {dt}", lambda T=T, dt=dt: _ss1(T, dt)) for T, dt in ((1, bf16), (256, bf16), (1, fp32))]

@@ -205,3 +205,25 @@ def test_ss1_decode_kernel_streams_its_shared_weight_in_16_byte_loads(toolchain,
     assert [s["kernel"] for s in specs] == ["_ss1_gemv_kernel"]
     (counts,) = _compile_loads(specs, tmp_path)
     assert _vector_loads(counts) >= cfg["BN"] * cfg["KB"] * 2 // (16 * THREADS), counts
+
+
+@pytest.mark.parametrize("ranks", [(1488, 1488, 1488), (1016, 1488, 1008)], ids=["llama2-mlp", "ranks-of-8"])
+def test_mlp_chain_middle_kernel_streams_gate_up_and_down_rows_in_16_byte_loads(toolchain, monkeypatch, tmp_path,
+                                                                               ranks):
+    """The middle kernel of the MLP chain on Llama-2-7B's MLP (11008 x 4096, b = 4): every step reads
+    BPM rows of U_gate, U_up and V_down, each a whole rank long, in 16-byte loads, also at ranks
+    that only 8 divides."""
+    from blastfx.kernels import mlp_chain
+    cfg = {**mlp_chain.DEFAULT, "mode": "two"}
+    x = torch.zeros(1, 4096, dtype=torch.bfloat16)
+    gate, up = _layer(11008, 4096, rank=ranks[0]), _layer(11008, 4096, rank=ranks[1])
+    down = _layer(4096, 11008, rank=ranks[2])
+    monkeypatch.setattr(mlp_chain.gemv, "blast_gemv", lambda *a, **k: None)        # stage 3 is the one-layer kernel's
+    monkeypatch.setattr(mlp_chain.gemv, "_gemv_group_kernel", _Recorder(gemv._gemv_group_kernel))
+    specs = _record(monkeypatch, "_mlp_mid_kernel",
+                    lambda: mlp_chain.blast_mlp_chain_gemv(x, gate, up, down, cfg, interpret=True), module=mlp_chain)
+    assert [s["kernel"] for s in specs] == ["_mlp_mid_kernel"]
+    (counts,) = _compile_loads(specs, tmp_path)
+    padded = sum(1 << (r - 1).bit_length() for r in ranks)           # each row held at its padded length
+    assert _vector_loads(counts) >= cfg["BPM"] * padded * 2 // (16 * THREADS), counts
+    assert not counts.get("ld.global.b16") and not counts.get("ld.global.u16"), counts

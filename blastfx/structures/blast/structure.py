@@ -33,7 +33,7 @@ def build(weights: torch.Tensor, biases, stats, lp, method: str, options) -> lis
     covariance, fisher = stacked(stats, "covariance", device), stacked(stats, "output_fisher", device)
     factors = factorize(weights, lp.rank, lp.blocks, method=method, iters=options.iters, tol=options.tol,
                         allow_larger=True, calibration=covariance, calibration_damping=options.calibration_damping,
-                        output_weights=fisher)
+                        output_weights=fisher, precision=options.fit_precision)
     if getattr(lp, "factor_dtype", None) is not None:
         quantized = quantize_fitted(weights, factors, lp.factor_dtype, calibration=covariance,
                                     calibration_damping=options.calibration_damping, output_weights=fisher)

@@ -23,6 +23,8 @@ from ..layout import BlastShape
 from . import blocks as blk
 from .methods import METHODS as METHOD_REGISTRY
 from .methods import Problem
+from .precision import check as check_precision
+from .precision import matmul_precision
 from .weighted import damped_cholesky
 
 METHODS = tuple(METHOD_REGISTRY)
@@ -127,7 +129,8 @@ def factorize(W, rank: int, blocks=(1, 1), method: str = "als", *, iters: int | 
               tol: float = 1e-4, target_error: float | None = None, damping: float = 1e-5,
               delta: float = 0.1, init: str | None = None, seed: int = 0, device=None,
               allow_larger: bool = False, progress: bool = False, calibration=None,
-              calibration_damping: float | None = None, output_weights=None) -> BlastFactors:
+              calibration_damping: float | None = None, output_weights=None,
+              precision: str = "fp32") -> BlastFactors:
     """Fit BLAST factors of the given ``rank`` and ``blocks=(b_out, b_in)`` to the weight ``W``.
 
     Args:
@@ -150,7 +153,10 @@ def factorize(W, rank: int, blocks=(1, 1), method: str = "als", *, iters: int | 
             Fisher of the layer's outputs: ||diag(w)^{1/2} (W - What) X^T|| is minimized. A row scaling
             keeps the block structure (it scales rows of U_i), so the weighted problem is solved exactly
             by factorizing diag(w)^{1/2} W and unscaling U. ``output_error`` is then the weighted one.
+        precision: "fp32" (default) or "tf32": the fit's large products on CUDA tensor cores in TF32
+            (:mod:`.precision`); the reported errors are computed in fp32 either way.
     """
+    check_precision(precision)
     A, batched = _as_batch(W)
     B, m, n = A.shape
     shape = BlastShape.make(m, n, rank, blocks, allow_larger=allow_larger)
@@ -177,7 +183,8 @@ def factorize(W, rank: int, blocks=(1, 1), method: str = "als", *, iters: int | 
     C, L = _whitening(C, shape, n, A.device, dtype, calibration_damping)
     problem = Problem(A_pad, shape, L, iters, tol, target_error, damping, delta, init,
                       torch.Generator().manual_seed(seed), progress)
-    U, S, V, history = chosen.fit(problem)
+    with matmul_precision(precision, A.device):
+        U, S, V, history = chosen.fit(problem)
     U, S, V = _finish(U, S, V, shape, m, n, row_scale, scale)
     return _measured(A, A_fit, C, row_scale, U, S, V, shape, method, history, time.perf_counter() - start, batched)
 

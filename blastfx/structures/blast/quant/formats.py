@@ -68,6 +68,13 @@ class FactorFormat:
             return y.round().clamp(-self.qmax, self.qmax).to(self.storage)
         return y.clamp(-self.qmax, self.qmax).to(self.storage)
 
+    @property
+    def rank_multiple(self) -> int:
+        """The rank step at which a stored row of codes is a whole number of 16-byte vectors (32 for
+        packed int4, 16 for one-byte codes): the decode kernels then load every row with 16-byte loads,
+        where a row of 1008 int4 codes (504 bytes) allows only 8-byte ones."""
+        return 16 * self.per_element // torch.empty((), dtype=self.storage).element_size()
+
     def stored_length(self, length: int) -> int:
         """How many stored elements hold ``length`` codes along the last dimension."""
         return -(-length // self.per_element)

@@ -1,0 +1,162 @@
+"""Graph pass: a gated MLP of BLAST layers, ``down(silu(gate(x)) * up(x))``, becomes one chained call.
+
+Why: at decode a decoder block's MLP otherwise launches five kernels (gate/up as one grouped call of
+two stages, SiLU·mul, down's two stages), each paying a fixed cost of several microseconds on top of
+its bytes. Row ``c`` of gate and up is input feature ``c`` of down, so gate/up's second stage, the
+SiLU·mul and down's first stage can run as one kernel (:mod:`blastfx.kernels.mlp_chain`): three
+launches in all.
+
+Like sibling grouping (:mod:`.grouping`), the rewrite is made on the dynamo graph the ``"blast"``
+backend receives, so the model and its ``state_dict`` stay as the user made them. It applies to
+graphs that run without autograd, to MLPs whose token count is known to be at most
+:data:`~blastfx.kernels.gemv.MAX_T`, on CUDA, where each intermediate (gate's and up's outputs, the
+SiLU, the product) has no other use. On CUDA the chained op is timed against running its layers as
+before (a grouped gate/up call, SiLU·mul, the down call) by the autotuner, so chaining never makes a
+call slower; layers the chain cannot stream (:func:`blastfx.kernels.mlp_chain.chainable`) run as before.
+
+``blastfx::blast_mlp_chain`` is defined here with its reference (the layers' reference calls, the
+source of truth) and its fake; it has no autograd.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..structures.blast.ops import blast_matmul, blast_matmul_reference, check_inputs
+from .grouping import _MemberCopies, _call_args, _decode_sized, _rows, check_group_mode
+
+stats = {"chains": 0}
+_SILU = (F.silu, torch.ops.aten.silu.default, torch.ops.aten.silu)
+_MUL = (operator.mul, torch.mul, torch.ops.aten.mul.Tensor)
+
+
+@torch.library.custom_op("blastfx::blast_mlp_chain", mutates_args=())
+def blast_mlp_chain(x: torch.Tensor, U: list[torch.Tensor], S: list[torch.Tensor], V: list[torch.Tensor],
+                    bias: list[Optional[torch.Tensor]], out_features: list[int]) -> torch.Tensor:
+    """``down(silu(gate(x)) * up(x))`` for the layers (gate, up, down) given as three entries of each
+    list (reference: the layers' reference calls, each output in x's dtype)."""
+    _check_chain(x, U, S, V, bias, out_features)
+    gate = blast_matmul_reference(x, U[0], S[0], V[0], bias[0], out_features[0])
+    up = blast_matmul_reference(x, U[1], S[1], V[1], bias[1], out_features[1])
+    return blast_matmul_reference(F.silu(gate) * up, U[2], S[2], V[2], bias[2], out_features[2])
+
+
+@blast_mlp_chain.register_fake
+def _(x, U, S, V, bias, out_features):
+    shapes = _check_chain(x, U, S, V, bias, out_features)
+    return x.new_empty(*x.shape[:-1], shapes[2].out_features)
+
+
+def _check_chain(x, U, S, V, bias, out_features):
+    if not (len(U) == len(S) == len(V) == len(bias) == len(out_features) == 3):
+        raise ValueError(f"blast_mlp_chain takes three layers (gate, up, down): one U, S, V, bias and out_features "
+                         f"each, got {len(U)}, {len(S)}, {len(V)}, {len(bias)}, {len(out_features)}")
+    gate, up = (check_inputs(x, U[k], S[k], V[k], bias[k], out_features[k]) for k in (0, 1))
+    if gate.out_features != up.out_features:
+        raise ValueError(f"blast_mlp_chain: gate has {gate.out_features} outputs and up {up.out_features}")
+    h = x.new_empty(()).expand(gate.out_features)          # what down reads: gate's width, x's dtype and device
+    return [gate, up, check_inputs(h, U[2], S[2], V[2], bias[2], out_features[2])]
+
+
+@blast_mlp_chain.register_kernel("cuda")
+def _(x, U, S, V, bias, out_features):
+    from ..kernels import autotune, mlp_chain
+    from ..kernels.dispatch import forward_impl
+    from ..kernels.gemv import MAX_T
+
+    shapes = _check_chain(x, U, S, V, bias, out_features)
+    layers = list(zip(U, S, V, bias, shapes))
+    x2 = x.reshape(-1, x.shape[-1])
+    T = x2.shape[0]
+
+    def run(path, cfg, k):
+        gate, up, down = layers if k == 0 else copies[k]
+        if path == "layers":
+            gu = torch.ops.blastfx.blast_matmul_group(x2, [gate[0], up[0]], [gate[1], up[1]], [gate[2], up[2]],
+                                                      [gate[3], up[3]], [gate[4].out_features, up[4].out_features])
+            g, u = gu.split([gate[4].out_features, up[4].out_features], dim=-1)
+            return blast_matmul(F.silu(g) * u, *down[:4], down[4].out_features)
+        return mlp_chain.blast_mlp_chain_gemv(x2, gate, up, down, cfg)
+
+    if (T > MAX_T or forward_impl(x.dtype) != "triton" or torch.are_deterministic_algorithms_enabled()
+            or mlp_chain.chainable(*layers)):
+        path, cfg = "layers", {}
+    else:
+        copies = _MemberCopies(layers, x.device)
+        if not torch.cuda.is_current_stream_capturing():
+            run("layers", {}, 0)    # the grouped gate/up call and down tune their own kernels first
+        key = ("mlp_chain", autotune.token_bucket(T), tuple(shapes), x.dtype, tuple(b is not None for b in bias),
+               str(x.device))
+        path, cfg = autotune.choose(key, [("layers", {})] + [("chain", c) for c in mlp_chain.candidates(x2.device)],
+                                    run, copies=copies.count)
+    return run(path, cfg, 0).reshape(*x.shape[:-1], -1)
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _is_blast_call(node) -> bool:
+    op = torch.ops.blastfx.blast_matmul
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in (op, op.default)
+
+
+def _silu_of(node) -> fx.Node | None:
+    """The node whose SiLU ``node`` is (not in place), else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _SILU):
+        return None
+    if node.kwargs.get("inplace", False) or (len(node.args) > 1 and node.args[1]):
+        return None
+    return node.args[0] if node.args else node.kwargs.get("input")
+
+
+def _match(mul: fx.Node, mode: str):
+    """(gate call, up call, silu node, down call) if ``mul`` is ``silu(gate(x)) * up(x)`` feeding a BLAST
+    call and nothing else, with gate and up reading the same decode-sized x; else None."""
+    if len(mul.args) != 2 or mul.kwargs:
+        return None
+    for silu, up in (mul.args, mul.args[::-1]):
+        gate = _silu_of(silu)
+        if not (_is_blast_call(gate) and _is_blast_call(up)) or gate is up:
+            continue
+        x = _call_args(gate)[0]
+        if _call_args(up)[0] is not x or not _decode_sized(x, mode):
+            continue
+        down = _only_user(mul)
+        if not (_is_blast_call(down) and _call_args(down)[0] is mul and mul not in _call_args(down)[1:]):
+            continue
+        if _only_user(gate) is silu and _only_user(silu) is mul and _only_user(up) is mul:
+            return gate, up, silu, down
+    return None
+
+
+def chain_mlp_calls(gm: fx.GraphModule, mode: str = "auto") -> int:
+    """Replace each ``down(silu(gate(x)) * up(x))`` of ``blastfx::blast_matmul`` calls in ``gm`` by one
+    ``blastfx::blast_mlp_chain`` call; returns how many. ``mode`` as for sibling grouping: "auto" (CUDA
+    inputs of at most ``MAX_T`` tokens), "always" (any device and size: tests) or "never". The caller
+    decides whether the graph may run without autograd."""
+    if check_group_mode(mode, "chain_mlp") == "never":
+        return 0
+    found = [m for m in (_match(n, mode) for n in gm.graph.nodes
+                         if n.op == "call_function" and n.target in _MUL) if m is not None]
+    for gate, up, silu, down in found:
+        calls = [_call_args(c) for c in (gate, up, down)]
+        with gm.graph.inserting_before(down):
+            chain = gm.graph.call_function(torch.ops.blastfx.blast_mlp_chain.default, (
+                calls[0][0], [a[1] for a in calls], [a[2] for a in calls], [a[3] for a in calls],
+                [a[4] for a in calls], [a[5] if a[5] is not None else _rows(a[1]) for a in calls]))
+        chain.meta.update(down.meta)
+        down.replace_all_uses_with(chain)
+        mul = _only_user(silu)
+        for node in (down, mul, silu, up, gate):
+            gm.graph.erase_node(node)
+    if found:
+        gm.graph.lint()
+        gm.recompile()
+    stats["chains"] += len(found)
+    return len(found)

@@ -1,0 +1,218 @@
+"""A gated MLP of BLAST layers at decode, ``down(silu(gate(x)) * up(x))``, in three launches, not five.
+
+Why: at decode every kernel launch pays a fixed cost (launch, ramp-up, tail: about 5 µs on an H200)
+on top of streaming its bytes, and the MLP of a decoder block, run as a grouped gate/up call, a
+SiLU·mul and a down call, launches five kernels. The dependency between them is local: row ``c`` of
+gate and up (an output of their stage 2) is input feature ``c`` of down, which down's stage 1 needs
+only to add ``h[c] * V_down[j, c, :]`` into its partial sums. So one kernel can stream a range of
+gate and up rows of U against their ``w``, apply SiLU·mul in registers, and stream the same rows of
+V_down into down's ``w``. The chain is then:
+
+1. gate/up stage 1: x·V of both, s-mixed into their ``w`` (the grouped kernel of :mod:`.gemv`);
+2. the middle kernel (:func:`_mlp_mid_kernel`): gate/up stage 2, SiLU·mul, down stage 1;
+3. down stage 2: ``w_down``·U_downᵀ (the one-layer kernel of :mod:`.gemv`), which also moves the
+   workspace's generation on.
+
+All three use one half of the :mod:`.gemv` workspace, laid out ``[w_gate | w_up | w_down]``: stage 1
+clears the other half as far as the call before it wrote, and records the whole extent, so ``w_down``
+starts at zero like any ``w``. A program of the middle kernel owns a range of rows of one block-row
+``i`` of gate/up, which is block-column ``i`` of down (the chain needs gate/up's ``b_out`` and row
+block to equal down's ``b_in`` and column block); it keeps down's partial sums over its rows in
+registers and adds ``s_down[o, i] * z`` into ``w_down`` with atomics once, at the end.
+
+The gate and up outputs and the SiLU are rounded to the activation dtype where the reference
+(:func:`blastfx.compiler.mlp_chain.blast_mlp_chain`'s) rounds them, so the chain differs from the
+reference only in summation order. Launch modes as in :mod:`.gemv`: ``two`` (plain launches) or
+``pdl`` (each a programmatic dependent of the kernel before it; its ``gdc_wait`` comes before it reads
+any activation or workspace).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import gemv
+from .decode import _index, _sm_limits, gdc_launch_dependents, gdc_wait, pdl_supported
+
+MAX_RANK = 4096             # a program holds a padded row of every factor's rank in registers
+
+
+@triton.jit
+def _round(v, DTYPE: tl.constexpr):
+    """v (fp32) rounded to the activation dtype and back, as the reference stores it."""
+    return v.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _row_outputs(u_ptr, b_ptr, w, rows, row_ok, offs_r, R, sup, bias_off, HAS_BIAS: tl.constexpr,
+                 DTYPE: tl.constexpr):
+    """(BT, BPM): the rows' outputs ``w · U[rows]ᵀ`` (+ bias), rounded to the activation dtype;
+    ``row_ok``: the rows inside the layer's output features."""
+    u = tl.load(u_ptr + rows[:, None] * sup + offs_r[None, :], mask=row_ok[:, None] & (offs_r < R)[None, :],
+                other=0.0)
+    out = tl.sum(w[:, None, :] * u.to(tl.float32)[None, :, :], axis=2)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + bias_off + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+    return _round(out, DTYPE)
+
+
+@triton.jit
+def _mlp_mid_kernel(ug_ptr, uu_ptr, bg_ptr, bu_ptr, vd_ptr, sd_ptr, ws_ptr, sync_ptr,
+                    T, M, P, RG, RU, RD, PER_BLOCK, ROWS, HALF, W_UP, W_DOWN, B_OUT_D,
+                    sug, suu, svd, ssd,
+                    HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, BT: tl.constexpr, BPM: tl.constexpr,
+                    RG_P: tl.constexpr, RU_P: tl.constexpr, RD_P: tl.constexpr, PDL: tl.constexpr,
+                    AL: tl.constexpr):
+    """Program (i, k): rows ``k * ROWS ...`` of block-row i of gate and up (P rows a block, U blocks
+    ``sug`` / ``suu`` elements apart, rows of RG / RU entries; M output features in all, rows past them
+    are padding and give h = 0): their outputs, ``h = silu(g) * u``, and
+    ``z = h · V_down[i, rows, :]`` (V_down blocks ``svd`` apart, rows of RD), added as
+    ``s_down[o, i] * z`` into ``w_down[o]`` for every block-row o of down (S_down blocks ``ssd`` apart,
+    one row of RD per (o, i)). Factors are contiguous; w is (B_OUT, BT, R) per layer. AL: a power of
+    two (up to 16) dividing the three ranks, so row starts are seen aligned and loads stay 16-byte
+    vectors (the JIT marks an integer argument only when 16 divides it; see :mod:`.gemv`)."""
+    pid = tl.program_id(0)
+    if AL > 1:
+        RG = (RG // AL) * AL
+        RU = (RU // AL) * AL
+        RD = (RD // AL) * AL
+        sug = (sug // AL) * AL
+        suu = (suu // AL) * AL
+        svd = (svd // AL) * AL
+        ssd = (ssd // AL) * AL
+    i = pid // PER_BLOCK
+    r0 = (pid % PER_BLOCK) * ROWS
+    r1 = tl.minimum(P, r0 + ROWS)
+    DTYPE: tl.constexpr = ug_ptr.dtype.element_ty
+    if PDL:
+        gdc_wait()                  # gate/up's stage 1 (and everything before it) has finished
+        gdc_launch_dependents()
+    half = ws_ptr + (tl.load(sync_ptr, volatile=True) % 2) * HALF
+    offs_t = tl.arange(0, BT)
+    t_ok = offs_t < T
+    offs_g = tl.arange(0, RG_P)
+    offs_u = tl.arange(0, RU_P)
+    offs_d = tl.arange(0, RD_P)
+    wg = tl.load(half + i * BT * RG + offs_t[:, None] * RG + offs_g[None, :],
+                 mask=t_ok[:, None] & (offs_g < RG)[None, :], other=0.0, cache_modifier=".cg")
+    wu = tl.load(half + W_UP + i * BT * RU + offs_t[:, None] * RU + offs_u[None, :],
+                 mask=t_ok[:, None] & (offs_u < RU)[None, :], other=0.0, cache_modifier=".cg")
+    z = tl.zeros((BT, RD_P), dtype=tl.float32)
+    for c0 in range(r0, r1, BPM):
+        rows = c0 + tl.arange(0, BPM)
+        row_ok = (rows < r1) & (i * P + rows < M)
+        g = _row_outputs(ug_ptr + i * sug, bg_ptr, wg, rows, row_ok, offs_g, RG, RG, i * P, HAS_BG, DTYPE)
+        u = _row_outputs(uu_ptr + i * suu, bu_ptr, wu, rows, row_ok, offs_u, RU, RU, i * P, HAS_BU, DTYPE)
+        h = _round(_round(g / (1.0 + tl.exp(-g)), DTYPE) * u, DTYPE)          # silu(g) * u, as stored
+        v = tl.load(vd_ptr + i * svd + rows[:, None] * RD + offs_d[None, :],
+                    mask=row_ok[:, None] & (offs_d < RD)[None, :], other=0.0)
+        z += tl.sum(h[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+    d_ok = offs_d < RD
+    for o in range(B_OUT_D):
+        s = tl.load(sd_ptr + o * ssd + i * RD + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        tl.atomic_add(half + W_DOWN + o * BT * RD + offs_t[:, None] * RD + offs_d[None, :], s[None, :] * z,
+                      mask=t_ok[:, None] & d_ok[None, :], sem="relaxed")
+
+
+# Stage 1 and 3 configs as in gemv (the grouped and one-layer kernels); the middle kernel's own: BPM
+# rows of gate, up and down per loop step, its warps, and programs per SM.
+DEFAULT = {**gemv.DEFAULT, "BPM": 4, "warps_mid": 8, "per_sm_mid": 1}
+CANDIDATES = (DEFAULT, {**DEFAULT, "BPM": 8, "per_sm_mid": 2},
+              {**DEFAULT, "late": True, "mode": "pdl", "prefetch": 1},
+              {**DEFAULT, "late": True, "mode": "pdl", "prefetch": 1, "BPM": 8, "per_sm_mid": 2},
+              {**DEFAULT, "mode": "pdl", "prefetch": 1, "BQ": 128, "BR": 64, "stages": 3, "BP": 8},
+              {**DEFAULT, "mode": "pdl", "prefetch": 1, "BQ": 128, "BR": 64, "stages": 3, "BP": 8, "BPM": 8,
+               "per_sm_mid": 2})
+
+
+def candidates(device) -> list[dict]:
+    """The chain configs worth timing on ``device``: PDL ones only where programmatic launch exists."""
+    return [c for c in CANDIDATES if c["mode"] != "pdl" or pdl_supported(device)]
+
+
+def chainable(gate, up, down) -> str | None:
+    """Why these (U, S, V, bias, shape) layers cannot run as one chain, or None if they can."""
+    why = gemv.groupable([gate, up, down])
+    if why:
+        return why
+    g, u, d = gate[-1], up[-1], down[-1]
+    if (g.out_features, g.b_out, g.p) != (u.out_features, u.b_out, u.p):
+        return f"gate ({g.out_features} rows in {g.b_out} blocks) and up ({u.out_features} in {u.b_out}) differ"
+    if d.in_features != g.out_features or d.b_in != g.b_out or d.q != g.p:
+        return (f"down's input blocks ({d.b_in} of {d.q}) are not gate's output blocks ({g.b_out} of {g.p})")
+    if max(g.rank, u.rank, d.rank) > MAX_RANK:
+        return f"a rank above {MAX_RANK}"
+    return None
+
+
+def _layout(gate, up, down, BT: int) -> tuple[int, int, int]:
+    """(offset of w_up, offset of w_down, extent) in floats of one workspace half."""
+    g, u, d = gate[-1], up[-1], down[-1]
+    w_up = g.b_out * BT * g.rank
+    w_down = -(-(w_up + u.b_out * BT * u.rank) // 64) * 64
+    return w_up, w_down, w_down + d.b_out * BT * d.rank
+
+
+def blast_mlp_chain_gemv(x2, gate, up, down, cfg: dict | None = None, *, interpret: bool = False) -> torch.Tensor:
+    """``down(silu(gate(x2)) * up(x2))`` (T, down.out_features) for T <= :data:`gemv.MAX_T`; each layer is
+    (U, S, V, bias, shape) with float factors."""
+    cfg = {**DEFAULT, **(cfg or {})}
+    T, n = x2.shape
+    if T > gemv.MAX_T:
+        raise ValueError(f"the MLP chain runs at most {gemv.MAX_T} tokens, got T={T}")
+    why = chainable(gate, up, down)
+    if why:
+        raise ValueError(f"cannot run these layers as one MLP chain: {why}")
+    if cfg["mode"] not in ("two", "pdl"):
+        raise ValueError(f"MLP chain mode must be 'two' or 'pdl', got {cfg['mode']!r}")
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    pdl = cfg["mode"] == "pdl" and not interpret
+    if pdl and not pdl_supported(x2.device):
+        raise RuntimeError("MLP chain mode 'pdl' needs programmatic dependent launch: a Hopper (sm_90) or newer GPU")
+    BT = triton.next_power_of_2(T)
+    w_up, w_down, extent = _layout(gate, up, down, BT)
+    sync, ws = gemv.workspace(x2.device, extent)
+    half = ws.numel() // 2
+    sms = _sm_limits(_index(x2.device))[0] if x2.is_cuda else 4
+    g, d = gate[-1], down[-1]
+    # 1: gate/up x·V into [w_gate | w_up] of this call's half; clears the other half, records the extent
+    members = [gate, up]
+    mode, flags = gemv._launch_flags(cfg, interpret, x2.device, x2.element_size())
+    flags["LINE"] = min(flags["LINE"], cfg["BR"])
+    stage_cfg = {**cfg, "BQ": max(8, cfg["BQ"] // BT), "BP": max(4, cfg["BP"] // BT)}
+    grid1 = cfg["per_sm"] * sms
+    table, items1, _, group_extent, _ = gemv._group_table(members, x2.device, grid1, stage_cfg, BT)
+    assert group_extent == w_up + up[-1].b_out * BT * up[-1].rank
+    launch = {} if interpret else {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
+    if pdl:
+        launch["launch_pdl"] = True
+    gemv._gemv_group_kernel[(items1,)](
+        x2, x2, gate[0], table, ws, sync, T, n, 0, 2, items1, 0, extent, items1, half, x2.stride(0),
+        ALIGN=16 // gemv.anchor_size(members), BT=BT, BQ=stage_cfg["BQ"], BR=stage_cfg["BR"], BP=stage_cfg["BP"],
+        BK=stage_cfg["BK"], ZB=1024, LATE=bool(cfg["late"]), STAGE=1,
+        **dict(flags, PREFETCH=flags["PREFETCH"] if pdl else 0, PDL=pdl), **launch)
+    # 2: gate/up w·Uᵀ, SiLU·mul, down x·V into w_down
+    per_block = max(1, -(-cfg["per_sm_mid"] * sms // g.b_out))
+    bpm = max(2, cfg["BPM"] // BT)
+    rows = -(-g.p // per_block)
+    rows = -(-rows // bpm) * bpm
+    per_block = -(-g.p // rows)
+    mid = {} if interpret else {"num_warps": cfg["warps_mid"], "num_stages": 1}
+    if pdl:
+        mid["launch_pdl"] = True
+    gb, ub = gate[3], up[3]
+    _mlp_mid_kernel[(g.b_out * per_block,)](
+        gate[0], up[0], gb if gb is not None else gate[0], ub if ub is not None else up[0], down[2], down[1],
+        ws, sync, T, g.out_features, g.p, g.rank, up[-1].rank, d.rank, per_block, rows, half, w_up, w_down, d.b_out,
+        g.p * g.rank, g.p * up[-1].rank, d.q * d.rank, d.b_in * d.rank,
+        HAS_BG=gb is not None, HAS_BU=ub is not None, BT=BT, BPM=bpm, RG_P=triton.next_power_of_2(g.rank),
+        RU_P=triton.next_power_of_2(up[-1].rank), RD_P=triton.next_power_of_2(d.rank), PDL=pdl,
+        AL=math.gcd(g.rank, up[-1].rank, d.rank, 16), **mid)
+    # 3: down w·Uᵀ (+ bias) from w_down; moves the generation on
+    U, S, V, bias, _ = down
+    return gemv.blast_gemv(x2.new_empty(T, d.in_features), U, S, V, bias, d, cfg, interpret=interpret,
+                           only_stage=2, chained=(sync, ws[w_down:], half))

@@ -1,0 +1,124 @@
+"""Gated MLPs of BLAST layers, ``down(silu(gate(x)) * up(x))``, rewritten into one
+``blastfx::blast_mlp_chain`` call by the "blast" backend: the chained graph computes what the eager
+model does, only exact matches are chained, and training graphs are left alone."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import blastfx
+from blastfx.compiler import grouping, mlp_chain
+
+
+class GatedMLP(nn.Module):
+    """A Llama-style MLP of BLAST layers (gate and up of different ranks, gate with a bias) beside a
+    q/k-like pair of siblings, which the chain leaves to sibling grouping."""
+
+    def __init__(self, act=F.silu, up_first=False, leak_gate=False):
+        super().__init__()
+        self.gate = blastfx.BlastLinear(32, 64, 8, 4, bias=True)
+        self.up = blastfx.BlastLinear(32, 64, 16, 4)
+        self.down = blastfx.BlastLinear(64, 32, 8, 4, bias=True)
+        self.q = blastfx.BlastLinear(32, 32, 8, 4)
+        self.k = blastfx.BlastLinear(32, 16, 8, 4)
+        self.act, self.up_first, self.leak_gate = act, up_first, leak_gate
+
+    def forward(self, x):
+        g, u = self.gate(x), self.up(x)
+        h = u * self.act(g) if self.up_first else self.act(g) * u
+        out = self.down(h) + self.q(x).sum(-1, keepdim=True) + self.k(x).mean(-1, keepdim=True)
+        return out + g[..., :32] if self.leak_gate else out
+
+
+def _compiled(model, **options):
+    torch._dynamo.reset()
+    return torch.compile(model, backend="blast", options={"lowering": "extern", **options})
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(act=nn.SiLU(), up_first=True)], ids=["F.silu", "nn.SiLU-up-first"])
+def test_chained_graph_matches_eager_without_autograd(variant):
+    torch.manual_seed(0)
+    model = GatedMLP(**variant)
+    x = torch.randn(2, 3, 32)
+    chains, groups = mlp_chain.stats["chains"], grouping.stats["grouped_calls"]
+    with torch.no_grad():
+        want = model(x)
+        got = _compiled(model, chain_mlp="always", group_siblings="always")(x)
+    assert mlp_chain.stats["chains"] == chains + 1
+    assert grouping.stats["grouped_calls"] == groups + 2       # q and k; gate and up went into the chain
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_intermediate_used_elsewhere_is_not_chained():
+    """gate's output also reaches the model's output: the chain would have to produce it too."""
+    torch.manual_seed(0)
+    model = GatedMLP(leak_gate=True)
+    x = torch.randn(4, 32)
+    chains = mlp_chain.stats["chains"]
+    with torch.no_grad():
+        want = model(x)
+        got = _compiled(model, chain_mlp="always")(x)
+    assert mlp_chain.stats["chains"] == chains
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_other_activations_are_not_chained():
+    torch.manual_seed(0)
+    model = GatedMLP(act=F.gelu)
+    chains = mlp_chain.stats["chains"]
+    with torch.no_grad():
+        _compiled(model, chain_mlp="always")(torch.randn(1, 32))
+    assert mlp_chain.stats["chains"] == chains
+
+
+def test_training_graphs_never_and_auto_on_cpu_leave_the_mlp_alone():
+    torch.manual_seed(0)
+    model = GatedMLP()
+    chains = mlp_chain.stats["chains"]
+    out = _compiled(model, chain_mlp="always")(torch.randn(4, 32))
+    out.sum().backward()
+    assert model.gate.U.grad is not None and torch.isfinite(model.gate.U.grad).all()
+    with torch.no_grad():
+        _compiled(model, chain_mlp="never")(torch.randn(1, 32))
+        _compiled(model)(torch.randn(1, 32))                  # auto: CUDA inputs only
+    assert mlp_chain.stats["chains"] == chains
+
+
+def test_bad_option_is_a_clear_error():
+    with pytest.raises(Exception, match="chain_mlp must be one of"):
+        with torch.no_grad():
+            _compiled(GatedMLP(), chain_mlp="sometimes")(torch.randn(1, 32))
+
+
+@pytest.mark.cuda
+def test_chained_model_matches_eager_and_replays_in_cuda_graphs():
+    torch.manual_seed(0)
+    model = GatedMLP().cuda().to(torch.bfloat16)
+    x = torch.randn(1, 32, device="cuda", dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="blast", mode="reduce-overhead")    # chains by default on CUDA
+    chains = mlp_chain.stats["chains"]
+    with torch.no_grad():
+        want = model(x).float()
+        for _ in range(4):
+            got = compiled(x).float()
+    assert mlp_chain.stats["chains"] == chains + 1
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
+
+
+def test_every_mlp_of_a_compressed_hf_llama_is_chained():
+    """transformers' LlamaMLP, ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with its SiLU module,
+    in every decoder layer of a compressed model; logits as eager."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    blastfx.compress(model, 0.5, config=blastfx.BlastConfig(init="random", progress=False))
+    ids = torch.randint(0, 100, (1, 5))
+    chains = mlp_chain.stats["chains"]
+    with torch.no_grad():
+        want = model(ids).logits
+        got = _compiled(model, chain_mlp="always", group_siblings="always")(ids).logits
+    assert mlp_chain.stats["chains"] == chains + 2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
