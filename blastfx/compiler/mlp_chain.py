@@ -87,10 +87,10 @@ def _(x, U, S, V, bias, out_features):
         path, cfg = "layers", {}
     else:
         copies = _MemberCopies(layers, x.device)
-        if not torch.cuda.is_current_stream_capturing():
-            run("layers", {}, 0)    # the grouped gate/up call and down tune their own kernels first
         key = ("mlp_chain", autotune.token_bucket(T), tuple(shapes), x.dtype, tuple(b is not None for b in bias),
                str(x.device))
+        if autotune.will_time(key):
+            run("layers", {}, 0)    # the grouped gate/up call and down tune their own kernels first
         path, cfg = autotune.choose(key, [("layers", {})] + [("chain", c) for c in mlp_chain.candidates(x2.device)],
                                     run, copies=copies.count)
     return run(path, cfg, 0).reshape(*x.shape[:-1], -1)
@@ -115,6 +115,12 @@ def _silu_of(node) -> fx.Node | None:
     return node.args[0] if node.args else node.kwargs.get("input")
 
 
+def _same_shape(a: fx.Node, b: fx.Node) -> bool:
+    """Both nodes' traced outputs have one shape (the product must not broadcast)."""
+    ea, eb = a.meta.get("example_value"), b.meta.get("example_value")
+    return isinstance(ea, torch.Tensor) and isinstance(eb, torch.Tensor) and ea.shape == eb.shape
+
+
 def _match(mul: fx.Node, mode: str):
     """(gate call, up call, silu node, down call) if ``mul`` is ``silu(gate(x)) * up(x)`` feeding a BLAST
     call and nothing else, with gate and up reading the same decode-sized x; else None."""
@@ -125,7 +131,7 @@ def _match(mul: fx.Node, mode: str):
         if not (_is_blast_call(gate) and _is_blast_call(up)) or gate is up:
             continue
         x = _call_args(gate)[0]
-        if _call_args(up)[0] is not x or not _decode_sized(x, mode):
+        if _call_args(up)[0] is not x or not _decode_sized(x, mode) or not _same_shape(gate, up):
             continue
         down = _only_user(mul)
         if not (_is_blast_call(down) and _call_args(down)[0] is mul and mul not in _call_args(down)[1:]):

@@ -87,6 +87,14 @@ class WeightCopies:
         return self._clones[k]
 
 
+def will_time(key) -> bool:
+    """Whether :func:`choose` would time candidates for ``key`` now: autotuning on, ``key`` not chosen
+    yet, a CUDA device and no graph being captured. A caller that warms something up for the timing
+    (a path that tunes its own kernels first) does so only then, not on every call."""
+    return (current().autotune and key not in _cache and torch.cuda.is_available()
+            and not torch.cuda.is_current_stream_capturing())
+
+
 def choose(key, candidates, run, copies: int = 1):
     """Best (path, config) of ``candidates`` for ``key``; ``run(path, config, k)`` executes one on
     weight copy ``k`` (of ``copies``): each candidate is timed over every copy in turn, so weights

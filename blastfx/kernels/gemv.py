@@ -87,13 +87,13 @@ def _grid_barrier(sync_ptr, GRID):
 def _clear_other_half(ws_ptr, sync_ptr, gen, pid, GRID, HALF, extent, ZB: tl.constexpr):
     """Clear this program's share of the half the next call uses, as far as the call before wrote
     there; record how far this call writes in its own half (``extent`` floats)."""
-    nxt = ws_ptr + ((gen + 1) % 2) * HALF
-    dirty = tl.load(sync_ptr + 4 + (gen + 1) % 2, volatile=True)
+    nxt = ws_ptr + ((gen + 1) & 1) * HALF
+    dirty = tl.load(sync_ptr + 4 + ((gen + 1) & 1), volatile=True)
     for z0 in range(pid * ZB, dirty, GRID * ZB):
         offs_z = z0 + tl.arange(0, ZB)
         tl.store(nxt + offs_z, tl.zeros((ZB,), tl.float32), mask=offs_z < dirty)
     if pid == 0:
-        tl.store(sync_ptr + 4 + gen % 2, extent)
+        tl.store(sync_ptr + 4 + (gen & 1), extent)
 
 
 @triton.jit
@@ -103,7 +103,7 @@ def _this_calls_half(ws_ptr, sync_ptr, pid, GRID, HALF, extent, CLEAR: tl.conste
     gen = tl.load(sync_ptr, volatile=True)
     if CLEAR:
         _clear_other_half(ws_ptr, sync_ptr, gen, pid, GRID, HALF, extent, ZB)
-    return ws_ptr + (gen % 2) * HALF
+    return ws_ptr + (gen & 1) * HALF
 
 
 @triton.jit
@@ -198,7 +198,7 @@ def _xv_mix_item_split(item, x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, B_OUT
     z_e = tl.sum(acc_e, axis=1) * tl.load(vs_ptr + j * svsj + offs_e * svsr, mask=emask, other=0.0)[None, :]
     z_o = tl.sum(acc_o, axis=1) * tl.load(vs_ptr + j * svsj + (offs_e + 1) * svsr, mask=omask, other=0.0)[None, :]
     if LATE:
-        w_ptr += (tl.load(sync_ptr, volatile=True) % 2) * HALF
+        w_ptr += (tl.load(sync_ptr, volatile=True) & 1) * HALF
     for i in range(B_OUT):
         s_e = tl.load(s_ptr + i * ssi + j * ssj + offs_e * ssr, mask=emask, other=0.0).to(tl.float32)
         s_o = tl.load(s_ptr + i * ssi + j * ssj + (offs_e + 1) * ssr, mask=omask, other=0.0).to(tl.float32)
@@ -247,7 +247,7 @@ def _xv_mix_item(item, x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, B_OUT, Q_CH
     if QUANT:
         z *= tl.load(vs_ptr + j * svsj + offs_r * svsr, mask=rmask, other=0.0).to(tl.float32)[None, :]
     if LATE:
-        w_ptr += (tl.load(sync_ptr, volatile=True) % 2) * HALF
+        w_ptr += (tl.load(sync_ptr, volatile=True) & 1) * HALF
     for i in range(B_OUT):
         s = tl.load(s_ptr + i * ssi + j * ssj + offs_r * ssr, mask=rmask, other=0.0)
         tl.atomic_add(w_ptr + i * BT * R + offs_t[:, None] * R + offs_r[None, :],
@@ -329,7 +329,8 @@ def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_p
     PDL: only weights are touched before ``gdc_wait``; the generation counter is read after it.
     ADVANCE (two-launch form): this launch moves the generation on when its last program ends:
     stage 2 of a full call, or stage 1 launched alone (which leaves its half for the next call to
-    clear, as a full call does); stage 2 launched alone leaves the workspace as it found it.
+    clear, as a full call does); stage 2 launched alone leaves the workspace as it found it, except
+    as the last launch of a chain (``blast_gemv(..., chained=...)``), which ends a call.
     PACK: codes per stored element along r (2 for int4); RC: the stored columns, ceil(R / PACK).
     AL_R, AL, AL_S, AL_SC: powers of two (up to 16) that divide R; RC and U's and V's row and block
     strides; S's strides; the scales' strides. The JIT marks an integer argument only when 16 divides it, so a rank such as 1016 would leave

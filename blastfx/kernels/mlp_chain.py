@@ -20,9 +20,10 @@ starts at zero like any ``w``. A program of the middle kernel owns a range of ro
 block to equal down's ``b_in`` and column block); it keeps down's partial sums over its rows in
 registers and adds ``s_down[o, i] * z`` into ``w_down`` with atomics once, at the end.
 
-The gate and up outputs and the SiLU are rounded to the activation dtype where the reference
-(:func:`blastfx.compiler.mlp_chain.blast_mlp_chain`'s) rounds them, so the chain differs from the
-reference only in summation order. Launch modes as in :mod:`.gemv`: ``two`` (plain launches) or
+The gate and up outputs, the SiLU and the product are rounded to the activation dtype where the
+reference (:func:`blastfx.compiler.mlp_chain.blast_mlp_chain`'s) rounds them; inside each layer the
+chain keeps its partial sums in fp32 where the reference's matmuls round theirs, so the two differ
+by those roundings and the summation order. Launch modes as in :mod:`.gemv`: ``two`` (plain launches) or
 ``pdl`` (each a programmatic dependent of the kernel before it; its ``gdc_wait`` comes before it reads
 any activation or workspace).
 """
@@ -37,7 +38,7 @@ import triton.language as tl
 from . import gemv
 from .decode import _index, _sm_limits, gdc_launch_dependents, gdc_wait, pdl_supported
 
-MAX_RANK = 4096             # a program holds a padded row of every factor's rank in registers
+MAX_RANK = 2048             # a program holds a padded row of every factor's rank in registers
 
 
 @triton.jit
@@ -90,7 +91,7 @@ def _mlp_mid_kernel(ug_ptr, uu_ptr, bg_ptr, bu_ptr, vd_ptr, sd_ptr, ws_ptr, sync
     if PDL:
         gdc_wait()                  # gate/up's stage 1 (and everything before it) has finished
         gdc_launch_dependents()
-    half = ws_ptr + (tl.load(sync_ptr, volatile=True) % 2) * HALF
+    half = ws_ptr + (tl.load(sync_ptr, volatile=True) & 1) * HALF
     offs_t = tl.arange(0, BT)
     t_ok = offs_t < T
     offs_g = tl.arange(0, RG_P)
@@ -141,7 +142,7 @@ def chainable(gate, up, down) -> str | None:
     g, u, d = gate[-1], up[-1], down[-1]
     if (g.out_features, g.b_out, g.p) != (u.out_features, u.b_out, u.p):
         return f"gate ({g.out_features} rows in {g.b_out} blocks) and up ({u.out_features} in {u.b_out}) differ"
-    if d.in_features != g.out_features or d.b_in != g.b_out or d.q != g.p:
+    if d.b_in != g.b_out or d.q != g.p:        # then down's input rows are gate's output rows, padding alike
         return (f"down's input blocks ({d.b_in} of {d.q}) are not gate's output blocks ({g.b_out} of {g.p})")
     if max(g.rank, u.rank, d.rank) > MAX_RANK:
         return f"a rank above {MAX_RANK}"

@@ -61,6 +61,17 @@ def test_padding_rows_of_gate_and_up_are_never_read_into_down():
     _check(2, 36, 62, (16, 8, 24), (4, 2), (True, True, True), garbage_padding=True)
 
 
+def test_padded_mlps_are_chainable_with_the_shapes_the_op_reads_from_the_factors():
+    """The op knows down's geometry only from its factors (no in_features: the padded width), so a
+    gate with padded outputs must still chain with it."""
+    from blastfx.structures.blast.layout import BlastShape
+    gate, up, down = _layers(36, 62, (16, 8, 24), (4, 2), (False,) * 3, torch.float32)
+    U, S, V, b, _ = down
+    as_op_sees = BlastShape.from_factors(U, S, V, out_features=36)
+    assert as_op_sees.in_features != gate[-1].out_features                  # 64 (padded) against 62
+    assert mlp_chain.chainable(gate, up, (U, S, V, b, as_op_sees)) is None
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_rounds_where_the_reference_does(dtype):
     _check(2, 48, 64, (16, 24, 16), (4, 4), (True, False, True), dtype=dtype, seed=5)
