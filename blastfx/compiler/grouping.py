@@ -60,31 +60,48 @@ def _check_group(x, U, S, V, bias, out_features):
 
 @blast_matmul_group.register_kernel("cuda")
 def _(x, U, S, V, bias, out_features):
-    from ..kernels import autotune, gemv
+    from ..kernels import gemv
+
+    layers = list(zip(U, S, V, bias, _check_group(x, U, S, V, bias, out_features)))
+    return tuned_decode_call("group", x, layers, ("members", _one_by_one),
+                             ("gemv", gemv.blast_gemv_group, gemv.group_candidates), gemv.groupable)
+
+
+def _one_by_one(x2, members):
+    """The members' outputs side by side, each from its own call."""
+    return torch.cat([blast_matmul(x2, u, s, v, b, sh.out_features) for u, s, v, b, sh in members], dim=-1)
+
+
+def tuned_decode_call(name: str, x, layers, plain, fused, why_not):
+    """One call of a multi-layer decode op (``layers`` = [(U, S, V, bias, shape)], reading ``x``) in the
+    faster of its two forms: ``plain`` = (label, run(x2, layers)), the layers' own calls, and ``fused``
+    = (label, run(x2, layers, cfg), candidates(device)), its kernels. The fused form runs only at
+    decode sizes, with the Triton kernels, where floats may be added in any order and ``why_not(layers)``
+    finds nothing; there the autotuner times both, over clones of the factors, once per shape and
+    token bucket (:mod:`blastfx.kernels.autotune`), so the fused form never makes a call slower."""
+    from ..kernels import autotune
     from ..kernels.dispatch import forward_impl
 
-    shapes = _check_group(x, U, S, V, bias, out_features)
-    members = list(zip(U, S, V, bias, shapes))
+    (plain_label, run_plain), (fused_label, run_fused, candidates) = plain, fused
     x2 = x.reshape(-1, x.shape[-1])
     T = x2.shape[0]
+    copies = None
 
     def run(path, cfg, k):
-        ms = members if k == 0 else copies[k]
-        if path == "members":
-            return torch.cat([blast_matmul(x2, u, s, v, b, sh.out_features) for u, s, v, b, sh in ms], dim=-1)
-        return gemv.blast_gemv_group(x2, ms, cfg)
+        ls = layers if k == 0 else copies[k]
+        return run_plain(x2, ls) if path == plain_label else run_fused(x2, ls, cfg)
 
     if (T > MAX_T or forward_impl(x.dtype) != "triton" or torch.are_deterministic_algorithms_enabled()
-            or gemv.groupable(members)):
-        path, cfg = "members", {}
+            or why_not(layers)):
+        path, cfg = plain_label, {}
     else:
-        copies = _MemberCopies(members, x.device)
-        key = ("group", autotune.token_bucket(T), tuple(shapes), x.dtype, tuple(b is not None for b in bias),
-               str(x.device))
+        copies = _MemberCopies(layers, x.device)
+        key = (name, autotune.token_bucket(T), tuple(layer[-1] for layer in layers), x.dtype,
+               tuple(layer[3] is not None for layer in layers), str(x.device))
         if autotune.will_time(key):
-            run("members", {}, 0)   # each member tunes its own kernel first, so "members" is timed at its best
-        path, cfg = autotune.choose(key, [("members", {})] + [("gemv", c) for c in gemv.group_candidates(x2.device)], run,
-                                    copies=copies.count)
+            run(plain_label, {}, 0)     # the layers tune their own kernels first, so they are timed at their best
+        path, cfg = autotune.choose(key, [(plain_label, {})] + [(fused_label, c) for c in candidates(x2.device)],
+                                    run, copies=copies.count)
     return run(path, cfg, 0).reshape(*x.shape[:-1], -1)
 
 

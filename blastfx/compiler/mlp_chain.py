@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..structures.blast.ops import blast_matmul, blast_matmul_reference, check_inputs
-from .grouping import _MemberCopies, _call_args, _decode_sized, _rows, check_group_mode
+from .grouping import _call_args, _decode_sized, _rows, check_group_mode, tuned_decode_call
 
 stats = {"chains": 0}
 _SILU = (F.silu, torch.ops.aten.silu.default, torch.ops.aten.silu)
@@ -64,36 +64,30 @@ def _check_chain(x, U, S, V, bias, out_features):
 
 @blast_mlp_chain.register_kernel("cuda")
 def _(x, U, S, V, bias, out_features):
-    from ..kernels import autotune, mlp_chain
-    from ..kernels.dispatch import forward_impl
-    from ..kernels.gemv import MAX_T
+    from ..kernels import mlp_chain
 
-    shapes = _check_chain(x, U, S, V, bias, out_features)
-    layers = list(zip(U, S, V, bias, shapes))
-    x2 = x.reshape(-1, x.shape[-1])
-    T = x2.shape[0]
+    layers = list(zip(U, S, V, bias, _check_chain(x, U, S, V, bias, out_features)))
+    return tuned_decode_call("mlp_chain", x, layers, ("layers", _unchained), ("chain", _chained, mlp_chain.candidates),
+                             _why_not_chained)
 
-    def run(path, cfg, k):
-        gate, up, down = layers if k == 0 else copies[k]
-        if path == "layers":
-            gu = torch.ops.blastfx.blast_matmul_group(x2, [gate[0], up[0]], [gate[1], up[1]], [gate[2], up[2]],
-                                                      [gate[3], up[3]], [gate[4].out_features, up[4].out_features])
-            g, u = gu.split([gate[4].out_features, up[4].out_features], dim=-1)
-            return blast_matmul(F.silu(g) * u, *down[:4], down[4].out_features)
-        return mlp_chain.blast_mlp_chain_gemv(x2, gate, up, down, cfg)
 
-    if (T > MAX_T or forward_impl(x.dtype) != "triton" or torch.are_deterministic_algorithms_enabled()
-            or mlp_chain.chainable(*layers)):
-        path, cfg = "layers", {}
-    else:
-        copies = _MemberCopies(layers, x.device)
-        key = ("mlp_chain", autotune.token_bucket(T), tuple(shapes), x.dtype, tuple(b is not None for b in bias),
-               str(x.device))
-        if autotune.will_time(key):
-            run("layers", {}, 0)    # the grouped gate/up call and down tune their own kernels first
-        path, cfg = autotune.choose(key, [("layers", {})] + [("chain", c) for c in mlp_chain.candidates(x2.device)],
-                                    run, copies=copies.count)
-    return run(path, cfg, 0).reshape(*x.shape[:-1], -1)
+def _unchained(x2, layers):
+    """The MLP as it runs without the chain: gate and up as one grouped call, SiLU·mul, down."""
+    gate, up, down = layers
+    widths = [gate[4].out_features, up[4].out_features]
+    g, u = torch.ops.blastfx.blast_matmul_group(x2, [gate[0], up[0]], [gate[1], up[1]], [gate[2], up[2]],
+                                                [gate[3], up[3]], widths).split(widths, dim=-1)
+    return blast_matmul(F.silu(g) * u, *down[:4], down[4].out_features)
+
+
+def _chained(x2, layers, cfg):
+    from ..kernels import mlp_chain
+    return mlp_chain.blast_mlp_chain_gemv(x2, *layers, cfg)
+
+
+def _why_not_chained(layers):
+    from ..kernels import mlp_chain
+    return mlp_chain.chainable(*layers)
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:

@@ -108,3 +108,21 @@ def test_grouped_model_records_a_cuda_graph_without_an_eager_warm_up():
         for _ in range(4):
             got = compiled(x).float()
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_the_group_op_on_cuda_runs_the_grouped_kernel_the_autotuner_picks(monkeypatch):
+    """The op's CUDA kernel (``tuned_decode_call``), run here on the CPU with the Triton interpreter."""
+    from blastfx.kernels import autotune, dispatch, gemv
+    from blastfx.structures.blast.layout import BlastShape
+    torch.manual_seed(0)
+    model = Siblings()
+    layers = [(m.U.detach(), m.S.detach(), m.V.detach(), None if m.bias is None else m.bias.detach(),
+               BlastShape.from_factors(m.U, m.S, m.V, out_features=m.out_features)) for m in (model.q, model.k, model.v)]
+    monkeypatch.setattr(dispatch, "forward_impl", lambda dtype: "triton")
+    monkeypatch.setattr(autotune, "choose", lambda key, candidates, run, copies=1: candidates[1])
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        got = grouping.tuned_decode_call("group", x, layers, ("members", grouping._one_by_one),
+                                         ("gemv", gemv.blast_gemv_group, lambda d: [gemv.DEFAULT]), gemv.groupable)
+        want = torch.cat([model.q(x), model.k(x), model.v(x)], dim=-1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -122,3 +122,46 @@ def test_every_mlp_of_a_compressed_hf_llama_is_chained():
         got = _compiled(model, chain_mlp="always", group_siblings="always")(ids).logits
     assert mlp_chain.stats["chains"] == chains + 2
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _op_layers(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = GatedMLP().to(dtype)
+    return model, [(m.U.detach(), m.S.detach(), m.V.detach(), None if m.bias is None else m.bias.detach(),
+                    blastfx.structures.blast.layout.BlastShape.from_factors(m.U, m.S, m.V, out_features=m.out_features))
+                   for m in (model.gate, model.up, model.down)]
+
+
+def test_the_op_on_cuda_picks_between_its_two_forms_as_the_autotuner_says(monkeypatch):
+    """The op's CUDA kernel (``tuned_decode_call``), run here on the CPU with the Triton interpreter:
+    the chained form where the autotuner picks it, the unchained one where the chain cannot run (too
+    many tokens, deterministic mode), both equal to the reference."""
+    from blastfx.compiler import grouping
+    from blastfx.kernels import autotune, dispatch, mlp_chain as kernels
+    model, layers = _op_layers()
+    picked = []
+
+    def choose(key, candidates, run, copies=1):
+        picked.append((key[0], [label for label, _ in candidates]))
+        return next(c for c in candidates if c[0] == "chain")
+
+    monkeypatch.setattr(dispatch, "forward_impl", lambda dtype: "triton")
+    monkeypatch.setattr(autotune, "choose", choose)
+    call = lambda x: grouping.tuned_decode_call("mlp_chain", x, layers, ("layers", mlp_chain._unchained),
+                                                ("chain", mlp_chain._chained, lambda d: [kernels.DEFAULT]),
+                                                mlp_chain._why_not_chained)
+    with torch.no_grad():
+        for T, deterministic in ((1, False), (3, False), (5, False), (2, True)):
+            x = torch.randn(T, 32)
+            before = len(picked)
+            torch.use_deterministic_algorithms(deterministic)
+            try:
+                got = call(x)
+            finally:
+                torch.use_deterministic_algorithms(False)
+            want = model.down(F.silu(model.gate(x)) * model.up(x))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            timed = T <= 4 and not deterministic
+            assert len(picked) == before + timed
+            if timed:
+                assert picked[-1] == ("mlp_chain", ["layers", "chain"])
