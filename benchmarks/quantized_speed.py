@@ -35,6 +35,8 @@ def main():
     ap.add_argument("--tokens", type=int, nargs="+", default=[1])
     ap.add_argument("--shapes", nargs="+", default=None, help="OUTxIN")
     ap.add_argument("--factor-dtype", default="int8", choices=list(formats.FORMATS))
+    ap.add_argument("--rank-multiple", type=int, default=None,
+                    help="round the rank down to a multiple of this (32: int4 rows of whole 16-byte vectors)")
     add_arguments(ap)
     args = ap.parse_args()
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
@@ -44,7 +46,8 @@ def main():
           f"{fmt.name} path |\n|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for m, n in shapes:
         r = rank_at(m, n, args.blocks, args.budget)
-        r -= r % fmt.rank_multiple          # as a quantized plan rounds it: rows of codes in whole 16-byte vectors
+        if args.rank_multiple:
+            r -= r % args.rank_multiple     # e.g. 32: a row of int4 codes in whole 16-byte vectors
         shape = BlastShape.make(m, n, r, args.blocks)
         dense = [torch.randn(m, n, device=dev, dtype=dt) / n ** 0.5 for _ in range(copies_for(m * n * 2))]
         fac = [tuple(torch.randn(*shape.factor_shapes[k], device=dev, dtype=dt) * 0.05 for k in "USV")
@@ -69,7 +72,8 @@ def main():
             print(f"| {m}x{n} | {args.blocks} | {r} | {T} | {t_dense:.4f} | {t_blast:.4f} | {t_q:.4f} | "
                   f"{t_dense / t_blast:.2f} | {t_dense / t_q:.2f} | {path} |", flush=True)
             record("quantized_speed", measurements(
-                f"{m}x{n} b={args.blocks} T={T} {fmt.name}",
+                f"{m}x{n} b={args.blocks} T={T} {fmt.name}"
+                + (f" rank multiple {args.rank_multiple}" if args.rank_multiple else ""),
                 {"out": m, "in": n, "b": args.blocks, "r": r, "T": T, "budget": args.budget, "factor_dtype": fmt.name},
                 [("dense time", round(t_dense, 5), "ms"), ("bf16 BLAST time", round(t_blast, 5), "ms"),
                  (f"{fmt.name} BLAST time", round(t_q, 5), "ms"), ("bf16 BLAST vs dense", round(t_dense / t_blast, 3), "x"),

@@ -301,25 +301,6 @@ class BlastConfig:
                 merged.skip = merged.skip or o.skip
         return merged
 
-    @property
-    def plan_rank_multiple(self) -> int:
-        """The step of every planned BLAST rank: ``rank_multiple``, raised where the config or an
-        override quantizes factors to what makes a row of their codes whole 16-byte vectors
-        (:attr:`FactorFormat.rank_multiple <blastfx.structures.blast.quant.formats.FactorFormat.rank_multiple>`:
-        32 for int4, 16 for int8 and fp8)."""
-        names = {self.factor_dtype} | {o.factor_dtype for o in self.overrides.values()}
-        multiple = self.rank_multiple
-        for name in names - {None, factor_formats.MODEL}:
-            multiple = math.lcm(multiple, factor_formats.get(name).rank_multiple)
-        return multiple
-
-    @property
-    def rank_balance_step(self) -> int:
-        """The finest rank step the planner takes to meet the budget: 1 for float factors (the budget
-        met to a rank), :attr:`plan_rank_multiple` where factors are quantized (rows of codes stay
-        whole 16-byte vectors; the budget is then met to within one such step per layer)."""
-        return 1 if self.plan_rank_multiple == self.rank_multiple else self.plan_rank_multiple
-
     def structures_used(self) -> set[str]:
         """The structures the config or any of its overrides names (what the planner must measure for)."""
         return {self.structure} | {o.structure for o in self.overrides.values() if o.structure is not None}

@@ -50,11 +50,10 @@ def _layer_step_cost(lp: LayerPlan, step: int) -> int:
     return step * (lp.shape.m_pad + lp.shape.n_pad + lp.blocks[0] * lp.blocks[1])
 
 
-def _balance(plan: Plan, adjustable: list[str], target: int, multiple: int, finest: int = 1) -> None:
-    """Nudge ranks of ``adjustable`` layers until kept params are within tolerance of ``target``: steps
-    of ``multiple``, then of ``finest`` (1: the budget met to a rank; quantized plans keep their step)."""
+def _balance(plan: Plan, adjustable: list[str], target: int, multiple: int) -> None:
+    """Nudge ranks of ``adjustable`` layers until kept params are within tolerance of ``target``."""
     tol = BUDGET_TOLERANCE * target / 2
-    for step in sorted({multiple, finest}, reverse=True):
+    for step in sorted({multiple, 1}, reverse=True):
         for _ in range(100000):
             gap = target - plan.kept_params
             if abs(gap) <= tol:
@@ -233,7 +232,7 @@ def _plan_family(targets, budget, config, spectra, block_errors, ss1_errors) -> 
         if o.blocks is not None and blocks != want:
             raise ValueError(f"overrides: blocks={want} do not divide {s.fqn} ({s.out_features}x{s.in_features})")
         rank = o.rank if o.rank is not None else _rank_for(s.out_features, s.in_features, blocks, budget,
-                                                           config.plan_rank_multiple)
+                                                           config.rank_multiple)
         lp = LayerPlan(s.out_features, s.in_features, rank, blocks, s.kind, s.bias, o.method,
                        factor_dtype=config.factor_dtype_for(s.fqn))
         BlastShape.make(s.out_features, s.in_features, rank, blocks)   # raises if it cannot be represented
@@ -246,14 +245,14 @@ def _plan_family(targets, budget, config, spectra, block_errors, ss1_errors) -> 
     elif adjustable and config.strategy in ("error", "loss"):
         if spectra is None:
             raise ValueError(f"strategy={config.strategy!r} needs the layers' singular values (spectra=)")
-        dense = _allocate_by_error(plan, adjustable, target, config.plan_rank_multiple, spectra,
+        dense = _allocate_by_error(plan, adjustable, target, config.rank_multiple, spectra,
                                    relative=config.strategy == "error", allow_dense=config.allow_dense)
         for k in dense:
             del plan.layers[k]
             adjustable.remove(k)
         plan.dense = sorted(dense)
     if adjustable:
-        _balance(plan, adjustable, target, config.plan_rank_multiple, config.rank_balance_step)
+        _balance(plan, adjustable, target, config.rank_multiple)
     note_budget_miss(plan)
     return plan
 

@@ -101,7 +101,7 @@ def per_layer(blast: Plan, adjustable: list[str], target: int, config, blast_err
                                        structure="ss1", reduction=-least)
     still_blast = [k for k in adjustable if k in plan.layers and plan.layers[k].structure == DEFAULT_STRUCTURE]
     if still_blast:
-        _balance(plan, still_blast, target, config.plan_rank_multiple, config.rank_balance_step)
+        _balance(plan, still_blast, target, config.rank_multiple)
     return plan
 
 

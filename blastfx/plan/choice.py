@@ -185,13 +185,13 @@ def choose_structures(plan: Plan, adjustable: list[str], target: int, config, sp
             lp = plan.layers[k]
             points = [] if k in narrow else _ss1_points(lp, *ss1_errors[k], relative)
             if structure == "auto":
-                points += _blast_points(lp, spectra[k], config.plan_rank_multiple, relative)
+                points += _blast_points(lp, spectra[k], config.rank_multiple, relative)
                 if config.allow_dense:
                     points.append((lp.dense_params, 0.0, ("dense",)))
             else:
                 points.append(_top(lp, config.allow_dense))
             curves[k] = _hull(points)
-        chosen = _greedy(plan, curves, target, config.plan_rank_multiple)
+        chosen = _greedy(plan, curves, target, config.rank_multiple)
     for k, choice in chosen.items():
         _apply(plan, k, choice, dense)
     plan.dense = sorted(set(plan.dense) | set(dense))

@@ -66,7 +66,7 @@ def block_errors(model: nn.Module, plan: Plan, config,
             C = None if covariances is None else torch.stack([covariances[k].to(W.device) for k in part])
             for blocks in block_candidates(m, n, config.block_choices):
                 try:
-                    f = factorize(W, rank_at(lp, blocks, config.plan_rank_multiple), blocks, method="als",
+                    f = factorize(W, rank_at(lp, blocks, config.rank_multiple), blocks, method="als",
                                   iters=config.probe_iters, allow_larger=True, calibration=C,
                                   calibration_damping=config.calibration_damping)
                 except torch.linalg.LinAlgError as err:

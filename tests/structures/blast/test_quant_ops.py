@@ -230,3 +230,11 @@ def test_quantized_factors_index_and_length():
     with pytest.raises(TypeError):
         len(q)
     assert math.isclose(float(q.to_dense().abs().sum()), float(batched.to_dense()[0].abs().sum()))
+
+
+def test_rank_multiple_makes_a_row_of_codes_whole_16_byte_vectors():
+    for name, multiple in (("int4", 32), ("int8", 16), ("float8_e4m3fn", 16)):
+        fmt = formats.get(name)
+        assert fmt.rank_multiple == multiple
+        row_bytes = fmt.stored_length(multiple) * torch.empty((), dtype=fmt.storage).element_size()
+        assert row_bytes == 16
