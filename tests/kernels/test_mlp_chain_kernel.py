@@ -30,6 +30,12 @@ def _layers(n, m, ranks, blocks, biases, dtype, seed=0, garbage_padding=False):
     return out
 
 
+def _member(made):
+    """(U, S, V, bias, shape) from what ``factors`` returns, (shape, U, S, V, bias)."""
+    shape, *tensors = made
+    return (*tensors, shape)
+
+
 def _reference(x, layers):
     U, S, V, b, shapes = zip(*layers)
     return blast_mlp_chain(x.double(), [u.double() for u in U], [s.double() for s in S], [v.double() for v in V],
@@ -38,7 +44,7 @@ def _reference(x, layers):
 
 def _check(T, n, m, ranks, blocks, biases, dtype=torch.float32, cfg=TINY, seed=0, garbage_padding=False):
     layers = _layers(n, m, ranks, blocks, biases, dtype, seed, garbage_padding)
-    x = torch.randn(T, n, device=DEVICE, dtype=dtype, generator=None)
+    x = torch.randn(T, n, device=DEVICE, dtype=dtype)
     y = mlp_chain.blast_mlp_chain_gemv(x, *layers, cfg, interpret=not CUDA)
     ref = _reference(x, layers)
     assert y.shape == (T, n) and y.dtype == dtype and torch.isfinite(y).all()
@@ -86,8 +92,7 @@ def test_chains_one_layer_and_grouped_calls_in_a_row_each_start_from_a_cleared_w
         check(gemv.blast_gemv, 1, 40, 30, 9, 2, 3, torch.float32, True, cfg=TINY, seed=k)
         _check(1, 30, 50, (8, 8, 8), (1, 1), (False, True, True), seed=20 + k)
         x = torch.randn(3, 48, device=DEVICE)
-        members = [(*factors(m, 48, r, 4, 4, torch.float32, True, 30 + k)[1:],
-                    factors(m, 48, r, 4, 4, torch.float32, True, 30 + k)[0]) for m, r in ((32, 8), (16, 16))]
+        members = [_member(factors(m, 48, r, 4, 4, torch.float32, True, 30 + k)) for m, r in ((32, 8), (16, 16))]
         y = gemv.blast_gemv_group(x, members, TINY, interpret=not CUDA)
         from blastfx.structures.blast.ops import blast_matmul_reference
         ref = torch.cat([blast_matmul_reference(x.double(), U.double(), S.double(), V.double(), b.double(), s.out_features)
@@ -150,8 +155,7 @@ def test_every_config_matches_reference_on_cuda(T, cfg):
 @pytest.mark.cuda
 def test_replays_in_a_cuda_graph_between_other_gemv_calls():
     layers = _layers(1024, 2752, (384, 384, 384), (4, 4), (False,) * 3, torch.bfloat16)
-    qkv = [(*factors(1024, 1024, 256, 4, 4, torch.bfloat16, False, 40 + k)[1:],
-            factors(1024, 1024, 256, 4, 4, torch.bfloat16, False, 40 + k)[0]) for k in range(3)]
+    qkv = [_member(factors(1024, 1024, 256, 4, 4, torch.bfloat16, False, 40 + k)) for k in range(3)]
     x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
     cfg = next(c for c in mlp_chain.candidates(x.device) if c["mode"] == "pdl") if mlp_chain.pdl_supported(x.device) \
         else mlp_chain.DEFAULT
