@@ -16,7 +16,8 @@ Why it is fast where the paper's algorithm (:mod:`.precgd`) is slow:
   quantities already computed, so early stopping costs nothing; no dense reconstruction per step.
 * **Batched.** Many same-shape matrices are one batched problem.
 
-Per iteration: two passes over A (A V and A^T U, 2 m n r MACs) plus r x r solves.
+Per iteration: two passes over A (A V and A^T U, 2 m n r MACs) plus r x r solves: Cholesky for U and
+V (many right-hand sides), a few conjugate-gradient steps for S (one right-hand side per block).
 """
 from __future__ import annotations
 
@@ -66,8 +67,10 @@ def svd_init(A: torch.Tensor, b_out: int, b_in: int, rank: int, generator=None):
 
 
 def run_als(A, U, S, V, *, iters: int = 100, tol: float = 1e-4, damping: float = 1e-5,
-            target_error: float | None = None, window: int = 10, callback=None):
-    """Refine (U, S, V) for ||A - BLAST(U, S, V)||_F by exact alternating least squares.
+            target_error: float | None = None, window: int = 10, callback=None,
+            s_steps: int | None = blk.S_CG_STEPS):
+    """Refine (U, S, V) for ||A - BLAST(U, S, V)||_F by exact alternating least squares (the S step's
+    single-vector systems by ``s_steps`` CG steps, None: Cholesky; see :func:`blocks.damped_cg_vec`).
 
     Stops as :func:`blocks.record_and_check` says (iteration cap, ``target_error``, or stalled). Returns (U, S, V, history) where
     history is the relative error per iteration (tensor (iters_run, B)).
@@ -83,7 +86,7 @@ def run_als(A, U, S, V, *, iters: int = 100, tol: float = 1e-4, damping: float =
         # S step: every s_ij at once.
         H, d = blk.s_normal_equations(U, GU, GV, AV)
         lam = blk.relative_damping(H, damping)
-        S = blk.damped_solve_vec(H, d + lam.unsqueeze(-1) * S, lam)
+        S = blk.s_solve(H, d, lam, S, s_steps)
         err2 = norm2 - 2 * (S.double() * d.double()).sum(dim=(1, 2, 3)) + blk.quadratic_form(H, S)
         rel = (err2.clamp_min(0) / norm2).sqrt()
         if blk.record_and_check(history, rel, it, iters, tol, target_error, window, callback):

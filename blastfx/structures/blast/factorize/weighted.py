@@ -11,9 +11,11 @@ so instead every ALS step solves the weighted problem exactly, block by block:
   ``R_i = sum_j (A C)_ij V_j D_ij`` with ``K_jk = V_j^T C_jk V_k``.
 * **V step** (block Gauss-Seidel over j, exact per block): the optimality condition
   ``C_jj V_j P_jj = RHS_j`` separates (Kronecker), so ``V_j = C_jj^{-1} RHS_j P_jj^{-1}``.
-* **S step** (Gauss-Seidel over j, batched over i): Hessian ``GU_i * K_jk`` (Hadamard).
+* **S step** (Gauss-Seidel over j, batched over i): Hessian ``GU_i * K_jk`` (Hadamard), solved by a
+  few warm-started conjugate-gradient steps (one right-hand side per block: a Cholesky there cost most
+  of an iteration on a GPU; each CG step still lowers f).
 
-Every step is an exact block minimization with a proximal ridge, so f never increases: the result
+Every step minimizes its block (S: decreases it) with a proximal ridge, so f never increases: the result
 is never worse than the whitened SVD at the same rank.
 """
 from __future__ import annotations
@@ -65,8 +67,10 @@ def weighted_error2(norm2, S, d, GU, K):
 
 
 def run_weighted_als(A, C, U, S, V, *, iters: int = 30, tol: float = 1e-4, damping: float = 1e-5,
-                     target_error: float | None = None, window: int = 5, callback=None):
+                     target_error: float | None = None, window: int = 5, callback=None,
+                     s_steps: int | None = blk.S_CG_STEPS):
     """Refine (U, S, V) for ||(A - Ahat) C^{1/2}||. ``C`` must already be damped (positive definite).
+    ``s_steps``: CG steps of the S step's solves (None: Cholesky; see :func:`blocks.damped_cg_vec`).
     Returns (U, S, V, history of relative output errors (iters_run, B))."""
     B, b_out, p, r = U.shape
     b_in, q = V.shape[1], V.shape[2]
@@ -91,7 +95,7 @@ def run_weighted_als(A, C, U, S, V, *, iters: int = 30, tol: float = 1e-4, dampi
                     rhs -= ((GU * K[:, j, k].unsqueeze(1)) @ S[:, :, k].unsqueeze(-1)).squeeze(-1)
             H = GU * K[:, j, j].unsqueeze(1)
             lam = blk.relative_damping(H, damping)
-            S[:, :, j] = blk.damped_solve_vec(H, rhs + lam.unsqueeze(-1) * S[:, :, j], lam)
+            S[:, :, j] = blk.s_solve(H, rhs, lam, S[:, :, j], s_steps)
         rel = (weighted_error2(norm2, S, d, GU, K).clamp_min(0) / norm2).sqrt()
         if blk.record_and_check(history, rel, it, iters, tol, target_error, window, callback):
             break
