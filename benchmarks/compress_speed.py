@@ -5,6 +5,7 @@
     python benchmarks/compress_speed.py --recipes loss --iters 100 --sequential
     python benchmarks/compress_speed.py --recipes loss --fit-precision fp32 --profile
     python benchmarks/compress_speed.py --model tiny --results-dir /tmp/rows      # a quick check on a CPU
+    torchrun --nproc-per-node 2 benchmarks/compress_speed.py --recipes loss        # the fit split over 2 GPUs
 
 A ``--model``-shaped LlamaForCausalLM (random weights, bf16) with ``--layers`` of its decoder
 blocks is compressed at ``--budget`` with each ``--recipes`` entry: ``weight`` (no calibration) or
@@ -19,6 +20,11 @@ products in IEEE fp32 instead of the default TF32 tensor cores (``BlastConfig(fi
 ``--profile`` runs compress under ``torch.profiler`` (GPU kernels only on a GPU: recording every CPU
 operator of a 7B compress makes the profile itself take minutes) and records the kernels with the
 most time instead of the timings, which the profiler inflates.
+
+Under ``torchrun --nproc-per-node N`` every process joins one process group (NCCL on GPUs, one GPU
+per local rank; gloo on CPUs) and ``compress`` splits the factorization over the ranks
+(:mod:`blastfx.build.distributed`); the time is the slowest rank's, the memory rank 0's, and rank 0
+records the rows, their case ending in "N ranks".
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import blastfx
 from blastfx import BlastConfig
+from blastfx.build import distributed
 from blastfx.structures.blast.factorize.precision import PRECISIONS
 from llama_e2e import SHAPES as E2E_SHAPES, build
 from rows import add_arguments, measurements, record
@@ -54,7 +61,14 @@ def final_hidden(model, ids) -> torch.Tensor:
         return model.model(input_ids=ids.to(device)).last_hidden_state.float().cpu()
 
 
-def run(args, recipe: str):
+def barrier(world: int):
+    if world > 1:
+        torch.distributed.barrier()
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def run(args, recipe: str, rank: int = 0, world: int = 1):
     dims = SHAPES[args.model]
     torch.manual_seed(0)
     model = build(args.layers, **dims)
@@ -69,8 +83,8 @@ def run(args, recipe: str):
                          compute_device="cuda" if args.stream else None, fit_precision=args.fit_precision)
     on_gpu = weight_bytes(model, "cuda")
     block = weight_bytes(model.model.layers[0])
+    barrier(world)
     if CUDA:
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     activities = [ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]
     profiler = profile(activities=activities) if args.profile else None
@@ -82,11 +96,15 @@ def run(args, recipe: str):
                 blastfx.compress(model, args.budget, calibration=calibration, config=config)
         else:
             blastfx.compress(model, args.budget, calibration=calibration, config=config)
-    seconds = time.perf_counter() - start         # stage_times waits for the GPU at each stage's end
+    barrier(world)                                # the slowest rank's time (and every stage waited for the GPU)
+    seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if CUDA else 0
     error = ((final_hidden(model, held_out) - reference).norm() / reference.norm()).item()
+    if rank != 0:
+        return
     full = BLOCKS[args.model]
-    print(f"{args.model} x{args.layers} {recipe}{' streamed' if args.stream else ''}: {seconds:.1f} s "
+    ranks = f", {world} ranks" if world > 1 else ""
+    print(f"{args.model} x{args.layers} {recipe}{ranks}{' streamed' if args.stream else ''}: {seconds:.1f} s "
           f"({seconds / args.layers:.1f} s/block, ~{seconds * full / args.layers / 60:.1f} min for {full} blocks), "
           + (f"peak GPU memory {peak / GIB:.1f} GiB (model {on_gpu / GIB:.1f} GiB), " if CUDA else "")
           + f"one block {block / GIB:.2f} GiB, hidden-state error {error:.4f}\n  {times}", flush=True)
@@ -99,10 +117,10 @@ def run(args, recipe: str):
     metrics += [(f"stage {path}", round(s, 2), "s") for path, s in times.seconds.items()]
     mode = "streamed" if args.stream else ("sequential" if args.sequential else "resident")
     case = (f"{args.model} {args.layers} blocks {recipe} {mode}" + (" fp32" if args.fit_precision == "fp32" else "")
-            + (f" {args.iters} iters" if args.iters is not None else ""))
+            + (f" {args.iters} iters" if args.iters is not None else "") + (f" {world} ranks" if world > 1 else ""))
     config_row = {"model": args.model, "layers": args.layers, "recipe": recipe, "mode": mode, "budget": args.budget,
                   "iters": args.iters, "calib_tokens": rows * args.seq if calibration is not None else 0,
-                  "fit_precision": args.fit_precision}
+                  "fit_precision": args.fit_precision, "ranks": world}
     if profiler is not None:        # profiled times are inflated: record where the time goes, not how much
         metrics = profile_metrics(profiler, seconds)
         case += " profiled"
@@ -148,8 +166,10 @@ def main():
         ap.error(f"--layers must be at least 2, got {args.layers}")
     if not 0 < args.budget <= 1:
         ap.error(f"--budget must be in (0, 1], got {args.budget}")
-    for recipe in args.recipes:
-        run(args, recipe)
+    with distributed.launched_group("nccl" if CUDA else "gloo"):
+        rank, world = distributed.world()
+        for recipe in args.recipes:
+            run(args, recipe, rank, world)
 
 
 if __name__ == "__main__":

@@ -67,15 +67,18 @@ def same_everywhere(module: nn.Module, enabled: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def launched_group():
-    """The gloo process group ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1), set up
-    for the block and torn down after; outside torchrun, or in a group the caller already set up,
-    nothing. gloo, because the CLI holds the model on the CPU."""
+def launched_group(backend: str = "gloo"):
+    """The process group ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1), set up for
+    the block and torn down after; outside torchrun, or in a group the caller already set up,
+    nothing. gloo by default, because the CLI holds the model on the CPU; "nccl" for a model on the
+    GPUs (each process on the GPU of its ``LOCAL_RANK``)."""
     dist = torch.distributed
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
         yield
         return
-    dist.init_process_group("gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
     try:
         yield
     finally:
