@@ -13,7 +13,10 @@ workspace bookkeeping after the V stream instead of before it), then the seven l
 Llama-2-7B block called in a row (four blocks' worth of weights, so they stream from HBM), where
 a programmatic dependent launch also overlaps one layer's start with the previous layer's tail. Each time is a CUDA-graph replay over weight copies rotated out of L2; the
 bandwidths are the factor bytes over that time, beside the "stream" bandwidth (a dense GEMV's, the
-best a read of the same bytes reaches on this GPU) so the gap per stage is explicit.
+best a read of the same bytes reaches on this GPU) and the copy bandwidth (``copy_``: bytes read plus
+bytes written over the time, once for a buffer of each stage's factor bytes, timed the same way, and
+once for 1 GiB, the GPU's sustained rate), so the gap per stage is explicit: what a stage loses to its
+size (the small copy's shortfall) and what it loses to its own work.
 """
 from __future__ import annotations
 
@@ -62,6 +65,16 @@ def sweep(x, fac, shape, v_bytes, u_bytes, keep=8):
     return metrics, lines
 
 
+def copy_gbs(nbytes: int) -> float:
+    """GB/s of ``dst.copy_(src)`` for ``nbytes``-byte buffers (read + write), over rotated copies."""
+    n = max(1, nbytes // 2)
+    copies = copies_for(2 * nbytes)
+    src = [torch.empty(n, device="cuda", dtype=torch.bfloat16).normal_() for _ in range(copies)]
+    dst = [torch.empty_like(t) for t in src]
+    t = graph_ms(lambda k: dst[k].copy_(src[k]), copies)
+    return 2 * n * 2 / t / 1e6
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=["4096x4096", "11008x4096", "4096x11008"], help="OUTxIN")
@@ -104,7 +117,10 @@ def main():
             x = torch.randn(T, n, device=dev, dtype=dt)
             t_dense = graph_ms(lambda k: torch.nn.functional.linear(x, dense[k]), nd)
             stream = m * n * 2 / t_dense / 1e6                                   # GB/s
-            metrics = [("dense time", t_dense, "ms"), ("dense stream bandwidth", round(stream), "GB/s")]
+            metrics = [("dense time", t_dense, "ms"), ("dense stream bandwidth", round(stream), "GB/s"),
+                       ("copy bandwidth, 1 GiB", round(copy_gbs(2 ** 30)), "GB/s"),
+                       ("copy bandwidth, stage 1 bytes", round(copy_gbs(v_bytes)), "GB/s"),
+                       ("copy bandwidth, stage 2 bytes", round(copy_gbs(u_bytes)), "GB/s")]
             for tiles, cfg in stage_configs.items():
                 for stage, nbytes in ((1, v_bytes), (2, u_bytes)):
                     t = graph_ms(lambda k: run(x, *fac[k], None, shape, cfg, only_stage=stage), len(fac))
