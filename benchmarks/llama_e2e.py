@@ -26,6 +26,7 @@ import torch
 
 import blastfx
 from blastfx import BlastConfig
+from blastfx.structures.blast.quant.formats import FORMATS
 from common import median_ms, tensor_bytes, torchao_weight_only, versions
 from rows import add_arguments, measurements, record
 
@@ -253,7 +254,8 @@ def main():
                     help='backend "blast" chain_mlp option of the decode loop: "never" runs each MLP as grouped gate/up and '
                          'down calls (the models are then named "... MLP not chained")')
     ap.add_argument("--batch", type=int, nargs="+", default=[1], help="decode batch sizes")
-    ap.add_argument("--factor-dtype", default=None, help="also blastfx with factors quantized to this (e.g. int8)")
+    ap.add_argument("--factor-dtype", nargs="+", default=[], choices=sorted(FORMATS),
+                    help="also blastfx with factors quantized to each of these (e.g. int8 int4)")
     ap.add_argument("--ss1", action="store_true", help="also the model compressed with structure='ss1' (weight-only)")
     ap.add_argument("--no-blast", action="store_true", help="leave out the BLAST model (e.g. SS1 or torchao rows only)")
     ap.add_argument("--torchao", nargs="*", default=[], choices=("int8", "int4"),
@@ -279,11 +281,11 @@ def main():
         blastfx.compress(ss1, args.budget, config=BlastConfig(structure="ss1", progress=False))
         models["blastfx ss1"] = (ss1, "blast")
     blast_options = decode_options(args)
-    if args.factor_dtype:
+    for dtype in args.factor_dtype:
         from blastfx.structures.blast.quant import quantize_model
         quantized = build(args.layers, **dims)
         blastfx.compress(quantized, args.budget, config=BlastConfig(init="random", progress=False))
-        models[f"blastfx {args.factor_dtype}"] = (quantize_model(quantized, args.factor_dtype), "blast")
+        models[f"blastfx {dtype}"] = (quantize_model(quantized, dtype), "blast")
     for kind in args.torchao:
         models[f"torchao {kind}"] = (torchao_model(build(args.layers, **dims), kind), "inductor")
     if blast_options:
