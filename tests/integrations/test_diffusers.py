@@ -16,10 +16,11 @@ pytestmark = pytest.mark.requires("diffusers")
 QUIET = BlastConfig(progress=False)
 
 
-def compress(model):
+def compress(model, factor_dtype=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", blastfx.WeightOnlyWarning)
-        return blastfx.compress(model, 0.5, config=QUIET)
+        config = QUIET if factor_dtype is None else BlastConfig(progress=False, factor_dtype=factor_dtype)
+        return blastfx.compress(model, 0.5, config=config)
 
 
 def sd3_inputs():
@@ -43,10 +44,12 @@ def tiny_vae():
                          norm_num_groups=4, sample_size=16).eval()
 
 
-def test_dit_pipeline_saves_and_loads_a_compressed_transformer(tmp_path):
+@pytest.mark.parametrize("factor_dtype", [None, "int8", "int4"])
+def test_dit_pipeline_saves_and_loads_a_compressed_transformer(tmp_path, factor_dtype):
     from diffusers import DDIMScheduler, DiTPipeline
 
-    pipe = DiTPipeline(transformer=compress(models.tiny_dit()), vae=tiny_vae(), scheduler=DDIMScheduler())
+    pipe = DiTPipeline(transformer=compress(models.tiny_dit(), factor_dtype), vae=tiny_vae(),
+                       scheduler=DDIMScheduler())
 
     def run(p):
         p.set_progress_bar_config(disable=True)
@@ -60,7 +63,12 @@ def test_dit_pipeline_saves_and_loads_a_compressed_transformer(tmp_path):
     assert set(config["quantization_config"]["plan"]["layers"]) == set(pipe.transformer.blastfx_plan.layers)
     assert (tmp_path / "transformer" / "README.md").is_file()
     loaded = DiTPipeline.from_pretrained(tmp_path)
-    assert isinstance(loaded.transformer.transformer_blocks[0].attn1.to_q, BlastLinear)
+    layer = loaded.transformer.transformer_blocks[0].attn1.to_q
+    assert isinstance(layer, BlastLinear)
+    saved = pipe.transformer.transformer_blocks[0].attn1.to_q
+    assert layer.U.dtype == saved.U.dtype and layer.V.dtype == saved.V.dtype    # codes stay codes
+    if factor_dtype is not None:
+        assert saved.U.dtype in (torch.int8, torch.uint8)
     out = run(loaded)
     assert (out == ref).all()
 
