@@ -21,8 +21,8 @@ products in IEEE fp32 instead of the default TF32 tensor cores (``BlastConfig(fi
 operator of a 7B compress makes the profile itself take minutes) and records the kernels with the
 most time instead of the timings, which the profiler inflates.
 
-Under ``torchrun --nproc-per-node N`` every process joins one process group (NCCL on GPUs, one GPU
-per local rank; gloo on CPUs) and ``compress`` splits the factorization over the ranks
+Under ``torchrun --nproc-per-node N`` every process joins one process group (NCCL for GPU tensors,
+one GPU per local rank; gloo for CPU tensors) and ``compress`` splits the factorization over the ranks
 (:mod:`blastfx.build.distributed`); the time is the slowest rank's, the memory rank 0's, and rank 0
 records the rows, their case ending in "N ranks".
 """
@@ -166,7 +166,8 @@ def main():
         ap.error(f"--layers must be at least 2, got {args.layers}")
     if not 0 < args.budget <= 1:
         ap.error(f"--budget must be in (0, 1], got {args.budget}")
-    with distributed.launched_group("nccl" if CUDA else "gloo"):
+    # GPU tensors over NCCL, CPU ones (a streamed model's blocks) over gloo
+    with distributed.launched_group("cpu:gloo,cuda:nccl" if CUDA else "gloo"):
         rank, world = distributed.world()
         for recipe in args.recipes:
             run(args, recipe, rank, world)

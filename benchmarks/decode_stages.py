@@ -65,11 +65,11 @@ def sweep(x, fac, shape, v_bytes, u_bytes, keep=8):
     return metrics, lines
 
 
-def copy_gbs(nbytes: int) -> float:
+def copy_gbs(nbytes: int, device: str = "cuda") -> float:
     """GB/s of ``dst.copy_(src)`` for ``nbytes``-byte buffers (read + write), over rotated copies."""
     n = max(1, nbytes // 2)
     copies = copies_for(2 * nbytes)
-    src = [torch.empty(n, device="cuda", dtype=torch.bfloat16).normal_() for _ in range(copies)]
+    src = [torch.empty(n, device=device, dtype=torch.bfloat16).normal_() for _ in range(copies)]
     dst = [torch.empty_like(t) for t in src]
     t = graph_ms(lambda k: dst[k].copy_(src[k]), copies)
     return 2 * n * 2 / t / 1e6

@@ -70,13 +70,14 @@ def same_everywhere(module: nn.Module, enabled: bool = True) -> None:
 def launched_group(backend: str = "gloo"):
     """The process group ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1), set up for
     the block and torn down after; outside torchrun, or in a group the caller already set up,
-    nothing. gloo by default, because the CLI holds the model on the CPU; "nccl" for a model on the
-    GPUs (each process on the GPU of its ``LOCAL_RANK``)."""
+    nothing. gloo by default, because the CLI holds the model on the CPU; with NCCL in ``backend``
+    (e.g. "cpu:gloo,cuda:nccl": CPU tensors over gloo, GPU tensors over NCCL) each process takes the
+    GPU of its ``LOCAL_RANK``."""
     dist = torch.distributed
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
         yield
         return
-    if backend == "nccl":
+    if "nccl" in backend:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
     try:

@@ -12,7 +12,8 @@ ARGS = ["--model", "tiny", "--recipes", "loss", "--layers", "2", "--calib-tokens
 
 
 def run(prefix, results):
-    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    # on the CPU (gloo) whatever GPUs the machine has: the test is about ranks, not devices
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     subprocess.run([*prefix, str(BENCH / "compress_speed.py"), *ARGS, "--results-dir", str(results)],
                    check=True, env=env, cwd=BENCH, capture_output=True, timeout=600)
     with open(results / "compress_speed.csv", newline="") as f:

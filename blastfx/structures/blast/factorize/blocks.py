@@ -102,7 +102,7 @@ def damped_solve_vec(H: torch.Tensor, d: torch.Tensor, eps) -> torch.Tensor:
     return damped_solve_right(H, d.unsqueeze(-2), eps).squeeze(-2)
 
 
-S_CG_STEPS = 8   # CG steps of the S step's solves (None: Cholesky); 4 already track the exact solve
+S_CG_STEPS = 8   # CG steps of the S step's solves (None: Cholesky); 8 follow the exact solve's iterates to 1e-7
 
 
 def damped_cg_vec(H: torch.Tensor, d: torch.Tensor, eps, x0: torch.Tensor, steps: int) -> torch.Tensor:
@@ -114,7 +114,8 @@ def damped_cg_vec(H: torch.Tensor, d: torch.Tensor, eps, x0: torch.Tensor, steps
     costs most of an ALS iteration on a GPU, while a CG step is one batched matrix-vector product.
     Started from the current iterate, every CG step lowers the quadratic ``x^T (H + eps I) x / 2 - d^T x``
     (it minimizes it over a growing Krylov space around ``x0``), so an ALS iteration built on it still
-    never increases the error; with the proximal ridge the systems are well conditioned and a few
+    never increases the error (up to rounding; a step along a direction rounding made non-positive
+    is skipped); with the proximal ridge the systems are well conditioned and a few
     steps reach the exact solve's trajectory. Fixed step count: no data-dependent branch, no sync.
     """
     if torch.is_tensor(eps):
@@ -135,7 +136,8 @@ def damped_cg_vec(H: torch.Tensor, d: torch.Tensor, eps, x0: torch.Tensor, steps
     tiny = torch.finfo(H.dtype).tiny
     for _ in range(steps):
         Hp = apply(p)
-        alpha = rz / dot(p, Hp).clamp_min(tiny)          # a converged system has p = 0: alpha stays finite
+        curvature = dot(p, Hp)                           # > 0 in exact arithmetic; 0 once converged (p = 0)
+        alpha = torch.where(curvature > 0, rz / curvature.clamp_min(tiny), torch.zeros_like(rz))
         x.add_(alpha * p)
         res.sub_(alpha * Hp)
         z = res * precond
