@@ -26,6 +26,7 @@ import torch
 
 import blastfx
 from blastfx import BlastConfig
+from blastfx.structures.blast.quant import quantize_model
 from blastfx.structures.blast.quant.formats import FORMATS
 from common import median_ms, tensor_bytes, torchao_weight_only, versions
 from rows import add_arguments, measurements, record
@@ -282,7 +283,6 @@ def main():
         models["blastfx ss1"] = (ss1, "blast")
     blast_options = decode_options(args)
     for dtype in args.factor_dtype:
-        from blastfx.structures.blast.quant import quantize_model
         quantized = build(args.layers, **dims)
         blastfx.compress(quantized, args.budget, config=BlastConfig(init="random", progress=False))
         models[f"blastfx {dtype}"] = (quantize_model(quantized, dtype), "blast")

@@ -28,6 +28,5 @@ def test_two_ranks_record_once_and_match_one_process(tmp_path):
     assert {json.loads(r["config"])["ranks"] for r in two} == {2}
     assert len({r["metric"] for r in two}) == len(two)                  # one row per metric: rank 0 only
     assert {json.loads(r["config"])["ranks"] for r in one} == {1}
-    (e1, e2), = [tuple(float(next(r["value"] for r in rows if r["metric"] == "hidden-state rel error"))
-                       for rows in (one, two))]
+    e1, e2 = (float(next(r["value"] for r in rows if r["metric"] == "hidden-state rel error")) for rows in (one, two))
     assert abs(e1 - e2) <= 1e-3 * e1                                    # the same fit, split over two ranks
