@@ -1,12 +1,12 @@
-"""One layer at decode (T = 1) with quantized factors: bf16 dense vs bf16 BLAST vs int8 BLAST.
+"""One layer with quantized factors: bf16 dense vs bf16 BLAST vs BLAST with int8, int4 or float8 factors.
 
-    python benchmarks/quantized_speed.py                       # Llama-2-7B shapes, budget 0.5, b = 4
-    python benchmarks/quantized_speed.py --tokens 1 4 --shapes 4096x4096
+    python benchmarks/quantized_speed.py                       # Llama-2-7B shapes, budget 0.5, b = 4, T = 1
+    python benchmarks/quantized_speed.py --tokens 1 8 1024 --factor-dtype int4
 
 Every call is replayed from a CUDA graph that runs it once per weight copy, with enough copies to
-stream from HBM (``common.graph_ms``), as in a CUDA-graph decode loop. "int8" is what
+stream from HBM (``common.graph_ms``), as in a CUDA-graph decode loop. The quantized layer is what
 ``torch.ops.blastfx.blast_matmul_quantized`` runs by default: at T <= 4 the GEMV kernel reading the
-int8 codes (its config autotuned), otherwise the dequantized float paths. Speed is dense time over the
+codes, otherwise the fused tensor-core kernels reading them (configs autotuned; the path is a column). Speed is dense time over the
 layer's time, measured in the same process; rows go to ``benchmarks/results/quantized_speed.csv``.
 Where torchao is installed, its int8 weight-only dense layer (``quantize_(..., Int8WeightOnlyConfig())``,
 half of bf16's bytes) is timed beside them, the equal-bytes baseline for quantized factors.

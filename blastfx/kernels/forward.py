@@ -22,10 +22,13 @@ Which path (and tile config) is fastest depends on the shape and the token count
 measures the candidates of :func:`candidates` once per (shape, dtype, token bucket), rotating through
 clones of the weights so they stream from memory as in a model, and caches the winner. Every path is checked against ``blastfx.structures.blast.ops.blast_matmul_reference`` in tests.
 
-Quantized factors (``blastfx::blast_matmul_quantized``, :func:`blast_matmul_quantized_triton`): int8 and
-packed int4 codes at T <= 4 run the ``gemv`` kernels reading the codes (unpacked and dequantized in
-registers, its configs timed like the float ones); every other case dequantizes once and runs the
-float paths above.
+Quantized factors (``blastfx::blast_matmul_quantized``, :func:`blast_matmul_quantized_triton`): int8,
+float8 and packed int4 codes are read by the kernels themselves, never dequantized into a copy: at
+T <= 4 the ``gemv`` kernels, at any other T the ``fused`` kernels, whose tiles of codes are unpacked
+and converted to the activation dtype in registers (exact for int8 and int4 codes, and for float8
+into bf16 or fp16) before the tensor-core dot; V's per-(j, rank) scale multiplies z before the mix,
+U's per-row scale each output after its reduction over r. At prefill sizes the codes halve or
+quarter the bytes of a compute-bound kernel, so the gain there is memory, not time.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) operands are upcast to fp32 before ``tl.dot``: the
 interpreter's bf16 dot is wrong. fp32 inputs use IEEE dots (a GPU would otherwise use TF32).
@@ -41,19 +44,24 @@ import triton.language as tl
 
 from ..structures.blast.layout import BlastShape
 from ..structures.blast.ops import _in_blocks
+from ..structures.blast.quant import formats as factor_formats
 from . import autotune
 from . import decode as decode_kernels
 from . import gemv as gemv_kernels
+from .gemv import _load_factor_tile
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
 def _xv_mix_kernel(x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, Q_SPLIT, Q_CHUNK,
-                   sxt, sxn, svj, svq, svr, ssi, ssj, ssr, swi, swt, swr,
+                   sxt, sxn, svj, svq, svr, ssi, ssj, ssr, swi, swt, swr, vs_ptr, svsj, svsr, RC,
                    B_OUT: tl.constexpr, B_OUT_P2: tl.constexpr, J_PER_PROG: tl.constexpr,
                    BT: tl.constexpr, BR: tl.constexpr, BQ: tl.constexpr,
-                   UPCAST: tl.constexpr, ATOMIC: tl.constexpr):
+                   UPCAST: tl.constexpr, ATOMIC: tl.constexpr, QUANT: tl.constexpr):
+    """w_i (+)= sum_j s_ij (x_j V_j) for one (T-tile, r-tile) over J_PER_PROG block-columns and one
+    q-chunk. QUANT (8 or 4): V holds codes (RC stored columns), converted to x's dtype in registers
+    (exact for int8 and int4 codes) and their per-(j, rank) scale applied to z before the mix."""
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_j = tl.program_id(2) // Q_SPLIT
@@ -71,12 +79,14 @@ def _xv_mix_kernel(x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, Q_SPLIT, Q_CHUN
             col = j * Q + offs_c
             xm = (offs_t[:, None] < T) & (offs_c[None, :] < q_lim) & (col[None, :] < N)
             xt = tl.load(x_ptr + offs_t[:, None] * sxt + col[None, :] * sxn, mask=xm, other=0.0)
-            vm = (offs_c[:, None] < q_lim) & (offs_r[None, :] < R)
-            vt = tl.load(v_ptr + j * svj + offs_c[:, None] * svq + offs_r[None, :] * svr, mask=vm, other=0.0)
+            vt = _load_factor_tile(v_ptr + j * svj, offs_c, offs_c < q_lim, svq, svr, pid_r * BR, R, RC,
+                                   BQ, BR, QUANT)
             if UPCAST:
                 z = tl.dot(xt.to(tl.float32), vt.to(tl.float32), z, input_precision="ieee")
             else:
-                z = tl.dot(xt, vt, z)
+                z = tl.dot(xt, vt.to(xt.dtype), z)
+        if QUANT != 0:
+            z *= tl.load(vs_ptr + j * svsj + offs_r * svsr, mask=offs_r < tl.where(j < B_IN, R, 0), other=0.0)[None, :]
         sm = (offs_i[:, None] < B_OUT) & (offs_r[None, :] < tl.where(j < B_IN, R, 0))
         s = tl.load(s_ptr + offs_i[:, None] * ssi + j * ssj + offs_r[None, :] * ssr, mask=sm, other=0.0)
         acc += s.to(tl.float32)[:, None, :] * z[None, :, :]
@@ -90,10 +100,12 @@ def _xv_mix_kernel(x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, Q_SPLIT, Q_CHUN
 
 @triton.jit
 def _wu_kernel(w_ptr, u_ptr, b_ptr, y_ptr, T, M, P, R,
-               swj, swt, swr, sui, sup, sur, syt, sym,
+               swj, swt, swr, sui, sup, sur, syt, sym, us_ptr, susi, susp, RC,
                HAS_BIAS: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
-               BR: tl.constexpr, UPCAST: tl.constexpr):
-    """y_i = w_i U_i^T with bias, cast, padding trim and the (T, m) layout in the epilogue."""
+               BR: tl.constexpr, UPCAST: tl.constexpr, QUANT: tl.constexpr):
+    """y_i = w_i U_i^T with bias, cast, padding trim and the (T, m) layout in the epilogue. QUANT (8
+    or 4): U holds codes, read as (p, r) tiles (int4 unpacked along r), converted to y's dtype in
+    registers and transposed for the dot; each output's per-row scale applied after the reduction."""
     pid_t = tl.program_id(0)
     pid_p = tl.program_id(1)
     i = tl.program_id(2)
@@ -104,12 +116,18 @@ def _wu_kernel(w_ptr, u_ptr, b_ptr, y_ptr, T, M, P, R,
         offs_k = k0 + tl.arange(0, BR)
         am = (offs_t[:, None] < T) & (offs_k[None, :] < R)
         wt = tl.load(w_ptr + i * swj + offs_t[:, None] * swt + offs_k[None, :] * swr, mask=am, other=0.0)
-        ut = tl.load(u_ptr + i * sui + offs_p[None, :] * sup + offs_k[:, None] * sur,
-                     mask=(offs_p[None, :] < P) & (offs_k[:, None] < R), other=0.0)
+        if QUANT != 0:
+            ut = tl.trans(_load_factor_tile(u_ptr + i * sui, offs_p, offs_p < P, sup, sur, k0, R, RC, BP, BR,
+                                            QUANT).to(tl.float32 if UPCAST else y_ptr.dtype.element_ty))
+        else:
+            ut = tl.load(u_ptr + i * sui + offs_p[None, :] * sup + offs_k[:, None] * sur,
+                         mask=(offs_p[None, :] < P) & (offs_k[:, None] < R), other=0.0)
         if UPCAST:
             acc = tl.dot(wt.to(tl.float32), ut.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(wt.to(ut.dtype), ut, acc)
+    if QUANT != 0:
+        acc *= tl.load(us_ptr + i * susi + offs_p * susp, mask=offs_p < P, other=0.0)[None, :]
     rows = i * P + offs_p
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows, mask=(offs_p < P) & (rows < M), other=0.0).to(tl.float32)[None, :]
@@ -148,8 +166,19 @@ def _launch_opts(cfg) -> dict:
     return {} if INTERPRET else {"num_warps": cfg.get("warps", 4), "num_stages": cfg.get("stages", 3)}
 
 
-def xv_mix(x2, V, S, shape: BlastShape, cfg: dict) -> torch.Tensor:
-    """Stage 1+2 fused: w (b_out, T, r); fp32 when the reduction is split (atomic adds)."""
+def _quant_bits(codes) -> int:
+    """What the fused kernels' QUANT reads: 0 for float factors, else the bits of one code (int8,
+    packed int4 or float8 codes, the formats whose codes :func:`.gemv._load_factor_tile` reads)."""
+    if codes.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return 0
+    if codes.dtype not in gemv_kernels.CODE_DTYPES:
+        raise ValueError(f"the fused kernels read float factors or codes of {gemv_kernels.CODE_NAMES}, got {codes.dtype}")
+    return factor_formats.of_storage(codes.dtype).bits
+
+
+def xv_mix(x2, V, S, shape: BlastShape, cfg: dict, V_scale=None) -> torch.Tensor:
+    """Stage 1+2 fused: w (b_out, T, r); fp32 when the reduction is split (atomic adds). With
+    ``V_scale`` (b_in, r), V holds int8 or packed int4 codes."""
     T, n = x2.shape
     jpp = min(cfg.get("J_PER_PROG", shape.b_in), shape.b_in)
     q_chunk = cfg.get("Q_CHUNK") or shape.q
@@ -160,11 +189,13 @@ def xv_mix(x2, V, S, shape: BlastShape, cfg: dict) -> torch.Tensor:
     w = (torch.zeros if atomic else torch.empty)(
         shape.b_out, T, shape.rank, device=x2.device, dtype=torch.float32 if atomic else x2.dtype)
     grid = (triton.cdiv(T, cfg["BT"]), triton.cdiv(shape.rank, cfg["BR"]), j_split * q_split)
+    vs = V_scale if V_scale is not None else S                  # not read for float factors
     _xv_mix_kernel[grid](x2, V, S, w, T, n, shape.q, shape.rank, shape.b_in, q_split, q_chunk,
                          x2.stride(0), x2.stride(1), *V.stride(), *S.stride(), *w.stride(),
+                         vs, vs.stride(0), vs.stride(-1), V.shape[-1],
                          B_OUT=shape.b_out, B_OUT_P2=triton.next_power_of_2(shape.b_out), J_PER_PROG=jpp,
                          BT=cfg["BT"], BR=cfg["BR"], BQ=cfg["BQ"], UPCAST=_upcast(x2), ATOMIC=atomic,
-                         **_launch_opts(cfg))
+                         QUANT=_quant_bits(V), **_launch_opts(cfg))
     return w
 
 
@@ -183,14 +214,18 @@ def mix(z, S, shape: BlastShape, cfg: dict) -> torch.Tensor:
     return w
 
 
-def wu(w, U, bias, shape: BlastShape, cfg: dict, out_dtype) -> torch.Tensor:
-    """Stage 3: y (T, out_features) with bias and cast fused."""
+def wu(w, U, bias, shape: BlastShape, cfg: dict, out_dtype, U_scale=None) -> torch.Tensor:
+    """Stage 3: y (T, out_features) with bias and cast fused. With ``U_scale`` (b_out, p), U holds
+    int8 or packed int4 codes."""
     T = w.shape[1]
     y = torch.empty(T, shape.out_features, device=w.device, dtype=out_dtype)
     grid = (triton.cdiv(T, cfg["BT2"]), triton.cdiv(shape.p, cfg["BP"]), shape.b_out)
+    us = U_scale if U_scale is not None else y                  # not read for float factors
     _wu_kernel[grid](w, U, bias if bias is not None else y, y, T, shape.out_features, shape.p, shape.rank,
-                     *w.stride(), *U.stride(), y.stride(0), y.stride(1), HAS_BIAS=bias is not None, BT=cfg["BT2"], BP=cfg["BP"], BR=cfg["BRU"],
-                     UPCAST=_upcast(U), **_launch_opts({"warps": cfg.get("warps2", 4), "stages": cfg.get("stages2", 3)}))
+                     *w.stride(), *U.stride(), y.stride(0), y.stride(1), us, us.stride(0), us.stride(-1),
+                     U.shape[-1], HAS_BIAS=bias is not None, BT=cfg["BT2"], BP=cfg["BP"], BR=cfg["BRU"],
+                     UPCAST=_upcast(U) or _upcast(y), QUANT=_quant_bits(U),
+                     **_launch_opts({"warps": cfg.get("warps2", 4), "stages": cfg.get("stages2", 3)}))
     return y
 
 
@@ -341,18 +376,32 @@ def blast_matmul_triton(x, U, S, V, bias=None, out_features=None, path: str | No
 
 
 def quantized_path(T: int, U) -> str:
-    """"gemv" where the GEMV kernel reads the codes (int8 or packed int4, T <= 4, float atomics
-    allowed), else "dequantize"."""
-    few = T <= gemv_kernels.MAX_T and U.dtype in gemv_kernels.CODE_DTYPES
-    return "gemv" if few and not torch.are_deterministic_algorithms_enabled() else "dequantize"
+    """How quantized factors run: "gemv" (T <= 4, float atomics allowed) and "fused" (any T, and
+    under ``torch.use_deterministic_algorithms`` with configs that split no reduction) read the codes
+    in registers; a format neither reads would "dequantize" once per call and run the float paths."""
+    if U.dtype not in gemv_kernels.CODE_DTYPES:
+        return "dequantize"
+    if T <= gemv_kernels.MAX_T and not torch.are_deterministic_algorithms_enabled():
+        return "gemv"
+    return "fused"
+
+
+def quantized_fused_candidates(T: int, shape: BlastShape, device) -> list[dict]:
+    """Configs of the fused path over codes: the decode splits (atomic adds into fp32 w) at decode
+    sizes, the prefill tiles (one program per (T, r) tile sums every block-column: no atomics)
+    otherwise and under ``torch.use_deterministic_algorithms``."""
+    fused, wu_cfgs = prefill_configs(shape)
+    whole = [{**f, **wu_cfgs[0]} for f in fused] + [{**fused[0], **w} for w in wu_cfgs[1:]]
+    if T > DECODE_MAX_T or torch.are_deterministic_algorithms_enabled():
+        return whole
+    return [decode_config(shape, device, 4), decode_config(shape, device, 8)] + whole[:1]
 
 
 def blast_matmul_quantized_triton(x, U, U_scale, S, V, V_scale, bias=None, out_features=None, path: str | None = None,
                                   config: dict | None = None, shape: BlastShape | None = None):
     """The fast forward of quantized factors; same contract as
-    :func:`blastfx.structures.blast.quant.ops.blast_matmul_quantized_reference`. ``path``: "gemv" or
-    "dequantize" (default :func:`quantized_path`); ``config`` overrides GEMV config keys."""
-    from ..structures.blast.quant import formats as factor_formats
+    :func:`blastfx.structures.blast.quant.ops.blast_matmul_quantized_reference`. ``path``: "gemv",
+    "fused" or "dequantize" (default :func:`quantized_path`); ``config`` overrides config keys."""
     from ..structures.blast.quant.ops import dequantized, quantized_shape
 
     shape = shape or quantized_shape(U, S, V, out_features)
@@ -364,19 +413,26 @@ def blast_matmul_quantized_triton(x, U, U_scale, S, V, V_scale, bias=None, out_f
         Ud, Vd = dequantized(U, U_scale, V, V_scale, x.dtype)
         y = blast_matmul_triton(x2, Ud, S, Vd, bias, out_features, shape=shape)
         return y.reshape(*lead, shape.out_features)
-    if path != "gemv":
-        raise ValueError(f"path must be 'gemv' or 'dequantize' for quantized factors, got {path!r}")
+    if path == "gemv":
+        def run(cfg, factors):
+            Uk, suk, Sk, Vk, svk = factors
+            return gemv_kernels.blast_gemv(x2, Uk, Sk, Vk, bias, shape, cfg, interpret=INTERPRET, U_scale=suk,
+                                           V_scale=svk)
 
-    def run(cfg, factors):
-        Uk, suk, Sk, Vk, svk = factors
-        return gemv_kernels.blast_gemv(x2, Uk, Sk, Vk, bias, shape, cfg, interpret=INTERPRET, U_scale=suk, V_scale=svk)
+        int4 = U.dtype == factor_formats.get("int4").storage
+        cands = [("gemv", c) for c in gemv_kernels.candidates(x2.device, int4=int4)]
+    elif path == "fused":
+        def run(cfg, factors):
+            Uk, suk, Sk, Vk, svk = factors
+            return wu(xv_mix(x2, Vk, Sk, shape, cfg, V_scale=svk), Uk, bias, shape, cfg, x2.dtype, U_scale=suk)
 
-    key = ("quantized", str(U.dtype)) + tuning_key(T, shape, x.dtype, bias is not None, x.device)
+        cands = [("fused", c) for c in quantized_fused_candidates(T, shape, x2.device)]
+    else:
+        raise ValueError(f"path must be 'gemv', 'fused' or 'dequantize' for quantized factors, got {path!r}")
+    key = ("quantized", path, str(U.dtype)) + tuning_key(T, shape, x.dtype, bias is not None, x.device)
     copies = autotune.WeightCopies((U, U_scale, S, V, V_scale), x.device)
-    int4 = U.dtype == factor_formats.get("int4").storage
-    _, cfg = autotune.choose(key, [("gemv", c) for c in gemv_kernels.candidates(x2.device, int4=int4)],
-                             lambda p, c, k: run(c, copies[k]), copies=copies.count)
+    _, cfg = autotune.choose(key, cands, lambda p, c, k: run(c, copies[k]), copies=copies.count)
     cfg = {**cfg, **(config or {})}
     if INTERPRET:
-        cfg.update({k: min(cfg.get(k, 16), 16) for k in ("BQ", "BP", "BR", "BK")})
+        cfg.update({k: min(cfg.get(k, 16), 16) for k in ("BQ", "BP", "BR", "BK", "BRU", "BT", "BT2")})
     return run(cfg, (U, U_scale, S, V, V_scale)).reshape(*lead, shape.out_features)

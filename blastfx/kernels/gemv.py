@@ -20,8 +20,8 @@ CUDA-graph replay finds everything ready. Float atomics make the summation
 order vary between runs, so the result is not bitwise reproducible; with
 ``torch.use_deterministic_algorithms(True)`` the slot kernel of :mod:`.decode` is used instead.
 
-Quantized factors (``QUANT``, :mod:`blastfx.structures.blast.quant`): U and V are loaded as int8
-codes (``QUANT=8``: one byte per entry, half of bf16's) or packed int4 codes (``QUANT=4``: a tile of
+Quantized factors (``QUANT``, :mod:`blastfx.structures.blast.quant`): U and V are loaded as int8 or
+float8 codes (``QUANT=8``: one byte per entry, half of bf16's) or packed int4 codes (``QUANT=4``: a tile of
 BR codes is BR/2 bytes, two per byte along r; each byte is split in registers into its low and high
 nibble, sign-extended, and the two interleaved back into the full tile) and widened to fp32 in
 registers; V's per-(j, rank) scale multiplies z after its reduction over q, where ``s_ij``
@@ -62,8 +62,10 @@ from .decode import _index, _prefetch_l2, _prefetch_u, _sm_limits, gdc_launch_de
 from .state import allocate_state
 
 MAX_T = 4                   # FMA accumulators hold T x tile values per thread; past this, tensor cores win
-# the factor formats whose codes the kernel reads (QUANT = their bits): int8, packed int4
-CODE_DTYPES = tuple(factor_formats.get(name).storage for name in ("int8", "int4"))
+# the factor formats whose codes the kernels read (QUANT = their bits): int8, packed int4, float8 (one
+# byte like int8: loaded as is and widened in registers)
+CODE_NAMES = ("int8", "int4", "float8_e4m3fn")
+CODE_DTYPES = tuple(factor_formats.get(name).storage for name in CODE_NAMES)
 _WORKSPACES: dict = {}      # per device: (generation + barrier counters, two halves of w)
 
 
@@ -588,7 +590,7 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
     bits, pack = 0, 1
     if quant:
         if U.dtype != V.dtype or U.dtype not in CODE_DTYPES:
-            raise ValueError(f"the GEMV kernel reads quantized factors as int8 or packed int4 (uint8) codes, "
+            raise ValueError(f"the GEMV kernel reads quantized factors as codes of {CODE_NAMES}, "
                              f"got U.dtype={U.dtype}, V.dtype={V.dtype}")
         fmt = factor_formats.of_storage(U.dtype)
         bits, pack = fmt.bits, fmt.per_element

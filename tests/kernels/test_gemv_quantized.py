@@ -1,6 +1,6 @@
-"""The GEMV decode kernel reading int8 codes and packed int4 codes (unpacked and scaled in registers)
-against the quantized reference, and the quantized op's CUDA-side paths (``blastfx.kernels.forward``);
-on CPU under the Triton interpreter."""
+"""The GEMV decode kernel and the fused tensor-core kernels reading int8 codes and packed int4 codes
+(unpacked and scaled in registers) against the quantized reference, and the quantized op's CUDA-side
+paths (``blastfx.kernels.forward``); on CPU under the Triton interpreter."""
 import math
 
 import pytest
@@ -64,6 +64,12 @@ def test_int4_split_nibbles_match_reference_on_fuzzed_shapes(T, m, n, r, b_out, 
     _check_fuzzed("int4", T, m, n, r, b_out, b_in, bias, dtype, cfg=dict(TINY, nibbles="split"))
 
 
+@settings(max_examples=8 if not CUDA else 40, deadline=None)
+@given(**FUZZ)
+def test_float8_gemv_matches_reference_on_fuzzed_shapes(T, m, n, r, b_out, b_in, bias, dtype):
+    _check_fuzzed("float8_e4m3fn", T, m, n, r, b_out, b_in, bias, dtype)
+
+
 def _check_fuzzed(name, T, m, n, r, b_out, b_in, bias, dtype, cfg=TINY):
     for count, dim in ((b_out, m), (b_in, n)):
         if (count - 1) * math.ceil(dim / count) >= dim:
@@ -89,8 +95,38 @@ def test_q_chunks_with_codes(name, r, nibbles):
     _close(y, x, Uc, su, S, Vc, sv, b, 70)
 
 
+@settings(max_examples=8 if not CUDA else 40, deadline=None)
+@given(**{**FUZZ, "T": st.integers(gemv.MAX_T + 1, 40), "name": st.sampled_from(gemv.CODE_NAMES),
+          "prefill_tiles": st.booleans()})
+def test_fused_kernels_over_codes_match_reference_on_fuzzed_shapes(T, m, n, r, b_out, b_in, bias, dtype, name,
+                                                                   prefill_tiles):
+    """Past the GEMV's token counts: x·V with the s-mix and w·Uᵀ on tensor cores, codes converted in
+    registers, V's scale on z, U's on each output; decode splits (atomics into fp32 w) or whole
+    reductions per program (the prefill tiles)."""
+    for count, dim in ((b_out, m), (b_in, n)):
+        if (count - 1) * math.ceil(dim / count) >= dim:
+            return
+    shape, (Uc, su, S, Vc, sv, b) = _codes(m, n, r, b_out, b_in, name=name)
+    x = torch.randn(T, n, device=DEVICE, dtype=dtype)
+    b = b.to(dtype) if bias else None
+    cfg = forward.quantized_fused_candidates(1024 if prefill_tiles else T, shape, x.device)[0]
+    y = forward.blast_matmul_quantized_triton(x, Uc, su, S.to(dtype), Vc, sv, b, m, path="fused", config=cfg)
+    assert y.dtype == dtype
+    _close(y, x, Uc, su, S.to(dtype), Vc, sv, b, m)
+
+
+@pytest.mark.parametrize("name", gemv.CODE_NAMES)
+def test_fused_over_codes_with_q_chunks_and_r_tiles(name):
+    """Several q-chunks adding into one w and several r-tiles of 16 codes (8 int4 bytes), odd r."""
+    shape, (Uc, su, S, Vc, sv, b) = _codes(70, 200, 37, 2, 2, seed=3, name=name)
+    x = torch.randn(9, 200, device=DEVICE)
+    cfg = dict(forward.decode_config(shape, x.device), BQ=16, Q_CHUNK=32)
+    y = forward.blast_matmul_quantized_triton(x, Uc, su, S, Vc, sv, b, 70, path="fused", config=cfg)
+    _close(y, x, Uc, su, S, Vc, sv, b, 70)
+
+
 @pytest.mark.parametrize("name", ["int8", "int4"])
-@pytest.mark.parametrize("T,path", [(1, "gemv"), (3, "gemv"), (6, "dequantize")])
+@pytest.mark.parametrize("T,path", [(1, "gemv"), (3, "gemv"), (6, "fused"), (40, "fused")])
 def test_quantized_forward_paths(T, path, name):
     shape, (Uc, su, S, Vc, sv, b) = _codes(50, 37, 9, 3, 2, seed=2, name=name)
     x = torch.randn(2, T // 2, 37, device=DEVICE) if T > gemv.MAX_T else torch.randn(T, 37, device=DEVICE)
@@ -99,13 +135,31 @@ def test_quantized_forward_paths(T, path, name):
     _close(y.reshape(-1, 50), x.reshape(-1, 37), Uc, su, S, Vc, sv, b, 50)
 
 
-def test_deterministic_mode_dequantizes():
-    shape, (Uc, *_) = _codes(50, 37, 8, 3, 2)
+def test_deterministic_mode_runs_fused_without_atomics():
+    """No float atomics: the fused path's whole-reduction tiles, so two calls agree bit for bit."""
+    shape, (Uc, su, S, Vc, sv, b) = _codes(50, 37, 8, 3, 2)
+    x = torch.randn(1, 37, device=DEVICE)
     torch.use_deterministic_algorithms(True)
     try:
-        assert forward.quantized_path(1, Uc) == "dequantize"
+        assert forward.quantized_path(1, Uc) == "fused"
+        cands = forward.quantized_fused_candidates(1, shape, x.device)
+        assert all("Q_CHUNK" not in c and "J_PER_PROG" not in c for c in cands)
+        y1, y2 = (forward.blast_matmul_quantized_triton(x, Uc, su, S, Vc, sv, b, 50) for _ in range(2))
     finally:
         torch.use_deterministic_algorithms(False)
+    assert torch.equal(y1, y2)
+    _close(y1, x, Uc, su, S, Vc, sv, b, 50)
+
+
+@pytest.mark.parametrize("T,path", [(1, "gemv"), (4, "gemv"), (9, "fused")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_float8_codes_are_read_in_registers(T, path, dtype):
+    """float8 codes are one byte like int8: the same kernels load them and widen them in registers."""
+    shape, (Uc, su, S, Vc, sv, b) = _codes(50, 37, 9, 3, 2, name="float8_e4m3fn")
+    assert Uc.dtype == torch.float8_e4m3fn and forward.quantized_path(T, Uc) == path
+    x = torch.randn(T, 37, device=DEVICE, dtype=dtype)
+    y = forward.blast_matmul_quantized_triton(x, Uc, su, S.to(dtype), Vc, sv, b.to(dtype), 50)
+    _close(y, x, Uc, su, S.to(dtype), Vc, sv, b.to(dtype), 50)
 
 
 def test_gemv_scale_arguments_are_checked():
@@ -113,7 +167,7 @@ def test_gemv_scale_arguments_are_checked():
     x = torch.randn(1, 37, device=DEVICE)
     with pytest.raises(ValueError, match="U_scale and V_scale together"):
         gemv.blast_gemv(x, Uc, S, Vc, b, shape, TINY, interpret=not CUDA, U_scale=su)
-    with pytest.raises(ValueError, match=r"int8 or packed int4 \(uint8\) codes, got U.dtype=torch.float32"):
+    with pytest.raises(ValueError, match=r"codes of \('int8', 'int4', 'float8_e4m3fn'\), got U.dtype=torch.float32"):
         gemv.blast_gemv(x, Uc.float(), S, Vc.float(), b, shape, TINY, interpret=not CUDA, U_scale=su, V_scale=sv)
     shape4, (Uc4, su4, S4, Vc4, sv4, b4) = _codes(50, 37, 8, 3, 2, name="int4")
     with pytest.raises(ValueError, match=r"do not hold rank 8: their last dimension must be 4"):
@@ -122,8 +176,8 @@ def test_gemv_scale_arguments_are_checked():
     with pytest.raises(ValueError, match="GEMV nibbles must be 'interleave' or 'split', got 'apart'"):
         gemv.blast_gemv(x, Uc4, S4, Vc4, b4, shape4, dict(TINY, nibbles="apart"), interpret=not CUDA, U_scale=su4,
                         V_scale=sv4)
-    with pytest.raises(ValueError, match="path must be 'gemv' or 'dequantize'"):
-        forward.blast_matmul_quantized_triton(x, Uc, su, S, Vc, sv, b, 50, path="fused")
+    with pytest.raises(ValueError, match="path must be 'gemv', 'fused' or 'dequantize'"):
+        forward.blast_matmul_quantized_triton(x, Uc, su, S, Vc, sv, b, 50, path="bmm_mix_bmm")
 
 
 def test_split_nibbles_are_timed_only_for_int4():
