@@ -67,7 +67,7 @@ def main():
             q(0)                                   # autotune outside the graph capture
             torch.cuda.synchronize()
             t_q = graph_ms(q, len(quant))
-            path = forward.quantized_path(T, quant[0][0])
+            path = forward.quantized_path(T, quant[0][0], shape, dt, False, x.device)
             extra = torchao_int8_metrics(x, dense, t_dense, t_q, fmt.name)
             print(f"| {m}x{n} | {args.blocks} | {r} | {T} | {t_dense:.4f} | {t_blast:.4f} | {t_q:.4f} | "
                   f"{t_dense / t_blast:.2f} | {t_dense / t_q:.2f} | {path} |", flush=True)

@@ -375,15 +375,32 @@ def blast_matmul_triton(x, U, S, V, bias=None, out_features=None, path: str | No
     return y.reshape(*lead, shape.out_features)
 
 
-def quantized_path(T: int, U) -> str:
-    """How quantized factors run: "gemv" (T <= 4, float atomics allowed) and "fused" (any T, and
-    under ``torch.use_deterministic_algorithms`` with configs that split no reduction) read the codes
-    in registers; a format neither reads would "dequantize" once per call and run the float paths."""
+def quantized_candidates(T: int, U, shape: BlastShape, device) -> list[tuple[str, dict]]:
+    """(path, config) pairs the quantized forward times for T tokens; the first is the untimed
+    default. "gemv" (T <= 4, float atomics allowed) and "fused" read the codes in registers;
+    "dequantize" makes a float copy of U and V per call and runs the float paths (their own tuning),
+    which at prefill sizes beats "fused": there cuBLAS's tiles outrun the fused kernels by more than
+    the copy costs. Under ``torch.use_deterministic_algorithms`` "fused" times only configs that
+    split no reduction."""
     if U.dtype not in gemv_kernels.CODE_DTYPES:
-        return "dequantize"
+        return [("dequantize", {})]
     if T <= gemv_kernels.MAX_T and not torch.are_deterministic_algorithms_enabled():
-        return "gemv"
-    return "fused"
+        int4 = U.dtype == factor_formats.get("int4").storage
+        return [("gemv", c) for c in gemv_kernels.candidates(device, int4=int4)]
+    fused = [("fused", c) for c in quantized_fused_candidates(T, shape, device)]
+    return fused + [("dequantize", {})] if T <= DECODE_MAX_T else [("dequantize", {})] + fused
+
+
+def quantized_path(T: int, U, shape: BlastShape, dtype, has_bias: bool, device) -> str:
+    """The path quantized factors take for T tokens of ``dtype``: the autotuner's choice where it
+    was made for this (shape, dtypes, bias, token bucket), else the untimed default."""
+    key = quantized_tuning_key(T, U, shape, dtype, has_bias, device)
+    return autotune.report().get(key, quantized_candidates(T, U, shape, device)[0][0])
+
+
+def quantized_tuning_key(T: int, U, shape: BlastShape, dtype, has_bias: bool, device) -> tuple:
+    """What an autotuned choice for quantized factors is shared by."""
+    return ("quantized", str(U.dtype)) + tuning_key(T, shape, dtype, has_bias, device)
 
 
 def quantized_fused_candidates(T: int, shape: BlastShape, device) -> list[dict]:
@@ -401,38 +418,37 @@ def blast_matmul_quantized_triton(x, U, U_scale, S, V, V_scale, bias=None, out_f
                                   config: dict | None = None, shape: BlastShape | None = None):
     """The fast forward of quantized factors; same contract as
     :func:`blastfx.structures.blast.quant.ops.blast_matmul_quantized_reference`. ``path``: "gemv",
-    "fused" or "dequantize" (default :func:`quantized_path`); ``config`` overrides config keys."""
+    "fused" or "dequantize" (default: the autotuner's pick of :func:`quantized_candidates`);
+    ``config`` overrides config keys."""
     from ..structures.blast.quant.ops import dequantized, quantized_shape
 
     shape = shape or quantized_shape(U, S, V, out_features)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     T = x2.shape[0]
-    path = path or quantized_path(T, U)
-    if path == "dequantize":
-        Ud, Vd = dequantized(U, U_scale, V, V_scale, x.dtype)
-        y = blast_matmul_triton(x2, Ud, S, Vd, bias, out_features, shape=shape)
-        return y.reshape(*lead, shape.out_features)
-    if path == "gemv":
-        def run(cfg, factors):
-            Uk, suk, Sk, Vk, svk = factors
+
+    def run(path, cfg, factors):
+        Uk, suk, Sk, Vk, svk = factors
+        if path == "gemv":
             return gemv_kernels.blast_gemv(x2, Uk, Sk, Vk, bias, shape, cfg, interpret=INTERPRET, U_scale=suk,
                                            V_scale=svk)
-
-        int4 = U.dtype == factor_formats.get("int4").storage
-        cands = [("gemv", c) for c in gemv_kernels.candidates(x2.device, int4=int4)]
-    elif path == "fused":
-        def run(cfg, factors):
-            Uk, suk, Sk, Vk, svk = factors
+        if path == "fused":
             return wu(xv_mix(x2, Vk, Sk, shape, cfg, V_scale=svk), Uk, bias, shape, cfg, x2.dtype, U_scale=suk)
+        Ud, Vd = dequantized(Uk, suk, Vk, svk, x.dtype)
+        return blast_matmul_triton(x2, Ud, Sk, Vd, bias, out_features, shape=shape)
 
-        cands = [("fused", c) for c in quantized_fused_candidates(T, shape, x2.device)]
+    cands = quantized_candidates(T, U, shape, x2.device)
+    if path is None:
+        key = quantized_tuning_key(T, U, shape, x.dtype, bias is not None, x2.device)
+        copies = autotune.WeightCopies((U, U_scale, S, V, V_scale), x.device)
+        path, cfg = autotune.choose(key, cands, lambda p, c, k: run(p, c, copies[k]), copies=copies.count)
+    elif path in ("gemv", "fused", "dequantize"):
+        cfg = next((c for p, c in cands if p == path), None)
+        if cfg is None:             # a path not timed at this size: its first config at this size
+            cfg = quantized_fused_candidates(T, shape, x2.device)[0] if path == "fused" else {}
     else:
         raise ValueError(f"path must be 'gemv', 'fused' or 'dequantize' for quantized factors, got {path!r}")
-    key = ("quantized", path, str(U.dtype)) + tuning_key(T, shape, x.dtype, bias is not None, x.device)
-    copies = autotune.WeightCopies((U, U_scale, S, V, V_scale), x.device)
-    _, cfg = autotune.choose(key, cands, lambda p, c, k: run(c, copies[k]), copies=copies.count)
     cfg = {**cfg, **(config or {})}
     if INTERPRET:
         cfg.update({k: min(cfg.get(k, 16), 16) for k in ("BQ", "BP", "BR", "BK", "BRU", "BT", "BT2")})
-    return run(cfg, (U, U_scale, S, V, V_scale)).reshape(*lead, shape.out_features)
+    return run(path, cfg, (U, U_scale, S, V, V_scale)).reshape(*lead, shape.out_features)

@@ -125,25 +125,31 @@ def test_fused_over_codes_with_q_chunks_and_r_tiles(name):
     _close(y, x, Uc, su, S, Vc, sv, b, 70)
 
 
-@pytest.mark.parametrize("name", ["int8", "int4"])
-@pytest.mark.parametrize("T,path", [(1, "gemv"), (3, "gemv"), (6, "fused"), (40, "fused")])
-def test_quantized_forward_paths(T, path, name):
+@pytest.mark.parametrize("name", gemv.CODE_NAMES)
+@pytest.mark.parametrize("T,paths", [(1, ["gemv"]), (3, ["gemv"]), (6, ["fused", "dequantize"]),
+                                     (40, ["dequantize", "fused"])])
+def test_quantized_forward_paths(T, paths, name):
+    """The paths timed for T tokens, the default first (GEMV, then fused kernels at decode sizes,
+    a float copy at prefill sizes), and each of them, forced or picked, against the reference."""
     shape, (Uc, su, S, Vc, sv, b) = _codes(50, 37, 9, 3, 2, seed=2, name=name)
     x = torch.randn(2, T // 2, 37, device=DEVICE) if T > gemv.MAX_T else torch.randn(T, 37, device=DEVICE)
-    assert forward.quantized_path(x.numel() // 37, Uc) == path
-    y = forward.blast_matmul_quantized_triton(x, Uc, su, S, Vc, sv, b, 50)
-    _close(y.reshape(-1, 50), x.reshape(-1, 37), Uc, su, S, Vc, sv, b, 50)
+    assert list(dict.fromkeys(p for p, _ in forward.quantized_candidates(T, Uc, shape, x.device))) == paths
+    for path in paths + [None]:
+        y = forward.blast_matmul_quantized_triton(x, Uc, su, S, Vc, sv, b, 50, path=path)
+        _close(y.reshape(-1, 50), x.reshape(-1, 37), Uc, su, S, Vc, sv, b, 50)
+    assert forward.quantized_path(T, Uc, shape, x.dtype, True, x.device) in paths
 
 
 def test_deterministic_mode_runs_fused_without_atomics():
-    """No float atomics: the fused path's whole-reduction tiles, so two calls agree bit for bit."""
+    """No float atomics: the fused path's whole-reduction tiles (or the float paths' deterministic
+    ones on a float copy), so two calls agree bit for bit."""
     shape, (Uc, su, S, Vc, sv, b) = _codes(50, 37, 8, 3, 2)
     x = torch.randn(1, 37, device=DEVICE)
     torch.use_deterministic_algorithms(True)
     try:
-        assert forward.quantized_path(1, Uc) == "fused"
-        cands = forward.quantized_fused_candidates(1, shape, x.device)
-        assert all("Q_CHUNK" not in c and "J_PER_PROG" not in c for c in cands)
+        cands = forward.quantized_candidates(1, Uc, shape, x.device)
+        assert [p for p, _ in cands][0] == "fused" and "gemv" not in [p for p, _ in cands]
+        assert all("Q_CHUNK" not in c and "J_PER_PROG" not in c for p, c in cands if p == "fused")
         y1, y2 = (forward.blast_matmul_quantized_triton(x, Uc, su, S, Vc, sv, b, 50) for _ in range(2))
     finally:
         torch.use_deterministic_algorithms(False)
@@ -156,9 +162,9 @@ def test_deterministic_mode_runs_fused_without_atomics():
 def test_float8_codes_are_read_in_registers(T, path, dtype):
     """float8 codes are one byte like int8: the same kernels load them and widen them in registers."""
     shape, (Uc, su, S, Vc, sv, b) = _codes(50, 37, 9, 3, 2, name="float8_e4m3fn")
-    assert Uc.dtype == torch.float8_e4m3fn and forward.quantized_path(T, Uc) == path
+    assert Uc.dtype == torch.float8_e4m3fn
     x = torch.randn(T, 37, device=DEVICE, dtype=dtype)
-    y = forward.blast_matmul_quantized_triton(x, Uc, su, S.to(dtype), Vc, sv, b.to(dtype), 50)
+    y = forward.blast_matmul_quantized_triton(x, Uc, su, S.to(dtype), Vc, sv, b.to(dtype), 50, path=path)
     _close(y, x, Uc, su, S.to(dtype), Vc, sv, b.to(dtype), 50)
 
 
