@@ -1,7 +1,7 @@
 """Which implementation runs ``blastfx::blast_matmul`` and ``blastfx::blast_grad_mix`` on CUDA.
 
-The CUDA kernels registered here (for ``blastfx::blast_matmul_quantized`` too: the GEMV kernel reading
-int8 or packed int4 codes at decode sizes, dequantized float paths otherwise) launch the fused Triton forward (:mod:`.forward`) and the Triton
+The CUDA kernels registered here (for ``blastfx::blast_matmul_quantized`` too: the GEMV or the fused
+kernels reading the codes, or a float copy where that times faster) launch the fused Triton forward (:mod:`.forward`) and the Triton
 middle of the backward (:mod:`.backward`) for fp16, bf16 and fp32, and fall back to the plain-PyTorch
 reference otherwise, or when the kernel options in effect say "reference" (:mod:`.scope`; read at
 each call, so the choice is the caller's block or compiled graph, not the process's). CPU always uses

@@ -2,9 +2,10 @@
 
 The reference (:func:`blast_matmul_quantized_reference`) is the source of truth: dequantize U and V
 (:mod:`.formats`) into the activation dtype, then the plain BLAST reference
-(:func:`blastfx.structures.blast.ops.blast_matmul_reference`). On CUDA the decode GEMV kernel reads
-the codes (int8, or packed int4 unpacked in registers) and applies the scales there (:mod:`blastfx.kernels.gemv`); other token counts
-dequantize and run the float paths (:mod:`blastfx.kernels.dispatch`).
+(:func:`blastfx.structures.blast.ops.blast_matmul_reference`). On CUDA the kernels read the codes
+(int8, float8, or packed int4 unpacked in registers) and apply the scales there: the decode GEMV
+(:mod:`blastfx.kernels.gemv`) up to 4 tokens, the fused tensor-core kernels beyond, each timed against
+a float copy of the factors run on the float paths (:mod:`blastfx.kernels.forward`).
 
 Autograd gives gradients for x, S and the bias (LoRA adapters over a quantized layer, activations
 flowing through it); the codes and scales get none: they are a fixed rounding of a fitted layer.
