@@ -70,9 +70,12 @@ def smollm2_setup(gguf=None, eval_windows: int = 32, calib_tokens: int = 8192):
 def torchao_weight_only(module, kind: str):
     """``module`` with its linears quantized in place by torchao's weight-only config ``kind``: "int8"
     (half of bf16's bytes) or "int4" with group size 128 (about a quarter); the equal-bytes dense
-    baselines for quantized factors. ImportError where torchao is not installed."""
+    baselines for quantized factors. int4 is stored in the tinygemm tile layout that torch's own
+    ``_weight_int4pack_mm`` reads (gpt-fast's int4 kernel): torchao's default plain layout needs the
+    ``mslk`` kernel library, which has no installable release. ImportError where torchao is not installed."""
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
-    quantize_(module, Int8WeightOnlyConfig() if kind == "int8" else Int4WeightOnlyConfig(group_size=128))
+    quantize_(module, Int8WeightOnlyConfig() if kind == "int8"
+              else Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
     return module
 
 
