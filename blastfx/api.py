@@ -25,10 +25,8 @@ from .reconstruct import ReconstructOptions
 from .sequential import compress_sequential
 from .statistics import LayerStats, calibration_batches, collect_statistics, returns_loss
 from .statistics.sensitivity import block_errors, layer_spectra
-from .statistics.structure_errors import blast_errors, ss1_errors
+from .statistics.structure_errors import blast_errors, ladder_errors
 from .streaming import check_no_meta, layer_by_layer, streamed
-from .structures.ss1.layout import ss1_params
-from .structures.ss1.structure import reductions as ss1_reductions
 from .structures.blast.layout import BlastShape
 from .swap import attach_plan, swap_modules
 from .timing import stage
@@ -125,8 +123,10 @@ def _methods(config: BlastConfig, plan: Plan | None, names) -> set:
 
 
 def _candidate_structures(structure: str) -> tuple[str, ...]:
-    """The structures a layer planned with ``structure`` may become ("auto": BLAST or SS1)."""
-    return ("blast", "ss1") if structure == "auto" else (structure,)
+    """The structures a layer planned with ``structure`` may become ("auto": BLAST or a ladder family)."""
+    if structure != "auto":
+        return (structure,)
+    return (DEFAULT_STRUCTURE,) + tuple(s.name for s in structures.ladders())
 
 
 def _check_methods_take_calibration(methods, batches) -> None:
@@ -141,12 +141,13 @@ def _check_methods_take_calibration(methods, batches) -> None:
 
 
 def _smallest_kept(plan: Plan, config: BlastConfig) -> int:
-    """Parameters the plan's layers keep at their smallest: rank 1, or the fixed rank of an override."""
+    """Parameters the plan's layers keep at their smallest: rank 1, or the fixed rank of an override; a
+    ladder layer its smallest size."""
     kept = plan.dense_total - sum(lp.dense_params for lp in plan.layers.values())
     for name, lp in plan.layers.items():
-        if lp.structure != DEFAULT_STRUCTURE:         # SS1: its largest reduction
-            kept += min([lp.params] + [ss1_params(lp.out_features, lp.in_features, r)
-                                       for r in ss1_reductions(lp.out_features, lp.in_features)])
+        if lp.structure != DEFAULT_STRUCTURE:
+            s, m, n = structures.get(lp.structure), lp.out_features, lp.in_features
+            kept += min([lp.params] + [s.num_params(m, n, size) for size in s.sizes(m, n)])
             continue
         rank = config.override_for(name).rank or 1
         kept += BlastShape.make(lp.out_features, lp.in_features, rank, lp.blocks, allow_larger=True).num_params
@@ -196,21 +197,24 @@ def _plan(model, budget, config, resolved, analysis, batches, stats: dict[str, L
     stats = {k: s.only(planning.needs(resolved)) for k, s in stats.items()}
     names = selected_layers(analysis, resolved)
     used = resolved.structures_used()
-    spectra = ss1 = errors = probes = None
+    spectra = sizes = errors = probes = None
     measured = resolved.strategy != "uniform" or "auto" in used
+    ladders = [s for s in structures.ladders() if s.name in used or "auto" in used]
+    ranked = used - {s.name for s in structures.ladders()}         # BLAST or "auto": sized by rank from spectra
     with layer_by_layer(model, resolved.compute_device) as layers:      # streaming: one layer on the device
-        if measured and used - {"ss1"}:
+        if measured and ranked:
             spectra = layer_spectra(layers, names, stats, resolved.calibration_damping)
-        if measured and used - {DEFAULT_STRUCTURE}:
-            ss1 = ss1_errors(layers, names, stats, resolved.calibration_damping, budget)
-        if resolved.block_choices and used - {"ss1"}:
-            first = auto_start_plan(analysis, budget, resolved, spectra, ss1_errors=ss1)
+        if measured and ladders:
+            sizes = {s.name: ladder_errors(layers, names, s, stats, resolved.calibration_damping, budget)
+                     for s in ladders}
+        if resolved.block_choices and ranked:
+            first = auto_start_plan(analysis, budget, resolved, spectra, size_errors=sizes)
             errors = block_errors(layers, _blast_part(first), resolved, stats)
         if "auto" in used:           # BLAST's measured errors where "auto" starts from, at the ranks it plans
-            start = auto_start_plan(analysis, budget, resolved, spectra, errors, ss1)
+            start = auto_start_plan(analysis, budget, resolved, spectra, errors, sizes)
             probes = blast_errors(layers, _blast_part(start, lambda k: resolved.structure_for(k) == "auto"),
                                   resolved, stats)
-    plan = make_plan(analysis, budget, resolved, spectra, block_errors=errors, ss1_errors=ss1, blast_errors=probes)
+    plan = make_plan(analysis, budget, resolved, spectra, block_errors=errors, size_errors=sizes, blast_errors=probes)
     if errors is not None:
         chosen = Counter(lp.blocks for name, lp in plan.layers.items() if name in errors)
         measured = any(s.covariance is not None for s in stats.values())

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from numbers import Integral, Real
 
-from .structures.base import method_names
+from .structures.base import method_names, names as structure_names
 from .structures.blast.factorize import precision as fit_precisions
 from .structures.blast.layout import normalize_blocks
 from .structures.blast.quant import formats as factor_formats
@@ -21,7 +21,6 @@ from .structures.blast.quant import formats as factor_formats
 STRATEGIES = ("auto", "uniform", "error", "loss")
 OBJECTIVES = ("auto", "output", "loss")
 INITS = ("factorize", "random")
-STRUCTURES = ("blast", "ss1", "auto")
 
 # C + damping * mean(diag C) * I for every input covariance C (GPTQ's relative ridge): the whitening,
 # the planner's spectra and sequential calibration's corrected targets all use this one default.
@@ -32,6 +31,13 @@ FISHER_FLOOR = 0.01
 # sequential="auto" compresses block by block (error feedback, reconstruction) at kept fractions up to
 # this: where it measurably pays for its compress time (see BlastConfig's docstring).
 SEQUENTIAL_BELOW = 0.6
+
+
+def structure_choices() -> tuple[str, ...]:
+    """What ``structure=`` may name: every registered structure (:mod:`blastfx.structures`), or
+    ``"auto"`` (per layer the best of them, :mod:`blastfx.plan.auto`). Read at each check, not at
+    import, so a family registered later is a choice too."""
+    return structure_names() + ("auto",)
 
 
 def _check_int(name: str, value, minimum: int = 1, optional: bool = False):
@@ -105,7 +111,8 @@ class LayerOverride:
     skip: bool = False
     method: str | None = None
     factor_dtype: str | None = None     # "int8", ...; "model" keeps this layer's factors in the model's dtype
-    structure: str | None = None        # "blast", "ss1" or "auto" for the matched layers; rank and blocks size BLAST
+    structure: str | None = None        # a registered structure or "auto" for the matched layers; rank and blocks
+                                        # size BLAST
 
     def __post_init__(self):
         try:
@@ -118,10 +125,10 @@ class LayerOverride:
         _check_bool("skip", self.skip)
         if self.method is not None and self.method not in method_names():
             raise ValueError(f"method must be one of {method_names()}, got {self.method!r}")
-        if self.structure is not None and self.structure not in STRUCTURES:
-            raise ValueError(f"structure must be one of {STRUCTURES} or None, got {self.structure!r}")
-        if self.structure == "ss1" and (self.rank is not None or self.blocks is not None):
-            raise ValueError(f"rank and blocks size a BLAST layer; structure='ss1' has neither "
+        if self.structure is not None and self.structure not in structure_choices():
+            raise ValueError(f"structure must be one of {structure_choices()} or None, got {self.structure!r}")
+        if self.structure not in (None, "blast", "auto") and (self.rank is not None or self.blocks is not None):
+            raise ValueError(f"rank and blocks size a BLAST layer, not a {self.structure!r} one "
                              f"(got rank={self.rank!r}, blocks={self.blocks!r})")
         if self.structure == "auto" and self.rank is not None:
             raise ValueError(f"a fixed rank makes the layer BLAST: use structure='blast' or None with rank="
@@ -188,8 +195,9 @@ class BlastConfig:
                                            # (estimated) error per parameter than any rank step elsewhere
     factor_dtype: str | None = None        # BLAST U and V stored quantized ("int8", "float8_e4m3fn", "int4"), rounded
                                            # inside the calibrated fit; None: the model's dtype
-    structure: str = "blast"               # "blast", "ss1", or "auto": per layer BLAST, SS1 or dense, never worse
-                                           # than one family alone on the calibration objective (blastfx.plan.auto)
+    structure: str = "blast"               # a registered structure ("blast", "ss1", ...), or "auto": per layer BLAST,
+                                           # a ladder family or dense, never worse than one family alone on the
+                                           # calibration objective (blastfx.plan.auto)
     # speed-aware plans (blastfx.plan.speed): each layer's expected decode speedup is in the plan's notes;
     # with min_speedup, layers expected slower than that on the target GPU are kept dense
     latency: object = "h200"               # a blastfx.plan.speed.LatencyModel, a preset name, or "measure"
@@ -205,7 +213,7 @@ class BlastConfig:
         normalize_blocks(self.blocks)
         for name, value, allowed in (("strategy", self.strategy, STRATEGIES), ("method", self.method, method_names()),
                                      ("init", self.init, INITS), ("objective", self.objective, OBJECTIVES),
-                                     ("structure", self.structure, STRUCTURES)):
+                                     ("structure", self.structure, structure_choices())):
             if not isinstance(value, str) or value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         self.iters = _check_int("iters", self.iters, optional=True)

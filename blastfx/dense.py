@@ -1,7 +1,8 @@
-"""Back to dense: every compressed layer (BLAST, SS1) replaced by the dense layer it computes.
+"""Back to dense: every compressed layer, of any registered structure, replaced by the dense layer it
+computes (its structure's :meth:`~blastfx.structures.Structure.matrix`).
 
 For when a tool needs ``.weight`` (QKV fusion, weight quantization, export formats), or to measure
-what the BLAST structure alone costs. The result is an ordinary model without any blastfx record
+what the structure alone costs. The result is an ordinary model without any blastfx record
 (plan, quantization config), so it saves and loads like the original architecture.
 """
 from __future__ import annotations
@@ -11,24 +12,12 @@ from torch import nn
 
 from . import structures
 from .plan import Plan
-from .structures.blast.nn import BlastLinear
-from .structures.blast.ops import blast_to_dense
 from .swap import PLAN_ATTR, swap_modules
-
-
-def _matrix(layer: nn.Module, dtype) -> torch.Tensor:
-    """The (out, in) matrix a compressed layer applies, in ``dtype`` (default: its parameters')."""
-    if not isinstance(layer, BlastLinear):      # SS1: a gather of the stored weights, exact in any dtype
-        return layer.dense_weight().to(dtype or layer.weight.dtype)
-    work = torch.float64 if layer.S.dtype == torch.float64 else torch.float32
-    # float_factors: dequantized codes for a layer with quantized factors
-    return blast_to_dense(*layer.float_factors(work), layer.out_features,
-                          layer.in_features).to(dtype or layer.S.dtype)
 
 
 def _dense_layer(layer: nn.Module, kind: str, dtype) -> nn.Module:
     with torch.no_grad():
-        W = _matrix(layer, dtype)
+        W = structures.of_module(layer).matrix(layer, dtype)
         bias = layer.bias
         kw = {"device": W.device, "dtype": W.dtype}
         if kind == "conv1d":                      # HF GPT-2 style Conv1D: weight stored (in, out)
@@ -51,12 +40,12 @@ def _dense_layer(layer: nn.Module, kind: str, dtype) -> nn.Module:
 
 
 def to_dense(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every compressed layer of ``model`` (BLAST, SS1) by the dense layer computing the same matrix
+    """Replace every compressed layer of ``model`` by the dense layer computing the same matrix
     (``nn.Linear``, or transformers' ``Conv1D`` where the recorded plan says the layer was one), in
     ``dtype`` (default: the factors'), and drop blastfx's records on the model. All or nothing.
     Returns ``model``. For transformers models ``model.dequantize()`` does the same."""
     if isinstance(model, structures.module_types()):
-        raise TypeError("to_dense takes a model holding BLAST layers; for one layer use layer.to_dense(), "
+        raise TypeError("to_dense takes a model holding compressed layers; for one layer use layer.to_dense(), "
                         "the (out_features, in_features) matrix")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")

@@ -67,14 +67,10 @@ def model_plan(model: nn.Module) -> Plan:
     layers = {}
     for name, m in found.items():
         lp = known.get(name)
-        structure = structures.of_module(m)
-        if structure.name != "blast":           # its size read off the module (SS1: the reduction)
-            layers[name] = LayerPlan(m.out_features, m.in_features, **structure.size_of(m),
-                                     kind=lp.kind if lp else "linear", bias=m.bias is not None,
-                                     method=lp.method if lp else None, structure=structure.name)
-            continue
-        layers[name] = LayerPlan(m.out_features, m.in_features, m.rank, m.blocks, lp.kind if lp else "linear",
-                                 m.bias is not None, lp.method if lp else None, factor_dtype=m.factor_dtype)
+        structure = structures.of_module(m)         # its size read off the module (BLAST: rank, blocks, factors)
+        layers[name] = LayerPlan.of(structure.name, m.out_features, m.in_features, structure.size_of(m),
+                                    kind=lp.kind if lp else "linear", bias=m.bias is not None,
+                                    method=lp.method if lp else None)
     extra = [name for name in layers if name not in known]
     if recorded is None:
         plan = Plan(layers, 0.0, "manual", sum(lp.dense_params for lp in layers.values()),

@@ -82,12 +82,14 @@ def check_checkpoint(plan: Plan, keys, source: str) -> None:
 
 def _marks(structure: str) -> tuple[str, ...]:
     """The tensors only a layer of ``structure`` stores (BLAST: U, S, V; SS1: weight and ss1_layout),
-    read off an empty layer on the meta device, so a new structure needs no entry here."""
+    read off an empty 64x64 layer at the structure's exact size on the meta device, so a new structure
+    needs no entry here (one that names no exact size marks nothing)."""
     from ..plan import LayerPlan
 
     s = structures.get(structure)
-    probe = {"blast": LayerPlan(64, 64, 8, (1, 1))}.get(structure) or \
-        LayerPlan(64, 64, None, None, structure=structure, reduction=1)
+    if s.exact is None or s.fields is None:
+        return ()
+    probe = LayerPlan.of(structure, 64, 64, s.fields(s.exact(64, 64)))
     names = tuple(s.empty(probe, bias=False, device="meta").state_dict())
     own = tuple(n for n in names if n != "weight")
     return own + (("weight",) if "weight" in names and own else ())

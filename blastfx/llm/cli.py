@@ -273,7 +273,7 @@ def cmd_eval(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..config import OBJECTIVES, STRATEGIES, STRUCTURES
+    from ..config import OBJECTIVES, STRATEGIES, structure_choices
     from ..structures import method_names
     common = Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -298,9 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--objective", choices=OBJECTIVES, default=None,
                    help="what the calibrated factorization preserves: each layer's outputs, or those weighted "
                         "by their loss Fisher (default: loss when calibrating, else output)")
-    c.add_argument("--structure", choices=STRUCTURES, default="blast",
-                   help="what the layers become: BLAST (default), SS1, or auto: per layer BLAST, SS1 or dense, "
-                        "whichever the measured output error favours")
+    c.add_argument("--structure", choices=structure_choices(), default="blast",
+                   help="what the layers become: a registered structure (BLAST, the default; SS1; ...), or auto: "
+                        "per layer whichever structure, or dense, the measured output error favours")
     c.add_argument("--sequential", choices=("auto", "on", "off"), default="auto", nargs="?", const="on",
                    type=str.lower, help="calibrate block by block on the already-compressed model, with block "
                         "reconstruction (auto, the default: at budgets up to 0.6, where it pays for its time; "

@@ -42,7 +42,8 @@ def trainable_parameters(model: nn.Module, train_norms: bool = True) -> list[nn.
             if take:
                 chosen.append(p)
     if not chosen:
-        raise ValueError("the model has no BlastLinear or SS1Linear layers to train: compress it first")
+        kinds = " or ".join(t.__name__ for t in structures.module_types())
+        raise ValueError(f"the model has no {kinds} layers to train: compress it first")
     return chosen
 
 

@@ -144,28 +144,29 @@ def _allocate_by_error(plan: Plan, adjustable: list[str], target: int, multiple:
 
 
 def make_plan(analysis, budget: float, config: BlastConfig | None = None, spectra=None, block_errors=None,
-              ss1_errors=None, blast_errors=None) -> Plan:
+              size_errors=None, blast_errors=None) -> Plan:
     """Per-layer structures and sizes so that the compressible layers keep ``budget`` of their
     parameters (within 1%). ``spectra``: {fqn: singular values}, needed by strategy="error".
-    ``config.structure`` "ss1" or "auto": each layer's structure and size by :mod:`.choice` and
-    :mod:`.auto`, with ``ss1_errors`` ({fqn: ({reduction: error}, energy)}) for measured strategies and
-    "auto", and ``blast_errors`` ({fqn: ({rank: error}, energy)}, measured at the ranks of
+    ``config.structure`` a ladder family (``"ss1"``) or "auto": each layer's structure and size by
+    :mod:`.choice` and :mod:`.auto`, with ``size_errors`` ({family: {fqn: ({size: error}, energy)}},
+    e.g. ``{"ss1": {fqn: ({reduction: error}, energy)}}``) for measured strategies and "auto", and
+    ``blast_errors`` ({fqn: ({rank: error}, energy)}, measured at the ranks of
     :func:`auto_start_plan`) for "auto". A layer whose override names a structure is planned with the
     layers of that structure, on the same fraction of their own parameters.
     ``block_errors``: {fqn: {(b_out, b_in): measured error}}; a layer without a blocks override takes
     the block count of least error (``config.block_choices``, measured by ``blastfx.statistics.sensitivity``)."""
     config = config or BlastConfig()
     budget = check_budget(budget)
-    return _plan_groups(_targets(analysis, config), budget, config, spectra, block_errors, ss1_errors, blast_errors)
+    return _plan_groups(_targets(analysis, config), budget, config, spectra, block_errors, size_errors, blast_errors)
 
 
 def auto_start_plan(analysis, budget: float, config: BlastConfig | None = None, spectra=None, block_errors=None,
-                    ss1_errors=None) -> Plan:
+                    size_errors=None) -> Plan:
     """The plan with every ``"auto"`` layer planned as BLAST: what ``structure="auto"`` starts from, so
     its BLAST layers are where :func:`make_plan` needs ``blast_errors`` measured."""
     config = config or BlastConfig()
     budget = check_budget(budget)
-    return _plan_groups(_targets(analysis, config), budget, config, spectra, block_errors, ss1_errors, None,
+    return _plan_groups(_targets(analysis, config), budget, config, spectra, block_errors, size_errors, None,
                         auto_as=DEFAULT_STRUCTURE)
 
 
@@ -179,7 +180,7 @@ def _targets(analysis, config: BlastConfig) -> list:
     return targets
 
 
-def _plan_groups(targets, budget, config, spectra, block_errors, ss1_errors, blast_errors, auto_as=None) -> Plan:
+def _plan_groups(targets, budget, config, spectra, block_errors, size_errors, blast_errors, auto_as=None) -> Plan:
     """The layers grouped by their structure (the config's, or their override's), each group planned
     on its own at ``budget``, merged into one plan."""
     groups: dict[str, list] = {}
@@ -190,9 +191,9 @@ def _plan_groups(targets, budget, config, spectra, block_errors, ss1_errors, bla
         structure = auto_as if structure == "auto" and auto_as else structure
         cfg = config if structure == config.structure else replace(config, structure=structure)
         if structure == "auto":
-            plans.append(_plan_auto(sites, budget, cfg, spectra, block_errors, ss1_errors, blast_errors))
+            plans.append(_plan_auto(sites, budget, cfg, spectra, block_errors, size_errors, blast_errors))
         else:
-            plans.append(_plan_family(sites, budget, cfg, spectra, block_errors, ss1_errors))
+            plans.append(_plan_family(sites, budget, cfg, spectra, block_errors, size_errors))
     if len(plans) == 1:
         return plans[0]
     order = {s.fqn: i for i, s in enumerate(targets)}
@@ -206,20 +207,20 @@ def _plan_groups(targets, budget, config, spectra, block_errors, ss1_errors, bla
     return merged
 
 
-def _plan_auto(sites, budget, config, spectra, block_errors, ss1_errors, blast_errors) -> Plan:
+def _plan_auto(sites, budget, config, spectra, block_errors, size_errors, blast_errors) -> Plan:
     from .auto import choose_auto
 
     def make(structure: str) -> Plan:
-        return _plan_family(sites, budget, replace(config, structure=structure), spectra, block_errors, ss1_errors)
+        return _plan_family(sites, budget, replace(config, structure=structure), spectra, block_errors, size_errors)
 
     adjustable = [s.fqn for s in sites if config.override_for(s.fqn).rank is None]
     target = round(budget * sum(s.params for s in sites))
-    return choose_auto(make, adjustable, target, config, spectra, ss1_errors, blast_errors)
+    return choose_auto(make, adjustable, target, config, spectra, size_errors, blast_errors)
 
 
-def _plan_family(targets, budget, config, spectra, block_errors, ss1_errors) -> Plan:
-    """The plan of ``targets`` for ``config.structure``: "blast", "ss1", or "auto" for one allocation
-    over both families' error curves (:func:`.choice.choose_structures`)."""
+def _plan_family(targets, budget, config, spectra, block_errors, size_errors) -> Plan:
+    """The plan of ``targets`` for ``config.structure``: "blast", a ladder family, or "auto" for one
+    allocation over every family's error curves (:func:`.choice.choose_structures`)."""
     b_default = normalize_blocks(config.blocks)
     plan = Plan({}, budget, config.strategy, dense_total=sum(s.params for s in targets))
     fixed, adjustable = [], []
@@ -239,9 +240,9 @@ def _plan_family(targets, budget, config, spectra, block_errors, ss1_errors) -> 
         plan.layers[s.fqn] = lp
         (fixed if o.rank is not None else adjustable).append(s.fqn)
     target = round(budget * plan.dense_total)
-    if adjustable and config.structure != "blast":
+    if adjustable and config.structure != DEFAULT_STRUCTURE:
         from .choice import choose_structures
-        adjustable = choose_structures(plan, adjustable, target, config, spectra, ss1_errors)
+        adjustable = choose_structures(plan, adjustable, target, config, spectra, size_errors)
     elif adjustable and config.strategy in ("error", "loss"):
         if spectra is None:
             raise ValueError(f"strategy={config.strategy!r} needs the layers' singular values (spectra=)")

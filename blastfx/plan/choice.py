@@ -1,24 +1,26 @@
-"""The planner for ``BlastConfig(structure="ss1")``, and the allocation over both families that
-``structure="auto"`` weighs against the others (:mod:`.auto`): which structure each layer gets, and
-at which size.
+"""The planner for a ladder family (``BlastConfig(structure="ss1")``, or any registered structure with
+``sizes``), and the allocation over every family that ``structure="auto"`` weighs against the others
+(:mod:`.auto`): which structure each layer gets, and at which size.
 
-SS1's size knob is a power-of-two reduction factor, so a layer's sizes are a few coarse steps
-(1/2, 1/4, ... of its parameters) and a budget between two steps is met by mixing layers at two
-neighbouring reductions (or, where dense is allowed, at a reduction and dense: at budget 0.8 the
-choice per layer is between half and all of its parameters).
+A ladder family's sizes are a few coarse steps (SS1: reductions 2, 4, 8, ..., so 1/2, 1/4, ... of a
+layer's parameters), so a budget between two steps is met by mixing layers at two neighbouring steps
+(or, where dense is allowed, at a step and dense: at budget 0.8 the choice per SS1 layer is between
+half and all of its parameters). The family says what its sizes are, what each costs and how wrong
+each is (:class:`blastfx.structures.Structure`); nothing here knows a family by name but BLAST, whose
+rank is the continuous knob of :mod:`.allocation`.
 
-* ``strategy="uniform"`` (SS1): every layer at the same reduction, the least compression whose total
-  fits the budget, then layers one step up (to half the reduction, or dense) in a low-discrepancy
+* ``strategy="uniform"``: every layer on the same step of its ladder, the least compression whose
+  total fits the budget, then layers one step up (to the next size, or dense) in a low-discrepancy
   order over the model, so the mix is spread evenly over depth, while the budget allows.
 * ``strategy="error"`` / ``"loss"``, and the "mixed" candidate of ``structure="auto"``: each layer
   has a curve of candidate (parameters, error) points, the greedy of :mod:`.allocation` walks the
-  lower convex hulls, each step to the layer whose error drops most per parameter. SS1 points carry
-  the measured error of the projection at each reduction
-  (:func:`blastfx.structures.ss1.projection_errors`); for "mixed" the same curve also holds BLAST's
-  points (the tail energy of the layer's whitened spectrum at each rank, an upper bound of BLAST's
-  error there, exact for low-rank layers) and dense (no error), all in one unit. With ``"error"``
-  errors are relative to each layer's own output energy; with ``"loss"`` they are weighted by the
-  outputs' loss Fisher (an estimated loss increase, comparable across layers).
+  lower convex hulls, each step to the layer whose error drops most per parameter. A ladder family's
+  points carry its measured error at each size (its ``size_errors``, e.g.
+  :func:`blastfx.structures.ss1.projection_errors`); for "mixed" the same curve holds every ladder
+  family's points, BLAST's (the tail energy of the layer's whitened spectrum at each rank, an upper
+  bound of BLAST's error there, exact for low-rank layers) and dense (no error), all in one unit.
+  With ``"error"`` errors are relative to each layer's own output energy; with ``"loss"`` they are
+  weighted by the outputs' loss Fisher (an estimated loss increase, comparable across layers).
 
 Pure, like the rest of the planner: errors and spectra arrive as numbers.
 """
@@ -29,10 +31,9 @@ from collections import Counter
 
 import torch
 
-from ..structures.ss1.layout import ss1_params
-from ..structures.ss1.structure import reductions
+from .. import structures
 from .allocation import _error_curve, _layer_step_cost
-from .layers import LayerPlan, Plan
+from .layers import DEFAULT_STRUCTURE, LayerPlan, Plan
 
 _GOLDEN = 0.6180339887498949
 
@@ -55,26 +56,30 @@ def _hull(points: list[tuple]) -> list[tuple]:
     return hull
 
 
-def _top(lp: LayerPlan, allow_dense: bool) -> tuple:
-    """The no-error end of an SS1 layer's sizes: dense, or reduction 1 (exact, same parameters)."""
+def _top(lp: LayerPlan, structure, allow_dense: bool) -> tuple:
+    """The no-error end of a ladder layer's sizes: dense, or the family's exact size."""
     if allow_dense:
         return lp.dense_params, 0.0, ("dense",)
-    return ss1_params(lp.out_features, lp.in_features, 1), 0.0, ("ss1", 1)
+    size = structure.exact(lp.out_features, lp.in_features)
+    return structure.num_params(lp.out_features, lp.in_features, size), 0.0, (structure.name, size)
 
 
-def _ss1_points(lp: LayerPlan, errors: dict | None, energy: float, relative: bool) -> list[tuple]:
-    out = []
-    for r in reductions(lp.out_features, lp.in_features) if errors is None else sorted(errors):
-        err = 0.0 if errors is None else errors[r] / (max(energy, 1e-300) if relative else 1.0)
-        out.append((ss1_params(lp.out_features, lp.in_features, r), err, ("ss1", r)))
-    return out
+def _ladder_points(lp: LayerPlan, structure, errors: dict | None, energy: float, relative: bool) -> list[tuple]:
+    """(params, error, (structure, size)) at each of the family's sizes for the layer (most parameters
+    first): its whole ladder at no error without ``errors``, else the sizes measured."""
+    m, n = lp.out_features, lp.in_features
+    if errors is None:
+        return [(structure.num_params(m, n, s), 0.0, (structure.name, s)) for s in structure.sizes(m, n)]
+    scale = max(energy, 1e-300) if relative else 1.0
+    return [(structure.num_params(m, n, s), errors[s] / scale, (structure.name, s))
+            for s in sorted(errors, key=lambda s: -structure.num_params(m, n, s))]
 
 
 def _blast_points(lp: LayerPlan, spectrum: torch.Tensor, multiple: int, relative: bool) -> list[tuple]:
     s2 = spectrum.double().pow(2)
     tail = torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])
     tail = tail / s2.sum().clamp_min(1e-300) if relative else tail
-    return [(p, e, ("blast", r)) for p, e, r in _error_curve(lp, tail, multiple, allow_dense=False)]
+    return [(p, e, (DEFAULT_STRUCTURE, r)) for p, e, r in _error_curve(lp, tail, multiple, allow_dense=False)]
 
 
 def _apply(plan: Plan, name: str, choice: tuple, dense: list[str]) -> None:
@@ -82,11 +87,12 @@ def _apply(plan: Plan, name: str, choice: tuple, dense: list[str]) -> None:
     if choice[0] == "dense":
         del plan.layers[name]
         dense.append(name)
-    elif choice[0] == "ss1":
-        plan.layers[name] = LayerPlan(lp.out_features, lp.in_features, None, None, kind=lp.kind, bias=lp.bias,
-                                      structure="ss1", reduction=choice[1])
-    else:
+    elif choice[0] == DEFAULT_STRUCTURE:
         lp.rank = choice[1]
+    else:
+        structure = structures.get(choice[0])
+        plan.layers[name] = LayerPlan.of(structure.name, lp.out_features, lp.in_features, structure.fields(choice[1]),
+                                         kind=lp.kind, bias=lp.bias)
 
 
 def _greedy(plan: Plan, curves: dict[str, list[tuple]], target: int, multiple: int) -> dict[str, tuple]:
@@ -113,42 +119,40 @@ def _greedy(plan: Plan, curves: dict[str, list[tuple]], target: int, multiple: i
             kept += p1 - p0
             if at[k] + 1 < len(curves[k]):
                 heapq.heappush(heap, (-ratio(k), k))
-        elif c0[0] == c1[0] == "blast":        # part of the segment: the rank steps that fit
+        elif c0[0] == c1[0] == DEFAULT_STRUCTURE:        # part of the segment: the rank steps that fit
             lp = plan.layers[k]
             rank, step = c0[1], _layer_step_cost(lp, multiple)
             while rank + multiple < c1[1] and kept + step <= target:
                 rank, kept = rank + multiple, kept + step
-            partial[k] = ("blast", rank)
+            partial[k] = (DEFAULT_STRUCTURE, rank)
     return {k: partial.get(k, curves[k][at[k]][2]) for k in curves}
 
 
-def _uniform_ss1(plan: Plan, names: list[str], target: int, allow_dense: bool) -> dict[str, tuple]:
-    """One reduction for all (the least compression that fits), then layers a step up in an order
-    spread evenly over the model while the budget allows."""
+def _uniform(plan: Plan, names: list[str], target: int, structure, allow_dense: bool) -> dict[str, tuple]:
+    """One step of the ladder for all (the least compression that fits), then layers a step up in an
+    order spread evenly over the model while the budget allows. A layer whose ladder is shorter than
+    the step stays at its last (most compressed) size."""
     ladders = {}
     for k in names:
         lp = plan.layers[k]
-        ladder = [(p, c) for p, _, c in _ss1_points(lp, None, 1.0, False)][::-1]      # most compressed first
-        ladders[k] = ladder + [_top(lp, allow_dense)[::2]]
+        ladder = [(p, c) for p, _, c in _ladder_points(lp, structure, None, 1.0, False)]
+        ladders[k] = ladder[::-1] + [_top(lp, structure, allow_dense)[::2]]      # most compressed first
     base = plan.kept_params - sum(plan.layers[k].params for k in names)
 
-    def index(k, r):                     # the layer's point at reduction r (its most compressed if r is beyond)
+    def index(k, step):                  # the layer's point at ``step`` (its most compressed if step is beyond)
         ladder = ladders[k]
-        for i, (_, c) in enumerate(ladder):
-            if c[0] == "ss1" and c[1] <= r:
-                return i
-        return len(ladder) - 1
+        return max(len(ladder) - 2 - step, 0)
 
-    r_max = max([c[1] for k in names for _, c in ladders[k][:1] if c[0] == "ss1"] + [1])
-    r = 2
-    while r < r_max and base + sum(ladders[k][index(k, r)][0] for k in names) > target:
-        r *= 2
-    at = {k: index(k, r) for k in names}
+    depth = max([len(ladders[k]) - 1 for k in names] + [0])
+    step = 0
+    while step < depth - 1 and base + sum(ladders[k][index(k, step)][0] for k in names) > target:
+        step += 1
+    at = {k: index(k, step) for k in names}
     kept = base + sum(ladders[k][at[k]][0] for k in names)
     order = sorted(range(len(names)), key=lambda i: (i * _GOLDEN) % 1.0)
     for i in order:
         k = names[i]
-        if at[k] + 1 < len(ladders[k]) and ladders[k][at[k]][1] == ("ss1", r):
+        if len(ladders[k]) - 1 > step:               # the layer has this step: one up is its next size, or the top
             cost = ladders[k][at[k] + 1][0] - ladders[k][at[k]][0]
             if kept + cost <= target:
                 at[k] += 1
@@ -157,48 +161,62 @@ def _uniform_ss1(plan: Plan, names: list[str], target: int, allow_dense: bool) -
 
 
 def choose_structures(plan: Plan, adjustable: list[str], target: int, config, spectra=None,
-                      ss1_errors=None) -> list[str]:
+                      size_errors=None) -> list[str]:
     """Give the ``adjustable`` layers of ``plan`` (all BLAST at a starting rank) their structure and
-    size for ``config.structure`` ("ss1" or "auto") and ``config.strategy`` (see the module docstring),
-    in place: SS1 layers replaced, dense ones removed and listed in ``plan.dense``. ``spectra``:
-    {layer: singular values} ("auto"); ``ss1_errors``: {layer: ({reduction: error}, energy)} (measured
-    strategies and "auto"). Returns the layers still BLAST, for the rank balancing."""
+    size for ``config.structure`` (a ladder family, or "auto") and ``config.strategy`` (see the module
+    docstring), in place: ladder layers replaced, dense ones removed and listed in ``plan.dense``.
+    ``spectra``: {layer: singular values} ("auto"); ``size_errors``: {structure: {layer: ({size:
+    error}, energy)}} for each ladder family planned (measured strategies and "auto"). Returns the
+    layers still BLAST, for the rank balancing."""
     structure, strategy = config.structure, config.strategy
     relative = strategy != "loss"
-    narrow = [k for k in adjustable if not reductions(plan.layers[k].out_features, plan.layers[k].in_features)]
+    auto = structure == "auto"
+    families = structures.ladders() if auto else (structures.get(structure),)
+    if not all(s.ladder for s in families):
+        raise ValueError(f"structure {structure!r} has no ladder of sizes (Structure.sizes): the planner sizes BLAST "
+                         "by rank and every other family by its sizes; give compress a plan= instead")
+    sized = {s.name: [k for k in adjustable if s.sizes(plan.layers[k].out_features, plan.layers[k].in_features)]
+             for s in families}
     dense: list[str] = []
-    if structure == "ss1":                  # no SS1 size fits these (fewer than two input tiles): dense
+    candidates = list(adjustable)
+    if not auto:                         # no size of the family fits these (too small): dense
+        (family,) = families
+        candidates = sized[family.name]
+        narrow = [k for k in adjustable if k not in candidates]
         for k in narrow:
             _apply(plan, k, ("dense",), dense)
         if narrow:
-            plan.notes.append(f"structure 'ss1': {len(narrow)} layers have fewer than two input tiles of 32 "
-                              f"features and stay dense (e.g. {narrow[0]})")
-    candidates = [k for k in adjustable if k not in narrow]
-    if structure == "ss1" and strategy == "uniform":
-        chosen = _uniform_ss1(plan, candidates, target, config.allow_dense)
+            plan.notes.append(f"structure {structure!r}: {len(narrow)} layers are too small for any "
+                              f"{structure.upper()} size and stay dense (e.g. {narrow[0]})")
+    uniform = not auto and strategy == "uniform"
+    if uniform:
+        chosen = _uniform(plan, candidates, target, family, config.allow_dense)
     else:
-        if ss1_errors is None or (structure == "auto" and spectra is None):
+        missing = [s.name.upper() for s in families if s.name not in (size_errors or {})]
+        if missing or (auto and spectra is None):
             raise ValueError(f"structure={structure!r} with strategy={strategy!r} needs the layers' measured "
-                             "SS1 errors" + (" and spectra" if structure == "auto" else ""))
+                             f"{' and '.join(missing) or 'ladder'} errors" + (" and spectra" if auto else ""))
         curves = {}
-        for k in candidates + (narrow if structure == "auto" else []):
+        for k in candidates:
             lp = plan.layers[k]
-            points = [] if k in narrow else _ss1_points(lp, *ss1_errors[k], relative)
-            if structure == "auto":
+            points = [p for s in families if k in sized[s.name]
+                      for p in _ladder_points(lp, s, *size_errors[s.name][k], relative)]
+            if auto:
                 points += _blast_points(lp, spectra[k], config.rank_multiple, relative)
                 if config.allow_dense:
                     points.append((lp.dense_params, 0.0, ("dense",)))
             else:
-                points.append(_top(lp, config.allow_dense))
+                points.append(_top(lp, family, config.allow_dense))
             curves[k] = _hull(points)
         chosen = _greedy(plan, curves, target, config.rank_multiple)
     for k, choice in chosen.items():
         _apply(plan, k, choice, dense)
     plan.dense = sorted(set(plan.dense) | set(dense))
     counts = Counter(lp.structure for k, lp in plan.layers.items() if k in adjustable)
-    how = ("uniform reduction" if structure == "ss1" and strategy == "uniform" else
+    how = ("one size step for all" if uniform else
            f"measured {'relative output' if relative else 'loss-weighted output'} error per parameter")
-    label = "BLAST and SS1 in one allocation" if structure == "auto" else f"structure {structure!r}"
+    label = (" and ".join([DEFAULT_STRUCTURE.upper()] + [s.name.upper() for s in families]) + " in one allocation"
+             if auto else f"structure {structure!r}")
     plan.notes.append(f"{label} by {how}: " + ", ".join(
         [f"{counts[s]} {s.upper()}" for s in sorted(counts)] + [f"{len(dense)} dense"]))
-    return [k for k in adjustable if k in plan.layers and plan.layers[k].structure == "blast"]
+    return [k for k in adjustable if k in plan.layers and plan.layers[k].structure == DEFAULT_STRUCTURE]

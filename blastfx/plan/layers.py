@@ -1,6 +1,6 @@
-"""A Plan: per layer, the structure and its size (BLAST: (b_out, b_in) blocks and a rank), with the
-budget it was made for. Inspectable, editable, JSON-serializable, and can be passed back to
-:func:`blastfx.compress`. Made by :mod:`.allocation`.
+"""A Plan: per layer, the structure and its size (BLAST: (b_out, b_in) blocks and a rank; another
+family: the fields its knob reads), with the budget it was made for. Inspectable, editable,
+JSON-serializable, and can be passed back to :func:`blastfx.compress`. Made by :mod:`.allocation`.
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ DEFAULT_STRUCTURE = "blast"      # what the planner makes, and what a layer plan
 
 @dataclass
 class LayerPlan:
-    """One planned layer. Each structure reads its own size knob: BLAST ``rank`` and ``blocks``, SS1
-    ``reduction`` (a power of two); the other structure's fields are None."""
+    """One planned layer. Each structure reads its own size knob from these fields (its
+    ``plan_fields``: BLAST ``rank`` and ``blocks``, SS1 ``reduction``); the fields it does not read are
+    None."""
     out_features: int
     in_features: int
     rank: int | None
@@ -28,12 +29,18 @@ class LayerPlan:
     bias: bool = False
     method: str | None = None         # None: the config's
     structure: str = DEFAULT_STRUCTURE  # a name in blastfx.structures
-    reduction: int | None = None      # SS1: how many input tiles share one weight tile
+    reduction: int | None = None      # a ladder family's size step (SS1: how many input tiles share a weight tile)
     factor_dtype: str | None = None   # BLAST: factors stored quantized ("int8", ...); None: the model's dtype
 
     def __post_init__(self):
         if self.blocks is not None:
             self.blocks = normalize_blocks(self.blocks)
+
+    @classmethod
+    def of(cls, structure: str, out_features: int, in_features: int, size: dict, **kw) -> "LayerPlan":
+        """A layer of ``structure`` with the plan fields ``size`` (a structure's ``fields(knob)`` or
+        ``size_of(module)``), the size fields it does not name null."""
+        return cls(out_features, in_features, **{"rank": None, "blocks": None, **size}, structure=structure, **kw)
 
     @property
     def shape(self) -> BlastShape:
@@ -108,8 +115,9 @@ class LayerPlan:
 
 
 def _other_structure(cls, d: dict, where: str) -> LayerPlan:
-    """A layer plan of a structure other than BLAST: its BLAST fields null, its own knob bounded by
-    the structure's cost model (SS1: ``reduction`` a power of two the layer's input tiles allow)."""
+    """A layer plan of a structure other than BLAST: the size fields it does not read null, its own
+    knob bounded by the structure's cost model (SS1: ``reduction`` a power of two the layer's input
+    tiles allow)."""
     try:
         structure = structures.get(d["structure"])
     except ValueError as err:
@@ -177,9 +185,10 @@ class Plan:
         lines = [f"{'/'.join(k.upper() for k in kinds)} plan ({self.strategy}): {len(self.layers)} layers, "
                  f"budget {self.budget:.4f}, kept {self.kept_params}/{self.dense_total} = {self.kept_fraction:.4f}"
                  + (f", objective {self.objective}" if self.objective else "")]
-        for (m, n, s, b, r, red), names in sorted(by_shape.items(), key=lambda kv: -len(kv[1])):
-            frac = self.layers[names[0]].params / (m * n)
-            size = f"blocks={b}  rank={r}" if s == DEFAULT_STRUCTURE else f"{s}  reduction={red}"
+        for (m, n, s, b, r, _), names in sorted(by_shape.items(), key=lambda kv: -len(kv[1])):
+            lp = self.layers[names[0]]
+            frac = lp.params / (m * n)
+            size = f"blocks={b}  rank={r}" if s == DEFAULT_STRUCTURE else _size_text(lp)
             lines.append(f"  {len(names):4d} x {m}x{n}  {size}  ({frac:.1%} of dense)  e.g. {names[0]}")
         if self.dense:
             lines.append(f"  {len(self.dense):4d} kept dense by the allocation, e.g. {self.dense[0]}")
@@ -243,6 +252,13 @@ class Plan:
             raise ValueError(f"{f'{source}: ' if source is not None else ''}blastfx plan is not valid JSON: "
                              f"{err}") from None
         return cls.from_dict(d, source)
+
+
+def _size_text(lp: LayerPlan) -> str:
+    """``"<structure>  <field>=<value> ..."``: a layer's size as its structure's plan fields name it."""
+    structure = structures.get(lp.structure)
+    fields = structure.fields(structure.knob(lp)) if structure.fields else {"size": structure.knob(lp)}
+    return "  ".join([lp.structure] + [f"{k}={v}" for k, v in fields.items()])
 
 
 _PLAN_FIELDS = {"format", "budget", "strategy", "dense_total", "notes", "dense", "objective", "layers"}

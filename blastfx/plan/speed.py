@@ -10,15 +10,17 @@ layers silently; the plan says what it expects, and ``BlastConfig(min_speedup=..
 what would fall below it.
 
 The model is ``t = stages * fixed + bytes / bandwidth``, fitted by least squares to measured
-(stages, bytes, time) points, with its own constants for SS1 layers where it has SS1 points (one
-GEMM over the shared weight, but a kernel that streams it at a different rate than BLAST's):
-:meth:`LatencyModel.measure` times the library's own kernels on the current GPU, and
-:data:`PRESETS` holds fits to measurements published in ``benchmarks/results``.
+(stages, bytes, time) points, where ``stages`` is the structure's ``decode_stages``; a structure whose
+kernel streams its weights at a rate of its own has its own constants, keyed by its name (SS1: one
+GEMM over the shared weight, in a kernel that streams it at a different rate than BLAST's).
+:meth:`LatencyModel.measure` times the library's own kernels (dense, BLAST, SS1) on the current GPU,
+and :data:`PRESETS` holds fits to measurements published in ``benchmarks/results``.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -27,17 +29,46 @@ from .. import structures
 from .layers import DEFAULT_STRUCTURE
 from ..structures.blast.quant import formats as factor_formats
 
-# kernel stages a decode call of each structure runs (dense: one GEMV); others: one
-STAGES = {"dense": 1, "blast": 2, "ss1": 1}
+_SS1 = "ss1"          # the structure of the ss1_* constants: measure() and the presets time its kernel
+
+
+class _Stages(Mapping):
+    """Kernel stages a decode call runs, by structure name (dense: one GEMV; a structure: its
+    ``decode_stages``), read off the registry at each lookup, so a structure registered later is costed
+    too."""
+
+    def __getitem__(self, name: str) -> int:
+        if name == "dense":
+            return 1
+        if name not in structures.names():
+            raise KeyError(name)
+        return structures.get(name).decode_stages
+
+    def __iter__(self):
+        return iter(("dense",) + structures.names())
+
+    def __len__(self) -> int:
+        return 1 + len(structures.names())
+
+
+STAGES = _Stages()
+
+
+def _check_constant(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"LatencyModel.{name} must be a finite non-negative number, got {value!r}")
 
 
 @dataclass(frozen=True)
 class LatencyModel:
     """Decode time of a linear layer on one GPU: ``stages * fixed_us + bytes / bandwidth``, with its
     own constants for dense layers (one cuBLAS GEMV) and for structured ones (the blastfx kernels).
-    ``device``: what it was measured on, named in the plan's notes. ``ss1_fixed_us`` and
-    ``ss1_bandwidth_gbs`` (both or neither): SS1 layers' own constants; without them SS1 layers are
-    costed as one stage of the structured constants."""
+    ``device``: what it was measured on, named in the plan's notes. ``own``: {structure name:
+    (fixed_us, bandwidth_gbs)}, a structure's own constants for a whole decode call of its layers
+    (kept as sorted (name, constants) pairs, so the model stays hashable and picklable); a structure
+    without them is costed as its stages of the structured constants. ``ss1_fixed_us``
+    and ``ss1_bandwidth_gbs`` (both or neither): SS1's entry of ``own``, as :meth:`fit` gives it from
+    SS1's measured points (read back from ``own`` when given there)."""
     device: str
     dense_fixed_us: float
     dense_bandwidth_gbs: float
@@ -45,24 +76,40 @@ class LatencyModel:
     bandwidth_gbs: float
     ss1_fixed_us: float | None = None
     ss1_bandwidth_gbs: float | None = None
+    own: Mapping[str, tuple[float, float]] | tuple = ()
 
     def __post_init__(self):
         if (self.ss1_fixed_us is None) != (self.ss1_bandwidth_gbs is None):
             raise ValueError("LatencyModel takes ss1_fixed_us and ss1_bandwidth_gbs together or neither")
-        names = ("dense_fixed_us", "dense_bandwidth_gbs", "fixed_us", "bandwidth_gbs")
-        for name in names + (("ss1_fixed_us", "ss1_bandwidth_gbs") if self.ss1_fixed_us is not None else ()):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"LatencyModel.{name} must be a finite non-negative number, got {value!r}")
-        if self.dense_bandwidth_gbs == 0 or self.bandwidth_gbs == 0 or self.ss1_bandwidth_gbs == 0:
+        for name in ("dense_fixed_us", "dense_bandwidth_gbs", "fixed_us", "bandwidth_gbs") + (
+                ("ss1_fixed_us", "ss1_bandwidth_gbs") if self.ss1_fixed_us is not None else ()):
+            _check_constant(name, getattr(self, name))
+        own = dict(self.own)
+        if self.ss1_fixed_us is not None:
+            own[_SS1] = (self.ss1_fixed_us, self.ss1_bandwidth_gbs)
+        for name, constants in own.items():
+            if not isinstance(constants, (tuple, list)) or len(constants) != 2:
+                raise ValueError(f"LatencyModel.own[{name!r}] must be a pair (fixed_us, bandwidth_gbs), "
+                                 f"got {constants!r}")
+            for what, value in zip(("fixed_us", "bandwidth_gbs"), constants):
+                _check_constant(f"own[{name!r}] {what}", value)
+        if self.dense_bandwidth_gbs == 0 or self.bandwidth_gbs == 0 or any(bw == 0 for _, bw in own.values()):
             raise ValueError("LatencyModel bandwidths must be positive")
+        object.__setattr__(self, "own", tuple(sorted((k, tuple(v)) for k, v in own.items())))
+        if _SS1 in own:
+            object.__setattr__(self, "ss1_fixed_us", own[_SS1][0])
+            object.__setattr__(self, "ss1_bandwidth_gbs", own[_SS1][1])
 
     def dense_us(self, weight_bytes: float) -> float:
         return self.dense_fixed_us + weight_bytes / (self.dense_bandwidth_gbs * 1e3)
 
-    def structured_us(self, stages: int, weight_bytes: float, structure: str = "blast") -> float:
-        if structure == "ss1" and self.ss1_fixed_us is not None:
-            return self.ss1_fixed_us + weight_bytes / (self.ss1_bandwidth_gbs * 1e3)
+    def structured_us(self, stages: int, weight_bytes: float, structure: str = DEFAULT_STRUCTURE) -> float:
+        """A decode call of a ``structure`` layer: its own constants where it has them, else ``stages``
+        fixed costs of the structured constants."""
+        own = dict(self.own)
+        if structure in own:
+            fixed, bandwidth = own[structure]
+            return fixed + weight_bytes / (bandwidth * 1e3)
         return stages * self.fixed_us + weight_bytes / (self.bandwidth_gbs * 1e3)
 
     @classmethod

@@ -1,11 +1,12 @@
-"""Measured errors of each structure for the planner (``structure="ss1"`` / ``"auto"``).
+"""Measured errors of each structure for the planner (measured strategies and ``structure="auto"``).
 
 Reads the layers' weights and calibration statistics and hands the planner numbers, as
-:mod:`.sensitivity` does with spectra: per layer, the output error of the SS1 projection at every
-reduction it admits, and for ``"auto"`` the output error of a BLAST factorization at the rank
-the BLAST plan gives it (fitted as the builder fits it), both in the units of :func:`.sensitivity.layer_spectra`
-(``sum_n f_n ((W - W_hat) C (W - W_hat)^T)_nn`` with ``C`` the damped input covariance, the identity
-without calibration, and ``f`` the output Fisher where measured), so the two structures compare.
+:mod:`.sensitivity` does with spectra: per layer, the output error of a ladder family at every size it
+measures (its structure's ``size_errors``), and for ``"auto"`` the output error of a BLAST
+factorization at the rank the BLAST plan gives it (fitted as the builder fits it), all in the units of
+:func:`.sensitivity.layer_spectra` (``sum_n f_n ((W - W_hat) C (W - W_hat)^T)_nn`` with ``C`` the
+damped input covariance, the identity without calibration, and ``f`` the output Fisher where
+measured), so the structures compare.
 """
 from __future__ import annotations
 
@@ -16,31 +17,22 @@ from .. import structures
 from ..analyze import dense_weight
 from ..build import MAX_BATCH_ELEMENTS, method_for
 from ..config import CALIBRATION_DAMPING
+from ..plan import DEFAULT_STRUCTURE
 from ..structures.blast.factorize import factorize
-from ..structures.ss1 import projection_errors
-from ..structures.ss1.project import damped
-from ..structures.ss1.structure import reductions
 from .collect import singular_covariance_error
+from .damping import damped
 from .layer_stats import LayerStats, field_of
 
 
-def ss1_errors(model: nn.Module, names, stats: dict[str, LayerStats] | None = None,
-               damping: float = CALIBRATION_DAMPING, budget: float | None = None
-               ) -> dict[str, tuple[dict[int, float], float]]:
-    """{layer: ({reduction: output error}, output energy)} for the named layers: with each layer's
-    input covariance where measured (else the weight error), weighted by its output Fisher where
-    measured (the loss strategy's units). With ``budget``, only reductions keeping at least
-    ``budget / 8`` of a layer are measured (each costs a solve per output tile; an allocation never
-    cuts one layer that far below the others), and always the smallest."""
-    out = {}
-    for k in names:
-        w = dense_weight(model.get_submodule(k))
-        s = (stats or {}).get(k) or LayerStats()
-        sizes = reductions(*w.shape)
-        if budget is not None:
-            sizes = [r for r in sizes if 1 / r >= budget / 8] or sizes[:1]
-        out[k] = projection_errors(w, sizes, s.covariance, damping, s.output_fisher)
-    return out
+def ladder_errors(model: nn.Module, names, structure, stats: dict[str, LayerStats] | None = None,
+                  damping: float = CALIBRATION_DAMPING, budget: float | None = None
+                  ) -> dict[str, tuple[dict, float]]:
+    """{layer: ({size: output error}, output energy)} of ladder family ``structure`` (a registered
+    :class:`~blastfx.structures.Structure`) for the named layers: its ``size_errors`` on each layer's
+    weight and statistics (``budget``: the kept fraction aimed at, for the sizes it skips)."""
+    return {k: structure.size_errors(dense_weight(model.get_submodule(k)), (stats or {}).get(k) or LayerStats(),
+                                     damping, budget)
+            for k in names}
 
 
 @torch.no_grad()
@@ -50,17 +42,17 @@ def blast_errors(model: nn.Module, plan, config, stats: dict[str, LayerStats] | 
     its planned rank and blocks exactly as the builder fits it (its method, iterations and tolerance,
     with the output Fisher under the loss objective), so the error is the built layer's. Why not a
     short probe: five ALS iterations left the error of a small Llama's layers about a third above the
-    built ones, which would hand SS1 layers that BLAST fits better. Layers of one shape and size are
-    factorized as one batch."""
+    built ones, which would hand a ladder family layers that BLAST fits better. Layers of one shape and
+    size are factorized as one batch."""
     covariances, fisher = field_of(stats, "covariance"), field_of(stats, "output_fisher")
     groups: dict[tuple, list[str]] = {}
     for name, lp in plan.layers.items():
-        if lp.structure == "blast":
-            method = method_for(structures.get("blast"), lp.method, config.method)
+        if lp.structure == DEFAULT_STRUCTURE:
+            method = method_for(structures.get(DEFAULT_STRUCTURE), lp.method, config.method)
             groups.setdefault((lp.out_features, lp.in_features, lp.rank, lp.blocks, method.name), []).append(name)
     out = {}
     for (m, n, rank, blocks, method), names in groups.items():
-        calibrated = structures.get("blast").methods[method].calibrated
+        calibrated = structures.get(DEFAULT_STRUCTURE).methods[method].calibrated
         chunk = max(1, MAX_BATCH_ELEMENTS // (m * n))
         for start in range(0, len(names), chunk):
             part = names[start:start + chunk]

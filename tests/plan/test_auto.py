@@ -40,7 +40,7 @@ def test_each_layer_takes_the_structure_measured_better_at_its_share():
     share = blast.layers["blocks.0"].params
     ss1 = {"blocks.0": ({2: 0.05, 4: 0.10, 8: 0.20}, 1.0), "blocks.1": ({2: 0.60, 4: 0.80, 8: 0.90}, 1.0)}
     measured = {k: ({lp.rank: e}, 1.0) for (k, lp), e in zip(blast.layers.items(), (0.30, 0.01))}
-    plan = make_plan(analysis, 0.5, cfg, ss1_errors=ss1, blast_errors=measured)
+    plan = make_plan(analysis, 0.5, cfg, size_errors={"ss1": ss1}, blast_errors=measured)
     fits = {r: e for r, e in ss1["blocks.0"][0].items() if ss1_params(256, 256, r) <= share}
     assert plan.layers["blocks.0"].structure == "ss1"
     assert plan.layers["blocks.0"].reduction == min(fits, key=fits.get)
@@ -61,7 +61,7 @@ def test_the_ss1_plan_wins_where_it_is_better_on_the_objective():
     ss1 = {exact: ({2: 0.0, 4: 0.5}, 1.0), other: ({2: 0.5, 4: 0.7}, 1.0)}
     blast = make_plan(analysis, 0.75, _cfg(strategy="uniform"))
     measured = {k: ({lp.rank: 0.2}, 1.0) for k, lp in blast.layers.items()}
-    plan = make_plan(analysis, 0.75, _cfg(structure="auto", strategy="uniform"), ss1_errors=ss1,
+    plan = make_plan(analysis, 0.75, _cfg(structure="auto", strategy="uniform"), size_errors={"ss1": ss1},
                      blast_errors=measured)
     assert plan.dense == [other] and plan.layers[exact].reduction == 2 and list(plan.layers) == [exact]
     note = next(n for n in plan.notes if n.startswith("structure 'auto'"))
@@ -72,12 +72,12 @@ def test_auto_needs_blast_errors_at_the_blast_plans_ranks():
     analysis = blastfx.analyze(Parallel(2))
     ss1 = {f"blocks.{i}": ({2: 0.1}, 1.0) for i in range(2)}
     with pytest.raises(ValueError, match="BLAST errors"):
-        make_plan(analysis, 0.5, _cfg(structure="auto"), ss1_errors=ss1)
+        make_plan(analysis, 0.5, _cfg(structure="auto"), size_errors={"ss1": ss1})
     with pytest.raises(ValueError, match="no error for 'blocks.0' at rank"):
-        make_plan(analysis, 0.5, _cfg(structure="auto"), ss1_errors=ss1,
+        make_plan(analysis, 0.5, _cfg(structure="auto"), size_errors={"ss1": ss1},
                   blast_errors={"blocks.0": ({1: 0.1}, 1.0), "blocks.1": ({1: 0.1}, 1.0)})
     with pytest.raises(ValueError, match="BLAST errors"):
-        choose_auto(lambda s: None, [], 0, _cfg(structure="auto"), None, ss1, None)
+        choose_auto(lambda s: None, [], 0, _cfg(structure="auto"), None, {"ss1": ss1}, None)
 
 
 def _objective(dense, compressed, inputs) -> float:

@@ -1,5 +1,7 @@
 """BLAST as a :class:`~blastfx.structures.base.Structure`: its size knob (rank, blocks), cost model,
-builder over the factorization methods, and empty or random layers."""
+builder over the factorization methods, empty or random layers, and its dense matrix. Its rank is
+sized continuously, by the planner's own allocation (:mod:`blastfx.plan.allocation`), so it has no
+ladder of sizes."""
 from __future__ import annotations
 
 import torch
@@ -8,8 +10,9 @@ from ...statistics.layer_stats import stacked
 from ..base import Structure
 from .factorize import factorize
 from .factorize.methods import METHODS
-from .layout import planned_shape
+from .layout import full_rank, planned_shape
 from .nn import BlastLinear
+from .ops import blast_to_dense
 from .quant import quantize_fitted
 
 
@@ -22,6 +25,17 @@ def num_params(out_features: int, in_features: int, size) -> int:
     """r (m_pad + n_pad + b_out b_in): what the padded factors store."""
     rank, blocks = size
     return planned_shape(out_features, in_features, rank, blocks).num_params
+
+
+def fields(size) -> dict:
+    """The plan fields of a (rank, blocks) knob."""
+    rank, blocks = size
+    return {"rank": rank, "blocks": blocks}
+
+
+def exact(out_features: int, in_features: int) -> tuple[int, tuple[int, int]]:
+    """One block at full rank: the plain low-rank product of rank min(out, in), any matrix."""
+    return full_rank(out_features, in_features, (1, 1)), (1, 1)
 
 
 def build(weights: torch.Tensor, biases, stats, lp, method: str, options) -> list[BlastLinear]:
@@ -59,5 +73,14 @@ def random(lp, *, bias: bool, device=None, dtype=None) -> BlastLinear:
                        allow_larger=True)
 
 
+def to_dense(module: BlastLinear, dtype) -> torch.Tensor:
+    """The (out, in) matrix, multiplied out in float32 (float64 for float64 factors, dequantized codes for
+    quantized ones) and only then cast to ``dtype`` (default: S's dtype), so it is rounded once."""
+    work = torch.float64 if module.S.dtype == torch.float64 else torch.float32
+    return blast_to_dense(*module.float_factors(work), module.out_features,
+                          module.in_features).to(dtype or module.S.dtype)
+
+
 BLAST = Structure(name="blast", module_type=BlastLinear, knob=knob, num_params=num_params, build=build,
-                  empty=empty, random=random, methods=METHODS, default_method="als", size_of=size_of)
+                  empty=empty, random=random, methods=METHODS, default_method="als", size_of=size_of,
+                  fields=fields, exact=exact, to_dense=to_dense, decode_stages=2)

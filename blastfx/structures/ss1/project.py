@@ -26,13 +26,14 @@ import math
 
 import torch
 
+from ...statistics.damping import damped
 from .layout import SS1Layout
 from .ops import ss1_fold
 
 _BATCH_BYTES = 1 << 28          # one-hot selection matrices per batched solve (256 MB)
 
-__all__ = ["project_weight", "project_calibrated", "calibrated_row_errors", "check_weight", "check_covariance", "check_output_weights",
-           "damped"]
+__all__ = ["project_weight", "project_calibrated", "calibrated_row_errors", "check_weight", "check_covariance",
+           "check_output_weights"]
 
 
 def check_weight(weight: torch.Tensor, layout: SS1Layout) -> None:
@@ -73,13 +74,6 @@ def check_damping(damping) -> float:
             or damping < 0:
         raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
     return float(damping)
-
-
-def damped(covariance: torch.Tensor, damping: float) -> torch.Tensor:
-    """``C + damping * mean(diag C) * I`` in float64: the matrix the calibrated projection whitens by."""
-    c = covariance.double()
-    c = (c + c.T) / 2
-    return c + damping * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
 
 
 def _tie_counts(layout: SS1Layout, device) -> torch.Tensor:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from ...statistics.damping import damped
 from .layout import SS1Layout
 from .ops import ss1_to_dense
-from .project import calibrated_row_errors, damped, project_weight
+from .project import calibrated_row_errors, project_weight
 
 __all__ = ["projection_errors"]
 

@@ -1,5 +1,6 @@
 """SS1 as a :class:`~blastfx.structures.base.Structure`: its size knob (the reduction factor), cost
-model, builder over its one fitting method, empty or random layers, and what a save and a load need.
+model, the ladder of reductions the planner chooses from and their measured errors, builder over its
+one fitting method, empty or random layers, and what a save and a load need.
 
 The method, ``"project"``, is the exact projection of :mod:`.project`: with an input covariance the
 output-error optimum, without it the per-slot mean (weight error). It declares the covariance only:
@@ -17,6 +18,7 @@ import torch
 from ..base import Method, Structure
 from .layout import SS1Layout, ss1_params
 from .nn import SS1Linear, _layout_vector, build_ss1
+from .sensitivity import projection_errors
 
 
 def knob(lp) -> int:
@@ -31,15 +33,37 @@ def num_params(out_features: int, in_features: int, reduction) -> int:
     return ss1_params(out_features, in_features, reduction)
 
 
+def fields(reduction: int) -> dict:
+    """The plan field of a reduction."""
+    return {"reduction": reduction}
+
+
+def exact(out_features: int, in_features: int) -> int:
+    """Reduction 1: every input tile its own weight tile, any matrix (as many parameters as dense)."""
+    return 1
+
+
 def reductions(out_features: int, in_features: int) -> list[int]:
     """Every reduction an ``out x in`` layer admits above 1 (powers of two up to its input tiles),
-    smallest first: the sizes the planner chooses from."""
+    smallest first: the sizes the planner chooses from (step i is reduction 2^(i+1) on every layer)."""
     k_tiles = SS1Layout(out_features, in_features, 1).k_tiles
     out, r = [], 2
     while r <= k_tiles:
         out.append(r)
         r *= 2
     return out
+
+
+def size_errors(weight: torch.Tensor, stats, damping: float, budget: float | None) -> tuple[dict[int, float], float]:
+    """``({reduction: output error}, output energy)`` of the (out, in) ``weight``: with its input
+    covariance where measured (else the weight error), weighted by its output Fisher where measured
+    (the loss strategy's units). With ``budget``, only reductions keeping at least ``budget / 8`` of
+    the layer are measured (each costs a solve per output tile; an allocation never cuts one layer
+    that far below the others), and always the smallest."""
+    sizes = reductions(*weight.shape)
+    if budget is not None:
+        sizes = [r for r in sizes if 1 / r >= budget / 8] or sizes[:1]
+    return projection_errors(weight, sizes, stats.covariance, damping, stats.output_fisher)
 
 
 def project(weights: torch.Tensor, biases, covariances, reduction: int, damping: float) -> list[SS1Linear]:
@@ -92,4 +116,4 @@ def loaded(module: SS1Linear) -> None:
 
 SS1 = Structure(name="ss1", module_type=SS1Linear, knob=knob, num_params=num_params, build=build, empty=empty,
                 random=random, methods=METHODS, default_method="project", size_of=size_of, loaded=loaded,
-                plan_fields=("reduction",))
+                plan_fields=("reduction",), fields=fields, exact=exact, sizes=reductions, size_errors=size_errors)
