@@ -162,6 +162,15 @@ def _upcast(x) -> bool:
     return INTERPRET or x.dtype == torch.float32
 
 
+def _final_config(cfg: dict, overrides: dict | None) -> dict:
+    """The chosen config with the caller's overrides; under the interpreter, tiles of at most 16
+    (small tiles keep the CPU interpreter fast)."""
+    cfg = {**cfg, **(overrides or {})}
+    if INTERPRET:
+        cfg.update({k: min(cfg.get(k, 16), 16) for k in ("BQ", "BRU", "BP", "BT2", "BT", "BR", "BK")})
+    return cfg
+
+
 def _launch_opts(cfg) -> dict:
     return {} if INTERPRET else {"num_warps": cfg.get("warps", 4), "num_stages": cfg.get("stages", 3)}
 
@@ -368,10 +377,7 @@ def blast_matmul_triton(x, U, S, V, bias=None, out_features=None, path: str | No
         if cfg is None:             # a path not timed at this size: its generic tiles
             fused, wu_cfgs = prefill_configs(shape)
             cfg = decode_config(shape, x.device) if T <= DECODE_MAX_T else {**fused[0], **wu_cfgs[0]}
-    cfg = {**cfg, **(config or {})}
-    if INTERPRET:   # small tiles keep the CPU interpreter fast
-        cfg.update({k: min(cfg.get(k, 16), 16) for k in ("BQ", "BRU", "BP", "BT2", "BT", "BR", "BK")})
-    y = run_path(x2, U, S, V, bias, shape, path, cfg)
+    y = run_path(x2, U, S, V, bias, shape, path, _final_config(cfg, config))
     return y.reshape(*lead, shape.out_features)
 
 
@@ -448,7 +454,4 @@ def blast_matmul_quantized_triton(x, U, U_scale, S, V, V_scale, bias=None, out_f
             cfg = quantized_fused_candidates(T, shape, x2.device)[0] if path == "fused" else {}
     else:
         raise ValueError(f"path must be 'gemv', 'fused' or 'dequantize' for quantized factors, got {path!r}")
-    cfg = {**cfg, **(config or {})}
-    if INTERPRET:
-        cfg.update({k: min(cfg.get(k, 16), 16) for k in ("BQ", "BP", "BR", "BK", "BRU", "BT", "BT2")})
-    return run(path, cfg, (U, U_scale, S, V, V_scale)).reshape(*lead, shape.out_features)
+    return run(path, _final_config(cfg, config), (U, U_scale, S, V, V_scale)).reshape(*lead, shape.out_features)
