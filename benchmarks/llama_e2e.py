@@ -314,7 +314,9 @@ def main():
         vals = {}
         for name, (model, backend) in models.items():
             torch._dynamo.reset()
+            start = time.perf_counter()
             vals[name] = measure(model, backend)
+            print(f"  {name}: {vals[name]:.1f} {unit} ({time.perf_counter() - start:.0f} s with compile)", flush=True)
         d = vals["dense"]
         ratios = {n: vals[n] / d if higher_is_better else d / vals[n] for n in others}
         print(f"| {label}, {unit} | {d:.1f} | " + " | ".join(f"{vals[n]:.1f}" for n in others) + " | "

@@ -204,7 +204,8 @@ class BlastConfig:
     min_speedup: float | None = None       # e.g. 1.0: no compressed layer slower than dense at decode
     # sequential=True: after a block's layers are built, fit its factors (and norms) jointly to the dense
     # block's outputs on the calibration streams (blastfx.reconstruct); 0 steps turns it off
-    reconstruct_steps: int = 32            # optimizer steps per block, one calibration batch each
+    reconstruct_steps: int | None = None   # optimizer steps per block, one calibration batch each; None: two
+                                           # passes over the calibration batches, at least 32
     reconstruct_seconds: float | None = None   # wall-time bound per block (None: the steps only)
     reconstruct_lr: float = 1e-3           # Adam, cosine-decayed over the steps
     reconstruct_norms: bool = True         # train the block's norm weights too
@@ -224,7 +225,7 @@ class BlastConfig:
         self.calibration_damping = _check_float("calibration_damping", self.calibration_damping, positive=True)
         fit_precisions.check(self.fit_precision)
         factor_formats.check_name(self.factor_dtype)
-        self.reconstruct_steps = _check_int("reconstruct_steps", self.reconstruct_steps, minimum=0)
+        self.reconstruct_steps = _check_int("reconstruct_steps", self.reconstruct_steps, minimum=0, optional=True)
         if self.reconstruct_seconds is not None:
             self.reconstruct_seconds = _check_float("reconstruct_seconds", self.reconstruct_seconds, positive=True)
         self.reconstruct_lr = _check_float("reconstruct_lr", self.reconstruct_lr, positive=True)

@@ -247,7 +247,7 @@ def compress_sequential(model: nn.Module, plan, batches, stats: dict[str, LayerS
     swapped: dict[str, nn.Module] = {}
     norms: dict[nn.Parameter, torch.Tensor] = {}            # originals of what reconstruction changes in place
     homes: dict[int, tuple] = {}                            # streaming: their original home tensors
-    reconstruct = reconstruct if reconstruct is not None and reconstruct.steps else None
+    reconstruct = reconstruct if reconstruct is not None and reconstruct.steps != 0 else None
     was_training = model.training
     model.eval()
     try:
@@ -292,7 +292,7 @@ def _stage_stats(model, measured: dict, upfront: dict[str, LayerStats], damping:
         try:
             target = corrected_target(dense_weight(model.get_submodule(n)), cc, dc, damping)
         except torch.linalg.LinAlgError as err:
-            raise singular_covariance_error([n], {n: cc}, damping) from err
+            raise singular_covariance_error([n], {n: cc}, damping, err) from err
         out[n] = (upfront.get(n) or LayerStats()).merged(covariance=cc, target=target)
     return out
 

@@ -120,7 +120,7 @@ def build_layers(model: nn.Module, plan, stats: dict[str, LayerStats] | None = N
             covariances = field_of(dict(zip(part, part_stats)), "covariance")
             if covariances is None:
                 raise
-            raise singular_covariance_error(part, covariances, options.calibration_damping) from err
+            raise singular_covariance_error(part, covariances, options.calibration_damping, err) from err
         new.update(zip(part, built))
         bar.update(len(part))
     bar.close()

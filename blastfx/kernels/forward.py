@@ -23,12 +23,14 @@ measures the candidates of :func:`candidates` once per (shape, dtype, token buck
 clones of the weights so they stream from memory as in a model, and caches the winner. Every path is checked against ``blastfx.structures.blast.ops.blast_matmul_reference`` in tests.
 
 Quantized factors (``blastfx::blast_matmul_quantized``, :func:`blast_matmul_quantized_triton`): int8,
-float8 and packed int4 codes are read by the kernels themselves, never dequantized into a copy: at
-T <= 4 the ``gemv`` kernels, at any other T the ``fused`` kernels, whose tiles of codes are unpacked
-and converted to the activation dtype in registers (exact for int8 and int4 codes, and for float8
-into bf16 or fp16) before the tensor-core dot; V's per-(j, rank) scale multiplies z before the mix,
-U's per-row scale each output after its reduction over r. At prefill sizes the codes halve or
-quarter the bytes of a compute-bound kernel, so the gain there is memory, not time.
+float8 and packed int4 codes are read by the kernels themselves: at T <= 4 the ``gemv`` kernels, at
+any other T the ``fused`` kernels, whose tiles of codes are unpacked and converted to the activation
+dtype in registers (exact for int8 and int4 codes, and for float8 into bf16 or fp16) before the
+tensor-core dot; V's per-(j, rank) scale multiplies z before the mix, U's per-row scale each output
+after its reduction over r. Past the GEMV the autotuner also times ``dequantize``: a float copy of U
+and V made per call in one pass (:mod:`.dequantize`) and the float paths on it. At prefill sizes the
+work is compute-bound and the float paths' tiles outrun the fused kernels by more than the copy costs;
+the codes then save memory, not time.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) operands are upcast to fp32 before ``tl.dot``: the
 interpreter's bf16 dot is wrong. fp32 inputs use IEEE dots (a GPU would otherwise use TF32).
@@ -47,6 +49,7 @@ from ..structures.blast.ops import _in_blocks
 from ..structures.blast.quant import formats as factor_formats
 from . import autotune
 from . import decode as decode_kernels
+from . import dequantize as dequantize_kernels
 from . import gemv as gemv_kernels
 from .gemv import _load_factor_tile
 
@@ -426,7 +429,7 @@ def blast_matmul_quantized_triton(x, U, U_scale, S, V, V_scale, bias=None, out_f
     :func:`blastfx.structures.blast.quant.ops.blast_matmul_quantized_reference`. ``path``: "gemv",
     "fused" or "dequantize" (default: the autotuner's pick of :func:`quantized_candidates`);
     ``config`` overrides config keys."""
-    from ..structures.blast.quant.ops import dequantized, quantized_shape
+    from ..structures.blast.quant.ops import quantized_shape
 
     shape = shape or quantized_shape(U, S, V, out_features)
     lead = x.shape[:-1]
@@ -440,7 +443,7 @@ def blast_matmul_quantized_triton(x, U, U_scale, S, V, V_scale, bias=None, out_f
                                            V_scale=svk)
         if path == "fused":
             return wu(xv_mix(x2, Vk, Sk, shape, cfg, V_scale=svk), Uk, bias, shape, cfg, x2.dtype, U_scale=suk)
-        Ud, Vd = dequantized(Uk, suk, Vk, svk, x.dtype)
+        Ud, Vd = dequantize_kernels.dequantized(Uk, suk, Vk, svk, x.dtype)
         return blast_matmul_triton(x2, Ud, Sk, Vd, bias, out_features, shape=shape)
 
     cands = quantized_candidates(T, U, shape, x2.device)

@@ -39,24 +39,37 @@ def _check_number(name: str, value, integer: bool = False, optional: bool = Fals
     return value
 
 
+# Default length of a block's fit: passes over the calibration batches, and a floor for few batches.
+# Measured on SmolLM2-135M at budget 0.5 (held-out perplexity over dense): 16 batches of 512 tokens,
+# 32 steps: 4.40x (128 steps: 4.02x); 128 batches, 256 steps: 2.95x.
+PASSES = 2
+MIN_STEPS = 32
+
+
 @dataclass(frozen=True)
 class ReconstructOptions:
     """How each block is reconstructed. ``steps``: optimizer steps per block (0: none), each on one
-    calibration batch in turn; ``seconds``: wall-time bound per block (None: steps only); ``lr``: Adam's
+    calibration batch in turn; None: :data:`PASSES` passes over the batches, at least :data:`MIN_STEPS`
+    (:meth:`steps_for`); ``seconds``: wall-time bound per block (None: steps only); ``lr``: Adam's
     learning rate, cosine-decayed over ``steps``; ``norms``: train the block's norm weights too."""
-    steps: int = 0
+    steps: int | None = 0
     seconds: float | None = None
     lr: float = 1e-3
     norms: bool = True
     progress: bool = True
 
     def __post_init__(self):
-        _check_number("steps", self.steps, integer=True)
+        _check_number("steps", self.steps, integer=True, optional=True)
         _check_number("seconds", self.seconds, optional=True)
         _check_number("lr", self.lr)
         for name in ("norms", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    def steps_for(self, batches: int) -> int:
+        """The steps per block on ``batches`` calibration batches: ``steps``, or where it is None a fixed
+        number of passes over them, so that more calibration data is also used for longer."""
+        return self.steps if self.steps is not None else max(MIN_STEPS, PASSES * batches)
 
     @classmethod
     def from_config(cls, config) -> "ReconstructOptions":
@@ -107,13 +120,14 @@ def reconstruct_block(block: nn.Module, inputs: Sequence[torch.Tensor], targets:
                       options: ReconstructOptions, desc: str = "reconstructing the block") -> ReconstructResult:
     """Fit ``block``'s trainable parameters (:func:`block_parameters`) so that ``call(block, inputs[k], k)``
     matches ``targets[k]`` in mean squared error, by Adam over the batches in turn, within
-    ``options.steps`` and ``options.seconds``. The fit is kept only if the squared error summed over all
-    batches went down. All-or-nothing (see the module docstring)."""
+    ``options.steps_for(len(inputs))`` steps and ``options.seconds``. The fit is kept only if the
+    squared error summed over all batches went down. All-or-nothing (see the module docstring)."""
     if len(inputs) != len(targets) or not len(inputs):
         raise ValueError(f"reconstruct_block needs one target per input batch, got {len(inputs)} inputs and "
                          f"{len(targets)} targets")
     params = block_parameters(block, options.norms)
-    if options.steps == 0 or not params:
+    total = options.steps_for(len(inputs))
+    if total == 0 or not params:
         return ReconstructResult(0, 0.0, math.nan, math.nan, False)
     call = products_in_fp32(call, (*inputs, *block.parameters()))
     flags = [(p, p.requires_grad) for p in block.parameters()]
@@ -135,13 +149,13 @@ def reconstruct_block(block: nn.Module, inputs: Sequence[torch.Tensor], targets:
         for p in params:
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(params, lr=options.lr)
-        bar = progress_bar(enabled=options.progress, desc=desc, total=options.steps, unit="step", leave=False)
+        bar = progress_bar(enabled=options.progress, desc=desc, total=total, unit="step", leave=False)
         step = 0
         tokens = [t.numel() for t in targets]
-        while step < options.steps and (options.seconds is None or time.perf_counter() - start < options.seconds):
+        while step < total and (options.seconds is None or time.perf_counter() - start < options.seconds):
             k = step % len(inputs)
             for group in optimizer.param_groups:
-                group["lr"] = options.lr * 0.5 * (1 + math.cos(math.pi * step / options.steps))
+                group["lr"] = options.lr * 0.5 * (1 + math.cos(math.pi * step / total))
             loss = (call(block, inputs[k], k).float() - targets[k].float()).square().sum() * (sum(tokens) / tokens[k]
                                                                                                 / scale)
             optimizer.zero_grad(set_to_none=True)

@@ -166,9 +166,10 @@ def collect_output_fisher(model: nn.Module, names, batches, damping: float = FIS
     return {n: f + damping * f.mean() for n, f in fisher.items()}
 
 
-def singular_covariance_error(names, covariances, damping: float) -> ValueError:
-    """The error for input covariances still singular after damping, naming the layers whose damped
-    covariance has no Cholesky factor (all of ``names`` when none fails on its own)."""
+def singular_covariance_error(names, covariances, damping: float, cause: BaseException | None = None) -> ValueError:
+    """The error for a linear solve that failed while fitting ``names``: naming the layers whose damped
+    input covariance has no Cholesky factor, or, when every covariance has one, saying that the
+    failure lies in the fit itself (with ``cause``'s text) rather than blaming the calibration data."""
     from ..structures.blast.factorize.weighted import damped_cholesky
 
     bad = []
@@ -179,7 +180,12 @@ def singular_covariance_error(names, covariances, damping: float) -> ValueError:
             damped_cholesky(c.unsqueeze(0), damping)
         except torch.linalg.LinAlgError:
             bad.append(n)
-    bad = bad or list(names)
+    if not bad:
+        more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+        return ValueError(f"fitting layer {names[0]!r}{more} failed in a linear solve although its input covariance "
+                          f"is positive definite with calibration_damping={damping:g}"
+                          + (f" ({cause})" if cause is not None else "") + ". Pass a larger damping, e.g. "
+                          f"BlastConfig(calibration_damping={damping * 10:g}), or fewer iterations")
     more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
     return ValueError(f"the input covariance of layer {bad[0]!r}{more} is singular even with calibration_damping="
                       f"{damping:g}: its calibration inputs span too few directions. Pass a larger damping, e.g. "

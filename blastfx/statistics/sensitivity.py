@@ -39,7 +39,7 @@ def layer_spectra(model: nn.Module, names, stats: dict[str, LayerStats] | None =
             try:
                 W = W @ damped_cholesky(covariances[k].to(W).unsqueeze(0), damping)[0]
             except torch.linalg.LinAlgError as err:
-                raise singular_covariance_error([k], covariances, damping) from err
+                raise singular_covariance_error([k], covariances, damping, err) from err
         spectra[k] = singular_values(W).cpu()
     return spectra
 
@@ -72,7 +72,7 @@ def block_errors(model: nn.Module, plan: Plan, config,
                 except torch.linalg.LinAlgError as err:
                     if C is None:
                         raise
-                    raise singular_covariance_error(part, covariances, config.calibration_damping) from err
+                    raise singular_covariance_error(part, covariances, config.calibration_damping, err) from err
                 err = f.output_error if C is not None else f.rel_error
                 for k, name in enumerate(part):
                     errors.setdefault(name, {})[blocks] = err[k].item()

@@ -66,7 +66,7 @@ def blast_errors(model: nn.Module, plan, config, stats: dict[str, LayerStats] | 
             except torch.linalg.LinAlgError as err:
                 if C is None:
                     raise
-                raise singular_covariance_error(part, covariances, config.calibration_damping) from err
+                raise singular_covariance_error(part, covariances, config.calibration_damping, err) from err
             Wd = W.double()
             D = Wd - f.to_dense().double()
             for i, k in enumerate(part):

@@ -18,7 +18,8 @@ the forward's autotuner times, in bf16 with a bias, at T = 1 (the GEMV, decode, 
 and T = 256 (prefill) on an attention-sized layer (4 x 4 blocks); the GEMV reading int8 codes, and
 the GEMV group, over all their configs at T = 1, and reading packed int4 or float8 codes (which
 share the tile code) over one config per code variant; the fused kernels reading each code format
-over the configs the quantized forward times at T = 8 and 256, in bf16 and fp16. One config per mode: T = 2, 4, 16
+over the configs the quantized forward times at T = 8 and 256, in bf16 and fp16, and the one-pass
+copy of each code format into bf16 and fp16. One config per mode: T = 2, 4, 16
 (the GEMV's BT = 2, 4), fp16 and fp32 (IEEE dots) at T = 1 and 256, no bias, an MLP-sized layer of
 16 x 4 blocks, the GEMV's stages launched alone. The backward middle for every pair of block counts
 the CUDA op runs it for (bf16; one pair in fp16 and fp32); SS1 over its decode and prefill
@@ -54,7 +55,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 TARGET = ("cuda", 90, 32)           # Hopper: sm_90, warps of 32 threads
 KERNEL_MODULES = ("blastfx.kernels.gemv", "blastfx.kernels.decode", "blastfx.kernels.forward",
-                  "blastfx.kernels.backward", "blastfx.kernels.mlp_chain", "blastfx.structures.ss1.kernel")
+                  "blastfx.kernels.dequantize", "blastfx.kernels.backward", "blastfx.kernels.mlp_chain",
+                  "blastfx.structures.ss1.kernel")
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
                 torch.int8: "i8", torch.uint8: "u8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64",
                 torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv"}
@@ -354,6 +356,17 @@ def _quantized_fused(T: int, shape, dtype, code_dtype) -> None:
         forward.wu(w, Uc, b.to(dtype), shape, cfg, dtype, U_scale=su)
 
 
+def _dequantize(shape, dtype, code_dtype) -> None:
+    """The one-pass copy of U and V from codes of the format stored as ``code_dtype``."""
+    from blastfx.kernels import dequantize
+    from blastfx.structures.blast.quant import formats
+
+    fmt = formats.of_storage(code_dtype)
+    U, _, V, _ = _factors(shape, torch.float32, bias=False)
+    (Uc, su), (Vc, sv) = formats.quantize_u(U, fmt), formats.quantize_v(V, fmt)
+    dequantize.dequantized(Uc, su, Vc, sv, dtype)
+
+
 def _gemv_single_stages(shape, dtype) -> None:
     """The GEMV's stages launched alone (``only_stage``, for profiles) in its two-launch modes."""
     from blastfx.kernels import gemv
@@ -443,6 +456,8 @@ def _scenarios():
         T, shapes[0], bf16, cd, every=T == 1 and cd == gemv.CODE_DTYPES[0])) for cd in gemv.CODE_DTYPES for T in (1, 2, 4)]
     out += [(f"quantized fused {cd} T={T} {dt}", lambda T=T, cd=cd, dt=dt: _quantized_fused(T, shapes[0], dt, cd))
             for cd in gemv.CODE_DTYPES for T in (8, 256) for dt in (bf16, fp16)]
+    out += [(f"dequantize {cd} {dt}", lambda cd=cd, dt=dt: _dequantize(shapes[0], dt, cd))
+            for cd in gemv.CODE_DTYPES for dt in (bf16, fp16)]
     out += [("GEMV single stages", lambda: _gemv_single_stages(shapes[0], bf16))]
     out += [(f"GEMV group T={T}", lambda T=T: _gemv_group(T, bf16, every=T == 1)) for T in (1, 2, 4)]
     out += [(f"MLP chain T={T}", lambda T=T: _mlp_chain(T, bf16, every=T == 1)) for T in (1, 4)]

@@ -97,6 +97,20 @@ def test_steps_bound():
     assert calls[len(inputs):len(inputs) + 7] == [0, 1, 2, 3, 0, 1, 2]
 
 
+@pytest.mark.parametrize("batches, steps", [(4, 32), (16, 32), (17, 34), (128, 256)])
+def test_default_steps_are_two_passes_over_the_batches_at_least_32(batches, steps):
+    block, inputs, targets = problem(batches=batches)
+    result = reconstruct_block(block, inputs, targets, call, ReconstructOptions(steps=None, lr=1e-3, progress=False))
+    assert result.steps == steps
+
+
+def test_the_config_default_is_two_passes():
+    from blastfx import BlastConfig
+    options = ReconstructOptions.from_config(BlastConfig())
+    assert options.steps is None and options.steps_for(100) == 200 and options.steps_for(3) == 32
+    assert ReconstructOptions.from_config(BlastConfig(reconstruct_steps=5)).steps_for(100) == 5
+
+
 def test_time_bound():
     block, inputs, targets = problem()
 

@@ -4,7 +4,7 @@ import torch
 
 import blastfx
 from blastfx import BlastConfig, factorize
-from blastfx.statistics.collect import collect_covariances
+from blastfx.statistics.collect import collect_covariances, singular_covariance_error
 from conftest import spectrum_matrix
 import models
 
@@ -134,3 +134,15 @@ def test_error_strategy_uses_output_sensitivity_with_calibration():
     cal_plan = blastfx.plan_for(wrapper, 0.5, cfg, example_inputs=batches[0], calibration=batches)
     assert abs(weight_plan.layers["seq.0"].rank - weight_plan.layers["seq.1"].rank) <= 8   # one balancing step
     assert cal_plan.layers["seq.1"].rank < cal_plan.layers["seq.0"].rank
+
+
+def test_a_failed_solve_with_sound_covariances_is_not_blamed_on_the_data():
+    """Only a covariance that has no damped Cholesky factor is called singular; otherwise the error says
+    the fit's own solve failed and carries its cause."""
+    sound = torch.eye(6) + 0.1
+    rank_one = torch.ones(6, 6)
+    err = singular_covariance_error(["a", "b"], {"a": sound, "b": sound}, 0.01, RuntimeError("pivot 3 is zero"))
+    assert "fitting layer 'a' (and 1 more) failed in a linear solve" in str(err) and "pivot 3 is zero" in str(err)
+    assert "span too few directions" not in str(err)
+    err = singular_covariance_error(["a", "b"], {"a": sound, "b": rank_one}, 0.0)
+    assert "input covariance of layer 'b' is singular even with calibration_damping=0" in str(err)

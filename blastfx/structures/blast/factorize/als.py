@@ -73,7 +73,8 @@ def run_als(A, U, S, V, *, iters: int = 100, tol: float = 1e-4, damping: float =
     single-vector systems by ``s_steps`` CG steps, None: Cholesky; see :func:`blocks.damped_cg_vec`).
 
     Stops as :func:`blocks.record_and_check` says (iteration cap, ``target_error``, or stalled). Returns (U, S, V, history) where
-    history is the relative error per iteration (tensor (iters_run, B)).
+    history is the relative error per iteration (tensor (iters_run, B)). An iteration whose solves fail
+    or leave a non-finite factor is undone and ends the fit (:func:`blocks.last_good`).
     """
     b_out, b_in = U.shape[1], V.shape[1]
     norm2 = A.double().pow(2).sum(dim=(1, 2)).clamp_min(torch.finfo(torch.float64).tiny)
@@ -82,23 +83,31 @@ def run_als(A, U, S, V, *, iters: int = 100, tol: float = 1e-4, damping: float =
     blk.normalize_columns(U, V, S)
     AV = blk.a_times_v(A, V, b_out)
     for it in range(iters):
-        GU, GV = blk.gram(U), blk.gram(V)
-        # S step: every s_ij at once.
-        H, d = blk.s_normal_equations(U, GU, GV, AV)
-        lam = blk.relative_damping(H, damping)
-        S = blk.s_solve(H, d, lam, S, s_steps)
-        err2 = norm2 - 2 * (S.double() * d.double()).sum(dim=(1, 2, 3)) + blk.quadratic_form(H, S)
-        rel = (err2.clamp_min(0) / norm2).sqrt()
-        if blk.record_and_check(history, rel, it, iters, tol, target_error, window, callback):
+        last, recorded = (U.clone(), S.clone(), V.clone()), len(history)
+        try:
+            GU, GV = blk.gram(U), blk.gram(V)
+            # S step: every s_ij at once.
+            H, d = blk.s_normal_equations(U, GU, GV, AV)
+            lam = blk.relative_damping(H, damping)
+            S = blk.s_solve(H, d, lam, S, s_steps)
+            err2 = norm2 - 2 * (S.double() * d.double()).sum(dim=(1, 2, 3)) + blk.quadratic_form(H, S)
+            rel = (err2.clamp_min(0) / norm2).sqrt()
+            if blk.record_and_check(history, rel, it, iters, tol, target_error, window, callback):
+                break
+            # U step (uses A V from the current V), then V step (needs A^T U with the new U).
+            G, R = blk.u_normal_equations(S, GV, AV)
+            lam = blk.relative_damping(G, damping)
+            U = blk.damped_solve_right(G, R + lam[..., None, None] * U, lam)
+            GU = blk.gram(U)
+            G, R = blk.v_normal_equations(S, GU, blk.at_times_u(A, U, b_in))
+            lam = blk.relative_damping(G, damping)
+            V = blk.damped_solve_right(G, R + lam[..., None, None] * V, lam)
+            blk.normalize_columns(U, V, S)
+            AV = blk.a_times_v(A, V, b_out)
+        except torch.linalg.LinAlgError:
+            U, S, V = blk.last_good(last, history, recorded)
             break
-        # U step (uses A V from the current V), then V step (needs A^T U with the new U).
-        G, R = blk.u_normal_equations(S, GV, AV)
-        lam = blk.relative_damping(G, damping)
-        U = blk.damped_solve_right(G, R + lam[..., None, None] * U, lam)
-        GU = blk.gram(U)
-        G, R = blk.v_normal_equations(S, GU, blk.at_times_u(A, U, b_in))
-        lam = blk.relative_damping(G, damping)
-        V = blk.damped_solve_right(G, R + lam[..., None, None] * V, lam)
-        blk.normalize_columns(U, V, S)
-        AV = blk.a_times_v(A, V, b_out)
-    return U, S, V, torch.stack(history)
+        if not blk.all_finite(U, S, V):
+            U, S, V = blk.last_good(last, history, recorded)
+            break
+    return U, S, V, blk.stacked(history, A.shape[0], A.device)

@@ -201,6 +201,26 @@ def balance(U, V, S, scale: torch.Tensor):
     V *= g.view(g.shape[0], 1, 1, -1)
 
 
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every entry of every tensor is finite (one device sync)."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def last_good(saved: tuple, history: list, recorded: int) -> tuple:
+    """Undo an iteration of an alternating fit that could not be completed: a solve failed (a Gram
+    singular in floating point even after its ridge) or left a non-finite factor. Every completed
+    iteration lowered the error, so the iterate saved before this one is the best so far; the
+    history entries this iteration added are dropped so the history matches what is returned."""
+    del history[recorded:]
+    return saved
+
+
+def stacked(history: list, batch: int, device) -> torch.Tensor:
+    """The per-iteration errors as a tensor (iters_run, batch); (0, batch) when the first iteration
+    was undone (the start is returned unchanged)."""
+    return torch.stack(history) if history else torch.zeros(0, batch, dtype=torch.float64, device=device)
+
+
 def record_and_check(history: list, rel: torch.Tensor, it: int, iters: int, tol: float,
                      target_error: float | None, window: int, callback=None) -> bool:
     """Append this iteration's relative error (B,) and say whether to stop: the iteration cap, the

@@ -71,7 +71,9 @@ def run_weighted_als(A, C, U, S, V, *, iters: int = 30, tol: float = 1e-4, dampi
                      s_steps: int | None = blk.S_CG_STEPS):
     """Refine (U, S, V) for ||(A - Ahat) C^{1/2}||. ``C`` must already be damped (positive definite).
     ``s_steps``: CG steps of the S step's solves (None: Cholesky; see :func:`blocks.damped_cg_vec`).
-    Returns (U, S, V, history of relative output errors (iters_run, B))."""
+    Returns (U, S, V, history of relative output errors (iters_run, B)). An iteration whose solves
+    fail or leave a non-finite factor (ill-conditioned Grams late in a long fit) is undone and ends
+    the fit: the last good iterate is returned, never worse than the start (every step lowers f)."""
     B, b_out, p, r = U.shape
     b_in, q = V.shape[1], V.shape[2]
     U, S, V = U.clone(), S.clone(), V.clone()
@@ -82,41 +84,49 @@ def run_weighted_als(A, C, U, S, V, *, iters: int = 30, tol: float = 1e-4, dampi
     Ljj = torch.linalg.cholesky(Cjj)
     history = []
     for it in range(iters):
-        blk.normalize_columns(U, V, S)
-        K = _cross_grams(V, C)
-        GU = blk.gram(U)
-        AVc = blk.a_times_v(AC, V, b_out)                                  # (B, j, i, p, r): (AC)_ij V_j
-        d = torch.stack([(U * AVc[:, j]).sum(2) for j in range(b_in)], dim=2)   # (B, b_out, b_in, r)
-        # S step: Gauss-Seidel over block-columns j, all block-rows i at once.
-        for j in range(b_in):
-            rhs = d[:, :, j].clone()
-            for k in range(b_in):
-                if k != j:
-                    rhs -= ((GU * K[:, j, k].unsqueeze(1)) @ S[:, :, k].unsqueeze(-1)).squeeze(-1)
-            H = GU * K[:, j, j].unsqueeze(1)
-            lam = blk.relative_damping(H, damping)
-            S[:, :, j] = blk.s_solve(H, rhs, lam, S[:, :, j], s_steps)
-        rel = (weighted_error2(norm2, S, d, GU, K).clamp_min(0) / norm2).sqrt()
-        if blk.record_and_check(history, rel, it, iters, tol, target_error, window, callback):
+        last, recorded = (U.clone(), S.clone(), V.clone()), len(history)
+        try:
+            blk.normalize_columns(U, V, S)
+            K = _cross_grams(V, C)
+            GU = blk.gram(U)
+            AVc = blk.a_times_v(AC, V, b_out)                                  # (B, j, i, p, r): (AC)_ij V_j
+            d = torch.stack([(U * AVc[:, j]).sum(2) for j in range(b_in)], dim=2)   # (B, b_out, b_in, r)
+            # S step: Gauss-Seidel over block-columns j, all block-rows i at once.
+            for j in range(b_in):
+                rhs = d[:, :, j].clone()
+                for k in range(b_in):
+                    if k != j:
+                        rhs -= ((GU * K[:, j, k].unsqueeze(1)) @ S[:, :, k].unsqueeze(-1)).squeeze(-1)
+                H = GU * K[:, j, j].unsqueeze(1)
+                lam = blk.relative_damping(H, damping)
+                S[:, :, j] = blk.s_solve(H, rhs, lam, S[:, :, j], s_steps)
+            rel = (weighted_error2(norm2, S, d, GU, K).clamp_min(0) / norm2).sqrt()
+            if blk.record_and_check(history, rel, it, iters, tol, target_error, window, callback):
+                break
+            # U step: G_i = sum_jk D_ij K_jk D_ik, R_i = sum_j (AC)_ij V_j D_ij.
+            G = blk._sum_over(b_in * b_in, lambda t: (S[:, :, t // b_in].unsqueeze(-1) * S[:, :, t % b_in].unsqueeze(-2))
+                              * K[:, t // b_in, t % b_in].unsqueeze(1))
+            R = blk._sum_over(b_in, lambda j: AVc[:, j] * S[:, :, j].unsqueeze(2))
+            lam = blk.relative_damping(G, damping)
+            U = blk.damped_solve_right(G, R + lam[..., None, None] * U, lam)
+            # V step: Gauss-Seidel over j; C_jj V_j P_jj = R_j - sum_{k != j} C_jk V_k P_kj.
+            GU = blk.gram(U)
+            P = torch.stack([torch.stack([blk._sum_over(b_out, lambda i: (S[:, i, j].unsqueeze(-1) * S[:, i, k].unsqueeze(-2))
+                                                        * GU[:, i]) for k in range(b_in)], 1) for j in range(b_in)], 1)
+            AtUc = blk.at_times_u(AC, U, b_in)                                # (B, i, j, q, r): (AC)_ij^T U_i
+            Rv = blk._sum_over(b_out, lambda i: AtUc[:, i] * S[:, i].unsqueeze(2))   # (B, b_in, q, r)
+            for j in range(b_in):
+                rhs = Rv[:, j].clone()
+                for k in range(b_in):
+                    if k != j:
+                        rhs -= Cb[:, j, k] @ V[:, k] @ P[:, k, j]
+                Y = torch.cholesky_solve(rhs, Ljj[:, j])                        # C_jj^{-1} rhs
+                lam = blk.relative_damping(P[:, j, j], damping)
+                V[:, j] = blk.damped_solve_right(P[:, j, j], Y + lam[..., None, None] * V[:, j], lam)
+        except torch.linalg.LinAlgError:
+            U, S, V = blk.last_good(last, history, recorded)
             break
-        # U step: G_i = sum_jk D_ij K_jk D_ik, R_i = sum_j (AC)_ij V_j D_ij.
-        G = blk._sum_over(b_in * b_in, lambda t: (S[:, :, t // b_in].unsqueeze(-1) * S[:, :, t % b_in].unsqueeze(-2))
-                          * K[:, t // b_in, t % b_in].unsqueeze(1))
-        R = blk._sum_over(b_in, lambda j: AVc[:, j] * S[:, :, j].unsqueeze(2))
-        lam = blk.relative_damping(G, damping)
-        U = blk.damped_solve_right(G, R + lam[..., None, None] * U, lam)
-        # V step: Gauss-Seidel over j; C_jj V_j P_jj = R_j - sum_{k != j} C_jk V_k P_kj.
-        GU = blk.gram(U)
-        P = torch.stack([torch.stack([blk._sum_over(b_out, lambda i: (S[:, i, j].unsqueeze(-1) * S[:, i, k].unsqueeze(-2))
-                                                    * GU[:, i]) for k in range(b_in)], 1) for j in range(b_in)], 1)
-        AtUc = blk.at_times_u(AC, U, b_in)                                # (B, i, j, q, r): (AC)_ij^T U_i
-        Rv = blk._sum_over(b_out, lambda i: AtUc[:, i] * S[:, i].unsqueeze(2))   # (B, b_in, q, r)
-        for j in range(b_in):
-            rhs = Rv[:, j].clone()
-            for k in range(b_in):
-                if k != j:
-                    rhs -= Cb[:, j, k] @ V[:, k] @ P[:, k, j]
-            Y = torch.cholesky_solve(rhs, Ljj[:, j])                        # C_jj^{-1} rhs
-            lam = blk.relative_damping(P[:, j, j], damping)
-            V[:, j] = blk.damped_solve_right(P[:, j, j], Y + lam[..., None, None] * V[:, j], lam)
-    return U, S, V, torch.stack(history)
+        if not blk.all_finite(U, S, V):
+            U, S, V = blk.last_good(last, history, recorded)
+            break
+    return U, S, V, blk.stacked(history, B, A.device)
