@@ -291,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="folder to save the compressed model in (written atomically)")
     c.add_argument("--calibrate", type=count, default=DEFAULT_CALIBRATION_TOKENS, metavar="TOKENS",
                    help=f"calibrate on this many tokens (default {DEFAULT_CALIBRATION_TOKENS}) of the bundled "
-                        "non-held-out Wikipedia text or of --calibration-text; 0: weight-only, much worse")
+                        "non-held-out Wikipedia text or of --calibration-text; 0: weight-only, much worse. More "
+                        "pays at low budgets: SmolLM2-135M at 0.5 measured 4.40x dense perplexity with 8192 tokens "
+                        "and 2.95x with 65536 (block reconstruction then runs longer too)")
     c.add_argument("--calibration-text", type=text_file, metavar="FILE", help="UTF-8 text to calibrate on")
     c.add_argument("--strategy", choices=STRATEGIES, default=None,
                    help="how the budget is spread over layers (default: loss when calibrating, else uniform)")

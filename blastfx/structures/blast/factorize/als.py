@@ -110,4 +110,6 @@ def run_als(A, U, S, V, *, iters: int = 100, tol: float = 1e-4, damping: float =
         if not blk.all_finite(U, S, V):
             U, S, V = blk.last_good(last, history, recorded)
             break
+    if iters and not blk.all_finite(U, S, V):   # the S step the loop stopped after went non-finite
+        U, S, V = blk.last_good(last, history, recorded)
     return U, S, V, blk.stacked(history, A.shape[0], A.device)

@@ -129,4 +129,6 @@ def run_weighted_als(A, C, U, S, V, *, iters: int = 30, tol: float = 1e-4, dampi
         if not blk.all_finite(U, S, V):
             U, S, V = blk.last_good(last, history, recorded)
             break
+    if iters and not blk.all_finite(U, S, V):   # the S step the loop stopped after went non-finite
+        U, S, V = blk.last_good(last, history, recorded)
     return U, S, V, blk.stacked(history, B, A.device)

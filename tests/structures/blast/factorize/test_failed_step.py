@@ -85,3 +85,22 @@ def test_a_failed_later_iteration_keeps_the_iterations_before_it(monkeypatch, ki
     # lowered it further) and above the third S step's (which starts from it and lowers it again)
     rel = (after / (A * (A if C is None else A @ C)).sum(dim=(1, 2))).sqrt()
     assert (rel <= clean[1] * (1 + 1e-12)).all() and (rel >= clean[2] * (1 - 1e-12)).all()
+
+
+@pytest.mark.parametrize("kind", ["weighted", "weight-only"])
+def test_a_non_finite_last_s_step_is_undone_too(monkeypatch, kind):
+    """The loop stops right after the last iteration's S step; a non-finite S there is undone as well."""
+    A, C, start = PROBLEMS[kind]()
+    *_, clean = fit(kind, A, C, start, iters=2)
+    real = blk.s_solve
+    calls = [0]
+
+    def s_solve(*args):
+        calls[0] += 1
+        out = real(*args)
+        return out.fill_(float("nan")) if calls[0] > (B_IN if kind == "weighted" else 1) else out
+    monkeypatch.setattr(blk, "s_solve", s_solve)
+    U, S, V, history = fit(kind, A, C, start, iters=2)
+    assert history.shape == (1, 2) and torch.equal(history, clean[:1])
+    assert all(torch.isfinite(t).all() for t in (U, S, V))
+    assert (output_error(A, C, U, S, V) < output_error(A, C, *start)).all()
