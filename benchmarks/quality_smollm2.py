@@ -126,7 +126,7 @@ def main():
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--probe-iters", type=int, default=5)
     ap.add_argument("--rec-steps", type=int, default=BlastConfig.reconstruct_steps,
-                    help="block reconstruction steps per block (rows ending in -rec; default: two passes over the "
+                    help="block reconstruction steps per block (rows ending in -rec; default: eight passes over the "
                          "calibration batches, at least 32)")
     ap.add_argument("--rec-lr", type=float, default=BlastConfig.reconstruct_lr)
     ap.add_argument("--news-windows", type=int, default=0,

@@ -204,8 +204,8 @@ class BlastConfig:
     min_speedup: float | None = None       # e.g. 1.0: no compressed layer slower than dense at decode
     # sequential=True: after a block's layers are built, fit its factors (and norms) jointly to the dense
     # block's outputs on the calibration streams (blastfx.reconstruct); 0 steps turns it off
-    reconstruct_steps: int | None = None   # optimizer steps per block, one calibration batch each; None: two
-                                           # passes over the calibration batches, at least 32
+    reconstruct_steps: int | None = None   # optimizer steps per block, one calibration batch each; None:
+                                           # eight passes over the calibration batches, at least 32
     reconstruct_seconds: float | None = None   # wall-time bound per block (None: the steps only)
     reconstruct_lr: float = 1e-3           # Adam, cosine-decayed over the steps
     reconstruct_norms: bool = True         # train the block's norm weights too

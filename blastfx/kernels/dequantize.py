@@ -50,21 +50,27 @@ def _launch(codes: torch.Tensor, scale: torch.Tensor, dtype, rank: int, per_row:
     if stored != fmt.stored_length(rank):
         raise ValueError(f"{fmt.name} codes of shape {tuple(codes.shape)} do not hold r={rank}: their last dimension "
                          f"must be {fmt.stored_length(rank)}")
+    out = torch.empty(*codes.shape[:-1], rank, dtype=dtype, device=codes.device)
+    if out.numel() == 0:
+        return out
     c2 = codes.contiguous().view(-1, stored)
     s2 = scale.contiguous().view(-1) if per_row else scale.contiguous().view(-1, rank)
-    out = torch.empty(*codes.shape[:-1], rank, dtype=dtype, device=codes.device)
     rows = c2.shape[0]
-    if rows and rank:
-        grid = (triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(rank, BLOCK_COLS))
-        _dequantize_kernel[grid](c2, s2, out, rows, rank, stored, group, c2.stride(0), c2.stride(1),
-                                 0 if per_row else s2.stride(0), PER_ROW=per_row, QUANT=fmt.bits,
-                                 BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS)
+    grid = (triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(rank, BLOCK_COLS))
+    _dequantize_kernel[grid](c2, s2, out, rows, rank, stored, group, c2.stride(0), c2.stride(1),
+                             0 if per_row else s2.stride(0), PER_ROW=per_row, QUANT=fmt.bits,
+                             BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS)
     return out
 
 
 def supported(codes: torch.Tensor, dtype) -> bool:
-    """Codes this kernel reads, into a float dtype it writes (float64 copies stay in PyTorch)."""
-    return codes.dtype in CODE_DTYPES and dtype in (torch.float32, torch.float16, torch.bfloat16)
+    """Codes this kernel reads, into a float dtype it writes (float64 copies stay in PyTorch). Triton
+    converts float8 (e4m3) only on sm_89 and newer; older GPUs copy float8 codes in PyTorch."""
+    if codes.dtype not in CODE_DTYPES or dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if codes.dtype == torch.float8_e4m3fn and codes.is_cuda:
+        return torch.cuda.get_device_capability(codes.device) >= (8, 9)
+    return True
 
 
 def dequantize_u(codes: torch.Tensor, scale: torch.Tensor, dtype, rank: int) -> torch.Tensor:

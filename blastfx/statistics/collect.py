@@ -182,10 +182,11 @@ def singular_covariance_error(names, covariances, damping: float, cause: BaseExc
             bad.append(n)
     if not bad:
         more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
-        return ValueError(f"fitting layer {names[0]!r}{more} failed in a linear solve although its input covariance "
-                          f"is positive definite with calibration_damping={damping:g}"
-                          + (f" ({cause})" if cause is not None else "") + ". Pass a larger damping, e.g. "
-                          f"BlastConfig(calibration_damping={damping * 10:g}), or fewer iterations")
+        return ValueError(f"fitting layer {names[0]!r}{more} failed in a linear solve"
+                          + (f" ({cause})" if cause is not None else "") + f", though its input covariance alone "
+                          f"passes the damped check (calibration_damping={damping:g}): the system is "
+                          f"ill-conditioned. Pass a larger damping, e.g. "
+                          f"BlastConfig(calibration_damping={damping * 10:g})")
     more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
     return ValueError(f"the input covariance of layer {bad[0]!r}{more} is singular even with calibration_damping="
                       f"{damping:g}: its calibration inputs span too few directions. Pass a larger damping, e.g. "

@@ -68,3 +68,13 @@ def test_codes_that_do_not_hold_r_are_refused():
     Uc, su, Vc, sv = _factors(2, 5, 2, 6, 8, "int4")
     with pytest.raises(ValueError, match=r"int4 codes of shape \(2, 5, 4\) do not hold r=9: .* must be 5"):
         dequantize.dequantize_u(Uc, su, torch.bfloat16, 9)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_empty_factors_give_empty_copies(name):
+    fmt = formats.get(name)
+    Uc = torch.zeros(2, 0, fmt.stored_length(6), dtype=fmt.storage, device=DEVICE)
+    Vc = torch.zeros(2, 0, fmt.stored_length(6), dtype=fmt.storage, device=DEVICE)
+    U = dequantize.dequantize_u(Uc, torch.ones(2, 0, device=DEVICE), torch.bfloat16, 6)
+    V = dequantize.dequantize_v(Vc, torch.ones(2, 6, device=DEVICE), torch.bfloat16)
+    assert U.shape == (2, 0, 6) and V.shape == (2, 0, 6) and U.dtype == V.dtype == torch.bfloat16

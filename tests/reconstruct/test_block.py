@@ -97,17 +97,17 @@ def test_steps_bound():
     assert calls[len(inputs):len(inputs) + 7] == [0, 1, 2, 3, 0, 1, 2]
 
 
-@pytest.mark.parametrize("batches, steps", [(4, 32), (16, 32), (17, 34), (128, 256)])
-def test_default_steps_are_two_passes_over_the_batches_at_least_32(batches, steps):
+@pytest.mark.parametrize("batches, steps", [(1, 32), (4, 32), (5, 40), (32, 256)])
+def test_default_steps_are_eight_passes_over_the_batches_at_least_32(batches, steps):
     block, inputs, targets = problem(batches=batches)
     result = reconstruct_block(block, inputs, targets, call, ReconstructOptions(steps=None, lr=1e-3, progress=False))
     assert result.steps == steps
 
 
-def test_the_config_default_is_two_passes():
+def test_the_config_default_is_eight_passes():
     from blastfx import BlastConfig
     options = ReconstructOptions.from_config(BlastConfig())
-    assert options.steps is None and options.steps_for(100) == 200 and options.steps_for(3) == 32
+    assert options.steps is None and options.steps_for(100) == 800 and options.steps_for(3) == 32
     assert ReconstructOptions.from_config(BlastConfig(reconstruct_steps=5)).steps_for(100) == 5
 
 

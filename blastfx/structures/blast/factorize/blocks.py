@@ -5,6 +5,8 @@ Everything is plain tensor code so that it runs unchanged on CPU and GPU.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
@@ -210,7 +212,11 @@ def last_good(saved: tuple, history: list, recorded: int) -> tuple:
     """Undo an iteration of an alternating fit that could not be completed: a solve failed (a Gram
     singular in floating point even after its ridge) or left a non-finite factor. Every completed
     iteration lowered the error, so the iterate saved before this one is the best so far; the
-    history entries this iteration added are dropped so the history matches what is returned."""
+    history entries this iteration added are dropped so the history matches what is returned. A
+    warning says so: the fit of every matrix in the batch stops there."""
+    warnings.warn(f"factorization stopped after {recorded} iteration(s): the next one's solves failed or went "
+                  "non-finite (an ill-conditioned Gram), so the last good iterate is kept; a larger damping "
+                  "or fewer iterations avoid it", RuntimeWarning, stacklevel=3)
     del history[recorded:]
     return saved
 

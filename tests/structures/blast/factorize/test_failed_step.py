@@ -63,7 +63,8 @@ def test_a_failed_first_iteration_returns_the_start(monkeypatch, kind, how):
     A, C, start = PROBLEMS[kind]()
     before = output_error(A, C, *start)
     failing_solve(monkeypatch, 1, how)
-    U, S, V, history = fit(kind, A, C, start, iters=6)
+    with pytest.warns(RuntimeWarning, match=r"stopped after 0 iteration\(s\)"):
+        U, S, V, history = fit(kind, A, C, start, iters=6)
     assert history.shape == (0, 2)
     torch.testing.assert_close(output_error(A, C, U, S, V), before, rtol=1e-12, atol=0)
 
@@ -75,7 +76,8 @@ def test_a_failed_later_iteration_keeps_the_iterations_before_it(monkeypatch, ki
     before = output_error(A, C, *start)
     *_, clean = fit(kind, A, C, start, iters=6)
     failing_solve(monkeypatch, 2 * CALLS[kind] + 1, how)       # the U step of the third iteration
-    U, S, V, history = fit(kind, A, C, start, iters=6)
+    with pytest.warns(RuntimeWarning, match=r"stopped after 2 iteration\(s\)"):
+        U, S, V, history = fit(kind, A, C, start, iters=6)
     assert history.shape == (2, 2)                             # the third iteration's entry dropped
     torch.testing.assert_close(history, clean[:2], rtol=0, atol=0)
     assert all(torch.isfinite(t).all() for t in (U, S, V))
@@ -100,7 +102,8 @@ def test_a_non_finite_last_s_step_is_undone_too(monkeypatch, kind):
         out = real(*args)
         return out.fill_(float("nan")) if calls[0] > (B_IN if kind == "weighted" else 1) else out
     monkeypatch.setattr(blk, "s_solve", s_solve)
-    U, S, V, history = fit(kind, A, C, start, iters=2)
+    with pytest.warns(RuntimeWarning, match=r"stopped after 1 iteration\(s\)"):
+        U, S, V, history = fit(kind, A, C, start, iters=2)
     assert history.shape == (1, 2) and torch.equal(history, clean[:1])
     assert all(torch.isfinite(t).all() for t in (U, S, V))
     assert (output_error(A, C, U, S, V) < output_error(A, C, *start)).all()
