@@ -433,7 +433,7 @@ def _ss1(T: int, dtype, reduction: int = 4) -> None:
     y = torch.empty(T, layout.out_features, dtype=dtype, device=META)
     for cfg in kernel.candidates(T, layout.block_n, layout.block_k):
         if cfg.get("path", "kernel") in ("kernel", "gemv"):
-            kernel._launch(x2, weight, shifts, bias, y, reduction, layout.block_k, layout.block_n, cfg)
+            kernel._launch(x2, weight, shifts, bias, y, reduction, layout.block_k, layout.block_n, layout.vec, cfg)
 
 
 def _scenarios():

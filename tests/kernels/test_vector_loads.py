@@ -207,6 +207,28 @@ def test_ss1_decode_kernel_streams_its_shared_weight_in_16_byte_loads(toolchain,
     assert _vector_loads(counts) >= cfg["BN"] * cfg["KB"] * 2 // (16 * THREADS), counts
 
 
+def test_ss1_prefill_kernel_gathers_rotated_input_tiles_in_16_byte_loads(toolchain, monkeypatch, tmp_path):
+    """The SS1 tensor-core form (4096x4096, reduction 2, T = 256) reads each rotated input tile in
+    aligned 16-byte vectors when the op is told its shifts are multiples of 8 (a layout's ``vec``);
+    told nothing (``vec=1``), the same gathers compile to 2-byte loads, which is what the promise buys."""
+    from blastfx.structures.ss1 import SS1Layout, kernel as ss1_kernel
+    monkeypatch.setattr(ss1_kernel, "INTERPRET", True)          # record the launch, run nothing
+    L = SS1Layout(4096, 4096, 2)
+    cfg = {"BM": 64, "BN": 64, "KB": 64, "num_warps": 4}
+    x = torch.zeros(256, 4096, dtype=torch.bfloat16)
+    w = torch.zeros(L.weight_shape, dtype=torch.bfloat16)
+    specs = []
+    for vec in (L.vec, 1):
+        specs += _record(monkeypatch, "_ss1_kernel", lambda: ss1_kernel.ss1_matmul_triton(
+            x, w, L.shifts(), None, L.reduction, L.block_k, L.block_n, config=cfg, vec=vec), module=ss1_kernel)
+    aligned, scalar = _compile_loads(specs, tmp_path)
+    x_tiles = L.reduction * cfg["BM"] * cfg["KB"] * 2 // (16 * THREADS)     # 16-byte loads per thread a step
+    w_tile = cfg["BN"] * cfg["KB"] * 2 // (16 * THREADS)
+    assert _vector_loads(aligned) >= x_tiles + w_tile, aligned
+    assert not aligned.get("ld.global.b16") and not aligned.get("ld.global.u16"), aligned
+    assert scalar.get("ld.global.b16", 0) + scalar.get("ld.global.u16", 0) > 0, scalar
+
+
 @pytest.mark.parametrize("ranks", [(1488, 1488, 1488), (1016, 1488, 1008)], ids=["llama2-mlp", "ranks-of-8"])
 def test_mlp_chain_middle_kernel_streams_gate_up_and_down_rows_in_16_byte_loads(toolchain, monkeypatch, tmp_path,
                                                                                ranks):

@@ -47,10 +47,21 @@ GEMV_MAX_T = 4              # FMA accumulators hold T x tile values per thread; 
 
 
 @triton.jit
+def _rotated_columns(i, within, s, BK: tl.constexpr, VEC: tl.constexpr):
+    """Input columns of tile ``i`` read at rotation ``s`` (``&`` is mod for a power of two, also for
+    s < 0). Shifts are multiples of VEC, so the columns run in aligned groups of VEC: saying so lets
+    the compiler load each group as one vector (16 bytes for VEC = 8 in bf16) instead of VEC scalar
+    loads, which cannot be pipelined through asynchronous copies."""
+    cols = i * BK + ((within + s) & (BK - 1))
+    return tl.max_contiguous(tl.multiple_of(cols, VEC), VEC)
+
+
+@triton.jit
 def _ss1_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, T, N, K, K_TILES, SHARED_TILES,
                 sxt, sxk, swn, swk, sst, ssn, syt, syn,
                 R: tl.constexpr, HASH_BN: tl.constexpr, HAS_BIAS: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, UPCAST: tl.constexpr):
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, UPCAST: tl.constexpr,
+                VEC: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -69,7 +80,7 @@ def _ss1_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, T, N, K, K_TILES, SHARED_TILE
         for t in range(R):
             i = g * R + t
             s = tl.load(s_ptr + i * sst + j * ssn, mask=g_ok & (i < K_TILES), other=0)
-            cols = i * BK + ((within + s) & (BK - 1))   # & is mod for a power of two, also for s < 0
+            cols = _rotated_columns(i, within, s, BK, VEC)
             xt = tl.load(x_ptr + offs_m[:, None] * sxt + cols[None, :] * sxk,
                          mask=m_ok[:, None] & (g_ok & (cols < K))[None, :], other=0.0)
             a += xt.to(tl.float32)
@@ -87,14 +98,14 @@ def _ss1_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, T, N, K, K_TILES, SHARED_TILE
 
 @triton.jit
 def _fold_input(x_ptr, s_ptr, g, g_ok, within, offs_t, t_ok, j, K, K_TILES, sxt, sxk, sst, ssn,
-                R: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr):
+                R: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr, VEC: tl.constexpr):
     """(BT, KB) fp32: for the shared columns of tiles ``g``, the sum of the R input tiles that read
     them, each gathered at its rotation for output tile j (zero past the last input feature)."""
     a = tl.zeros((BT, KB), dtype=tl.float32)
     for t in range(R):
         i = g * R + t
         s = tl.load(s_ptr + i * sst + j * ssn, mask=g_ok & (i < K_TILES), other=0)
-        cols = i * BK + ((within + s) & (BK - 1))
+        cols = _rotated_columns(i, within, s, BK, VEC)
         xt = tl.load(x_ptr + offs_t[:, None] * sxt + cols[None, :] * sxk,
                      mask=t_ok[:, None] & (g_ok & (cols < K))[None, :], other=0.0)
         a += xt.to(tl.float32)
@@ -105,7 +116,7 @@ def _fold_input(x_ptr, s_ptr, g, g_ok, within, offs_t, t_ok, j, K, K_TILES, sxt,
 def _ss1_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, T, N, K, K_TILES, SHARED_TILES,
                      sxt, sxk, swn, swk, sst, ssn, syt, syn,
                      R: tl.constexpr, HASH_BN: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr):
+                     BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, VEC: tl.constexpr):
     """y[:, tile] for T <= BT tokens on CUDA cores: a program owns BN output rows (inside one hash
     tile, so one set of rotations) and streams their shared weight rows in (BN, KB) tiles, rows
     contiguous along k, against the folded input; one reduction over k at the end."""
@@ -124,7 +135,7 @@ def _ss1_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, T, N, K, K_TILES, SHARED
         g_ok = g < SHARED_TILES
         wt = tl.load(w_ptr + offs_n[:, None] * swn + (g0 * BK + offs_k)[None, :] * swk,
                      mask=n_ok[:, None] & g_ok[None, :], other=0.0)
-        a = _fold_input(x_ptr, s_ptr, g, g_ok, within, offs_t, t_ok, j, K, K_TILES, sxt, sxk, sst, ssn, R, BK, KB, BT)
+        a = _fold_input(x_ptr, s_ptr, g, g_ok, within, offs_t, t_ok, j, K, K_TILES, sxt, sxk, sst, ssn, R, BK, KB, BT, VEC)
         acc += a[:, None, :] * wt.to(tl.float32)[None, :, :]
     out = tl.sum(acc, axis=2)                                           # (BT, BN)
     if HAS_BIAS:
@@ -188,7 +199,7 @@ def candidates(T: int, block_n: int, block_k: int) -> list[dict]:
     return out + gemv_configs(T, block_n, block_k) + [DENSE] if T <= DECODE_MAX_T else [DENSE] + out
 
 
-def _launch_gemv(x2, weight, shifts, bias, y, reduction, block_k, block_n, cfg):
+def _launch_gemv(x2, weight, shifts, bias, y, reduction, block_k, block_n, vec, cfg):
     """The CUDA-core kernel with tile ``cfg`` (BN, KB and launch options) into ``y``; BN is taken as
     given for every T (:func:`gemv_configs` scales it down with T; a config passed by hand keeps its
     accumulators at T x BN x KB)."""
@@ -207,18 +218,18 @@ def _launch_gemv(x2, weight, shifts, bias, y, reduction, block_k, block_n, cfg):
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), shifts.stride(0), shifts.stride(1),
         y.stride(0), y.stride(1),
         R=reduction, HASH_BN=block_n, HAS_BIAS=bias is not None, BT=triton.next_power_of_2(T), BN=BN, BK=block_k,
-        KB=KB, **({} if INTERPRET else cfg))
+        KB=KB, VEC=vec, **({} if INTERPRET else cfg))
     return y
 
 
-def _launch(x2, weight, shifts, bias, y, reduction, block_k, block_n, cfg):
+def _launch(x2, weight, shifts, bias, y, reduction, block_k, block_n, vec, cfg):
     """Run one config into ``y`` (T, out): the kernel with its tile, or ``{"path": "dense"}``."""
     cfg = dict(cfg)
     path = cfg.pop("path", "kernel")
     if path not in ("kernel", "dense", "gemv"):
         raise ValueError(f"config path={path!r}: expected 'kernel', 'gemv' or 'dense'")
     if path == "gemv":
-        return _launch_gemv(x2, weight, shifts, bias, y, reduction, block_k, block_n, cfg)
+        return _launch_gemv(x2, weight, shifts, bias, y, reduction, block_k, block_n, vec, cfg)
     if path == "dense":
         from .ops import _expand
         dense = _expand(weight, shifts, x2.shape[1], reduction, block_k, block_n)
@@ -239,13 +250,15 @@ def _launch(x2, weight, shifts, bias, y, reduction, block_k, block_n, cfg):
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), shifts.stride(0), shifts.stride(1),
         y.stride(0), y.stride(1),
         R=reduction, HASH_BN=block_n, HAS_BIAS=bias is not None, BM=BM, BN=BN, BK=block_k, KB=KB,
-        UPCAST=INTERPRET or x2.dtype == torch.float32, **({} if INTERPRET else cfg))
+        UPCAST=INTERPRET or x2.dtype == torch.float32, VEC=vec, **({} if INTERPRET else cfg))
     return y
 
 
 def ss1_matmul_triton(x: torch.Tensor, weight: torch.Tensor, shifts: torch.Tensor, bias: torch.Tensor | None,
-                      reduction: int, block_k: int, block_n: int, config: dict | None = None) -> torch.Tensor:
-    """Same contract as the op (arguments already checked by ``ops.check_inputs``). ``config``
+                      reduction: int, block_k: int, block_n: int, config: dict | None = None,
+                      vec: int = 1) -> torch.Tensor:
+    """Same contract as the op (arguments already checked by ``ops.check_inputs``; ``vec``: every
+    shift is a multiple of it, as the op's argument promises). ``config``
     overrides keys of the tile, or is ``{"path": "dense"}`` (tests, benchmarks); without it a GPU
     runs the autotuned config for this (shape, dtype, token bucket), the interpreter
     :func:`kernel_config`."""
@@ -265,11 +278,11 @@ def ss1_matmul_triton(x: torch.Tensor, weight: torch.Tensor, shifts: torch.Tenso
             T <= GEMV_MAX_T else kernel_config(T, block_n, block_k)
         cfg = {**base, **(config or {})}
     else:
-        key = ("ss1", autotune.token_bucket(T), tuple(weight.shape), in_features, reduction, block_k, block_n,
+        key = ("ss1", autotune.token_bucket(T), tuple(weight.shape), in_features, reduction, block_k, block_n, vec,
                x.dtype, bias is not None, str(x.device))
         copies = autotune.WeightCopies((weight,), x.device)
         _, cfg = autotune.choose(key, [(c.get("path", "kernel"), c) for c in candidates(T, block_n, block_k)],
                                  lambda _p, c, k: _launch(x2, copies[k][0], shifts, bias, y, reduction,
-                                                          block_k, block_n, c), copies=copies.count)
-    _launch(x2, weight, shifts, bias, y, reduction, block_k, block_n, cfg)
+                                                          block_k, block_n, vec, c), copies=copies.count)
+    _launch(x2, weight, shifts, bias, y, reduction, block_k, block_n, vec, cfg)
     return y.reshape(*lead, out_features)

@@ -31,11 +31,15 @@ from .layout import SS1Layout, _power_of_two, slots_from_shifts
 __all__ = ["ss1_matmul", "ss1_matmul_reference", "ss1_to_dense", "ss1_fold", "check_inputs"]
 
 
-def check_inputs(x, weight, shifts, bias, reduction, block_k, block_n) -> tuple[int, int]:
-    """Validate the op's arguments; errors name the argument and its value. Returns (out, in)."""
+def check_inputs(x, weight, shifts, bias, reduction, block_k, block_n, vec: int = 1) -> tuple[int, int]:
+    """Validate the op's arguments; errors name the argument and its value. Returns (out, in).
+    Shift values are not checked against ``vec`` (that would sync a GPU)."""
     _power_of_two("reduction", reduction)
     _power_of_two("block_k", block_k, minimum=16)
     _power_of_two("block_n", block_n, minimum=16)
+    _power_of_two("vec", vec)
+    if vec > block_k:
+        raise ValueError(f"vec={vec} must not exceed block_k={block_k}")
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError(f"x must be a tensor with a feature dimension, got {getattr(x, 'shape', x)!r}")
     if not x.dtype.is_floating_point:
@@ -168,7 +172,8 @@ def ss1_matmul(x: torch.Tensor, weight: torch.Tensor, layout: SS1Layout, bias: t
     buffer, so no table is built per call)."""
     _check_layout(layout, weight, x.shape[-1])
     shifts = layout.shifts(weight.device) if shifts is None else shifts
-    return torch.ops.blastfx.ss1_matmul(x, weight, shifts, bias, layout.reduction, layout.block_k, layout.block_n)
+    return torch.ops.blastfx.ss1_matmul(x, weight, shifts, bias, layout.reduction, layout.block_k, layout.block_n,
+                                        layout.vec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,19 +182,22 @@ def ss1_matmul(x: torch.Tensor, weight: torch.Tensor, layout: SS1Layout, bias: t
 
 @torch.library.custom_op("blastfx::ss1_matmul", mutates_args=())
 def _ss1_matmul_op(x: torch.Tensor, weight: torch.Tensor, shifts: torch.Tensor, bias: Optional[torch.Tensor],
-                   reduction: int, block_k: int, block_n: int) -> torch.Tensor:
-    check_inputs(x, weight, shifts, bias, reduction, block_k, block_n)
+                   reduction: int, block_k: int, block_n: int, vec: int = 1) -> torch.Tensor:
+    """``vec``: a promise that every shift is a multiple of it (a layout's table is, for its own
+    ``vec``), so a kernel may load rotated input tiles in aligned vectors of ``vec`` elements; 1
+    promises nothing. The reference ignores it."""
+    check_inputs(x, weight, shifts, bias, reduction, block_k, block_n, vec)
     return _reference(x, weight, shifts, bias, reduction, block_k, block_n).contiguous()
 
 
 @_ss1_matmul_op.register_fake
-def _(x, weight, shifts, bias, reduction, block_k, block_n):
-    out_features, _ = check_inputs(x, weight, shifts, bias, reduction, block_k, block_n)
+def _(x, weight, shifts, bias, reduction, block_k, block_n, vec=1):
+    out_features, _ = check_inputs(x, weight, shifts, bias, reduction, block_k, block_n, vec)
     return x.new_empty(*x.shape[:-1], out_features)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, shifts, bias, reduction, block_k, block_n = inputs
+    x, weight, shifts, bias, reduction, block_k, block_n = inputs[:7]
     ctx.save_for_backward(x, weight, shifts)
     ctx.geometry = (reduction, block_k, block_n)
     ctx.has_bias = bias is not None
@@ -215,20 +223,20 @@ def _backward(ctx, grad_y):
     x, weight, shifts = ctx.saved_tensors
     needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3])
     dx, dw, db = backward_reference(grad_y, x, weight, shifts, *ctx.geometry, needs=needs)
-    return dx, dw, None, db, None, None, None
+    return dx, dw, None, db, None, None, None, None
 
 
 _ss1_matmul_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _cuda_ss1_matmul(x, weight, shifts, bias, reduction, block_k, block_n):
+def _cuda_ss1_matmul(x, weight, shifts, bias, reduction, block_k, block_n, vec=1):
     from blastfx.kernels import current
 
-    check_inputs(x, weight, shifts, bias, reduction, block_k, block_n)
+    check_inputs(x, weight, shifts, bias, reduction, block_k, block_n, vec)
     if current().kernels == "reference":
         return _reference(x, weight, shifts, bias, reduction, block_k, block_n).contiguous()
     from .kernel import ss1_matmul_triton
-    return ss1_matmul_triton(x, weight, shifts, bias, reduction, block_k, block_n)
+    return ss1_matmul_triton(x, weight, shifts, bias, reduction, block_k, block_n, vec=vec)
 
 
 if importlib.util.find_spec("triton") is not None:      # find, don't import: importing this stays light

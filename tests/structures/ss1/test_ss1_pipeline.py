@@ -48,7 +48,9 @@ def test_ss1_layers_are_the_calibrated_projection_of_the_dense_weights():
         X = inputs[n]
         C = X.T @ X / len(X)
         expected = project_calibrated(W, layer.layout, C, 0.01)            # float64 solve
-        assert torch.allclose(layer.weight.double(), expected, rtol=1e-4, atol=1e-6)
+        # the layer's statistics are fp32 sums: agreement to 1e-5 of the largest entry (the weight-only
+        # projection is about 0.15 of it away)
+        assert (layer.weight.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
         # and it is the optimum: no other shared weight has a smaller damped output error
         Cd = C + 0.01 * C.diagonal().mean() * torch.eye(len(C), dtype=C.dtype)
         err = lambda s: torch.trace((W - ss1_to_dense(s, layer.layout)) @ Cd @ (W - ss1_to_dense(s, layer.layout)).T)
