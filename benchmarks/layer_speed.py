@@ -116,9 +116,12 @@ def ss1_rows(m, n, args, dense, blast_ms):
         t_dense = graph_ms(lambda k: torch.nn.functional.linear(x, dense[k]), len(dense))
         ss1_matmul(x, ws[0], layout, shifts=shifts)             # autotune outside the graph
         t_ss1 = graph_ms(lambda k: ss1_matmul(x, ws[k], layout, shifts=shifts), len(ws))
+        chosen = next((path for key, path in autotune.report().items() if key[:3] == (
+            "ss1", autotune.token_bucket(T), tuple(layout.weight_shape))), "default")
         metrics = [("dense time", t_dense, "ms"), ("ss1 time", t_ss1, "ms"),
-                   ("ss1 vs dense", round(t_dense / t_ss1, 3), "x")]
-        line = f"| {m}x{n} | ss1 R={reduction} | | {T} | {t_dense:.4f} | | {t_ss1:.4f} | | {t_dense / t_ss1:.2f} |"
+                   ("ss1 vs dense", round(t_dense / t_ss1, 3), "x"), ("ss1 chosen path", str(chosen), "")]
+        line = (f"| {m}x{n} | ss1 R={reduction} | | {T} | {t_dense:.4f} | | {t_ss1:.4f} | | {t_dense / t_ss1:.2f} "
+                f"| {chosen} |")
         if T in blast_ms:
             b, t_blast = blast_ms[T]
             metrics.append((f"ss1 vs blastfx b={b}", round(t_blast / t_ss1, 3), "x"))
