@@ -307,28 +307,35 @@ def main():
             ("prefill", "prefill %d tokens, compiled" % args.prefill, "ms", lambda m, b: prefill_ms(
                 m, args.prefill, b, {"lowering": args.lowering} if b == "blast" else None), False)]
     rows = [r for r in rows if r[0] in args.only]
+    config = dict(layers=args.layers, budget=args.budget, b=4, dtype="bfloat16", **dims)
+    time_rows(args, models, rows, config)
+    if args.profile and "decode" in args.only:
+        profile_decode(args, models, config)
+
+
+def time_rows(args, models, rows, config):
+    """Time every model on every row, dense first. Each model's value (and its ratio to dense) is
+    recorded as soon as it is measured, so a run cut short by a time limit keeps what it measured."""
     others = [n for n in models if n != "dense"]
     print("\n| measurement | dense (inductor) | " + " | ".join(others) + " | "
           + " | ".join(f"{n} vs dense" for n in others) + " |\n|" + "---|" * (2 + 2 * len(others)), flush=True)
-    config = dict(layers=args.layers, budget=args.budget, b=4, dtype="bfloat16", **dims)
     for _, label, unit, measure, higher_is_better in rows:
+        case = label if args.model == "llama2-7b" else f"{args.model}: {label}"
         vals = {}
         for name, (model, backend) in models.items():
             torch._dynamo.reset()
             start = time.perf_counter()
-            vals[name] = measure(model, backend)
-            print(f"  {name}: {vals[name]:.1f} {unit} ({time.perf_counter() - start:.0f} s with compile)", flush=True)
+            vals[name] = value = measure(model, backend)
+            print(f"  {name}: {value:.1f} {unit} ({time.perf_counter() - start:.0f} s with compile)", flush=True)
+            metrics = [(name, round(value, 3), unit)]
+            if name != "dense":
+                ratio = value / vals["dense"] if higher_is_better else vals["dense"] / value
+                metrics.append((f"{name} vs dense", round(ratio, 3), "x"))
+            record("llama_e2e", measurements(case, config, metrics), directory=args.results_dir)
         d = vals["dense"]
         ratios = {n: vals[n] / d if higher_is_better else d / vals[n] for n in others}
         print(f"| {label}, {unit} | {d:.1f} | " + " | ".join(f"{vals[n]:.1f}" for n in others) + " | "
               + " | ".join(f"{ratios[n]:.2f}x" for n in others) + " |", flush=True)
-        case = label if args.model == "llama2-7b" else f"{args.model}: {label}"
-        metrics = [("dense", round(d, 3), unit)]
-        for n in others:
-            metrics += [(n, round(vals[n], 3), unit), (f"{n} vs dense", round(ratios[n], 3), "x")]
-        record("llama_e2e", measurements(case, config, metrics), directory=args.results_dir)
-    if args.profile and "decode" in args.only:
-        profile_decode(args, models, config)
 
 
 def decode_options(args) -> dict | None:

@@ -102,3 +102,31 @@ def test_kernel_rows_get_a_table_of_their_own():
     decode = [row("decode", "dense"), row("decode", "blastfx vs dense"), row("prefill", "blastfx vs dense")]
     kernels = [row("decode: kernels", "dense gemm kernel time"), row("decode: kernels", "dense kernel launches")]
     assert report.metric_groups(decode[:2] + kernels + decode[2:]) == [decode, kernels]
+
+
+def test_each_models_value_is_recorded_as_it_lands(tmp_path):
+    """A run cut short (here: the third model raises, as a time limit would end it) keeps dense and
+    the models measured before it, each with its ratio to dense in the right direction per unit."""
+    tok_s = {"dense": 200.0, "blastfx int8": 250.0}
+
+    def decode(model, backend):
+        if model not in tok_s:
+            raise TimeoutError("time limit")
+        return tok_s[model]
+
+    models = {name: (name, "inductor" if name == "dense" else "blast") for name in (*tok_s, "torchao int8")}
+    args = argparse.Namespace(model="llama3-8b", results_dir=str(tmp_path))
+    table = [("decode", "decode 256 tokens at batch 1, CUDA graphs", "tok/s", decode, True)]
+    with pytest.raises(TimeoutError):
+        llama_e2e.time_rows(args, models, table, {"layers": 32})
+    got = {r["metric"]: (float(r["value"]), r["unit"], r["case"]) for r in rows.read(tmp_path / "llama_e2e.csv")}
+    case = "llama3-8b: decode 256 tokens at batch 1, CUDA graphs"
+    assert got == {"dense": (200.0, "tok/s", case), "blastfx int8": (250.0, "tok/s", case),
+                   "blastfx int8 vs dense": (1.25, "x", case)}
+    # times: lower is better, so the ratio is dense / model
+    ms = {"dense": 10.0, "blastfx": 8.0}
+    args.model, args.results_dir = "llama2-7b", str(tmp_path / "ms")
+    llama_e2e.time_rows(args, {n: (n, "inductor") for n in ms},
+                        [("prefill", "prefill 2048 tokens, compiled", "ms", lambda m, b: ms[m], False)], {})
+    got = {r["metric"]: float(r["value"]) for r in rows.read(tmp_path / "ms" / "llama_e2e.csv")}
+    assert got == {"dense": 10.0, "blastfx": 8.0, "blastfx vs dense": 1.25}
