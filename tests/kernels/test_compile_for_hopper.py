@@ -434,6 +434,7 @@ def _ss1(T: int, dtype, reduction: int = 4) -> None:
     for cfg in kernel.candidates(T, layout.block_n, layout.block_k):
         if cfg.get("path", "kernel") in ("kernel", "gemv"):
             kernel._launch(x2, weight, shifts, bias, y, reduction, layout.block_k, layout.block_n, layout.vec, cfg)
+    kernel.expand_triton(weight, shifts, layout.in_features, reduction, layout.block_k, layout.block_n, layout.vec)
 
 
 def _scenarios():

@@ -229,6 +229,20 @@ def test_ss1_prefill_kernel_gathers_rotated_input_tiles_in_16_byte_loads(toolcha
     assert scalar.get("ld.global.b16", 0) + scalar.get("ld.global.u16", 0) > 0, scalar
 
 
+def test_ss1_expansion_reads_and_writes_in_16_byte_vectors(toolchain, monkeypatch, tmp_path):
+    """The SS1 expansion kernel (4096x4096, reduction 2, bf16) reads each rotated shared tile in
+    16-byte loads: every thread's share of a (BN, KB) tile, no 2-byte loads."""
+    from blastfx.structures.ss1 import SS1Layout, kernel as ss1_kernel
+    monkeypatch.setattr(ss1_kernel, "INTERPRET", True)          # record the launch, run nothing
+    L = SS1Layout(4096, 4096, 2)
+    w = torch.zeros(L.weight_shape, dtype=torch.bfloat16)
+    specs = _record(monkeypatch, "_ss1_expand_kernel", lambda: ss1_kernel.expand_triton(
+        w, L.shifts(), L.in_features, L.reduction, L.block_k, L.block_n, L.vec), module=ss1_kernel)
+    (counts,) = _compile_loads(specs, tmp_path)
+    assert _vector_loads(counts) >= 16 * 256 * 2 // (16 * THREADS), counts
+    assert not counts.get("ld.global.b16") and not counts.get("ld.global.u16"), counts
+
+
 @pytest.mark.parametrize("ranks", [(1488, 1488, 1488), (1016, 1488, 1008)], ids=["llama2-mlp", "ranks-of-8"])
 def test_mlp_chain_middle_kernel_streams_gate_up_and_down_rows_in_16_byte_loads(toolchain, monkeypatch, tmp_path,
                                                                                ranks):

@@ -19,7 +19,10 @@ per SM. BN must divide ``block_n`` (all rows of a program share one rotation). T
 warps, stages) tile is timed per (shape, dtype, token bucket) by the autotuner on a GPU, over weight
 copies that stream from HBM, from :func:`candidates`. Where nothing is timed (CUDA-graph capture,
 ``autotune=False``) the first candidate runs: :func:`kernel_config` at decode sizes, the
-expand-then-GEMM config at prefill sizes.
+expand-then-GEMM config at prefill sizes. The expansion is timed in two forms: PyTorch's gather
+(``{"path": "dense"}``, the reference's own code) and one Triton launch (``{"path": "expand"}``,
+:func:`expand_triton`) that reads each shared tile at its rotation and writes the dense tile, with
+no index tensor in memory.
 At T <= ``GEMV_MAX_T`` the autotuner also times a CUDA-core form (``{"path": "gemv"}``,
 ``_ss1_gemv_kernel``): the same folded input, but each shared weight tile is loaded once into
 registers with 16-byte vector loads and multiplied on CUDA cores, with no tensor-core tile padding
@@ -39,7 +42,8 @@ import triton.language as tl
 
 from blastfx.kernels import autotune
 
-__all__ = ["ss1_matmul_triton", "kernel_config", "candidates", "gemv_configs", "DENSE", "GEMV_MAX_T"]
+__all__ = ["ss1_matmul_triton", "expand_triton", "kernel_config", "candidates", "gemv_configs", "DENSE", "EXPAND",
+           "GEMV_MAX_T"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DECODE_MAX_T = 16
@@ -144,6 +148,50 @@ def _ss1_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, T, N, K, K_TILES, SHARED
              mask=t_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _ss1_expand_kernel(w_ptr, s_ptr, d_ptr, N, K, K_TILES, swn, swk, sst, ssn, sdn, sdk,
+                       R: tl.constexpr, HASH_BN: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                       KB: tl.constexpr, VEC: tl.constexpr):
+    """The dense (N, K) weight from the shared one, one (BN, KB) tile per program: each input tile's
+    columns read from its group's shared tile at the rotation for this output tile, and written
+    contiguously. One read of the shared weight (from L2 after its first output tile) and one write
+    of the dense weight, in vector loads and stores, with no index tensor in memory."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = pid_k * KB + tl.arange(0, KB)
+    i = offs_k // BK                                    # the input tile of each dense column
+    j = (pid_n * BN) // HASH_BN                         # BN divides HASH_BN: one output tile a program
+    k_ok = offs_k < K
+    s = tl.load(s_ptr + i * sst + j * ssn, mask=i < K_TILES, other=0)
+    # shared column of dense column i * BK + c: (i // R) * BK + (c - s) mod BK (the inverse rotation of
+    # the kernel's input gather), contiguous in aligned runs of VEC as the shifts are multiples of VEC
+    src = (i // R) * BK + ((offs_k - s) & (BK - 1))
+    src = tl.max_contiguous(tl.multiple_of(src, VEC), VEC)
+    mask = (offs_n < N)[:, None] & k_ok[None, :]
+    tile = tl.load(w_ptr + offs_n[:, None] * swn + src[None, :] * swk, mask=mask, other=0.0)
+    tl.store(d_ptr + offs_n[:, None] * sdn + offs_k[None, :] * sdk, tile, mask=mask)
+
+
+def expand_triton(weight: torch.Tensor, shifts: torch.Tensor, in_features: int, reduction: int, block_k: int,
+                  block_n: int, vec: int = 1, BN: int = 16, KB: int = 256, num_warps: int = 4) -> torch.Tensor:
+    """The dense (out_features, in_features) weight of a shared ``weight``, as ``ops._expand`` gives it
+    (the reference), in one Triton launch; ``vec`` as for :func:`ss1_matmul_triton`."""
+    out_features = weight.shape[0]
+    BN = min(BN, block_n)
+    if BN < 1 or BN & (BN - 1):
+        raise ValueError(f"expand BN={BN} must be a power of two dividing block_n={block_n}")
+    if KB < block_k or KB & (KB - 1):
+        raise ValueError(f"expand KB={KB} must be a power-of-two multiple of block_k={block_k}")
+    dense = torch.empty(out_features, in_features, device=weight.device, dtype=weight.dtype)
+    _ss1_expand_kernel[(triton.cdiv(out_features, BN), triton.cdiv(in_features, KB))](
+        weight, shifts, dense, out_features, in_features, math.ceil(in_features / block_k),
+        weight.stride(0), weight.stride(1), shifts.stride(0), shifts.stride(1), dense.stride(0), dense.stride(1),
+        R=reduction, HASH_BN=block_n, BN=BN, BK=block_k, KB=KB, VEC=vec,
+        **({} if INTERPRET else {"num_warps": num_warps}))
+    return dense
+
+
 def gemv_configs(T: int, block_n: int, block_k: int) -> list[dict]:
     """The CUDA-core configs timed at T <= GEMV_MAX_T: (BN, KB) tiles of 8-16 KB of bf16 per loop
     step at T = 1, so each SM keeps enough weight bytes in flight; BN shrinks with T (here, not in
@@ -173,6 +221,7 @@ def kernel_config(T: int, block_n: int, block_k: int = 32, interpret: bool = INT
 
 
 DENSE = {"path": "dense"}      # the config that expands the shared weight and runs one cuBLAS GEMM
+EXPAND = {"path": "expand"}    # the same with the expansion in one Triton launch (expand_triton)
 
 
 def candidates(T: int, block_n: int, block_k: int) -> list[dict]:
@@ -196,7 +245,7 @@ def candidates(T: int, block_n: int, block_k: int) -> list[dict]:
         c = {**c, "BN": min(c["BN"], block_n), "KB": max(c["KB"], block_k)}
         if c not in out:
             out.append(c)
-    return out + gemv_configs(T, block_n, block_k) + [DENSE] if T <= DECODE_MAX_T else [DENSE] + out
+    return out + gemv_configs(T, block_n, block_k) + [DENSE] if T <= DECODE_MAX_T else [DENSE, EXPAND] + out
 
 
 def _launch_gemv(x2, weight, shifts, bias, y, reduction, block_k, block_n, vec, cfg):
@@ -226,13 +275,18 @@ def _launch(x2, weight, shifts, bias, y, reduction, block_k, block_n, vec, cfg):
     """Run one config into ``y`` (T, out): the kernel with its tile, or ``{"path": "dense"}``."""
     cfg = dict(cfg)
     path = cfg.pop("path", "kernel")
-    if path not in ("kernel", "dense", "gemv"):
-        raise ValueError(f"config path={path!r}: expected 'kernel', 'gemv' or 'dense'")
+    if path not in ("kernel", "dense", "expand", "gemv"):
+        raise ValueError(f"config path={path!r}: expected 'kernel', 'gemv', 'dense' or 'expand'")
     if path == "gemv":
         return _launch_gemv(x2, weight, shifts, bias, y, reduction, block_k, block_n, vec, cfg)
-    if path == "dense":
+    if path in ("dense", "expand"):
         from .ops import _expand
-        dense = _expand(weight, shifts, x2.shape[1], reduction, block_k, block_n)
+        unknown = set(cfg) - ({"BN", "KB", "num_warps"} if path == "expand" else set())
+        if unknown:
+            raise ValueError(f"config path={path!r} takes no {sorted(unknown)}"
+                             + (" (only BN, KB, num_warps)" if path == "expand" else ""))
+        dense = (_expand(weight, shifts, x2.shape[1], reduction, block_k, block_n) if path == "dense" else
+                 expand_triton(weight, shifts, x2.shape[1], reduction, block_k, block_n, vec, **cfg))
         return torch.addmm(bias, x2, dense.t(), out=y) if bias is not None else torch.mm(x2, dense.t(), out=y)
     BM, BN, KB = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("KB", block_k)
     if BM < 16 or BM & (BM - 1):
@@ -259,7 +313,8 @@ def ss1_matmul_triton(x: torch.Tensor, weight: torch.Tensor, shifts: torch.Tenso
                       vec: int = 1) -> torch.Tensor:
     """Same contract as the op (arguments already checked by ``ops.check_inputs``; ``vec``: every
     shift is a multiple of it, as the op's argument promises). ``config``
-    overrides keys of the tile, or is ``{"path": "dense"}`` (tests, benchmarks); without it a GPU
+    overrides keys of the tile, or is ``{"path": "dense"}`` / ``{"path": "expand"}`` (tests,
+    benchmarks); without it a GPU
     runs the autotuned config for this (shape, dtype, token bucket), the interpreter
     :func:`kernel_config`."""
     if x.device.type != "cuda" and not INTERPRET:
@@ -274,7 +329,7 @@ def ss1_matmul_triton(x: torch.Tensor, weight: torch.Tensor, shifts: torch.Tenso
         return y.reshape(*lead, out_features)
     if config is not None or INTERPRET:
         path = (config or {}).get("path")
-        base = DENSE if path == "dense" else gemv_configs(T, block_n, block_k)[0] if path == "gemv" and \
+        base = {"path": path} if path in ("dense", "expand") else gemv_configs(T, block_n, block_k)[0] if path == "gemv" and \
             T <= GEMV_MAX_T else kernel_config(T, block_n, block_k)
         cfg = {**base, **(config or {})}
     else:

@@ -8,8 +8,9 @@ import triton
 
 import blastfx
 from blastfx.structures.ss1 import SS1Layout, SS1Linear, ss1_matmul, ss1_matmul_reference
-from blastfx.structures.ss1.kernel import DENSE, GEMV_MAX_T, candidates, gemv_configs, kernel_config, \
-    ss1_matmul_triton
+from blastfx.structures.ss1.kernel import DENSE, EXPAND, GEMV_MAX_T, candidates, expand_triton, gemv_configs, \
+    kernel_config, ss1_matmul_triton
+from blastfx.structures.ss1.ops import ss1_to_dense
 from ss1_oracles import dense_oracle
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
@@ -183,7 +184,7 @@ def test_empty_tokens_and_bad_config():
         ss1_matmul_triton(torch.randn(2, 64), w, L.shifts(), None, 2, 16, 16, config={"BM": 24})
     with pytest.raises(ValueError, match="config BN=8 must be a power of two dividing block_n=16, at least 16"):
         ss1_matmul_triton(torch.randn(2, 64), w, L.shifts(), None, 2, 16, 16, config={"BN": 8})
-    with pytest.raises(ValueError, match="config path='dens': expected 'kernel', 'gemv' or 'dense'"):
+    with pytest.raises(ValueError, match="config path='dens': expected 'kernel', 'gemv', 'dense' or 'expand'"):
         ss1_matmul_triton(torch.randn(2, 64), w, L.shifts(), None, 2, 16, 16, config={"path": "dens"})
 
 
@@ -202,7 +203,7 @@ def test_config_never_exceeds_the_hash_tile():
             for interpret in (False, True):
                 for bk in (16, 32, 256):
                     cfgs = [kernel_config(T, bn, bk, interpret=interpret)]
-                    cfgs += [c for c in candidates(T, bn, bk) if c != DENSE] if not interpret else []
+                    cfgs += [c for c in candidates(T, bn, bk) if c not in (DENSE, EXPAND)] if not interpret else []
                     for cfg in cfgs:
                         assert cfg["BN"] <= bn and bn % cfg["BN"] == 0
                         assert cfg["KB"] >= bk and cfg["KB"] % bk == 0
@@ -210,6 +211,7 @@ def test_config_never_exceeds_the_hash_tile():
     assert kernel_config(512, 64, interpret=False)["BM"] == 64
     assert candidates(1, 64, 32)[0] == kernel_config(1, 64, 32, interpret=False)
     assert candidates(1, 64, 32)[-1] == DENSE and candidates(17, 64, 32)[0] == DENSE      # untimed prefill: GEMM
+    assert candidates(17, 64, 32)[1] == EXPAND and EXPAND not in candidates(16, 64, 32)
     assert len(candidates(1, 64, 32)) == len({str(c) for c in candidates(1, 64, 32)})      # no repeats
 
 
@@ -236,8 +238,9 @@ def test_cuda_kernel_matches_reference(dtype, T, geom):
     b = torch.randn(out_f, device="cuda", generator=g).to(dtype)
     want = ss1_matmul_reference(x.double(), w.double(), L, b.double())
     scale = want.abs().max().item()
-    for cfg in [None] + candidates(T, L.block_n, L.block_k):        # the autotuned config, and every candidate
-        y = ss1_matmul_triton(x, w, L.shifts("cuda"), b, r, L.block_k, L.block_n, config=cfg)
+    # the autotuned config and every candidate, the rotated tiles loaded as the layout's aligned vectors
+    for cfg in [None] + candidates(T, L.block_n, L.block_k):
+        y = ss1_matmul_triton(x, w, L.shifts("cuda"), b, r, L.block_k, L.block_n, config=cfg, vec=L.vec)
         torch.testing.assert_close(y.double(), want, rtol=TOL[dtype], atol=TOL[dtype] * scale)
 
 
@@ -264,3 +267,40 @@ def test_cuda_layer_trains_and_compiles():
     y.square().mean().backward()
     assert layer.weight.grad is not None and bool(torch.isfinite(layer.weight.grad).all())
     torch.testing.assert_close(y, x @ layer.dense_weight().T + layer.bias, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", _fuzz_cases(12, seed=77))
+def test_triton_expansion_is_the_reference_expansion_exactly(case):
+    """One launch of the expansion kernel writes exactly the dense weight the reference's gather
+    builds (a copy: bit for bit), on ragged shapes, every dtype, and tiles narrower than the hash's."""
+    _, in_f, out_f, r, bk, bn, dtype, _, seed = case
+    L = SS1Layout(out_f, in_f, r, seed=seed % 1000, block_k=bk, block_n=bn)
+    w = torch.randn(L.weight_shape).to(dtype)
+    for BN, KB in ((16, 256), (bn, bk)):
+        got = expand_triton(w, L.shifts(), in_f, r, bk, bn, L.vec, BN=BN, KB=KB)
+        assert torch.equal(got, ss1_to_dense(w, L))
+
+
+def test_triton_expansion_takes_shifts_that_are_not_multiples_of_vec():
+    """Any integer table (negative, past the tile) wraps as the reference does when vec = 1."""
+    L = SS1Layout(20, 64, 2, seed=1, block_k=16, block_n=16)
+    odd = L.shifts() + torch.tensor([[-48], [16], [35], [-3]])
+    w = torch.randn(L.weight_shape)
+    from blastfx.structures.ss1.ops import _expand
+    assert torch.equal(expand_triton(w, odd, 64, 2, 16, 16), _expand(w, odd, 64, 2, 16, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expand_path_matches_the_float64_oracle(dtype):
+    L = SS1Layout(45, 100, 4, seed=9, block_k=16, block_n=32)
+    x = torch.randn(6, 2, L.in_features).to(dtype)
+    w = torch.randn(L.weight_shape).to(dtype)
+    b = torch.randn(L.out_features).to(dtype)
+    for bias in (b, None):
+        y = ss1_matmul_triton(x, w, L.shifts(), bias, 4, 16, 32, config=EXPAND, vec=L.vec)
+        assert y.shape == (6, 2, L.out_features)
+        _check(y.reshape(-1, L.out_features), x.reshape(-1, L.in_features), w, bias, L, dtype)
+    with pytest.raises(ValueError, match=r"config path='expand' takes no \['BM'\] \(only BN, KB, num_warps\)"):
+        ss1_matmul_triton(x, w, L.shifts(), None, 4, 16, 32, config={"path": "expand", "BM": 16})
+    with pytest.raises(ValueError, match="expand KB=8 must be a power-of-two multiple of block_k=16"):
+        ss1_matmul_triton(x, w, L.shifts(), None, 4, 16, 32, config={"path": "expand", "KB": 8})
