@@ -163,6 +163,8 @@ def _args(L):
     (lambda a: a.update(shifts=torch.zeros(7, 2)), "shifts must be a 2-D int64/int32 tensor"),
     (lambda a: a.update(reduction=3), "reduction must be a power of two"),
     (lambda a: a.update(block_k=8), "block_k must be a power of two >= 16"),
+    (lambda a: a.update(vec=3), "vec must be a power of two"),
+    (lambda a: a.update(vec=64), "vec=64 must not exceed block_k=32"),
 ])
 def test_bad_inputs_name_the_problem(change, match):
     L = _layout(70, 200, 2, 32, 64)
