@@ -24,6 +24,7 @@ import blastfx
 from blastfx.kernels import autotune, forward
 from blastfx.structures.blast.layout import BlastShape
 from blastfx.structures.ss1 import SS1Layout, ss1_matmul
+from blastfx.structures.ss1 import kernel as ss1_kernel
 from common import copies_for, graph_ms, versions
 from rows import add_arguments, measurements, record
 
@@ -116,8 +117,8 @@ def ss1_rows(m, n, args, dense, blast_ms):
         t_dense = graph_ms(lambda k: torch.nn.functional.linear(x, dense[k]), len(dense))
         ss1_matmul(x, ws[0], layout, shifts=shifts)             # autotune outside the graph
         t_ss1 = graph_ms(lambda k: ss1_matmul(x, ws[k], layout, shifts=shifts), len(ws))
-        chosen = next((path for key, path in autotune.report().items() if key[:3] == (
-            "ss1", autotune.token_bucket(T), tuple(layout.weight_shape))), "default")
+        chosen = autotune.report().get(ss1_kernel.tuning_key(
+            T, ws[0], n, reduction, layout.block_k, layout.block_n, layout.vec, dt, False, dev), "default")
         metrics = [("dense time", t_dense, "ms"), ("ss1 time", t_ss1, "ms"),
                    ("ss1 vs dense", round(t_dense / t_ss1, 3), "x"), ("ss1 chosen path", str(chosen), "")]
         line = (f"| {m}x{n} | ss1 R={reduction} | | {T} | {t_dense:.4f} | | {t_ss1:.4f} | | {t_dense / t_ss1:.2f} "

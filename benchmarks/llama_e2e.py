@@ -326,7 +326,7 @@ def time_rows(args, models, rows, config):
           + " | ".join(f"{n} vs dense" for n in others) + " |\n|" + "---|" * (2 + 2 * len(others)), flush=True)
     for _, label, unit, measure, higher_is_better in rows:
         case = label if args.model == "llama2-7b" else f"{args.model}: {label}"
-        vals = {}
+        vals, ratios = {}, {}
         for name, (model, backend) in models.items():
             torch._dynamo.reset()
             start = time.perf_counter()
@@ -334,11 +334,10 @@ def time_rows(args, models, rows, config):
             print(f"  {name}: {value:.1f} {unit} ({time.perf_counter() - start:.0f} s with compile)", flush=True)
             metrics = [(name, round(value, 3), unit)]
             if name != "dense":
-                ratio = value / vals["dense"] if higher_is_better else vals["dense"] / value
-                metrics.append((f"{name} vs dense", round(ratio, 3), "x"))
+                ratios[name] = value / vals["dense"] if higher_is_better else vals["dense"] / value
+                metrics.append((f"{name} vs dense", round(ratios[name], 3), "x"))
             record("llama_e2e", measurements(case, config, metrics), directory=args.results_dir)
         d = vals["dense"]
-        ratios = {n: vals[n] / d if higher_is_better else d / vals[n] for n in others}
         print(f"| {label}, {unit} | {d:.1f} | " + " | ".join(f"{vals[n]:.1f}" for n in others) + " | "
               + " | ".join(f"{ratios[n]:.2f}x" for n in others) + " |", flush=True)
 

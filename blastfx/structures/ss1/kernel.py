@@ -51,12 +51,13 @@ GEMV_MAX_T = 4              # FMA accumulators hold T x tile values per thread; 
 
 
 @triton.jit
-def _rotated_columns(i, within, s, BK: tl.constexpr, VEC: tl.constexpr):
-    """Input columns of tile ``i`` read at rotation ``s`` (``&`` is mod for a power of two, also for
-    s < 0). Shifts are multiples of VEC, so the columns run in aligned groups of VEC: saying so lets
-    the compiler load each group as one vector (16 bytes for VEC = 8 in bf16) instead of VEC scalar
-    loads, which cannot be pipelined through asynchronous copies."""
-    cols = i * BK + ((within + s) & (BK - 1))
+def _rotated_columns(tile, c, s, BK: tl.constexpr, VEC: tl.constexpr):
+    """Columns ``tile * BK + (c + s) mod BK``: column c (only c mod BK counts) of a BK-wide tile read
+    at rotation ``s`` (``&`` is mod for a power of two, also for s < 0). Shifts are multiples of VEC,
+    so the columns run in aligned groups of VEC: saying so lets the compiler load each group as one
+    vector (16 bytes for VEC = 8 in bf16) instead of VEC scalar loads, which cannot be pipelined
+    through asynchronous copies."""
+    cols = tile * BK + ((c + s) & (BK - 1))
     return tl.max_contiguous(tl.multiple_of(cols, VEC), VEC)
 
 
@@ -164,10 +165,9 @@ def _ss1_expand_kernel(w_ptr, s_ptr, d_ptr, N, K, K_TILES, swn, swk, sst, ssn, s
     j = (pid_n * BN) // HASH_BN                         # BN divides HASH_BN: one output tile a program
     k_ok = offs_k < K
     s = tl.load(s_ptr + i * sst + j * ssn, mask=i < K_TILES, other=0)
-    # shared column of dense column i * BK + c: (i // R) * BK + (c - s) mod BK (the inverse rotation of
-    # the kernel's input gather), contiguous in aligned runs of VEC as the shifts are multiples of VEC
-    src = (i // R) * BK + ((offs_k - s) & (BK - 1))
-    src = tl.max_contiguous(tl.multiple_of(src, VEC), VEC)
+    # shared column of dense column i * BK + c: (i // R) * BK + (c - s) mod BK, the inverse rotation
+    # of the kernel's input gather
+    src = _rotated_columns(i // R, offs_k, -s, BK, VEC)
     mask = (offs_n < N)[:, None] & k_ok[None, :]
     tile = tl.load(w_ptr + offs_n[:, None] * swn + src[None, :] * swk, mask=mask, other=0.0)
     tl.store(d_ptr + offs_n[:, None] * sdn + offs_k[None, :] * sdk, tile, mask=mask)
@@ -272,7 +272,8 @@ def _launch_gemv(x2, weight, shifts, bias, y, reduction, block_k, block_n, vec, 
 
 
 def _launch(x2, weight, shifts, bias, y, reduction, block_k, block_n, vec, cfg):
-    """Run one config into ``y`` (T, out): the kernel with its tile, or ``{"path": "dense"}``."""
+    """Run one config into ``y`` (T, out): the kernel with its tile, or the GEMM on the expanded
+    weight (``{"path": "dense"}``, ``{"path": "expand"}``)."""
     cfg = dict(cfg)
     path = cfg.pop("path", "kernel")
     if path not in ("kernel", "dense", "expand", "gemv"):
@@ -308,6 +309,14 @@ def _launch(x2, weight, shifts, bias, y, reduction, block_k, block_n, vec, cfg):
     return y
 
 
+def tuning_key(T: int, weight: torch.Tensor, in_features: int, reduction: int, block_k: int, block_n: int,
+               vec: int, dtype, has_bias: bool, device) -> tuple:
+    """The autotuner's key of an SS1 call (what :func:`blastfx.kernels.autotune.report` lists its
+    chosen path under)."""
+    return ("ss1", autotune.token_bucket(T), tuple(weight.shape), in_features, reduction, block_k, block_n, vec,
+            dtype, has_bias, str(device))
+
+
 def ss1_matmul_triton(x: torch.Tensor, weight: torch.Tensor, shifts: torch.Tensor, bias: torch.Tensor | None,
                       reduction: int, block_k: int, block_n: int, config: dict | None = None,
                       vec: int = 1) -> torch.Tensor:
@@ -329,12 +338,15 @@ def ss1_matmul_triton(x: torch.Tensor, weight: torch.Tensor, shifts: torch.Tenso
         return y.reshape(*lead, out_features)
     if config is not None or INTERPRET:
         path = (config or {}).get("path")
-        base = {"path": path} if path in ("dense", "expand") else gemv_configs(T, block_n, block_k)[0] if path == "gemv" and \
-            T <= GEMV_MAX_T else kernel_config(T, block_n, block_k)
+        if path in ("dense", "expand"):
+            base = {"path": path}
+        else:
+            base = gemv_configs(T, block_n, block_k)[0] if path == "gemv" and T <= GEMV_MAX_T else \
+                kernel_config(T, block_n, block_k)
         cfg = {**base, **(config or {})}
     else:
-        key = ("ss1", autotune.token_bucket(T), tuple(weight.shape), in_features, reduction, block_k, block_n, vec,
-               x.dtype, bias is not None, str(x.device))
+        key = tuning_key(T, weight, in_features, reduction, block_k, block_n, vec, x.dtype, bias is not None,
+                         x.device)
         copies = autotune.WeightCopies((weight,), x.device)
         _, cfg = autotune.choose(key, [(c.get("path", "kernel"), c) for c in candidates(T, block_n, block_k)],
                                  lambda _p, c, k: _launch(x2, copies[k][0], shifts, bias, y, reduction,
