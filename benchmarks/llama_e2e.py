@@ -90,7 +90,7 @@ class Decoder:
     compiled T=1 step (``dynamic=False``: one graph, one compile per model) replayed as a CUDA graph.
     HF ``generate`` would also compile the prompt shape and sync on its stopping checks every step."""
 
-    def __init__(self, model, backend, prompt, new_tokens, batch=1, blast_options=None):
+    def __init__(self, model, backend, prompt, new_tokens, batch=1, blast_options=None, compile_options=None):
         from transformers import StaticCache
         self.model, self.backend, self.prompt, self.new_tokens, self.batch = model, backend, prompt, new_tokens, batch
         self.cache = StaticCache(config=model.config, max_cache_len=prompt + new_tokens)
@@ -99,10 +99,11 @@ class Decoder:
         # backend "blast" options travel beside CUDA graphs as one options dict (torch.compile takes a mode
         # or options, not both; the backend's "reduce-overhead" is Inductor's cudagraphs patch)
         self.blast_options = blast_options if backend == "blast" else None
+        options = {**(compile_options or {}), **(self.blast_options or {})}
         self.compiled = (torch.compile(self.step, backend=backend, mode="reduce-overhead", dynamic=False)
-                         if not self.blast_options else
+                         if not options else
                          torch.compile(self.step, backend=backend, dynamic=False,
-                                       options={"triton.cudagraphs": True, **self.blast_options}))
+                                       options={"triton.cudagraphs": True, **options}))
 
     def step(self, tokens, positions):
         out = self.model(input_ids=tokens, past_key_values=self.cache, cache_position=positions, use_cache=True,
@@ -184,15 +185,17 @@ class Decoder:
 
 
 @torch.no_grad()
-def generate_tokens_per_s(model, backend, prompt, new_tokens, batch=1):
+def generate_tokens_per_s(model, backend, prompt, new_tokens, batch=1, compile_options=None):
     """HF ``generate`` as a user calls it: a static cache, and generate's own compile of the decode
-    step with ``CompileConfig(backend=...)``; one eager ``generate`` first, so the blast op's
-    autotuner has seen the decode shapes before a CUDA graph is captured."""
+    step with ``CompileConfig(backend=...)`` (``mode=None, options=compile_options`` where given);
+    one eager ``generate`` first, so the blast op's autotuner has seen the decode shapes before a
+    CUDA graph is captured."""
     from transformers import CompileConfig, GenerationConfig
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=DEVICE)
+    compile_config = (CompileConfig(backend=backend, fullgraph=True, dynamic=False) if not compile_options else
+                      CompileConfig(backend=backend, fullgraph=True, dynamic=False, mode=None, options=compile_options))
     config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                              cache_implementation="static", pad_token_id=0,
-                              compile_config=CompileConfig(backend=backend, fullgraph=True, dynamic=False))
+                              cache_implementation="static", pad_token_id=0, compile_config=compile_config)
     eager = copy.deepcopy(config)
     eager.disable_compile = True
     model.generate(ids, generation_config=eager)
@@ -267,6 +270,9 @@ def main():
     ap.add_argument("--no-blast", action="store_true", help="leave out the BLAST model (e.g. SS1 or torchao rows only)")
     ap.add_argument("--torchao", nargs="*", default=[], choices=("int8", "int4"),
                     help="also torchao weight-only quantized dense models")
+    ap.add_argument("--inference-options", action="store_true",
+                    help="compile every model's decode step with blastfx.inference_options() (CUDA graphs, dynamo's "
+                         "guards on nn modules skipped); the rows are named \"..., module guards skipped\"")
     ap.add_argument("--profile", action="store_true",
                     help="after the timed rows, each model's decode-step kernel time by category (CUDA only)")
     ap.add_argument("--only", nargs="+", choices=("train", "eager-prefill", "decode", "generate", "prefill"),
@@ -301,13 +307,17 @@ def main():
         size = sum(tensor_bytes(t) for t in list(model.parameters()) + list(model.buffers()))
         print(f"{name}: {size / 2**30:.2f} GiB of weights", flush=True)
     # cheapest first, each row printed as it lands: a time limit still leaves the rows before it
+    step_options = blastfx.inference_options() if args.inference_options else None
+    skipped = ", module guards skipped" if args.inference_options else ""
     rows = [("eager-prefill", "prefill %d tokens, eager" % args.prefill, "ms",
              lambda m, b: prefill_ms(m, args.prefill), False),
-            *[("decode", "decode %d tokens at batch %d, CUDA graphs" % (args.new_tokens, bs), "tok/s",
-               lambda m, b, bs=bs: Decoder(m, b, args.prompt, args.new_tokens, bs, blast_options).tokens_per_s(), True)
+            *[("decode", "decode %d tokens at batch %d, CUDA graphs%s" % (args.new_tokens, bs, skipped), "tok/s",
+               lambda m, b, bs=bs: Decoder(m, b, args.prompt, args.new_tokens, bs, blast_options,
+                                           step_options).tokens_per_s(), True)
               for bs in args.batch],
-            *[("generate", "HF generate %d tokens at batch %d, static cache, compiled" % (args.new_tokens, bs), "tok/s",
-               lambda m, b, bs=bs: generate_tokens_per_s(m, b, args.prompt, args.new_tokens, bs), True)
+            *[("generate", "HF generate %d tokens at batch %d, static cache, compiled%s" % (args.new_tokens, bs, skipped),
+               "tok/s", lambda m, b, bs=bs: generate_tokens_per_s(m, b, args.prompt, args.new_tokens, bs, step_options),
+               True)
               for bs in args.batch],
             ("prefill", "prefill %d tokens, compiled" % args.prefill, "ms", lambda m, b: prefill_ms(
                 m, args.prefill, b, {"lowering": args.lowering} if b == "blast" else None), False)]

@@ -29,10 +29,18 @@ def _register_backend() -> None:
         register()
 
 
+def __getattr__(name: str):
+    """``blastfx.inference_options`` without importing the compiler (and dynamo) with blastfx."""
+    if name == "inference_options":
+        from .compiler import inference_options
+        return inference_options
+    raise AttributeError(f"module 'blastfx' has no attribute {name!r}")
+
+
 _register_backend()
 _integrations.install()      # transformers, peft, diffusers: each registered when (if) it is imported
 
 __all__ = ["Analysis", "BlastConfig", "BudgetWarning", "WeightOnlyWarning", "BlastFactors", "BlastLinear", "BlastShape", "FinetuneState", "LayerOverride",
            "LayerPlan", "Plan", "StageTimes", "analyze", "blast_matmul", "blast_matmul_reference", "blast_to_dense", "compress",
-           "factorize", "finetune", "from_pretrained", "load", "plan_for", "save", "stage_times", "teacher_generate", "to_dense",
+           "factorize", "finetune", "from_pretrained", "inference_options", "load", "plan_for", "save", "stage_times", "teacher_generate", "to_dense",
            "__version__"]
