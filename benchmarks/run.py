@@ -99,6 +99,14 @@ REGISTRY: dict[str, Benchmark] = {
         also=(("llama_e2e_kernels", "End to end: the top kernels of a decode step",
                "`llama_e2e --profile`: the kernels that take the most time in one decode step of each model "
                "(CUDA-graph replays), by name with their category: time and launches per step, time per launch."),)),
+    "step_overhead": Benchmark(
+        "step_overhead.py", "CPU time of a compiled decode step",
+        "per-step CPU time of a compiled decode step, dense vs blastfx, with and without blastfx.inference_options()",
+        "yes", "4 min (8 layers)",
+        "A Llama-shaped model with few layers (random weights, bf16, budget 0.5), its decode step compiled and "
+        "replayed as a CUDA graph: the step's CPU time (the call returns before the GPU is done), the step followed "
+        "by a sync (CPU and GPU in series, as in HF `generate`), the step in a loop without syncs, and dynamo's "
+        "guard check alone; \"inference options\" compiles with `blastfx.inference_options()`."),
     "grad_mix_speed": Benchmark(
         "grad_mix_speed.py", "Backward middle (blast_grad_mix)",
         "the backward's mixes and dS: plain-PyTorch reference vs the Triton kernel",
