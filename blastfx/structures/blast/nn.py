@@ -129,17 +129,25 @@ class BlastLinear(nn.Module):
         self.V.view(s.n_pad, s.rank)[s.in_features:] = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        U, S, V, bias = self.U, self.S, self.V, self.bias
+        # Tensors straight from the module's dicts, not ``self.U``: this class overrides __getattr__ (for
+        # the .weight message), so under torch.compile every ``self.<name>`` would be traced through it
+        # and guarded again on every call of the compiled model.
+        params, buffers = self._parameters, self._buffers
+        quantized = self.factor_dtype is not None
+        tensors = buffers if quantized else params
+        U, S, V = tensors["U"], params["S"], tensors["V"]
+        bias = params["bias"] if "bias" in params else self.bias     # None set as a plain attribute
         autocast = torch.is_autocast_enabled(x.device.type)
         if autocast:                                   # behave like nn.Linear under autocast
             dt = torch.get_autocast_dtype(x.device.type)
             x, S = x.to(dt), S.to(dt)
             bias = bias.to(dt) if bias is not None else None
-        if self.quantized:                             # codes and scales stay as stored
-            return blast_matmul_quantized(x, U, self.U_scale, S, V, self.V_scale, bias, self.out_features)
+        out_features = self.shape.out_features
+        if quantized:                                  # codes and scales stay as stored
+            return blast_matmul_quantized(x, U, buffers["U_scale"], S, V, buffers["V_scale"], bias, out_features)
         if autocast:
             U, V = U.to(dt), V.to(dt)
-        return blast_matmul(x, U, S, V, bias, self.out_features)
+        return blast_matmul(x, U, S, V, bias, out_features)
 
     def __getattr__(self, name: str):
         if name == "weight":

@@ -74,3 +74,24 @@ def test_autocast_runs_in_the_autocast_dtype_like_linear():
     assert ((y.double() - exact).norm() / exact.norm()).item() < 2e-2
     y.float().sum().backward()
     assert layer.U.grad is not None and layer.U.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("factor_dtype", [None, "int8"])
+def test_compiled_forward_does_not_guard_the_tensor_names(factor_dtype):
+    """Compiled, the forward reads its tensors from the module's dicts: no guard on whether each name
+    is in ``_parameters`` / ``_buffers`` (what tracing the class's ``__getattr__`` adds, re-checked on
+    every call), and the output equals eager."""
+    torch._dynamo.reset()
+    layer = BlastLinear(24, 16, 4, (2, 2), bias=True, factor_dtype=factor_dtype)
+    seen = []
+
+    def keep_all(entries):
+        seen.extend(entries)
+        return [True] * len(entries)
+    compiled = torch.compile(layer, backend="eager", options={"guard_filter_fn": keep_all})
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(compiled(x), layer(x))
+    assert seen, "the guard filter saw no guards"
+    name_checks = [e.name for e in seen if e.guard_type == "DICT_CONTAINS"
+                   and e.name.endswith(("['_parameters']", "['_buffers']"))]
+    assert not name_checks
