@@ -271,8 +271,9 @@ def main():
     ap.add_argument("--torchao", nargs="*", default=[], choices=("int8", "int4"),
                     help="also torchao weight-only quantized dense models")
     ap.add_argument("--inference-options", action="store_true",
-                    help="compile every model's decode step with blastfx.inference_options() (CUDA graphs, dynamo's "
-                         "guards on nn modules skipped); the rows are named \"..., module guards skipped\"")
+                    help="compile every model's decode step in the decode and generate rows with "
+                         "blastfx.inference_options() (CUDA graphs, dynamo's guards on nn modules skipped); those rows "
+                         "are named \"..., module guards skipped\" (prefill and --profile compile as without it)")
     ap.add_argument("--profile", action="store_true",
                     help="after the timed rows, each model's decode-step kernel time by category (CUDA only)")
     ap.add_argument("--only", nargs="+", choices=("train", "eager-prefill", "decode", "generate", "prefill"),

@@ -37,6 +37,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'blastfx' has no attribute {name!r}")
 
 
+def __dir__():
+    return sorted(set(globals()) | {"inference_options"})
+
+
 _register_backend()
 _integrations.install()      # transformers, peft, diffusers: each registered when (if) it is imported
 

@@ -102,19 +102,23 @@ def _run_with(compiled, kernel_opts: KernelOptions):
 
 def inference_options(cudagraphs: bool = True, **options) -> dict:
     """``options`` for ``torch.compile(model, backend="blast", options=...)`` (or a transformers
-    ``CompileConfig(backend="blast", mode=None, options=...)``) that serve a model whose modules and
-    parameters no longer change: CUDA graphs (``cudagraphs``), and dynamo's guards on nn modules
-    skipped (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``); ``options`` adds to them.
+    ``CompileConfig(backend="blast", mode=None, options=...)``) that serve a model which no longer
+    changes: CUDA graphs (``cudagraphs``), and dynamo's guards on nn modules skipped
+    (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``); ``options`` adds to them.
 
     Why: dynamo re-checks every module attribute and parameter a compiled frame read, on every call,
     before the CUDA graph replays. A BLAST layer holds three tensors where ``nn.Linear`` holds one, so
     a compressed model spends more CPU time per call than the dense one did. Where each step waits for
     its result (HF ``generate`` syncs on its stopping checks every token) that time is not hidden
-    behind the GPU: on an H200 an 8-layer Llama-2-7B-shaped decode step took 1.03 ms of CPU per call
-    with the guards and 0.28 ms without (dense, with them: 0.44 ms). The price is the one the name
-    says: a compiled model is not re-checked when a module or parameter is replaced, so after
-    changing the model's structure or tensor shapes call ``torch._dynamo.reset()`` and compile again
-    (changing parameter values in place, e.g. ``load_state_dict``, needs nothing)."""
+    behind the GPU.
+
+    The price is what the guard filter's name says: nothing dynamo read from nn modules is checked
+    before a compiled graph runs. Compile one model per process with these options, or call
+    ``torch._dynamo.reset()`` before compiling another model of the same class (it would reuse the
+    first one's graph unchecked), and again after changing the model's structure, tensor shapes,
+    train/eval mode, hooks or adapters (new values written in place, e.g. ``load_state_dict``, need
+    nothing). Call this once per ``torch.compile``: torch.compile pops the guard filter from the dict
+    it is given."""
     import torch
 
     if "mode" in options:

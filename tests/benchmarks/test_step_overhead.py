@@ -36,7 +36,9 @@ def test_rows_for_every_variant(tmp_path, monkeypatch):
     assert len(metrics) == 4 * len(step_overhead.VARIANTS)
 
 
-def test_a_run_without_dense_is_refused(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["step_overhead.py", "--variants", "blastfx"])
-    with pytest.raises(SystemExit, match="include dense"):
+@pytest.mark.parametrize("argv, message", [(["--variants", "blastfx"], "include dense"),
+                                           (["--new-tokens", "5"], "at least 8 steps")])
+def test_bad_arguments_are_refused(monkeypatch, argv, message):
+    monkeypatch.setattr(sys, "argv", ["step_overhead.py", *argv])
+    with pytest.raises(SystemExit, match=message):
         step_overhead.main()

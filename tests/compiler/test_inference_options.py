@@ -25,6 +25,7 @@ def test_options_and_the_lazy_package_attribute():
         "triton.cudagraphs": False, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
         "lowering": "extern"}
     assert blastfx.inference_options is inference_options
+    assert "inference_options" in dir(blastfx)
     with pytest.raises(AttributeError, match="no attribute 'inference_option'"):
         blastfx.inference_option
     with pytest.raises(ValueError, match="not a mode"):

@@ -56,6 +56,17 @@ def check_padding(shape: BlastShape, U: torch.Tensor, V: torch.Tensor, where: st
                              "must be zero")
 
 
+_ABSENT = object()
+
+
+def _stored(layer: nn.Module, store: dict, name: str):
+    """``layer.<name>`` read from ``store`` (its ``_parameters`` or ``_buffers``) where it is there,
+    else as an ordinary attribute (pruning, parametrizations and FSDP's unsharded views move a
+    tensor out of the dicts; a bias set to None may be a plain attribute)."""
+    value = store.get(name, _ABSENT)
+    return getattr(layer, name) if value is _ABSENT else value
+
+
 class BlastLinear(nn.Module):
     factor_dtype: str | None = None        # set per layer when U and V are stored quantized
 
@@ -135,8 +146,8 @@ class BlastLinear(nn.Module):
         params, buffers = self._parameters, self._buffers
         quantized = self.factor_dtype is not None
         tensors = buffers if quantized else params
-        U, S, V = tensors["U"], params["S"], tensors["V"]
-        bias = params["bias"] if "bias" in params else self.bias     # None set as a plain attribute
+        U, S, V = _stored(self, tensors, "U"), _stored(self, params, "S"), _stored(self, tensors, "V")
+        bias = _stored(self, params, "bias")
         autocast = torch.is_autocast_enabled(x.device.type)
         if autocast:                                   # behave like nn.Linear under autocast
             dt = torch.get_autocast_dtype(x.device.type)
