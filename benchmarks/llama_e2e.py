@@ -192,10 +192,11 @@ def generate_tokens_per_s(model, backend, prompt, new_tokens, batch=1, compile_o
     CUDA graph is captured."""
     from transformers import CompileConfig, GenerationConfig
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=DEVICE)
-    compile_config = (CompileConfig(backend=backend, fullgraph=True, dynamic=False) if not compile_options else
-                      CompileConfig(backend=backend, fullgraph=True, dynamic=False, mode=None, options=compile_options))
+    with_options = dict(mode=None, options=compile_options) if compile_options else {}
     config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                              cache_implementation="static", pad_token_id=0, compile_config=compile_config)
+                              cache_implementation="static", pad_token_id=0,
+                              compile_config=CompileConfig(backend=backend, fullgraph=True, dynamic=False,
+                                                           **with_options))
     eager = copy.deepcopy(config)
     eager.disable_compile = True
     model.generate(ids, generation_config=eager)

@@ -339,7 +339,7 @@ def ss1_matmul_triton(x: torch.Tensor, weight: torch.Tensor, shifts: torch.Tenso
     if config is not None or INTERPRET:
         path = (config or {}).get("path")
         if path in ("dense", "expand"):
-            base = {"path": path}
+            base = {}                               # the config names its path; these take no tile
         else:
             base = gemv_configs(T, block_n, block_k)[0] if path == "gemv" and T <= GEMV_MAX_T else \
                 kernel_config(T, block_n, block_k)
