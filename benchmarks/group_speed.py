@@ -6,6 +6,7 @@ chain's three launches and the grouped form).
 
     python benchmarks/group_speed.py                         # Llama-2-7B's and -3-8B's groups and MLPs, T = 1
     python benchmarks/group_speed.py --groups "llama2-7b mlp"
+    python benchmarks/group_speed.py --factor-dtype int8 int4  # q/k/v and gate/up with quantized factors too
 
 Every variant is replayed from a CUDA graph over enough weight copies to stream from HBM, dense in
 the same process; records rows in ``benchmarks/results/group_speed.csv``.
@@ -17,10 +18,12 @@ import argparse
 import torch
 
 import blastfx
-from blastfx.compiler.grouping import blast_matmul_group
+from blastfx.compiler.grouping import blast_matmul_group, blast_matmul_quantized_group
 from blastfx.compiler.mlp_chain import blast_mlp_chain
 from blastfx.kernels import autotune
 from blastfx.structures.blast.layout import BlastShape
+from blastfx.structures.blast.quant import formats
+from blastfx.structures.blast.quant.ops import blast_matmul_quantized
 from common import copies_for, graph_ms, versions
 from layer_speed import rank_at
 from rows import add_arguments, measurements, record
@@ -81,52 +84,81 @@ def mlp_rows(name, T_values, args):
             directory=args.results_dir)
 
 
+def _factors(blast_shapes, factor_dtype, dev, dt):
+    """One copy of every layer's factors: (U, S, V) in ``dt``, or with ``factor_dtype`` the op's
+    arguments (U codes, U_scale, S, V codes, V_scale)."""
+    out = []
+    for s in blast_shapes:
+        U, S, V = (torch.randn(*s.factor_shapes[k], device=dev, dtype=dt) * 0.05 for k in "USV")
+        if factor_dtype is None:
+            out.append((U, S, V))
+        else:
+            fmt = formats.get(factor_dtype)
+            (Uc, su), (Vc, sv) = formats.quantize_u(U.float(), fmt), formats.quantize_v(V.float(), fmt)
+            out.append((Uc, su, S, Vc, sv))
+    return out
+
+
+def group_rows(name, T_values, args, factor_dtype=None):
+    """Dense vs blastfx per layer and grouped for one group of siblings (factors in ``factor_dtype``
+    codes, or the activation dtype)."""
+    dt, dev = torch.bfloat16, "cuda"
+    shapes = GROUPS[name]
+    n = shapes[0][1]
+    dense = [[torch.randn(m, n, device=dev, dtype=dt) / n ** 0.5 for m, _ in shapes]
+             for _ in range(copies_for(sum(m * n * 2 for m, _ in shapes)))]
+    blast_shapes = [BlastShape.make(m, n, rank_at(m, n, args.blocks, args.budget), args.blocks) for m, _ in shapes]
+    first = _factors(blast_shapes, factor_dtype, dev, dt)
+    nbytes = sum(t.numel() * t.element_size() for f in first for t in f)
+    fac = [first] + [_factors(blast_shapes, factor_dtype, dev, dt) for _ in range(copies_for(nbytes) - 1)]
+    outs = [s.out_features for s in blast_shapes]
+    call = blastfx.blast_matmul if factor_dtype is None else blast_matmul_quantized
+    label = "" if factor_dtype is None else f" {factor_dtype}"
+    for T in T_values:
+        x = torch.randn(T, n, device=dev, dtype=dt)
+        t_dense = graph_ms(lambda k: [torch.nn.functional.linear(x, w) for w in dense[k]], len(dense))
+        for f in fac[0]:
+            call(x, *f)                                    # autotune outside the graph
+        t_layers = graph_ms(lambda k: [call(x, *f) for f in fac[k]], len(fac))
+
+        def grouped(k):
+            lists = [list(t) for t in zip(*fac[k])]
+            op = blast_matmul_group if factor_dtype is None else blast_matmul_quantized_group
+            return op(x, *lists, [None] * len(outs), outs)
+
+        grouped(0)
+        kind = "group" if factor_dtype is None else "quantized_group"
+        chosen = next((v[0] for key, v in autotune._cache.items() if key[0] == kind
+                       and key[2] == tuple(blast_shapes)), "default")
+        t_group = graph_ms(grouped, len(fac))
+        print(f"| {name}{label} | {T} | {t_dense:.4f} | {t_layers:.4f} | {t_group:.4f} | {t_dense / t_layers:.2f} | "
+              f"{t_dense / t_group:.2f} | {chosen} |", flush=True)
+        record("group_speed", measurements(
+            f"{name} T={T}{label}", dict(group=name, T=T, b=args.blocks, budget=args.budget, dtype="bfloat16",
+                                          factor_dtype=factor_dtype or "bfloat16",
+                                          shapes=[f"{m}x{n}" for m, n in shapes], ranks=[s.rank for s in blast_shapes]),
+            [("dense time", t_dense, "ms"), ("blastfx per-layer time", t_layers, "ms"),
+             ("blastfx grouped time", t_group, "ms"), ("per-layer vs dense", round(t_dense / t_layers, 3), "x"),
+             ("grouped vs dense", round(t_dense / t_group, 3), "x"), ("grouped path", str(chosen), "")]),
+            directory=args.results_dir)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--groups", nargs="+", default=list(GROUPS) + list(MLPS), choices=list(GROUPS) + list(MLPS))
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1])
     ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--factor-dtype", nargs="+", default=[], choices=formats.names(),
+                    help="also time the sibling groups with U and V stored in these formats")
     add_arguments(ap)
     args = ap.parse_args()
-    dt, dev = torch.bfloat16, "cuda"
     print(versions())
     print("\n| group | T | dense ms | blastfx per layer ms | blastfx grouped ms | per layer x | grouped x | chosen |"
           "\n|---|---|---|---|---|---|---|---|", flush=True)
-    for name in (g for g in args.groups if g in GROUPS):
-        shapes = GROUPS[name]
-        n = shapes[0][1]
-        dense_bytes = sum(m * n * 2 for m, _ in shapes)
-        dense = [[torch.randn(m, n, device=dev, dtype=dt) / n ** 0.5 for m, _ in shapes]
-                 for _ in range(copies_for(dense_bytes))]
-        blast_shapes = [BlastShape.make(m, n, rank_at(m, n, args.blocks, args.budget), args.blocks) for m, _ in shapes]
-        fac = [[tuple(torch.randn(*s.factor_shapes[k], device=dev, dtype=dt) * 0.05 for k in "USV") for s in blast_shapes]
-               for _ in range(copies_for(sum(s.num_params * 2 for s in blast_shapes)))]
-        for T in args.tokens:
-            x = torch.randn(T, n, device=dev, dtype=dt)
-            t_dense = graph_ms(lambda k: [torch.nn.functional.linear(x, w) for w in dense[k]], len(dense))
-            for f in fac[0]:
-                blastfx.blast_matmul(x, *f)                        # autotune outside the graph
-            t_layers = graph_ms(lambda k: [blastfx.blast_matmul(x, *f) for f in fac[k]], len(fac))
-
-            def grouped(k):
-                U, S, V = (list(t) for t in zip(*fac[k]))
-                return blast_matmul_group(x, U, S, V, [None] * len(U), [s.out_features for s in blast_shapes])
-
-            grouped(0)
-            chosen = next((v[0] for key, v in autotune._cache.items() if key[0] == "group"
-                           and key[2] == tuple(blast_shapes)), "default")
-            t_group = graph_ms(grouped, len(fac))
-            print(f"| {name} | {T} | {t_dense:.4f} | {t_layers:.4f} | {t_group:.4f} | {t_dense / t_layers:.2f} | "
-                  f"{t_dense / t_group:.2f} | {chosen} |", flush=True)
-            record("group_speed", measurements(
-                f"{name} T={T}", dict(group=name, T=T, b=args.blocks, budget=args.budget, dtype="bfloat16",
-                                      shapes=[f"{m}x{n}" for m, n in shapes], ranks=[s.rank for s in blast_shapes]),
-                [("dense time", t_dense, "ms"), ("blastfx per-layer time", t_layers, "ms"),
-                 ("blastfx grouped time", t_group, "ms"), ("per-layer vs dense", round(t_dense / t_layers, 3), "x"),
-                 ("grouped vs dense", round(t_dense / t_group, 3), "x"), ("grouped path", str(chosen), "")]),
-                directory=args.results_dir)
-        del dense, fac
+    for factor_dtype in [None] + args.factor_dtype:
+        for name in (g for g in args.groups if g in GROUPS):
+            group_rows(name, args.tokens, args, factor_dtype)
     mlps = [g for g in args.groups if g in MLPS]
     if mlps:
         print("\n| MLP | T | dense ms | blastfx per layer ms | grouped ms | chained ms | grouped x | chained x | "

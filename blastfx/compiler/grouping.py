@@ -15,9 +15,13 @@ against calling its members one by one (the autotuner), so grouping never makes 
 members the grouped kernel cannot stream (:func:`blastfx.kernels.gemv.groupable`: mixed dtypes,
 non-contiguous or not 16-byte-aligned factors, ranks not a multiple of 8) are called one by one.
 
-``blastfx::blast_matmul_group`` is defined here with its reference (the members' reference calls,
-the source of truth) and its fake; it has no autograd, which is why the pass leaves training graphs
-alone.
+Layers with quantized factors (``blastfx::blast_matmul_quantized``) that share an input become one
+``blastfx::blast_matmul_quantized_group`` call the same way: the group kernel reads their codes and
+scales as the one-layer kernel does. Quantized and float siblings of one input form separate groups.
+
+``blastfx::blast_matmul_group`` and ``blastfx::blast_matmul_quantized_group`` are defined here with
+their references (the members' reference calls, the source of truth) and fakes; they have no
+autograd, which is why the pass leaves training graphs alone.
 """
 from __future__ import annotations
 
@@ -29,6 +33,9 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..kernels.gemv import MAX_T
 from ..structures.blast.ops import blast_matmul, blast_matmul_reference, check_inputs
+from ..structures.blast.quant import formats
+from ..structures.blast.quant.ops import (blast_matmul_quantized, blast_matmul_quantized_reference,
+                                          check_quantized_inputs)
 
 stats = {"groups": 0, "grouped_calls": 0}
 MODES = ("auto", "always", "never")
@@ -67,13 +74,59 @@ def _(x, U, S, V, bias, out_features):
                              ("gemv", gemv.blast_gemv_group, gemv.group_candidates), gemv.groupable)
 
 
+@torch.library.custom_op("blastfx::blast_matmul_quantized_group", mutates_args=())
+def blast_matmul_quantized_group(x: torch.Tensor, U: list[torch.Tensor], U_scale: list[torch.Tensor],
+                                 S: list[torch.Tensor], V: list[torch.Tensor], V_scale: list[torch.Tensor],
+                                 bias: list[Optional[torch.Tensor]], out_features: list[int]) -> torch.Tensor:
+    """``blast_matmul_group`` for layers with quantized factors: ``cat([blast_matmul_quantized(x, U[k],
+    U_scale[k], S[k], V[k], V_scale[k], bias[k], out_features[k]) for k], -1)`` (reference)."""
+    _check_quantized_group(x, U, U_scale, S, V, V_scale, bias, out_features)
+    return torch.cat([blast_matmul_quantized_reference(x, *member) for member in
+                      zip(U, U_scale, S, V, V_scale, bias, out_features)], dim=-1)
+
+
+@blast_matmul_quantized_group.register_fake
+def _(x, U, U_scale, S, V, V_scale, bias, out_features):
+    shapes = _check_quantized_group(x, U, U_scale, S, V, V_scale, bias, out_features)
+    return x.new_empty(*x.shape[:-1], sum(shape.out_features for shape in shapes))
+
+
+def _check_quantized_group(x, U, U_scale, S, V, V_scale, bias, out_features):
+    lists = (U, U_scale, S, V, V_scale, bias, out_features)
+    if len({len(a) for a in lists}) != 1 or not U:
+        raise ValueError("blast_matmul_quantized_group takes one U, U_scale, S, V, V_scale, bias and out_features "
+                         f"per member, got {', '.join(str(len(a)) for a in lists)}")
+    return [check_quantized_inputs(x, *member) for member in zip(*lists)]
+
+
+@blast_matmul_quantized_group.register_kernel("cuda")
+def _(x, U, U_scale, S, V, V_scale, bias, out_features):
+    from ..kernels import gemv
+
+    shapes = _check_quantized_group(x, U, U_scale, S, V, V_scale, bias, out_features)
+    layers = list(zip(U, S, V, bias, shapes, U_scale, V_scale))
+    int4 = U[0].dtype == formats.get("int4").storage
+    return tuned_decode_call("quantized_group", x, layers, ("members", _one_by_one),
+                             ("gemv", gemv.blast_gemv_group, lambda device: gemv.group_candidates(device, int4)),
+                             gemv.groupable)
+
+
 def _one_by_one(x2, members):
-    """The members' outputs side by side, each from its own call."""
-    return torch.cat([blast_matmul(x2, u, s, v, b, sh.out_features) for u, s, v, b, sh in members], dim=-1)
+    """The members' outputs side by side, each from its own call (of the quantized op for members
+    (U, S, V, bias, shape, U_scale, V_scale))."""
+    outs = []
+    for member in members:
+        U, S, V, b, shape = member[:5]
+        if len(member) == 7:
+            outs.append(blast_matmul_quantized(x2, U, member[5], S, V, member[6], b, shape.out_features))
+        else:
+            outs.append(blast_matmul(x2, U, S, V, b, shape.out_features))
+    return torch.cat(outs, dim=-1)
 
 
 def tuned_decode_call(name: str, x, layers, plain, fused, why_not):
-    """One call of a multi-layer decode op (``layers`` = [(U, S, V, bias, shape)], reading ``x``) in the
+    """One call of a multi-layer decode op (``layers`` = [(U, S, V, bias, shape[, U_scale, V_scale])],
+    reading ``x``) in the
     faster of its two forms: ``plain`` = (label, run(x2, layers)), the layers' own calls, and ``fused``
     = (label, run(x2, layers, cfg), candidates(device)), its kernels. The fused form runs only at
     decode sizes, with the Triton kernels, where floats may be added in any order and ``why_not(layers)``
@@ -96,7 +149,7 @@ def tuned_decode_call(name: str, x, layers, plain, fused, why_not):
         path, cfg = plain_label, {}
     else:
         copies = _MemberCopies(layers, x.device)
-        key = (name, autotune.token_bucket(T), tuple(layer[-1] for layer in layers), x.dtype,
+        key = (name, autotune.token_bucket(T), tuple(layer[4] for layer in layers), x.dtype, str(layers[0][0].dtype),
                tuple(layer[3] is not None for layer in layers), str(x.device))
         if autotune.will_time(key):
             run(plain_label, {}, 0)     # the layers tune their own kernels first, so they are timed at their best
@@ -112,11 +165,12 @@ class _MemberCopies:
         from ..kernels.autotune import copies_needed
 
         self.members, self._clones = members, {}
-        self.count = copies_needed([t for m in members for t in m[:3]], device)
+        self.count = copies_needed([t for m in members for t in m[:3] + tuple(m[5:])], device)
 
     def __getitem__(self, k):
         if k not in self._clones:
-            self._clones[k] = [(u.clone(), s.clone(), v.clone(), b, sh) for u, s, v, b, sh in self.members]
+            self._clones[k] = [(m[0].clone(), m[1].clone(), m[2].clone(), m[3], m[4], *(t.clone() for t in m[5:]))
+                               for m in self.members]
         return self._clones[k]
 
 
@@ -127,12 +181,23 @@ def check_group_mode(mode: str, option: str = "group_siblings") -> str:
     return mode
 
 
-def _call_args(node: fx.Node):
-    """(x, U, S, V, bias, out_features) of a ``blastfx::blast_matmul`` call node, spelled either way."""
-    names = ("x", "U", "S", "V", "bias", "out_features")
+_NAMES = ("x", "U", "S", "V", "bias", "out_features")
+_QUANTIZED_NAMES = ("x", "U", "U_scale", "S", "V", "V_scale", "bias", "out_features")
+
+
+def _call_args(node: fx.Node, names=_NAMES):
+    """The arguments ``names`` of a call node (``blastfx::blast_matmul``'s by default), spelled
+    positionally or by keyword."""
     values = dict(zip(names, node.args))
     values.update({k: v for k, v in node.kwargs.items() if k in names})
     return tuple(values.get(k) for k in names)
+
+
+def _groupable_ops() -> dict:
+    """Each op whose sibling calls are grouped: (its argument names, the group op)."""
+    ops = torch.ops.blastfx
+    return {ops.blast_matmul: (_NAMES, ops.blast_matmul_group.default),
+            ops.blast_matmul_quantized: (_QUANTIZED_NAMES, ops.blast_matmul_quantized_group.default)}
 
 
 def _rows(U: fx.Node) -> int:
@@ -153,38 +218,40 @@ def _decode_sized(x, mode: str) -> bool:
 
 def group_sibling_calls(gm: fx.GraphModule, mode: str = "auto") -> int:
     """Replace the ``blastfx::blast_matmul`` calls of ``gm`` that share their input by one
-    ``blastfx::blast_matmul_group`` call each; returns how many groups were made. ``mode``: "auto"
-    (CUDA inputs of at most ``MAX_T`` tokens), "always" (any device and size: tests) or "never".
-    The caller decides whether the graph may run without autograd."""
+    ``blastfx::blast_matmul_group`` call each, and the ``blastfx::blast_matmul_quantized`` calls that
+    do by one ``blastfx::blast_matmul_quantized_group`` call each; returns how many groups were made.
+    ``mode``: "auto" (CUDA inputs of at most ``MAX_T`` tokens), "always" (any device and size: tests)
+    or "never". The caller decides whether the graph may run without autograd."""
     if check_group_mode(mode) == "never":
         return 0
-    op = torch.ops.blastfx.blast_matmul
+    ops = _groupable_ops()
+    targets = {t: op for op in ops for t in (op, op.default)}
     by_input: dict = {}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in (op, op.default):
-            x = _call_args(node)[0]
+        if node.op == "call_function" and node.target in targets:
+            op = targets[node.target]
+            x = _call_args(node, ops[op][0])[0]
             if isinstance(x, fx.Node) and _decode_sized(x, mode):
-                by_input.setdefault(x, []).append(node)
+                by_input.setdefault((x, op), []).append(node)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     groups = 0
-    for x, calls in by_input.items():
+    for (x, op), calls in by_input.items():
+        names, group_op = ops[op]
         if len(calls) < 2:
             continue
         first = min(calls, key=order.__getitem__)
-        args = [_call_args(c) for c in calls]
-        inputs = [a for c in args for a in c[1:5] if isinstance(a, fx.Node)]
+        args = [dict(zip(names, _call_args(c, names))) for c in calls]
+        inputs = [a[k] for a in args for k in names[1:-1] if isinstance(a[k], fx.Node)]
         if any(order[a] > order[first] and a.op not in ("placeholder", "get_attr") for a in inputs):
             continue          # a factor computed after the first sibling (e.g. a cast): leave these alone
         for a in inputs:     # parameters read later in the graph: read them before the group instead
             if order[a] > order[first]:
                 first.prepend(a)
+        widths = [a["out_features"] if a["out_features"] is not None else _rows(a["U"]) for a in args]
         with gm.graph.inserting_before(first):
-            group = gm.graph.call_function(torch.ops.blastfx.blast_matmul_group.default, (
-                x, [a[1] for a in args], [a[2] for a in args], [a[3] for a in args], [a[4] for a in args],
-                [a[5] if a[5] is not None else _rows(a[1]) for a in args]))
+            group = gm.graph.call_function(group_op, (x, *([a[k] for a in args] for k in names[1:-1]), widths))
             outs, start = [], 0
-            for a in args:
-                width = a[5] if a[5] is not None else _rows(a[1])
+            for width in widths:
                 outs.append(gm.graph.call_function(torch.narrow, (group, -1, start, width)))
                 start += width
         for call, out in zip(calls, outs):

@@ -388,10 +388,10 @@ def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_p
         _advance_generation(sync_ptr, GRID)
 
 
-# Per-member fields of a group's table (int64): where its factors are (in elements from the anchor,
-# the first member's U), geometry, work-item ranges.
+# Per-member fields of a group's table (int64): where its tensors are (in elements from the anchor of
+# their kind: codes or float factors, float factors and biases, scales), geometry, work-item ranges.
 FIELDS = ("u", "s", "v", "bias", "y_col", "M", "P", "Q", "R", "B_IN", "B_OUT", "Q_CHUNK", "R_TILES",
-          "P_TILES", "items1", "items2", "w_off", "has_bias")
+          "P_TILES", "items1", "items2", "w_off", "has_bias", "u_scale", "v_scale")
 _NF = tl.constexpr(len(FIELDS))
 
 
@@ -415,34 +415,38 @@ def _factor_address(anchor_ptr, row, FIELD: tl.constexpr, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, table_ptr, ws_ptr, sync_ptr, T, N, YS, G, ITEMS1, ITEMS2,
-                       EXTENT, GRID, HALF, sxt, ALIGN: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
+def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, float_ptr, scale_ptr, table_ptr, ws_ptr, sync_ptr, T, N, YS, G,
+                       ITEMS1, ITEMS2, EXTENT, GRID, HALF, sxt, ALIGN: tl.constexpr, ALIGN_F: tl.constexpr,
+                       ALIGN_SC: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
                        BP: tl.constexpr, BK: tl.constexpr, ZB: tl.constexpr, STAGE: tl.constexpr,
                        PREFETCH: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LATE: tl.constexpr,
-                       LINE_U: tl.constexpr):
+                       LINE_U: tl.constexpr, QUANT: tl.constexpr, PACK: tl.constexpr, SPLIT: tl.constexpr):
     """Several BLAST layers that read the same x (q/k/v, gate/up) in one stream of work items: the
     same two stages as ``_gemv_decode_kernel``, each item first looking up its member in the table.
     Factors are contiguous (strides derived from the geometry, ranks multiples of 8); y is one
-    (T, YS) buffer, each member writing its columns. PDL and PREFETCH as in ``_gemv_decode_kernel``
-    (two-launch form: one item per program)."""
+    (T, YS) buffer, each member writing its columns. U and V are found from ``anchor_ptr`` (the first
+    member's U), S and biases from ``float_ptr`` (its S), the scales of quantized factors (QUANT, PACK,
+    SPLIT as in ``_gemv_decode_kernel``) from ``scale_ptr`` (its U_scale); each anchor's offsets are
+    hinted multiples of its ALIGN. PDL and PREFETCH as in ``_gemv_decode_kernel`` (two-launch form:
+    one item per program)."""
     pid = tl.program_id(0)
     if PDL:
         if PREFETCH:
             if STAGE == 1:
                 row = table_ptr + _member(table_ptr, pid, G, 14) * _NF
                 Q = tl.load(row + 7).to(tl.int32)
-                R = tl.load(row + 8).to(tl.int32)
+                RC = tl.load(row + 8).to(tl.int32) // PACK
                 local = pid - tl.load(row + 14).to(tl.int32)
-                _prefetch_v_items(_factor_address(anchor_ptr, row, 2, ALIGN), local, local + 1, 1, Q, R,
+                _prefetch_v_items(_factor_address(anchor_ptr, row, 2, ALIGN), local, local + 1, 1, Q, RC,
                                   tl.load(row + 9).to(tl.int32), tl.load(row + 11).to(tl.int32),
-                                  tl.load(row + 12).to(tl.int32), Q * R, R, 1, BR, LINE)
+                                  tl.load(row + 12).to(tl.int32), Q * RC, RC, 1, BR // PACK, LINE)
             else:
                 row = table_ptr + _member(table_ptr, pid, G, 15) * _NF
                 P = tl.load(row + 6).to(tl.int32)
-                R = tl.load(row + 8).to(tl.int32)
+                RC = tl.load(row + 8).to(tl.int32) // PACK
                 local = pid - tl.load(row + 15).to(tl.int32)
                 _prefetch_u(_factor_address(anchor_ptr, row, 0, ALIGN), local, local + 1, 1,
-                            tl.load(row + 13).to(tl.int32), P, R, P * R, R, 1, BP, LINE_U)
+                            tl.load(row + 13).to(tl.int32), P, RC, P * RC, RC, 1, BP, LINE_U)
         gdc_wait()
         gdc_launch_dependents()
     w_base = ws_ptr
@@ -452,15 +456,20 @@ def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, table_ptr, ws_ptr, sync_ptr, T,
         for item in range(pid, ITEMS1, GRID):
             row = table_ptr + _member(table_ptr, item, G, 14) * _NF
             v_ptr = _factor_address(anchor_ptr, row, 2, ALIGN)
-            s_ptr = _factor_address(anchor_ptr, row, 1, ALIGN)
+            s_ptr = _factor_address(float_ptr, row, 1, ALIGN_F)
             Q = tl.load(row + 7).to(tl.int32)
             R = tl.multiple_of(tl.load(row + 8).to(tl.int32), 8)
+            RC = R // PACK
             B_IN = tl.load(row + 9).to(tl.int32)
+            vs_ptr = x_ptr
+            if QUANT:
+                vs_ptr = _factor_address(scale_ptr, row, 19, ALIGN_SC)
             _xv_mix_item(item - tl.load(row + 14).to(tl.int32), x_ptr, v_ptr, s_ptr,
                          w_base + tl.multiple_of(tl.load(row + 16), 8), T, N, Q, R, B_IN,
                          tl.load(row + 10).to(tl.int32),
                          tl.load(row + 11).to(tl.int32), tl.load(row + 12).to(tl.int32),
-                         sxt, 1, B_IN * R, R, 1, Q * R, R, 1, BT, BQ, BR, x_ptr, 0, 0, 0, sync_ptr, HALF, LATE, R)
+                         sxt, 1, B_IN * R, R, 1, Q * RC, RC, 1, BT, BQ, BR, vs_ptr, R, 1, QUANT, sync_ptr, HALF,
+                         LATE, RC, SPLIT)
     if LATE:
         w_base = _this_calls_half(ws_ptr, sync_ptr, pid, GRID, HALF, EXTENT, STAGE != 2, ZB)
     if STAGE == 3:
@@ -470,11 +479,15 @@ def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, table_ptr, ws_ptr, sync_ptr, T,
             row = table_ptr + _member(table_ptr, item, G, 15) * _NF
             P = tl.load(row + 6).to(tl.int32)
             R = tl.multiple_of(tl.load(row + 8).to(tl.int32), 8)
+            RC = R // PACK
+            us_ptr = x_ptr
+            if QUANT:
+                us_ptr = _factor_address(scale_ptr, row, 18, ALIGN_SC)
             _wu_item(item - tl.load(row + 15).to(tl.int32), _factor_address(anchor_ptr, row, 0, ALIGN),
-                     _factor_address(anchor_ptr, row, 3, ALIGN), y_ptr + tl.load(row + 4),
+                     _factor_address(float_ptr, row, 3, ALIGN_F), y_ptr + tl.load(row + 4),
                      w_base + tl.multiple_of(tl.load(row + 16), 8),
                      T, tl.load(row + 5).to(tl.int32), P, R, tl.load(row + 13).to(tl.int32),
-                     P * R, R, 1, YS, 1, tl.load(row + 17) != 0, BT, BP, BK, x_ptr, 0, 0, 0, R)
+                     P * RC, RC, 1, YS, 1, tl.load(row + 17) != 0, BT, BP, BK, us_ptr, P, 1, QUANT, RC, SPLIT)
     if STAGE == 2:
         _advance_generation(sync_ptr, GRID)
 
@@ -549,9 +562,10 @@ def candidates(device, int4: bool = False) -> list[dict]:
     return usable + ([{**c, "nibbles": "split"} for c in usable] if int4 else [])
 
 
-def group_candidates(device) -> list[dict]:
-    """The configs a GEMV group is timed with: a group prefetches only in ``pdl`` mode."""
-    return [c for c in candidates(device) if not (c["mode"] == "persistent" and c["prefetch"])]
+def group_candidates(device, int4: bool = False) -> list[dict]:
+    """The configs a GEMV group is timed with: a group prefetches only in ``pdl`` mode; ``int4``
+    as for :func:`candidates`."""
+    return [c for c in candidates(device, int4) if not (c["mode"] == "persistent" and c["prefetch"])]
 
 
 def _launch_flags(cfg: dict, interpret: bool, device, element_size: int) -> tuple[str, dict]:
@@ -661,54 +675,92 @@ _TABLES: dict = {}          # group tables by the members' addresses and geometr
 
 
 def _tensors(member) -> tuple:
-    """A group member's factors and bias (if it has one)."""
-    U, S, V, b, _ = member
-    return (U, S, V) + ((b,) if b is not None else ())
+    """A group member's factors, bias (if it has one) and scales (if its factors are codes)."""
+    U, S, V, b = member[:4]
+    return (U, S, V) + ((b,) if b is not None else ()) + tuple(member[5:])
+
+
+def _kinds(member) -> dict:
+    """A member's tensors by the anchor their table offsets count from: "codes" (U and V, float
+    factors or codes), "floats" (S, bias), "scales" (U_scale, V_scale of quantized factors)."""
+    U, S, V, b = member[:4]
+    return {"codes": (U, V), "floats": (S,) + ((b,) if b is not None else ()), "scales": tuple(member[5:])}
 
 
 def groupable(members) -> str | None:
-    """Why these (U, S, V, bias, shape) members cannot run as one GEMV group, or None if they can:
-    the group kernel derives strides from the geometry and reads 16-byte vectors at 16-byte-aligned
-    offsets from the first member's U."""
-    dtypes = {t.dtype for member in members for t in _tensors(member)}
-    if len(dtypes) != 1:
-        return f"members mix dtypes {sorted(map(str, dtypes))}"
+    """Why these members cannot run as one GEMV group, or None if they can. A member is
+    (U, S, V, bias, shape), or (U, S, V, bias, shape, U_scale, V_scale) with U and V codes of a
+    format in :data:`CODE_NAMES`. The group kernel derives strides from the geometry and reads
+    16-byte vectors at 16-byte-aligned offsets from the first member's tensor of each kind."""
+    if len({len(member) for member in members}) != 1 or len(members[0]) not in (5, 7):
+        return "members mix float and quantized factors (or are not (U, S, V, bias, shape[, U_scale, V_scale]))"
+    for kind in ("codes", "floats", "scales"):
+        dtypes = {t.dtype for member in members for t in _kinds(member)[kind]}
+        if len(dtypes) > 1:
+            return f"members mix dtypes of their {kind}: {sorted(map(str, dtypes))}"
+    quantized = len(members[0]) == 7
+    if quantized and members[0][0].dtype not in CODE_DTYPES:
+        return f"codes of dtype {members[0][0].dtype}: the kernel reads {CODE_NAMES}"
+    if not quantized and members[0][0].dtype != members[0][1].dtype:
+        return f"float factors U ({members[0][0].dtype}) and S ({members[0][1].dtype}) differ in dtype"
     for k, member in enumerate(members):
         if not all(t.is_contiguous() for t in _tensors(member)):
             return f"member {k} has non-contiguous factors"
-        if member[-1].rank % 8:
-            return f"member {k} has rank {member[-1].rank}, not a multiple of 8"
+        if member[4].rank % 8:
+            return f"member {k} has rank {member[4].rank}, not a multiple of 8"
         if any(t.data_ptr() % 16 for t in _tensors(member)):
-            return f"member {k} has a factor or bias not 16-byte aligned (a view at an offset?)"
+            return f"member {k} has a factor, bias or scale not 16-byte aligned (a view at an offset?)"
     return None
 
 
-def anchor_size(members) -> int:
-    """Bytes per element of the group's anchor (the first member's U), in which the table's factor
-    offsets and the kernel's alignment hint count."""
-    return members[0][0].element_size()
+def _anchors(members) -> dict:
+    """The group's anchor of each kind (the first member's U, S and U_scale) by the kind's name."""
+    first = members[0]
+    return {"codes": first[0], "floats": first[1], "scales": first[5] if len(first) == 7 else None}
+
+
+def group_anchors(members, cfg: dict, unused) -> tuple[tuple, dict]:
+    """((codes, floats, scales) anchor arguments, their constants) of ``_gemv_group_kernel`` for
+    ``members``: the alignments its offsets are hinted with and the code format (QUANT, PACK, SPLIT).
+    ``unused``: a tensor passed where the group has no scales."""
+    anchors = _anchors(members)
+    bits, pack = 0, 1
+    if anchors["scales"] is not None:
+        fmt = factor_formats.of_storage(anchors["codes"].dtype)
+        bits, pack = fmt.bits, fmt.per_element
+    scales = anchors["scales"] if bits else unused
+    return (anchors["codes"], anchors["floats"], scales), dict(
+        ALIGN=16 // anchors["codes"].element_size(), ALIGN_F=16 // anchors["floats"].element_size(),
+        ALIGN_SC=16 // scales.element_size(), QUANT=bits, PACK=pack, SPLIT=bits == 4 and cfg.get("nibbles") == "split")
 
 
 def _group_table(members, device, grid: int, cfg: dict, BT: int):
-    """(table, totals) for ``members``: each member's factor offsets from the anchor, geometry and the
-    ranges of the two stages' work items; cached by the members' addresses and geometry, so a CUDA-graph capture (which
+    """(table, totals) for ``members``: each member's tensor offsets from the anchor of their kind,
+    geometry and the ranges of the two stages' work items; cached by the members' addresses and geometry, so a CUDA-graph capture (which
     cannot copy a new table to the device) finds the one the warm-up call built."""
-    key = (grid, BT, tuple(sorted(cfg.items())), members[0][0].dtype,      # offsets count elements of this dtype
-           tuple((U.data_ptr(), S.data_ptr(), V.data_ptr(), b.data_ptr() if b is not None else 0, shape)
-                 for U, S, V, b, shape in members))
+    key = (grid, BT, tuple(sorted(cfg.items())),
+           tuple(tuple(t.dtype for t in _kinds(members[0])[k]) for k in ("codes", "floats", "scales")),
+           tuple(tuple(t.data_ptr() if t is not None else 0 for t in member[:4] + tuple(member[5:])) + (member[4],)
+                 for member in members))
     if key not in _TABLES:
-        total = sum(shape.num_params for *_, shape in members)
+        total = sum(member[4].num_params for member in members)
         rows, items1, items2, w_off, y_col = [], 0, 0, 0, 0
-        anchor, size = members[0][0], anchor_size(members)
+        anchors = _anchors(members)
 
-        def offset(t):                          # elements from the anchor (exact: both are 16-byte aligned)
-            return (t.data_ptr() - anchor.data_ptr()) // size if t is not None else 0
+        def offset(t, kind):                    # elements from the anchor (exact: both are 16-byte aligned)
+            if t is None:
+                return 0
+            anchor = anchors[kind]
+            return (t.data_ptr() - anchor.data_ptr()) // anchor.element_size()
 
-        for U, S, V, b, shape in members:
+        for member in members:
+            U, S, V, b, shape = member[:5]
+            us, vs = member[5:] if len(member) == 7 else (None, None)
             plan = gemv_plan(shape, max(1, grid * shape.num_params // total), cfg)
-            rows.append([offset(U), offset(S), offset(V), offset(b), y_col,
+            rows.append([offset(U, "codes"), offset(S, "floats"), offset(V, "codes"), offset(b, "floats"), y_col,
                          shape.out_features, shape.p, shape.q, shape.rank, shape.b_in, shape.b_out,
-                         plan["Q_CHUNK"], plan["R_TILES"], plan["P_TILES"], items1, items2, w_off, b is not None])
+                         plan["Q_CHUNK"], plan["R_TILES"], plan["P_TILES"], items1, items2, w_off, b is not None,
+                         offset(us, "scales"), offset(vs, "scales")])
             items1 += shape.b_in * plan["R_TILES"] * plan["Q_SPLIT"]
             items2 += shape.b_out * plan["P_TILES"]
             w_off += shape.b_out * BT * shape.rank
@@ -721,9 +773,11 @@ def _group_table(members, device, grid: int, cfg: dict, BT: int):
 
 
 def blast_gemv_group(x2, members, cfg: dict | None = None, *, interpret: bool = False) -> torch.Tensor:
-    """y (T, sum out_g): the outputs of BLAST layers ``members`` = [(U, S, V, bias, shape)] that all
-    read ``x2`` (T <= MAX_T), side by side in member order; one stream of work items over every
-    member's V, then over every member's U, in one launch (``persistent``) or two."""
+    """y (T, sum out_g): the outputs of BLAST layers ``members`` that all read ``x2`` (T <= MAX_T),
+    side by side in member order; one stream of work items over every member's V, then over every
+    member's U, in one launch (``persistent``) or two. A member is (U, S, V, bias, shape), or
+    (U, S, V, bias, shape, U_scale, V_scale) for quantized factors (codes as :func:`blast_gemv`
+    takes them); a group holds one kind or the other."""
     cfg = {**DEFAULT, **(cfg or {})}
     T, n = x2.shape
     if T > MAX_T:
@@ -731,10 +785,20 @@ def blast_gemv_group(x2, members, cfg: dict | None = None, *, interpret: bool = 
     why = groupable(members)
     if why:
         raise ValueError(f"cannot run these layers as one GEMV group: {why}")
+    if len(members[0]) == 7:
+        fmt = factor_formats.of_storage(members[0][0].dtype)
+        for k, (U, _, V, _, shape, *_) in enumerate(members):
+            stored = fmt.stored_length(shape.rank)
+            if U.shape[-1] != stored or V.shape[-1] != stored:
+                raise ValueError(f"member {k}: codes of U {tuple(U.shape)} and V {tuple(V.shape)} do not hold rank "
+                                 f"{shape.rank}: their last dimension must be {stored}")
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    mode, flags = _launch_flags(cfg, interpret, x2.device, x2.element_size())
-    flags["LINE"] = min(flags["LINE"], cfg["BR"])       # narrow r-tiles: at least one prefetch address a row
+    y = torch.empty(T, sum(member[4].out_features for member in members), device=x2.device, dtype=x2.dtype)
+    anchors, anchor_const = group_anchors(members, cfg, y)
+    mode, flags = _launch_flags(cfg, interpret, x2.device, anchors[0].element_size())
+    # narrow r-tiles: at least one prefetch address a row
+    flags["LINE"] = min(flags["LINE"], cfg["BR"] // anchor_const["PACK"])
     if flags["PREFETCH"] == 2:
         raise ValueError("a GEMV group prefetches only in mode 'pdl' (prefetch=1)")
     BT = triton.next_power_of_2(T)
@@ -743,17 +807,15 @@ def blast_gemv_group(x2, members, cfg: dict | None = None, *, interpret: bool = 
     grid = cfg["per_sm"] * sms
     table, items1, items2, extent, width = _group_table(members, x2.device, grid, cfg, BT)
     sync, ws = workspace(x2.device, extent)
-    y = torch.empty(T, width, device=x2.device, dtype=x2.dtype)
-    const = dict(ALIGN=16 // anchor_size(members), BT=BT, BQ=cfg["BQ"], BR=cfg["BR"], BP=cfg["BP"],
-                 BK=cfg["BK"], ZB=1024, LATE=bool(cfg["late"]),
-                 **dict(flags, PREFETCH=flags["PREFETCH"] if mode == "pdl" else 0))
+    const = dict(BT=BT, BQ=cfg["BQ"], BR=cfg["BR"], BP=cfg["BP"], BK=cfg["BK"], ZB=1024, LATE=bool(cfg["late"]),
+                 **anchor_const, **dict(flags, PREFETCH=flags["PREFETCH"] if mode == "pdl" else 0))
     launch = {} if interpret else {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
     if mode == "pdl":
         launch["launch_pdl"] = True
 
     def args(g):
-        return (x2, y, members[0][0], table, ws, sync, T, n, width, len(members), items1, items2, extent, g,
-                ws.numel() // 2, x2.stride(0))
+        return (x2, y, *anchors, table, ws, sync, T, n, width, len(members),
+                items1, items2, extent, g, ws.numel() // 2, x2.stride(0))
 
     if mode != "persistent":
         _gemv_group_kernel[(items1,)](*args(items1), STAGE=1, **const, **launch)
@@ -761,7 +823,7 @@ def blast_gemv_group(x2, members, cfg: dict | None = None, *, interpret: bool = 
             launch = {**launch, "num_warps": cfg.get("warps2", cfg["warps"])}
         _gemv_group_kernel[(items2,)](*args(items2), STAGE=2, **const, **launch)
     else:
-        key = ("group", _index(x2.device), BT, x2.dtype, tuple(sorted(cfg.items())))
+        key = ("group", _index(x2.device), BT, x2.dtype, tuple(sorted(cfg.items())), anchors[0].dtype)
         launch_persistent(_gemv_group_kernel, key, args(grid), grid, x2.device, f"GEMV group config {cfg}",
                           STAGE=3, **const, **launch)
     return y

@@ -48,13 +48,15 @@ def _round(v, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _row_outputs(u_ptr, b_ptr, w, rows, row_ok, offs_r, R, sup, bias_off, HAS_BIAS: tl.constexpr,
-                 DTYPE: tl.constexpr):
-    """(BT, BPM): the rows' outputs ``w · U[rows]ᵀ`` (+ bias), rounded to the activation dtype;
-    ``row_ok``: the rows inside the layer's output features."""
-    u = tl.load(u_ptr + rows[:, None] * sup + offs_r[None, :], mask=row_ok[:, None] & (offs_r < R)[None, :],
-                other=0.0)
+def _row_outputs(u_ptr, b_ptr, us_ptr, w, rows, row_ok, R, RC, sup, bias_off, HAS_BIAS: tl.constexpr,
+                 DTYPE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, QUANT: tl.constexpr):
+    """(BT, ROWS): the rows' outputs ``w · U[rows]ᵀ`` (+ bias), rounded to the activation dtype;
+    ``row_ok``: the rows inside the layer's output features. QUANT (8 or 4): U holds codes (RC
+    stored entries a row, ``sup`` apart) and each output is scaled by its row's ``us_ptr`` entry."""
+    u = gemv._load_factor_tile(u_ptr, rows, row_ok, sup, 1, 0, R, RC, ROWS, COLS, QUANT)
     out = tl.sum(w[:, None, :] * u.to(tl.float32)[None, :, :], axis=2)
+    if QUANT:
+        out *= tl.load(us_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         out += tl.load(b_ptr + bias_off + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
     return _round(out, DTYPE)
@@ -63,10 +65,10 @@ def _row_outputs(u_ptr, b_ptr, w, rows, row_ok, offs_r, R, sup, bias_off, HAS_BI
 @triton.jit
 def _mlp_mid_kernel(ug_ptr, uu_ptr, bg_ptr, bu_ptr, vd_ptr, sd_ptr, ws_ptr, sync_ptr,
                     T, M, P, RG, RU, RD, PER_BLOCK, ROWS, HALF, W_UP, W_DOWN, B_OUT_D,
-                    sug, suu, svd, ssd,
+                    sug, suu, svd, ssd, usg_ptr, usu_ptr, vsd_ptr,
                     HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, BT: tl.constexpr, BPM: tl.constexpr,
                     RG_P: tl.constexpr, RU_P: tl.constexpr, RD_P: tl.constexpr, PDL: tl.constexpr,
-                    AL: tl.constexpr):
+                    AL: tl.constexpr, ALC: tl.constexpr, QUANT: tl.constexpr, PACK: tl.constexpr):
     """Program (i, k): rows ``k * ROWS ...`` of block-row i of gate and up (P rows a block, U blocks
     ``sug`` / ``suu`` elements apart, rows of RG / RU entries; M output features in all, rows past them
     are padding and give h = 0): their outputs, ``h = silu(g) * u``, and
@@ -74,20 +76,25 @@ def _mlp_mid_kernel(ug_ptr, uu_ptr, bg_ptr, bu_ptr, vd_ptr, sd_ptr, ws_ptr, sync
     ``s_down[o, i] * z`` into ``w_down[o]`` for every block-row o of down (S_down blocks ``ssd`` apart,
     one row of RD per (o, i)). Factors are contiguous; w is (B_OUT, BT, R) per layer. AL: a power of
     two (up to 16) dividing the three ranks, so row starts are seen aligned and loads stay 16-byte
-    vectors (the JIT marks an integer argument only when 16 divides it; see :mod:`.gemv`)."""
+    vectors (the JIT marks an integer argument only when 16 divides it; see :mod:`.gemv`).
+    QUANT (8 or 4) and PACK as in :mod:`.gemv`: U and V_down hold codes, rows of R / PACK stored
+    entries (the code strides ``sug``, ``suu``, ``svd`` count them, ALC divides them); the gate/up
+    outputs are scaled per row by ``usg_ptr`` / ``usu_ptr`` (U_scale, (b_out, p)), down's z per rank by
+    ``vsd_ptr`` (V_scale, (b_in, r)) after its sum over rows."""
     pid = tl.program_id(0)
     if AL > 1:
         RG = (RG // AL) * AL
         RU = (RU // AL) * AL
         RD = (RD // AL) * AL
-        sug = (sug // AL) * AL
-        suu = (suu // AL) * AL
-        svd = (svd // AL) * AL
         ssd = (ssd // AL) * AL
+    if ALC > 1:
+        sug = (sug // ALC) * ALC
+        suu = (suu // ALC) * ALC
+        svd = (svd // ALC) * ALC
     i = pid // PER_BLOCK
     r0 = (pid % PER_BLOCK) * ROWS
     r1 = tl.minimum(P, r0 + ROWS)
-    DTYPE: tl.constexpr = ug_ptr.dtype.element_ty
+    DTYPE: tl.constexpr = sd_ptr.dtype.element_ty           # S is in the activation dtype, codes or not
     if PDL:
         gdc_wait()                  # gate/up's stage 1 (and everything before it) has finished
         gdc_launch_dependents()
@@ -105,13 +112,16 @@ def _mlp_mid_kernel(ug_ptr, uu_ptr, bg_ptr, bu_ptr, vd_ptr, sd_ptr, ws_ptr, sync
     for c0 in range(r0, r1, BPM):
         rows = c0 + tl.arange(0, BPM)
         row_ok = (rows < r1) & (i * P + rows < M)
-        g = _row_outputs(ug_ptr + i * sug, bg_ptr, wg, rows, row_ok, offs_g, RG, RG, i * P, HAS_BG, DTYPE)
-        u = _row_outputs(uu_ptr + i * suu, bu_ptr, wu, rows, row_ok, offs_u, RU, RU, i * P, HAS_BU, DTYPE)
+        g = _row_outputs(ug_ptr + i * sug, bg_ptr, usg_ptr + i * P, wg, rows, row_ok, RG, RG // PACK, RG // PACK,
+                         i * P, HAS_BG, DTYPE, BPM, RG_P, QUANT)
+        u = _row_outputs(uu_ptr + i * suu, bu_ptr, usu_ptr + i * P, wu, rows, row_ok, RU, RU // PACK, RU // PACK,
+                         i * P, HAS_BU, DTYPE, BPM, RU_P, QUANT)
         h = _round(_round(g / (1.0 + tl.exp(-g)), DTYPE) * u, DTYPE)          # silu(g) * u, as stored
-        v = tl.load(vd_ptr + i * svd + rows[:, None] * RD + offs_d[None, :],
-                    mask=row_ok[:, None] & (offs_d < RD)[None, :], other=0.0)
+        v = gemv._load_factor_tile(vd_ptr + i * svd, rows, row_ok, RD // PACK, 1, 0, RD, RD // PACK, BPM, RD_P, QUANT)
         z += tl.sum(h[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
     d_ok = offs_d < RD
+    if QUANT:
+        z *= tl.load(vsd_ptr + i * RD + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
     for o in range(B_OUT_D):
         s = tl.load(sd_ptr + o * ssd + i * RD + offs_d, mask=d_ok, other=0.0).to(tl.float32)
         tl.atomic_add(half + W_DOWN + o * BT * RD + offs_t[:, None] * RD + offs_d[None, :], s[None, :] * z,
@@ -135,11 +145,12 @@ def candidates(device) -> list[dict]:
 
 
 def chainable(gate, up, down) -> str | None:
-    """Why these (U, S, V, bias, shape) layers cannot run as one chain, or None if they can."""
+    """Why these layers cannot run as one chain, or None if they can: each (U, S, V, bias, shape), or
+    (U, S, V, bias, shape, U_scale, V_scale) with codes (all three alike)."""
     why = gemv.groupable([gate, up, down])
     if why:
         return why
-    g, u, d = gate[-1], up[-1], down[-1]
+    g, u, d = gate[4], up[4], down[4]
     if (g.out_features, g.b_out, g.p) != (u.out_features, u.b_out, u.p):
         return f"gate ({g.out_features} rows in {g.b_out} blocks) and up ({u.out_features} in {u.b_out}) differ"
     if d.b_in != g.b_out or d.q != g.p:        # then down's input rows are gate's output rows, padding alike
@@ -151,7 +162,7 @@ def chainable(gate, up, down) -> str | None:
 
 def _layout(gate, up, down, BT: int) -> tuple[int, int, int]:
     """(offset of w_up, offset of w_down, extent) in floats of one workspace half."""
-    g, u, d = gate[-1], up[-1], down[-1]
+    g, u, d = gate[4], up[4], down[4]
     w_up = g.b_out * BT * g.rank
     w_down = -(-(w_up + u.b_out * BT * u.rank) // 64) * 64
     return w_up, w_down, w_down + d.b_out * BT * d.rank
@@ -159,7 +170,8 @@ def _layout(gate, up, down, BT: int) -> tuple[int, int, int]:
 
 def blast_mlp_chain_gemv(x2, gate, up, down, cfg: dict | None = None, *, interpret: bool = False) -> torch.Tensor:
     """``down(silu(gate(x2)) * up(x2))`` (T, down.out_features) for T <= :data:`gemv.MAX_T`; each layer is
-    (U, S, V, bias, shape) with float factors."""
+    (U, S, V, bias, shape) with float factors, or (U, S, V, bias, shape, U_scale, V_scale) with codes
+    (as :func:`gemv.blast_gemv` takes them)."""
     cfg = {**DEFAULT, **(cfg or {})}
     T, n = x2.shape
     if T > gemv.MAX_T:
@@ -179,21 +191,22 @@ def blast_mlp_chain_gemv(x2, gate, up, down, cfg: dict | None = None, *, interpr
     sync, ws = gemv.workspace(x2.device, extent)
     half = ws.numel() // 2
     sms = _sm_limits(_index(x2.device))[0] if x2.is_cuda else 4
-    g, d = gate[-1], down[-1]
+    g, d = gate[4], down[4]
     # 1: gate/up x·V into [w_gate | w_up] of this call's half; clears the other half, records the extent
     members = [gate, up]
-    mode, flags = gemv._launch_flags(cfg, interpret, x2.device, x2.element_size())
-    flags["LINE"] = min(flags["LINE"], cfg["BR"])
+    anchors, anchor_const = gemv.group_anchors(members, cfg, x2)
+    mode, flags = gemv._launch_flags(cfg, interpret, x2.device, anchors[0].element_size())
+    flags["LINE"] = min(flags["LINE"], cfg["BR"] // anchor_const["PACK"])
     stage_cfg = {**cfg, "BQ": max(8, cfg["BQ"] // BT), "BP": max(4, cfg["BP"] // BT)}
     grid1 = cfg["per_sm"] * sms
     table, items1, _, group_extent, _ = gemv._group_table(members, x2.device, grid1, stage_cfg, BT)
-    assert group_extent == w_up + up[-1].b_out * BT * up[-1].rank
+    assert group_extent == w_up + up[4].b_out * BT * up[4].rank
     launch = {} if interpret else {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
     if pdl:
         launch["launch_pdl"] = True
     gemv._gemv_group_kernel[(items1,)](
-        x2, x2, gate[0], table, ws, sync, T, n, 0, 2, items1, 0, extent, items1, half, x2.stride(0),
-        ALIGN=16 // gemv.anchor_size(members), BT=BT, BQ=stage_cfg["BQ"], BR=stage_cfg["BR"], BP=stage_cfg["BP"],
+        x2, x2, *anchors, table, ws, sync, T, n, 0, 2, items1, 0, extent, items1, half, x2.stride(0),
+        **anchor_const, BT=BT, BQ=stage_cfg["BQ"], BR=stage_cfg["BR"], BP=stage_cfg["BP"],
         BK=stage_cfg["BK"], ZB=1024, LATE=bool(cfg["late"]), STAGE=1,
         **dict(flags, PREFETCH=flags["PREFETCH"] if pdl else 0, PDL=pdl), **launch)
     # 2: gate/up w·Uᵀ, SiLU·mul, down x·V into w_down
@@ -206,14 +219,18 @@ def blast_mlp_chain_gemv(x2, gate, up, down, cfg: dict | None = None, *, interpr
     if pdl:
         mid["launch_pdl"] = True
     gb, ub = gate[3], up[3]
+    quant, pack = anchor_const["QUANT"], anchor_const["PACK"]
+    stored = [layer[0].shape[-1] for layer in (gate, up, down)]             # code (or float) entries a row
+    scales = [layer[5:] if quant else (x2, x2) for layer in (gate, up, down)]
     _mlp_mid_kernel[(g.b_out * per_block,)](
-        gate[0], up[0], gb if gb is not None else gate[0], ub if ub is not None else up[0], down[2], down[1],
-        ws, sync, T, g.out_features, g.p, g.rank, up[-1].rank, d.rank, per_block, rows, half, w_up, w_down, d.b_out,
-        g.p * g.rank, g.p * up[-1].rank, d.q * d.rank, d.b_in * d.rank,
+        gate[0], up[0], gb if gb is not None else gate[1], ub if ub is not None else up[1], down[2], down[1],
+        ws, sync, T, g.out_features, g.p, g.rank, up[4].rank, d.rank, per_block, rows, half, w_up, w_down, d.b_out,
+        g.p * stored[0], g.p * stored[1], d.q * stored[2], d.b_in * d.rank, scales[0][0], scales[1][0], scales[2][1],
         HAS_BG=gb is not None, HAS_BU=ub is not None, BT=BT, BPM=bpm, RG_P=triton.next_power_of_2(g.rank),
-        RU_P=triton.next_power_of_2(up[-1].rank), RD_P=triton.next_power_of_2(d.rank), PDL=pdl,
-        AL=math.gcd(g.rank, up[-1].rank, d.rank, 16), **mid)
+        RU_P=triton.next_power_of_2(up[4].rank), RD_P=triton.next_power_of_2(d.rank), PDL=pdl,
+        AL=math.gcd(g.rank, up[4].rank, d.rank, 16), ALC=math.gcd(*stored, 16), QUANT=quant, PACK=pack, **mid)
     # 3: down w·Uᵀ (+ bias) from w_down; moves the generation on
-    U, S, V, bias, _ = down
+    U, S, V, bias = down[:4]
+    us, vs = down[5:] if quant else (None, None)
     return gemv.blast_gemv(x2.new_empty(T, d.in_features), U, S, V, bias, d, cfg, interpret=interpret,
-                           only_stage=2, chained=(sync, ws[w_down:], half))
+                           only_stage=2, chained=(sync, ws[w_down:], half), U_scale=us, V_scale=vs)

@@ -126,3 +126,84 @@ def test_the_group_op_on_cuda_runs_the_grouped_kernel_the_autotuner_picks(monkey
                                          ("gemv", gemv.blast_gemv_group, lambda d: [gemv.DEFAULT]), gemv.groupable)
         want = torch.cat([model.q(x), model.k(x), model.v(x)], dim=-1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class QuantizedSiblings(nn.Module):
+    """Siblings reading one input: three with int8 codes (one group), two with float factors
+    (another group) and one kept dense; a quantized layer reading something else (not grouped)."""
+
+    def __init__(self, factor_dtype="int8"):
+        super().__init__()
+        self.q = blastfx.BlastLinear(32, 32, 8, 4, bias=True, factor_dtype=factor_dtype)
+        self.k = blastfx.BlastLinear(32, 16, 16, 2, bias=False, factor_dtype=factor_dtype, allow_larger=True)
+        self.v = blastfx.BlastLinear(32, 24, 8, (4, 2), bias=True, factor_dtype=factor_dtype)
+        self.f1 = blastfx.BlastLinear(32, 16, 8, 2)
+        self.f2 = blastfx.BlastLinear(32, 16, 8, 2, bias=True)
+        self.dense = nn.Linear(32, 8)
+        self.o = blastfx.BlastLinear(72, 32, 8, 4, factor_dtype=factor_dtype)
+
+    def forward(self, x):
+        h = torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+        return self.o(h) + (self.f1(x).sum(-1, keepdim=True) + self.f2(x).sum(-1, keepdim=True)
+                            + self.dense(x).sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("factor_dtype", ["int8", "int4"])
+def test_quantized_siblings_group_apart_from_float_ones(factor_dtype):
+    torch.manual_seed(0)
+    model = QuantizedSiblings(factor_dtype)
+    x = torch.randn(2, 3, 32)
+    before = dict(grouping.stats)
+    with torch.no_grad():
+        want = model(x)
+        got = _compiled(model, group_siblings="always")(x)
+    assert grouping.stats["groups"] == before["groups"] + 2                  # q/k/v codes; f1/f2 floats
+    assert grouping.stats["grouped_calls"] == before["grouped_calls"] + 5
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _quantized_args(layers, x):
+    return (x, [m.U for m in layers], [m.U_scale for m in layers], [m.S.detach() for m in layers],
+            [m.V for m in layers], [m.V_scale for m in layers],
+            [None if m.bias is None else m.bias.detach() for m in layers], [m.out_features for m in layers])
+
+
+def test_quantized_group_op_reference_matches_members_and_passes_opcheck():
+    torch.manual_seed(0)
+    model = QuantizedSiblings().double()
+    x = torch.randn(3, 32, dtype=torch.float64)
+    layers = [model.q, model.k, model.v]
+    args = _quantized_args(layers, x)
+    with torch.no_grad():
+        y_all = torch.ops.blastfx.blast_matmul_quantized_group(*args)
+        assert y_all.shape == (3, sum(m.out_features for m in layers))
+        for y, m in zip(y_all.split([m.out_features for m in layers], dim=-1), layers):
+            torch.testing.assert_close(y, m(x))
+    torch.library.opcheck(torch.ops.blastfx.blast_matmul_quantized_group.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match="one U, U_scale, S, V, V_scale, bias and out_features per member, got 1, 1, 1"):
+        torch.ops.blastfx.blast_matmul_quantized_group(x, [model.q.U], [model.q.U_scale], [model.q.S], [model.q.V],
+                                                       [model.q.V_scale], [None], [])
+
+
+@pytest.mark.parametrize("factor_dtype", ["int8", "int4"])
+def test_the_quantized_group_op_on_cuda_runs_the_grouped_kernel(monkeypatch, factor_dtype):
+    """The quantized group op's CUDA kernel with the grouped GEMV forced, run here on the CPU with
+    the Triton interpreter, against the layers' eager outputs; the members path too."""
+    from blastfx.kernels import autotune, dispatch
+    torch.manual_seed(0)
+    model = QuantizedSiblings(factor_dtype)
+    monkeypatch.setattr(dispatch, "forward_impl", lambda dtype: "triton")
+    x = torch.randn(2, 32)
+    layers = [model.q, model.k, model.v]
+    from blastfx.compiler.grouping import _check_quantized_group, _one_by_one, tuned_decode_call
+    from blastfx.kernels import gemv
+    args = _quantized_args(layers, x)
+    members = list(zip(args[1], args[3], args[4], args[6], _check_quantized_group(*args), args[2], args[5]))
+    with torch.no_grad():
+        want = torch.cat([m(x) for m in layers], dim=-1)
+        for pick in (0, 1):
+            monkeypatch.setattr(autotune, "choose", lambda key, candidates, run, copies=1: candidates[pick])
+            got = tuned_decode_call("quantized_group", x, members, ("members", _one_by_one),
+                                    ("gemv", gemv.blast_gemv_group, lambda d: [gemv.DEFAULT]), gemv.groupable)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

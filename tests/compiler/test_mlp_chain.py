@@ -8,6 +8,7 @@ from torch import nn
 
 import blastfx
 from blastfx.compiler import grouping, mlp_chain
+from blastfx.structures.blast.quant import quantize_model
 
 
 class GatedMLP(nn.Module):
@@ -106,15 +107,18 @@ def test_chained_model_matches_eager_and_replays_in_cuda_graphs():
     torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
 
 
-def test_every_mlp_of_a_compressed_hf_llama_is_chained():
+@pytest.mark.parametrize("factor_dtype", [None, "int8"])
+def test_every_mlp_of_a_compressed_hf_llama_is_chained(factor_dtype):
     """transformers' LlamaMLP, ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with its SiLU module,
-    in every decoder layer of a compressed model; logits as eager."""
+    in every decoder layer of a compressed model (float factors, or int8 codes); logits as eager."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
     model = LlamaForCausalLM(cfg).eval()
     blastfx.compress(model, 0.5, config=blastfx.BlastConfig(init="random", progress=False))
+    if factor_dtype:
+        quantize_model(model, factor_dtype)
     ids = torch.randint(0, 100, (1, 5))
     chains = mlp_chain.stats["chains"]
     with torch.no_grad():
@@ -165,3 +169,79 @@ def test_the_op_on_cuda_picks_between_its_two_forms_as_the_autotuner_says(monkey
             assert len(picked) == before + timed
             if timed:
                 assert picked[-1] == ("mlp_chain", ["layers", "chain"])
+
+
+class QuantizedGatedMLP(nn.Module):
+    """The gated MLP with int8 (or other) codes in all three layers, beside one with float factors
+    whose down layer has codes (mixed kinds: not chained)."""
+
+    def __init__(self, factor_dtype="int8"):
+        super().__init__()
+        self.gate = blastfx.BlastLinear(32, 64, 8, 4, bias=True, factor_dtype=factor_dtype)
+        self.up = blastfx.BlastLinear(32, 64, 16, 4, factor_dtype=factor_dtype)
+        self.down = blastfx.BlastLinear(64, 32, 8, 4, bias=True, factor_dtype=factor_dtype)
+        self.gate2 = blastfx.BlastLinear(32, 64, 8, 4)
+        self.up2 = blastfx.BlastLinear(32, 64, 8, 4)
+        self.down2 = blastfx.BlastLinear(64, 32, 8, 4, factor_dtype=factor_dtype)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x)) + self.down2(F.silu(self.gate2(x)) * self.up2(x))
+
+
+@pytest.mark.parametrize("factor_dtype", ["int8", "int4"])
+def test_quantized_mlp_is_chained_and_matches_eager(factor_dtype):
+    torch.manual_seed(0)
+    model = QuantizedGatedMLP(factor_dtype)
+    x = torch.randn(2, 3, 32)
+    chains, groups = mlp_chain.stats["chains"], grouping.stats["grouped_calls"]
+    with torch.no_grad():
+        want = model(x)
+        got = _compiled(model, chain_mlp="always", group_siblings="always")(x)
+    assert mlp_chain.stats["chains"] == chains + 1                  # not the mixed one
+    assert grouping.stats["grouped_calls"] == groups + 2             # its gate2 and up2 as a float group
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _quantized_op_args(model, x):
+    layers = (model.gate, model.up, model.down)
+    return (x, [m.U for m in layers], [m.U_scale for m in layers], [m.S.detach() for m in layers],
+            [m.V for m in layers], [m.V_scale for m in layers],
+            [None if m.bias is None else m.bias.detach() for m in layers], [m.out_features for m in layers])
+
+
+def test_quantized_chain_op_reference_and_checks():
+    torch.manual_seed(0)
+    model = QuantizedGatedMLP().double()
+    x = torch.randn(3, 32, dtype=torch.float64)
+    args = _quantized_op_args(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.ops.blastfx.blast_mlp_chain_quantized(*args),
+                                   model.down(F.silu(model.gate(x)) * model.up(x)))
+    torch.library.opcheck(torch.ops.blastfx.blast_mlp_chain_quantized.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match="three layers .* got 2, 3, 3"):
+        torch.ops.blastfx.blast_mlp_chain_quantized(x, args[1][:2], *args[2:])
+
+
+@pytest.mark.parametrize("factor_dtype", ["int8", "int4"])
+def test_the_quantized_op_on_cuda_runs_the_chain_the_autotuner_picks(monkeypatch, factor_dtype):
+    """The quantized chain op's CUDA kernel, run here on the CPU with the Triton interpreter: the
+    chained form and the unchained one (a quantized group, SiLU·mul, down), both equal to eager."""
+    from blastfx.compiler import grouping
+    from blastfx.kernels import autotune, dispatch, mlp_chain as kernels
+    torch.manual_seed(0)
+    model = QuantizedGatedMLP(factor_dtype)
+    x = torch.randn(2, 32)
+    args = _quantized_op_args(model, x)
+    shapes = mlp_chain._check_quantized_chain(*args)
+    layers = list(zip(args[1], args[3], args[4], args[6], shapes, args[2], args[5]))
+    monkeypatch.setattr(dispatch, "forward_impl", lambda dtype: "triton")
+    with torch.no_grad():
+        want = model.down(F.silu(model.gate(x)) * model.up(x))
+        for form in ("chain", "layers"):
+            monkeypatch.setattr(autotune, "choose", lambda key, candidates, run, copies=1:
+                                next(c for c in candidates if c[0] == form))
+            got = grouping.tuned_decode_call("quantized_mlp_chain", x, layers, ("layers", mlp_chain._unchained),
+                                             ("chain", mlp_chain._chained, lambda d: [kernels.DEFAULT]),
+                                             mlp_chain._why_not_chained)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

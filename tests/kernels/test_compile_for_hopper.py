@@ -17,7 +17,8 @@ elsewhere (a launch mode selects code, the rest of a config only tile sizes). Ev
 the forward's autotuner times, in bf16 with a bias, at T = 1 (the GEMV, decode, fused and bmm paths)
 and T = 256 (prefill) on an attention-sized layer (4 x 4 blocks); the GEMV reading int8 codes, and
 the GEMV group, over all their configs at T = 1, and reading packed int4 or float8 codes (which
-share the tile code) over one config per code variant; the fused kernels reading each code format
+share the tile code) over one config per code variant; the GEMV group and the MLP chain reading each
+code format, one config per code variant; the fused kernels reading each code format
 over the configs the quantized forward times at T = 8 and 256, in bf16 and fp16, and the one-pass
 copy of each code format into bf16 and fp16. One config per mode: T = 2, 4, 16
 (the GEMV's BT = 2, 4), fp16 and fp32 (IEEE dots) at T = 1 and 256, no bias, an MLP-sized layer of
@@ -379,27 +380,46 @@ def _gemv_single_stages(shape, dtype) -> None:
                 gemv.blast_gemv(x2, U, S, V, b, shape, cfg, only_stage=stage)
 
 
-def _gemv_group(T: int, dtype, every: bool = True) -> None:
-    """Attention's q/k/v projections (k and v narrower, only q with a bias) as one GEMV group."""
+def _members(shapes, dtype, code_dtype=None):
+    """(U, S, V, bias, shape) per shape, only the first with a bias; with ``code_dtype`` U and V are
+    codes of that storage and the scales follow: (U, S, V, bias, shape, U_scale, V_scale)."""
+    from blastfx.structures.blast.quant import formats
+
+    out = []
+    for k, s in enumerate(shapes):
+        U, S, V, b = _factors(s, dtype, bias=k == 0)
+        if code_dtype is None:
+            out.append((U, S, V, b, s))
+        else:
+            fmt = formats.of_storage(code_dtype)
+            (Uc, su), (Vc, sv) = formats.quantize_u(U.float(), fmt), formats.quantize_v(V.float(), fmt)
+            out.append((Uc, S, Vc, b, s, su, sv))
+    return out
+
+
+def _gemv_group(T: int, dtype, every: bool = True, code_dtype=None) -> None:
+    """Attention's q/k/v projections (k and v narrower, only q with a bias) as one GEMV group, with
+    float factors or codes of ``code_dtype``."""
     from blastfx.kernels import gemv
     from blastfx.structures.blast.layout import BlastShape
+    from blastfx.structures.blast.quant import formats
 
     q, kv = BlastShape.make(2048, 2048, 512, 4), BlastShape.make(512, 2048, 128, 4)
-    shapes = (q, kv, kv)
-    members = [(*_factors(s, dtype, bias=k == 0), s) for k, s in enumerate(shapes)]
+    members = _members((q, kv, kv), dtype, code_dtype)
     x2 = torch.empty(T, 2048, dtype=dtype, device=META)
-    for cfg in _per_mode(gemv.group_candidates(META), every):
+    for cfg in _per_mode(gemv.group_candidates(META, int4=code_dtype == formats.get("int4").storage), every):
         gemv.blast_gemv_group(x2, members, cfg)
 
 
-def _mlp_chain(T: int, dtype, every: bool = True) -> None:
-    """A gated MLP (gate and up of different ranks, gate with a bias) as one chain of three launches."""
+def _mlp_chain(T: int, dtype, every: bool = True, code_dtype=None) -> None:
+    """A gated MLP (gate and up of different ranks, gate with a bias) as one chain of three launches,
+    with float factors or codes of ``code_dtype``."""
     from blastfx.kernels import mlp_chain
     from blastfx.structures.blast.layout import BlastShape
 
     gate, up, down = (BlastShape.make(5632, 2048, 760, 4), BlastShape.make(5632, 2048, 640, 4),
                       BlastShape.make(2048, 5632, 768, 4))
-    layers = [(*_factors(s, dtype, bias=k == 0), s) for k, s in enumerate((gate, up, down))]
+    layers = _members((gate, up, down), dtype, code_dtype)
     x2 = torch.empty(T, 2048, dtype=dtype, device=META)
     for cfg in _per_mode(mlp_chain.candidates(META), every):
         mlp_chain.blast_mlp_chain_gemv(x2, *layers, cfg)
@@ -462,6 +482,11 @@ def _scenarios():
     out += [("GEMV single stages", lambda: _gemv_single_stages(shapes[0], bf16))]
     out += [(f"GEMV group T={T}", lambda T=T: _gemv_group(T, bf16, every=T == 1)) for T in (1, 2, 4)]
     out += [(f"MLP chain T={T}", lambda T=T: _mlp_chain(T, bf16, every=T == 1)) for T in (1, 4)]
+    # codes: every config of the group with int8 at T = 1, one per code variant otherwise
+    out += [(f"quantized GEMV group {cd} T={T}", lambda T=T, cd=cd: _gemv_group(
+        T, bf16, every=T == 1 and cd == gemv.CODE_DTYPES[0], code_dtype=cd)) for cd in gemv.CODE_DTYPES for T in (1, 4)]
+    out += [(f"quantized MLP chain {cd} T={T}", lambda T=T, cd=cd: _mlp_chain(T, bf16, every=False, code_dtype=cd))
+            for cd in gemv.CODE_DTYPES for T in (1, 4)]
     out += [("grad mix bf16", lambda: _grad_mix(bf16))]
     out += [(f"grad mix {dt}", lambda dt=dt: _grad_mix(dt, (4, 4))) for dt in (fp16, fp32)]
     out += [(f"SS1 T={T} {dt}", lambda T=T, dt=dt: _ss1(T, dt)) for T, dt in ((1, bf16), (256, bf16), (1, fp32))]

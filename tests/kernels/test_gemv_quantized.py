@@ -191,3 +191,80 @@ def test_split_nibbles_are_timed_only_for_int4():
     plain, int4 = gemv.candidates(device), gemv.candidates(device, int4=True)
     assert all(c["nibbles"] == "interleave" for c in plain)
     assert int4[:len(plain)] == plain and [c for c in int4[len(plain):]] == [{**c, "nibbles": "split"} for c in plain]
+
+
+def _quantized_members(specs, n, name, dtype, seed=0):
+    """(U, S, V, bias, shape, U_scale, V_scale) per (m, r, b_out, b_in, bias) spec, all reading width n."""
+    members = []
+    for k, (m, r, b_out, b_in, bias) in enumerate(specs):
+        shape, (Uc, su, S, Vc, sv, b) = _codes(m, n, r, b_out, b_in, seed=seed + k, name=name)
+        members.append((Uc, S.to(dtype), Vc, b.to(dtype) if bias else None, shape, su, sv))
+    return members
+
+
+def _check_group(x, members, cfg=TINY):
+    y_all = gemv.blast_gemv_group(x, members, cfg, interpret=not CUDA)
+    assert y_all.shape == (x.shape[0], sum(m[4].out_features for m in members)) and y_all.dtype == x.dtype
+    for y, (Uc, S, Vc, b, shape, su, sv) in zip(y_all.split([m[4].out_features for m in members], dim=-1), members):
+        _close(y, x, Uc, su, S, Vc, sv, b, shape.out_features)
+
+
+@pytest.mark.parametrize("name,nibbles", [("int8", "interleave"), ("float8_e4m3fn", "interleave"),
+                                          ("int4", "interleave"), ("int4", "split")])
+@pytest.mark.parametrize("T,dtype", [(1, torch.float32), (3, torch.bfloat16), (4, torch.float16)])
+def test_group_of_quantized_siblings_matches_each_reference(T, dtype, name, nibbles):
+    """q/k/v-like siblings with codes: different heights, ranks, block counts and biases, each
+    member's codes, S, bias and scales found from the anchor of their kind."""
+    members = _quantized_members([(40, 16, 4, 4, True), (24, 8, 2, 3, False), (56, 24, 4, 2, True)], 48, name, dtype)
+    _check_group(torch.randn(T, 48, device=DEVICE, dtype=dtype), members, dict(TINY, nibbles=nibbles))
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_quantized_group_finds_tensors_before_and_after_each_anchor(name):
+    """Members' codes, floats and scales carved out of shared buffers, the second member's placed
+    before the first's: negative offsets from every anchor. Repeated calls alternate workspace halves."""
+    made = _quantized_members([(40, 16, 4, 4, True), (24, 8, 2, 3, True)], 48, name, torch.float32, seed=4)
+    pools = {}
+
+    def carve(kind, tensors):
+        flat = [t.reshape(-1) for t in tensors]
+        sizes = [-(-f.numel() * f.element_size() // 16) * 16 // f.element_size() for f in flat]
+        pool = torch.zeros(sum(sizes), dtype=flat[0].dtype, device=DEVICE)
+        pools[kind] = pool
+        views, start = [], 0
+        for f, size, t in zip(flat, sizes, tensors):
+            views.append(pool[start:start + f.numel()].view(t.shape))
+            views[-1].copy_(t)
+            start += size
+        return views
+
+    second, first = made[1], made[0]            # the pool holds the second member first
+    U2, U1, V2, V1 = carve("codes", [second[0], first[0], second[2], first[2]])
+    S2, S1, b2, b1 = carve("floats", [second[1], first[1], second[3], first[3]])
+    us2, us1, vs2, vs1 = carve("scales", [second[5], first[5], second[6], first[6]])
+    members = [(U1, S1, V1, b1, first[4], us1, vs1), (U2, S2, V2, b2, second[4], us2, vs2)]
+    assert gemv.groupable(members) is None
+    for T in (1, 2, 1):
+        _check_group(torch.randn(T, 48, device=DEVICE), members)
+
+
+def test_group_refuses_quantized_members_it_cannot_stream():
+    codes8 = _quantized_members([(40, 16, 4, 4, True), (24, 8, 2, 3, False)], 48, "int8", torch.float32)
+    codes4 = _quantized_members([(24, 8, 2, 3, False)], 48, "int4", torch.float32)
+    floats = [(Uc.float(), S, Vc.float(), b, shape) for Uc, S, Vc, b, shape, _, _ in codes8]
+    assert gemv.groupable(codes8) is None
+    assert "mix float and quantized" in gemv.groupable([codes8[0], floats[1]])
+    assert "mix dtypes of their codes" in gemv.groupable([codes8[0], codes4[0]])
+    Uc, S, Vc, b, shape, su, sv = codes8[1]
+    assert "mix dtypes of their scales" in gemv.groupable([codes8[0], (Uc, S, Vc, b, shape, su.double(), sv.double())])
+    assert "mix dtypes of their floats" in gemv.groupable([codes8[0], (Uc, S.double(), Vc, b, shape, su, sv)])
+    shifted = torch.zeros(su.numel() + 1, device=DEVICE)[1:].view(su.shape)
+    shifted.copy_(su)
+    assert "not 16-byte aligned" in gemv.groupable([codes8[0], (Uc, S, Vc, b, shape, shifted, sv)])
+    short = _quantized_members([(24, 12, 2, 3, False)], 48, "int8", torch.float32)
+    assert "not a multiple of 8" in gemv.groupable([codes8[0], short[0]])
+    with pytest.raises(ValueError, match="cannot run these layers as one GEMV group: members mix float"):
+        gemv.blast_gemv_group(torch.randn(1, 48, device=DEVICE), [codes8[0], floats[1]], TINY, interpret=not CUDA)
+    with pytest.raises(ValueError, match=r"member 0: codes of U .* do not hold rank 8: their last dimension must be 8"):
+        bad = (Uc[..., :4].contiguous(), S, Vc[..., :4].contiguous(), b, shape, su, sv)
+        gemv.blast_gemv_group(torch.randn(1, 48, device=DEVICE), [bad], TINY, interpret=not CUDA)

@@ -172,3 +172,46 @@ def test_replays_in_a_cuda_graph_between_other_gemv_calls():
         torch.cuda.synchronize()
         ref = _reference(h, layers)
         assert (out.double() - ref).abs().max() / ref.abs().max() < 6e-2
+
+
+def _quantized(layers, name):
+    """Each (U, S, V, bias, shape) with U and V rounded to ``name`` codes: (U, S, V, bias, shape, U_scale,
+    V_scale) as the chain takes them."""
+    from blastfx.structures.blast.quant import formats
+    fmt = formats.get(name)
+    out = []
+    for U, S, V, b, shape in layers:
+        (Uc, su), (Vc, sv) = formats.quantize_u(U.float(), fmt), formats.quantize_v(V.float(), fmt)
+        out.append((Uc, S, Vc, b, shape, su, sv))
+    return out
+
+
+@pytest.mark.parametrize("name", ["int8", "float8_e4m3fn", "int4"])
+@pytest.mark.parametrize("T,n,m,ranks,blocks,biases,dtype", [
+    (1, 48, 64, (16, 16, 16), (4, 4), (False, False, False), torch.float32),
+    (3, 40, 96, (8, 24, 16), (2, 3), (True, False, True), torch.bfloat16),
+    (4, 36, 62, (16, 8, 24), (4, 2), (True, True, False), torch.float16),     # padding rows and columns
+], ids=["square-blocks", "ranks-and-blocks-differ", "padding"])
+def test_quantized_factors_match_the_quantized_reference(T, n, m, ranks, blocks, biases, dtype, name):
+    """Codes in all three layers: gate/up's codes and row scales read by the grouped stage 1 and the
+    middle kernel, down's V codes and column scales by the middle kernel, down's U by stage 3."""
+    from blastfx.structures.blast.quant.ops import blast_matmul_quantized_reference as ref
+    layers = _quantized(_layers(n, m, ranks, blocks, biases, dtype), name)
+    x = torch.randn(T, n, device=DEVICE, dtype=dtype)
+    y = mlp_chain.blast_mlp_chain_gemv(x, *layers, TINY, interpret=not CUDA)
+    xd = x.double()
+    (Ug, Sg, Vg, bg, g, usg, vsg), (Uu, Su, Vu, bu, u, usu, vsu), (Ud, Sd, Vd, bd, d, usd, vsd) = layers
+    f64 = (lambda t: t.double() if t is not None else None)
+    h = F.silu(ref(xd, Ug, usg, f64(Sg), Vg, vsg, f64(bg), g.out_features)) * ref(xd, Uu, usu, f64(Su), Vu, vsu, f64(bu),
+                                                                                  u.out_features)
+    want = ref(h, Ud, usd, f64(Sd), Vd, vsd, f64(bd), d.out_features)
+    assert y.shape == (T, n) and y.dtype == dtype and torch.isfinite(y).all()
+    assert (y.double() - want).abs().max().item() / (want.abs().max().item() + 1e-6) < TOL[dtype]
+
+
+def test_chain_refuses_float_and_quantized_layers_together():
+    layers = _layers(48, 64, (16, 16, 16), (4, 4), (False, False, False), torch.float32)
+    mixed = _quantized(layers[:1], "int8") + layers[1:]
+    assert "mix float and quantized" in mlp_chain.chainable(*mixed)
+    with pytest.raises(ValueError, match="cannot run these layers as one MLP chain: members mix float and quantized"):
+        mlp_chain.blast_mlp_chain_gemv(torch.randn(1, 48, device=DEVICE), *mixed, TINY, interpret=not CUDA)

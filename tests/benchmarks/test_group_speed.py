@@ -1,0 +1,28 @@
+"""benchmarks/group_speed.py: the factors it times are what the per-layer and grouped ops take, and
+the grouped call it times computes the per-layer calls (float and quantized factors)."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+import group_speed  # noqa: E402
+from blastfx.structures.blast.layout import BlastShape  # noqa: E402
+
+
+@pytest.mark.parametrize("factor_dtype", [None, "int8", "int4"])
+def test_grouped_call_equals_the_per_layer_calls(factor_dtype):
+    torch.manual_seed(0)
+    shapes = [BlastShape.make(m, 64, 16, 4) for m in (64, 32, 32)]
+    fac = group_speed._factors(shapes, factor_dtype, "cpu", torch.float32)
+    assert len(fac) == 3 and all(len(f) == (3 if factor_dtype is None else 5) for f in fac)
+    x = torch.randn(2, 64)
+    call = group_speed.blastfx.blast_matmul if factor_dtype is None else group_speed.blast_matmul_quantized
+    op = group_speed.blast_matmul_group if factor_dtype is None else group_speed.blast_matmul_quantized_group
+    outs = [s.out_features for s in shapes]
+    grouped = op(x, *[list(t) for t in zip(*fac)], [None] * 3, outs)
+    torch.testing.assert_close(grouped, torch.cat([call(x, *f) for f in fac], dim=-1))

@@ -1,0 +1,39 @@
+"""benchmarks/recovery_smollm2.py: ``--factor-dtype`` evaluates a rounded copy of the distilled model
+and counts its bytes as quality_quantized.py does, leaving the distilled model as it was."""
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+import recovery_smollm2  # noqa: E402
+import blastfx  # noqa: E402
+from blastfx.llm.evaluate import perplexity  # noqa: E402
+from blastfx.structures.blast.quant import quantize_model  # noqa: E402
+
+
+def test_quantized_after_rounds_a_copy_and_counts_its_bytes():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
+    dense = LlamaForCausalLM(cfg).eval()
+    model = copy.deepcopy(dense)
+    blastfx.compress(model, 0.5, config=blastfx.BlastConfig(init="random", progress=False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    windows = torch.randint(0, 100, (2, 16))
+    base = perplexity(dense, windows)
+    rows = {name: value for name, value, _ in recovery_smollm2.quantized_after(model, dense, windows, base, ["int8"])}
+    assert set(rows) == {"decoder bytes vs bf16 dense", "perplexity after KD, int8", "x dense after KD, int8",
+                         "decoder bytes vs bf16 dense, int8"}
+    want = perplexity(quantize_model(copy.deepcopy(model), "int8"), windows)
+    assert rows["perplexity after KD, int8"] == round(want, 2)
+    assert rows["x dense after KD, int8"] == round(want / base, 3)
+    # codes: one byte an entry where the float factors take four (plus scales): well under half
+    assert rows["decoder bytes vs bf16 dense, int8"] < 0.5 * rows["decoder bytes vs bf16 dense"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert recovery_smollm2.quantized_after(model, dense, windows, base, []) == []
