@@ -226,14 +226,20 @@ def layer_bytes(lp, element_size: int) -> float:
 def grouped_siblings(plan, groups) -> list[list[str]]:
     """The members of each sibling group (layers that read one input: q/k/v, gate/up) that a model
     compiled with ``backend="blast"`` runs as one grouped call at decode: its planned BLAST layers
-    with float factors and ranks the grouped kernel streams (multiples of 8), where there are at
-    least two."""
-    def streamed(lp) -> bool:
-        float_factors = lp.factor_dtype in (None, factor_formats.MODEL)
-        return lp.structure == DEFAULT_STRUCTURE and float_factors and lp.rank % 8 == 0
+    with ranks the grouped kernel streams (multiples of 8), float factors and each quantized format
+    forming groups of their own, where there are at least two."""
+    def kind(lp):
+        return None if lp.factor_dtype in (None, factor_formats.MODEL) else lp.factor_dtype
 
-    members = ([k for k in group if k in plan.layers and streamed(plan.layers[k])] for group in groups)
-    return [m for m in members if len(m) > 1]
+    out = []
+    for group in groups:
+        by_kind: dict = {}
+        for k in group:
+            lp = plan.layers.get(k)
+            if lp is not None and lp.structure == DEFAULT_STRUCTURE and lp.rank % 8 == 0:
+                by_kind.setdefault(kind(lp), []).append(k)
+        out += [members for members in by_kind.values() if len(members) > 1]
+    return out
 
 
 def _layer_times(plan, latency: LatencyModel, element_size: int, grouped) -> dict[str, tuple[float, float]]:

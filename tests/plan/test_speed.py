@@ -216,7 +216,7 @@ def test_min_speedup_keeps_grouped_siblings_and_drops_the_slow_lone_layer():
     assert sorted(plan.layers) == ["k", "q", "v"] and "o" in plan.dense
 
 
-def test_quantized_or_lone_members_are_not_grouped():
+def test_lone_members_are_not_grouped_and_quantized_ones_group_by_format():
     plan = _plan(Siblings(), BlastConfig(include=("*",)))
     from blastfx.plan.speed import grouped_siblings
     assert grouped_siblings(plan, [["k", "q", "v"], ["o"]]) == [["k", "q", "v"]]
@@ -224,5 +224,8 @@ def test_quantized_or_lone_members_are_not_grouped():
     odd.layers["q"] = dataclasses.replace(plan.layers["q"], rank=plan.layers["q"].rank - 1)    # not a multiple of 8
     assert grouped_siblings(odd, [["k", "q", "v"]]) == [["k", "v"]]
     plan.layers["q"] = dataclasses.replace(plan.layers["q"], factor_dtype="int8")
+    assert grouped_siblings(plan, [["k", "q", "v"]]) == [["k", "v"]]          # q's codes run on their own
     plan.layers["k"] = dataclasses.replace(plan.layers["k"], factor_dtype="int8")
-    assert grouped_siblings(plan, [["k", "q", "v"]]) == []
+    assert grouped_siblings(plan, [["k", "q", "v"]]) == [["k", "q"]]          # an int8 group; v alone
+    plan.layers["v"] = dataclasses.replace(plan.layers["v"], factor_dtype="int4")
+    assert grouped_siblings(plan, [["k", "q", "v"]]) == [["k", "q"]]
