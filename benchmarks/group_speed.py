@@ -7,6 +7,12 @@ chain's three launches and the grouped form).
     python benchmarks/group_speed.py                         # Llama-2-7B's and -3-8B's groups and MLPs, T = 1
     python benchmarks/group_speed.py --groups "llama2-7b mlp"
     python benchmarks/group_speed.py --factor-dtype int8 int4  # q/k/v and gate/up with quantized factors too
+    python benchmarks/group_speed.py --groups "llama2-7b tail"  # o, residual add, RMSNorm and MLP
+
+A block's tail (``"... tail"``): o_proj, the residual add, the RMSNorm and the gated MLP, dense vs
+blastfx as its parts run (o's call, the add and norm, the MLP chain op) vs one
+``blastfx::blast_block_tail`` call (what ``backend="blast"`` runs for it: the autotuner's pick of the
+four-launch tail and its parts).
 
 Every variant is replayed from a CUDA graph over enough weight copies to stream from HBM, dense in
 the same process; records rows in ``benchmarks/results/group_speed.csv``.
@@ -18,6 +24,7 @@ import argparse
 import torch
 
 import blastfx
+from blastfx.compiler.block_tail import blast_block_tail, rms_norm_reference
 from blastfx.compiler.grouping import blast_matmul_group, blast_matmul_quantized_group
 from blastfx.compiler.mlp_chain import blast_mlp_chain
 from blastfx.kernels import autotune
@@ -31,6 +38,7 @@ from rows import add_arguments, measurements, record
 GROUPS = {"llama2-7b q/k/v": [(4096, 4096)] * 3, "llama2-7b gate/up": [(11008, 4096)] * 2,
           "llama3-8b q/k/v": [(4096, 4096), (1024, 4096), (1024, 4096)], "llama3-8b gate/up": [(14336, 4096)] * 2}
 MLPS = {"llama2-7b mlp": (4096, 11008), "llama3-8b mlp": (4096, 14336)}        # (hidden, intermediate)
+TAILS = {"llama2-7b tail": (4096, 11008), "llama3-8b tail": (4096, 14336)}
 
 
 def mlp_rows(name, T_values, args):
@@ -81,6 +89,69 @@ def mlp_rows(name, T_values, args):
              ("per-layer vs dense", round(t_dense / times["per-layer"], 3), "x"),
              ("grouped vs dense", round(t_dense / times["grouped"], 3), "x"),
              ("chained vs dense", round(t_dense / times["chained"], 3), "x"), ("chained path", str(chosen), "")]),
+            directory=args.results_dir)
+
+
+EPS = 1e-5
+
+
+def dense_tail(a, residual, weights, norm_weight):
+    """o, the residual add, the RMSNorm and the gated MLP, dense: ``weights`` = (o, gate, up, down)."""
+    F = torch.nn.functional
+    o, g, u, d = weights
+    h = residual + F.linear(a, o)
+    n = rms_norm_reference(h, norm_weight, EPS)
+    return h + F.linear(F.silu(F.linear(n, g)) * F.linear(n, u), d)
+
+
+def tail_in_parts(a, residual, factors, outs, norm_weight):
+    """The same with BLAST layers as the parts run without the block-tail rewrite: o's call, the add
+    and norm, the MLP chain op."""
+    o, *mlp = factors
+    h = residual + blastfx.blast_matmul(a, *o)
+    U, S, V = (list(t) for t in zip(*mlp))
+    return h + blast_mlp_chain(rms_norm_reference(h, norm_weight, EPS), U, S, V, [None] * 3, outs[1:])
+
+
+def tail_in_one_call(a, residual, factors, outs, norm_weight):
+    """The same as one ``blastfx::blast_block_tail`` call (and the final residual add)."""
+    U, S, V = (list(t) for t in zip(*factors))
+    both = blast_block_tail(a, residual, U, S, V, [None] * 4, outs, norm_weight, EPS)
+    return both[:, :outs[0]] + both[:, outs[0]:]
+
+
+def tail_rows(name, T_values, args):
+    """Dense vs blastfx's parts vs one block-tail call for o, the residual add, the norm and the MLP."""
+    hidden, inter = TAILS[name]
+    dt, dev = torch.bfloat16, "cuda"
+    shapes = [(hidden, hidden), (inter, hidden), (inter, hidden), (hidden, inter)]        # o, gate, up, down
+    dense = [[torch.randn(m, n, device=dev, dtype=dt) / n ** 0.5 for m, n in shapes]
+             for _ in range(copies_for(sum(m * n * 2 for m, n in shapes)))]
+    blast_shapes = [BlastShape.make(m, n, rank_at(m, n, args.blocks, args.budget), args.blocks) for m, n in shapes]
+    first = _factors(blast_shapes, None, dev, dt)
+    fac = [first] + [_factors(blast_shapes, None, dev, dt)
+                     for _ in range(copies_for(sum(s.num_params * 2 for s in blast_shapes)) - 1)]
+    outs = [s.out_features for s in blast_shapes]
+    weight = 1 + 0.1 * torch.randn(hidden, device=dev, dtype=dt)
+    for T in T_values:
+        a = torch.randn(T, hidden, device=dev, dtype=dt)
+        residual = torch.randn(T, hidden, device=dev, dtype=dt)
+
+        t_dense = graph_ms(lambda k: dense_tail(a, residual, dense[k], weight), len(dense))
+        times = {}
+        for label, fn in (("parts", tail_in_parts), ("tail", tail_in_one_call)):
+            fn(a, residual, fac[0], outs, weight)                   # autotune outside the graph
+            times[label] = graph_ms(lambda k: fn(a, residual, fac[k], outs, weight), len(fac))
+        chosen = next((v[0] for key, v in autotune._cache.items() if key[0] == "block_tail"
+                       and key[2] == tuple(blast_shapes)), "default")
+        print(f"| {name} | {T} | {t_dense:.4f} | {times['parts']:.4f} | {times['tail']:.4f} | "
+              f"{t_dense / times['parts']:.2f} | {t_dense / times['tail']:.2f} | {chosen} |", flush=True)
+        record("group_speed", measurements(
+            f"{name} T={T}", dict(group=name, T=T, b=args.blocks, budget=args.budget, dtype="bfloat16",
+                                  shapes=[f"{m}x{n}" for m, n in shapes], ranks=[s.rank for s in blast_shapes]),
+            [("dense time", t_dense, "ms"), ("blastfx parts time", times["parts"], "ms"),
+             ("blastfx tail time", times["tail"], "ms"), ("parts vs dense", round(t_dense / times["parts"], 3), "x"),
+             ("tail vs dense", round(t_dense / times["tail"], 3), "x"), ("tail path", str(chosen), "")]),
             directory=args.results_dir)
 
 
@@ -145,7 +216,8 @@ def group_rows(name, T_values, args, factor_dtype=None):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--groups", nargs="+", default=list(GROUPS) + list(MLPS), choices=list(GROUPS) + list(MLPS))
+    ap.add_argument("--groups", nargs="+", default=list(GROUPS) + list(MLPS) + list(TAILS),
+                    choices=list(GROUPS) + list(MLPS) + list(TAILS))
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1])
     ap.add_argument("--budget", type=float, default=0.5)
@@ -165,6 +237,12 @@ def main():
               "chained path |\n|---|---|---|---|---|---|---|---|---|", flush=True)
     for name in mlps:
         mlp_rows(name, args.tokens, args)
+    tails = [g for g in args.groups if g in TAILS]
+    if tails:
+        print("\n| tail | T | dense ms | blastfx parts ms | tail ms | parts x | tail x | tail path |"
+              "\n|---|---|---|---|---|---|---|---|", flush=True)
+    for name in tails:
+        tail_rows(name, args.tokens, args)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ three-stage forward into the op; ``"kernels"``: "triton" (default on CUDA) or "r
 input run as one grouped call at decode sizes on CUDA, in graphs without autograd; :mod:`.grouping`),
 "always" or "never"; ``"chain_mlp"``: the same three values for gated MLPs of BLAST layers,
 ``down(silu(gate(x)) * up(x))``, run as one chained call of three launches (:mod:`.mlp_chain`; it
-goes first, so the siblings it chains are not also grouped); any other key is passed to Inductor as
-a config patch.
+goes first, so the siblings it chains are not also grouped); ``"chain_norm"``: the same three values
+for a block's tail, o_proj, the residual add, an RMSNorm and a chained MLP, run as one
+``blastfx::blast_block_tail`` call of four launches (:mod:`.block_tail`; after the MLP chain); any
+other key is passed to Inductor as a config patch.
 
 ``"kernels"`` and ``"autotune"`` belong to the compiled model, not the process
 (:mod:`blastfx.kernels.scope`): each graph the backend returns runs its calls inside
@@ -38,6 +40,7 @@ import functools
 from torch._functorch import config as functorch_config
 
 from ..kernels.scope import KernelOptions, active, binding
+from .block_tail import chain_block_tails
 from .grouping import check_group_mode, group_sibling_calls
 from .lowering import check_mode, inline_blast_calls
 from .mlp_chain import chain_mlp_calls
@@ -45,7 +48,7 @@ from .patterns import fuse_naive_blast
 from .regions import CompiledBlocks, compile_blocks
 
 stats = {"naive_fused": 0, "graphs": 0}
-_BLAST_OPTIONS = ("fuse_naive", "kernels", "autotune", "lowering", "group_siblings", "chain_mlp")
+_BLAST_OPTIONS = ("fuse_naive", "kernels", "autotune", "lowering", "group_siblings", "chain_mlp", "chain_norm")
 _MODES = {None: {}, "default": {}, "reduce-overhead": {"triton.cudagraphs": True},
           "max-autotune": {"max_autotune": True, "triton.cudagraphs": True},
           "max-autotune-no-cudagraphs": {"max_autotune": True}}
@@ -67,8 +70,10 @@ def blast_backend(gm, example_inputs, mode=None, options=None):
     inlined = inline_blast_calls(gm, lowering)
     group_mode = check_group_mode(blast_opts.get("group_siblings", "auto"))
     chain_mode = check_group_mode(blast_opts.get("chain_mlp", "auto"), "chain_mlp")
+    norm_mode = check_group_mode(blast_opts.get("chain_norm", "auto"), "chain_norm")
     if _without_autograd(example_inputs):      # the chained and grouped ops have no backward
         chain_mlp_calls(gm, chain_mode)
+        chain_block_tails(gm, norm_mode)
         group_sibling_calls(gm, group_mode)
     # AOTAutograd's cache keys a Python function call by name, not code: a graph with inlined calls
     # skips it, so an upgraded lowering is never served from a stale entry (Inductor's own cache keys

@@ -590,14 +590,16 @@ def _launch_flags(cfg: dict, interpret: bool, device, element_size: int) -> tupl
 
 
 def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *, interpret: bool = False,
-               only_stage: int | None = None, U_scale=None, V_scale=None, chained=None):
+               only_stage: int | None = None, U_scale=None, V_scale=None, chained=None, out=None):
     """y (T, out_features) for T <= MAX_T. ``only_stage`` (1 or 2, mode "two"): launch just that
     stage, to see where the time goes; the output is then not the product. ``chained`` = (sync
     counters, w of this layer in the first workspace half, floats per half), with ``only_stage=2``:
     the last stage of a chain of kernels (:mod:`.mlp_chain`) that wrote this layer's w there; it
     moves the workspace's generation on, as a whole call does. ``U_scale`` (b_out, p)
     and ``V_scale`` (b_in, r), both or neither: U and V are codes with these scales, int8 or packed
-    int4 (uint8, last dimension ceil(r/2), see :mod:`blastfx.structures.blast.quant.formats`)."""
+    int4 (uint8, last dimension ceil(r/2), see :mod:`blastfx.structures.blast.quant.formats`).
+    ``out``: a (T, out_features) tensor of x2's dtype and device (a view, e.g. columns of a wider
+    buffer, is fine) to write y into instead of a new one."""
     quant = U_scale is not None
     if quant != (V_scale is not None):
         raise ValueError("blast_gemv takes U_scale and V_scale together (quantized factors) or neither")
@@ -635,7 +637,11 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
         half = ws.numel() // 2
     else:
         sync, ws, half = chained
-    y = torch.empty(T, shape.out_features, device=x2.device, dtype=x2.dtype)
+    if out is not None and (tuple(out.shape) != (T, shape.out_features) or out.dtype != x2.dtype
+                            or out.device != x2.device):
+        raise ValueError(f"out must be a ({T}, {shape.out_features}) {x2.dtype} tensor on {x2.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    y = torch.empty(T, shape.out_features, device=x2.device, dtype=x2.dtype) if out is None else out
     const = dict(HAS_BIAS=bias is not None, BT=BT, B_OUT=shape.b_out, BQ=cfg["BQ"], BR=cfg["BR"], BP=cfg["BP"],
                  BK=cfg["BK"], ZB=1024, QUANT=bits, PACK=pack, LATE=bool(cfg["late"]),
                  SPLIT=bits == 4 and cfg["nibbles"] == "split", AL_R=math.gcd(shape.rank, 16),

@@ -64,11 +64,12 @@ def _row_outputs(u_ptr, b_ptr, us_ptr, w, rows, row_ok, R, RC, sup, bias_off, HA
 
 @triton.jit
 def _mlp_mid_kernel(ug_ptr, uu_ptr, bg_ptr, bu_ptr, vd_ptr, sd_ptr, ws_ptr, sync_ptr,
-                    T, M, P, RG, RU, RD, PER_BLOCK, ROWS, HALF, W_UP, W_DOWN, B_OUT_D,
-                    sug, suu, svd, ssd, usg_ptr, usu_ptr, vsd_ptr,
+                    T, M, P, RG, RU, RD, PER_BLOCK, ROWS, HALF, W_GATE, W_UP, W_DOWN, B_OUT_D,
+                    sug, suu, svd, ssd, usg_ptr, usu_ptr, vsd_ptr, W_NORM, INV_N, EPS,
                     HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, BT: tl.constexpr, BPM: tl.constexpr,
                     RG_P: tl.constexpr, RU_P: tl.constexpr, RD_P: tl.constexpr, PDL: tl.constexpr,
-                    AL: tl.constexpr, ALC: tl.constexpr, QUANT: tl.constexpr, PACK: tl.constexpr):
+                    AL: tl.constexpr, ALC: tl.constexpr, QUANT: tl.constexpr, PACK: tl.constexpr,
+                    NORM: tl.constexpr):
     """Program (i, k): rows ``k * ROWS ...`` of block-row i of gate and up (P rows a block, U blocks
     ``sug`` / ``suu`` elements apart, rows of RG / RU entries; M output features in all, rows past them
     are padding and give h = 0): their outputs, ``h = silu(g) * u``, and
@@ -80,7 +81,11 @@ def _mlp_mid_kernel(ug_ptr, uu_ptr, bg_ptr, bu_ptr, vd_ptr, sd_ptr, ws_ptr, sync
     QUANT (8 or 4) and PACK as in :mod:`.gemv`: U and V_down hold codes, rows of R / PACK stored
     entries (the code strides ``sug``, ``suu``, ``svd`` count them, ALC divides them); the gate/up
     outputs are scaled per row by ``usg_ptr`` / ``usu_ptr`` (U_scale, (b_out, p)), down's z per rank by
-    ``vsd_ptr`` (V_scale, (b_in, r)) after its sum over rows."""
+    ``vsd_ptr`` (V_scale, (b_in, r)) after its sum over rows. w_gate, w_up and w_down start W_GATE,
+    W_UP and W_DOWN floats into this call's half. NORM: gate's and up's input was an RMSNorm's input
+    times its weight, not yet divided by its root mean square; the per-token sums of squares at
+    W_NORM give each token's factor ``rsqrt(sum * INV_N + EPS)``, which scales w_gate and w_up (the
+    x·V stage and the s-mix are linear in the input)."""
     pid = tl.program_id(0)
     if AL > 1:
         RG = (RG // AL) * AL
@@ -104,10 +109,15 @@ def _mlp_mid_kernel(ug_ptr, uu_ptr, bg_ptr, bu_ptr, vd_ptr, sd_ptr, ws_ptr, sync
     offs_g = tl.arange(0, RG_P)
     offs_u = tl.arange(0, RU_P)
     offs_d = tl.arange(0, RD_P)
-    wg = tl.load(half + i * BT * RG + offs_t[:, None] * RG + offs_g[None, :],
+    wg = tl.load(half + W_GATE + i * BT * RG + offs_t[:, None] * RG + offs_g[None, :],
                  mask=t_ok[:, None] & (offs_g < RG)[None, :], other=0.0, cache_modifier=".cg")
     wu = tl.load(half + W_UP + i * BT * RU + offs_t[:, None] * RU + offs_u[None, :],
                  mask=t_ok[:, None] & (offs_u < RU)[None, :], other=0.0, cache_modifier=".cg")
+    if NORM:
+        sumsq = tl.load(half + W_NORM + offs_t, mask=t_ok, other=0.0, cache_modifier=".cg")
+        scale = 1.0 / tl.sqrt(sumsq * INV_N + EPS)
+        wg *= scale[:, None]
+        wu *= scale[:, None]
     z = tl.zeros((BT, RD_P), dtype=tl.float32)
     for c0 in range(r0, r1, BPM):
         rows = c0 + tl.arange(0, BPM)
@@ -160,12 +170,90 @@ def chainable(gate, up, down) -> str | None:
     return None
 
 
-def _layout(gate, up, down, BT: int) -> tuple[int, int, int]:
-    """(offset of w_up, offset of w_down, extent) in floats of one workspace half."""
+def _layout(gate, up, down, BT: int, w_gate: int = 0) -> tuple[int, int, int]:
+    """(offset of w_up, offset of w_down, extent) in floats of one workspace half, w_gate starting at
+    ``w_gate``."""
     g, u, d = gate[4], up[4], down[4]
-    w_up = g.b_out * BT * g.rank
+    w_up = w_gate + g.b_out * BT * g.rank
     w_down = -(-(w_up + u.b_out * BT * u.rank) // 64) * 64
     return w_up, w_down, w_down + d.b_out * BT * d.rank
+
+
+def _check_call(x2, cfg, interpret, what: str) -> bool:
+    """Whether the chain's launches are programmatic dependents (PDL); errors for what cannot run."""
+    if x2.shape[0] > gemv.MAX_T:
+        raise ValueError(f"the {what} runs at most {gemv.MAX_T} tokens, got T={x2.shape[0]}")
+    if cfg["mode"] not in ("two", "pdl"):
+        raise ValueError(f"{what} mode must be 'two' or 'pdl', got {cfg['mode']!r}")
+    pdl = cfg["mode"] == "pdl" and not interpret
+    if pdl and not pdl_supported(x2.device):
+        raise RuntimeError(f"{what} mode 'pdl' needs programmatic dependent launch: a Hopper (sm_90) or newer GPU")
+    return pdl
+
+
+def launch_stage1(x2, members, cfg, ws, sync, extent: int, BT: int, pdl: bool, interpret: bool) -> None:
+    """The members' x·V, s-mixed into their w at the start of this call's workspace half (the grouped
+    kernel of :mod:`.gemv`); it clears the other half and records ``extent`` floats as this call's."""
+    sms = _sm_limits(_index(x2.device))[0] if x2.is_cuda else 4
+    anchors, anchor_const = gemv.group_anchors(members, cfg, x2)
+    mode, flags = gemv._launch_flags(cfg, interpret, x2.device, anchors[0].element_size())
+    flags["LINE"] = min(flags["LINE"], cfg["BR"] // anchor_const["PACK"])
+    stage_cfg = {**cfg, "BQ": max(8, cfg["BQ"] // BT), "BP": max(4, cfg["BP"] // BT)}
+    table, items1, _, _, _ = gemv._group_table(members, x2.device, cfg["per_sm"] * sms, stage_cfg, BT)
+    launch = {} if interpret else {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
+    if pdl:
+        launch["launch_pdl"] = True
+    gemv._gemv_group_kernel[(items1,)](
+        x2, x2, *anchors, table, ws, sync, x2.shape[0], x2.shape[1], 0, len(members), items1, 0, extent, items1,
+        ws.numel() // 2, x2.stride(0), **anchor_const, BT=BT, BQ=stage_cfg["BQ"], BR=stage_cfg["BR"],
+        BP=stage_cfg["BP"], BK=stage_cfg["BK"], ZB=1024, LATE=bool(cfg["late"]), STAGE=1,
+        **dict(flags, PREFETCH=flags["PREFETCH"] if pdl else 0, PDL=pdl), **launch)
+
+
+def rows_per_program(p: int, b_out: int, cfg, BT: int, device) -> tuple[int, int, int]:
+    """(programs per block-row, rows per program, rows per loop step) of a kernel that walks the rows
+    of ``b_out`` blocks of ``p`` rows with about ``per_sm_mid`` programs per SM."""
+    sms = _sm_limits(_index(device))[0] if device.type == "cuda" else 4
+    per_block = max(1, -(-cfg["per_sm_mid"] * sms // b_out))
+    bpm = max(2, cfg["BPM"] // BT)
+    rows = -(-p // per_block)
+    rows = -(-rows // bpm) * bpm
+    return -(-p // rows), rows, bpm
+
+
+def launch_mid_and_down(x2, gate, up, down, cfg, ws, sync, offsets, BT: int, pdl: bool, interpret: bool,
+                        norm=None, out=None) -> torch.Tensor:
+    """The chain's middle kernel (gate/up w·Uᵀ, SiLU·mul, down x·V) and down's w·Uᵀ, which moves the
+    workspace's generation on; ``offsets`` = (w_gate, w_up, w_down) in this call's half. ``norm`` =
+    (offset of the per-token sums of squares, 1 / features, eps): gate's and up's w are scaled by the
+    RMSNorm's factor of each token first. Returns down's output (in ``out`` if given)."""
+    T = x2.shape[0]
+    g, d = gate[4], down[4]
+    w_gate, w_up, w_down = offsets
+    half = ws.numel() // 2
+    per_block, rows, bpm = rows_per_program(g.p, g.b_out, cfg, BT, x2.device)
+    mid = {} if interpret else {"num_warps": cfg["warps_mid"], "num_stages": 1}
+    if pdl:
+        mid["launch_pdl"] = True
+    gb, ub = gate[3], up[3]
+    anchor_const = gemv.group_anchors([gate, up, down], cfg, x2)[1]
+    quant, pack = anchor_const["QUANT"], anchor_const["PACK"]
+    stored = [layer[0].shape[-1] for layer in (gate, up, down)]             # code (or float) entries a row
+    scales = [layer[5:] if quant else (x2, x2) for layer in (gate, up, down)]
+    w_norm, inv_n, eps = norm if norm is not None else (0, 0.0, 0.0)
+    _mlp_mid_kernel[(g.b_out * per_block,)](
+        gate[0], up[0], gb if gb is not None else gate[1], ub if ub is not None else up[1], down[2], down[1],
+        ws, sync, T, g.out_features, g.p, g.rank, up[4].rank, d.rank, per_block, rows, half, w_gate, w_up, w_down,
+        d.b_out, g.p * stored[0], g.p * stored[1], d.q * stored[2], d.b_in * d.rank, scales[0][0], scales[1][0],
+        scales[2][1], w_norm, inv_n, eps,
+        HAS_BG=gb is not None, HAS_BU=ub is not None, BT=BT, BPM=bpm, RG_P=triton.next_power_of_2(g.rank),
+        RU_P=triton.next_power_of_2(up[4].rank), RD_P=triton.next_power_of_2(d.rank), PDL=pdl,
+        AL=math.gcd(g.rank, up[4].rank, d.rank, 16), ALC=math.gcd(*stored, 16), QUANT=quant, PACK=pack,
+        NORM=norm is not None, **mid)
+    U, S, V, bias = down[:4]
+    us, vs = down[5:] if quant else (None, None)
+    return gemv.blast_gemv(x2.new_empty(T, d.in_features), U, S, V, bias, d, cfg, interpret=interpret,
+                           only_stage=2, chained=(sync, ws[w_down:], half), U_scale=us, V_scale=vs, out=out)
 
 
 def blast_mlp_chain_gemv(x2, gate, up, down, cfg: dict | None = None, *, interpret: bool = False) -> torch.Tensor:
@@ -173,64 +261,16 @@ def blast_mlp_chain_gemv(x2, gate, up, down, cfg: dict | None = None, *, interpr
     (U, S, V, bias, shape) with float factors, or (U, S, V, bias, shape, U_scale, V_scale) with codes
     (as :func:`gemv.blast_gemv` takes them)."""
     cfg = {**DEFAULT, **(cfg or {})}
-    T, n = x2.shape
-    if T > gemv.MAX_T:
-        raise ValueError(f"the MLP chain runs at most {gemv.MAX_T} tokens, got T={T}")
     why = chainable(gate, up, down)
     if why:
         raise ValueError(f"cannot run these layers as one MLP chain: {why}")
-    if cfg["mode"] not in ("two", "pdl"):
-        raise ValueError(f"MLP chain mode must be 'two' or 'pdl', got {cfg['mode']!r}")
+    pdl = _check_call(x2, cfg, interpret, "MLP chain")
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    pdl = cfg["mode"] == "pdl" and not interpret
-    if pdl and not pdl_supported(x2.device):
-        raise RuntimeError("MLP chain mode 'pdl' needs programmatic dependent launch: a Hopper (sm_90) or newer GPU")
-    BT = triton.next_power_of_2(T)
+    BT = triton.next_power_of_2(x2.shape[0])
     w_up, w_down, extent = _layout(gate, up, down, BT)
     sync, ws = gemv.workspace(x2.device, extent)
-    half = ws.numel() // 2
-    sms = _sm_limits(_index(x2.device))[0] if x2.is_cuda else 4
-    g, d = gate[4], down[4]
     # 1: gate/up x·V into [w_gate | w_up] of this call's half; clears the other half, records the extent
-    members = [gate, up]
-    anchors, anchor_const = gemv.group_anchors(members, cfg, x2)
-    mode, flags = gemv._launch_flags(cfg, interpret, x2.device, anchors[0].element_size())
-    flags["LINE"] = min(flags["LINE"], cfg["BR"] // anchor_const["PACK"])
-    stage_cfg = {**cfg, "BQ": max(8, cfg["BQ"] // BT), "BP": max(4, cfg["BP"] // BT)}
-    grid1 = cfg["per_sm"] * sms
-    table, items1, _, group_extent, _ = gemv._group_table(members, x2.device, grid1, stage_cfg, BT)
-    assert group_extent == w_up + up[4].b_out * BT * up[4].rank
-    launch = {} if interpret else {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
-    if pdl:
-        launch["launch_pdl"] = True
-    gemv._gemv_group_kernel[(items1,)](
-        x2, x2, *anchors, table, ws, sync, T, n, 0, 2, items1, 0, extent, items1, half, x2.stride(0),
-        **anchor_const, BT=BT, BQ=stage_cfg["BQ"], BR=stage_cfg["BR"], BP=stage_cfg["BP"],
-        BK=stage_cfg["BK"], ZB=1024, LATE=bool(cfg["late"]), STAGE=1,
-        **dict(flags, PREFETCH=flags["PREFETCH"] if pdl else 0, PDL=pdl), **launch)
-    # 2: gate/up w·Uᵀ, SiLU·mul, down x·V into w_down
-    per_block = max(1, -(-cfg["per_sm_mid"] * sms // g.b_out))
-    bpm = max(2, cfg["BPM"] // BT)
-    rows = -(-g.p // per_block)
-    rows = -(-rows // bpm) * bpm
-    per_block = -(-g.p // rows)
-    mid = {} if interpret else {"num_warps": cfg["warps_mid"], "num_stages": 1}
-    if pdl:
-        mid["launch_pdl"] = True
-    gb, ub = gate[3], up[3]
-    quant, pack = anchor_const["QUANT"], anchor_const["PACK"]
-    stored = [layer[0].shape[-1] for layer in (gate, up, down)]             # code (or float) entries a row
-    scales = [layer[5:] if quant else (x2, x2) for layer in (gate, up, down)]
-    _mlp_mid_kernel[(g.b_out * per_block,)](
-        gate[0], up[0], gb if gb is not None else gate[1], ub if ub is not None else up[1], down[2], down[1],
-        ws, sync, T, g.out_features, g.p, g.rank, up[4].rank, d.rank, per_block, rows, half, w_up, w_down, d.b_out,
-        g.p * stored[0], g.p * stored[1], d.q * stored[2], d.b_in * d.rank, scales[0][0], scales[1][0], scales[2][1],
-        HAS_BG=gb is not None, HAS_BU=ub is not None, BT=BT, BPM=bpm, RG_P=triton.next_power_of_2(g.rank),
-        RU_P=triton.next_power_of_2(up[4].rank), RD_P=triton.next_power_of_2(d.rank), PDL=pdl,
-        AL=math.gcd(g.rank, up[4].rank, d.rank, 16), ALC=math.gcd(*stored, 16), QUANT=quant, PACK=pack, **mid)
-    # 3: down w·Uᵀ (+ bias) from w_down; moves the generation on
-    U, S, V, bias = down[:4]
-    us, vs = down[5:] if quant else (None, None)
-    return gemv.blast_gemv(x2.new_empty(T, d.in_features), U, S, V, bias, d, cfg, interpret=interpret,
-                           only_stage=2, chained=(sync, ws[w_down:], half), U_scale=us, V_scale=vs)
+    launch_stage1(x2, [gate, up], cfg, ws, sync, extent, BT, pdl, interpret)
+    # 2: gate/up w·Uᵀ, SiLU·mul, down x·V into w_down; 3: down w·Uᵀ (+ bias), moving the generation on
+    return launch_mid_and_down(x2, gate, up, down, cfg, ws, sync, (0, w_up, w_down), BT, pdl, interpret)

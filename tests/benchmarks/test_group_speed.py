@@ -26,3 +26,19 @@ def test_grouped_call_equals_the_per_layer_calls(factor_dtype):
     outs = [s.out_features for s in shapes]
     grouped = op(x, *[list(t) for t in zip(*fac)], [None] * 3, outs)
     torch.testing.assert_close(grouped, torch.cat([call(x, *f) for f in fac], dim=-1))
+
+
+def test_the_three_forms_of_a_block_tail_agree():
+    """Dense (the BLAST matrices' dense weights), the parts, and the one block-tail call compute the
+    same thing, in float64."""
+    from blastfx.structures.blast.ops import blast_matmul_reference
+    torch.manual_seed(0)
+    shapes = [BlastShape.make(m, n, 16, 4) for m, n in ((48, 48), (64, 48), (64, 48), (48, 64))]
+    fac = [tuple(t.double() for t in f) for f in group_speed._factors(shapes, None, "cpu", torch.float32)]
+    outs = [s.out_features for s in shapes]
+    weights = [blast_matmul_reference(torch.eye(s.in_features, dtype=torch.float64), U, S, V, None, s.out_features).T
+               for (U, S, V), s in zip(fac, shapes)]
+    a, residual, w = torch.randn(2, 48).double(), torch.randn(2, 48).double(), 1 + 0.1 * torch.randn(48).double()
+    want = group_speed.dense_tail(a, residual, weights, w)
+    torch.testing.assert_close(group_speed.tail_in_parts(a, residual, fac, outs, w), want)
+    torch.testing.assert_close(group_speed.tail_in_one_call(a, residual, fac, outs, w), want)

@@ -1,0 +1,256 @@
+"""Graph pass: a decoder block's tail, o_proj, the residual add, an RMSNorm and a chained gated MLP of
+BLAST layers, becomes one ``blastfx::blast_block_tail`` call.
+
+Why: after attention a Llama-style block runs ``h = residual + o_proj(a)``, ``n = rmsnorm(h)``,
+``mlp = down(silu(gate(n)) * up(n))`` and ``residual + mlp``: at decode o's two stages, the norm kernel
+and the MLP chain's three launches. The block-tail kernels (:mod:`blastfx.kernels.block_tail`) run
+o's second stage, the residual add, the norm's sums of squares and gate's and up's first stage as one
+kernel, four launches in all, and leave the norm's per-token scale to the MLP chain's middle kernel.
+
+The pass runs on the dynamo graph the ``"blast"`` backend receives, after the MLP chain pass (it
+rewrites a ``blastfx::blast_mlp_chain`` call whose input is an RMSNorm of ``residual + o(a)``, o a
+``blastfx::blast_matmul`` call). The norm is matched in the form transformers writes for Llama,
+Mistral, Qwen2 and their relatives (``h.to(float32)``, ``pow(2).mean(-1, keepdim=True)``,
+``h * rsqrt(var + eps)``, ``weight * h.to(dtype)``); other norms are left alone. Like the other decode
+rewrites it applies to graphs that run without autograd, at decode sizes on CUDA, where each
+intermediate has no other use than the next step (``h`` itself may have any uses: the op returns it).
+On CUDA the op is timed against running its parts as before by the autotuner, so the rewrite never
+makes a call slower; layers the tail cannot stream (:func:`blastfx.kernels.block_tail.tail_chainable`)
+run as before.
+
+``blastfx::blast_block_tail`` is defined here with its reference (the parts' reference calls, the
+source of truth) and its fake; it has no autograd.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..structures.blast.ops import blast_matmul, blast_matmul_reference, check_inputs
+from .grouping import _call_args, _decode_sized, _rows, check_group_mode, tuned_decode_call
+from .mlp_chain import _check_chain, _only_user, blast_mlp_chain
+
+stats = {"tails": 0}
+
+
+def rms_norm_reference(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers' Llama writes it: in float32, cast back, times the weight."""
+    x = h.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(h.dtype)
+
+
+@torch.library.custom_op("blastfx::blast_block_tail", mutates_args=())
+def blast_block_tail(x: torch.Tensor, residual: torch.Tensor, U: list[torch.Tensor], S: list[torch.Tensor],
+                     V: list[torch.Tensor], bias: list[Optional[torch.Tensor]], out_features: list[int],
+                     norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``cat([h, down(silu(gate(n)) * up(n))], -1)`` with ``h = residual + o(x)`` and ``n =
+    rms_norm_reference(h, norm_weight, eps)``, for the layers (o, gate, up, down) given as four
+    entries of each list (reference: the parts' reference calls, each output in x's dtype). One
+    tensor: the graph takes ``h`` and the MLP's output as views of it."""
+    _check_tail(x, residual, U, S, V, bias, out_features, norm_weight)
+    h = residual + blast_matmul_reference(x, U[0], S[0], V[0], bias[0], out_features[0])
+    mlp = blast_mlp_chain(rms_norm_reference(h, norm_weight, eps), U[1:], S[1:], V[1:], bias[1:], out_features[1:])
+    return torch.cat([h, mlp], dim=-1)
+
+
+@blast_block_tail.register_fake
+def _(x, residual, U, S, V, bias, out_features, norm_weight, eps):
+    shapes = _check_tail(x, residual, U, S, V, bias, out_features, norm_weight)
+    return x.new_empty(*x.shape[:-1], 2 * shapes[0].out_features)
+
+
+def _check_tail(x, residual, U, S, V, bias, out_features, norm_weight):
+    if not (len(U) == len(S) == len(V) == len(bias) == len(out_features) == 4):
+        raise ValueError(f"blast_block_tail takes four layers (o, gate, up, down): one U, S, V, bias and out_features "
+                         f"each, got {len(U)}, {len(S)}, {len(V)}, {len(bias)}, {len(out_features)}")
+    o = check_inputs(x, U[0], S[0], V[0], bias[0], out_features[0])
+    H = o.out_features
+    want = (*x.shape[:-1], H)
+    if tuple(residual.shape) != want or residual.dtype != x.dtype:
+        raise ValueError(f"blast_block_tail: the residual must be {want} of {x.dtype}, got {tuple(residual.shape)} "
+                         f"of {residual.dtype}")
+    if tuple(norm_weight.shape) != (H,) or norm_weight.dtype != x.dtype:
+        raise ValueError(f"blast_block_tail: the norm weight must be ({H},) of {x.dtype}, got "
+                         f"{tuple(norm_weight.shape)} of {norm_weight.dtype}")
+    h = x.new_empty(()).expand(*x.shape[:-1], H)               # what the MLP reads: o's width, x's dtype
+    return [o, *_check_chain(h, U[1:], S[1:], V[1:], bias[1:], out_features[1:])]
+
+
+@blast_block_tail.register_kernel("cuda")
+def _cuda_kernel(x, residual, U, S, V, bias, out_features, norm_weight, eps):
+    from ..kernels import block_tail
+
+    layers = list(zip(U, S, V, bias, _check_tail(x, residual, U, S, V, bias, out_features, norm_weight)))
+    residual2 = residual.reshape(-1, residual.shape[-1])
+    return tuned_decode_call(
+        "block_tail", x, layers, ("parts", lambda x2, ls: _parts(x2, residual2, ls, norm_weight, eps)),
+        ("tail", lambda x2, ls, cfg: block_tail.blast_block_tail_gemv(x2, residual2, ls[0], norm_weight, eps, *ls[1:],
+                                                                       cfg), block_tail.candidates),
+        lambda ls: block_tail.tail_chainable(*ls))
+
+
+def _parts(x2, residual2, layers, norm_weight, eps):
+    """The tail as it runs without the rewrite: o's call, the residual add, the norm, the MLP chain op."""
+    o, *mlp = layers
+    h = residual2 + blast_matmul(x2, *o[:4], o[4].out_features)
+    n = rms_norm_reference(h, norm_weight, eps)
+    y = torch.ops.blastfx.blast_mlp_chain(n, [m[0] for m in mlp], [m[1] for m in mlp], [m[2] for m in mlp],
+                                          [m[3] for m in mlp], [m[4].out_features for m in mlp])
+    return torch.cat([h, y], dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Matching the norm in a dynamo graph
+
+def _fn(node, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _method(node, name: str) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target == name
+
+
+def _cast_of(node, dtype) -> fx.Node | None:
+    """X if ``node`` is ``X.to(dtype)`` (positional or ``dtype=``), else None."""
+    if not _method(node, "to") or len(node.args) < 1:
+        return None
+    target = node.args[1] if len(node.args) > 1 else node.kwargs.get("dtype")
+    extra = set(node.kwargs) - {"dtype"}
+    return node.args[0] if target == dtype and not extra and len(node.args) <= 2 else None
+
+
+def _mul_pair(node):
+    """The two operands of a product node, else None."""
+    if _fn(node, operator.mul, torch.mul) and len(node.args) == 2 and not node.kwargs:
+        return node.args
+    return None
+
+
+def _mean_of_squares(node, x) -> bool:
+    """``node`` is ``x.pow(2).mean(-1, keepdim=True)``."""
+    if not (_method(node, "mean") and len(node.args) >= 1):
+        return False
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    square = node.args[0]
+    if dims not in (-1, (-1,), [-1]) or keep is not True:
+        return False
+    is_pow = (_method(square, "pow") or _fn(square, torch.pow)) and len(square.args) == 2 and square.args[1] == 2
+    return is_pow and square.args[0] is x
+
+
+def _value(node):
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def match_rms_norm(node: fx.Node):
+    """(h, weight, eps, nodes) if ``node`` is ``weight * (h32 * rsqrt(h32.pow(2).mean(-1, keepdim=True)
+    + eps)).to(h.dtype)`` with ``h32 = h.to(float32)`` and the weight a vector of h's dtype and width,
+    else None; ``nodes``: the norm's own nodes, ``node`` first."""
+    pair = _mul_pair(node)
+    if pair is None:
+        return None
+    for weight, cast in (pair, pair[::-1]):
+        if not (_method(cast, "to") and len(cast.args) == 2 and not cast.kwargs):
+            continue
+        scaled, dtype = cast.args
+        inner = _mul_pair(scaled)
+        if inner is None:
+            continue
+        for h32, rsqrt in (inner, inner[::-1]):
+            if not (_fn(rsqrt, torch.rsqrt) and len(rsqrt.args) == 1):
+                continue
+            add = rsqrt.args[0]
+            if not (_fn(add, operator.add, torch.add) and len(add.args) == 2 and isinstance(add.args[1], float)):
+                continue
+            h = _cast_of(h32, torch.float32)
+            if h is None or not _mean_of_squares(add.args[0], h32):
+                continue
+            hv, wv = _value(h), _value(weight)
+            if hv is None or wv is None or hv.dtype != dtype or wv.dtype != dtype or tuple(wv.shape) != hv.shape[-1:]:
+                continue
+            return h, weight, add.args[1], (node, cast, scaled, rsqrt, add, add.args[0], add.args[0].args[0], h32)
+    return None
+
+
+def _private(nodes, allowed: dict) -> bool:
+    """Every node of ``nodes`` is used only by the nodes ``allowed[node]`` names."""
+    return all(set(n.users) <= allowed[n] for n in nodes)
+
+
+def chain_block_tails(gm: fx.GraphModule, mode: str = "auto") -> int:
+    """Replace each ``blastfx::blast_mlp_chain`` call of ``gm`` whose input is an RMSNorm of
+    ``residual + o(a)`` (o a ``blastfx::blast_matmul`` call used only there) by one
+    ``blastfx::blast_block_tail`` call; returns how many. ``mode`` as for sibling grouping: "auto"
+    (CUDA inputs of at most ``MAX_T`` tokens), "always" (any device and size: tests) or "never".
+    The caller decides whether the graph may run without autograd."""
+    if check_group_mode(mode, "chain_norm") == "never":
+        return 0
+    chain_op = torch.ops.blastfx.blast_mlp_chain
+    matmul = torch.ops.blastfx.blast_matmul
+    found = []
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in gm.graph.nodes:
+        if not _fn(node, chain_op, chain_op.default):
+            continue
+        norm = match_rms_norm(node.args[0]) if node.args else None
+        if norm is None:
+            continue
+        h, weight, eps, norm_nodes = norm
+        if not (_fn(h, operator.add, torch.add) and len(h.args) == 2 and not h.kwargs):
+            continue
+        for residual, o in (h.args, h.args[::-1]):
+            if not (_fn(o, matmul, matmul.default) and _only_user(o) is h and isinstance(residual, fx.Node)):
+                continue
+            x = _call_args(o)[0]
+            ok = (_decode_sized(x, mode) and isinstance(x, fx.Node)
+                  and _same(residual, h) and _same(o, h))
+            out, cast, scaled, rsqrt, add, mean, square, h32 = norm_nodes
+            users = {out: {node}, cast: {out}, scaled: {cast}, rsqrt: {scaled}, add: {rsqrt}, mean: {add},
+                     square: {mean}, h32: {square, scaled}}
+            # h's other users (the residual add after the MLP, ...) must come after the chain, where h is
+            # read back from the op's output
+            later = all(order[u] > order[node] for u in h.users if u not in norm_nodes)
+            if ok and later and _private(norm_nodes, users):
+                found.append((node, o, h, residual, weight, eps, norm_nodes))
+                break
+    for chain, o, h, residual, weight, eps, norm_nodes in found:
+        oa = _call_args(o)
+        ca = chain.args
+        with gm.graph.inserting_before(chain):
+            tail = gm.graph.call_function(torch.ops.blastfx.blast_block_tail.default, (
+                oa[0], residual, [oa[1], *ca[1]], [oa[2], *ca[2]], [oa[3], *ca[3]], [oa[4], *ca[4]],
+                [oa[5] if oa[5] is not None else _rows(oa[1]), *ca[5]], weight, float(eps)))
+            width = _width(h)
+            new_h = gm.graph.call_function(torch.narrow, (tail, -1, 0, width))
+            mlp = gm.graph.call_function(torch.narrow, (tail, -1, width, width))
+        new_h.meta.update(h.meta)
+        mlp.meta.update(chain.meta)
+        chain.replace_all_uses_with(mlp)
+        h.replace_all_uses_with(new_h)
+        for n in (chain, *norm_nodes):
+            gm.graph.erase_node(n)
+        gm.graph.erase_node(h)
+        gm.graph.erase_node(o)
+    if found:
+        gm.graph.lint()
+        gm.recompile()
+    stats["tails"] += len(found)
+    return len(found)
+
+
+def _same(a: fx.Node, b: fx.Node) -> bool:
+    """Both nodes' traced outputs have one shape and dtype (no broadcast, no promotion)."""
+    ea, eb = a.meta.get("example_value"), b.meta.get("example_value")
+    return (isinstance(ea, torch.Tensor) and isinstance(eb, torch.Tensor) and ea.shape == eb.shape
+            and ea.dtype == eb.dtype)
+
+
+def _width(node: fx.Node) -> int:
+    return node.meta["example_value"].shape[-1]

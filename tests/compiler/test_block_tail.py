@@ -1,0 +1,154 @@
+"""A decoder block's tail, ``h = residual + o(a)``, an RMSNorm of h and a gated MLP of BLAST layers,
+rewritten into one ``blastfx::blast_block_tail`` call by the "blast" backend: the rewritten graph
+computes what the eager model does, only the norm transformers writes is matched, intermediates used
+elsewhere keep the graph as it was, and the op's reference is its parts' reference calls."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import blastfx
+from blastfx.compiler import block_tail, mlp_chain
+
+
+def rms_norm(h, weight, eps):
+    """transformers' LlamaRMSNorm.forward."""
+    input_dtype = h.dtype
+    hidden = h.to(torch.float32)
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    hidden = hidden * torch.rsqrt(variance + eps)
+    return weight * hidden.to(input_dtype)
+
+
+class Tail(nn.Module):
+    """o, the residual add, an RMSNorm (or a LayerNorm) and a gated MLP; ``leak``: the normalized input
+    is also returned (the norm's output has another use)."""
+
+    def __init__(self, norm="rms", leak=False, o_dense=False):
+        super().__init__()
+        self.o = nn.Linear(48, 48) if o_dense else blastfx.BlastLinear(48, 48, 16, 4, bias=True)
+        self.gate = blastfx.BlastLinear(48, 64, 16, 4, bias=True)
+        self.up = blastfx.BlastLinear(48, 64, 8, 4)
+        self.down = blastfx.BlastLinear(64, 48, 16, 4)
+        self.weight = nn.Parameter(1 + 0.2 * torch.randn(48))
+        self.norm, self.leak = norm, leak
+
+    def forward(self, a, residual):
+        h = residual + self.o(a)
+        n = rms_norm(h, self.weight, 1e-6) if self.norm == "rms" else F.layer_norm(h, (48,), self.weight)
+        out = h + self.down(F.silu(self.gate(n)) * self.up(n))
+        return (out, n) if self.leak else out
+
+
+def _compiled(model, **options):
+    torch._dynamo.reset()
+    return torch.compile(model, backend="blast", options={"lowering": "extern", "chain_mlp": "always",
+                                                           "chain_norm": "always", **options})
+
+
+def _inputs(T=3):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, T, 48, generator=g), 3 * torch.randn(2, T, 48, generator=g)
+
+
+def test_tail_is_rewritten_and_matches_eager():
+    torch.manual_seed(0)
+    model = Tail()
+    before = block_tail.stats["tails"]
+    with torch.no_grad():
+        want = model(*_inputs())
+        got = _compiled(model)(*_inputs())
+    assert block_tail.stats["tails"] == before + 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [dict(norm="layer"), dict(leak=True), dict(o_dense=True)],
+                         ids=["layer-norm", "norm-output-used-elsewhere", "dense-o"])
+def test_what_does_not_match_is_left_as_it_was(variant):
+    torch.manual_seed(0)
+    model = Tail(**variant)
+    before, chains = block_tail.stats["tails"], mlp_chain.stats["chains"]
+    with torch.no_grad():
+        want = model(*_inputs())
+        got = _compiled(model)(*_inputs())
+    assert block_tail.stats["tails"] == before
+    assert mlp_chain.stats["chains"] == chains + 1                    # the MLP is still chained
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_training_graphs_never_and_auto_on_cpu_leave_the_tail_alone():
+    torch.manual_seed(0)
+    model = Tail()
+    before = block_tail.stats["tails"]
+    _compiled(model)(*_inputs()).sum().backward()
+    assert model.o.U.grad is not None and torch.isfinite(model.o.U.grad).all()
+    with torch.no_grad():
+        _compiled(model, chain_norm="never")(*_inputs(1))
+        _compiled(model, chain_norm="auto")(*_inputs(1))          # auto: CUDA inputs only
+    assert block_tail.stats["tails"] == before
+    with pytest.raises(Exception, match="chain_norm must be one of"):
+        with torch.no_grad():
+            _compiled(model, chain_norm="sometimes")(*_inputs(1))
+
+
+def test_every_block_of_a_compressed_hf_llama_is_rewritten():
+    """transformers' LlamaDecoderLayer: its post-attention norm and MLP after o_proj, in every layer;
+    logits as eager."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    blastfx.compress(model, 0.5, config=blastfx.BlastConfig(init="random", progress=False))
+    ids = torch.randint(0, 100, (1, 5))
+    before = block_tail.stats["tails"]
+    with torch.no_grad():
+        want = model(ids).logits
+        got = _compiled(model, group_siblings="always")(ids).logits
+    assert block_tail.stats["tails"] == before + 2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _op_args(model, a, residual, dtype=torch.float64):
+    layers = (model.o, model.gate, model.up, model.down)
+    d = lambda t: None if t is None else t.detach().to(dtype)          # noqa: E731
+    return (a.to(dtype), residual.to(dtype), [d(m.U) for m in layers], [d(m.S) for m in layers],
+            [d(m.V) for m in layers], [d(m.bias) for m in layers], [m.out_features for m in layers],
+            d(model.weight), 1e-6)
+
+
+def test_op_reference_is_the_parts_and_passes_opcheck():
+    torch.manual_seed(0)
+    model = Tail().double()
+    a, residual = (t.double() for t in _inputs())
+    args = _op_args(model, a, residual)
+    with torch.no_grad():
+        out = torch.ops.blastfx.blast_block_tail(*args)
+        h = residual + model.o(a)
+        torch.testing.assert_close(out[..., :48], h)
+        torch.testing.assert_close(out[..., 48:], model(a, residual) - h)
+    torch.library.opcheck(torch.ops.blastfx.blast_block_tail.default, args, test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match="four layers"):
+        torch.ops.blastfx.blast_block_tail(args[0], args[1], args[2][:3], *args[3:])
+    with pytest.raises(ValueError, match=r"the residual must be \(2, 3, 48\)"):
+        torch.ops.blastfx.blast_block_tail(args[0], args[1][..., :40], *args[2:])
+    with pytest.raises(ValueError, match=r"the norm weight must be \(48,\) of torch.float64"):
+        torch.ops.blastfx.blast_block_tail(*args[:7], args[7].float(), 1e-6)
+
+
+def test_the_op_on_cuda_runs_the_tail_or_the_parts_as_the_autotuner_says(monkeypatch):
+    """The op's CUDA kernel (``tuned_decode_call``), run here on the CPU with the Triton interpreter:
+    the four-launch tail and its parts (o, add, norm, the MLP chain op), both equal to eager."""
+    from blastfx.kernels import autotune, dispatch
+    torch.manual_seed(0)
+    model = Tail()
+    a, residual = _inputs(2)
+    args = _op_args(model, a, residual, torch.float32)
+    monkeypatch.setattr(dispatch, "forward_impl", lambda dtype: "triton")
+    with torch.no_grad():
+        want = model(a, residual)
+        for form in ("tail", "parts"):
+            monkeypatch.setattr(autotune, "choose", lambda key, candidates, run, copies=1:
+                                next(c for c in candidates if c[0] == form))
+            out = block_tail._cuda_kernel(*args)
+            torch.testing.assert_close(out[..., :48] + out[..., 48:], want, rtol=1e-5, atol=1e-5)
