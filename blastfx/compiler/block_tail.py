@@ -18,8 +18,12 @@ On CUDA the op is timed against running its parts as before by the autotuner, so
 makes a call slower; layers the tail cannot stream (:func:`blastfx.kernels.block_tail.tail_chainable`)
 run as before.
 
-``blastfx::blast_block_tail`` is defined here with its reference (the parts' reference calls, the
-source of truth) and its fake; it has no autograd.
+With quantized factors (the MLP a ``blastfx::blast_mlp_chain_quantized`` call, o a
+``blastfx::blast_matmul_quantized`` call) the tail is one ``blastfx::blast_block_tail_quantized`` call
+of the same kernels reading codes.
+
+``blastfx::blast_block_tail`` and ``blastfx::blast_block_tail_quantized`` are defined here with their
+references (the parts' reference calls, the source of truth) and fakes; they have no autograd.
 """
 from __future__ import annotations
 
@@ -31,8 +35,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..structures.blast.ops import blast_matmul, blast_matmul_reference, check_inputs
-from .grouping import _call_args, _decode_sized, _rows, check_group_mode, tuned_decode_call
-from .mlp_chain import _check_chain, _only_user, blast_mlp_chain
+from ..structures.blast.quant.ops import blast_matmul_quantized, blast_matmul_quantized_reference, check_quantized_inputs
+from .grouping import _NAMES, _QUANTIZED_NAMES, _call_args, _decode_sized, _rows, check_group_mode, tuned_decode_call
+from .mlp_chain import _check_chain, _check_quantized_chain, _only_user, blast_mlp_chain, blast_mlp_chain_quantized
 
 stats = {"tails": 0}
 
@@ -69,7 +74,12 @@ def _check_tail(x, residual, U, S, V, bias, out_features, norm_weight):
         raise ValueError(f"blast_block_tail takes four layers (o, gate, up, down): one U, S, V, bias and out_features "
                          f"each, got {len(U)}, {len(S)}, {len(V)}, {len(bias)}, {len(out_features)}")
     o = check_inputs(x, U[0], S[0], V[0], bias[0], out_features[0])
-    H = o.out_features
+    _check_residual_and_weight(x, residual, norm_weight, o.out_features)
+    h = x.new_empty(()).expand(*x.shape[:-1], o.out_features)  # what the MLP reads: o's width, x's dtype
+    return [o, *_check_chain(h, U[1:], S[1:], V[1:], bias[1:], out_features[1:])]
+
+
+def _check_residual_and_weight(x, residual, norm_weight, H: int) -> None:
     want = (*x.shape[:-1], H)
     if tuple(residual.shape) != want or residual.dtype != x.dtype:
         raise ValueError(f"blast_block_tail: the residual must be {want} of {x.dtype}, got {tuple(residual.shape)} "
@@ -77,31 +87,79 @@ def _check_tail(x, residual, U, S, V, bias, out_features, norm_weight):
     if tuple(norm_weight.shape) != (H,) or norm_weight.dtype != x.dtype:
         raise ValueError(f"blast_block_tail: the norm weight must be ({H},) of {x.dtype}, got "
                          f"{tuple(norm_weight.shape)} of {norm_weight.dtype}")
-    h = x.new_empty(()).expand(*x.shape[:-1], H)               # what the MLP reads: o's width, x's dtype
-    return [o, *_check_chain(h, U[1:], S[1:], V[1:], bias[1:], out_features[1:])]
 
 
 @blast_block_tail.register_kernel("cuda")
 def _cuda_kernel(x, residual, U, S, V, bias, out_features, norm_weight, eps):
+    layers = list(zip(U, S, V, bias, _check_tail(x, residual, U, S, V, bias, out_features, norm_weight)))
+    return _tuned(x, residual, layers, norm_weight, eps)
+
+
+def _tuned(x, residual, layers, norm_weight, eps):
+    """The op's CUDA kernel: the four-launch tail or its parts, as the autotuner picks."""
     from ..kernels import block_tail
 
-    layers = list(zip(U, S, V, bias, _check_tail(x, residual, U, S, V, bias, out_features, norm_weight)))
     residual2 = residual.reshape(-1, residual.shape[-1])
+    name = "block_tail" if len(layers[0]) == 5 else "quantized_block_tail"
     return tuned_decode_call(
-        "block_tail", x, layers, ("parts", lambda x2, ls: _parts(x2, residual2, ls, norm_weight, eps)),
+        name, x, layers, ("parts", lambda x2, ls: _parts(x2, residual2, ls, norm_weight, eps)),
         ("tail", lambda x2, ls, cfg: block_tail.blast_block_tail_gemv(x2, residual2, ls[0], norm_weight, eps, *ls[1:],
                                                                        cfg), block_tail.candidates),
         lambda ls: block_tail.tail_chainable(*ls))
 
 
 def _parts(x2, residual2, layers, norm_weight, eps):
-    """The tail as it runs without the rewrite: o's call, the residual add, the norm, the MLP chain op."""
+    """The tail as it runs without the rewrite: o's call, the residual add, the norm, the MLP chain op
+    (each layer (U, S, V, bias, shape), or with codes (U, S, V, bias, shape, U_scale, V_scale))."""
     o, *mlp = layers
-    h = residual2 + blast_matmul(x2, *o[:4], o[4].out_features)
-    n = rms_norm_reference(h, norm_weight, eps)
-    y = torch.ops.blastfx.blast_mlp_chain(n, [m[0] for m in mlp], [m[1] for m in mlp], [m[2] for m in mlp],
-                                          [m[3] for m in mlp], [m[4].out_features for m in mlp])
+    if len(o) == 7:
+        h = residual2 + blast_matmul_quantized(x2, o[0], o[5], o[1], o[2], o[6], o[3], o[4].out_features)
+        n = rms_norm_reference(h, norm_weight, eps)
+        y = torch.ops.blastfx.blast_mlp_chain_quantized(n, *([m[k] for m in mlp] for k in (0, 5, 1, 2, 6, 3)),
+                                                        [m[4].out_features for m in mlp])
+    else:
+        h = residual2 + blast_matmul(x2, *o[:4], o[4].out_features)
+        n = rms_norm_reference(h, norm_weight, eps)
+        y = torch.ops.blastfx.blast_mlp_chain(n, *([m[k] for m in mlp] for k in range(4)),
+                                              [m[4].out_features for m in mlp])
     return torch.cat([h, y], dim=-1)
+
+
+@torch.library.custom_op("blastfx::blast_block_tail_quantized", mutates_args=())
+def blast_block_tail_quantized(x: torch.Tensor, residual: torch.Tensor, U: list[torch.Tensor],
+                               U_scale: list[torch.Tensor], S: list[torch.Tensor], V: list[torch.Tensor],
+                               V_scale: list[torch.Tensor], bias: list[Optional[torch.Tensor]], out_features: list[int],
+                               norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``blast_block_tail`` for layers with quantized factors (as ``blast_matmul_quantized`` takes
+    them); reference: the parts' quantized reference calls."""
+    _check_quantized_tail(x, residual, U, U_scale, S, V, V_scale, bias, out_features, norm_weight)
+    o, *mlp = zip(U, U_scale, S, V, V_scale, bias, out_features)
+    h = residual + blast_matmul_quantized_reference(x, *o)
+    y = blast_mlp_chain_quantized(rms_norm_reference(h, norm_weight, eps), *(list(a) for a in zip(*mlp)))
+    return torch.cat([h, y], dim=-1)
+
+
+@blast_block_tail_quantized.register_fake
+def _(x, residual, U, U_scale, S, V, V_scale, bias, out_features, norm_weight, eps):
+    shapes = _check_quantized_tail(x, residual, U, U_scale, S, V, V_scale, bias, out_features, norm_weight)
+    return x.new_empty(*x.shape[:-1], 2 * shapes[0].out_features)
+
+
+def _check_quantized_tail(x, residual, U, U_scale, S, V, V_scale, bias, out_features, norm_weight):
+    lists = (U, U_scale, S, V, V_scale, bias, out_features)
+    if any(len(a) != 4 for a in lists):
+        raise ValueError("blast_block_tail_quantized takes four layers (o, gate, up, down): one U, U_scale, S, V, "
+                         f"V_scale, bias and out_features each, got {', '.join(str(len(a)) for a in lists)}")
+    o = check_quantized_inputs(x, *(a[0] for a in lists))
+    _check_residual_and_weight(x, residual, norm_weight, o.out_features)
+    h = x.new_empty(()).expand(*x.shape[:-1], o.out_features)
+    return [o, *_check_quantized_chain(h, *(a[1:] for a in lists))]
+
+
+@blast_block_tail_quantized.register_kernel("cuda")
+def _cuda_kernel_quantized(x, residual, U, U_scale, S, V, V_scale, bias, out_features, norm_weight, eps):
+    shapes = _check_quantized_tail(x, residual, U, U_scale, S, V, V_scale, bias, out_features, norm_weight)
+    return _tuned(x, residual, list(zip(U, S, V, bias, shapes, U_scale, V_scale)), norm_weight, eps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,18 +245,25 @@ def _private(nodes, allowed: dict) -> bool:
 def chain_block_tails(gm: fx.GraphModule, mode: str = "auto") -> int:
     """Replace each ``blastfx::blast_mlp_chain`` call of ``gm`` whose input is an RMSNorm of
     ``residual + o(a)`` (o a ``blastfx::blast_matmul`` call used only there) by one
-    ``blastfx::blast_block_tail`` call; returns how many. ``mode`` as for sibling grouping: "auto"
+    ``blastfx::blast_block_tail`` call, and each such ``blastfx::blast_mlp_chain_quantized`` call (o a
+    ``blastfx::blast_matmul_quantized`` call) by one ``blastfx::blast_block_tail_quantized`` call;
+    returns how many. ``mode`` as for sibling grouping: "auto"
     (CUDA inputs of at most ``MAX_T`` tokens), "always" (any device and size: tests) or "never".
     The caller decides whether the graph may run without autograd."""
     if check_group_mode(mode, "chain_norm") == "never":
         return 0
-    chain_op = torch.ops.blastfx.blast_mlp_chain
-    matmul = torch.ops.blastfx.blast_matmul
+    ops = torch.ops.blastfx
+    # the chain op -> (the one-layer op o must call, its argument names, the tail op)
+    kinds = {ops.blast_mlp_chain: (ops.blast_matmul, _NAMES, ops.blast_block_tail.default),
+             ops.blast_mlp_chain_quantized: (ops.blast_matmul_quantized, _QUANTIZED_NAMES,
+                                             ops.blast_block_tail_quantized.default)}
     found = []
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
-        if not _fn(node, chain_op, chain_op.default):
+        chain_op = next((op for op in kinds if _fn(node, op, op.default)), None)
+        if chain_op is None:
             continue
+        matmul, names, tail_op = kinds[chain_op]
         norm = match_rms_norm(node.args[0]) if node.args else None
         if norm is None:
             continue
@@ -208,7 +273,7 @@ def chain_block_tails(gm: fx.GraphModule, mode: str = "auto") -> int:
         for residual, o in (h.args, h.args[::-1]):
             if not (_fn(o, matmul, matmul.default) and _only_user(o) is h and isinstance(residual, fx.Node)):
                 continue
-            x = _call_args(o)[0]
+            x = _call_args(o, names)[0]
             ok = (_decode_sized(x, mode) and isinstance(x, fx.Node)
                   and _same(residual, h) and _same(o, h))
             out, cast, scaled, rsqrt, add, mean, square, h32 = norm_nodes
@@ -218,15 +283,14 @@ def chain_block_tails(gm: fx.GraphModule, mode: str = "auto") -> int:
             # read back from the op's output
             later = all(order[u] > order[node] for u in h.users if u not in norm_nodes)
             if ok and later and _private(norm_nodes, users):
-                found.append((node, o, h, residual, weight, eps, norm_nodes))
+                found.append((node, o, h, residual, weight, eps, norm_nodes, names, tail_op))
                 break
-    for chain, o, h, residual, weight, eps, norm_nodes in found:
-        oa = _call_args(o)
-        ca = chain.args
+    for chain, o, h, residual, weight, eps, norm_nodes, names, tail_op in found:
+        oa = dict(zip(names, _call_args(o, names)))
+        oa["out_features"] = oa["out_features"] if oa["out_features"] is not None else _rows(oa["U"])
+        lists = [[oa[k], *chain.args[j]] for j, k in enumerate(names[1:], start=1)]     # chain: (x, *lists)
         with gm.graph.inserting_before(chain):
-            tail = gm.graph.call_function(torch.ops.blastfx.blast_block_tail.default, (
-                oa[0], residual, [oa[1], *ca[1]], [oa[2], *ca[2]], [oa[3], *ca[3]], [oa[4], *ca[4]],
-                [oa[5] if oa[5] is not None else _rows(oa[1]), *ca[5]], weight, float(eps)))
+            tail = gm.graph.call_function(tail_op, (oa["x"], residual, *lists, weight, float(eps)))
             width = _width(h)
             new_h = gm.graph.call_function(torch.narrow, (tail, -1, 0, width))
             mlp = gm.graph.call_function(torch.narrow, (tail, -1, width, width))

@@ -42,25 +42,30 @@ candidates = mlp_chain.candidates
 @triton.jit
 def _lead_kernel(uo_ptr, bo_ptr, res_ptr, nw_ptr, h_ptr, vg_ptr, sg_ptr, vu_ptr, su_ptr, ws_ptr, sync_ptr,
                  T, H, P, RO, RG, RU, PER_BLOCK, ROWS, HALF, W_GATE, W_UP, W_NORM, B_OUT_G, B_OUT_U,
-                 suo, svg, svu, ssg, ssu, sres, sh,
+                 suo, svg, svu, ssg, ssu, sres, sh, uso_ptr, vsg_ptr, vsu_ptr,
                  HAS_BO: tl.constexpr, BT: tl.constexpr, BPM: tl.constexpr, RO_P: tl.constexpr,
-                 RG_P: tl.constexpr, RU_P: tl.constexpr, PDL: tl.constexpr, AL: tl.constexpr):
+                 RG_P: tl.constexpr, RU_P: tl.constexpr, PDL: tl.constexpr, AL: tl.constexpr,
+                 ALC: tl.constexpr, QUANT: tl.constexpr, PACK: tl.constexpr):
     """Program (i, k): rows ``k * ROWS ...`` of block-row i of o (P rows a block, U_o blocks ``suo``
     apart, rows of RO; H output features, rows past them are padding): ``y = w_o · U_o[rows]ᵀ``
     (+ bias), ``h = residual + y`` stored at ``h_ptr``, ``sum(h²)`` per token added at W_NORM, and
     ``z = (h * weight) · V[i, rows, :]`` for gate and up (V blocks ``svg`` / ``svu`` apart, rows of RG
     / RU), added as ``s[o, i] * z`` into their w (S blocks ``ssg`` / ``ssu`` apart) for every block-row
-    o. Factors are contiguous; AL: a power of two (up to 16) dividing the three ranks."""
+    o. Factors are contiguous; AL: a power of two (up to 16) dividing the three ranks. QUANT (8 or 4)
+    and PACK as in :mod:`.gemv`: U_o, V_gate and V_up hold codes, rows of R / PACK stored entries (the
+    code strides ``suo``, ``svg``, ``svu`` count them, ALC divides them); o's outputs are scaled per
+    row by ``uso_ptr`` (U_scale), gate's and up's z per rank by ``vsg_ptr`` / ``vsu_ptr`` (V_scale)."""
     pid = tl.program_id(0)
     if AL > 1:
         RO = (RO // AL) * AL
         RG = (RG // AL) * AL
         RU = (RU // AL) * AL
-        suo = (suo // AL) * AL
-        svg = (svg // AL) * AL
-        svu = (svu // AL) * AL
         ssg = (ssg // AL) * AL
         ssu = (ssu // AL) * AL
+    if ALC > 1:
+        suo = (suo // ALC) * ALC
+        svg = (svg // ALC) * ALC
+        svu = (svu // ALC) * ALC
     i = pid // PER_BLOCK
     r0 = (pid % PER_BLOCK) * ROWS
     r1 = tl.minimum(P, r0 + ROWS)
@@ -82,8 +87,8 @@ def _lead_kernel(uo_ptr, bo_ptr, res_ptr, nw_ptr, h_ptr, vg_ptr, sg_ptr, vu_ptr,
     for c0 in range(r0, r1, BPM):
         rows = c0 + tl.arange(0, BPM)
         row_ok = (rows < r1) & (i * P + rows < H)
-        y = mlp_chain._row_outputs(uo_ptr + i * suo, bo_ptr, uo_ptr, wo, rows, row_ok, RO, RO, RO, i * P, HAS_BO,
-                                   DTYPE, BPM, RO_P, 0)
+        y = mlp_chain._row_outputs(uo_ptr + i * suo, bo_ptr, uso_ptr + i * P, wo, rows, row_ok, RO, RO // PACK,
+                                   RO // PACK, i * P, HAS_BO, DTYPE, BPM, RO_P, QUANT)
         cols = i * P + rows
         ok = t_ok[:, None] & row_ok[None, :]
         res = tl.load(res_ptr + offs_t[:, None] * sres + cols[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -91,14 +96,17 @@ def _lead_kernel(uo_ptr, bo_ptr, res_ptr, nw_ptr, h_ptr, vg_ptr, sg_ptr, vu_ptr,
         tl.store(h_ptr + offs_t[:, None] * sh + cols[None, :], h.to(DTYPE), mask=ok)
         sumsq += tl.sum(h * h, axis=1)
         xw = h * tl.load(nw_ptr + cols, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-        vg = tl.load(vg_ptr + i * svg + rows[:, None] * RG + offs_g[None, :],
-                     mask=row_ok[:, None] & (offs_g < RG)[None, :], other=0.0)
+        vg = gemv._load_factor_tile(vg_ptr + i * svg, rows, row_ok, RG // PACK, 1, 0, RG, RG // PACK, BPM, RG_P,
+                                    QUANT)
         zg += tl.sum(xw[:, :, None] * vg.to(tl.float32)[None, :, :], axis=1)
-        vu = tl.load(vu_ptr + i * svu + rows[:, None] * RU + offs_u[None, :],
-                     mask=row_ok[:, None] & (offs_u < RU)[None, :], other=0.0)
+        vu = gemv._load_factor_tile(vu_ptr + i * svu, rows, row_ok, RU // PACK, 1, 0, RU, RU // PACK, BPM, RU_P,
+                                    QUANT)
         zu += tl.sum(xw[:, :, None] * vu.to(tl.float32)[None, :, :], axis=1)
     tl.atomic_add(half + W_NORM + offs_t, sumsq, mask=t_ok, sem="relaxed")
     g_ok = offs_g < RG
+    if QUANT:
+        zg *= tl.load(vsg_ptr + i * RG + offs_g, mask=g_ok, other=0.0).to(tl.float32)[None, :]
+        zu *= tl.load(vsu_ptr + i * RU + offs_u, mask=offs_u < RU, other=0.0).to(tl.float32)[None, :]
     for o in range(B_OUT_G):
         s = tl.load(sg_ptr + o * ssg + i * RG + offs_g, mask=g_ok, other=0.0).to(tl.float32)
         tl.atomic_add(half + W_GATE + o * BT * RG + offs_t[:, None] * RG + offs_g[None, :], s[None, :] * zg,
@@ -111,11 +119,10 @@ def _lead_kernel(uo_ptr, bo_ptr, res_ptr, nw_ptr, h_ptr, vg_ptr, sg_ptr, vu_ptr,
 
 
 def tail_chainable(o, gate, up, down) -> str | None:
-    """Why these (U, S, V, bias, shape) layers cannot run as one block tail, or None if they can: the
-    MLP must chain (:func:`mlp_chain.chainable`), o's factors be float and stream like a group's
-    (:func:`gemv.groupable`), and o's row blocks be gate's and up's column blocks."""
-    if len(o) != 5 or any(len(layer) != 5 for layer in (gate, up, down)):
-        return "the block tail streams float factors only"
+    """Why these layers cannot run as one block tail, or None if they can: each (U, S, V, bias, shape),
+    or all four (U, S, V, bias, shape, U_scale, V_scale) with codes of one format; the MLP must chain
+    (:func:`mlp_chain.chainable`), o stream like a group member (:func:`gemv.groupable`), and o's row
+    blocks be gate's and up's column blocks."""
     why = mlp_chain.chainable(gate, up, down) or gemv.groupable([o, gate, up, down])
     if why:
         return why
@@ -134,7 +141,8 @@ def blast_block_tail_gemv(x2, residual2, o, norm_weight, eps: float, gate, up, d
                           interpret: bool = False) -> torch.Tensor:
     """``cat([h, down(silu(gate(n)) * up(n))], -1)`` with ``h = residual2 + o(x2)`` and ``n`` the RMSNorm
     of h times ``norm_weight`` (``eps`` inside the root), (T, 2 * features) for T <= :data:`gemv.MAX_T`;
-    each layer (U, S, V, bias, shape) with float factors."""
+    each layer (U, S, V, bias, shape) with float factors, or (U, S, V, bias, shape, U_scale, V_scale)
+    with codes (as :func:`gemv.blast_gemv` takes them)."""
     cfg = {**DEFAULT, **(cfg or {})}
     why = tail_chainable(o, gate, up, down)
     if why:
@@ -163,14 +171,19 @@ def blast_block_tail_gemv(x2, residual2, o, norm_weight, eps: float, gate, up, d
     lead = {} if interpret else {"num_warps": cfg["warps_mid"], "num_stages": 1}
     if pdl:
         lead["launch_pdl"] = True
+    anchor_const = gemv.group_anchors([o, gate, up], cfg, x2)[1]
+    quant = anchor_const["QUANT"]
+    stored = [layer[0].shape[-1] for layer in (o, gate, up)]             # code (or float) entries a row
+    scales = [layer[5:] if quant else (x2, x2) for layer in (o, gate, up)]
     _lead_kernel[(so.b_out * per_block,)](
         o[0], o[3] if o[3] is not None else o[1], residual2, norm_weight, out, gate[2], gate[1], up[2], up[1], ws,
         sync, T, H, so.p, so.rank, g.rank, u.rank, per_block, rows, ws.numel() // 2, w_gate, w_up, w_norm,
-        g.b_out, u.b_out, so.p * so.rank, g.q * g.rank, u.q * u.rank, g.b_in * g.rank, u.b_in * u.rank,
-        residual2.stride(0), out.stride(0),
+        g.b_out, u.b_out, so.p * stored[0], g.q * stored[1], u.q * stored[2], g.b_in * g.rank, u.b_in * u.rank,
+        residual2.stride(0), out.stride(0), scales[0][0], scales[1][1], scales[2][1],
         HAS_BO=o[3] is not None, BT=BT, BPM=bpm, RO_P=triton.next_power_of_2(so.rank),
         RG_P=triton.next_power_of_2(g.rank), RU_P=triton.next_power_of_2(u.rank), PDL=pdl,
-        AL=math.gcd(so.rank, g.rank, u.rank, 16), **lead)
+        AL=math.gcd(so.rank, g.rank, u.rank, 16), ALC=math.gcd(*stored, 16), QUANT=quant, PACK=anchor_const["PACK"],
+        **lead)
     # 3: the MLP chain's middle kernel with the norm's scale; 4: down's w·Uᵀ into the right half of out
     mlp_chain.launch_mid_and_down(out[:, :H], gate, up, down, cfg, ws, sync, (w_gate, w_up, w_down), BT, pdl,
                                   interpret, norm=(w_norm, 1.0 / H, float(eps)), out=out[:, H:])

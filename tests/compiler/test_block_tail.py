@@ -91,15 +91,19 @@ def test_training_graphs_never_and_auto_on_cpu_leave_the_tail_alone():
             _compiled(model, chain_norm="sometimes")(*_inputs(1))
 
 
-def test_every_block_of_a_compressed_hf_llama_is_rewritten():
-    """transformers' LlamaDecoderLayer: its post-attention norm and MLP after o_proj, in every layer;
-    logits as eager."""
+@pytest.mark.parametrize("factor_dtype", [None, "int8"])
+def test_every_block_of_a_compressed_hf_llama_is_rewritten(factor_dtype):
+    """transformers' LlamaDecoderLayer: its post-attention norm and MLP after o_proj, in every layer
+    (float factors, or int8 codes); logits as eager."""
+    from blastfx.structures.blast.quant import quantize_model
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
     model = LlamaForCausalLM(cfg).eval()
     blastfx.compress(model, 0.5, config=blastfx.BlastConfig(init="random", progress=False))
+    if factor_dtype:
+        quantize_model(model, factor_dtype)
     ids = torch.randint(0, 100, (1, 5))
     before = block_tail.stats["tails"]
     with torch.no_grad():
@@ -152,3 +156,60 @@ def test_the_op_on_cuda_runs_the_tail_or_the_parts_as_the_autotuner_says(monkeyp
                                 next(c for c in candidates if c[0] == form))
             out = block_tail._cuda_kernel(*args)
             torch.testing.assert_close(out[..., :48] + out[..., 48:], want, rtol=1e-5, atol=1e-5)
+
+
+class QuantizedTail(Tail):
+    """The tail with codes in all four layers (``mixed``: o keeps float factors, so nothing is rewritten)."""
+
+    def __init__(self, factor_dtype="int8", mixed=False):
+        super().__init__()
+        q = dict(factor_dtype=factor_dtype)
+        self.o = blastfx.BlastLinear(48, 48, 16, 4, bias=True, **({} if mixed else q))
+        self.gate = blastfx.BlastLinear(48, 64, 16, 4, bias=True, **q)
+        self.up = blastfx.BlastLinear(48, 64, 8, 4, **q)
+        self.down = blastfx.BlastLinear(64, 48, 16, 4, **q)
+
+
+@pytest.mark.parametrize("factor_dtype,mixed", [("int8", False), ("int4", False), ("int8", True)],
+                         ids=["int8", "int4", "float-o"])
+def test_quantized_tail_is_rewritten_and_matches_eager(factor_dtype, mixed):
+    torch.manual_seed(0)
+    model = QuantizedTail(factor_dtype, mixed)
+    before = block_tail.stats["tails"]
+    with torch.no_grad():
+        want = model(*_inputs())
+        got = _compiled(model)(*_inputs())
+    assert block_tail.stats["tails"] == before + (not mixed)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _quantized_op_args(model, a, residual):
+    layers = (model.o, model.gate, model.up, model.down)
+    return (a, residual, [m.U for m in layers], [m.U_scale for m in layers], [m.S.detach() for m in layers],
+            [m.V for m in layers], [m.V_scale for m in layers],
+            [None if m.bias is None else m.bias.detach() for m in layers], [m.out_features for m in layers],
+            model.weight.detach(), 1e-6)
+
+
+def test_quantized_op_reference_opcheck_and_cuda_kernel(monkeypatch):
+    """The reference is the parts' (as the eager model computes them), opcheck passes, and the CUDA
+    kernel's two forms (the tail under the interpreter, and the parts) agree with it."""
+    from blastfx.kernels import autotune, dispatch
+    torch.manual_seed(0)
+    model = QuantizedTail()
+    a, residual = _inputs(2)
+    args = _quantized_op_args(model, a, residual)
+    with torch.no_grad():
+        want = model(a, residual)
+        out = torch.ops.blastfx.blast_block_tail_quantized(*args)
+        torch.testing.assert_close(out[..., :48] + out[..., 48:], want)
+        torch.library.opcheck(torch.ops.blastfx.blast_block_tail_quantized.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+        monkeypatch.setattr(dispatch, "forward_impl", lambda dtype: "triton")
+        for form in ("tail", "parts"):
+            monkeypatch.setattr(autotune, "choose", lambda key, candidates, run, copies=1:
+                                next(c for c in candidates if c[0] == form))
+            out = block_tail._cuda_kernel_quantized(*args)
+            torch.testing.assert_close(out[..., :48] + out[..., 48:], want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="four layers .* got 3, 4, 4"):
+        torch.ops.blastfx.blast_block_tail_quantized(a, residual, args[2][:3], *args[3:])

@@ -93,3 +93,32 @@ def test_refuses_what_it_cannot_chain_by_name():
     with pytest.raises(ValueError, match="runs at most 4 tokens"):
         block_tail.blast_block_tail_gemv(torch.randn(5, 48, device=DEVICE), res, layers[0], w, 1e-5, *layers[1:],
                                          TINY, interpret=not CUDA)
+
+
+@pytest.mark.parametrize("name", ["int8", "float8_e4m3fn", "int4"])
+@pytest.mark.parametrize("T,dtype", [(1, torch.float32), (3, torch.bfloat16)])
+def test_quantized_factors_match_the_quantized_reference(T, dtype, name):
+    """Codes in all four layers: o's read by its stage 1 and the lead kernel (row scales), gate's and
+    up's V codes and column scales by the lead kernel, the rest by the MLP chain's kernels."""
+    import torch.nn.functional as F
+    from blastfx.compiler.block_tail import rms_norm_reference
+    from blastfx.structures.blast.quant import formats
+    from blastfx.structures.blast.quant.ops import blast_matmul_quantized_reference as qref
+    fmt = formats.get(name)
+    layers = []
+    for U, S, V, b, shape in _layers(40, 96, (16, 8, 24, 16), (2, 3, 4), (True, True, False, True), dtype, seed=5):
+        (Uc, su), (Vc, sv) = formats.quantize_u(U.float(), fmt), formats.quantize_v(V.float(), fmt)
+        layers.append((Uc, S, Vc, b, shape, su, sv))
+    g = torch.Generator().manual_seed(7)
+    x, residual = (torch.randn(T, 40, generator=g).to(DEVICE, dtype) for _ in range(2))
+    weight = (1 + 0.5 * torch.randn(40, generator=g)).to(DEVICE, dtype)
+    out = block_tail.blast_block_tail_gemv(x, residual, layers[0], weight, 1e-5, *layers[1:], TINY, interpret=not CUDA)
+    d = lambda t: t.double() if t is not None else None                  # noqa: E731
+    call = lambda a, layer: qref(a, layer[0], layer[5], d(layer[1]), layer[2], layer[6], d(layer[3]),  # noqa: E731
+                                 layer[4].out_features)
+    h = residual.double() + call(x.double(), layers[0])
+    n = rms_norm_reference(h, weight.double(), 1e-5)
+    want = torch.cat([h, call(F.silu(call(n, layers[1])) * call(n, layers[2]), layers[3])], dim=-1)
+    assert out.shape == (T, 80) and torch.isfinite(out).all()
+    for got, ref in ((out[:, :40], want[:, :40]), (out[:, 40:], want[:, 40:])):
+        assert (got.double() - ref).abs().max().item() / (ref.abs().max().item() + 1e-6) < TOL[dtype]
