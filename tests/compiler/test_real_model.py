@@ -42,3 +42,26 @@ def test_compiled_real_model_matches_eager_within_bf16(device):
         err_compiled = ((g - t).norm() / t.norm()).item()
         assert err_compiled <= 2 * err_eager + 1e-3, (err_compiled, err_eager)
         assert torch.equal(g[:, -1].argmax(-1), t[:, -1].argmax(-1))
+
+
+@pytest.mark.slow
+def test_decode_rewrites_on_a_real_model_match_eager():
+    """The decode rewrites the backend makes on CUDA (sibling groups, MLP chains, block tails), forced
+    on the CPU where their ops run the reference: on SmolLM2's graph as transformers writes it, every
+    compressed block's q/k/v is grouped and its tail rewritten, and one decode step (float32) gives
+    the eager logits."""
+    from blastfx.compiler import block_tail, grouping
+    model, tok = _smollm2()
+    blastfx.compress(model, 0.5, config=BlastConfig(include=tuple(f"model.layers.{i}.*" for i in (0, 1)),
+                                                    init="random", progress=False))
+    model = model.eval()
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    tails, groups = block_tail.stats["tails"], grouping.stats["groups"]
+    with torch.no_grad():
+        want = model(ids[:, -1:]).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="blast", options={
+            "lowering": "extern", "group_siblings": "always", "chain_mlp": "always", "chain_norm": "always"})
+        got = compiled(ids[:, -1:]).logits
+    assert block_tail.stats["tails"] == tails + 2 and grouping.stats["groups"] == groups + 2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
