@@ -14,6 +14,18 @@ def tiny_llama():
                                         eos_token_id=2, pad_token_id=0)).eval()
 
 
+def compressed_tiny_llama(factor_dtype=None, budget=0.5):
+    """``tiny_llama`` compressed with random BLAST factors (no calibration), their U and V rounded to
+    ``factor_dtype`` codes if given."""
+    import blastfx
+    from blastfx.structures.blast.quant import quantize_model
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    blastfx.compress(model, budget, config=blastfx.BlastConfig(init="random", progress=False))
+    return quantize_model(model, factor_dtype) if factor_dtype else model
+
+
 def tiny_gpt2():
     skip_unless_installed("transformers")
     from transformers import GPT2Config, GPT2LMHeadModel

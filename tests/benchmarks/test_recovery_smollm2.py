@@ -10,6 +10,7 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
+import models  # noqa: E402
 import recovery_smollm2  # noqa: E402
 import blastfx  # noqa: E402
 from blastfx.llm.evaluate import perplexity  # noqa: E402
@@ -17,11 +18,7 @@ from blastfx.structures.blast.quant import quantize_model  # noqa: E402
 
 
 def test_quantized_after_rounds_a_copy_and_counts_its_bytes():
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
-    dense = LlamaForCausalLM(cfg).eval()
+    dense = models.tiny_llama()
     model = copy.deepcopy(dense)
     blastfx.compress(model, 0.5, config=blastfx.BlastConfig(init="random", progress=False))
     before = {k: v.clone() for k, v in model.state_dict().items()}

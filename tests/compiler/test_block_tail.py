@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import blastfx
+import models
 from blastfx.compiler import block_tail, mlp_chain
 
 
@@ -95,15 +96,7 @@ def test_training_graphs_never_and_auto_on_cpu_leave_the_tail_alone():
 def test_every_block_of_a_compressed_hf_llama_is_rewritten(factor_dtype):
     """transformers' LlamaDecoderLayer: its post-attention norm and MLP after o_proj, in every layer
     (float factors, or int8 codes); logits as eager."""
-    from blastfx.structures.blast.quant import quantize_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
-    model = LlamaForCausalLM(cfg).eval()
-    blastfx.compress(model, 0.5, config=blastfx.BlastConfig(init="random", progress=False))
-    if factor_dtype:
-        quantize_model(model, factor_dtype)
+    model = models.compressed_tiny_llama(factor_dtype)
     ids = torch.randint(0, 100, (1, 5))
     before = block_tail.stats["tails"]
     with torch.no_grad():

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import blastfx
+import models
 from blastfx.compiler import grouping, mlp_chain
-from blastfx.structures.blast.quant import quantize_model
 
 
 class GatedMLP(nn.Module):
@@ -111,14 +111,7 @@ def test_chained_model_matches_eager_and_replays_in_cuda_graphs():
 def test_every_mlp_of_a_compressed_hf_llama_is_chained(factor_dtype):
     """transformers' LlamaMLP, ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with its SiLU module,
     in every decoder layer of a compressed model (float factors, or int8 codes); logits as eager."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
-    model = LlamaForCausalLM(cfg).eval()
-    blastfx.compress(model, 0.5, config=blastfx.BlastConfig(init="random", progress=False))
-    if factor_dtype:
-        quantize_model(model, factor_dtype)
+    model = models.compressed_tiny_llama(factor_dtype)
     ids = torch.randint(0, 100, (1, 5))
     chains = mlp_chain.stats["chains"]
     with torch.no_grad():
