@@ -264,6 +264,9 @@ def main():
     ap.add_argument("--chain-mlp", default="auto", choices=("auto", "never"),
                     help='backend "blast" chain_mlp option of the decode loop: "never" runs each MLP as grouped gate/up and '
                          'down calls (the models are then named "... MLP not chained")')
+    ap.add_argument("--chain-norm", default="auto", choices=("auto", "never"),
+                    help='backend "blast" chain_norm option of the decode loop: "never" runs o_proj, the residual add and '
+                         'the norm apart from the MLP (the models are then named "... no block tails")')
     ap.add_argument("--batch", type=int, nargs="+", default=[1], help="decode batch sizes")
     ap.add_argument("--factor-dtype", nargs="+", default=[], choices=sorted(FORMATS),
                     help="also blastfx with factors quantized to each of these (e.g. int8 int4)")
@@ -303,7 +306,7 @@ def main():
     for kind in args.torchao:
         models[f"torchao {kind}"] = (torchao_model(build(args.layers, **dims), kind), "inductor")
     if blast_options:
-        models = {f"{name}, MLP not chained" if backend == "blast" else name: (model, backend)
+        models = {f"{name}{options_label(blast_options)}" if backend == "blast" else name: (model, backend)
                   for name, (model, backend) in models.items()}
     for name, (model, _) in models.items():
         size = sum(tensor_bytes(t) for t in list(model.parameters()) + list(model.buffers()))
@@ -354,9 +357,18 @@ def time_rows(args, models, rows, config):
               + " | ".join(f"{ratios[n]:.2f}x" for n in others) + " |", flush=True)
 
 
+OPTION_LABELS = {"chain_mlp": ", MLP not chained", "chain_norm": ", no block tails"}   # what "never" is called
+
+
 def decode_options(args) -> dict | None:
     """The backend "blast" options of the decode loop beyond its defaults (None: none)."""
-    return {"chain_mlp": args.chain_mlp} if getattr(args, "chain_mlp", "auto") != "auto" else None
+    options = {k: getattr(args, k) for k in OPTION_LABELS if getattr(args, k, "auto") != "auto"}
+    return options or None
+
+
+def options_label(options: dict) -> str:
+    """What a blastfx model's name says of its non-default decode options."""
+    return "".join(OPTION_LABELS[k] for k in OPTION_LABELS if options.get(k) == "never")
 
 
 def profile_decode(args, models, config, steps=16):

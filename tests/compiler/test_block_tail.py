@@ -206,3 +206,21 @@ def test_quantized_op_reference_opcheck_and_cuda_kernel(monkeypatch):
             torch.testing.assert_close(out[..., :48] + out[..., 48:], want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="four layers .* got 3, 4, 4"):
         torch.ops.blastfx.blast_block_tail_quantized(a, residual, args[2][:3], *args[3:])
+
+
+@pytest.mark.cuda
+def test_tail_model_matches_eager_and_replays_in_cuda_graphs():
+    """On CUDA the rewrite is on by default at decode sizes; CUDA-graph replays (the workspace's halves
+    taking turns) equal eager in bf16."""
+    torch.manual_seed(0)
+    model = Tail().cuda().to(torch.bfloat16)
+    a, residual = (t[:, :1].cuda().to(torch.bfloat16) for t in _inputs())
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="blast", mode="reduce-overhead")
+    before = block_tail.stats["tails"]
+    with torch.no_grad():
+        want = model(a, residual).float()
+        for _ in range(5):
+            got = compiled(a, residual).float()
+    assert block_tail.stats["tails"] == before + 1
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
