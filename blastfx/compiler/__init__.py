@@ -23,8 +23,10 @@ input run as one grouped call at decode sizes on CUDA, in graphs without autogra
 ``down(silu(gate(x)) * up(x))``, run as one chained call of three launches (:mod:`.mlp_chain`; it
 goes first, so the siblings it chains are not also grouped); ``"chain_norm"``: the same three values
 for a block's tail, o_proj, the residual add, an RMSNorm and a chained MLP, run as one
-``blastfx::blast_block_tail`` call of four launches (:mod:`.block_tail`; after the MLP chain); any
-other key is passed to Inductor as a config patch.
+``blastfx::blast_block_tail`` call of four launches (:mod:`.block_tail`; after the MLP chain), and a
+tail with the next block's grouped q/k/v across the residual add and norm as one
+``blastfx::blast_block_seam`` call of five (:mod:`.block_seam`; after grouping); any other key is
+passed to Inductor as a config patch.
 
 ``"kernels"`` and ``"autotune"`` belong to the compiled model, not the process
 (:mod:`blastfx.kernels.scope`): each graph the backend returns runs its calls inside
@@ -40,6 +42,7 @@ import functools
 from torch._functorch import config as functorch_config
 
 from ..kernels.scope import KernelOptions, active, binding
+from .block_seam import seam_block_boundaries
 from .block_tail import chain_block_tails
 from .grouping import check_group_mode, group_sibling_calls
 from .lowering import check_mode, inline_blast_calls
@@ -75,6 +78,7 @@ def blast_backend(gm, example_inputs, mode=None, options=None):
         chain_mlp_calls(gm, chain_mode)
         chain_block_tails(gm, norm_mode)
         group_sibling_calls(gm, group_mode)
+        seam_block_boundaries(gm, norm_mode)
     # AOTAutograd's cache keys a Python function call by name, not code: a graph with inlined calls
     # skips it, so an upgraded lowering is never served from a stale entry (Inductor's own cache keys
     # the traced ops and stays on).

@@ -259,10 +259,11 @@ def _xv_mix_item(item, x_ptr, v_ptr, s_ptr, w_ptr, T, N, Q, R, B_IN, B_OUT, Q_CH
 @triton.jit
 def _wu_item(item, u_ptr, b_ptr, y_ptr, w_ptr, T, M, P, R, P_TILES, sui, sup, sur, syt, sym, has_bias,
              BT: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, us_ptr, susi, susp, QUANT: tl.constexpr, RC,
-             SPLIT: tl.constexpr = False):
+             SPLIT: tl.constexpr = False, token_scale=None, SCALED: tl.constexpr = False):
     """One stage-2 work item (i, p-tile): stream U[i, tile, :] against w_i; bias, cast, store.
     QUANT (8 or 4): U holds int8 or packed int4 codes (then ``sur`` steps bytes of two codes), each
-    output row is scaled by ``U_scale[i, row]``."""
+    output row is scaled by ``U_scale[i, row]``. SCALED: each token's outputs are scaled by its
+    ``token_scale`` entry (BT) before the bias."""
     offs_t = tl.arange(0, BT)
     tmask = offs_t < T
     i = item // P_TILES
@@ -292,6 +293,8 @@ def _wu_item(item, u_ptr, b_ptr, y_ptr, w_ptr, T, M, P, R, P_TILES, sui, sup, su
         out = tl.sum(acc, axis=2)                                       # (BT, BP)
     if QUANT:
         out *= tl.load(us_ptr + i * susi + offs_p * susp, mask=pmask, other=0.0).to(tl.float32)[None, :]
+    if SCALED:
+        out *= token_scale[:, None]
     rows = i * P + offs_p
     omask = pmask & (rows < M)
     if has_bias:
@@ -416,7 +419,8 @@ def _factor_address(anchor_ptr, row, FIELD: tl.constexpr, ALIGN: tl.constexpr):
 
 @triton.jit
 def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, float_ptr, scale_ptr, table_ptr, ws_ptr, sync_ptr, T, N, YS, G,
-                       ITEMS1, ITEMS2, EXTENT, GRID, HALF, sxt, ALIGN: tl.constexpr, ALIGN_F: tl.constexpr,
+                       ITEMS1, ITEMS2, EXTENT, GRID, HALF, sxt, W_NORM, INV_N, EPS, NORM: tl.constexpr,
+                       ALIGN: tl.constexpr, ALIGN_F: tl.constexpr,
                        ALIGN_SC: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
                        BP: tl.constexpr, BK: tl.constexpr, ZB: tl.constexpr, STAGE: tl.constexpr,
                        PREFETCH: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LATE: tl.constexpr,
@@ -428,7 +432,10 @@ def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, float_ptr, scale_ptr, table_ptr
     member's U), S and biases from ``float_ptr`` (its S), the scales of quantized factors (QUANT, PACK,
     SPLIT as in ``_gemv_decode_kernel``) from ``scale_ptr`` (its U_scale); each anchor's offsets are
     hinted multiples of its ALIGN. PDL and PREFETCH as in ``_gemv_decode_kernel`` (two-launch form:
-    one item per program)."""
+    one item per program). NORM (stage 2): the members' input was an RMSNorm's input times its weight,
+    not yet divided by its root mean square; the per-token sums of squares W_NORM floats into this
+    call's half give each token's factor ``rsqrt(sum * INV_N + EPS)``, which scales the outputs
+    before the bias (x·V and the s-mix are linear in the input)."""
     pid = tl.program_id(0)
     if PDL:
         if PREFETCH:
@@ -475,6 +482,11 @@ def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, float_ptr, scale_ptr, table_ptr
     if STAGE == 3:
         _grid_barrier(sync_ptr, GRID)
     if STAGE != 1:
+        offs_t = tl.arange(0, BT)
+        token_scale = tl.full((BT,), 1.0, tl.float32)
+        if NORM:
+            sumsq = tl.load(w_base + W_NORM + offs_t, mask=offs_t < T, other=0.0, cache_modifier=".cg")
+            token_scale = 1.0 / tl.sqrt(sumsq * INV_N + EPS)
         for item in range(pid, ITEMS2, GRID):
             row = table_ptr + _member(table_ptr, item, G, 15) * _NF
             P = tl.load(row + 6).to(tl.int32)
@@ -487,7 +499,8 @@ def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, float_ptr, scale_ptr, table_ptr
                      _factor_address(float_ptr, row, 3, ALIGN_F), y_ptr + tl.load(row + 4),
                      w_base + tl.multiple_of(tl.load(row + 16), 8),
                      T, tl.load(row + 5).to(tl.int32), P, R, tl.load(row + 13).to(tl.int32),
-                     P * RC, RC, 1, YS, 1, tl.load(row + 17) != 0, BT, BP, BK, us_ptr, P, 1, QUANT, RC, SPLIT)
+                     P * RC, RC, 1, YS, 1, tl.load(row + 17) != 0, BT, BP, BK, us_ptr, P, 1, QUANT, RC, SPLIT,
+                     token_scale, NORM)
     if STAGE == 2:
         _advance_generation(sync_ptr, GRID)
 
@@ -814,14 +827,14 @@ def blast_gemv_group(x2, members, cfg: dict | None = None, *, interpret: bool = 
     table, items1, items2, extent, width = _group_table(members, x2.device, grid, cfg, BT)
     sync, ws = workspace(x2.device, extent)
     const = dict(BT=BT, BQ=cfg["BQ"], BR=cfg["BR"], BP=cfg["BP"], BK=cfg["BK"], ZB=1024, LATE=bool(cfg["late"]),
-                 **anchor_const, **dict(flags, PREFETCH=flags["PREFETCH"] if mode == "pdl" else 0))
+                 NORM=False, **anchor_const, **dict(flags, PREFETCH=flags["PREFETCH"] if mode == "pdl" else 0))
     launch = {} if interpret else {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
     if mode == "pdl":
         launch["launch_pdl"] = True
 
     def args(g):
         return (x2, y, *anchors, table, ws, sync, T, n, width, len(members),
-                items1, items2, extent, g, ws.numel() // 2, x2.stride(0))
+                items1, items2, extent, g, ws.numel() // 2, x2.stride(0), 0, 0.0, 0.0)
 
     if mode != "persistent":
         _gemv_group_kernel[(items1,)](*args(items1), STAGE=1, **const, **launch)

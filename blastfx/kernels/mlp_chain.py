@@ -205,7 +205,7 @@ def launch_stage1(x2, members, cfg, ws, sync, extent: int, BT: int, pdl: bool, i
         launch["launch_pdl"] = True
     gemv._gemv_group_kernel[(items1,)](
         x2, x2, *anchors, table, ws, sync, x2.shape[0], x2.shape[1], 0, len(members), items1, 0, extent, items1,
-        ws.numel() // 2, x2.stride(0), **anchor_const, BT=BT, BQ=stage_cfg["BQ"], BR=stage_cfg["BR"],
+        ws.numel() // 2, x2.stride(0), 0, 0.0, 0.0, NORM=False, **anchor_const, BT=BT, BQ=stage_cfg["BQ"], BR=stage_cfg["BR"],
         BP=stage_cfg["BP"], BK=stage_cfg["BK"], ZB=1024, LATE=bool(cfg["late"]), STAGE=1,
         **dict(flags, PREFETCH=flags["PREFETCH"] if pdl else 0, PDL=pdl), **launch)
 
@@ -222,11 +222,12 @@ def rows_per_program(p: int, b_out: int, cfg, BT: int, device) -> tuple[int, int
 
 
 def launch_mid_and_down(x2, gate, up, down, cfg, ws, sync, offsets, BT: int, pdl: bool, interpret: bool,
-                        norm=None, out=None) -> torch.Tensor:
+                        norm=None, out=None, down_stage2: bool = True) -> torch.Tensor | None:
     """The chain's middle kernel (gate/up w·Uᵀ, SiLU·mul, down x·V) and down's w·Uᵀ, which moves the
     workspace's generation on; ``offsets`` = (w_gate, w_up, w_down) in this call's half. ``norm`` =
     (offset of the per-token sums of squares, 1 / features, eps): gate's and up's w are scaled by the
-    RMSNorm's factor of each token first. Returns down's output (in ``out`` if given)."""
+    RMSNorm's factor of each token first. Returns down's output (in ``out`` if given); without
+    ``down_stage2`` only the middle kernel runs (a later kernel reads w_down) and None is returned."""
     T = x2.shape[0]
     g, d = gate[4], down[4]
     w_gate, w_up, w_down = offsets
@@ -250,6 +251,8 @@ def launch_mid_and_down(x2, gate, up, down, cfg, ws, sync, offsets, BT: int, pdl
         RU_P=triton.next_power_of_2(up[4].rank), RD_P=triton.next_power_of_2(d.rank), PDL=pdl,
         AL=math.gcd(g.rank, up[4].rank, d.rank, 16), ALC=math.gcd(*stored, 16), QUANT=quant, PACK=pack,
         NORM=norm is not None, **mid)
+    if not down_stage2:
+        return None
     U, S, V, bias = down[:4]
     us, vs = down[5:] if quant else (None, None)
     return gemv.blast_gemv(x2.new_empty(T, d.in_features), U, S, V, bias, d, cfg, interpret=interpret,

@@ -46,17 +46,17 @@ def test_compiled_real_model_matches_eager_within_bf16(device):
 
 @pytest.mark.slow
 def test_decode_rewrites_on_a_real_model_match_eager():
-    """The decode rewrites the backend makes on CUDA (sibling groups, MLP chains, block tails), forced
-    on the CPU where their ops run the reference: on SmolLM2's graph as transformers writes it, every
-    compressed block's q/k/v is grouped and its tail rewritten, and one decode step (float32) gives
-    the eager logits."""
-    from blastfx.compiler import block_tail, grouping
+    """The decode rewrites the backend makes on CUDA (sibling groups, MLP chains, block tails and
+    seams), forced on the CPU where their ops run the reference: on SmolLM2's graph as transformers
+    writes it, every compressed block's q/k/v is grouped, its tail rewritten and the boundary between
+    the two compressed blocks seamed, and one decode step (float32) gives the eager logits."""
+    from blastfx.compiler import block_seam, block_tail, grouping
     model, tok = _smollm2()
     blastfx.compress(model, 0.5, config=BlastConfig(include=tuple(f"model.layers.{i}.*" for i in (0, 1)),
                                                     init="random", progress=False))
     model = model.eval()
     ids = tok("The capital of France is", return_tensors="pt").input_ids
-    tails, groups = block_tail.stats["tails"], grouping.stats["groups"]
+    tails, groups, seams = block_tail.stats["tails"], grouping.stats["groups"], block_seam.stats["seams"]
     with torch.no_grad():
         want = model(ids[:, -1:]).logits
         torch._dynamo.reset()
@@ -64,4 +64,5 @@ def test_decode_rewrites_on_a_real_model_match_eager():
             "lowering": "extern", "group_siblings": "always", "chain_mlp": "always", "chain_norm": "always"})
         got = compiled(ids[:, -1:]).logits
     assert block_tail.stats["tails"] == tails + 2 and grouping.stats["groups"] == groups + 2
+    assert block_seam.stats["seams"] == seams + 1           # blocks 0 and 1 meet; block 2's q/k/v stay dense
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

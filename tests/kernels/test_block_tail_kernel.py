@@ -122,3 +122,46 @@ def test_quantized_factors_match_the_quantized_reference(T, dtype, name):
     assert out.shape == (T, 80) and torch.isfinite(out).all()
     for got, ref in ((out[:, :40], want[:, :40]), (out[:, 40:], want[:, 40:])):
         assert (got.double() - ref).abs().max().item() / (ref.abs().max().item() + 1e-6) < TOL[dtype]
+
+
+def _seam_reference(x, residual, layers, heads, weight, next_weight, eps):
+    """float64: h2 = h + mlp(norm(h)), h = residual + o(x); the heads of norm(h2)."""
+    from blastfx.compiler.block_tail import rms_norm_reference
+    from blastfx.compiler.mlp_chain import blast_mlp_chain
+    from blastfx.structures.blast.ops import blast_matmul_reference as ref
+    d = lambda t: t.double() if t is not None else None                  # noqa: E731
+    call = lambda a, layer: ref(a, d(layer[0]), d(layer[1]), d(layer[2]), d(layer[3]), layer[4].out_features)  # noqa
+    h = residual.double() + call(x.double(), layers[0])
+    mlp = blast_mlp_chain(rms_norm_reference(h, weight.double(), eps), *([d(m[k]) for m in layers[1:]] for k in range(4)),
+                          [m[4].out_features for m in layers[1:]])
+    h2 = h + mlp
+    n2 = rms_norm_reference(h2, next_weight.double(), eps)
+    return torch.cat([h2] + [call(n2, head) for head in heads], dim=-1)
+
+
+@pytest.mark.parametrize("T,dtype,head_specs", [
+    (1, torch.float32, [(40, 16, 2, True), (16, 8, 2, False), (16, 8, 2, False)]),    # q, and narrower k, v (GQA)
+    (3, torch.float32, [(40, 8, 4, False), (24, 16, 1, True)]),                        # two heads, b_out differ
+    (4, torch.bfloat16, [(40, 16, 2, True), (16, 8, 2, False), (16, 8, 2, False)]),
+], ids=["qkv", "two-heads", "qkv-bf16"])
+def test_seam_matches_reference(T, dtype, head_specs):
+    """A tail and the next block's q/k/v in five launches: the lead kernel for down streams q's, k's
+    and v's V rows against h2 * weight, and their stage 2 applies the next norm's scale."""
+    H = 40
+    layers = _layers(H, 96, (16, 8, 24, 16), (2, 3, 4), (True, True, False, True), dtype, seed=3)
+    heads = []
+    for k, (m, r, b_out, bias) in enumerate(head_specs):
+        shape, U, S, V, b = factors(m, H, r, b_out, 2, dtype, bias, seed=20 + k)
+        heads.append((U, S, V, b, shape))
+    g = torch.Generator().manual_seed(9)
+    x, residual = (torch.randn(T, H, generator=g).to(DEVICE, dtype) for _ in range(2))
+    weight, next_weight = ((1 + 0.5 * torch.randn(H, generator=g)).to(DEVICE, dtype) for _ in range(2))
+    out = block_tail.blast_block_seam_gemv(x, residual, layers[0], weight, 1e-5, *layers[1:], next_weight, 1e-5,
+                                           heads, TINY, interpret=not CUDA)
+    want = _seam_reference(x, residual, layers, heads, weight, next_weight, 1e-5)
+    assert out.shape == want.shape and out.dtype == dtype and out.is_contiguous() and torch.isfinite(out).all()
+    start = 0
+    for width in [H] + [m for m, *_ in head_specs]:                     # h2, then each head
+        got, ref = out[:, start:start + width], want[:, start:start + width]
+        assert (got.double() - ref).abs().max().item() / (ref.abs().max().item() + 1e-6) < TOL[dtype]
+        start += width

@@ -18,7 +18,8 @@ the forward's autotuner times, in bf16 with a bias, at T = 1 (the GEMV, decode, 
 and T = 256 (prefill) on an attention-sized layer (4 x 4 blocks); the GEMV reading int8 codes, and
 the GEMV group, over all their configs at T = 1, and reading packed int4 or float8 codes (which
 share the tile code) over one config per code variant; the GEMV group and the MLP chain reading each
-code format, one config per code variant; the block tail over every config at T = 1, and reading each code format one config per mode; the fused kernels reading each code format
+code format, one config per code variant; the block tail over every config at T = 1, and reading each code format one config per mode; the
+block seam over every config at T = 1; the fused kernels reading each code format
 over the configs the quantized forward times at T = 8 and 256, in bf16 and fp16, and the one-pass
 copy of each code format into bf16 and fp16. One config per mode: T = 2, 4, 16
 (the GEMV's BT = 2, 4), fp16 and fp32 (IEEE dots) at T = 1 and 256, no bias, an MLP-sized layer of
@@ -440,6 +441,22 @@ def _block_tail(T: int, dtype, every: bool = True, code_dtype=None) -> None:
         block_tail.blast_block_tail_gemv(x2, residual, o, weight, 1e-5, gate, up, down, cfg)
 
 
+def _block_seam(T: int, dtype, every: bool = True) -> None:
+    """A block tail and the next block's q/k/v (k and v narrower) across the norm."""
+    from blastfx.kernels import block_tail
+    from blastfx.structures.blast.layout import BlastShape
+
+    shapes = (BlastShape.make(2048, 2048, 512, 4), BlastShape.make(5632, 2048, 760, 4),
+              BlastShape.make(5632, 2048, 640, 4), BlastShape.make(2048, 5632, 768, 4),
+              BlastShape.make(2048, 2048, 512, 4), BlastShape.make(512, 2048, 128, 4),
+              BlastShape.make(512, 2048, 128, 4))
+    o, gate, up, down, *heads = _members(shapes, dtype)
+    x2, residual = (torch.empty(T, 2048, dtype=dtype, device=META) for _ in range(2))
+    weight = torch.empty(2048, dtype=dtype, device=META)
+    for cfg in _per_mode(block_tail.candidates(META), every):
+        block_tail.blast_block_seam_gemv(x2, residual, o, weight, 1e-5, gate, up, down, weight, 1e-5, heads, cfg)
+
+
 def _grad_mix(dtype, blocks=None) -> None:
     """The backward middle for every power-of-two pair of block counts the CUDA op runs it for (or
     just ``blocks``)."""
@@ -505,6 +522,7 @@ def _scenarios():
     out += [(f"block tail T={T}", lambda T=T: _block_tail(T, bf16, every=T == 1)) for T in (1, 4)]
     out += [(f"quantized block tail {cd} T={T}", lambda T=T, cd=cd: _block_tail(T, bf16, every=False, code_dtype=cd))
             for cd in gemv.CODE_DTYPES for T in (1, 4)]
+    out += [(f"block seam T={T}", lambda T=T: _block_seam(T, bf16, every=T == 1)) for T in (1, 4)]
     out += [("grad mix bf16", lambda: _grad_mix(bf16))]
     out += [(f"grad mix {dt}", lambda dt=dt: _grad_mix(dt, (4, 4))) for dt in (fp16, fp32)]
     out += [(f"SS1 T={T} {dt}", lambda T=T, dt=dt: _ss1(T, dt)) for T, dt in ((1, bf16), (256, bf16), (1, fp32))]

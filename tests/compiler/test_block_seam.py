@@ -1,0 +1,78 @@
+"""A block tail and the next block's grouped q/k/v, across the residual add and the next RMSNorm,
+rewritten into one ``blastfx::blast_block_seam`` call: the rewritten graph of a compressed HF Llama
+computes the eager logits, the op's reference is its parts', and its CUDA kernel's two forms (run
+under the interpreter) agree with it."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import blastfx
+import models
+from blastfx.compiler import block_seam, block_tail
+
+
+def _compiled(model, **options):
+    torch._dynamo.reset()
+    return torch.compile(model, backend="blast", options={"lowering": "extern", "chain_mlp": "always",
+                                                           "chain_norm": "always", "group_siblings": "always",
+                                                           **options})
+
+
+def test_every_block_boundary_of_a_compressed_hf_llama_is_rewritten():
+    model = models.compressed_tiny_llama()
+    ids = torch.randint(0, 100, (1, 5))
+    seams, tails = block_seam.stats["seams"], block_tail.stats["tails"]
+    with torch.no_grad():
+        want = model(ids).logits
+        got = _compiled(model)(ids).logits
+    assert block_seam.stats["seams"] == seams + 1            # two blocks: one boundary
+    assert block_tail.stats["tails"] == tails + 2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        _compiled(model, chain_norm="never")(ids)
+    assert block_seam.stats["seams"] == seams + 1
+
+
+def _layers(seed=0):
+    """o, gate, up, down, then q, k, v of the next block (k and v narrower), as BlastLinear modules."""
+    torch.manual_seed(seed)
+    shapes = [(48, 48, 16, True), (64, 48, 16, True), (64, 48, 8, False), (48, 64, 16, False),
+              (48, 48, 16, True), (16, 48, 8, False), (16, 48, 8, False)]
+    return [blastfx.BlastLinear(n, m, r, 4, bias=b).double() for m, n, r, b in shapes]
+
+
+def _args(layers, a, residual, w, w2):
+    d = lambda t: None if t is None else t.detach()             # noqa: E731
+    return (a, residual, [d(m.U) for m in layers], [d(m.S) for m in layers], [d(m.V) for m in layers],
+            [d(m.bias) for m in layers], [m.out_features for m in layers], w, 1e-6, w2, 1e-5)
+
+
+def _eager(layers, a, residual, w, w2):
+    o, gate, up, down, *heads = layers
+    h = residual + o(a)
+    h2 = h + down(F.silu(gate(block_tail.rms_norm_reference(h, w, 1e-6))) * up(block_tail.rms_norm_reference(h, w, 1e-6)))
+    n2 = block_tail.rms_norm_reference(h2, w2, 1e-5)
+    return torch.cat([h2] + [m(n2) for m in heads], dim=-1)
+
+
+def test_op_reference_opcheck_and_cuda_kernel(monkeypatch):
+    from blastfx.kernels import autotune, dispatch
+    layers = _layers()
+    g = torch.Generator().manual_seed(1)
+    a, residual = (torch.randn(2, 1, 48, generator=g, dtype=torch.float64) for _ in range(2))
+    w, w2 = (1 + 0.2 * torch.randn(48, generator=g, dtype=torch.float64) for _ in range(2))
+    args = _args(layers, a, residual, w, w2)
+    with torch.no_grad():
+        want = _eager(layers, a, residual, w, w2)
+        torch.testing.assert_close(torch.ops.blastfx.blast_block_seam(*args), want)
+        torch.library.opcheck(torch.ops.blastfx.blast_block_seam.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+        monkeypatch.setattr(dispatch, "forward_impl", lambda dtype: "triton")
+        for form in ("seam", "parts"):
+            monkeypatch.setattr(autotune, "choose", lambda key, candidates, run, copies=1:
+                                next(c for c in candidates if c[0] == form))
+            torch.testing.assert_close(block_seam._cuda_kernel(*args), want, rtol=1e-4, atol=1e-5)   # fp32 sums
+    with pytest.raises(ValueError, match="six or seven layers"):
+        torch.ops.blastfx.blast_block_seam(a, residual, *(x[:5] for x in args[2:7]), *args[7:])
+    with pytest.raises(ValueError, match=r"the next norm weight must be \(48,\)"):
+        torch.ops.blastfx.blast_block_seam(*args[:9], w2[:40], 1e-5)
