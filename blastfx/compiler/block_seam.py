@@ -18,8 +18,12 @@ from the seam's output, so it may have any uses after the group. Decode sizes on
 without autograd (the tail's conditions); on CUDA the op is timed against running the tail, the add
 and norm and the group as before by the autotuner.
 
-``blastfx::blast_block_seam`` is defined here with its reference (the parts' reference calls, the
-source of truth) and its fake; it has no autograd.
+With quantized factors (a ``blastfx::blast_block_tail_quantized`` call and a
+``blastfx::blast_matmul_quantized_group`` call) the seam is one ``blastfx::blast_block_seam_quantized``
+call of the same kernels reading codes.
+
+``blastfx::blast_block_seam`` and ``blastfx::blast_block_seam_quantized`` are defined here with their
+references (the parts' reference calls, the source of truth) and fakes; they have no autograd.
 """
 from __future__ import annotations
 
@@ -30,8 +34,9 @@ import torch
 import torch.fx as fx
 
 from ..structures.blast.ops import check_inputs
-from .block_tail import _check_tail, _fn, _private, _same, match_rms_norm, rms_norm_reference
-from .grouping import blast_matmul_group, check_group_mode, tuned_decode_call
+from ..structures.blast.quant.ops import check_quantized_inputs
+from .block_tail import _check_quantized_tail, _check_tail, _fn, _private, _same, match_rms_norm, rms_norm_reference
+from .grouping import blast_matmul_group, blast_matmul_quantized_group, check_group_mode, tuned_decode_call
 
 stats = {"seams": 0}
 
@@ -69,19 +74,27 @@ def _check_seam(x, residual, U, S, V, bias, out_features, norm_weight, next_norm
                          f"{len(out_features)}")
     tail = _check_tail(x, residual, U[:4], S[:4], V[:4], bias[:4], out_features[:4], norm_weight)
     H = tail[0].out_features
-    if tuple(next_norm_weight.shape) != (H,) or next_norm_weight.dtype != x.dtype:
-        raise ValueError(f"blast_block_seam: the next norm weight must be ({H},) of {x.dtype}, got "
-                         f"{tuple(next_norm_weight.shape)} of {next_norm_weight.dtype}")
+    _check_next_weight(x, next_norm_weight, H)
     h2 = x.new_empty(()).expand(*x.shape[:-1], H)
     return tail + [check_inputs(h2, *a) for a in zip(U[4:], S[4:], V[4:], bias[4:], out_features[4:])]
 
 
+def _check_next_weight(x, next_norm_weight, H: int) -> None:
+    if tuple(next_norm_weight.shape) != (H,) or next_norm_weight.dtype != x.dtype:
+        raise ValueError(f"blast_block_seam: the next norm weight must be ({H},) of {x.dtype}, got "
+                         f"{tuple(next_norm_weight.shape)} of {next_norm_weight.dtype}")
+
+
 @blast_block_seam.register_kernel("cuda")
 def _cuda_kernel(x, residual, U, S, V, bias, out_features, norm_weight, eps, next_norm_weight, next_eps):
+    shapes = _check_seam(x, residual, U, S, V, bias, out_features, norm_weight, next_norm_weight)
+    return _tuned(x, residual, list(zip(U, S, V, bias, shapes)), norm_weight, eps, next_norm_weight, next_eps)
+
+
+def _tuned(x, residual, layers, norm_weight, eps, next_norm_weight, next_eps):
+    """The op's CUDA kernel: the five-launch seam or its parts, as the autotuner picks."""
     from ..kernels import block_tail
 
-    layers = list(zip(U, S, V, bias, _check_seam(x, residual, U, S, V, bias, out_features, norm_weight,
-                                                 next_norm_weight)))
     residual2 = residual.reshape(-1, residual.shape[-1])
 
     def parts(x2, ls):
@@ -91,19 +104,69 @@ def _cuda_kernel(x, residual, U, S, V, bias, out_features, norm_weight, eps, nex
         return block_tail.blast_block_seam_gemv(x2, residual2, ls[0], norm_weight, eps, *ls[1:4], next_norm_weight,
                                                 next_eps, ls[4:], cfg)
 
-    return tuned_decode_call("block_seam", x, layers, ("parts", parts), ("seam", seam, block_tail.candidates),
+    name = "block_seam" if len(layers[0]) == 5 else "quantized_block_seam"
+    return tuned_decode_call(name, x, layers, ("parts", parts), ("seam", seam, block_tail.candidates),
                              lambda ls: block_tail.seam_chainable(*ls[:4], ls[4:]))
 
 
 def _parts(x2, residual2, layers, norm_weight, eps, next_norm_weight, next_eps):
-    """The seam as it runs without the rewrite: the tail op, the add and norm, the group op."""
-    lists = [[layer[k] for layer in layers] for k in range(4)] + [[layer[4].out_features for layer in layers]]
-    tail = torch.ops.blastfx.blast_block_tail(x2, residual2, *(a[:4] for a in lists), norm_weight, eps)
+    """The seam as it runs without the rewrite: the tail op, the add and norm, the group op (each layer
+    (U, S, V, bias, shape), or with codes (U, S, V, bias, shape, U_scale, V_scale))."""
+    ops = torch.ops.blastfx
+    fields = (0, 1, 2, 3) if len(layers[0]) == 5 else (0, 5, 1, 2, 6, 3)        # the ops' argument order
+    lists = [[layer[k] for layer in layers] for k in fields] + [[layer[4].out_features for layer in layers]]
+    tail_op, group_op = ((ops.blast_block_tail, ops.blast_matmul_group) if len(layers[0]) == 5 else
+                         (ops.blast_block_tail_quantized, ops.blast_matmul_quantized_group))
+    tail = tail_op(x2, residual2, *(a[:4] for a in lists), norm_weight, eps)
     h, mlp = tail.chunk(2, dim=-1)
     h2 = h + mlp
-    heads = torch.ops.blastfx.blast_matmul_group(rms_norm_reference(h2, next_norm_weight, next_eps),
-                                                 *(a[4:] for a in lists))
+    heads = group_op(rms_norm_reference(h2, next_norm_weight, next_eps), *(a[4:] for a in lists))
     return torch.cat([h2, heads], dim=-1)
+
+
+@torch.library.custom_op("blastfx::blast_block_seam_quantized", mutates_args=())
+def blast_block_seam_quantized(x: torch.Tensor, residual: torch.Tensor, U: list[torch.Tensor],
+                               U_scale: list[torch.Tensor], S: list[torch.Tensor], V: list[torch.Tensor],
+                               V_scale: list[torch.Tensor], bias: list[Optional[torch.Tensor]], out_features: list[int],
+                               norm_weight: torch.Tensor, eps: float, next_norm_weight: torch.Tensor,
+                               next_eps: float) -> torch.Tensor:
+    """``blast_block_seam`` for layers with quantized factors (as ``blast_matmul_quantized`` takes
+    them); reference: the parts' quantized reference calls."""
+    lists = (U, U_scale, S, V, V_scale, bias, out_features)
+    _check_quantized_seam(x, residual, lists, norm_weight, next_norm_weight)
+    tail = torch.ops.blastfx.blast_block_tail_quantized(x, residual, *(a[:4] for a in lists), norm_weight, eps)
+    h, mlp = tail.chunk(2, dim=-1)
+    h2 = h + mlp
+    heads = blast_matmul_quantized_group(rms_norm_reference(h2, next_norm_weight, next_eps), *(a[4:] for a in lists))
+    return torch.cat([h2, heads], dim=-1)
+
+
+@blast_block_seam_quantized.register_fake
+def _(x, residual, U, U_scale, S, V, V_scale, bias, out_features, norm_weight, eps, next_norm_weight, next_eps):
+    shapes = _check_quantized_seam(x, residual, (U, U_scale, S, V, V_scale, bias, out_features), norm_weight,
+                                   next_norm_weight)
+    return x.new_empty(*x.shape[:-1], shapes[0].out_features + sum(s.out_features for s in shapes[4:]))
+
+
+def _check_quantized_seam(x, residual, lists, norm_weight, next_norm_weight):
+    if len({len(a) for a in lists}) != 1 or not 6 <= len(lists[0]) <= 7:
+        raise ValueError("blast_block_seam_quantized takes six or seven layers (o, gate, up, down and 2 or 3 heads): "
+                         "one U, U_scale, S, V, V_scale, bias and out_features each, got "
+                         f"{', '.join(str(len(a)) for a in lists)}")
+    tail = _check_quantized_tail(x, residual, *(a[:4] for a in lists), norm_weight)
+    H = tail[0].out_features
+    _check_next_weight(x, next_norm_weight, H)
+    h2 = x.new_empty(()).expand(*x.shape[:-1], H)
+    return tail + [check_quantized_inputs(h2, *member) for member in zip(*(a[4:] for a in lists))]
+
+
+@blast_block_seam_quantized.register_kernel("cuda")
+def _cuda_kernel_quantized(x, residual, U, U_scale, S, V, V_scale, bias, out_features, norm_weight, eps,
+                           next_norm_weight, next_eps):
+    shapes = _check_quantized_seam(x, residual, (U, U_scale, S, V, V_scale, bias, out_features), norm_weight,
+                                   next_norm_weight)
+    return _tuned(x, residual, list(zip(U, S, V, bias, shapes, U_scale, V_scale)), norm_weight, eps, next_norm_weight,
+                  next_eps)
 
 
 def _narrowed(node, source) -> tuple[int, int] | None:
@@ -121,11 +184,16 @@ def seam_block_boundaries(gm: fx.GraphModule, mode: str = "auto") -> int:
     if check_group_mode(mode, "chain_norm") == "never":
         return 0
     ops = torch.ops.blastfx
+    # the group op -> (the tail op it follows, the seam op)
+    kinds = {ops.blast_matmul_group: (ops.blast_block_tail, ops.blast_block_seam.default),
+             ops.blast_matmul_quantized_group: (ops.blast_block_tail_quantized, ops.blast_block_seam_quantized.default)}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     found = []
     for group in gm.graph.nodes:
-        if not (_fn(group, ops.blast_matmul_group, ops.blast_matmul_group.default) and 2 <= len(group.args[1]) <= 3):
+        group_op = next((op for op in kinds if _fn(group, op, op.default)), None)
+        if group_op is None or not 2 <= len(group.args[1]) <= 3:
             continue
+        tail_op, seam_op = kinds[group_op]
         norm = match_rms_norm(group.args[0])
         if norm is None:
             continue
@@ -137,7 +205,7 @@ def seam_block_boundaries(gm: fx.GraphModule, mode: str = "auto") -> int:
         if len(halves) != 2 or len(tails) != 1:
             continue
         tail = tails.pop()
-        if not _fn(tail, ops.blast_block_tail, ops.blast_block_tail.default):
+        if not _fn(tail, tail_op, tail_op.default):
             continue
         H = _same_width(h2)
         if sorted(_narrowed(a, tail) or (-1, -1) for a in halves) != [(0, H), (H, H)]:
@@ -149,16 +217,18 @@ def seam_block_boundaries(gm: fx.GraphModule, mode: str = "auto") -> int:
         private = (_private(norm_nodes, users) and all(set(a.users) == {h2} for a in halves)
                    and set(tail.users) == set(halves))
         if later and private and _same(halves[0], halves[1]):
-            found.append((group, tail, halves, h2, weight, eps, norm_nodes))
-    for group, tail, halves, h2, weight, eps, norm_nodes in found:
-        t = tail.args               # (x, residual, U, S, V, bias, out_features, norm_weight, eps)
-        g = group.args              # (x, U, S, V, bias, out_features)
+            found.append((group, tail, halves, h2, weight, eps, norm_nodes, seam_op))
+    for group, tail, halves, h2, weight, eps, norm_nodes, seam_op in found:
+        t = tail.args               # (x, residual, *lists, norm_weight, eps)
+        g = group.args              # (x, *lists): the same lists in the same order
+        count = len(g) - 1
         with gm.graph.inserting_before(group):
-            seam = gm.graph.call_function(ops.blast_block_seam.default, (
-                t[0], t[1], *([*t[k], *g[k - 1]] for k in range(2, 7)), t[7], t[8], weight, float(eps)))
+            seam = gm.graph.call_function(seam_op, (
+                t[0], t[1], *([*t[2 + k], *g[1 + k]] for k in range(count)), t[2 + count], t[3 + count], weight,
+                float(eps)))
             H = _same_width(h2)
             new_h2 = gm.graph.call_function(torch.narrow, (seam, -1, 0, H))
-            heads = gm.graph.call_function(torch.narrow, (seam, -1, H, sum(group.args[5])))
+            heads = gm.graph.call_function(torch.narrow, (seam, -1, H, sum(group.args[-1])))
         new_h2.meta.update(h2.meta)
         heads.meta.update(group.meta)
         group.replace_all_uses_with(heads)

@@ -18,8 +18,9 @@ def _compiled(model, **options):
                                                            **options})
 
 
-def test_every_block_boundary_of_a_compressed_hf_llama_is_rewritten():
-    model = models.compressed_tiny_llama()
+@pytest.mark.parametrize("factor_dtype", [None, "int8"])
+def test_every_block_boundary_of_a_compressed_hf_llama_is_rewritten(factor_dtype):
+    model = models.compressed_tiny_llama(factor_dtype)
     ids = torch.randint(0, 100, (1, 5))
     seams, tails = block_seam.stats["seams"], block_tail.stats["tails"]
     with torch.no_grad():
@@ -76,3 +77,28 @@ def test_op_reference_opcheck_and_cuda_kernel(monkeypatch):
         torch.ops.blastfx.blast_block_seam(a, residual, *(x[:5] for x in args[2:7]), *args[7:])
     with pytest.raises(ValueError, match=r"the next norm weight must be \(48,\)"):
         torch.ops.blastfx.blast_block_seam(*args[:9], w2[:40], 1e-5)
+
+
+def test_quantized_op_reference_and_cuda_kernel(monkeypatch):
+    """Codes in all seven layers: the op's reference is the eager layers', and its CUDA kernel's two
+    forms agree with it."""
+    from blastfx.kernels import autotune, dispatch
+    from blastfx.structures.blast.quant import quantize_layer
+    layers = [quantize_layer(m.float(), "int8") for m in _layers(3)]
+    g = torch.Generator().manual_seed(2)
+    a, residual = (torch.randn(3, 48, generator=g) for _ in range(2))
+    w, w2 = (1 + 0.2 * torch.randn(48, generator=g) for _ in range(2))
+    d = lambda t: None if t is None else t.detach()             # noqa: E731
+    args = (a, residual, [m.U for m in layers], [m.U_scale for m in layers], [d(m.S) for m in layers],
+            [m.V for m in layers], [m.V_scale for m in layers], [d(m.bias) for m in layers],
+            [m.out_features for m in layers], w, 1e-6, w2, 1e-5)
+    with torch.no_grad():
+        want = _eager(layers, a, residual, w, w2)
+        torch.testing.assert_close(torch.ops.blastfx.blast_block_seam_quantized(*args), want, rtol=1e-5, atol=1e-5)
+        torch.library.opcheck(torch.ops.blastfx.blast_block_seam_quantized.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+        monkeypatch.setattr(dispatch, "forward_impl", lambda dtype: "triton")
+        for form in ("seam", "parts"):
+            monkeypatch.setattr(autotune, "choose", lambda key, candidates, run, copies=1:
+                                next(c for c in candidates if c[0] == form))
+            torch.testing.assert_close(block_seam._cuda_kernel_quantized(*args), want, rtol=1e-4, atol=1e-4)

@@ -441,8 +441,9 @@ def _block_tail(T: int, dtype, every: bool = True, code_dtype=None) -> None:
         block_tail.blast_block_tail_gemv(x2, residual, o, weight, 1e-5, gate, up, down, cfg)
 
 
-def _block_seam(T: int, dtype, every: bool = True) -> None:
-    """A block tail and the next block's q/k/v (k and v narrower) across the norm."""
+def _block_seam(T: int, dtype, every: bool = True, code_dtype=None) -> None:
+    """A block tail and the next block's q/k/v (k and v narrower) across the norm, with float factors
+    or codes of ``code_dtype``."""
     from blastfx.kernels import block_tail
     from blastfx.structures.blast.layout import BlastShape
 
@@ -450,7 +451,7 @@ def _block_seam(T: int, dtype, every: bool = True) -> None:
               BlastShape.make(5632, 2048, 640, 4), BlastShape.make(2048, 5632, 768, 4),
               BlastShape.make(2048, 2048, 512, 4), BlastShape.make(512, 2048, 128, 4),
               BlastShape.make(512, 2048, 128, 4))
-    o, gate, up, down, *heads = _members(shapes, dtype)
+    o, gate, up, down, *heads = _members(shapes, dtype, code_dtype)
     x2, residual = (torch.empty(T, 2048, dtype=dtype, device=META) for _ in range(2))
     weight = torch.empty(2048, dtype=dtype, device=META)
     for cfg in _per_mode(block_tail.candidates(META), every):
@@ -523,6 +524,8 @@ def _scenarios():
     out += [(f"quantized block tail {cd} T={T}", lambda T=T, cd=cd: _block_tail(T, bf16, every=False, code_dtype=cd))
             for cd in gemv.CODE_DTYPES for T in (1, 4)]
     out += [(f"block seam T={T}", lambda T=T: _block_seam(T, bf16, every=T == 1)) for T in (1, 4)]
+    out += [(f"quantized block seam {cd} T=1", lambda cd=cd: _block_seam(1, bf16, every=False, code_dtype=cd))
+            for cd in gemv.CODE_DTYPES]
     out += [("grad mix bf16", lambda: _grad_mix(bf16))]
     out += [(f"grad mix {dt}", lambda dt=dt: _grad_mix(dt, (4, 4))) for dt in (fp16, fp32)]
     out += [(f"SS1 T={T} {dt}", lambda T=T, dt=dt: _ss1(T, dt)) for T, dt in ((1, bf16), (256, bf16), (1, fp32))]
