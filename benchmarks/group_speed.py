@@ -8,11 +8,14 @@ chain's three launches and the grouped form).
     python benchmarks/group_speed.py --groups "llama2-7b mlp"
     python benchmarks/group_speed.py --factor-dtype int8 int4  # q/k/v and gate/up with quantized factors too
     python benchmarks/group_speed.py --groups "llama2-7b tail"  # o, residual add, RMSNorm and MLP
+    python benchmarks/group_speed.py --groups "llama2-7b seam"  # ... and the next block's norm and q/k/v
 
 A block's tail (``"... tail"``): o_proj, the residual add, the RMSNorm and the gated MLP, dense vs
 blastfx as its parts run (o's call, the add and norm, the MLP chain op) vs one
 ``blastfx::blast_block_tail`` call (what ``backend="blast"`` runs for it: the autotuner's pick of the
-four-launch tail and its parts).
+four-launch tail and its parts). A block seam (``"... seam"``): the tail, the residual add, the next
+block's RMSNorm and its q/k/v, dense vs the tail op, add, norm and grouped q/k/v vs one
+``blastfx::blast_block_seam`` call.
 
 Every variant is replayed from a CUDA graph over enough weight copies to stream from HBM, dense in
 the same process; records rows in ``benchmarks/results/group_speed.csv``.
@@ -24,6 +27,7 @@ import argparse
 import torch
 
 import blastfx
+from blastfx.compiler.block_seam import blast_block_seam
 from blastfx.compiler.block_tail import blast_block_tail, rms_norm_reference
 from blastfx.compiler.grouping import blast_matmul_group, blast_matmul_quantized_group
 from blastfx.compiler.mlp_chain import blast_mlp_chain
@@ -39,6 +43,7 @@ GROUPS = {"llama2-7b q/k/v": [(4096, 4096)] * 3, "llama2-7b gate/up": [(11008, 4
           "llama3-8b q/k/v": [(4096, 4096), (1024, 4096), (1024, 4096)], "llama3-8b gate/up": [(14336, 4096)] * 2}
 MLPS = {"llama2-7b mlp": (4096, 11008), "llama3-8b mlp": (4096, 14336)}        # (hidden, intermediate)
 TAILS = {"llama2-7b tail": (4096, 11008), "llama3-8b tail": (4096, 14336)}
+SEAMS = {"llama2-7b seam": (4096, 11008, [4096, 4096, 4096]), "llama3-8b seam": (4096, 14336, [4096, 1024, 1024])}
 
 
 def mlp_rows(name, T_values, args):
@@ -118,6 +123,60 @@ def tail_in_one_call(a, residual, factors, outs, norm_weight):
     U, S, V = (list(t) for t in zip(*factors))
     both = blast_block_tail(a, residual, U, S, V, [None] * 4, outs, norm_weight, EPS)
     return both[:, :outs[0]] + both[:, outs[0]:]
+
+
+def dense_seam(a, residual, weights, norm_weight, next_norm_weight):
+    """The dense tail, then the next block's norm and q/k/v: ``weights`` = (o, gate, up, down, *heads)."""
+    h2 = dense_tail(a, residual, weights[:4], norm_weight)
+    n = rms_norm_reference(h2, next_norm_weight, EPS)
+    return torch.cat([h2] + [torch.nn.functional.linear(n, w) for w in weights[4:]], dim=-1)
+
+
+def seam_in_parts(a, residual, factors, outs, norm_weight, next_norm_weight):
+    """The same as it runs without the seam rewrite: the tail op, the add and norm, the grouped heads."""
+    h2 = tail_in_one_call(a, residual, factors[:4], outs[:4], norm_weight)
+    U, S, V = (list(t) for t in zip(*factors[4:]))
+    heads = blast_matmul_group(rms_norm_reference(h2, next_norm_weight, EPS), U, S, V, [None] * len(U), outs[4:])
+    return torch.cat([h2, heads], dim=-1)
+
+
+def seam_in_one_call(a, residual, factors, outs, norm_weight, next_norm_weight):
+    """The same as one ``blastfx::blast_block_seam`` call."""
+    U, S, V = (list(t) for t in zip(*factors))
+    return blast_block_seam(a, residual, U, S, V, [None] * len(U), outs, norm_weight, EPS, next_norm_weight, EPS)
+
+
+def seam_rows(name, T_values, args):
+    """Dense vs blastfx's parts vs one block-seam call."""
+    hidden, inter, heads = SEAMS[name]
+    dt, dev = torch.bfloat16, "cuda"
+    shapes = [(hidden, hidden), (inter, hidden), (inter, hidden), (hidden, inter)] + [(m, hidden) for m in heads]
+    dense = [[torch.randn(m, n, device=dev, dtype=dt) / n ** 0.5 for m, n in shapes]
+             for _ in range(copies_for(sum(m * n * 2 for m, n in shapes)))]
+    blast_shapes = [BlastShape.make(m, n, rank_at(m, n, args.blocks, args.budget), args.blocks) for m, n in shapes]
+    fac = [_factors(blast_shapes, None, dev, dt)
+           for _ in range(copies_for(sum(s.num_params * 2 for s in blast_shapes)))]
+    outs = [s.out_features for s in blast_shapes]
+    w, w2 = (1 + 0.1 * torch.randn(hidden, device=dev, dtype=dt) for _ in range(2))
+    for T in T_values:
+        a = torch.randn(T, hidden, device=dev, dtype=dt)
+        residual = torch.randn(T, hidden, device=dev, dtype=dt)
+        t_dense = graph_ms(lambda k: dense_seam(a, residual, dense[k], w, w2), len(dense))
+        times = {}
+        for label, fn in (("parts", seam_in_parts), ("seam", seam_in_one_call)):
+            fn(a, residual, fac[0], outs, w, w2)                  # autotune outside the graph
+            times[label] = graph_ms(lambda k: fn(a, residual, fac[k], outs, w, w2), len(fac))
+        chosen = next((v[0] for key, v in autotune._cache.items() if key[0] == "block_seam"
+                       and key[2] == tuple(blast_shapes)), "default")
+        print(f"| {name} | {T} | {t_dense:.4f} | {times['parts']:.4f} | {times['seam']:.4f} | "
+              f"{t_dense / times['parts']:.2f} | {t_dense / times['seam']:.2f} | {chosen} |", flush=True)
+        record("group_speed", measurements(
+            f"{name} T={T}", dict(group=name, T=T, b=args.blocks, budget=args.budget, dtype="bfloat16",
+                                  shapes=[f"{m}x{n}" for m, n in shapes], ranks=[s.rank for s in blast_shapes]),
+            [("dense time", t_dense, "ms"), ("blastfx parts time", times["parts"], "ms"),
+             ("blastfx seam time", times["seam"], "ms"), ("parts vs dense", round(t_dense / times["parts"], 3), "x"),
+             ("seam vs dense", round(t_dense / times["seam"], 3), "x"), ("seam path", str(chosen), "")]),
+            directory=args.results_dir)
 
 
 def tail_rows(name, T_values, args):
@@ -216,8 +275,8 @@ def group_rows(name, T_values, args, factor_dtype=None):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--groups", nargs="+", default=list(GROUPS) + list(MLPS) + list(TAILS),
-                    choices=list(GROUPS) + list(MLPS) + list(TAILS))
+    ap.add_argument("--groups", nargs="+", default=list(GROUPS) + list(MLPS) + list(TAILS) + list(SEAMS),
+                    choices=list(GROUPS) + list(MLPS) + list(TAILS) + list(SEAMS))
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1])
     ap.add_argument("--budget", type=float, default=0.5)
@@ -243,6 +302,12 @@ def main():
               "\n|---|---|---|---|---|---|---|---|", flush=True)
     for name in tails:
         tail_rows(name, args.tokens, args)
+    seams = [g for g in args.groups if g in SEAMS]
+    if seams:
+        print("\n| seam | T | dense ms | blastfx parts ms | seam ms | parts x | seam x | seam path |"
+              "\n|---|---|---|---|---|---|---|---|", flush=True)
+    for name in seams:
+        seam_rows(name, args.tokens, args)
 
 
 if __name__ == "__main__":

@@ -42,3 +42,20 @@ def test_the_three_forms_of_a_block_tail_agree():
     want = group_speed.dense_tail(a, residual, weights, w)
     torch.testing.assert_close(group_speed.tail_in_parts(a, residual, fac, outs, w), want)
     torch.testing.assert_close(group_speed.tail_in_one_call(a, residual, fac, outs, w), want)
+
+
+def test_the_three_forms_of_a_block_seam_agree():
+    from blastfx.structures.blast.ops import blast_matmul_reference
+    torch.manual_seed(0)
+    dims = ((48, 48), (64, 48), (64, 48), (48, 64), (48, 48), (16, 48), (16, 48))
+    shapes = [BlastShape.make(m, n, 16 if m >= 32 else 8, 4 if m >= 32 else 2) for m, n in dims]
+    fac = [tuple(t.double() for t in f) for f in group_speed._factors(shapes, None, "cpu", torch.float32)]
+    outs = [s.out_features for s in shapes]
+    weights = [blast_matmul_reference(torch.eye(s.in_features, dtype=torch.float64), U, S, V, None, s.out_features).T
+               for (U, S, V), s in zip(fac, shapes)]
+    a, residual = torch.randn(2, 48).double(), torch.randn(2, 48).double()
+    w, w2 = (1 + 0.1 * torch.randn(48).double() for _ in range(2))
+    want = group_speed.dense_seam(a, residual, weights, w, w2)
+    assert want.shape == (2, 48 + 48 + 16 + 16)
+    torch.testing.assert_close(group_speed.seam_in_parts(a, residual, fac, outs, w, w2), want)
+    torch.testing.assert_close(group_speed.seam_in_one_call(a, residual, fac, outs, w, w2), want)
