@@ -42,8 +42,9 @@ from rows import add_arguments, measurements, record
 GROUPS = {"llama2-7b q/k/v": [(4096, 4096)] * 3, "llama2-7b gate/up": [(11008, 4096)] * 2,
           "llama3-8b q/k/v": [(4096, 4096), (1024, 4096), (1024, 4096)], "llama3-8b gate/up": [(14336, 4096)] * 2}
 MLPS = {"llama2-7b mlp": (4096, 11008), "llama3-8b mlp": (4096, 14336)}        # (hidden, intermediate)
-TAILS = {"llama2-7b tail": (4096, 11008), "llama3-8b tail": (4096, 14336)}
-SEAMS = {"llama2-7b seam": (4096, 11008, [4096, 4096, 4096]), "llama3-8b seam": (4096, 14336, [4096, 1024, 1024])}
+# block tails and seams: (hidden, intermediate, the next block's q/k/v heights for a seam)
+BLOCKS = {"llama2-7b tail": (4096, 11008, []), "llama3-8b tail": (4096, 14336, []),
+          "llama2-7b seam": (4096, 11008, [4096, 4096, 4096]), "llama3-8b seam": (4096, 14336, [4096, 1024, 1024])}
 
 
 def mlp_rows(name, T_values, args):
@@ -146,9 +147,17 @@ def seam_in_one_call(a, residual, factors, outs, norm_weight, next_norm_weight):
     return blast_block_seam(a, residual, U, S, V, [None] * len(U), outs, norm_weight, EPS, next_norm_weight, EPS)
 
 
-def seam_rows(name, T_values, args):
-    """Dense vs blastfx's parts vs one block-seam call."""
-    hidden, inter, heads = SEAMS[name]
+# each block form: (dense, as its parts run, as one call, the autotuner key's name, norms it reads)
+FORMS = {"tail": (dense_tail, tail_in_parts, tail_in_one_call, "block_tail", 1),
+         "seam": (dense_seam, seam_in_parts, seam_in_one_call, "block_seam", 2)}
+
+
+def block_rows(name, T_values, args):
+    """Dense vs blastfx's parts vs one call of a block tail (o, the residual add, the norm, the MLP)
+    or a block seam (the tail, the add, the next norm and q/k/v)."""
+    kind = name.rsplit(" ", 1)[1]
+    hidden, inter, heads = BLOCKS[name]
+    dense_form, parts_form, one_call, key_name, norms = FORMS[kind]
     dt, dev = torch.bfloat16, "cuda"
     shapes = [(hidden, hidden), (inter, hidden), (inter, hidden), (hidden, inter)] + [(m, hidden) for m in heads]
     dense = [[torch.randn(m, n, device=dev, dtype=dt) / n ** 0.5 for m, n in shapes]
@@ -157,60 +166,25 @@ def seam_rows(name, T_values, args):
     fac = [_factors(blast_shapes, None, dev, dt)
            for _ in range(copies_for(sum(s.num_params * 2 for s in blast_shapes)))]
     outs = [s.out_features for s in blast_shapes]
-    w, w2 = (1 + 0.1 * torch.randn(hidden, device=dev, dtype=dt) for _ in range(2))
+    weights = [1 + 0.1 * torch.randn(hidden, device=dev, dtype=dt) for _ in range(norms)]
     for T in T_values:
         a = torch.randn(T, hidden, device=dev, dtype=dt)
         residual = torch.randn(T, hidden, device=dev, dtype=dt)
-        t_dense = graph_ms(lambda k: dense_seam(a, residual, dense[k], w, w2), len(dense))
+        t_dense = graph_ms(lambda k: dense_form(a, residual, dense[k], *weights), len(dense))
         times = {}
-        for label, fn in (("parts", seam_in_parts), ("seam", seam_in_one_call)):
-            fn(a, residual, fac[0], outs, w, w2)                  # autotune outside the graph
-            times[label] = graph_ms(lambda k: fn(a, residual, fac[k], outs, w, w2), len(fac))
-        chosen = next((v[0] for key, v in autotune._cache.items() if key[0] == "block_seam"
+        for label, fn in (("parts", parts_form), (kind, one_call)):
+            fn(a, residual, fac[0], outs, *weights)                 # autotune outside the graph
+            times[label] = graph_ms(lambda k: fn(a, residual, fac[k], outs, *weights), len(fac))
+        chosen = next((v[0] for key, v in autotune._cache.items() if key[0] == key_name
                        and key[2] == tuple(blast_shapes)), "default")
-        print(f"| {name} | {T} | {t_dense:.4f} | {times['parts']:.4f} | {times['seam']:.4f} | "
-              f"{t_dense / times['parts']:.2f} | {t_dense / times['seam']:.2f} | {chosen} |", flush=True)
+        print(f"| {name} | {T} | {t_dense:.4f} | {times['parts']:.4f} | {times[kind]:.4f} | "
+              f"{t_dense / times['parts']:.2f} | {t_dense / times[kind]:.2f} | {chosen} |", flush=True)
         record("group_speed", measurements(
             f"{name} T={T}", dict(group=name, T=T, b=args.blocks, budget=args.budget, dtype="bfloat16",
                                   shapes=[f"{m}x{n}" for m, n in shapes], ranks=[s.rank for s in blast_shapes]),
             [("dense time", t_dense, "ms"), ("blastfx parts time", times["parts"], "ms"),
-             ("blastfx seam time", times["seam"], "ms"), ("parts vs dense", round(t_dense / times["parts"], 3), "x"),
-             ("seam vs dense", round(t_dense / times["seam"], 3), "x"), ("seam path", str(chosen), "")]),
-            directory=args.results_dir)
-
-
-def tail_rows(name, T_values, args):
-    """Dense vs blastfx's parts vs one block-tail call for o, the residual add, the norm and the MLP."""
-    hidden, inter = TAILS[name]
-    dt, dev = torch.bfloat16, "cuda"
-    shapes = [(hidden, hidden), (inter, hidden), (inter, hidden), (hidden, inter)]        # o, gate, up, down
-    dense = [[torch.randn(m, n, device=dev, dtype=dt) / n ** 0.5 for m, n in shapes]
-             for _ in range(copies_for(sum(m * n * 2 for m, n in shapes)))]
-    blast_shapes = [BlastShape.make(m, n, rank_at(m, n, args.blocks, args.budget), args.blocks) for m, n in shapes]
-    first = _factors(blast_shapes, None, dev, dt)
-    fac = [first] + [_factors(blast_shapes, None, dev, dt)
-                     for _ in range(copies_for(sum(s.num_params * 2 for s in blast_shapes)) - 1)]
-    outs = [s.out_features for s in blast_shapes]
-    weight = 1 + 0.1 * torch.randn(hidden, device=dev, dtype=dt)
-    for T in T_values:
-        a = torch.randn(T, hidden, device=dev, dtype=dt)
-        residual = torch.randn(T, hidden, device=dev, dtype=dt)
-
-        t_dense = graph_ms(lambda k: dense_tail(a, residual, dense[k], weight), len(dense))
-        times = {}
-        for label, fn in (("parts", tail_in_parts), ("tail", tail_in_one_call)):
-            fn(a, residual, fac[0], outs, weight)                   # autotune outside the graph
-            times[label] = graph_ms(lambda k: fn(a, residual, fac[k], outs, weight), len(fac))
-        chosen = next((v[0] for key, v in autotune._cache.items() if key[0] == "block_tail"
-                       and key[2] == tuple(blast_shapes)), "default")
-        print(f"| {name} | {T} | {t_dense:.4f} | {times['parts']:.4f} | {times['tail']:.4f} | "
-              f"{t_dense / times['parts']:.2f} | {t_dense / times['tail']:.2f} | {chosen} |", flush=True)
-        record("group_speed", measurements(
-            f"{name} T={T}", dict(group=name, T=T, b=args.blocks, budget=args.budget, dtype="bfloat16",
-                                  shapes=[f"{m}x{n}" for m, n in shapes], ranks=[s.rank for s in blast_shapes]),
-            [("dense time", t_dense, "ms"), ("blastfx parts time", times["parts"], "ms"),
-             ("blastfx tail time", times["tail"], "ms"), ("parts vs dense", round(t_dense / times["parts"], 3), "x"),
-             ("tail vs dense", round(t_dense / times["tail"], 3), "x"), ("tail path", str(chosen), "")]),
+             (f"blastfx {kind} time", times[kind], "ms"), ("parts vs dense", round(t_dense / times["parts"], 3), "x"),
+             (f"{kind} vs dense", round(t_dense / times[kind], 3), "x"), (f"{kind} path", str(chosen), "")]),
             directory=args.results_dir)
 
 
@@ -275,8 +249,8 @@ def group_rows(name, T_values, args, factor_dtype=None):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--groups", nargs="+", default=list(GROUPS) + list(MLPS) + list(TAILS) + list(SEAMS),
-                    choices=list(GROUPS) + list(MLPS) + list(TAILS) + list(SEAMS))
+    ap.add_argument("--groups", nargs="+", default=list(GROUPS) + list(MLPS) + list(BLOCKS),
+                    choices=list(GROUPS) + list(MLPS) + list(BLOCKS))
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1])
     ap.add_argument("--budget", type=float, default=0.5)
@@ -296,19 +270,12 @@ def main():
               "chained path |\n|---|---|---|---|---|---|---|---|---|", flush=True)
     for name in mlps:
         mlp_rows(name, args.tokens, args)
-    tails = [g for g in args.groups if g in TAILS]
-    if tails:
-        print("\n| tail | T | dense ms | blastfx parts ms | tail ms | parts x | tail x | tail path |"
+    blocks = [g for g in args.groups if g in BLOCKS]
+    if blocks:
+        print("\n| block | T | dense ms | blastfx parts ms | one call ms | parts x | one call x | path |"
               "\n|---|---|---|---|---|---|---|---|", flush=True)
-    for name in tails:
-        tail_rows(name, args.tokens, args)
-    seams = [g for g in args.groups if g in SEAMS]
-    if seams:
-        print("\n| seam | T | dense ms | blastfx parts ms | seam ms | parts x | seam x | seam path |"
-              "\n|---|---|---|---|---|---|---|---|", flush=True)
-    for name in seams:
-        seam_rows(name, args.tokens, args)
-
+    for name in blocks:
+        block_rows(name, args.tokens, args)
 
 if __name__ == "__main__":
     main()

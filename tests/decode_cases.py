@@ -37,3 +37,16 @@ def check(kernel, T, m, n, r, b_out, b_in, dtype, bias, cfg=None, seed=0):
     assert y.shape == (T, m) and y.dtype == dtype
     assert torch.isfinite(y).all()
     assert (y.double() - ref).abs().max().item() / (ref.abs().max().item() + 1e-6) < TOL[dtype]
+
+
+def forced_forms(monkeypatch, forms):
+    """Each of ``forms`` (labels of a multi-layer decode op's two forms) in turn, with the Triton paths
+    on and the autotuner made to pick that form: the op's CUDA kernel then runs it (on the CPU under
+    the interpreter)."""
+    from blastfx.kernels import autotune, dispatch
+
+    monkeypatch.setattr(dispatch, "forward_impl", lambda dtype: "triton")
+    for form in forms:
+        monkeypatch.setattr(autotune, "choose", lambda key, candidates, run, copies=1, form=form:
+                            next(c for c in candidates if c[0] == form))
+        yield form

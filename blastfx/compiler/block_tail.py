@@ -32,7 +32,6 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from ..structures.blast.ops import blast_matmul, blast_matmul_reference, check_inputs
 from ..structures.blast.quant.ops import blast_matmul_quantized, blast_matmul_quantized_reference, check_quantized_inputs

@@ -172,13 +172,19 @@ def tail_chainable(o, gate, up, down) -> str | None:
     why = mlp_chain.chainable(gate, up, down) or gemv.groupable([o, gate, up, down])
     if why:
         return why
-    so, g, u = o[4], gate[4], up[4]
+    g, u = gate[4], up[4]
     if (g.b_in, g.q) != (u.b_in, u.q):
         return f"gate's input blocks ({g.b_in} of {g.q}) are not up's ({u.b_in} of {u.q})"
-    if so.out_features != g.in_features or so.b_out != g.b_in or so.p != g.q:
-        return (f"o's output blocks ({so.b_out} of {so.p}, {so.out_features} features) are not gate's input "
-                f"blocks ({g.b_in} of {g.q}, {g.in_features} features)")
-    if so.rank > mlp_chain.MAX_RANK:
+    return _meets(o[4], g, "o", "gate")
+
+
+def _meets(lead, follow, lead_name: str, follow_name: str) -> str | None:
+    """Why the lead kernel cannot stream ``follow`` (a BlastShape) from ``lead``'s output rows, or None:
+    row c of lead's output must be input feature c of follow, in the same blocks."""
+    if lead.out_features != follow.in_features or lead.b_out != follow.b_in or lead.p != follow.q:
+        return (f"{lead_name}'s output blocks ({lead.b_out} of {lead.p}, {lead.out_features} features) are not "
+                f"{follow_name}'s input blocks ({follow.b_in} of {follow.q}, {follow.in_features} features)")
+    if max(lead.rank, follow.rank) > mlp_chain.MAX_RANK:
         return f"a rank above {mlp_chain.MAX_RANK}"
     return None
 
@@ -252,15 +258,7 @@ def seam_chainable(o, gate, up, down, heads) -> str | None:
     why = tail_chainable(o, gate, up, down) or gemv.groupable([o, gate, up, down, *heads])
     if why:
         return why
-    d = down[4]
-    for k, head in enumerate(heads):
-        s = head[4]
-        if s.in_features != d.out_features or s.b_in != d.b_out or s.q != d.p:
-            return (f"head {k}'s input blocks ({s.b_in} of {s.q}, {s.in_features} features) are not down's output "
-                    f"blocks ({d.b_out} of {d.p}, {d.out_features} features)")
-        if s.rank > mlp_chain.MAX_RANK:
-            return f"a rank above {mlp_chain.MAX_RANK}"
-    return None
+    return next((why for k, head in enumerate(heads) if (why := _meets(down[4], head[4], "down", f"head {k}"))), None)
 
 
 def blast_block_seam_gemv(x2, residual2, o, norm_weight, eps: float, gate, up, down, next_norm_weight,

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import blastfx
 import models
+from decode_cases import forced_forms
 from blastfx.compiler import block_seam, block_tail
 
 
@@ -57,7 +58,6 @@ def _eager(layers, a, residual, w, w2):
 
 
 def test_op_reference_opcheck_and_cuda_kernel(monkeypatch):
-    from blastfx.kernels import autotune, dispatch
     layers = _layers()
     g = torch.Generator().manual_seed(1)
     a, residual = (torch.randn(2, 1, 48, generator=g, dtype=torch.float64) for _ in range(2))
@@ -68,10 +68,7 @@ def test_op_reference_opcheck_and_cuda_kernel(monkeypatch):
         torch.testing.assert_close(torch.ops.blastfx.blast_block_seam(*args), want)
         torch.library.opcheck(torch.ops.blastfx.blast_block_seam.default, args,
                               test_utils=("test_schema", "test_faketensor"))
-        monkeypatch.setattr(dispatch, "forward_impl", lambda dtype: "triton")
-        for form in ("seam", "parts"):
-            monkeypatch.setattr(autotune, "choose", lambda key, candidates, run, copies=1:
-                                next(c for c in candidates if c[0] == form))
+        for _ in forced_forms(monkeypatch, ("seam", "parts")):
             torch.testing.assert_close(block_seam._cuda_kernel(*args), want, rtol=1e-4, atol=1e-5)   # fp32 sums
     with pytest.raises(ValueError, match="six or seven layers"):
         torch.ops.blastfx.blast_block_seam(a, residual, *(x[:5] for x in args[2:7]), *args[7:])
@@ -82,7 +79,6 @@ def test_op_reference_opcheck_and_cuda_kernel(monkeypatch):
 def test_quantized_op_reference_and_cuda_kernel(monkeypatch):
     """Codes in all seven layers: the op's reference is the eager layers', and its CUDA kernel's two
     forms agree with it."""
-    from blastfx.kernels import autotune, dispatch
     from blastfx.structures.blast.quant import quantize_layer
     layers = [quantize_layer(m.float(), "int8") for m in _layers(3)]
     g = torch.Generator().manual_seed(2)
@@ -97,8 +93,5 @@ def test_quantized_op_reference_and_cuda_kernel(monkeypatch):
         torch.testing.assert_close(torch.ops.blastfx.blast_block_seam_quantized(*args), want, rtol=1e-5, atol=1e-5)
         torch.library.opcheck(torch.ops.blastfx.blast_block_seam_quantized.default, args,
                               test_utils=("test_schema", "test_faketensor"))
-        monkeypatch.setattr(dispatch, "forward_impl", lambda dtype: "triton")
-        for form in ("seam", "parts"):
-            monkeypatch.setattr(autotune, "choose", lambda key, candidates, run, copies=1:
-                                next(c for c in candidates if c[0] == form))
+        for _ in forced_forms(monkeypatch, ("seam", "parts")):
             torch.testing.assert_close(block_seam._cuda_kernel_quantized(*args), want, rtol=1e-4, atol=1e-4)

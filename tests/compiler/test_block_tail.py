@@ -9,6 +9,7 @@ from torch import nn
 
 import blastfx
 import models
+from decode_cases import forced_forms
 from blastfx.compiler import block_tail, mlp_chain
 
 
@@ -136,17 +137,13 @@ def test_op_reference_is_the_parts_and_passes_opcheck():
 def test_the_op_on_cuda_runs_the_tail_or_the_parts_as_the_autotuner_says(monkeypatch):
     """The op's CUDA kernel (``tuned_decode_call``), run here on the CPU with the Triton interpreter:
     the four-launch tail and its parts (o, add, norm, the MLP chain op), both equal to eager."""
-    from blastfx.kernels import autotune, dispatch
     torch.manual_seed(0)
     model = Tail()
     a, residual = _inputs(2)
     args = _op_args(model, a, residual, torch.float32)
-    monkeypatch.setattr(dispatch, "forward_impl", lambda dtype: "triton")
     with torch.no_grad():
         want = model(a, residual)
-        for form in ("tail", "parts"):
-            monkeypatch.setattr(autotune, "choose", lambda key, candidates, run, copies=1:
-                                next(c for c in candidates if c[0] == form))
+        for _ in forced_forms(monkeypatch, ("tail", "parts")):
             out = block_tail._cuda_kernel(*args)
             torch.testing.assert_close(out[..., :48] + out[..., 48:], want, rtol=1e-5, atol=1e-5)
 
@@ -187,7 +184,6 @@ def _quantized_op_args(model, a, residual):
 def test_quantized_op_reference_opcheck_and_cuda_kernel(monkeypatch):
     """The reference is the parts' (as the eager model computes them), opcheck passes, and the CUDA
     kernel's two forms (the tail under the interpreter, and the parts) agree with it."""
-    from blastfx.kernels import autotune, dispatch
     torch.manual_seed(0)
     model = QuantizedTail()
     a, residual = _inputs(2)
@@ -198,10 +194,7 @@ def test_quantized_op_reference_opcheck_and_cuda_kernel(monkeypatch):
         torch.testing.assert_close(out[..., :48] + out[..., 48:], want)
         torch.library.opcheck(torch.ops.blastfx.blast_block_tail_quantized.default, args,
                               test_utils=("test_schema", "test_faketensor"))
-        monkeypatch.setattr(dispatch, "forward_impl", lambda dtype: "triton")
-        for form in ("tail", "parts"):
-            monkeypatch.setattr(autotune, "choose", lambda key, candidates, run, copies=1:
-                                next(c for c in candidates if c[0] == form))
+        for _ in forced_forms(monkeypatch, ("tail", "parts")):
             out = block_tail._cuda_kernel_quantized(*args)
             torch.testing.assert_close(out[..., :48] + out[..., 48:], want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="four layers .* got 3, 4, 4"):

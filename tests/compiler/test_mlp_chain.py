@@ -8,6 +8,7 @@ from torch import nn
 
 import blastfx
 import models
+from decode_cases import forced_forms
 from blastfx.compiler import grouping, mlp_chain
 
 
@@ -221,19 +222,16 @@ def test_the_quantized_op_on_cuda_runs_the_chain_the_autotuner_picks(monkeypatch
     """The quantized chain op's CUDA kernel, run here on the CPU with the Triton interpreter: the
     chained form and the unchained one (a quantized group, SiLU·mul, down), both equal to eager."""
     from blastfx.compiler import grouping
-    from blastfx.kernels import autotune, dispatch, mlp_chain as kernels
+    from blastfx.kernels import mlp_chain as kernels
     torch.manual_seed(0)
     model = QuantizedGatedMLP(factor_dtype)
     x = torch.randn(2, 32)
     args = _quantized_op_args(model, x)
     shapes = mlp_chain._check_quantized_chain(*args)
     layers = list(zip(args[1], args[3], args[4], args[6], shapes, args[2], args[5]))
-    monkeypatch.setattr(dispatch, "forward_impl", lambda dtype: "triton")
     with torch.no_grad():
         want = model.down(F.silu(model.gate(x)) * model.up(x))
-        for form in ("chain", "layers"):
-            monkeypatch.setattr(autotune, "choose", lambda key, candidates, run, copies=1:
-                                next(c for c in candidates if c[0] == form))
+        for _ in forced_forms(monkeypatch, ("chain", "layers")):
             got = grouping.tuned_decode_call("quantized_mlp_chain", x, layers, ("layers", mlp_chain._unchained),
                                              ("chain", mlp_chain._chained, lambda d: [kernels.DEFAULT]),
                                              mlp_chain._why_not_chained)
