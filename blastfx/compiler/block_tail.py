@@ -75,7 +75,15 @@ def _check_tail(x, residual, U, S, V, bias, out_features, norm_weight):
     o = check_inputs(x, U[0], S[0], V[0], bias[0], out_features[0])
     _check_residual_and_weight(x, residual, norm_weight, o.out_features)
     h = x.new_empty(()).expand(*x.shape[:-1], o.out_features)  # what the MLP reads: o's width, x's dtype
-    return [o, *_check_chain(h, U[1:], S[1:], V[1:], bias[1:], out_features[1:])]
+    return [o, *_check_down_width(o, _check_chain(h, U[1:], S[1:], V[1:], bias[1:], out_features[1:]))]
+
+
+def _check_down_width(o, mlp):
+    """``mlp`` if down's output has o's width (the tail adds it to the residual stream), else ValueError."""
+    if mlp[2].out_features != o.out_features:
+        raise ValueError(f"blast_block_tail: down has {mlp[2].out_features} outputs where o has {o.out_features}: "
+                         "the MLP's output is added to the residual stream")
+    return mlp
 
 
 def _check_residual_and_weight(x, residual, norm_weight, H: int) -> None:
@@ -152,7 +160,7 @@ def _check_quantized_tail(x, residual, U, U_scale, S, V, V_scale, bias, out_feat
     o = check_quantized_inputs(x, *(a[0] for a in lists))
     _check_residual_and_weight(x, residual, norm_weight, o.out_features)
     h = x.new_empty(()).expand(*x.shape[:-1], o.out_features)
-    return [o, *_check_quantized_chain(h, *(a[1:] for a in lists))]
+    return [o, *_check_down_width(o, _check_quantized_chain(h, *(a[1:] for a in lists)))]
 
 
 @blast_block_tail_quantized.register_kernel("cuda")
@@ -190,14 +198,15 @@ def _mul_pair(node):
 
 def _mean_of_squares(node, x) -> bool:
     """``node`` is ``x.pow(2).mean(-1, keepdim=True)``."""
-    if not (_method(node, "mean") and len(node.args) >= 1):
+    if not (_method(node, "mean") and len(node.args) >= 1) or set(node.kwargs) - {"dim", "keepdim"}:
         return False
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
     square = node.args[0]
     if dims not in (-1, (-1,), [-1]) or keep is not True:
         return False
-    is_pow = (_method(square, "pow") or _fn(square, torch.pow)) and len(square.args) == 2 and square.args[1] == 2
+    is_pow = ((_method(square, "pow") or _fn(square, torch.pow)) and len(square.args) == 2 and square.args[1] == 2
+              and not square.kwargs)
     return is_pow and square.args[0] is x
 
 
@@ -221,10 +230,11 @@ def match_rms_norm(node: fx.Node):
         if inner is None:
             continue
         for h32, rsqrt in (inner, inner[::-1]):
-            if not (_fn(rsqrt, torch.rsqrt) and len(rsqrt.args) == 1):
+            if not (_fn(rsqrt, torch.rsqrt) and len(rsqrt.args) == 1 and not rsqrt.kwargs):
                 continue
             add = rsqrt.args[0]
-            if not (_fn(add, operator.add, torch.add) and len(add.args) == 2 and isinstance(add.args[1], float)):
+            if not (_fn(add, operator.add, torch.add) and len(add.args) == 2 and not add.kwargs
+                    and isinstance(add.args[1], float)):
                 continue
             h = _cast_of(h32, torch.float32)
             if h is None or not _mean_of_squares(add.args[0], h32):
@@ -274,7 +284,7 @@ def chain_block_tails(gm: fx.GraphModule, mode: str = "auto") -> int:
                 continue
             x = _call_args(o, names)[0]
             ok = (_decode_sized(x, mode) and isinstance(x, fx.Node)
-                  and _same(residual, h) and _same(o, h))
+                  and _same(residual, h) and _same(o, h) and _same(node, h))     # the MLP's output adds to h
             out, cast, scaled, rsqrt, add, mean, square, h32 = norm_nodes
             users = {out: {node}, cast: {out}, scaled: {cast}, rsqrt: {scaled}, add: {rsqrt}, mean: {add},
                      square: {mean}, h32: {square, scaled}}

@@ -175,6 +175,8 @@ def tail_chainable(o, gate, up, down) -> str | None:
     g, u = gate[4], up[4]
     if (g.b_in, g.q) != (u.b_in, u.q):
         return f"gate's input blocks ({g.b_in} of {g.q}) are not up's ({u.b_in} of {u.q})"
+    if down[4].out_features != o[4].out_features:
+        return f"down has {down[4].out_features} outputs where o has {o[4].out_features}"
     return _meets(o[4], g, "o", "gate")
 
 

@@ -217,3 +217,55 @@ def test_tail_model_matches_eager_and_replays_in_cuda_graphs():
             got = compiled(a, residual).float()
     assert block_tail.stats["tails"] == before + 1
     torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
+
+
+class ProjectingTail(nn.Module):
+    """The tail's shape, but down projects to ``width`` features, not the residual stream's 48, and the
+    MLP's output is returned beside h (not added to it)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.o = blastfx.BlastLinear(48, 48, 16, 4, bias=True)
+        self.gate = blastfx.BlastLinear(48, 64, 16, 4, bias=True)
+        self.up = blastfx.BlastLinear(48, 64, 8, 4)
+        self.down = blastfx.BlastLinear(64, width, 16, 4)
+        self.weight = nn.Parameter(1 + 0.2 * torch.randn(48))
+
+    def forward(self, a, residual):
+        h = residual + self.o(a)
+        n = rms_norm(h, self.weight, 1e-6)
+        return h, self.down(F.silu(self.gate(n)) * self.up(n))
+
+
+class ScaledEpsTail(Tail):
+    """A norm that is not RMSNorm: ``rsqrt(torch.add(variance, eps, alpha=50))``."""
+
+    def forward(self, a, residual):
+        h = residual + self.o(a)
+        hidden = h.to(torch.float32)
+        variance = hidden.pow(2).mean(-1, keepdim=True)
+        n = self.weight * (hidden * torch.rsqrt(torch.add(variance, 1.0, alpha=50.0))).to(h.dtype)
+        return h + self.down(F.silu(self.gate(n)) * self.up(n))
+
+
+@pytest.mark.parametrize("model", [lambda: ProjectingTail(32), lambda: ProjectingTail(64), ScaledEpsTail],
+                         ids=["down-narrower", "down-wider", "add-with-alpha"])
+def test_near_misses_are_not_rewritten(model):
+    """A down projection of another width than the residual stream, or an eps added with ``alpha``:
+    the graph stays as it was and computes what eager does."""
+    torch.manual_seed(0)
+    model = model()
+    before = block_tail.stats["tails"]
+    with torch.no_grad():
+        want = model(*_inputs())
+        got = _compiled(model)(*_inputs())
+    assert block_tail.stats["tails"] == before
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_op_refuses_a_down_of_another_width():
+    torch.manual_seed(0)
+    model = ProjectingTail(32).double()
+    a, residual = (t.double() for t in _inputs())
+    with pytest.raises(ValueError, match="down has 32 outputs where o has 48"):
+        torch.ops.blastfx.blast_block_tail(*_op_args(model, a, residual))

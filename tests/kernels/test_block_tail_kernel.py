@@ -11,14 +11,19 @@ from decode_cases import CUDA, DEVICE, TOL, factors
 TINY = {**mlp_chain.DEFAULT, "BQ": 16, "BR": 16, "BP": 16, "BK": 16, "BPM": 4}
 
 
-def _layers(H, I, ranks, blocks, biases, dtype, seed=0):
-    """o (H x H, b_mid x b_o_in blocks), gate and up (I x H), down (H x I) as (U, S, V, bias, shape)."""
+def _layers(H, I, ranks, blocks, biases, dtype, seed=0, garbage_padding=False):
+    """o (H x H, b_mid x b_o_in blocks), gate and up (I x H), down (H x I) as (U, S, V, bias, shape);
+    ``garbage_padding``: the padding rows of every U and V hold large values (the reference never
+    reads them, nor may the kernels)."""
     (ro, rg, ru, rd), (b_mid, b_inner, b_o_in) = ranks, blocks
     specs = ((H, H, ro, (b_mid, b_o_in)), (I, H, rg, (b_inner, b_mid)), (I, H, ru, (b_inner, b_mid)),
              (H, I, rd, (b_mid, b_inner)))
     out = []
     for k, (rows, cols, r, b) in enumerate(specs):
         shape, U, S, V, bias = factors(rows, cols, r, *b, dtype, biases[k], seed + k)
+        if garbage_padding:
+            U.view(-1, r)[rows:] = 1e3
+            V.view(-1, r)[cols:] = 1e3
         out.append((U, S, V, bias, shape))
     return out
 
@@ -30,8 +35,8 @@ def _reference(x, residual, layers, weight, eps):
                             [d(t) for t in b], [s.out_features for s in shapes], weight.double(), eps)
 
 
-def _check(T, H, I, ranks, blocks, biases, dtype=torch.float32, cfg=TINY, seed=0):
-    layers = _layers(H, I, ranks, blocks, biases, dtype, seed)
+def _check(T, H, I, ranks, blocks, biases, dtype=torch.float32, cfg=TINY, seed=0, garbage_padding=False):
+    layers = _layers(H, I, ranks, blocks, biases, dtype, seed, garbage_padding)
     g = torch.Generator().manual_seed(seed + 10)
     x = torch.randn(T, H, generator=g).to(DEVICE, dtype)
     residual = (3 * torch.randn(T, H, generator=g)).to(DEVICE, dtype)
@@ -165,3 +170,10 @@ def test_seam_matches_reference(T, dtype, head_specs):
         got, ref = out[:, start:start + width], want[:, start:start + width]
         assert (got.double() - ref).abs().max().item() / (ref.abs().max().item() + 1e-6) < TOL[dtype]
         start += width
+
+
+def test_padding_rows_are_never_read():
+    """36 features in blocks of 9 and 18 and 62 = 4 x 16 - 2 intermediate features: every padding row
+    of U and V holds 1e3, which reaches the output only through a missing mask."""
+    _check(3, 36, 62, (16, 16, 8, 24), (4, 2, 2), (True, True, True, False), garbage_padding=True)
+    _check(2, 33, 50, (8, 8, 16, 8), (3, 4, 3), (False, True, False, True), garbage_padding=True)
