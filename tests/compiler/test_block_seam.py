@@ -95,3 +95,23 @@ def test_quantized_op_reference_and_cuda_kernel(monkeypatch):
                               test_utils=("test_schema", "test_faketensor"))
         for _ in forced_forms(monkeypatch, ("seam", "parts")):
             torch.testing.assert_close(block_seam._cuda_kernel_quantized(*args), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_other_decoder_families_are_rewritten(family):
+    """Mistral and Qwen2 (q/k/v with biases) write their norms and MLPs as Llama does: three blocks give
+    three tails and two seams, with the eager logits."""
+    import transformers
+    classes = {"mistral": ("MistralConfig", "MistralForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+    config_cls, model_cls = (getattr(transformers, name) for name in classes[family])
+    torch.manual_seed(0)
+    model = model_cls(config_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)).eval()
+    blastfx.compress(model, 0.5, config=blastfx.BlastConfig(init="random", progress=False))
+    ids = torch.randint(0, 100, (1, 5))
+    seams, tails = block_seam.stats["seams"], block_tail.stats["tails"]
+    with torch.no_grad():
+        want = model(ids).logits
+        got = _compiled(model)(ids).logits
+    assert (block_tail.stats["tails"] - tails, block_seam.stats["seams"] - seams) == (3, 2)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
