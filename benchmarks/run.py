@@ -64,13 +64,17 @@ REGISTRY: dict[str, Benchmark] = {
         "enough weight copies to stream them from HBM; \"blastfx vs dense\" is dense time / blastfx time in the "
         "same process (above 1: faster than dense)."),
     "group_speed": Benchmark(
-        "group_speed.py", "Sibling layers grouped (q/k/v, gate/up) and gated MLPs chained",
-        "dense vs blastfx one call per layer vs grouped (and, for MLPs, chained) calls, Llama-2-7B and Llama-3-8B",
-        "yes", "3 min",
+        "group_speed.py", "Sibling layers grouped (q/k/v, gate/up), gated MLPs chained, block tails and seams",
+        "dense vs blastfx one call per layer vs grouped (and, for MLPs, chained) calls, and a block's tail and seam "
+        "as their parts vs one call, Llama-2-7B and Llama-3-8B",
+        "yes", "4 min",
         "Layers that read the same input at half their parameters (budget 0.5, b = 4): all of them dense, each "
-        "BLAST layer called on its own, and one grouped call (what `backend=\"blast\"` runs at decode sizes); "
+        "BLAST layer called on its own, and one grouped call (what `backend=\"blast\"` runs at decode sizes; "
+        "with `--factor-dtype`, also with quantized factors); "
         "gated MLPs (`down(silu(gate(x)) * up(x))`) also as one chained call, the autotuner's pick of the "
-        "three-launch chain and the grouped form; \"x\" columns are dense time / blastfx time in the same process."),
+        "three-launch chain and the grouped form; a block's tail (o_proj, the residual add, the RMSNorm, the MLP) "
+        "and seam (the tail, the add, the next norm and q/k/v) as their parts run and as one call; "
+        "\"x\" columns are dense time / blastfx time in the same process."),
     "decode_stages": Benchmark(
         "decode_stages.py", "Decode kernels: time per stage",
         "per-stage time and bandwidth of the decode kernels, each launch mode, and a Llama block's linears in a row, vs dense",
