@@ -35,7 +35,8 @@ import torch.fx as fx
 
 from ..structures.blast.ops import check_inputs
 from ..structures.blast.quant.ops import check_quantized_inputs
-from .block_tail import _check_quantized_tail, _check_tail, _fn, _private, _same, match_rms_norm, rms_norm_reference
+from .block_tail import (_check_quantized_tail, _check_tail, _fn, _same, _width, match_rms_norm, norm_is_private,
+                         rms_norm_reference)
 from .grouping import blast_matmul_group, blast_matmul_quantized_group, check_group_mode, tuned_decode_call
 
 stats = {"seams": 0}
@@ -207,14 +208,11 @@ def seam_block_boundaries(gm: fx.GraphModule, mode: str = "auto") -> int:
         tail = tails.pop()
         if not _fn(tail, tail_op, tail_op.default):
             continue
-        H = _same_width(h2)
+        H = _width(h2)
         if sorted(_narrowed(a, tail) or (-1, -1) for a in halves) != [(0, H), (H, H)]:
             continue
-        out, cast, scaled, rsqrt, add, mean, square, h32 = norm_nodes
-        users = {out: {group}, cast: {out}, scaled: {cast}, rsqrt: {scaled}, add: {rsqrt}, mean: {add},
-                 square: {mean}, h32: {square, scaled}}
         later = all(order[u] > order[group] for u in h2.users if u not in norm_nodes)
-        private = (_private(norm_nodes, users) and all(set(a.users) == {h2} for a in halves)
+        private = (norm_is_private(norm_nodes, group) and all(set(a.users) == {h2} for a in halves)
                    and set(tail.users) == set(halves))
         if later and private and _same(halves[0], halves[1]):
             found.append((group, tail, halves, h2, weight, eps, norm_nodes, seam_op))
@@ -226,7 +224,7 @@ def seam_block_boundaries(gm: fx.GraphModule, mode: str = "auto") -> int:
             seam = gm.graph.call_function(seam_op, (
                 t[0], t[1], *([*t[2 + k], *g[1 + k]] for k in range(count)), t[2 + count], t[3 + count], weight,
                 float(eps)))
-            H = _same_width(h2)
+            H = _width(h2)
             new_h2 = gm.graph.call_function(torch.narrow, (seam, -1, 0, H))
             heads = gm.graph.call_function(torch.narrow, (seam, -1, H, sum(group.args[-1])))
         new_h2.meta.update(h2.meta)
@@ -241,6 +239,3 @@ def seam_block_boundaries(gm: fx.GraphModule, mode: str = "auto") -> int:
     stats["seams"] += len(found)
     return len(found)
 
-
-def _same_width(node: fx.Node) -> int:
-    return node.meta["example_value"].shape[-1]

@@ -246,9 +246,13 @@ def match_rms_norm(node: fx.Node):
     return None
 
 
-def _private(nodes, allowed: dict) -> bool:
-    """Every node of ``nodes`` is used only by the nodes ``allowed[node]`` names."""
-    return all(set(n.users) <= allowed[n] for n in nodes)
+def norm_is_private(norm_nodes, consumer: fx.Node) -> bool:
+    """The nodes of a norm :func:`match_rms_norm` found are used only inside it and, its output, by
+    ``consumer``: nothing else reads them when the rewrite removes them."""
+    out, cast, scaled, rsqrt, add, mean, square, h32 = norm_nodes
+    allowed = {out: {consumer}, cast: {out}, scaled: {cast}, rsqrt: {scaled}, add: {rsqrt}, mean: {add},
+               square: {mean}, h32: {square, scaled}}
+    return all(set(n.users) <= allowed[n] for n in norm_nodes)
 
 
 def chain_block_tails(gm: fx.GraphModule, mode: str = "auto") -> int:
@@ -285,13 +289,10 @@ def chain_block_tails(gm: fx.GraphModule, mode: str = "auto") -> int:
             x = _call_args(o, names)[0]
             ok = (_decode_sized(x, mode) and isinstance(x, fx.Node)
                   and _same(residual, h) and _same(o, h) and _same(node, h))     # the MLP's output adds to h
-            out, cast, scaled, rsqrt, add, mean, square, h32 = norm_nodes
-            users = {out: {node}, cast: {out}, scaled: {cast}, rsqrt: {scaled}, add: {rsqrt}, mean: {add},
-                     square: {mean}, h32: {square, scaled}}
             # h's other users (the residual add after the MLP, ...) must come after the chain, where h is
             # read back from the op's output
             later = all(order[u] > order[node] for u in h.users if u not in norm_nodes)
-            if ok and later and _private(norm_nodes, users):
+            if ok and later and norm_is_private(norm_nodes, node):
                 found.append((node, o, h, residual, weight, eps, norm_nodes, names, tail_op))
                 break
     for chain, o, h, residual, weight, eps, norm_nodes, names, tail_op in found:

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from . import gemv, mlp_chain
-from .decode import _index, _sm_limits, gdc_launch_dependents, gdc_wait
+from .decode import gdc_launch_dependents, gdc_wait
 
 DEFAULT = mlp_chain.DEFAULT
 CANDIDATES = mlp_chain.CANDIDATES
@@ -230,7 +230,7 @@ def _start(x2, residual2, o, norm_weight, eps, gate, up, down, cfg, interpret, w
     # 3: the MLP chain's middle kernel with the norm's scale (down's x·V into w_down)
     mlp_chain.launch_mid_and_down(h, gate, up, down, cfg, ws, sync, (w_gate, w_up, w_down), BT, pdl, interpret,
                                   norm=(w_norm, 1.0 / H, float(eps)), down_stage2=False)
-    state = dict(cfg=cfg, pdl=pdl, BT=BT, ws=ws, sync=sync, w_down=w_down, w_extra=w_extra, w_norm=w_norm, H=H)
+    state = dict(cfg=cfg, pdl=pdl, ws=ws, sync=sync, w_down=w_down, w_extra=w_extra, w_norm=w_norm)
     return state, out, h
 
 
@@ -277,32 +277,20 @@ def blast_block_seam_gemv(x2, residual2, o, norm_weight, eps: float, gate, up, d
     H = o[4].out_features
     if tuple(next_norm_weight.shape) != (H,):
         raise ValueError(f"the next norm weight must be ({H},), got {tuple(next_norm_weight.shape)}")
-    T, BT = x2.shape[0], triton.next_power_of_2(x2.shape[0])
+    BT = triton.next_power_of_2(x2.shape[0])
     width = sum(head[4].out_features for head in heads)
-    extent = sum(head[4].b_out * BT * head[4].rank for head in heads)
+    sizes = [head[4].b_out * BT * head[4].rank for head in heads]         # floats of each head's w
+    extent = sum(sizes)
     state, out, h = _start(x2, residual2, o, norm_weight, eps, gate, up, down, cfg, interpret, "block seam",
                            H + width, extra=extent, keep_h=False)
     cfg, ws, sync, pdl = state["cfg"], state["ws"], state["sync"], state["pdl"]
     h2, ys = out[:, :H], out[:, H:]
     # 4: down's w·Uᵀ, + h -> h2, the next norm's sums of squares, the heads' x·V of h2 * next weight
-    w_heads, offsets = state["w_extra"], []
-    for head in heads:
-        offsets.append(w_heads + sum(hd[4].b_out * BT * hd[4].rank for hd in heads[:len(offsets)]))
+    w_heads = state["w_extra"]
+    offsets = [w_heads + sum(sizes[:k]) for k in range(len(heads))]
     launch_lead(down, heads, h, next_norm_weight.contiguous(), h2, cfg, ws, sync, state["w_down"], offsets,
                 state["w_norm"] + BT, BT, pdl, interpret)
     # 5: the heads' w·Uᵀ as one group (their w from w_heads), scaled by the next norm; ends the call
-    sms = _sm_limits(_index(x2.device))[0] if x2.is_cuda else 4
-    stage_cfg = {**cfg, "BQ": max(8, cfg["BQ"] // BT), "BP": max(4, cfg["BP"] // BT)}
-    table, _, items2, group_extent, _ = gemv._group_table(list(heads), x2.device, cfg["per_sm"] * sms, stage_cfg, BT)
-    assert group_extent == extent
-    anchors, anchor_const = gemv.group_anchors(list(heads), cfg, h2)
-    _, flags = gemv._launch_flags(cfg, interpret, x2.device, anchors[0].element_size())
-    launch = {} if interpret else {"num_warps": cfg.get("warps2", cfg["warps"]), "num_stages": cfg["stages"]}
-    if pdl:
-        launch["launch_pdl"] = True
-    gemv._gemv_group_kernel[(items2,)](
-        h2, ys, *anchors, table, ws[w_heads:], sync, T, H, out.stride(0), len(heads), 0, items2, extent, items2,
-        ws.numel() // 2, h2.stride(0), state["w_norm"] + BT - w_heads, 1.0 / H, float(next_eps), NORM=True,
-        **anchor_const, BT=BT, BQ=stage_cfg["BQ"], BR=stage_cfg["BR"], BP=stage_cfg["BP"], BK=stage_cfg["BK"],
-        ZB=1024, LATE=bool(cfg["late"]), STAGE=2, **dict(flags, PREFETCH=0, PDL=pdl), **launch)
+    mlp_chain.launch_group_stage(2, h2, list(heads), cfg, ws, sync, extent, BT, pdl, interpret, w_at=w_heads, y=ys,
+                                 norm=(state["w_norm"] + BT, 1.0 / H, next_eps))
     return out

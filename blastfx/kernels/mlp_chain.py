@@ -194,20 +194,35 @@ def _check_call(x2, cfg, interpret, what: str) -> bool:
 def launch_stage1(x2, members, cfg, ws, sync, extent: int, BT: int, pdl: bool, interpret: bool) -> None:
     """The members' x·V, s-mixed into their w at the start of this call's workspace half (the grouped
     kernel of :mod:`.gemv`); it clears the other half and records ``extent`` floats as this call's."""
+    launch_group_stage(1, x2, members, cfg, ws, sync, extent, BT, pdl, interpret)
+
+
+def launch_group_stage(stage: int, x2, members, cfg, ws, sync, extent: int, BT: int, pdl: bool, interpret: bool,
+                       w_at: int = 0, y=None, norm=None) -> None:
+    """One stage of the grouped kernel of :mod:`.gemv` over ``members``, their w starting ``w_at``
+    floats into this call's workspace half. Stage 1: x·V, s-mixed into their w; it clears the other
+    half and records ``extent`` floats as this call's. Stage 2: their w·Uᵀ, side by side into the
+    columns of ``y``, each token's outputs scaled by an RMSNorm's factor if ``norm`` = (offset of the
+    per-token sums of squares in the half, 1 / features, eps); it moves the generation on."""
     sms = _sm_limits(_index(x2.device))[0] if x2.is_cuda else 4
     anchors, anchor_const = gemv.group_anchors(members, cfg, x2)
-    mode, flags = gemv._launch_flags(cfg, interpret, x2.device, anchors[0].element_size())
+    _, flags = gemv._launch_flags(cfg, interpret, x2.device, anchors[0].element_size())
     flags["LINE"] = min(flags["LINE"], cfg["BR"] // anchor_const["PACK"])
     stage_cfg = {**cfg, "BQ": max(8, cfg["BQ"] // BT), "BP": max(4, cfg["BP"] // BT)}
-    table, items1, _, _, _ = gemv._group_table(members, x2.device, cfg["per_sm"] * sms, stage_cfg, BT)
-    launch = {} if interpret else {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
+    table, items1, items2, _, _ = gemv._group_table(members, x2.device, cfg["per_sm"] * sms, stage_cfg, BT)
+    items = items1 if stage == 1 else items2
+    warps = cfg["warps"] if stage == 1 else cfg.get("warps2", cfg["warps"])
+    launch = {} if interpret else {"num_warps": warps, "num_stages": cfg["stages"]}
     if pdl:
         launch["launch_pdl"] = True
-    gemv._gemv_group_kernel[(items1,)](
-        x2, x2, *anchors, table, ws, sync, x2.shape[0], x2.shape[1], 0, len(members), items1, 0, extent, items1,
-        ws.numel() // 2, x2.stride(0), 0, 0.0, 0.0, NORM=False, **anchor_const, BT=BT, BQ=stage_cfg["BQ"], BR=stage_cfg["BR"],
-        BP=stage_cfg["BP"], BK=stage_cfg["BK"], ZB=1024, LATE=bool(cfg["late"]), STAGE=1,
-        **dict(flags, PREFETCH=flags["PREFETCH"] if pdl else 0, PDL=pdl), **launch)
+    w_norm, inv_n, eps = norm if norm is not None else (w_at, 0.0, 0.0)
+    out = x2 if y is None else y
+    gemv._gemv_group_kernel[(items,)](
+        x2, out, *anchors, table, ws[w_at:], sync, x2.shape[0], x2.shape[1], out.stride(0), len(members), items1,
+        items2, extent, items, ws.numel() // 2, x2.stride(0), w_norm - w_at, inv_n, float(eps), NORM=norm is not None,
+        **anchor_const, BT=BT, BQ=stage_cfg["BQ"], BR=stage_cfg["BR"], BP=stage_cfg["BP"], BK=stage_cfg["BK"],
+        ZB=1024, LATE=bool(cfg["late"]), STAGE=stage,
+        **dict(flags, PREFETCH=flags["PREFETCH"] if pdl and stage == 1 else 0, PDL=pdl), **launch)
 
 
 def rows_per_program(p: int, b_out: int, cfg, BT: int, device) -> tuple[int, int, int]:
