@@ -474,7 +474,8 @@ def _grad_mix(dtype, blocks=None) -> None:
 
 
 def _ss1(T: int, dtype, reduction: int = 4) -> None:
-    """The SS1 kernels (tensor-core and, at T <= 4, CUDA-core) over their candidates for T tokens."""
+    """The SS1 kernels (tensor-core, at T <= 4 CUDA-core, and the folded copies and GEMM where the
+    reduction allows them) over their candidates for T tokens."""
     from blastfx.structures.ss1 import kernel
     from blastfx.structures.ss1.layout import SS1Layout
 
@@ -484,8 +485,8 @@ def _ss1(T: int, dtype, reduction: int = 4) -> None:
     shifts = torch.empty(layout.k_tiles, layout.n_tiles, dtype=torch.int64, device=META)
     bias = torch.empty(layout.out_features, dtype=dtype, device=META)
     y = torch.empty(T, layout.out_features, dtype=dtype, device=META)
-    for cfg in kernel.candidates(T, layout.block_n, layout.block_k):
-        if cfg.get("path", "kernel") in ("kernel", "gemv"):
+    for cfg in kernel.candidates(T, layout.block_n, layout.block_k, reduction, layout.vec):
+        if cfg.get("path", "kernel") in ("kernel", "gemv", "fold"):
             kernel._launch(x2, weight, shifts, bias, y, reduction, layout.block_k, layout.block_n, layout.vec, cfg)
     kernel.expand_triton(weight, shifts, layout.in_features, reduction, layout.block_k, layout.block_n, layout.vec)
 
@@ -529,6 +530,8 @@ def _scenarios():
     out += [("grad mix bf16", lambda: _grad_mix(bf16))]
     out += [(f"grad mix {dt}", lambda dt=dt: _grad_mix(dt, (4, 4))) for dt in (fp16, fp32)]
     out += [(f"SS1 T={T} {dt}", lambda T=T, dt=dt: _ss1(T, dt)) for T, dt in ((1, bf16), (256, bf16), (1, fp32))]
+    out += [(f"SS1 fold T={T} {dt}", lambda T=T, dt=dt: _ss1(T, dt, reduction=2))
+            for T, dt in ((16, bf16), (256, bf16), (256, fp16), (256, fp32))]
     return out
 
 

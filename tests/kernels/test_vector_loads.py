@@ -80,14 +80,16 @@ for spec in specs:
     kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
     source = ASTSource(kernel, spec["signature"], constexprs={(int(k),): v for k, v in spec["constexprs"].items()},
                        attrs={(i,): [["tt.divisibility", 16]] for i in spec["aligned"]})
-    ptx = triton.compile(source, target=GPUTarget(*target), options={"num_warps": 4}).asm["ptx"]
-    out.append(dict(collections.Counter(re.findall(r"ld\.global[\w.:]*", ptx))))
+    ptx = triton.compile(source, target=GPUTarget(*target), options=spec.get("options", {"num_warps": 4})).asm["ptx"]
+    out.append(dict(collections.Counter(re.findall(r"ld\.global[\w.:]*|cp\.async\.c[ag]\.shared\.global|wgmma\.mma_async",
+                                                   ptx))))
 print(json.dumps(out))
 """
 
 
 def _compile_loads(specs: list[dict], tmp_path) -> list[dict]:
-    """For each spec, the count of each ``ld.global`` form in its sm_90 PTX."""
+    """For each spec, the count of each ``ld.global`` form in its sm_90 PTX, and of its asynchronous
+    copies to shared memory (``cp.async.cg``: 16 bytes; ``cp.async.ca``: 4 or 8) and ``wgmma`` issues."""
     path = tmp_path / "specs.json"
     path.write_text(json.dumps(specs))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -227,6 +229,37 @@ def test_ss1_prefill_kernel_gathers_rotated_input_tiles_in_16_byte_loads(toolcha
     assert _vector_loads(aligned) >= x_tiles + w_tile, aligned
     assert not aligned.get("ld.global.b16") and not aligned.get("ld.global.u16"), aligned
     assert scalar.get("ld.global.b16", 0) + scalar.get("ld.global.u16", 0) > 0, scalar
+
+
+def test_ss1_folded_gemm_feeds_the_tensor_cores_from_16_byte_async_copies(toolchain, monkeypatch, tmp_path):
+    """The fold path's GEMM (4096x4096, reduction 2, T = 1024, its 128x64x64 tile, 8 warps, 3
+    stages) is a plain Hopper GEMM: both operand tiles, the selected folded copy and the rotated
+    shared weight tile, arrive through 16-byte asynchronous copies (every thread's share of both
+    tiles a stage, for each prefetched stage) and the products are ``wgmma``; no 2-byte load is
+    left. The fold launch before it reads the rotated input tiles in 16-byte loads."""
+    from blastfx.structures.ss1 import SS1Layout, kernel as ss1_kernel
+    monkeypatch.setattr(ss1_kernel, "INTERPRET", True)          # record the launches, run nothing
+    L = SS1Layout(4096, 4096, 2)
+    cfg = {"path": "fold", "BM": 128, "BN": 64, "KB": 64}
+    options = {"num_warps": 8, "num_stages": 3}
+    x = torch.zeros(1024, 4096, dtype=torch.bfloat16)
+    w = torch.zeros(L.weight_shape, dtype=torch.bfloat16)
+    fold = _Recorder(ss1_kernel._ss1_fold_kernel)
+    monkeypatch.setattr(ss1_kernel, "_ss1_fold_kernel", fold)
+    (gemm_spec,) = _record(monkeypatch, "_ss1_folded_gemm_kernel", lambda: ss1_kernel.ss1_matmul_triton(
+        x, w, L.shifts(), None, L.reduction, L.block_k, L.block_n, config=cfg, vec=L.vec), module=ss1_kernel)
+    names = list(gemm_spec["signature"])
+    gemm_spec["constexprs"][str(names.index("UPCAST"))] = False     # bf16 dots, as on a GPU
+    gemm_spec["options"] = options
+    fold_spec = _spec(fold.kernel, *fold.launches[0], ss1_kernel.__name__)
+    gemm, folded = _compile_loads([gemm_spec, fold_spec], tmp_path)
+    per_stage = (cfg["BM"] + cfg["BN"]) * cfg["KB"] * 2 // (16 * 32 * options["num_warps"])
+    assert gemm.get("cp.async.cg.shared.global", 0) >= per_stage * (options["num_stages"] - 1), gemm
+    assert gemm.get("wgmma.mma_async", 0) > 0, gemm
+    assert not gemm.get("ld.global.b16") and not gemm.get("ld.global.u16"), gemm
+    tile = ss1_kernel.FOLD_TILE
+    assert _vector_loads(folded) >= L.reduction * tile["BT"] * tile["KB"] * 2 // (16 * THREADS), folded
+    assert not folded.get("ld.global.b16") and not folded.get("ld.global.u16"), folded
 
 
 def test_ss1_expansion_reads_and_writes_in_16_byte_vectors(toolchain, monkeypatch, tmp_path):

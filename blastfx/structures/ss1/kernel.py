@@ -28,6 +28,17 @@ At T <= ``GEMV_MAX_T`` the autotuner also times a CUDA-core form (``{"path": "ge
 registers with 16-byte vector loads and multiplied on CUDA cores, with no tensor-core tile padding
 T = 1 to 16 rows and no staging through shared memory. At decode the layer is one stream of its
 shared weight in one launch, so unlike BLAST's two stages it pays a kernel's fixed cost once.
+At prefill sizes it also times a *folded GEMM* (``{"path": "fold"}``): the kernel above adds the
+rotated input tiles in registers before every tensor-core step, once per output tile, while the
+fold depends on an output tile only through the tiles' rotations *relative to the first of their
+group* (the first's own rotation can move to the weight tile: a dot is unchanged when the same
+permutation reorders both operands' K). So one memory-bound launch writes the group sums for every
+tuple of relative rotations (:func:`fold_variants`, ``(block_k / vec) ** (reduction - 1)`` copies of
+1/reduction of the input), and one plain GEMM reads, per output tile and shared tile, the copy its
+rotations select and the weight tile at the first tile's rotation: half the multiply-adds of a
+dense GEMM at reduction 2, an unmodified A operand (straight from memory into the tensor cores) and
+half the input traffic of the in-register fold. Offered where the copies stay within
+``FOLD_MAX_COPIES`` times the input (reduction 2 at the default 32-wide tiles and 8-wide vectors).
 Under ``TRITON_INTERPRET=1`` (CPU tests) the dot runs on fp32 operands (the interpreter's bf16 dot
 is wrong); fp32 inputs always use IEEE dots, never TF32.
 """
@@ -42,12 +53,14 @@ import triton.language as tl
 
 from blastfx.kernels import autotune
 
-__all__ = ["ss1_matmul_triton", "expand_triton", "kernel_config", "candidates", "gemv_configs", "DENSE", "EXPAND",
-           "GEMV_MAX_T"]
+__all__ = ["ss1_matmul_triton", "expand_triton", "fold_triton", "fold_variants", "kernel_config", "candidates",
+           "gemv_configs", "fold_configs", "DENSE", "EXPAND", "GEMV_MAX_T"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DECODE_MAX_T = 16
 GEMV_MAX_T = 4              # FMA accumulators hold T x tile values per thread; past this, tensor cores win
+FOLD_MAX_COPIES = 2         # the fold path's folded copies may hold at most this many times the input
+FOLD_TILE = {"BT": 32, "KB": 256, "num_warps": 4}      # the fold launch: a copy, memory-bound, not tuned
 
 
 @triton.jit
@@ -173,6 +186,116 @@ def _ss1_expand_kernel(w_ptr, s_ptr, d_ptr, N, K, K_TILES, swn, swk, sst, ssn, s
     tl.store(d_ptr + offs_n[:, None] * sdn + offs_k[None, :] * sdk, tile, mask=mask)
 
 
+@triton.jit
+def _ss1_fold_kernel(x_ptr, f_ptr, T, K, SHARED_TILES, sxt, sxk, sfv, sft, sfk,
+                     R: tl.constexpr, G: tl.constexpr, BK: tl.constexpr, VEC: tl.constexpr,
+                     BT: tl.constexpr, KB: tl.constexpr):
+    """Folded copy ``v`` of the input, (BT, KB) of it a program: shared column ``g * BK + c`` holds
+    ``sum_u x[:, (g*R + u) * BK + (c + d_u) mod BK]`` with ``d_0 = 0`` and ``d_u`` (u >= 1) the
+    u-th base-G digit of v times VEC: the group's sum for one tuple of rotations relative to its
+    first tile. Summed in fp32, stored in the copy's dtype (the rounding the in-register fold makes
+    before its dot); zero past the last input feature."""
+    pid_t = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    v = tl.program_id(2)
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    offs_k = pid_k * KB + tl.arange(0, KB)
+    g = offs_k // BK
+    within = offs_k % BK
+    t_ok = offs_t < T
+    g_ok = g < SHARED_TILES
+    a = tl.zeros((BT, KB), dtype=tl.float32)
+    rest = v
+    for u in tl.static_range(R):
+        d = 0
+        if u > 0:
+            d = (rest % G) * VEC
+            rest = rest // G
+        cols = _rotated_columns(g * R + u, within, d, BK, VEC)
+        xt = tl.load(x_ptr + offs_t[:, None] * sxt + cols[None, :] * sxk,
+                     mask=t_ok[:, None] & (g_ok & (cols < K))[None, :], other=0.0)
+        a += xt.to(tl.float32)
+    tl.store(f_ptr + v * sfv + offs_t[:, None] * sft + offs_k[None, :] * sfk, a.to(f_ptr.dtype.element_ty),
+             mask=t_ok[:, None] & g_ok[None, :])
+
+
+@triton.jit
+def _ss1_folded_gemm_kernel(f_ptr, w_ptr, s_ptr, b_ptr, y_ptr, T, N, K_TILES, SHARED_TILES,
+                            sfv, sft, swn, swk, sst, ssn, syt, syn,
+                            R: tl.constexpr, G: tl.constexpr, HASH_BN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr,
+                            UPCAST: tl.constexpr, VEC: tl.constexpr):
+    """y = sum_g copy[v(g, j)][:, g] @ rot(shared[:, g], -s0(g, j))^T for the output tile j of this
+    program: the copy of :func:`_ss1_fold_kernel` that the group's relative rotations select, and
+    the shared weight tile read at the rotation of the group's first input tile. Both operands are
+    plain tile loads (the copy's columns are contiguous within each shared tile, the weight's run in
+    aligned vectors of VEC), so the K-loop is an ordinary pipelined GEMM over the shared tiles."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, KB)
+    sub = offs_k // BK
+    within = offs_k % BK
+    j = (pid_n * BN) // HASH_BN
+    m_ok = offs_m < T
+    n_ok = offs_n < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for g0 in range(0, SHARED_TILES, KB // BK):
+        g = g0 + sub
+        g_ok = g < SHARED_TILES
+        s0 = tl.load(s_ptr + (g * R) * sst + j * ssn, mask=g_ok, other=0)
+        v = tl.zeros((KB,), dtype=tl.int64)
+        radix = 1
+        for u in tl.static_range(1, R):
+            i = g * R + u
+            su = tl.load(s_ptr + i * sst + j * ssn, mask=g_ok & (i < K_TILES), other=0)
+            v += (((su - s0) & (BK - 1)) // VEC).to(tl.int64) * radix
+            radix *= G
+        # each shared tile's BK columns of its copy are contiguous, from a multiple of BK
+        acols = tl.max_contiguous(tl.multiple_of(v * sfv + g * BK + within, BK), BK)
+        a = tl.load(f_ptr + offs_m[:, None] * sft + acols[None, :], mask=m_ok[:, None] & g_ok[None, :], other=0.0)
+        wcols = _rotated_columns(g, within, -s0, BK, VEC)
+        wt = tl.load(w_ptr + offs_n[None, :] * swn + wcols[:, None] * swk,
+                     mask=n_ok[None, :] & g_ok[:, None], other=0.0)
+        if UPCAST:
+            acc = tl.dot(a.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, wt, acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * syt + offs_n[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def fold_variants(reduction: int, block_k: int, vec: int) -> int:
+    """Folded copies the fold path writes: one per tuple of rotations of a group's other
+    ``reduction - 1`` tiles relative to its first, each a multiple of ``vec`` below ``block_k``."""
+    return (block_k // vec) ** (reduction - 1)
+
+
+def fold_fits(reduction: int, block_k: int, vec: int) -> bool:
+    """Whether the fold path is offered: reduction > 1 (else there is nothing to fold) and the
+    copies (each 1/reduction of the input) hold at most ``FOLD_MAX_COPIES`` times the input."""
+    return reduction > 1 and fold_variants(reduction, block_k, vec) <= FOLD_MAX_COPIES * reduction
+
+
+def fold_triton(x2: torch.Tensor, shared_in: int, reduction: int, block_k: int, vec: int,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The (variants, T, shared_in) folded copies of the (T, in_features) input ``x2`` that
+    ``_ss1_folded_gemm_kernel`` reads (copy ``v``: see ``_ss1_fold_kernel``), in one launch."""
+    T, in_features = x2.shape
+    G = block_k // vec
+    V = fold_variants(reduction, block_k, vec)
+    f = torch.empty(V, T, shared_in, device=x2.device, dtype=dtype or x2.dtype)
+    BT, KB = FOLD_TILE["BT"], max(FOLD_TILE["KB"], block_k)
+    _ss1_fold_kernel[(triton.cdiv(T, BT), triton.cdiv(shared_in, KB), V)](
+        x2, f, T, in_features, shared_in // block_k, x2.stride(0), x2.stride(1), f.stride(0), f.stride(1),
+        f.stride(2), R=reduction, G=G, BK=block_k, VEC=vec, BT=BT, KB=KB,
+        **({} if INTERPRET else {"num_warps": FOLD_TILE["num_warps"]}))
+    return f
+
+
 def expand_triton(weight: torch.Tensor, shifts: torch.Tensor, in_features: int, reduction: int, block_k: int,
                   block_n: int, vec: int = 1, BN: int = 16, KB: int = 256, num_warps: int = 4) -> torch.Tensor:
     """The dense (out_features, in_features) weight of a shared ``weight``, as ``ops._expand`` gives it
@@ -224,14 +347,35 @@ DENSE = {"path": "dense"}      # the config that expands the shared weight and r
 EXPAND = {"path": "expand"}    # the same with the expansion in one Triton launch (expand_triton)
 
 
-def candidates(T: int, block_n: int, block_k: int) -> list[dict]:
+def fold_configs(T: int, block_n: int, block_k: int, reduction: int, vec: int) -> list[dict]:
+    """The folded-GEMM tiles timed for T tokens (none at T <= GEMV_MAX_T, where one launch of the
+    CUDA-core form wins, nor where :func:`fold_fits` says no): at prefill sizes the 128-row M tiles
+    and the deeper K steps a pipelined Hopper GEMM runs fastest with; BN stays inside a hash tile."""
+    if T <= GEMV_MAX_T or not fold_fits(reduction, block_k, vec):
+        return []
+    if T <= DECODE_MAX_T:
+        tiles = [(16, 64, 128, 4, 4), (16, 32, 256, 4, 3)]
+    else:
+        tiles = [(128, 64, 64, 8, 3), (128, 64, 128, 8, 3), (64, 64, 64, 4, 4), (256, 64, 64, 8, 3),
+                 (128, 64, 32, 4, 5)]
+    out = []
+    for bm, bn, kb, w, st in tiles:
+        c = {"path": "fold", "BM": bm, "BN": min(bn, block_n), "KB": max(kb, block_k), "num_warps": w,
+             "num_stages": st}
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def candidates(T: int, block_n: int, block_k: int, reduction: int = 1, vec: int = 1) -> list[dict]:
     """Configs the autotuner times for T tokens. Decode: narrow output tiles for enough programs, K
     steps of 128-256 shared columns for enough bytes in flight; prefill: larger M tiles. Every list
     also holds ``{"path": "dense"}``: the shared weight expanded to the dense one (one gather) and a
     cuBLAS GEMM. At prefill sizes that runs first: there the GEMM is compute-bound and the kernel,
     which builds its A operand from rotated gathers of x in registers, reaches a fraction of the
     tensor cores' rate (measured on an H200: 0.12x dense at T >= 1024), while the expansion costs
-    one write of the dense weight."""
+    one write of the dense weight. Past the CUDA-core sizes the folded GEMM's tiles
+    (:func:`fold_configs`) are timed too, where the reduction and ``vec`` allow it."""
     first = kernel_config(T, block_n, block_k, interpret=False)
     if T <= DECODE_MAX_T:
         tiles = [(16, 128, 4, 4), (16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 8, 3),
@@ -245,7 +389,10 @@ def candidates(T: int, block_n: int, block_k: int) -> list[dict]:
         c = {**c, "BN": min(c["BN"], block_n), "KB": max(c["KB"], block_k)}
         if c not in out:
             out.append(c)
-    return out + gemv_configs(T, block_n, block_k) + [DENSE] if T <= DECODE_MAX_T else [DENSE, EXPAND] + out
+    fold = fold_configs(T, block_n, block_k, reduction, vec)
+    if T <= DECODE_MAX_T:
+        return out + gemv_configs(T, block_n, block_k) + fold + [DENSE]
+    return [DENSE, EXPAND] + out + fold
 
 
 def _launch_gemv(x2, weight, shifts, bias, y, reduction, block_k, block_n, vec, cfg):
@@ -271,13 +418,46 @@ def _launch_gemv(x2, weight, shifts, bias, y, reduction, block_k, block_n, vec, 
     return y
 
 
+def _tensor_core_tile(cfg: dict, block_k: int, block_n: int) -> tuple[int, int, int]:
+    """Pop and check (BM, BN, KB) of a tensor-core config: BN inside one hash tile, KB whole shared
+    tiles."""
+    BM, BN, KB = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("KB", block_k)
+    if BM < 16 or BM & (BM - 1):
+        raise ValueError(f"config BM={BM} must be a power of two of at least 16 (a tensor-core tile)")
+    if BN < 16 or BN > block_n or block_n % BN:
+        raise ValueError(f"config BN={BN} must be a power of two dividing block_n={block_n}, at least 16")
+    if KB < block_k or KB % block_k or KB & (KB - 1):
+        raise ValueError(f"config KB={KB} must be a power-of-two multiple of block_k={block_k}")
+    return BM, BN, KB
+
+
+def _launch_fold(x2, weight, shifts, bias, y, reduction, block_k, block_n, vec, tile, cfg, grid):
+    """The folded GEMM (``{"path": "fold"}``): the folded copies of the input in one launch, then one
+    GEMM over them with tile (BM, BN, KB) and launch options ``cfg``."""
+    if not fold_fits(reduction, block_k, vec):
+        raise ValueError(
+            f"config path='fold' needs reduction > 1 and at most {FOLD_MAX_COPIES}x the input in folded copies: "
+            f"reduction={reduction} with block_k={block_k}, vec={vec} makes {fold_variants(reduction, block_k, vec)} "
+            f"copies of 1/{reduction} of it")
+    BM, BN, KB = tile
+    f = fold_triton(x2, weight.shape[1], reduction, block_k, vec, dtype=weight.dtype)
+    _ss1_folded_gemm_kernel[grid](
+        f, weight, shifts, bias if bias is not None else weight, y, x2.shape[0], weight.shape[0],
+        math.ceil(x2.shape[1] / block_k), weight.shape[1] // block_k,
+        f.stride(0), f.stride(1), weight.stride(0), weight.stride(1), shifts.stride(0), shifts.stride(1),
+        y.stride(0), y.stride(1),
+        R=reduction, G=block_k // vec, HASH_BN=block_n, HAS_BIAS=bias is not None, BM=BM, BN=BN, BK=block_k,
+        KB=KB, UPCAST=INTERPRET or x2.dtype == torch.float32, VEC=vec, **({} if INTERPRET else cfg))
+    return y
+
+
 def _launch(x2, weight, shifts, bias, y, reduction, block_k, block_n, vec, cfg):
     """Run one config into ``y`` (T, out): the kernel with its tile, or the GEMM on the expanded
     weight (``{"path": "dense"}``, ``{"path": "expand"}``)."""
     cfg = dict(cfg)
     path = cfg.pop("path", "kernel")
-    if path not in ("kernel", "dense", "expand", "gemv"):
-        raise ValueError(f"config path={path!r}: expected 'kernel', 'gemv', 'dense' or 'expand'")
+    if path not in ("kernel", "dense", "expand", "gemv", "fold"):
+        raise ValueError(f"config path={path!r}: expected 'kernel', 'gemv', 'fold', 'dense' or 'expand'")
     if path == "gemv":
         return _launch_gemv(x2, weight, shifts, bias, y, reduction, block_k, block_n, vec, cfg)
     if path in ("dense", "expand"):
@@ -289,16 +469,12 @@ def _launch(x2, weight, shifts, bias, y, reduction, block_k, block_n, vec, cfg):
         dense = (_expand(weight, shifts, x2.shape[1], reduction, block_k, block_n) if path == "dense" else
                  expand_triton(weight, shifts, x2.shape[1], reduction, block_k, block_n, vec, **cfg))
         return torch.addmm(bias, x2, dense.t(), out=y) if bias is not None else torch.mm(x2, dense.t(), out=y)
-    BM, BN, KB = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("KB", block_k)
-    if BM < 16 or BM & (BM - 1):
-        raise ValueError(f"config BM={BM} must be a power of two of at least 16 (a tensor-core tile)")
-    if BN < 16 or BN > block_n or block_n % BN:
-        raise ValueError(f"config BN={BN} must be a power of two dividing block_n={block_n}, at least 16")
-    if KB < block_k or KB % block_k or KB & (KB - 1):
-        raise ValueError(f"config KB={KB} must be a power-of-two multiple of block_k={block_k}")
+    BM, BN, KB = _tensor_core_tile(cfg, block_k, block_n)
     T, in_features = x2.shape
     out_features = weight.shape[0]
     grid = (triton.cdiv(T, BM), triton.cdiv(out_features, BN))
+    if path == "fold":
+        return _launch_fold(x2, weight, shifts, bias, y, reduction, block_k, block_n, vec, (BM, BN, KB), cfg, grid)
     _ss1_kernel[grid](
         x2, weight, shifts, bias if bias is not None else weight, y, T, out_features, in_features,
         math.ceil(in_features / block_k), weight.shape[1] // block_k,
@@ -348,7 +524,8 @@ def ss1_matmul_triton(x: torch.Tensor, weight: torch.Tensor, shifts: torch.Tenso
         key = tuning_key(T, weight, in_features, reduction, block_k, block_n, vec, x.dtype, bias is not None,
                          x.device)
         copies = autotune.WeightCopies((weight,), x.device)
-        _, cfg = autotune.choose(key, [(c.get("path", "kernel"), c) for c in candidates(T, block_n, block_k)],
+        configs = candidates(T, block_n, block_k, reduction, vec)
+        _, cfg = autotune.choose(key, [(c.get("path", "kernel"), c) for c in configs],
                                  lambda _p, c, k: _launch(x2, copies[k][0], shifts, bias, y, reduction,
                                                           block_k, block_n, vec, c), copies=copies.count)
     _launch(x2, weight, shifts, bias, y, reduction, block_k, block_n, vec, cfg)

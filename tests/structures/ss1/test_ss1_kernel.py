@@ -8,8 +8,8 @@ import triton
 
 import blastfx
 from blastfx.structures.ss1 import SS1Layout, SS1Linear, ss1_matmul, ss1_matmul_reference
-from blastfx.structures.ss1.kernel import DENSE, EXPAND, GEMV_MAX_T, candidates, expand_triton, gemv_configs, \
-    kernel_config, ss1_matmul_triton
+from blastfx.structures.ss1.kernel import DENSE, EXPAND, FOLD_MAX_COPIES, GEMV_MAX_T, candidates, expand_triton, \
+    fold_configs, fold_fits, fold_triton, fold_variants, gemv_configs, kernel_config, ss1_matmul_triton
 from blastfx.structures.ss1.ops import ss1_to_dense
 from ss1_oracles import dense_oracle
 
@@ -184,7 +184,7 @@ def test_empty_tokens_and_bad_config():
         ss1_matmul_triton(torch.randn(2, 64), w, L.shifts(), None, 2, 16, 16, config={"BM": 24})
     with pytest.raises(ValueError, match="config BN=8 must be a power of two dividing block_n=16, at least 16"):
         ss1_matmul_triton(torch.randn(2, 64), w, L.shifts(), None, 2, 16, 16, config={"BN": 8})
-    with pytest.raises(ValueError, match="config path='dens': expected 'kernel', 'gemv', 'dense' or 'expand'"):
+    with pytest.raises(ValueError, match="config path='dens': expected 'kernel', 'gemv', 'fold', 'dense' or 'expand'"):
         ss1_matmul_triton(torch.randn(2, 64), w, L.shifts(), None, 2, 16, 16, config={"path": "dens"})
 
 
@@ -225,6 +225,113 @@ def test_cpu_op_runs_the_reference():
 # GPU: the compiled kernel
 
 
+# ---------------------------------------------------------------------------------------------
+# the folded GEMM (path "fold")
+
+
+def _fold_cases():
+    """Fuzzed geometries where the fold path is offered (reduction 2 at any tile, 4 with two
+    rotations a tile), at every token count of the fuzz, ragged dims included."""
+    cases = [c for c in _fuzz_cases(120, seed=31) if fold_fits(c[3], c[4], 8)][:16]
+    assert {c[3] for c in cases} == {2, 4} and any(c[1] % c[4] for c in cases)
+    return cases
+
+
+@pytest.mark.parametrize("case", _fold_cases(), ids=lambda c: "T{}-K{}-N{}-r{}-bk{}-bn{}-{}-bias{}-s{}".format(
+    *c[:6], str(c[6]).split(".")[-1], int(c[7]), c[8]))
+def test_folded_gemm_matches_reference_on_fuzzed_shapes(case):
+    """The folded copies and the GEMM over them against the float64 oracle: ragged in/out features,
+    bias or none, every dtype, the default tile and one that spans two shared tiles a K step."""
+    T, in_f, out_f, r, bk, bn, dtype, bias, seed = case
+    L = SS1Layout(out_f, in_f, r, seed=seed, block_k=bk, block_n=bn)
+    x = torch.randn(T, in_f).to(dtype)
+    w = torch.randn(L.weight_shape).to(dtype)
+    b = torch.randn(out_f).to(dtype) if bias else None
+    for cfg in ({"path": "fold"}, {"path": "fold", "BM": 32, "BN": 16, "KB": 2 * bk}):
+        y = ss1_matmul_triton(x, w, L.shifts(), b, r, bk, bn, config=cfg, vec=L.vec)
+        _check(y, x, w, b, L, dtype)
+
+
+@pytest.mark.parametrize("r,bk", [(2, 16), (2, 32), (4, 16)])
+def test_folded_copies_are_the_group_sums_for_every_relative_rotation(r, bk):
+    """Copy v, shared column g*bk + c: the sum over the group's tiles u of x at column
+    (c + d_u) mod bk of tile g*r + u, d_0 = 0 and d_u the u-th base-G digit of v times vec, zero
+    past the last input feature; built here one integer at a time. Integer-valued inputs make
+    every sum exact."""
+    vec, T = 8, 3
+    G = bk // vec
+    in_f = bk * (2 * r) - 5                                     # a ragged last tile
+    shared_in = -(-in_f // bk) // r * bk + (bk if -(-in_f // bk) % r else 0)
+    x = torch.randint(-50, 50, (T, in_f)).float()
+    got = fold_triton(x, shared_in, r, bk, vec)
+    assert got.shape == (fold_variants(r, bk, vec), T, shared_in) == (G ** (r - 1), T, shared_in)
+    want = torch.zeros_like(got)
+    for v in range(G ** (r - 1)):
+        d = [0] + [(v // G ** (u - 1)) % G * vec for u in range(1, r)]
+        for g in range(shared_in // bk):
+            for c in range(bk):
+                for u in range(r):
+                    col = (g * r + u) * bk + (c + d[u]) % bk
+                    if col < in_f:
+                        want[v, :, g * bk + c] += x[:, col]
+    assert torch.equal(got, want)
+
+
+def test_folded_gemm_reads_only_the_shared_weight_and_the_real_inputs():
+    """NaN everywhere past the real inputs, weight columns and rows, and bias: any read beyond them
+    would make the output NaN (a K step of two shared tiles over 5 of them leaves a masked half)."""
+    L = SS1Layout(37, 16 * 10 - 7, 2, seed=5, block_k=16, block_n=16)
+    assert L.shared_tiles == 5
+    T = 19
+    xbuf = torch.full((T + 3, L.in_features + 40), float("nan"))
+    xbuf[:T, :L.in_features] = torch.randn(T, L.in_features)
+    wbuf = torch.full((L.out_features + 9, L.shared_in_features + 64), float("nan"))
+    wbuf[:L.out_features, :L.shared_in_features] = torch.randn(L.weight_shape)
+    bbuf = torch.full((L.out_features + 7,), float("nan"))
+    bbuf[:L.out_features] = torch.randn(L.out_features)
+    x, w, b = xbuf[:T, :L.in_features], wbuf[:L.out_features, :L.shared_in_features], bbuf[:L.out_features]
+    y = ss1_matmul_triton(x, w, L.shifts(), b, 2, 16, 16, config={"path": "fold", "BM": 16, "BN": 16, "KB": 32},
+                          vec=L.vec)
+    assert bool(torch.isfinite(y).all())
+    _check(y, x.contiguous(), w.contiguous(), b.contiguous(), L, torch.float32)
+
+
+def test_folded_gemm_wraps_shifts_outside_the_tile_like_the_reference():
+    """Multiples of vec past the tile or negative (what the op's ``vec`` promises, nothing more):
+    the relative rotations and the weight's rotation reduce them modulo block_k as the reference does."""
+    L = SS1Layout(20, 64, 2, seed=1, block_k=16, block_n=16)
+    odd = L.shifts() + torch.tensor([[-48], [16], [40], [-8]])
+    x, w = torch.randn(21, 64), torch.randn(L.weight_shape)
+    y = ss1_matmul_triton(x, w, odd, None, 2, 16, 16, config={"path": "fold"}, vec=8)
+    ref = torch.ops.blastfx.ss1_matmul(x, w, odd, None, 2, 16, 16)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_folded_gemm_is_offered_where_its_copies_fit_and_refused_elsewhere():
+    assert fold_variants(2, 32, 8) == 4 and fold_variants(4, 16, 8) == 8 and fold_variants(4, 32, 8) == 64
+    assert fold_fits(2, 32, 8) and fold_fits(4, 16, 8) and fold_fits(2, 16, 4)
+    assert not fold_fits(1, 32, 8) and not fold_fits(4, 32, 8) and not fold_fits(2, 16, 1)
+    assert all(fold_variants(r, bk, v) <= FOLD_MAX_COPIES * r
+               for r in (2, 4, 8) for bk in (16, 32, 64) for v in (1, 8) if fold_fits(r, bk, v))
+    for T in (5, 16, 17, 4096):
+        fold = [c for c in candidates(T, 64, 32, 2, 8) if c.get("path") == "fold"]
+        assert fold and fold == fold_configs(T, 64, 32, 2, 8)
+        assert all(c["BN"] <= 64 and 64 % c["BN"] == 0 and c["KB"] % 32 == 0 for c in fold)
+        assert not [c for c in candidates(T, 64, 32, 4, 8) if c.get("path") == "fold"]
+        assert not [c for c in candidates(T, 64, 32) if c.get("path") == "fold"]
+    assert not [c for T in range(1, GEMV_MAX_T + 1) for c in candidates(T, 64, 32, 2, 8) if c.get("path") == "fold"]
+    assert candidates(4096, 64, 32, 2, 8)[0] == DENSE                 # untimed prefill still runs the GEMM
+    L = SS1Layout(20, 64 * 4, 4, block_k=32, block_n=16)
+    w = torch.randn(L.weight_shape)
+    with pytest.raises(ValueError, match=r"config path='fold' needs reduction > 1 and at most 2x the input in "
+                                         r"folded copies: reduction=4 with block_k=32, vec=8 makes 64 copies of 1/4"):
+        ss1_matmul_triton(torch.randn(8, 256), w, L.shifts(), None, 4, 32, 16, config={"path": "fold"}, vec=8)
+    with pytest.raises(ValueError, match="config BN=32 must be a power of two dividing block_n=16"):
+        L2 = SS1Layout(20, 64, 2, block_k=16, block_n=16)
+        ss1_matmul_triton(torch.randn(8, 64), torch.randn(L2.weight_shape), L2.shifts(), None, 2, 16, 16,
+                          config={"path": "fold", "BN": 32}, vec=8)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("T", [1, 8, 16, 17, 333, 2048])
@@ -239,7 +346,7 @@ def test_cuda_kernel_matches_reference(dtype, T, geom):
     want = ss1_matmul_reference(x.double(), w.double(), L, b.double())
     scale = want.abs().max().item()
     # the autotuned config and every candidate, the rotated tiles loaded as the layout's aligned vectors
-    for cfg in [None] + candidates(T, L.block_n, L.block_k):
+    for cfg in [None] + candidates(T, L.block_n, L.block_k, r, L.vec):
         y = ss1_matmul_triton(x, w, L.shifts("cuda"), b, r, L.block_k, L.block_n, config=cfg, vec=L.vec)
         torch.testing.assert_close(y.double(), want, rtol=TOL[dtype], atol=TOL[dtype] * scale)
 
