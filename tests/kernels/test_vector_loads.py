@@ -231,17 +231,20 @@ def test_ss1_prefill_kernel_gathers_rotated_input_tiles_in_16_byte_loads(toolcha
     assert scalar.get("ld.global.b16", 0) + scalar.get("ld.global.u16", 0) > 0, scalar
 
 
-def test_ss1_folded_gemm_feeds_the_tensor_cores_from_16_byte_async_copies(toolchain, monkeypatch, tmp_path):
-    """The fold path's GEMM (4096x4096, reduction 2, T = 1024, its 128x64x64 tile, 8 warps, 3
-    stages) is a plain Hopper GEMM: both operand tiles, the selected folded copy and the rotated
-    shared weight tile, arrive through 16-byte asynchronous copies (every thread's share of both
-    tiles a stage, for each prefetched stage) and the products are ``wgmma``; no 2-byte load is
-    left. The fold launch before it reads the rotated input tiles in 16-byte loads."""
+@pytest.mark.parametrize("tile,options", [((128, 64, 64, False), {"num_warps": 8, "num_stages": 3}),
+                                          ((256, 64, 64, True), {"num_warps": 4, "num_stages": 3})],
+                         ids=["tokens-as-m", "swap-ab"])
+def test_ss1_folded_gemm_feeds_the_tensor_cores_from_16_byte_async_copies(toolchain, monkeypatch, tmp_path, tile,
+                                                                          options):
+    """The fold path's GEMM (4096x4096, reduction 2, T = 1024, in either orientation) is a plain
+    Hopper GEMM: both operand tiles, the selected folded copy and the rotated shared weight tile,
+    arrive through 16-byte asynchronous copies (every thread's share of both tiles a stage, for
+    each prefetched stage) and the products are ``wgmma``; no 2-byte load is left. The fold launch
+    before it reads the rotated input tiles in 16-byte loads."""
     from blastfx.structures.ss1 import SS1Layout, kernel as ss1_kernel
     monkeypatch.setattr(ss1_kernel, "INTERPRET", True)          # record the launches, run nothing
     L = SS1Layout(4096, 4096, 2)
-    cfg = {"path": "fold", "BM": 128, "BN": 64, "KB": 64}
-    options = {"num_warps": 8, "num_stages": 3}
+    cfg = {"path": "fold", "BM": tile[0], "BN": tile[1], "KB": tile[2], "swap_ab": tile[3]}
     x = torch.zeros(1024, 4096, dtype=torch.bfloat16)
     w = torch.zeros(L.weight_shape, dtype=torch.bfloat16)
     fold = _Recorder(ss1_kernel._ss1_fold_kernel)

@@ -224,12 +224,17 @@ def _ss1_folded_gemm_kernel(f_ptr, w_ptr, s_ptr, b_ptr, y_ptr, T, N, K_TILES, SH
                             sfv, sft, swn, swk, sst, ssn, syt, syn,
                             R: tl.constexpr, G: tl.constexpr, HASH_BN: tl.constexpr, HAS_BIAS: tl.constexpr,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr,
-                            UPCAST: tl.constexpr, VEC: tl.constexpr):
+                            UPCAST: tl.constexpr, VEC: tl.constexpr, SWAP_AB: tl.constexpr):
     """y = sum_g copy[v(g, j)][:, g] @ rot(shared[:, g], -s0(g, j))^T for the output tile j of this
     program: the copy of :func:`_ss1_fold_kernel` that the group's relative rotations select, and
     the shared weight tile read at the rotation of the group's first input tile. Both operands are
     plain tile loads (the copy's columns are contiguous within each shared tile, the weight's run in
-    aligned vectors of VEC), so the K-loop is an ordinary pipelined GEMM over the shared tiles."""
+    aligned vectors of VEC), so the K-loop is an ordinary pipelined GEMM over the shared tiles.
+
+    A program's outputs must share one hash tile, so BN <= block_n (64 by default). With SWAP_AB the
+    product is computed transposed, outputs as the tensor cores' M and tokens as their N
+    (y^T = W_rot @ copy^T): a (64 outputs, 256 tokens) tile then issues the widest Hopper MMA
+    instead of 64-wide ones."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -240,7 +245,10 @@ def _ss1_folded_gemm_kernel(f_ptr, w_ptr, s_ptr, b_ptr, y_ptr, T, N, K_TILES, SH
     j = (pid_n * BN) // HASH_BN
     m_ok = offs_m < T
     n_ok = offs_n < N
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
     for g0 in range(0, SHARED_TILES, KB // BK):
         g = g0 + sub
         g_ok = g < SHARED_TILES
@@ -254,18 +262,33 @@ def _ss1_folded_gemm_kernel(f_ptr, w_ptr, s_ptr, b_ptr, y_ptr, T, N, K_TILES, SH
             radix *= G
         # each shared tile's BK columns of its copy are contiguous, from a multiple of BK
         acols = tl.max_contiguous(tl.multiple_of(v * sfv + g * BK + within, BK), BK)
-        a = tl.load(f_ptr + offs_m[:, None] * sft + acols[None, :], mask=m_ok[:, None] & g_ok[None, :], other=0.0)
         wcols = _rotated_columns(g, within, -s0, BK, VEC)
-        wt = tl.load(w_ptr + offs_n[None, :] * swn + wcols[:, None] * swk,
-                     mask=n_ok[None, :] & g_ok[:, None], other=0.0)
-        if UPCAST:
-            acc = tl.dot(a.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+        if SWAP_AB:
+            a = tl.load(f_ptr + offs_m[None, :] * sft + acols[:, None], mask=m_ok[None, :] & g_ok[:, None], other=0.0)
+            wt = tl.load(w_ptr + offs_n[:, None] * swn + wcols[None, :] * swk,
+                         mask=n_ok[:, None] & g_ok[None, :], other=0.0)
+            if UPCAST:
+                acc = tl.dot(wt.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(wt, a, acc)
         else:
-            acc = tl.dot(a, wt, acc)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * syt + offs_n[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+            a = tl.load(f_ptr + offs_m[:, None] * sft + acols[None, :], mask=m_ok[:, None] & g_ok[None, :], other=0.0)
+            wt = tl.load(w_ptr + offs_n[None, :] * swn + wcols[:, None] * swk,
+                         mask=n_ok[None, :] & g_ok[:, None], other=0.0)
+            if UPCAST:
+                acc = tl.dot(a.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, wt, acc)
+    if SWAP_AB:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + offs_m[None, :] * syt + offs_n[:, None] * syn, acc.to(y_ptr.dtype.element_ty),
+                 mask=m_ok[None, :] & n_ok[:, None])
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * syt + offs_n[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
 
 
 def fold_variants(reduction: int, block_k: int, vec: int) -> int:
@@ -349,19 +372,21 @@ EXPAND = {"path": "expand"}    # the same with the expansion in one Triton launc
 
 def fold_configs(T: int, block_n: int, block_k: int, reduction: int, vec: int) -> list[dict]:
     """The folded-GEMM tiles timed for T tokens (none at T <= GEMV_MAX_T, where one launch of the
-    CUDA-core form wins, nor where :func:`fold_fits` says no): at prefill sizes the 128-row M tiles
-    and the deeper K steps a pipelined Hopper GEMM runs fastest with; BN stays inside a hash tile."""
+    CUDA-core form wins, nor where :func:`fold_fits` says no): at prefill sizes the 128-256 token
+    tiles and the deeper K steps a pipelined Hopper GEMM runs fastest with, in both orientations
+    (``swap_ab``: outputs as the MMA's M); BN (outputs) stays inside a hash tile."""
     if T <= GEMV_MAX_T or not fold_fits(reduction, block_k, vec):
         return []
-    if T <= DECODE_MAX_T:
-        tiles = [(16, 64, 128, 4, 4), (16, 32, 256, 4, 3)]
+    if T <= DECODE_MAX_T:               # few tokens: outputs as the MMA's M (swap_ab), tokens as its N
+        tiles = [(16, 64, 128, 4, 4, True), (16, 64, 256, 4, 3, True), (16, 64, 128, 4, 4, False)]
     else:
-        tiles = [(128, 64, 64, 8, 3), (128, 64, 128, 8, 3), (64, 64, 64, 4, 4), (256, 64, 64, 8, 3),
-                 (128, 64, 32, 4, 5)]
+        tiles = [(128, 64, 64, 8, 3, False), (128, 64, 128, 8, 3, False), (64, 64, 64, 4, 4, False),
+                 (256, 64, 64, 8, 3, False), (256, 64, 64, 4, 3, True), (128, 64, 64, 4, 4, True),
+                 (256, 64, 128, 8, 3, True)]
     out = []
-    for bm, bn, kb, w, st in tiles:
+    for bm, bn, kb, w, st, swap in tiles:
         c = {"path": "fold", "BM": bm, "BN": min(bn, block_n), "KB": max(kb, block_k), "num_warps": w,
-             "num_stages": st}
+             "num_stages": st, **({"swap_ab": True} if swap else {})}
         if c not in out:
             out.append(c)
     return out
@@ -440,6 +465,7 @@ def _launch_fold(x2, weight, shifts, bias, y, reduction, block_k, block_n, vec, 
             f"reduction={reduction} with block_k={block_k}, vec={vec} makes {fold_variants(reduction, block_k, vec)} "
             f"copies of 1/{reduction} of it")
     BM, BN, KB = tile
+    swap = bool(cfg.pop("swap_ab", False))
     f = fold_triton(x2, weight.shape[1], reduction, block_k, vec, dtype=weight.dtype)
     _ss1_folded_gemm_kernel[grid](
         f, weight, shifts, bias if bias is not None else weight, y, x2.shape[0], weight.shape[0],
@@ -447,7 +473,7 @@ def _launch_fold(x2, weight, shifts, bias, y, reduction, block_k, block_n, vec, 
         f.stride(0), f.stride(1), weight.stride(0), weight.stride(1), shifts.stride(0), shifts.stride(1),
         y.stride(0), y.stride(1),
         R=reduction, G=block_k // vec, HASH_BN=block_n, HAS_BIAS=bias is not None, BM=BM, BN=BN, BK=block_k,
-        KB=KB, UPCAST=INTERPRET or x2.dtype == torch.float32, VEC=vec, **({} if INTERPRET else cfg))
+        KB=KB, UPCAST=INTERPRET or x2.dtype == torch.float32, VEC=vec, SWAP_AB=swap, **({} if INTERPRET else cfg))
     return y
 
 

@@ -241,13 +241,16 @@ def _fold_cases():
     *c[:6], str(c[6]).split(".")[-1], int(c[7]), c[8]))
 def test_folded_gemm_matches_reference_on_fuzzed_shapes(case):
     """The folded copies and the GEMM over them against the float64 oracle: ragged in/out features,
-    bias or none, every dtype, the default tile and one that spans two shared tiles a K step."""
+    bias or none, every dtype, the default tile and one that spans two shared tiles a K step, each
+    orientation (``swap_ab``: outputs as the MMA's M)."""
     T, in_f, out_f, r, bk, bn, dtype, bias, seed = case
     L = SS1Layout(out_f, in_f, r, seed=seed, block_k=bk, block_n=bn)
     x = torch.randn(T, in_f).to(dtype)
     w = torch.randn(L.weight_shape).to(dtype)
     b = torch.randn(out_f).to(dtype) if bias else None
-    for cfg in ({"path": "fold"}, {"path": "fold", "BM": 32, "BN": 16, "KB": 2 * bk}):
+    for cfg in ({"path": "fold"}, {"path": "fold", "BM": 32, "BN": 16, "KB": 2 * bk},
+                {"path": "fold", "BM": 16, "BN": 16, "KB": bk, "swap_ab": True},
+                {"path": "fold", "BM": 32, "BN": min(bn, 32), "KB": 2 * bk, "swap_ab": True}):
         y = ss1_matmul_triton(x, w, L.shifts(), b, r, bk, bn, config=cfg, vec=L.vec)
         _check(y, x, w, b, L, dtype)
 
@@ -290,10 +293,11 @@ def test_folded_gemm_reads_only_the_shared_weight_and_the_real_inputs():
     bbuf = torch.full((L.out_features + 7,), float("nan"))
     bbuf[:L.out_features] = torch.randn(L.out_features)
     x, w, b = xbuf[:T, :L.in_features], wbuf[:L.out_features, :L.shared_in_features], bbuf[:L.out_features]
-    y = ss1_matmul_triton(x, w, L.shifts(), b, 2, 16, 16, config={"path": "fold", "BM": 16, "BN": 16, "KB": 32},
-                          vec=L.vec)
-    assert bool(torch.isfinite(y).all())
-    _check(y, x.contiguous(), w.contiguous(), b.contiguous(), L, torch.float32)
+    for swap in (False, True):
+        y = ss1_matmul_triton(x, w, L.shifts(), b, 2, 16, 16, vec=L.vec,
+                              config={"path": "fold", "BM": 16, "BN": 16, "KB": 32, "swap_ab": swap})
+        assert bool(torch.isfinite(y).all())
+        _check(y, x.contiguous(), w.contiguous(), b.contiguous(), L, torch.float32)
 
 
 def test_folded_gemm_wraps_shifts_outside_the_tile_like_the_reference():
@@ -302,9 +306,10 @@ def test_folded_gemm_wraps_shifts_outside_the_tile_like_the_reference():
     L = SS1Layout(20, 64, 2, seed=1, block_k=16, block_n=16)
     odd = L.shifts() + torch.tensor([[-48], [16], [40], [-8]])
     x, w = torch.randn(21, 64), torch.randn(L.weight_shape)
-    y = ss1_matmul_triton(x, w, odd, None, 2, 16, 16, config={"path": "fold"}, vec=8)
     ref = torch.ops.blastfx.ss1_matmul(x, w, odd, None, 2, 16, 16)
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    for swap in (False, True):
+        y = ss1_matmul_triton(x, w, odd, None, 2, 16, 16, config={"path": "fold", "swap_ab": swap}, vec=8)
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_folded_gemm_is_offered_where_its_copies_fit_and_refused_elsewhere():
@@ -317,6 +322,7 @@ def test_folded_gemm_is_offered_where_its_copies_fit_and_refused_elsewhere():
         fold = [c for c in candidates(T, 64, 32, 2, 8) if c.get("path") == "fold"]
         assert fold and fold == fold_configs(T, 64, 32, 2, 8)
         assert all(c["BN"] <= 64 and 64 % c["BN"] == 0 and c["KB"] % 32 == 0 for c in fold)
+        assert {c.get("swap_ab", False) for c in fold} == {False, True}
         assert not [c for c in candidates(T, 64, 32, 4, 8) if c.get("path") == "fold"]
         assert not [c for c in candidates(T, 64, 32) if c.get("path") == "fold"]
     assert not [c for T in range(1, GEMV_MAX_T + 1) for c in candidates(T, 64, 32, 2, 8) if c.get("path") == "fold"]
