@@ -563,7 +563,12 @@ CANDIDATES = (DEFAULT, {**DEFAULT, "BQ": 64, "BR": 128, "BP": 32, "BK": 256, "pe
               # linears on an H200, programmatic dependent launches with it gave 1.14x dense, 1.12x without)
               {**DEFAULT, "late": True, "mode": "pdl", "prefetch": 1},
               {**DEFAULT, "late": True, "mode": "pdl", "prefetch": 1, "BQ": 128, "BR": 64, "stages": 3, "BP": 8},
-              {**DEFAULT, "late": True, "mode": "persistent"})
+              {**DEFAULT, "late": True, "mode": "persistent"},
+              # the persistent kernel with the tall-narrow tile: compiled for sm_90, the tiles above with
+              # BR = 256-512 use all 255 registers and spill 300-500 bytes a thread in x·V, this one
+              # needs about 165 and spills nothing (tests/kernels/test_register_spills.py)
+              *({**DEFAULT, "mode": "persistent", "prefetch": pf, "late": late, "BQ": 128, "BR": 64, "stages": 3,
+                 "BP": 8} for pf, late in ((0, False), (1, False), (2, False), (0, True))))
 
 
 def candidates(device, int4: bool = False) -> list[dict]:

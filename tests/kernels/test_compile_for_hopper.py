@@ -119,8 +119,9 @@ def _describe_error(error: BaseException) -> str:
     return "\n-- raised from --\n".join(parts)
 
 
-def compile_launch(spec: dict) -> None:
-    """Compile one recorded launch for :data:`TARGET`; raises whatever the compiler raises."""
+def compile_launch(spec: dict):
+    """Compile one recorded launch for :data:`TARGET` and return the compiled kernel; raises whatever
+    the compiler raises."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -132,7 +133,18 @@ def compile_launch(spec: dict) -> None:
                         "the compile worker must import blastfx without TRITON_INTERPRET")
     signature, constexprs, attrs = kernel_signature(kernel, spec["values"])
     source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
-    triton.compile(source, target=GPUTarget(*TARGET), options=spec["options"])
+    return triton.compile(source, target=GPUTarget(*TARGET), options=spec["options"])
+
+
+def resource_usage(cubin: bytes, path: Path) -> dict:
+    """Registers a thread and stack bytes a thread (where ptxas puts spilled registers) of a cubin's
+    one kernel, as ``cuobjdump -res-usage`` reads them from the binary (written to ``path``)."""
+    path.write_bytes(cubin)
+    done = subprocess.run([cuobjdump_path(), "-res-usage", str(path)], capture_output=True, text=True, timeout=120)
+    found = re.search(r"REG:(\d+) STACK:(\d+)", done.stdout)
+    if done.returncode or not found:
+        raise RuntimeError(f"cuobjdump -res-usage gave no register count: {done.stdout[-500:]} {done.stderr[-500:]}")
+    return {"registers": int(found[1]), "stack": int(found[2])}
 
 
 def _work(specs_path: str, results_path: str) -> None:
@@ -142,12 +154,16 @@ def _work(specs_path: str, results_path: str) -> None:
     with open(results_path, "w") as out:
         for spec in specs:
             start = time.perf_counter()
+            usage = {}
             try:
-                compile_launch(spec)
+                kernel = compile_launch(spec)
+                if spec.get("resources"):
+                    usage = resource_usage(kernel.asm["cubin"], Path(results_path).with_suffix(".cubin"))
                 error = None
             except Exception as e:              # reported by the test of this launch
                 error = _describe_error(e)
-            out.write(json.dumps({"id": spec["id"], "error": error, "seconds": time.perf_counter() - start}) + "\n")
+            out.write(json.dumps({"id": spec["id"], "error": error, "seconds": time.perf_counter() - start, **usage})
+                      + "\n")
             out.flush()
 
 
@@ -582,6 +598,15 @@ def _ptxas_path(nvidia_compiler) -> str | None:
         return None
     path = tool[0] if isinstance(tool, tuple) else getattr(tool, "path", tool)
     return path if isinstance(path, str) and os.path.isfile(path) else None
+
+
+def cuobjdump_path() -> str | None:
+    """The ``cuobjdump`` shipped beside triton's ptxas (it reads a cubin's register use), or None."""
+    from triton.backends.nvidia import compiler as nvidia_compiler
+
+    ptxas = _ptxas_path(nvidia_compiler)
+    path = os.path.join(os.path.dirname(ptxas), "cuobjdump") if ptxas else None
+    return path if path and os.path.isfile(path) and os.access(path, os.X_OK) else None
 
 
 def missing_toolchain() -> str | None:

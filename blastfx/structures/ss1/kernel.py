@@ -239,9 +239,7 @@ def _ss1_folded_gemm_kernel(f_ptr, w_ptr, s_ptr, b_ptr, y_ptr, T, N, K_TILES, SH
     pid_n = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_k = tl.arange(0, KB)
-    sub = offs_k // BK
-    within = offs_k % BK
+    within = tl.arange(0, BK)
     j = (pid_n * BN) // HASH_BN
     m_ok = offs_m < T
     n_ok = offs_n < N
@@ -249,36 +247,39 @@ def _ss1_folded_gemm_kernel(f_ptr, w_ptr, s_ptr, b_ptr, y_ptr, T, N, K_TILES, SH
         acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
+    # a K step covers KB // BK shared tiles, one dot each: the copy index and the rotation are
+    # scalars per tile, so the operand addresses are a plain tile's (a base plus the tile offsets)
     for g0 in range(0, SHARED_TILES, KB // BK):
-        g = g0 + sub
-        g_ok = g < SHARED_TILES
-        s0 = tl.load(s_ptr + (g * R) * sst + j * ssn, mask=g_ok, other=0)
-        v = tl.zeros((KB,), dtype=tl.int64)
-        radix = 1
-        for u in tl.static_range(1, R):
-            i = g * R + u
-            su = tl.load(s_ptr + i * sst + j * ssn, mask=g_ok & (i < K_TILES), other=0)
-            v += (((su - s0) & (BK - 1)) // VEC).to(tl.int64) * radix
-            radix *= G
-        # each shared tile's BK columns of its copy are contiguous, from a multiple of BK
-        acols = tl.max_contiguous(tl.multiple_of(v * sfv + g * BK + within, BK), BK)
-        wcols = _rotated_columns(g, within, -s0, BK, VEC)
-        if SWAP_AB:
-            a = tl.load(f_ptr + offs_m[None, :] * sft + acols[:, None], mask=m_ok[None, :] & g_ok[:, None], other=0.0)
-            wt = tl.load(w_ptr + offs_n[:, None] * swn + wcols[None, :] * swk,
-                         mask=n_ok[:, None] & g_ok[None, :], other=0.0)
-            if UPCAST:
-                acc = tl.dot(wt.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
+        for sub in tl.static_range(KB // BK):
+            g = g0 + sub
+            g_ok = g < SHARED_TILES
+            s0 = tl.load(s_ptr + (g * R) * sst + j * ssn, mask=g_ok, other=0)
+            v = 0
+            radix = 1
+            for u in tl.static_range(1, R):
+                i = g * R + u
+                su = tl.load(s_ptr + i * sst + j * ssn, mask=g_ok & (i < K_TILES), other=0)
+                v += ((su - s0) & (BK - 1)) // VEC * radix
+                radix *= G
+            copy = f_ptr + v.to(tl.int64) * sfv + g * BK
+            k_ok = g * BK + within < SHARED_TILES * BK          # the step's last tiles may be past the end
+            wcols = _rotated_columns(g, within, -s0, BK, VEC)
+            if SWAP_AB:
+                a = tl.load(copy + offs_m[None, :] * sft + within[:, None], mask=m_ok[None, :] & k_ok[:, None], other=0.0)
+                wt = tl.load(w_ptr + offs_n[:, None] * swn + wcols[None, :] * swk, mask=n_ok[:, None] & k_ok[None, :],
+                             other=0.0)
+                if UPCAST:
+                    acc = tl.dot(wt.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(wt, a, acc)
             else:
-                acc = tl.dot(wt, a, acc)
-        else:
-            a = tl.load(f_ptr + offs_m[:, None] * sft + acols[None, :], mask=m_ok[:, None] & g_ok[None, :], other=0.0)
-            wt = tl.load(w_ptr + offs_n[None, :] * swn + wcols[:, None] * swk,
-                         mask=n_ok[None, :] & g_ok[:, None], other=0.0)
-            if UPCAST:
-                acc = tl.dot(a.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, wt, acc)
+                a = tl.load(copy + offs_m[:, None] * sft + within[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                wt = tl.load(w_ptr + offs_n[None, :] * swn + wcols[:, None] * swk, mask=n_ok[None, :] & k_ok[:, None],
+                             other=0.0)
+                if UPCAST:
+                    acc = tl.dot(a.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, wt, acc)
     if SWAP_AB:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
@@ -381,8 +382,8 @@ def fold_configs(T: int, block_n: int, block_k: int, reduction: int, vec: int) -
         tiles = [(16, 64, 128, 4, 4, True), (16, 64, 256, 4, 3, True), (16, 64, 128, 4, 4, False)]
     else:
         tiles = [(128, 64, 64, 8, 3, False), (128, 64, 128, 8, 3, False), (64, 64, 64, 4, 4, False),
-                 (256, 64, 64, 8, 3, False), (256, 64, 64, 4, 3, True), (128, 64, 64, 4, 4, True),
-                 (256, 64, 128, 8, 3, True)]
+                 (256, 64, 64, 8, 3, False), (128, 64, 64, 4, 4, True), (128, 64, 128, 4, 3, True),
+                 (64, 64, 64, 4, 4, True)]
     out = []
     for bm, bn, kb, w, st, swap in tiles:
         c = {"path": "fold", "BM": bm, "BN": min(bn, block_n), "KB": max(kb, block_k), "num_warps": w,
