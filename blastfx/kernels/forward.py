@@ -307,10 +307,15 @@ def decode_config(shape: BlastShape, device, waves: int = 4) -> dict:
 def prefill_configs(shape: BlastShape) -> tuple[list[dict], list[dict]]:
     """(configs of the x·V+mix kernel, configs of the w·U^T kernel) for large T."""
     small_acc = triton.next_power_of_2(shape.b_out) <= 4
-    fused = ([dict(BT=64, BR=64, BQ=64, warps=4), dict(BT=128, BR=64, BQ=64, warps=8)] if small_acc
+    # the x·V kernel holds b_out (BT, BR) fp32 sums of the mix a thread's share: with 64-128 token
+    # tiles on 4 warps per 64 tokens they take half the registers and, compiled for sm_90, spill
+    # 400-640 bytes a thread; the last two tiles hold half as many a thread and spill nothing
+    # (tests/kernels/test_register_spills.py)
+    fused = ([dict(BT=64, BR=64, BQ=64, warps=4), dict(BT=128, BR=64, BQ=64, warps=8),
+              dict(BT=64, BR=64, BQ=64, warps=8), dict(BT=32, BR=64, BQ=64, warps=4)] if small_acc
              else [dict(BT=32, BR=32, BQ=64, warps=4), dict(BT=64, BR=32, BQ=32, warps=8)])
     wu_cfgs = [dict(BT2=128, BP=128, BRU=64, warps2=8, stages2=3), dict(BT2=64, BP=128, BRU=64, warps2=4, stages2=4),
-               dict(BT2=128, BP=256, BRU=32, warps2=8, stages2=3)]
+               dict(BT2=128, BP=256, BRU=32, warps2=8, stages2=3), dict(BT2=64, BP=128, BRU=64, warps2=8, stages2=3)]
     return fused, wu_cfgs
 
 
@@ -418,6 +423,9 @@ def quantized_fused_candidates(T: int, shape: BlastShape, device) -> list[dict]:
     otherwise and under ``torch.use_deterministic_algorithms``."""
     fused, wu_cfgs = prefill_configs(shape)
     whole = [{**f, **wu_cfgs[0]} for f in fused] + [{**fused[0], **w} for w in wu_cfgs[1:]]
+    spill_free = {**fused[-1], **wu_cfgs[-1]}       # both tiles fit in registers with codes too
+    if spill_free not in whole:
+        whole.append(spill_free)
     if T > DECODE_MAX_T or torch.are_deterministic_algorithms_enabled():
         return whole
     return [decode_config(shape, device, 4), decode_config(shape, device, 8)] + whole[:1]

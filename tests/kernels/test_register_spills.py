@@ -12,6 +12,9 @@ from its cubin with ``cuobjdump -res-usage``:
   launch, one persistent launch) and each of its stages has at least one tile among the
   autotuner's candidates that spills nothing, so the autotuner always has one to pick (wider
   tiles may spill; whether that costs more than it gains is the GPU's to measure);
+* the fused prefill kernels (x·V with the mix, then w·Uᵀ) have a spill-free tile for float factors
+  and for each code format (int8, float8, packed int4): the mix's b_out sums of a (tokens, rank)
+  tile, a thread's share of them, are what overflows the wider tiles;
 * the MLP chain's middle kernel and the SS1 folded GEMM spill in none of their bf16/fp16 tiles.
 """
 from __future__ import annotations
@@ -26,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import test_compile_for_hopper as hopper  # noqa: E402
 
 GEMV = ("_gemv_decode_kernel", "_gemv_group_kernel")
+FUSED = ("_xv_mix_kernel", "_wu_kernel")
 NO_SPILL = ("_mlp_mid_kernel", "_ss1_folded_gemm_kernel")
 
 
@@ -44,6 +48,8 @@ def _half_precision(launch) -> bool:
 def _selected(launch) -> bool:
     if launch.kernel in GEMV:       # the float decode at one token, as Llama-shaped layers run it
         return _value(launch, "BT") == 1 and _value(launch, "QUANT") == 0 and _pointer(launch, "x_ptr") == "*bf16"
+    if launch.kernel in FUSED:      # the prefill tiles (the decode splits use 16-token tiles)
+        return _value(launch, "BT") >= 32 and _half_precision(launch)
     return launch.kernel in NO_SPILL and _half_precision(launch)
 
 
@@ -75,6 +81,19 @@ def test_every_decode_launch_mode_and_stage_has_a_tile_that_does_not_spill(usage
             stacks[(launch.kernel, _mode(launch), _value(launch, "STAGE"))].append((used["stack"], used["registers"], i))
     modes = {(kernel, mode) for kernel, mode, _ in stacks}
     assert {(k, m) for k in GEMV for m in ("two", "pdl", "persistent")} <= modes, sorted(modes)
+    for key, found in sorted(stacks.items()):
+        assert min(stack for stack, _, _ in found) == 0, (key, sorted(found)[:4])
+
+
+def test_fused_prefill_kernels_have_a_tile_that_does_not_spill_for_every_factor_format(usage):
+    stacks = defaultdict(list)
+    for i, (launch, used) in usage.items():
+        if launch.kernel in FUSED:
+            factor = "v_ptr" if launch.kernel == "_xv_mix_kernel" else "u_ptr"
+            key = (launch.kernel, _pointer(launch, factor), _pointer(launch, "y_ptr" if factor == "u_ptr" else "x_ptr"))
+            stacks[key].append((used["stack"], used["registers"], i))
+    formats = {k[1] for k in stacks}
+    assert {"*bf16", "*i8", "*u8", "*fp8e4nv"} <= formats, sorted(formats)
     for key, found in sorted(stacks.items()):
         assert min(stack for stack, _, _ in found) == 0, (key, sorted(found)[:4])
 
