@@ -9,8 +9,8 @@ as the launchers make them on a Hopper GPU), the register use and stack of each 
 from its cubin with ``cuobjdump -res-usage``:
 
 * each launch mode of the one-layer and grouped decode GEMV (two launches, programmatic dependent
-  launch, one persistent launch) and each of its stages has at least one tile among the
-  autotuner's candidates that spills nothing, so the autotuner always has one to pick (wider
+  launch, one persistent launch) and each of its stages, reading float factors or int8 codes, has
+  at least one tile among the autotuner's candidates that spills nothing, so the autotuner always has one to pick (wider
   tiles may spill; whether that costs more than it gains is the GPU's to measure);
 * the fused prefill kernels (x·V with the mix, then w·Uᵀ) have a spill-free tile for float factors
   and for each code format (int8, float8, packed int4): the mix's b_out sums of a (tokens, rank)
@@ -46,8 +46,8 @@ def _half_precision(launch) -> bool:
 
 
 def _selected(launch) -> bool:
-    if launch.kernel in GEMV:       # the float decode at one token, as Llama-shaped layers run it
-        return _value(launch, "BT") == 1 and _value(launch, "QUANT") == 0 and _pointer(launch, "x_ptr") == "*bf16"
+    if launch.kernel in GEMV:       # float and int8 factors at one token, as Llama-shaped layers run them
+        return _value(launch, "BT") == 1 and _value(launch, "QUANT") in (0, 8) and _pointer(launch, "x_ptr") == "*bf16"
     if launch.kernel in FUSED:      # the prefill tiles (the decode splits use 16-token tiles)
         return _value(launch, "BT") >= 32 and _half_precision(launch)
     return launch.kernel in NO_SPILL and _half_precision(launch)
@@ -78,9 +78,14 @@ def test_every_decode_launch_mode_and_stage_has_a_tile_that_does_not_spill(usage
     stacks = defaultdict(list)
     for i, (launch, used) in usage.items():
         if launch.kernel in GEMV:
-            stacks[(launch.kernel, _mode(launch), _value(launch, "STAGE"))].append((used["stack"], used["registers"], i))
-    modes = {(kernel, mode) for kernel, mode, _ in stacks}
-    assert {(k, m) for k in GEMV for m in ("two", "pdl", "persistent")} <= modes, sorted(modes)
+            factor = _pointer(launch, "v_ptr" if launch.kernel == "_gemv_decode_kernel" else "anchor_ptr")
+            if factor not in ("*bf16", "*i8"):      # float8 codes share int8's tile code; one tile is compiled
+                continue
+            key = (launch.kernel, factor, _mode(launch), _value(launch, "STAGE"))
+            stacks[key].append((used["stack"], used["registers"], i))
+    modes = {(kernel, factor, mode) for kernel, factor, mode, _ in stacks}
+    assert {(k, f, m) for k in GEMV for f in ("*bf16", "*i8") for m in ("two", "pdl", "persistent")} <= modes, \
+        sorted(modes)
     for key, found in sorted(stacks.items()):
         assert min(stack for stack, _, _ in found) == 0, (key, sorted(found)[:4])
 
