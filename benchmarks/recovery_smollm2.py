@@ -114,10 +114,11 @@ def progress_lines(model, windows, base, args, done_seconds, checks=None):
             print(f"  step {step}: KD loss {loss:.4f}, {seconds / 60:.1f} min", flush=True)
             due["log"] += args.log_every
         if seconds >= due["eval"]:
+            was_training = model.training
             model.eval()
             with torch.compiler.set_stance("force_eager"):    # no no-grad graphs compiled for a check
                 ppl = perplexity(model, windows)
-            model.train()
+            model.train(was_training)
             print(f"  step {step}: held-out perplexity {ppl:.2f} ({ppl / base:.3f}x dense) after {seconds / 60:.1f} "
                   "min", flush=True)
             if checks is not None:

@@ -1,9 +1,13 @@
-"""Recovery training: distill the dense model's logits into the compressed one.
+"""Recovery training: distill the dense model's outputs into the compressed one.
 
-A plain PyTorch loop (no Trainer needed): for each batch of ``input_ids`` the teacher's logits are
-computed under ``no_grad`` and the student minimizes the KL divergence to them (temperature
-``temperature``), optionally mixed with next-token cross-entropy. Only BLAST factors (and, by
-default, norm weights) are trained; everything else is frozen, which keeps optimizer memory small.
+A plain PyTorch loop (no Trainer needed): for each batch of ``input_ids`` the teacher's outputs are
+computed under ``no_grad`` and the student matches them. A language model (its output has
+``logits``) minimizes the KL divergence to the teacher's next-token distribution (temperature
+``temperature``), optionally mixed with next-token cross-entropy; an encoder (its output has only
+``last_hidden_state``, as a BERT-style sentence encoder's) minimizes the squared error of its token
+states relative to the teacher's, over the tokens the attention mask keeps: what a pooled sentence
+embedding is made of. Only the compressed layers (and, by default, norm weights) are trained;
+everything else is frozen, which keeps optimizer memory small.
 Works the same on CPU and GPU (the models' device). ``teacher_generate`` makes training text
 from the teacher itself when the user has none.
 """
@@ -124,13 +128,71 @@ def distillation_loss(student_logits, teacher_logits, temperature: float = 1.0):
     return F.kl_div(s.flatten(0, -2), p.flatten(0, -2), log_target=True, reduction="batchmean") * t * t
 
 
+def hidden_state_loss(student_hidden, teacher_hidden, mask=None):
+    """Squared error of the student's token states relative to the teacher's: sum over the kept
+    tokens of ||s - t||^2 over the sum of ||t||^2 (0 when equal, 1 for a student that outputs zeros,
+    whatever the states' scale). ``mask`` (batch, tokens): 1 for tokens that count (padding: 0)."""
+    diff = (student_hidden.float() - teacher_hidden.float()).square().sum(-1)
+    ref = teacher_hidden.float().square().sum(-1)
+    if mask is not None:
+        keep = mask.to(diff.dtype)
+        diff, ref = diff * keep, ref * keep
+    return diff.sum() / ref.sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+OBJECTIVES = ("logits", "hidden")
+
+
+def _distill_loss(objective: str, s_out, t_out, ids, mask, temperature: float, ce_weight: float):
+    """The step's loss; with an attention ``mask`` only real tokens count (for logits: positions
+    whose token and next token are both real)."""
+    if objective == "hidden":
+        return hidden_state_loss(s_out.last_hidden_state, t_out.last_hidden_state, mask)
+    s_logits, t_logits, targets = s_out.logits[:, :-1], t_out.logits[:, :-1], ids[:, 1:]
+    if mask is not None:
+        keep = mask[:, :-1].bool() & mask[:, 1:].bool()
+        s_logits, t_logits, targets = s_logits[keep], t_logits[keep], targets[keep]
+    loss = distillation_loss(s_logits, t_logits, temperature)
+    if ce_weight:
+        loss = loss + ce_weight * F.cross_entropy(s_logits.flatten(0, -2).float(), targets.flatten())
+    return loss
+
+
+def _objective_of(output, objective: str | None) -> str:
+    """The objective a model output supports: "logits" where it has them, else "hidden" where it
+    has ``last_hidden_state``; a requested one it lacks is an error naming what it has."""
+    has = {"logits": getattr(output, "logits", None) is not None,
+           "hidden": getattr(output, "last_hidden_state", None) is not None}
+    if objective is None:
+        objective = "logits" if has["logits"] else "hidden" if has["hidden"] else None
+        if objective is None:
+            raise ValueError(f"the teacher's output ({type(output).__name__}) has neither logits nor "
+                             "last_hidden_state: finetune distills one of them")
+    if not has[objective]:
+        field = "logits" if objective == "logits" else "last_hidden_state"
+        raise ValueError(f"objective={objective!r} distills the output's {field}, which the teacher's output "
+                         f"({type(output).__name__}) does not have")
+    return objective
+
+
 def finetune(model: nn.Module, teacher: nn.Module, batches, *, steps: int = 100, lr: float = 1e-4,
              temperature: float = 1.0, ce_weight: float = 0.0, train_norms: bool = True,
              warmup: int = 10, grad_clip: float = 1.0, progress: bool = True, log_every: int = 10,
              max_seconds: float | None = None, amp: bool | None = None, state: FinetuneState | None = None,
-             callback=None):
+             callback=None, objective: str | None = None, dropout: bool = False):
     """Distill ``teacher`` into the compressed ``model`` for ``steps`` optimizer steps over ``batches``
-    (cycled), each a tensor of input_ids or a dict with "input_ids". Returns the list of losses.
+    (cycled), each a tensor of input_ids or a dict with "input_ids" (and, for padded text, an
+    "attention_mask", passed to both models). Returns the list of losses.
+
+    ``objective``: "logits" (KL divergence to the teacher's next-token distribution; ``temperature``
+    and ``ce_weight`` apply), "hidden" (:func:`hidden_state_loss` on ``last_hidden_state``, for
+    encoders; the attention mask, if given, leaves padding out), or None: "logits" if the teacher's
+    output has logits, else "hidden".
+
+    ``dropout``: False (default) trains the student in eval mode, as block reconstruction does: the
+    targets are the teacher's deterministic outputs, and dropout noise (a BERT's 0.1) only hides
+    them (on a small encoder it made the held-out error grow while the loss fell). True trains in
+    training mode, which HF models also need for gradient checkpointing.
 
     ``max_seconds`` turns it into a time budget: training stops when it is spent and the cosine
     learning-rate schedule runs on whichever of steps or time is further along, so a time-boxed run
@@ -141,11 +203,17 @@ def finetune(model: nn.Module, teacher: nn.Module, batches, *, steps: int = 100,
     state's, ``steps`` and ``max_seconds`` only bound this call, and the state is updated in place.
 
     ``callback(step, loss, seconds)``, if given, runs after every step (step and seconds counted over
-    the whole run, as in the state): for logging, or evaluating a long run as it goes. The model is
-    in training mode when it is called; a callback that evaluates must put it back.
+    the whole run, as in the state): for logging, or evaluating a long run as it goes. With
+    ``dropout=True`` the model is in training mode when it is called; a callback that evaluates
+    must put it back.
     """
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
+    if objective is not None and objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES} or None (chosen from the output), got {objective!r}")
+    if objective == "hidden" and ce_weight:
+        raise ValueError("ce_weight mixes in next-token cross-entropy, which needs logits: "
+                         "use it with objective='logits'")
     if max_seconds is not None and max_seconds <= 0:
         raise ValueError(f"max_seconds must be positive, got {max_seconds}")
     batches = list(batches)
@@ -174,7 +242,7 @@ def finetune(model: nn.Module, teacher: nn.Module, batches, *, steps: int = 100,
         amp = device.type == "cuda"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
     teacher.eval()
-    model.train()
+    model.train(dropout)
     losses = []
     it = range(steps)
     if progress:
@@ -183,34 +251,41 @@ def finetune(model: nn.Module, teacher: nn.Module, batches, *, steps: int = 100,
     first = run.batch % len(batches)
     source = itertools.cycle(batches[first:] + batches[:first])
     t_kwargs, s_kwargs = no_cache_kwargs(teacher), no_cache_kwargs(model)
-    for step in it:
-        batch = next(source)
-        ids = (batch["input_ids"] if isinstance(batch, dict) else batch).to(device)
-        with torch.no_grad(), autocast:
-            t_logits = teacher(input_ids=ids, **t_kwargs).logits
-        with autocast:
-            s_logits = model(input_ids=ids, **s_kwargs).logits
-        loss = distillation_loss(s_logits[:, :-1], t_logits[:, :-1], temperature)
-        if ce_weight:
-            loss = loss + ce_weight * F.cross_entropy(s_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if progress and step % log_every == 0:
-            it.set_postfix(loss=f"{loss.item():.4f}")
-        elapsed = time.perf_counter() - start
-        if callback is not None:
-            callback(run.step + step + 1, losses[-1], run.seconds + elapsed)
-        if (max_seconds is not None and elapsed >= max_seconds) or run.progress(step + 1, elapsed) >= 1.0:
-            break
+    try:
+        for step in it:
+            batch = next(source)
+            ids = (batch["input_ids"] if isinstance(batch, dict) else batch).to(device)
+            mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+            extra = {} if mask is None else {"attention_mask": mask.to(device)}
+            with torch.no_grad(), autocast:
+                t_out = teacher(input_ids=ids, **extra, **t_kwargs)
+            if step == 0:
+                objective = _objective_of(t_out, objective)
+                if objective == "hidden" and ce_weight:
+                    raise ValueError("ce_weight mixes in next-token cross-entropy, which needs logits; the "
+                                     f"teacher's output ({type(t_out).__name__}) has none")
+            with autocast:
+                s_out = model(input_ids=ids, **extra, **s_kwargs)
+            loss = _distill_loss(objective, s_out, t_out, ids, extra.get("attention_mask"), temperature, ce_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            if progress and step % log_every == 0:
+                it.set_postfix(loss=f"{loss.item():.4f}")
+            elapsed = time.perf_counter() - start
+            if callback is not None:
+                callback(run.step + step + 1, losses[-1], run.seconds + elapsed)
+            if (max_seconds is not None and elapsed >= max_seconds) or run.progress(step + 1, elapsed) >= 1.0:
+                break
+    finally:
+        model.eval()                        # also when a batch or a callback raises
     run.step += len(losses)
     run.seconds += time.perf_counter() - start
     run.batch = (first + len(losses)) % len(batches)
     run.optimizer = opt.state_dict()
-    model.eval()
     return losses
 
 

@@ -178,3 +178,112 @@ def test_finetune_state_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="does not fit this model's trainable parameters"):
         finetune(student, teacher, train, steps=1, state=other, train_norms=False, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt", "other.pt"]   # nothing half-written
+
+
+# ---------------------------------------------------------------------------------------------
+# encoders: distilling hidden states
+
+
+def test_hidden_state_loss_known_values_and_mask():
+    from blastfx.llm.recovery import hidden_state_loss
+    t = torch.randn(2, 5, 8)
+    assert hidden_state_loss(t, t).item() == 0.0
+    assert hidden_state_loss(torch.zeros_like(t), t).item() == pytest.approx(1.0)
+    s = t + 0.1 * torch.randn_like(t)
+    want = ((s - t).double().square().sum() / t.double().square().sum()).item()
+    assert hidden_state_loss(s, t).item() == pytest.approx(want, rel=1e-5)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    poisoned_s, poisoned_t = s.clone(), t.clone()
+    poisoned_s[0, 3:], poisoned_t[0, 3:] = 1e6, -1e6                 # padding: must not count
+    keep = mask.bool()
+    want = ((s - t)[keep].double().square().sum() / t[keep].double().square().sum()).item()
+    assert hidden_state_loss(poisoned_s, poisoned_t, mask).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_logit_distillation_leaves_padding_out():
+    """With an attention mask, positions whose token or next token is padding do not count: garbage
+    teacher logits there leave the loss unchanged, at a real position they change it."""
+    from types import SimpleNamespace
+
+    from blastfx.llm.recovery import _distill_loss
+    s, t = torch.randn(2, 6, 11), torch.randn(2, 6, 11)
+    ids = torch.randint(0, 11, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    base = _distill_loss("logits", SimpleNamespace(logits=s), SimpleNamespace(logits=t), ids, mask, 1.0, 0.5)
+    padded = t.clone()
+    padded[0, 3:] = 50 * torch.randn(3, 11)                          # position 3 predicts a padding token
+    same = _distill_loss("logits", SimpleNamespace(logits=s), SimpleNamespace(logits=padded), ids, mask, 1.0, 0.5)
+    assert same.item() == pytest.approx(base.item(), rel=1e-6)
+    real = t.clone()
+    real[0, 2] = 50 * torch.randn(11)
+    assert _distill_loss("logits", SimpleNamespace(logits=s), SimpleNamespace(logits=real), ids, mask, 1.0,
+                         0.5).item() != pytest.approx(base.item(), rel=1e-3)
+
+
+def _padded_batches(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 128, (4, 20), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 12:] = mask[3, 7:] = 0
+        out.append({"input_ids": ids * mask, "attention_mask": mask})
+    return out
+
+
+def test_encoder_distillation_recovers_teacher_hidden_states():
+    """A BERT encoder has no logits: finetune distills its token states (objective chosen from the
+    output), with the batches' attention masks, and the held-out error drops; embeddings stay frozen."""
+    from blastfx.llm.recovery import hidden_state_loss
+    torch.manual_seed(0)
+    teacher = models.tiny_bert().eval()
+    student = blastfx.compress(copy.deepcopy(teacher), 0.4, config=BlastConfig(progress=False))
+    (held,) = _padded_batches(1, seed=99)
+
+    def error():
+        with torch.no_grad():
+            return hidden_state_loss(student(**held).last_hidden_state, teacher(**held).last_hidden_state,
+                                     held["attention_mask"]).item()
+
+    before = error()
+    frozen = student.embeddings.word_embeddings.weight.clone()
+    losses = finetune(student, teacher, _padded_batches(4, seed=1), steps=40, lr=1e-3, progress=False)
+    assert error() < 0.7 * before and losses[-1] < losses[0]
+    assert torch.equal(student.embeddings.word_embeddings.weight, frozen)
+    assert not student.training
+
+
+def test_finetune_objective_errors_name_the_problem_and_leave_the_model_unchanged():
+    torch.manual_seed(0)
+    teacher = models.tiny_bert().eval()
+    student = blastfx.compress(copy.deepcopy(teacher), 0.4, config=BlastConfig(progress=False))
+    before = copy.deepcopy(student.state_dict())
+    batches = _padded_batches(1, seed=3)
+    with pytest.raises(ValueError, match="objective must be one of .* got 'kl'"):
+        finetune(student, teacher, batches, steps=2, progress=False, objective="kl")
+    with pytest.raises(ValueError, match="objective='logits' distills the output's logits, which the teacher's "
+                                         "output .* does not have"):
+        finetune(student, teacher, batches, steps=2, progress=False, objective="logits")
+    with pytest.raises(ValueError, match="ce_weight .* needs logits"):
+        finetune(student, teacher, batches, steps=2, progress=False, ce_weight=0.5)
+    with pytest.raises(ValueError, match="ce_weight .* needs logits"):
+        finetune(student, teacher, batches, steps=2, progress=False, ce_weight=0.5, objective="hidden")
+    after = student.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and not student.training
+    llama = models.tiny_llama()
+    small = blastfx.compress(copy.deepcopy(llama), 0.4, config=BlastConfig(progress=False))
+    with pytest.raises(ValueError, match="objective='hidden' distills the output's last_hidden_state, which the "
+                                         "teacher's output \\(CausalLMOutputWithPast\\) does not have"):
+        finetune(small, llama, [torch.randint(3, 128, (2, 12))], steps=2, progress=False, objective="hidden")
+
+
+def test_dropout_is_off_unless_asked():
+    """By default the student trains in eval mode (no dropout noise against a deterministic teacher);
+    dropout=True trains in training mode. Seen from a callback, and the model ends in eval mode."""
+    teacher = models.tiny_bert().eval()
+    student = blastfx.compress(copy.deepcopy(teacher), 0.5, config=BlastConfig(progress=False))
+    for dropout in (False, True):
+        seen = []
+        finetune(student, teacher, _padded_batches(1, seed=5), steps=2, progress=False, dropout=dropout,
+                 callback=lambda *_: seen.append(student.training))
+        assert seen == [dropout, dropout] and not student.training
