@@ -102,19 +102,25 @@ def test_cuda_core_form_is_offered_and_checked_only_at_decode_sizes():
         ss1_matmul_triton(torch.randn(2, 64), w, L.shifts(), None, 2, 16, 16, config={"path": "gemv", "KB": 24})
 
 
-@pytest.mark.parametrize("T,cfg", [(5, None), (3, {"path": "gemv", "BN": 16, "KB": 64})], ids=["tensor-core", "gemv"])
-def test_kernel_reads_only_the_shared_weight_and_the_real_inputs(T, cfg):
-    """Strided views into NaN-filled buffers: a read past the shared weight's columns, past the last
-    input feature, past the last row or token would make the output NaN (the CUDA-core form with a
-    K step of four shared tiles, so its last step reaches past the shared columns)."""
-    L = SS1Layout(37, 70, 4, seed=5, block_k=16, block_n=16)
+def _in_nan_buffers(L, T: int):
+    """(x, weight, bias) of random values for layout ``L`` and T tokens, each a strided view into a
+    larger NaN-filled buffer: a kernel reading past any of them gives NaN."""
     xbuf = torch.full((T + 3, L.in_features + 40), float("nan"))
     xbuf[:T, :L.in_features] = torch.randn(T, L.in_features)
     wbuf = torch.full((L.out_features + 9, L.shared_in_features + 64), float("nan"))
     wbuf[:L.out_features, :L.shared_in_features] = torch.randn(L.weight_shape)
     bbuf = torch.full((L.out_features + 7,), float("nan"))
     bbuf[:L.out_features] = torch.randn(L.out_features)
-    x, w, b = xbuf[:T, :L.in_features], wbuf[:L.out_features, :L.shared_in_features], bbuf[:L.out_features]
+    return xbuf[:T, :L.in_features], wbuf[:L.out_features, :L.shared_in_features], bbuf[:L.out_features]
+
+
+@pytest.mark.parametrize("T,cfg", [(5, None), (3, {"path": "gemv", "BN": 16, "KB": 64})], ids=["tensor-core", "gemv"])
+def test_kernel_reads_only_the_shared_weight_and_the_real_inputs(T, cfg):
+    """Strided views into NaN-filled buffers: a read past the shared weight's columns, past the last
+    input feature, past the last row or token would make the output NaN (the CUDA-core form with a
+    K step of four shared tiles, so its last step reaches past the shared columns)."""
+    L = SS1Layout(37, 70, 4, seed=5, block_k=16, block_n=16)
+    x, w, b = _in_nan_buffers(L, T)
     y = ss1_matmul_triton(x, w, L.shifts(), b, L.reduction, L.block_k, L.block_n, config=cfg)
     assert bool(torch.isfinite(y).all())
     _check(y, x.contiguous(), w.contiguous(), b.contiguous(), L, torch.float32)
@@ -285,14 +291,7 @@ def test_folded_gemm_reads_only_the_shared_weight_and_the_real_inputs():
     would make the output NaN (a K step of two shared tiles over 5 of them leaves a masked half)."""
     L = SS1Layout(37, 16 * 10 - 7, 2, seed=5, block_k=16, block_n=16)
     assert L.shared_tiles == 5
-    T = 19
-    xbuf = torch.full((T + 3, L.in_features + 40), float("nan"))
-    xbuf[:T, :L.in_features] = torch.randn(T, L.in_features)
-    wbuf = torch.full((L.out_features + 9, L.shared_in_features + 64), float("nan"))
-    wbuf[:L.out_features, :L.shared_in_features] = torch.randn(L.weight_shape)
-    bbuf = torch.full((L.out_features + 7,), float("nan"))
-    bbuf[:L.out_features] = torch.randn(L.out_features)
-    x, w, b = xbuf[:T, :L.in_features], wbuf[:L.out_features, :L.shared_in_features], bbuf[:L.out_features]
+    x, w, b = _in_nan_buffers(L, 19)
     for swap in (False, True):
         y = ss1_matmul_triton(x, w, L.shifts(), b, 2, 16, 16, vec=L.vec,
                               config={"path": "fold", "BM": 16, "BN": 16, "KB": 32, "swap_ab": swap})
