@@ -12,8 +12,9 @@ from its cubin with ``cuobjdump -res-usage``:
   launch, one persistent launch) and each of its stages, reading float factors or int8 codes, has
   at least one tile among the autotuner's candidates that spills nothing, so the autotuner always has one to pick (wider
   tiles may spill; whether that costs more than it gains is the GPU's to measure);
-* the fused prefill kernels (x·V with the mix, then w·Uᵀ) have a spill-free tile for float factors
-  and for each code format (int8, float8, packed int4): the mix's b_out sums of a (tokens, rank)
+* the fused prefill kernels (x·V with the mix, then w·Uᵀ) have a spill-free tile, in bf16 and fp16
+  and for each block count recorded, for float factors and for each code format (int8, float8,
+  packed int4): the mix's b_out sums of a (tokens, rank)
   tile, a thread's share of them, are what overflows the wider tiles;
 * the MLP chain's middle kernel and the SS1 folded GEMM spill in none of their bf16/fp16 tiles.
 """
@@ -34,7 +35,8 @@ NO_SPILL = ("_mlp_mid_kernel", "_ss1_folded_gemm_kernel")
 
 
 def _value(launch, name):
-    return dict(dict(launch.values)[name]).get("value")
+    """A constexpr's or other plain value of the launch (None for an argument the kernel lacks)."""
+    return dict(dict(launch.values).get(name, ())).get("value")
 
 
 def _pointer(launch, name):
@@ -95,9 +97,10 @@ def test_fused_prefill_kernels_have_a_tile_that_does_not_spill_for_every_factor_
     for i, (launch, used) in usage.items():
         if launch.kernel in FUSED:
             factor = "v_ptr" if launch.kernel == "_xv_mix_kernel" else "u_ptr"
-            key = (launch.kernel, _pointer(launch, factor), _pointer(launch, "y_ptr" if factor == "u_ptr" else "x_ptr"))
+            key = (launch.kernel, _value(launch, "B_OUT"), _pointer(launch, factor),
+                   _pointer(launch, "y_ptr" if factor == "u_ptr" else "x_ptr"))
             stacks[key].append((used["stack"], used["registers"], i))
-    formats = {k[1] for k in stacks}
+    formats = {k[2] for k in stacks}
     assert {"*bf16", "*i8", "*u8", "*fp8e4nv"} <= formats, sorted(formats)
     for key, found in sorted(stacks.items()):
         assert min(stack for stack, _, _ in found) == 0, (key, sorted(found)[:4])

@@ -39,6 +39,9 @@ rotations select and the weight tile at the first tile's rotation: half the mult
 dense GEMM at reduction 2, an unmodified A operand (straight from memory into the tensor cores) and
 half the input traffic of the in-register fold. Offered where the copies stay within
 ``FOLD_MAX_COPIES`` times the input (reduction 2 at the default 32-wide tiles and 8-wide vectors).
+The copies are indexed by rotations in units of ``vec``, so this path relies on the op's promise
+that every shift is a multiple of ``vec`` (a layout's always are) more than the others do: a shift
+off that grid selects a wrong copy, where the other paths only lose their vector loads.
 Under ``TRITON_INTERPRET=1`` (CPU tests) the dot runs on fp32 operands (the interpreter's bf16 dot
 is wrong); fp32 inputs always use IEEE dots, never TF32.
 """
@@ -215,7 +218,7 @@ def _ss1_fold_kernel(x_ptr, f_ptr, T, K, SHARED_TILES, sxt, sxk, sfv, sft, sfk,
         xt = tl.load(x_ptr + offs_t[:, None] * sxt + cols[None, :] * sxk,
                      mask=t_ok[:, None] & (g_ok & (cols < K))[None, :], other=0.0)
         a += xt.to(tl.float32)
-    tl.store(f_ptr + v * sfv + offs_t[:, None] * sft + offs_k[None, :] * sfk, a.to(f_ptr.dtype.element_ty),
+    tl.store(f_ptr + v.to(tl.int64) * sfv + offs_t[:, None] * sft + offs_k[None, :] * sfk, a.to(f_ptr.dtype.element_ty),
              mask=t_ok[:, None] & g_ok[None, :])
 
 
@@ -444,6 +447,21 @@ def _launch_gemv(x2, weight, shifts, bias, y, reduction, block_k, block_n, vec, 
     return y
 
 
+LAUNCH_KEYS = {"num_warps", "num_stages"}
+PATH_KEYS = {"kernel": {"BM", "BN", "KB"}, "gemv": {"BN", "KB"}, "fold": {"BM", "BN", "KB", "swap_ab"}}
+
+
+def _check_keys(path: str, cfg: dict) -> None:
+    """A config's keys are its path's tile keys and launch options: anything else (a typo, another
+    path's key) is an error here rather than a launch error on a GPU and silence in the interpreter."""
+    unknown = set(cfg) - PATH_KEYS[path] - LAUNCH_KEYS
+    if unknown:
+        raise ValueError(f"config path={path!r} takes no {sorted(unknown)} (only "
+                         f"{sorted(PATH_KEYS[path] | LAUNCH_KEYS)})")
+    if "swap_ab" in cfg and not isinstance(cfg["swap_ab"], bool):
+        raise ValueError(f"config swap_ab must be True or False, got {cfg['swap_ab']!r}")
+
+
 def _tensor_core_tile(cfg: dict, block_k: int, block_n: int) -> tuple[int, int, int]:
     """Pop and check (BM, BN, KB) of a tensor-core config: BN inside one hash tile, KB whole shared
     tiles."""
@@ -466,7 +484,7 @@ def _launch_fold(x2, weight, shifts, bias, y, reduction, block_k, block_n, vec, 
             f"reduction={reduction} with block_k={block_k}, vec={vec} makes {fold_variants(reduction, block_k, vec)} "
             f"copies of 1/{reduction} of it")
     BM, BN, KB = tile
-    swap = bool(cfg.pop("swap_ab", False))
+    swap = cfg.pop("swap_ab", False)
     f = fold_triton(x2, weight.shape[1], reduction, block_k, vec, dtype=weight.dtype)
     _ss1_folded_gemm_kernel[grid](
         f, weight, shifts, bias if bias is not None else weight, y, x2.shape[0], weight.shape[0],
@@ -485,6 +503,8 @@ def _launch(x2, weight, shifts, bias, y, reduction, block_k, block_n, vec, cfg):
     path = cfg.pop("path", "kernel")
     if path not in ("kernel", "dense", "expand", "gemv", "fold"):
         raise ValueError(f"config path={path!r}: expected 'kernel', 'gemv', 'fold', 'dense' or 'expand'")
+    if path in PATH_KEYS:
+        _check_keys(path, cfg)
     if path == "gemv":
         return _launch_gemv(x2, weight, shifts, bias, y, reduction, block_k, block_n, vec, cfg)
     if path in ("dense", "expand"):
@@ -544,8 +564,8 @@ def ss1_matmul_triton(x: torch.Tensor, weight: torch.Tensor, shifts: torch.Tenso
         if path in ("dense", "expand"):
             base = {}                               # the config names its path; these take no tile
         else:
-            base = gemv_configs(T, block_n, block_k)[0] if path == "gemv" and T <= GEMV_MAX_T else \
-                kernel_config(T, block_n, block_k)
+            base = kernel_config(T, block_n, block_k) if path != "gemv" else \
+                gemv_configs(T, block_n, block_k)[0] if T <= GEMV_MAX_T else {}     # past 4 tokens: an error
         cfg = {**base, **(config or {})}
     else:
         key = tuning_key(T, weight, in_features, reduction, block_k, block_n, vec, x.dtype, bias is not None,

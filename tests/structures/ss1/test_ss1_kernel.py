@@ -178,6 +178,20 @@ def test_dense_path_matches_the_float64_oracle(dtype):
             _check(y.reshape(-1, L.out_features), x.reshape(-1, L.in_features), w, bias, L, dtype)
 
 
+def test_unknown_config_keys_are_refused_before_launching():
+    L = SS1Layout(20, 64, 2, block_k=16, block_n=16)
+    x, w = torch.randn(8, 64), torch.randn(L.weight_shape)
+    with pytest.raises(ValueError, match=r"config path='kernel' takes no \['swap_ab'\]"):
+        ss1_matmul_triton(x, w, L.shifts(), None, 2, 16, 16, config={"swap_ab": True}, vec=8)
+    with pytest.raises(ValueError, match=r"config path='gemv' takes no \['BM'\]"):
+        ss1_matmul_triton(x[:2], w, L.shifts(), None, 2, 16, 16, config={"path": "gemv", "BM": 16}, vec=8)
+    with pytest.raises(ValueError, match=r"config path='fold' takes no \['bogus'\] \(only \['BM', 'BN', 'KB', "
+                                         r"'num_stages', 'num_warps', 'swap_ab'\]\)"):
+        ss1_matmul_triton(x, w, L.shifts(), None, 2, 16, 16, config={"path": "fold", "bogus": 1}, vec=8)
+    with pytest.raises(ValueError, match="config swap_ab must be True or False, got 'no'"):
+        ss1_matmul_triton(x, w, L.shifts(), None, 2, 16, 16, config={"path": "fold", "swap_ab": "no"}, vec=8)
+
+
 def test_empty_tokens_and_bad_config():
     L = SS1Layout(20, 64, 2, block_k=16, block_n=16)
     w = torch.randn(L.weight_shape)
@@ -261,16 +275,16 @@ def test_folded_gemm_matches_reference_on_fuzzed_shapes(case):
         _check(y, x, w, b, L, dtype)
 
 
-@pytest.mark.parametrize("r,bk", [(2, 16), (2, 32), (4, 16)])
-def test_folded_copies_are_the_group_sums_for_every_relative_rotation(r, bk):
+@pytest.mark.parametrize("r,bk,tiles", [(2, 16, 4), (2, 32, 3), (4, 16, 8), (4, 16, 5)])
+def test_folded_copies_are_the_group_sums_for_every_relative_rotation(r, bk, tiles):
     """Copy v, shared column g*bk + c: the sum over the group's tiles u of x at column
     (c + d_u) mod bk of tile g*r + u, d_0 = 0 and d_u the u-th base-G digit of v times vec, zero
-    past the last input feature; built here one integer at a time. Integer-valued inputs make
-    every sum exact."""
+    past the last input feature; built here one integer at a time, with a ragged last tile and
+    (3 or 5 tiles) a last group of fewer than r tiles. Integer-valued inputs make every sum exact."""
     vec, T = 8, 3
     G = bk // vec
-    in_f = bk * (2 * r) - 5                                     # a ragged last tile
-    shared_in = -(-in_f // bk) // r * bk + (bk if -(-in_f // bk) % r else 0)
+    in_f = bk * tiles - 5
+    shared_in = -(-tiles // r) * bk
     x = torch.randint(-50, 50, (T, in_f)).float()
     got = fold_triton(x, shared_in, r, bk, vec)
     assert got.shape == (fold_variants(r, bk, vec), T, shared_in) == (G ** (r - 1), T, shared_in)
@@ -315,8 +329,7 @@ def test_folded_gemm_is_offered_where_its_copies_fit_and_refused_elsewhere():
     assert fold_variants(2, 32, 8) == 4 and fold_variants(4, 16, 8) == 8 and fold_variants(4, 32, 8) == 64
     assert fold_fits(2, 32, 8) and fold_fits(4, 16, 8) and fold_fits(2, 16, 4)
     assert not fold_fits(1, 32, 8) and not fold_fits(4, 32, 8) and not fold_fits(2, 16, 1)
-    assert all(fold_variants(r, bk, v) <= FOLD_MAX_COPIES * r
-               for r in (2, 4, 8) for bk in (16, 32, 64) for v in (1, 8) if fold_fits(r, bk, v))
+    assert FOLD_MAX_COPIES == 2 and fold_fits(8, 16, 16) and not fold_fits(8, 32, 16)       # 1 <= 16, 2**7 > 16
     for T in (5, 16, 17, 4096):
         fold = [c for c in candidates(T, 64, 32, 2, 8) if c.get("path") == "fold"]
         assert fold and fold == fold_configs(T, 64, 32, 2, 8)
