@@ -139,14 +139,16 @@ REGISTRY: dict[str, Benchmark] = {
         "default); \"x\" columns are dense time "
         "over the layer's time in the same process."),
     "quality_structures": Benchmark(
-        "quality_structures.py", "Structures without retraining: SS1 vs BLAST vs auto",
+        "quality_structures.py", "Structures: SS1 vs BLAST vs auto, without retraining and after distillation",
         "SmolLM2 perplexity and MiniLM embedding cosine, BLAST vs SS1 vs structure='auto' at equal budgets",
         "optional", "10 min per model and budget CPU",
         "The same dense model compressed with `BlastConfig(structure=...)` and otherwise the default recipe for "
-        "its calibration data, no retraining: SmolLM2-135M-Instruct by held-out perplexity (the quality "
+        "its calibration data: SmolLM2-135M-Instruct by held-out perplexity (the quality "
         "table's protocol; \"x dense\" its ratio to dense), the all-MiniLM-L6-v2 sentence encoder by the "
         "cosine of held-out news sentences' embeddings to the dense model's; layer counts say what \"auto\" "
-        "chose. Smaller calibration or evaluation sets than the defaults are named in the case."),
+        "chose. Rows named \"kd=N\" are the same model after N steps of `blastfx.finetune` from the dense one "
+        "(`--recover-steps N`: next-token KL for SmolLM2, token states for the encoder, on the calibration "
+        "half of the corpus). Smaller calibration or evaluation sets than the defaults are named in the case."),
     "quality_encoder": Benchmark(
         "quality_encoder.py", "Recipes on a sentence encoder, in and out of domain: all-MiniLM-L6-v2",
         "MiniLM embedding cosine per recipe (calibrated / sequential / reconstructed), Wikipedia and news text",
