@@ -670,16 +670,26 @@ def compile_in_workers(specs: list[dict], scratch: Path) -> dict[str, dict]:
     return results
 
 
+def compile_launches(ids, scratch: Path, results: dict) -> dict[str, dict]:
+    """The compile results (with register use where ``cuobjdump`` is there) of the launches ``ids``,
+    compiling those that ``results`` (the session's, by launch id) does not hold yet."""
+    missing = [i for i in dict.fromkeys(ids) if i not in results]
+    if missing:
+        resources = cuobjdump_path() is not None
+        results.update(compile_in_workers([{**launches()[i].spec(i), "resources": resources} for i in missing],
+                                          scratch))
+    return {i: results[i] for i in ids}
+
+
 @pytest.fixture(scope="module")
-def compiled(request, tmp_path_factory):
+def compiled(request, tmp_path_factory, sm90_results):
     """The compile results of every launch this pytest run selected (all, or those ``-k`` keeps)."""
     missing = missing_toolchain()
     if missing:
         pytest.skip(f"cannot compile for sm_90 on this machine: {missing}")
     wanted = [item.callspec.params["launch_id"] for item in request.session.items
               if item.module is request.module and hasattr(item, "callspec") and "launch_id" in item.callspec.params]
-    specs = [launches()[i].spec(i) for i in dict.fromkeys(wanted)]
-    return compile_in_workers(specs, tmp_path_factory.mktemp("sm90"))
+    return compile_launches(wanted, tmp_path_factory.mktemp("sm90"), sm90_results)
 
 
 def pytest_generate_tests(metafunc):

@@ -56,15 +56,14 @@ def _selected(launch) -> bool:
 
 
 @pytest.fixture(scope="module")
-def usage(tmp_path_factory):
+def usage(tmp_path_factory, sm90_results):
     """{launch id: (launch, {"registers", "stack"})} for the launches this file checks."""
     missing = hopper.missing_toolchain() or (None if hopper.cuobjdump_path() else
                                              "triton's nvidia backend ships no cuobjdump beside its ptxas")
     if missing:
         pytest.skip(f"cannot read sm_90 register use on this machine: {missing}")
     wanted = {i: launch for i, launch in hopper.launches().items() if _selected(launch)}
-    results = hopper.compile_in_workers([{**launch.spec(i), "resources": True} for i, launch in wanted.items()],
-                                        tmp_path_factory.mktemp("registers"))
+    results = hopper.compile_launches(list(wanted), tmp_path_factory.mktemp("registers"), sm90_results)
     errors = {i: r["error"] for i, r in results.items() if r["error"]}
     assert not errors, errors
     return {i: (wanted[i], results[i]) for i in wanted}

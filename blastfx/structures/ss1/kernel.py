@@ -78,6 +78,17 @@ def _rotated_columns(tile, c, s, BK: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr):
+    """``acc + a @ b``: an IEEE fp32 dot with UPCAST (fp32 inputs, and the interpreter, whose
+    low-precision dot is wrong), else the operands' own tensor-core dot."""
+    if UPCAST:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
 def _ss1_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, T, N, K, K_TILES, SHARED_TILES,
                 sxt, sxk, swn, swk, sst, ssn, syt, syn,
                 R: tl.constexpr, HASH_BN: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -107,10 +118,7 @@ def _ss1_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, T, N, K, K_TILES, SHARED_TILE
             a += xt.to(tl.float32)
         wt = tl.load(w_ptr + offs_n[None, :] * swn + (g0 * BK + offs_k)[:, None] * swk,
                      mask=n_ok[None, :] & g_ok[:, None], other=0.0)
-        if UPCAST:
-            acc = tl.dot(a, wt.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a.to(wt.dtype), wt, acc)
+        acc = _mma(a if UPCAST else a.to(wt.dtype), wt, acc, UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * syt + offs_n[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
@@ -267,32 +275,22 @@ def _ss1_folded_gemm_kernel(f_ptr, w_ptr, s_ptr, b_ptr, y_ptr, T, N, K_TILES, SH
             copy = f_ptr + v.to(tl.int64) * sfv + g * BK
             k_ok = g * BK + within < SHARED_TILES * BK          # the step's last tiles may be past the end
             wcols = _rotated_columns(g, within, -s0, BK, VEC)
-            if SWAP_AB:
-                a = tl.load(copy + offs_m[None, :] * sft + within[:, None], mask=m_ok[None, :] & k_ok[:, None], other=0.0)
+            if SWAP_AB:         # (outputs, K) @ (K, tokens)
                 wt = tl.load(w_ptr + offs_n[:, None] * swn + wcols[None, :] * swk, mask=n_ok[:, None] & k_ok[None, :],
                              other=0.0)
-                if UPCAST:
-                    acc = tl.dot(wt.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(wt, a, acc)
-            else:
+                a = tl.load(copy + offs_m[None, :] * sft + within[:, None], mask=m_ok[None, :] & k_ok[:, None], other=0.0)
+                acc = _mma(wt, a, acc, UPCAST)
+            else:               # (tokens, K) @ (K, outputs)
                 a = tl.load(copy + offs_m[:, None] * sft + within[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 wt = tl.load(w_ptr + offs_n[None, :] * swn + wcols[:, None] * swk, mask=n_ok[None, :] & k_ok[:, None],
                              other=0.0)
-                if UPCAST:
-                    acc = tl.dot(a.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, wt, acc)
+                acc = _mma(a, wt, acc, UPCAST)
     if SWAP_AB:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-        tl.store(y_ptr + offs_m[None, :] * syt + offs_n[:, None] * syn, acc.to(y_ptr.dtype.element_ty),
-                 mask=m_ok[None, :] & n_ok[:, None])
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_m[:, None] * syt + offs_n[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+        acc = tl.trans(acc)                                 # (tokens, outputs), as y stores it
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * syt + offs_n[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
 
 
 def fold_variants(reduction: int, block_k: int, vec: int) -> int:
@@ -564,8 +562,12 @@ def ss1_matmul_triton(x: torch.Tensor, weight: torch.Tensor, shifts: torch.Tenso
         if path in ("dense", "expand"):
             base = {}                               # the config names its path; these take no tile
         else:
-            base = kernel_config(T, block_n, block_k) if path != "gemv" else \
-                gemv_configs(T, block_n, block_k)[0] if T <= GEMV_MAX_T else {}     # past 4 tokens: an error
+            if path != "gemv":
+                base = kernel_config(T, block_n, block_k)
+            elif T <= GEMV_MAX_T:
+                base = gemv_configs(T, block_n, block_k)[0]
+            else:
+                base = {}                           # too many tokens for the CUDA-core form: _launch says so
         cfg = {**base, **(config or {})}
     else:
         key = tuning_key(T, weight, in_features, reduction, block_k, block_n, vec, x.dtype, bias is not None,
