@@ -181,7 +181,7 @@ def main():
                       ("ss1 layers", counts["ss1"], ""), ("dense layers", counts["dense"], ""),
                       ("compress time", round(secs), "s")]
 
-            def score(label):
+            def score(model, label):
                 if args.model == "smollm2":
                     ppl = perplexity(model, windows)
                     print(f"| {budget} | {label} | {plan.kept_fraction:.4f} | {layers} | {ppl:.2f} | "
@@ -195,7 +195,7 @@ def main():
                         ("min cosine to dense", round(cos.min().item(), 4), "")]
 
             name = case_name(args.model, budget, structure, args)
-            record("quality_structures", measurements(name, config, score(structure) + common),
+            record("quality_structures", measurements(name, config, score(model, structure) + common),
                    directory=args.results_dir)
             if args.recover_steps:
                 t0 = time.perf_counter()
@@ -204,7 +204,7 @@ def main():
                 config = {**config, "recover_steps": args.recover_steps, "recover_tokens": args.recover_tokens,
                           "recover_lr": args.recover_lr}
                 record("quality_structures", measurements(recovered_name(name, args), config,
-                                                          score(f"{structure} kd={args.recover_steps}") + common + kd),
+                                                          score(model, f"{structure} kd={args.recover_steps}") + common + kd),
                        directory=args.results_dir)
             del model
 
