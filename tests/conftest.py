@@ -57,3 +57,11 @@ def spectrum_matrix(m, n, decay=0.5, seed=0, dtype=torch.float32):
     Q, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
     sigma = torch.arange(1, k + 1, dtype=torch.float64) ** -decay
     return ((P * sigma) @ Q.T).to(dtype)
+
+
+@pytest.fixture(scope="session")
+def sm90_results() -> dict:
+    """Compile results of recorded kernel launches by launch id, kept for the whole session, so the
+    tests that compile launches for sm_90 (tests/kernels: each file imports the recording module
+    under its own name) compile each launch once."""
+    return {}
