@@ -3,6 +3,7 @@
     python benchmarks/layer_speed.py                    # bf16; shapes, b and T from the issue
     python benchmarks/layer_speed.py --paths            # also time every kernel path (a profile)
     python benchmarks/layer_speed.py --structures blast ss1 --blocks 4   # SS1 layers beside BLAST
+    python benchmarks/layer_speed.py --structures ss1 --paths    # ... and each SS1 path's best config
 
 Every call is replayed from a CUDA graph that runs it once per weight copy, with enough copies to
 come from HBM, not L2 (as in a CUDA-graph decode loop; CPU launch cost excluded for every column).
@@ -127,11 +128,32 @@ def ss1_rows(m, n, args, dense, blast_ms):
             b, t_blast = blast_ms[T]
             metrics.append((f"ss1 vs blastfx b={b}", round(t_blast / t_ss1, 3), "x"))
             line += f" vs BLAST b={b}: {t_blast / t_ss1:.2f}x |"
+        if args.paths:
+            for path, t in ss1_path_times(x, ws, layout, shifts).items():
+                metrics.append((f"ss1 {path} vs dense", round(t_dense / t, 3), "x"))
+                line += f" {path} {t_dense / t:.2f}x |"
         print(line, flush=True)
         record("layer_speed", measurements(
             f"{m}x{n} ss1 R={reduction} T={T}",
             dict(out=m, structure="ss1", reduction=reduction, T=T, budget=args.budget, dtype="bfloat16",
                  **{"in": n}), metrics), directory=args.results_dir)
+
+
+def ss1_path_times(x, ws, layout, shifts, timer=graph_ms) -> dict[str, float]:
+    """Each SS1 path's best time (ms) over its candidate configs at this T, in the order the
+    autotuner lists them; a path with no config that runs here is left out. ``timer(fn, copies)``
+    times ``fn(k)`` over the weight copies (the benchmark's graph replay)."""
+    T, reduction = x.shape[0], layout.reduction
+    best: dict[str, float] = {}
+    for cfg in ss1_kernel.candidates(T, layout.block_n, layout.block_k, reduction, layout.vec):
+        path = cfg.get("path", "kernel")
+        try:
+            t = timer(lambda k: ss1_kernel.ss1_matmul_triton(x, ws[k], shifts, None, reduction, layout.block_k,
+                                                              layout.block_n, config=cfg, vec=layout.vec), len(ws))
+        except Exception:       # noqa: BLE001 -- a config a GPU cannot run (e.g. out of shared memory)
+            continue
+        best[path] = min(best.get(path, t), t)
+    return best
 
 
 def _best_of_path(name, x, fac, shape) -> float:

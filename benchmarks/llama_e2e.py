@@ -337,6 +337,7 @@ def time_rows(args, models, rows, config):
     """Time every model on every row, dense first. Each model's value (and its ratio to dense) is
     recorded as soon as it is measured, so a run cut short by a time limit keeps what it measured."""
     others = [n for n in models if n != "dense"]
+    shown = set(backend_choices())
     print("\n| measurement | dense (inductor) | " + " | ".join(others) + " | "
           + " | ".join(f"{n} vs dense" for n in others) + " |\n|" + "---|" * (2 + 2 * len(others)), flush=True)
     for _, label, unit, measure, higher_is_better in rows:
@@ -347,6 +348,10 @@ def time_rows(args, models, rows, config):
             start = time.perf_counter()
             vals[name] = value = measure(model, backend)
             print(f"  {name}: {value:.1f} {unit} ({time.perf_counter() - start:.0f} s with compile)", flush=True)
+            chosen = [c for c in backend_choices() if c not in shown]
+            if chosen:                      # what this model's ops were tuned to, for reading its row
+                print(f"  {name} autotuned: " + "; ".join(chosen), flush=True)
+                shown.update(chosen)
             metrics = [(name, round(value, 3), unit)]
             if name != "dense":
                 ratios[name] = value / vals["dense"] if higher_is_better else vals["dense"] / value

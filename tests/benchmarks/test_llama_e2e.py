@@ -135,3 +135,22 @@ def test_each_models_value_is_recorded_as_it_lands(tmp_path):
                         [("prefill", "prefill 2048 tokens, compiled", "ms", lambda m, b: ms[m], False)], {})
     got = {r["metric"]: float(r["value"]) for r in rows.read(tmp_path / "ms" / "llama_e2e.csv")}
     assert got == {"dense": 10.0, "blastfx": 8.0, "blastfx vs dense": 1.25}
+
+
+def test_each_model_prints_the_choices_its_ops_were_tuned_to(tmp_path, monkeypatch, capsys):
+    """The autotuner's cache is process-wide: a model's line lists only the keys its own row tuned,
+    so two blastfx models timed in one process each show what they ran."""
+    from blastfx.kernels import autotune
+    monkeypatch.setattr(autotune, "_cache", {("old",): ("gemv", {})})
+
+    def decode(model, backend):
+        if model != "dense":
+            autotune._cache[(model,)] = ("seam" if model == "blastfx" else "parts", {})
+        return 100.0
+
+    models = {n: (n, "inductor" if n == "dense" else "blast") for n in ("dense", "blastfx", "blastfx, no block tails")}
+    llama_e2e.time_rows(argparse.Namespace(model="llama2-7b", results_dir=str(tmp_path)), models,
+                        [("decode", "decode", "tok/s", decode, True)], {})
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines() if "autotuned" in line]
+    assert lines == ["blastfx autotuned: ('blastfx',): seam",
+                     "blastfx, no block tails autotuned: ('blastfx, no block tails',): parts"]
