@@ -26,6 +26,7 @@ import torch
 
 import blastfx
 from blastfx import BlastConfig
+from blastfx.compiler import CHAIN_NORM_DEFAULT
 from blastfx.structures.blast.quant import quantize_model
 from blastfx.structures.blast.quant.formats import FORMATS
 from common import median_ms, tensor_bytes, torchao_weight_only, versions
@@ -264,9 +265,10 @@ def main():
     ap.add_argument("--chain-mlp", default="auto", choices=("auto", "never"),
                     help='backend "blast" chain_mlp option of the decode loop: "never" runs each MLP as grouped gate/up and '
                          'down calls (the models are then named "... MLP not chained")')
-    ap.add_argument("--chain-norm", default="auto", choices=("auto", "never"),
-                    help='backend "blast" chain_norm option of the decode loop: "never" runs o_proj, the residual add and '
-                         'the norm apart from the MLP (the models are then named "... no block tails")')
+    ap.add_argument("--chain-norm", default=CHAIN_NORM_DEFAULT, choices=("auto", "never"),
+                    help='backend "blast" chain_norm option of the decode loop (default: the backend\'s, "never"): "auto" '
+                         'runs block tails and seams, o_proj, the residual add, the norm and the MLP (and the next q/k/v) '
+                         'as one call (the models are then named "... block tails")')
     ap.add_argument("--batch", type=int, nargs="+", default=[1], help="decode batch sizes")
     ap.add_argument("--factor-dtype", nargs="+", default=[], choices=sorted(FORMATS),
                     help="also blastfx with factors quantized to each of these (e.g. int8 int4)")
@@ -362,18 +364,21 @@ def time_rows(args, models, rows, config):
               + " | ".join(f"{ratios[n]:.2f}x" for n in others) + " |", flush=True)
 
 
-OPTION_LABELS = {"chain_mlp": ", MLP not chained", "chain_norm": ", no block tails"}   # what "never" is called
+# the backend's default for each decode option, and what a model's name says when it runs the other value
+OPTION_DEFAULTS = {"chain_mlp": "auto", "chain_norm": CHAIN_NORM_DEFAULT}
+OPTION_LABELS = {("chain_mlp", "never"): ", MLP not chained", ("chain_norm", "auto"): ", block tails",
+                 ("chain_norm", "never"): ", no block tails"}
 
 
 def decode_options(args) -> dict | None:
     """The backend "blast" options of the decode loop beyond its defaults (None: none)."""
-    options = {k: getattr(args, k) for k in OPTION_LABELS if getattr(args, k, "auto") != "auto"}
+    options = {k: getattr(args, k) for k, default in OPTION_DEFAULTS.items() if getattr(args, k, default) != default}
     return options or None
 
 
 def options_label(options: dict) -> str:
     """What a blastfx model's name says of its non-default decode options."""
-    return "".join(OPTION_LABELS[k] for k in OPTION_LABELS if options.get(k) == "never")
+    return "".join(OPTION_LABELS[k, v] for k, v in options.items() if v != OPTION_DEFAULTS.get(k))
 
 
 def profile_decode(args, models, config, steps=16):

@@ -76,10 +76,14 @@ def test_profile_rows_per_model_and_category(tmp_path, monkeypatch):
     args.chain_mlp, args.results_dir = "never", str(tmp_path / "never")
     llama_e2e.profile_decode(args, {"blastfx, MLP not chained": (2, "blast")}, {"layers": 32})
     assert options[-1] == {"chain_mlp": "never"}
-    args.chain_mlp, args.chain_norm = "auto", "never"
-    llama_e2e.profile_decode(args, {"blastfx, no block tails": (2, "blast")}, {"layers": 32})
-    assert options[-1] == {"chain_norm": "never"}
-    assert llama_e2e.options_label({"chain_mlp": "never", "chain_norm": "never"}) == ", MLP not chained, no block tails"
+    args.chain_mlp, args.chain_norm = "auto", "never"             # the backend's defaults, spelled out
+    llama_e2e.profile_decode(args, {"blastfx": (2, "blast")}, {"layers": 32})
+    assert options[-1] is None
+    args.chain_norm = "auto"                                       # block tails and seams: asked for
+    llama_e2e.profile_decode(args, {"blastfx, block tails": (2, "blast")}, {"layers": 32})
+    assert options[-1] == {"chain_norm": "auto"}
+    assert llama_e2e.options_label({"chain_mlp": "never", "chain_norm": "auto"}) == ", MLP not chained, block tails"
+    assert llama_e2e.options_label({"chain_norm": "never"}) == ""  # the default names nothing
     assert llama_e2e.options_label({}) == ""
 
 

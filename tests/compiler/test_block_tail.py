@@ -78,6 +78,25 @@ def test_what_does_not_match_is_left_as_it_was(variant):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_the_backend_leaves_tails_alone_unless_asked():
+    """chain_norm defaults to "never": a model decoded slower with block tails and seams than
+    without them, so the backend makes them only when the options ask for them."""
+    from blastfx.compiler import CHAIN_NORM_DEFAULT
+    assert CHAIN_NORM_DEFAULT == "never"
+    torch.manual_seed(0)
+    model = Tail()
+    before = block_tail.stats["tails"]
+    with torch.no_grad():
+        want = model(*_inputs(1))
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="blast", options={"lowering": "extern", "chain_mlp": "always"})(*_inputs(1))
+    assert block_tail.stats["tails"] == before
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        _compiled(model)(*_inputs(1))                             # "always" still rewrites
+    assert block_tail.stats["tails"] == before + 1
+
+
 def test_training_graphs_never_and_auto_on_cpu_leave_the_tail_alone():
     torch.manual_seed(0)
     model = Tail()
@@ -203,13 +222,13 @@ def test_quantized_op_reference_opcheck_and_cuda_kernel(monkeypatch):
 
 @pytest.mark.cuda
 def test_tail_model_matches_eager_and_replays_in_cuda_graphs():
-    """On CUDA the rewrite is on by default at decode sizes; CUDA-graph replays (the workspace's halves
-    taking turns) equal eager in bf16."""
+    """On CUDA "auto" rewrites at decode sizes; CUDA-graph replays (the workspace's halves taking
+    turns) equal eager in bf16."""
     torch.manual_seed(0)
     model = Tail().cuda().to(torch.bfloat16)
     a, residual = (t[:, :1].cuda().to(torch.bfloat16) for t in _inputs())
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="blast", mode="reduce-overhead")
+    compiled = torch.compile(model, backend="blast", options={"triton.cudagraphs": True, "chain_norm": "auto"})
     before = block_tail.stats["tails"]
     with torch.no_grad():
         want = model(a, residual).float()
