@@ -38,7 +38,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLAST_KERNELS = frozenset({"_gemv_decode_kernel", "_gemv_group_kernel", "_blast_decode_kernel", "_xv_mix_kernel",
                            "_wu_kernel", "_mix_kernel", "_grad_mix_stream_kernel", "_ss1_kernel",
                            "_ss1_gemv_kernel", "_ss1_expand_kernel", "_mlp_mid_kernel",
-                           "_dequantize_kernel", "_lead_kernel", "_ss1_fold_kernel", "_ss1_folded_gemm_kernel"})
+                           "_dequantize_kernel", "_lead_kernel", "_ss1_fold_kernel", "_ss1_folded_gemm_kernel",
+                           "_add_rms_norm_kernel"})
 CATEGORIES = ("blast", "gemm", "attention", "other")        # kernel_category's answers
 KERNEL_MARKS = (("other", ("triton_poi_", "triton_red_", "triton_per_")),   # Inductor's, named after their ops
                 ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),

@@ -27,9 +27,10 @@ one ``blastfx::blast_block_tail`` call of four launches (:mod:`.block_tail`; aft
 and a tail with the next block's grouped q/k/v across the residual add and norm as one
 ``blastfx::blast_block_seam`` call of five (:mod:`.block_seam`; after grouping). It is off unless
 asked for: with it a Llama-2-7B-shaped model decoded at 1.04x dense where it had decoded at 1.25x
-without it. Per block the fused forms beat their parts as the op runs them (eager norms and
-concatenations), which is all the autotuner compares them with; a graph without the rewrite runs
-those parts as Inductor fuses them. Any other key is passed to Inductor as a config patch.
+without it. The autotuner had timed the fused forms against their parts with the add and norm as
+eight eager kernels and a concatenation, where a graph without the rewrite runs one Inductor
+kernel; the parts now run them as one launch too (:mod:`blastfx.kernels.add_norm`). Any other key
+is passed to Inductor as a config patch.
 
 ``"kernels"`` and ``"autotune"`` belong to the compiled model, not the process
 (:mod:`blastfx.kernels.scope`): each graph the backend returns runs its calls inside

@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from ..kernels.add_norm import add_rms_norm
 from ..structures.blast.ops import check_inputs
 from ..structures.blast.quant.ops import check_quantized_inputs
 from .block_tail import (_check_quantized_tail, _check_tail, _fn, _same, _width, match_rms_norm, norm_is_private,
@@ -111,8 +112,9 @@ def _tuned(x, residual, layers, norm_weight, eps, next_norm_weight, next_eps):
 
 
 def _parts(x2, residual2, layers, norm_weight, eps, next_norm_weight, next_eps):
-    """The seam as it runs without the rewrite: the tail op, the add and norm, the group op (each layer
-    (U, S, V, bias, shape), or with codes (U, S, V, bias, shape, U_scale, V_scale))."""
+    """The seam as it runs without the rewrite: the tail op, the add and norm (one launch on CUDA, as
+    Inductor fuses them; h2 written into the output), the group op (each layer (U, S, V, bias,
+    shape), or with codes (U, S, V, bias, shape, U_scale, V_scale))."""
     ops = torch.ops.blastfx
     fields = (0, 1, 2, 3) if len(layers[0]) == 5 else (0, 5, 1, 2, 6, 3)        # the ops' argument order
     lists = [[layer[k] for layer in layers] for k in fields] + [[layer[4].out_features for layer in layers]]
@@ -120,9 +122,11 @@ def _parts(x2, residual2, layers, norm_weight, eps, next_norm_weight, next_eps):
                          (ops.blast_block_tail_quantized, ops.blast_matmul_quantized_group))
     tail = tail_op(x2, residual2, *(a[:4] for a in lists), norm_weight, eps)
     h, mlp = tail.chunk(2, dim=-1)
-    h2 = h + mlp
-    heads = group_op(rms_norm_reference(h2, next_norm_weight, next_eps), *(a[4:] for a in lists))
-    return torch.cat([h2, heads], dim=-1)
+    H = h.shape[-1]
+    out = x2.new_empty(x2.shape[0], H + sum(lists[-1][4:]))
+    _, n = add_rms_norm(h, mlp, next_norm_weight, next_eps, h_out=out[:, :H])
+    out[:, H:].copy_(group_op(n, *(a[4:] for a in lists)))
+    return out
 
 
 @torch.library.custom_op("blastfx::blast_block_seam_quantized", mutates_args=())

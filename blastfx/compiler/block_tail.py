@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from ..kernels.add_norm import add_rms_norm
 from ..structures.blast.ops import blast_matmul, blast_matmul_reference, check_inputs
 from ..structures.blast.quant.ops import blast_matmul_quantized, blast_matmul_quantized_reference, check_quantized_inputs
 from .grouping import _NAMES, _QUANTIZED_NAMES, _call_args, _decode_sized, _rows, check_group_mode, tuned_decode_call
@@ -116,20 +117,24 @@ def _tuned(x, residual, layers, norm_weight, eps):
 
 
 def _parts(x2, residual2, layers, norm_weight, eps):
-    """The tail as it runs without the rewrite: o's call, the residual add, the norm, the MLP chain op
-    (each layer (U, S, V, bias, shape), or with codes (U, S, V, bias, shape, U_scale, V_scale))."""
+    """The tail as it runs without the rewrite: o's call, the residual add and the norm (one launch on
+    CUDA, as Inductor fuses them in a graph without the rewrite; h written into the output), the MLP
+    chain op (each layer (U, S, V, bias, shape), or with codes (U, S, V, bias, shape, U_scale,
+    V_scale))."""
     o, *mlp = layers
+    H = o[4].out_features
+    out = x2.new_empty(x2.shape[0], H + mlp[-1][4].out_features)
     if len(o) == 7:
-        h = residual2 + blast_matmul_quantized(x2, o[0], o[5], o[1], o[2], o[6], o[3], o[4].out_features)
-        n = rms_norm_reference(h, norm_weight, eps)
+        oy = blast_matmul_quantized(x2, o[0], o[5], o[1], o[2], o[6], o[3], H)
+        _, n = add_rms_norm(residual2, oy, norm_weight, eps, h_out=out[:, :H])
         y = torch.ops.blastfx.blast_mlp_chain_quantized(n, *([m[k] for m in mlp] for k in (0, 5, 1, 2, 6, 3)),
                                                         [m[4].out_features for m in mlp])
     else:
-        h = residual2 + blast_matmul(x2, *o[:4], o[4].out_features)
-        n = rms_norm_reference(h, norm_weight, eps)
+        _, n = add_rms_norm(residual2, blast_matmul(x2, *o[:4], H), norm_weight, eps, h_out=out[:, :H])
         y = torch.ops.blastfx.blast_mlp_chain(n, *([m[k] for m in mlp] for k in range(4)),
                                               [m[4].out_features for m in mlp])
-    return torch.cat([h, y], dim=-1)
+    out[:, H:].copy_(y)
+    return out
 
 
 @torch.library.custom_op("blastfx::blast_block_tail_quantized", mutates_args=())

@@ -19,7 +19,8 @@ and T = 256 (prefill) on an attention-sized layer (4 x 4 blocks); the GEMV readi
 the GEMV group, over all their configs at T = 1, and reading packed int4 or float8 codes (which
 share the tile code) over one config per code variant; the GEMV group and the MLP chain reading each
 code format, one config per code variant; the block tail over every config at T = 1, and reading each code format one config per mode; the
-block seam over every config at T = 1; the fused kernels reading each code format
+block seam over every config at T = 1; the block ops' residual add and RMSNorm at three widths and
+dtypes; the fused kernels reading each code format
 over the configs the quantized forward times at T = 8 and 256, in bf16 and fp16, and the one-pass
 copy of each code format into bf16 and fp16. One config per mode: T = 2, 4, 16
 (the GEMV's BT = 2, 4), fp16 and fp32 (IEEE dots) at T = 1 and 256, no bias, an MLP-sized layer of
@@ -58,7 +59,7 @@ REPO = Path(__file__).resolve().parents[2]
 TARGET = ("cuda", 90, 32)           # Hopper: sm_90, warps of 32 threads
 KERNEL_MODULES = ("blastfx.kernels.gemv", "blastfx.kernels.decode", "blastfx.kernels.forward",
                   "blastfx.kernels.dequantize", "blastfx.kernels.backward", "blastfx.kernels.mlp_chain",
-                  "blastfx.kernels.block_tail", "blastfx.structures.ss1.kernel")
+                  "blastfx.kernels.block_tail", "blastfx.kernels.add_norm", "blastfx.structures.ss1.kernel")
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
                 torch.int8: "i8", torch.uint8: "u8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64",
                 torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv"}
@@ -474,6 +475,15 @@ def _block_seam(T: int, dtype, every: bool = True, code_dtype=None) -> None:
         block_tail.blast_block_seam_gemv(x2, residual, o, weight, 1e-5, gate, up, down, weight, 1e-5, heads, cfg)
 
 
+def _add_norm(H: int, dtype) -> None:
+    """The block ops' parts: the residual add and RMSNorm of one decode token, h into a wider output."""
+    from blastfx.kernels import add_norm
+
+    a, b = (torch.empty(1, H, dtype=dtype, device=META) for _ in range(2))
+    out = torch.empty(1, 2 * H, dtype=dtype, device=META)
+    add_norm.add_rms_norm_triton(a, b, torch.empty(H, dtype=dtype, device=META), 1e-5, h_out=out[:, :H])
+
+
 def _grad_mix(dtype, blocks=None) -> None:
     """The backward middle for every power-of-two pair of block counts the CUDA op runs it for (or
     just ``blocks``)."""
@@ -543,6 +553,8 @@ def _scenarios():
     out += [(f"block seam T={T}", lambda T=T: _block_seam(T, bf16, every=T == 1)) for T in (1, 4)]
     out += [(f"quantized block seam {cd} T=1", lambda cd=cd: _block_seam(1, bf16, every=False, code_dtype=cd))
             for cd in gemv.CODE_DTYPES]
+    out += [(f"add + RMSNorm H={H} {dt}", lambda H=H, dt=dt: _add_norm(H, dt))
+            for H, dt in ((4096, bf16), (5120, bf16), (4096, fp16), (8192, fp32))]
     out += [("grad mix bf16", lambda: _grad_mix(bf16))]
     out += [(f"grad mix {dt}", lambda dt=dt: _grad_mix(dt, (4, 4))) for dt in (fp16, fp32)]
     out += [(f"SS1 T={T} {dt}", lambda T=T, dt=dt: _ss1(T, dt)) for T, dt in ((1, bf16), (256, bf16), (1, fp32))]
