@@ -4,11 +4,12 @@ rmsnorm(h)``.
 Why: the block-tail and block-seam ops (:mod:`blastfx.compiler.block_tail`,
 :mod:`blastfx.compiler.block_seam`) choose between their fused kernels and their *parts*, the calls
 the graph made before the rewrite, by timing both. Run as eager PyTorch ops the parts' add and norm
-are eight small kernels and a concatenation, where a compiled graph without the rewrite runs them as
+are nine small kernels and a concatenation, where a compiled graph without the rewrite runs them as
 the one kernel Inductor fuses. Timed against those slow parts the fused forms won per block and still
 lost end to end. This kernel gives the parts what the graph would run: one program per token reads
 ``a`` and ``b``, writes ``h`` where the caller wants it (the op's output, so no concatenation copies
-it) and writes ``n``.
+it) and writes ``n``. It runs where the op's own Triton kernels run (``kernels="triton"``, a dtype
+they take); ``kernels="reference"`` keeps the parts on the reference.
 
 ``h`` is rounded to the inputs' dtype before the norm reads it and the norm's product is rounded as
 transformers' Llama rounds it (:func:`add_rms_norm_reference`, the source of truth), so ``h`` is
@@ -16,10 +17,15 @@ bit for bit the reference's and ``n`` differs only by the order of the sum of sq
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from .dispatch import TRITON_DTYPES, forward_impl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_FEATURES = 16384        # one row in registers per program; wider rows run the reference
 
 
@@ -49,6 +55,9 @@ def _add_rms_norm_kernel(a_ptr, b_ptr, w_ptr, h_ptr, n_ptr, H, sa, sb, sh, sn, e
 
 
 def _check(a, b, weight, h_out):
+    if not a.device == b.device == weight.device or (h_out is not None and h_out.device != a.device):
+        raise ValueError(f"add_rms_norm: a, b, weight and h_out must be on one device, got {a.device}, {b.device}, "
+                         f"{weight.device}" + (f", {h_out.device}" if h_out is not None else ""))
     if a.dim() != 2 or a.shape != b.shape:
         raise ValueError(f"add_rms_norm takes two (tokens, features) tensors of one shape, got {tuple(a.shape)} "
                          f"and {tuple(b.shape)}")
@@ -64,9 +73,13 @@ def _check(a, b, weight, h_out):
 def add_rms_norm_triton(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: float,
                         h_out: torch.Tensor | None = None, *, interpret: bool = False):
     """``(h, n)`` as :func:`add_rms_norm_reference` gives them, in one launch. ``h`` is written into
-    ``h_out`` (any (T, H) view whose rows are contiguous, e.g. columns of a wider output) when given."""
+    ``h_out`` (any (T, H) view whose rows are contiguous, e.g. columns of a wider output) when given;
+    ``h_out`` may be ``a`` or ``b`` itself (a program reads its row before writing it), not a view
+    overlapping other rows of them."""
     _check(a, b, weight, h_out)
     T, H = a.shape
+    if a.dtype not in TRITON_DTYPES:
+        raise ValueError(f"add_rms_norm_triton takes {', '.join(map(str, TRITON_DTYPES))}, got {a.dtype}")
     if H > MAX_FEATURES:
         raise ValueError(f"add_rms_norm_triton keeps a row in registers: at most {MAX_FEATURES} features, got {H}")
     a, b, weight = (t if t.stride(-1) == 1 else t.contiguous() for t in (a, b, weight))
@@ -88,10 +101,12 @@ def add_rms_norm_triton(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, 
 
 def add_rms_norm(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: float,
                  h_out: torch.Tensor | None = None):
-    """``(h, n)``: the kernel on CUDA, the reference elsewhere and for rows wider than
-    :data:`MAX_FEATURES`; ``h`` lands in ``h_out`` when given."""
-    if a.device.type == "cuda" and a.shape[-1] <= MAX_FEATURES:
-        return add_rms_norm_triton(a, b, weight, eps, h_out)
+    """``(h, n)``: the kernel where the op's Triton kernels run (CUDA, or the interpreter; the kernel
+    options in effect say "triton" for this dtype) and rows fit :data:`MAX_FEATURES`, else the
+    reference; ``h`` lands in ``h_out`` when given."""
+    on_triton = (a.device.type == "cuda" or INTERPRET) and forward_impl(a.dtype) == "triton"
+    if on_triton and a.shape[-1] <= MAX_FEATURES:
+        return add_rms_norm_triton(a, b, weight, eps, h_out, interpret=a.device.type != "cuda")
     _check(a, b, weight, h_out)
     h, n = add_rms_norm_reference(a, b, weight, eps)
     if h_out is not None:

@@ -78,11 +78,14 @@ def test_what_does_not_match_is_left_as_it_was(variant):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_the_backend_leaves_tails_alone_unless_asked():
+def test_the_backend_leaves_tails_alone_unless_asked(monkeypatch):
     """chain_norm defaults to "never": a model decoded slower with block tails and seams than
     without them, so the backend makes them only when the options ask for them."""
-    from blastfx.compiler import CHAIN_NORM_DEFAULT
-    assert CHAIN_NORM_DEFAULT == "never"
+    import blastfx.compiler as compiler
+    modes = []
+    for name in ("chain_block_tails", "seam_block_boundaries"):
+        real = getattr(compiler, name)
+        monkeypatch.setattr(compiler, name, lambda gm, mode, real=real: (modes.append(mode), real(gm, mode))[1])
     torch.manual_seed(0)
     model = Tail()
     before = block_tail.stats["tails"]
@@ -90,7 +93,7 @@ def test_the_backend_leaves_tails_alone_unless_asked():
         want = model(*_inputs(1))
         torch._dynamo.reset()
         got = torch.compile(model, backend="blast", options={"lowering": "extern", "chain_mlp": "always"})(*_inputs(1))
-    assert block_tail.stats["tails"] == before
+    assert modes == ["never", "never"] and block_tail.stats["tails"] == before
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         _compiled(model)(*_inputs(1))                             # "always" still rewrites
@@ -155,16 +158,18 @@ def test_op_reference_is_the_parts_and_passes_opcheck():
 
 def test_the_op_on_cuda_runs_the_tail_or_the_parts_as_the_autotuner_says(monkeypatch):
     """The op's CUDA kernel (``tuned_decode_call``), run here on the CPU with the Triton interpreter:
-    the four-launch tail and its parts (o, add, norm, the MLP chain op), both equal to eager."""
+    the four-launch tail and its parts (o, the add and norm kernel, the MLP chain op), both equal to
+    eager in each half of the output (h, then the MLP's output)."""
     torch.manual_seed(0)
     model = Tail()
     a, residual = _inputs(2)
     args = _op_args(model, a, residual, torch.float32)
     with torch.no_grad():
-        want = model(a, residual)
+        want, h = model(a, residual), residual + model.o(a)
         for _ in forced_forms(monkeypatch, ("tail", "parts")):
             out = block_tail._cuda_kernel(*args)
-            torch.testing.assert_close(out[..., :48] + out[..., 48:], want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out[..., :48], h, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out[..., 48:], want - h, rtol=1e-5, atol=1e-5)
 
 
 class QuantizedTail(Tail):
@@ -208,14 +213,15 @@ def test_quantized_op_reference_opcheck_and_cuda_kernel(monkeypatch):
     a, residual = _inputs(2)
     args = _quantized_op_args(model, a, residual)
     with torch.no_grad():
-        want = model(a, residual)
+        want, h = model(a, residual), residual + model.o(a)
         out = torch.ops.blastfx.blast_block_tail_quantized(*args)
         torch.testing.assert_close(out[..., :48] + out[..., 48:], want)
         torch.library.opcheck(torch.ops.blastfx.blast_block_tail_quantized.default, args,
                               test_utils=("test_schema", "test_faketensor"))
         for _ in forced_forms(monkeypatch, ("tail", "parts")):
             out = block_tail._cuda_kernel_quantized(*args)
-            torch.testing.assert_close(out[..., :48] + out[..., 48:], want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out[..., :48], h, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out[..., 48:], want - h, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="four layers .* got 3, 4, 4"):
         torch.ops.blastfx.blast_block_tail_quantized(a, residual, args[2][:3], *args[3:])
 

@@ -58,18 +58,41 @@ def test_inputs_with_strided_rows_and_no_tokens():
     assert h.shape == n.shape == (0, 48)
 
 
-def test_dispatch_runs_the_reference_off_cuda_and_checks_its_arguments():
+def test_dispatch_follows_the_kernel_options_and_checks_its_arguments(monkeypatch):
+    """The kernel runs where the op's Triton kernels do; kernels="reference", float64, a CPU without
+    the interpreter and over-wide rows take the reference (bit for bit)."""
+    import blastfx
+    from blastfx.kernels import add_norm
+
     a, b, w = (t.cpu() for t in _rows(2, 32, torch.float32))
+    launches = []
+    real = add_norm._add_rms_norm_kernel
+    monkeypatch.setattr(add_norm, "_add_rms_norm_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: (launches.append(grid), real[grid])[1]})())
+    monkeypatch.setattr(add_norm, "INTERPRET", True)
     out = torch.empty(2, 40)
     h, n = add_rms_norm(a, b, w, 1e-6, h_out=out[:, :32])
+    assert launches == [(2,)] and h.data_ptr() == out.data_ptr()
     h_ref, n_ref = add_rms_norm_reference(a, b, w, 1e-6)
-    assert h.data_ptr() == out.data_ptr() and torch.equal(h, h_ref) and torch.equal(n, n_ref)
+    torch.testing.assert_close(n, n_ref)
+    with blastfx.kernels.options(kernels="reference"):
+        h2, n2 = add_rms_norm(a, b, w, 1e-6)
+    assert len(launches) == 1 and torch.equal(h2, h_ref) and torch.equal(n2, n_ref)
+    _, n3 = add_rms_norm(a.double(), b.double(), w.double(), 1e-6)
+    assert len(launches) == 1 and torch.equal(n3, add_rms_norm_reference(a.double(), b.double(), w.double(), 1e-6)[1])
+    monkeypatch.setattr(add_norm, "INTERPRET", False)             # a CPU without the interpreter
+    h4, n4 = add_rms_norm(a, b, w, 1e-6)
+    assert len(launches) == 1 and torch.equal(n4, n_ref)
     with pytest.raises(ValueError, match="one shape"):
         add_rms_norm(a, b[:, :16], w, 1e-6)
     with pytest.raises(ValueError, match=r"weight must be \(32,\)"):
         add_rms_norm(a, b, w[:16], 1e-6)
     with pytest.raises(ValueError, match=r"h_out must be \(2, 32\)"):
         add_rms_norm(a, b, w, 1e-6, h_out=out)
+    with pytest.raises(ValueError, match="one device"):
+        add_rms_norm(a, b, w.to("meta"), 1e-6)
+    with pytest.raises(ValueError, match="takes torch.float16"):
+        add_rms_norm_triton(a.double(), b.double(), w.double(), 1e-6, interpret=True)
     with pytest.raises(ValueError, match=f"at most {MAX_FEATURES} features"):
         add_rms_norm_triton(*(torch.empty(1, MAX_FEATURES + 1) for _ in range(2)), torch.empty(MAX_FEATURES + 1),
                             1e-6, interpret=True)
