@@ -147,13 +147,19 @@ def ss1_path_times(x, ws, layout, shifts, timer=graph_ms) -> dict[str, float]:
     best: dict[str, float] = {}
     for cfg in ss1_kernel.candidates(T, layout.block_n, layout.block_k, reduction, layout.vec):
         path = cfg.get("path", "kernel")
-        try:
-            t = timer(lambda k: ss1_kernel.ss1_matmul_triton(x, ws[k], shifts, None, reduction, layout.block_k,
-                                                              layout.block_n, config=cfg, vec=layout.vec), len(ws))
-        except Exception:       # noqa: BLE001 -- a config a GPU cannot run (e.g. out of shared memory)
-            continue
-        best[path] = min(best.get(path, t), t)
+        t = _time_if_it_runs(timer, lambda k: ss1_kernel.ss1_matmul_triton(
+            x, ws[k], shifts, None, reduction, layout.block_k, layout.block_n, config=cfg, vec=layout.vec), len(ws))
+        if t is not None:
+            best[path] = min(best.get(path, t), t)
     return best
+
+
+def _time_if_it_runs(timer, fn, copies: int) -> float | None:
+    """``timer(fn, copies)``, or None for a config this GPU cannot run (e.g. out of shared memory)."""
+    try:
+        return timer(fn, copies)
+    except Exception:       # noqa: BLE001 -- any launch failure means "not runnable here"
+        return None
 
 
 def _best_of_path(name, x, fac, shape) -> float:
@@ -164,11 +170,10 @@ def _best_of_path(name, x, fac, shape) -> float:
     for p, cfg in forward.candidates(x.shape[0], shape, x.device):
         if p != path or (mode and cfg.get("mode") != mode):
             continue
-        try:
-            t = graph_ms(lambda k: forward.blast_matmul_triton(x, *fac[k], path=p, config=cfg), len(fac))
-        except Exception:       # noqa: BLE001 -- a config a GPU cannot run (e.g. out of shared memory)
-            continue
-        best = t if best != best else min(best, t)
+        t = _time_if_it_runs(graph_ms, lambda k: forward.blast_matmul_triton(x, *fac[k], path=p, config=cfg),
+                             len(fac))
+        if t is not None:
+            best = t if best != best else min(best, t)
     return best
 
 

@@ -33,20 +33,13 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from ..kernels.add_norm import add_rms_norm
+from ..kernels.add_norm import add_rms_norm, rms_norm_reference
 from ..structures.blast.ops import blast_matmul, blast_matmul_reference, check_inputs
 from ..structures.blast.quant.ops import blast_matmul_quantized, blast_matmul_quantized_reference, check_quantized_inputs
 from .grouping import _NAMES, _QUANTIZED_NAMES, _call_args, _decode_sized, _rows, check_group_mode, tuned_decode_call
 from .mlp_chain import _check_chain, _check_quantized_chain, _only_user, blast_mlp_chain, blast_mlp_chain_quantized
 
 stats = {"tails": 0}
-
-
-def rms_norm_reference(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as transformers' Llama writes it: in float32, cast back, times the weight."""
-    x = h.to(torch.float32)
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(h.dtype)
 
 
 @torch.library.custom_op("blastfx::blast_block_tail", mutates_args=())

@@ -29,13 +29,17 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_FEATURES = 16384        # one row in registers per program; wider rows run the reference
 
 
-def add_rms_norm_reference(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: float):
-    """``(h, n)``: ``h = a + b`` and RMSNorm as transformers' Llama writes it (in float32, cast back,
-    times the weight)."""
-    h = a + b
+def rms_norm_reference(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers' Llama writes it: in float32, cast back, times the weight."""
     x = h.to(torch.float32)
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return h, weight * x.to(h.dtype)
+    return weight * x.to(h.dtype)
+
+
+def add_rms_norm_reference(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: float):
+    """``(h, n)``: ``h = a + b`` and :func:`rms_norm_reference` of it."""
+    h = a + b
+    return h, rms_norm_reference(h, weight, eps)
 
 
 @triton.jit
@@ -93,10 +97,7 @@ def add_rms_norm_triton(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, 
         launch = {} if interpret else {"num_warps": 4 if BH <= 2048 else 8 if BH <= 8192 else 16}
         _add_rms_norm_kernel[(T,)](a, b, weight, h, n, H, a.stride(0), b.stride(0), h.stride(0), n.stride(0),
                                    float(eps), BH=BH, **launch)
-    if h_out is not None and h is not h_out:
-        h_out.copy_(h)
-        h = h_out
-    return h, n
+    return _landed(h, h_out), n
 
 
 def add_rms_norm(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -109,7 +110,12 @@ def add_rms_norm(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: fl
         return add_rms_norm_triton(a, b, weight, eps, h_out, interpret=a.device.type != "cuda")
     _check(a, b, weight, h_out)
     h, n = add_rms_norm_reference(a, b, weight, eps)
-    if h_out is not None:
-        h_out.copy_(h)
-        h = h_out
-    return h, n
+    return _landed(h, h_out), n
+
+
+def _landed(h: torch.Tensor, h_out: torch.Tensor | None) -> torch.Tensor:
+    """``h``, copied into ``h_out`` where the caller gave one that does not hold it already."""
+    if h_out is None or h is h_out:
+        return h
+    h_out.copy_(h)
+    return h_out
