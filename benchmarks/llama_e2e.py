@@ -3,6 +3,7 @@
     python benchmarks/llama_e2e.py [--model llama3-8b] [--layers 32] [--batch 1 8] [--only decode generate]
     python benchmarks/llama_e2e.py --only decode --factor-dtype int8 --torchao int8 int4   # equal-bytes baselines
     python benchmarks/llama_e2e.py --only decode --profile   # + kernel time per category of one decode step
+    python benchmarks/llama_e2e.py --only decode --chain-norm never auto   # without and with block tails, one dense
 
 Greedy decode of 256 tokens with CUDA graphs (torch.compile mode="reduce-overhead"), dense under
 inductor vs blastfx under backend="blast", at each ``--batch``: a gpt-fast-style loop (``decode``)
@@ -266,10 +267,11 @@ def main():
     ap.add_argument("--chain-mlp", default="auto", choices=("auto", "never"),
                     help='backend "blast" chain_mlp option of the decode loop: "never" runs each MLP as grouped gate/up and '
                          'down calls (the models are then named "... MLP not chained")')
-    ap.add_argument("--chain-norm", default=CHAIN_NORM_DEFAULT, choices=("auto", "never"),
+    ap.add_argument("--chain-norm", nargs="+", default=[CHAIN_NORM_DEFAULT], choices=("auto", "never"),
                     help='backend "blast" chain_norm option of the decode loop (default: the backend\'s, "never"): "auto" '
                          'runs block tails and seams, o_proj, the residual add, the norm and the MLP (and the next q/k/v) '
-                         'as one call (the models are then named "... block tails")')
+                         'as one call (the models are then named "... block tails"); several values time each blastfx '
+                         'model once per value, against the same dense run')
     ap.add_argument("--batch", type=int, nargs="+", default=[1], help="decode batch sizes")
     ap.add_argument("--factor-dtype", nargs="+", default=[], choices=sorted(FORMATS),
                     help="also blastfx with factors quantized to each of these (e.g. int8 int4)")
@@ -301,33 +303,30 @@ def main():
         ss1 = build(args.layers, **dims)
         blastfx.compress(ss1, args.budget, config=BlastConfig(structure="ss1", progress=False))
         models["blastfx ss1"] = (ss1, "blast")
-    blast_options = decode_options(args)
     for dtype in args.factor_dtype:
         quantized = build(args.layers, **dims)
         blastfx.compress(quantized, args.budget, config=BlastConfig(init="random", progress=False))
         models[f"blastfx {dtype}"] = (quantize_model(quantized, dtype), "blast")
     for kind in args.torchao:
         models[f"torchao {kind}"] = (torchao_model(build(args.layers, **dims), kind), "inductor")
-    if blast_options:
-        models = {f"{name}{options_label(blast_options)}" if backend == "blast" else name: (model, backend)
-                  for name, (model, backend) in models.items()}
-    for name, (model, _) in models.items():
+    models = with_decode_options(models, args)
+    for name, (model, *_) in models.items():
         size = sum(tensor_bytes(t) for t in list(model.parameters()) + list(model.buffers()))
         print(f"{name}: {size / 2**30:.2f} GiB of weights", flush=True)
     # cheapest first, each row printed as it lands: a time limit still leaves the rows before it
     step_options = blastfx.inference_options() if args.inference_options else None
     skipped = ", module guards skipped" if args.inference_options else ""
     rows = [("eager-prefill", "prefill %d tokens, eager" % args.prefill, "ms",
-             lambda m, b: prefill_ms(m, args.prefill), False),
+             lambda m, b, o: prefill_ms(m, args.prefill), False),
             *[("decode", "decode %d tokens at batch %d, CUDA graphs%s" % (args.new_tokens, bs, skipped), "tok/s",
-               lambda m, b, bs=bs: Decoder(m, b, args.prompt, args.new_tokens, bs, blast_options,
-                                           step_options).tokens_per_s(), True)
-              for bs in args.batch],
-            *[("generate", "HF generate %d tokens at batch %d, static cache, compiled%s" % (args.new_tokens, bs, skipped),
-               "tok/s", lambda m, b, bs=bs: generate_tokens_per_s(m, b, args.prompt, args.new_tokens, bs, step_options),
+               lambda m, b, o, bs=bs: Decoder(m, b, args.prompt, args.new_tokens, bs, o, step_options).tokens_per_s(),
                True)
               for bs in args.batch],
-            ("prefill", "prefill %d tokens, compiled" % args.prefill, "ms", lambda m, b: prefill_ms(
+            *[("generate", "HF generate %d tokens at batch %d, static cache, compiled%s" % (args.new_tokens, bs, skipped),
+               "tok/s", lambda m, b, o, bs=bs: generate_tokens_per_s(m, b, args.prompt, args.new_tokens, bs,
+                                                                    generate_options(step_options, o)), True)
+              for bs in args.batch],
+            ("prefill", "prefill %d tokens, compiled" % args.prefill, "ms", lambda m, b, o: prefill_ms(
                 m, args.prefill, b, {"lowering": args.lowering} if b == "blast" else None), False)]
     rows = [r for r in rows if r[0] in args.only]
     config = dict(layers=args.layers, budget=args.budget, b=4, dtype="bfloat16", **dims)
@@ -346,10 +345,10 @@ def time_rows(args, models, rows, config):
     for _, label, unit, measure, higher_is_better in rows:
         case = label if args.model == "llama2-7b" else f"{args.model}: {label}"
         vals, ratios = {}, {}
-        for name, (model, backend) in models.items():
+        for name, (model, backend, options) in models.items():
             torch._dynamo.reset()
             start = time.perf_counter()
-            vals[name] = value = measure(model, backend)
+            vals[name] = value = measure(model, backend, options)
             print(f"  {name}: {value:.1f} {unit} ({time.perf_counter() - start:.0f} s with compile)", flush=True)
             chosen = [c for c in backend_choices() if c not in shown]
             if chosen:                      # what this model's ops were tuned to, for reading its row
@@ -371,10 +370,35 @@ OPTION_LABELS = {("chain_mlp", "never"): ", MLP not chained", ("chain_norm", "au
                  ("chain_norm", "never"): ", no block tails"}
 
 
-def decode_options(args) -> dict | None:
-    """The backend "blast" options of the decode loop beyond its defaults (None: none)."""
-    options = {k: getattr(args, k) for k, default in OPTION_DEFAULTS.items() if getattr(args, k, default) != default}
-    return options or None
+def decode_options(args) -> list[dict | None]:
+    """The backend "blast" options of the decode loop beyond its defaults (None: none), one per
+    ``--chain-norm`` value, in the order given."""
+    chain_norm = getattr(args, "chain_norm", [CHAIN_NORM_DEFAULT])
+    chosen = []
+    for norm in dict.fromkeys([chain_norm] if isinstance(chain_norm, str) else chain_norm):
+        values = {"chain_mlp": getattr(args, "chain_mlp", OPTION_DEFAULTS["chain_mlp"]), "chain_norm": norm}
+        chosen.append({k: v for k, v in values.items() if v != OPTION_DEFAULTS[k]} or None)
+    return chosen
+
+
+def with_decode_options(models: dict, args) -> dict:
+    """``{name: (model, backend, options)}``: every backend "blast" model once per decode-options
+    variant (:func:`decode_options`), named after the options it runs beyond the defaults; the others
+    once, with no options. One compressed model serves every variant: each row compiles afresh."""
+    out = {}
+    for name, (model, backend) in models.items():
+        for options in decode_options(args) if backend == "blast" else [None]:
+            out[f"{name}{options_label(options or {})}"] = (model, backend, options)
+    return out
+
+
+def generate_options(step_options: dict | None, blast_options: dict | None) -> dict | None:
+    """generate's compile options: the step options (CUDA graphs, guards) with the blast options on
+    top; blast options alone keep CUDA graphs on, as the decode loop's do (a mode and options cannot
+    travel together)."""
+    if not blast_options:
+        return step_options
+    return {**(step_options or {"triton.cudagraphs": True}), **blast_options}
 
 
 def options_label(options: dict) -> str:
@@ -393,10 +417,10 @@ def profile_decode(args, models, config, steps=16):
         label = "decode %d tokens at batch %d, CUDA graphs: kernels per step" % (args.new_tokens, bs)
         case = label if args.model == "llama2-7b" else f"{args.model}: {label}"
         rows, kernel_rows = [], []
-        for name, (model, backend) in models.items():
+        for name, (model, backend, options) in models.items():
             torch._dynamo.reset()
             times, launches, how, top = Decoder(model, backend, args.prompt, args.new_tokens, bs,
-                                                decode_options(args)).kernel_profile(steps)
+                                                options).kernel_profile(steps)
             print(f"{label}, {name}: " + ", ".join(f"{c} {t:.0f} µs" for c, t in times.items())
                   + f", {launches:.0f} kernels ({how})", flush=True)
             rows += measurements(case, {**config, "profiled": how, "steps": steps},

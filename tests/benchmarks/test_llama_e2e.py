@@ -61,7 +61,7 @@ def test_profile_rows_per_model_and_category(tmp_path, monkeypatch):
     monkeypatch.setattr(llama_e2e, "DEVICE", "cuda")
     monkeypatch.setattr(llama_e2e, "Decoder", Decoder)
     args = argparse.Namespace(batch=[1], model="llama2-7b", prompt=16, new_tokens=256, results_dir=str(tmp_path))
-    llama_e2e.profile_decode(args, {"dense": (1, "inductor"), "blastfx": (2, "blast")}, {"layers": 32})
+    llama_e2e.profile_decode(args, {"dense": (1, "inductor", None), "blastfx": (2, "blast", None)}, {"layers": 32})
     got = {(r["case"], r["metric"]): (float(r["value"]), r["unit"]) for r in rows.read(tmp_path / "llama_e2e.csv")}
     case = "decode 256 tokens at batch 1, CUDA graphs: kernels per step"
     assert got[(case, "dense gemm kernel time")] == (3000.0, "µs")
@@ -72,16 +72,36 @@ def test_profile_rows_per_model_and_category(tmp_path, monkeypatch):
     assert kernels[(case + ", blastfx: [gemm] gemv2T_kernel", "time per step")] == 1500.0
     assert kernels[(case + ", dense: [gemm] gemv2T_kernel", "launches per step")] == 224.0
     assert kernels[(case + ", dense: [gemm] gemv2T_kernel", "time per launch")] == round(3000.0 / 224.0, 3)
-    assert options == [None, None]                   # the backend's defaults
-    args.chain_mlp, args.results_dir = "never", str(tmp_path / "never")
-    llama_e2e.profile_decode(args, {"blastfx, MLP not chained": (2, "blast")}, {"layers": 32})
-    assert options[-1] == {"chain_mlp": "never"}
-    args.chain_mlp, args.chain_norm = "auto", "never"             # the backend's defaults, spelled out
-    llama_e2e.profile_decode(args, {"blastfx": (2, "blast")}, {"layers": 32})
-    assert options[-1] is None
-    args.chain_norm = "auto"                                       # block tails and seams: asked for
-    llama_e2e.profile_decode(args, {"blastfx, block tails": (2, "blast")}, {"layers": 32})
+    assert options == [None, None]                   # each model's own options reach its decoder
+    args.results_dir = str(tmp_path / "tails")
+    llama_e2e.profile_decode(args, {"blastfx, block tails": (2, "blast", {"chain_norm": "auto"})}, {"layers": 32})
     assert options[-1] == {"chain_norm": "auto"}
+
+
+def test_decode_options_name_one_variant_per_chain_norm():
+    args = argparse.Namespace(chain_mlp="auto", chain_norm=["never"])
+    models = {"dense": ("D", "inductor"), "blastfx": ("B", "blast")}
+    assert llama_e2e.with_decode_options(models, args) == {"dense": ("D", "inductor", None),
+                                                           "blastfx": ("B", "blast", None)}   # the defaults
+    args.chain_norm = ["never", "auto", "never"]       # both, in one process, each once
+    assert llama_e2e.with_decode_options(models, args) == {
+        "dense": ("D", "inductor", None), "blastfx": ("B", "blast", None),
+        "blastfx, block tails": ("B", "blast", {"chain_norm": "auto"})}
+    args.chain_mlp, args.chain_norm = "never", ["auto"]
+    assert llama_e2e.decode_options(args) == [{"chain_mlp": "never", "chain_norm": "auto"}]
+    assert list(llama_e2e.with_decode_options(models, args)) == ["dense", "blastfx, MLP not chained, block tails"]
+
+
+def test_generate_options_keep_cuda_graphs_beside_blast_options():
+    assert llama_e2e.generate_options(None, None) is None
+    assert llama_e2e.generate_options({"guard": 1}, None) == {"guard": 1}
+    assert llama_e2e.generate_options(None, {"chain_norm": "auto"}) == {"triton.cudagraphs": True,
+                                                                        "chain_norm": "auto"}
+    assert llama_e2e.generate_options({"triton.cudagraphs": True, "guard": 1}, {"chain_norm": "auto"}) == {
+        "triton.cudagraphs": True, "guard": 1, "chain_norm": "auto"}
+
+
+def test_options_label_names_only_what_differs_from_the_defaults():
     assert llama_e2e.options_label({"chain_mlp": "never", "chain_norm": "auto"}) == ", MLP not chained, block tails"
     assert llama_e2e.options_label({"chain_norm": "never"}) == ""  # the default names nothing
     assert llama_e2e.options_label({}) == ""
@@ -118,12 +138,12 @@ def test_each_models_value_is_recorded_as_it_lands(tmp_path):
     the models measured before it, each with its ratio to dense in the right direction per unit."""
     tok_s = {"dense": 200.0, "blastfx int8": 250.0}
 
-    def decode(model, backend):
+    def decode(model, backend, options):
         if model not in tok_s:
             raise TimeoutError("time limit")
         return tok_s[model]
 
-    models = {name: (name, "inductor" if name == "dense" else "blast") for name in (*tok_s, "torchao int8")}
+    models = {name: (name, "inductor" if name == "dense" else "blast", None) for name in (*tok_s, "torchao int8")}
     args = argparse.Namespace(model="llama3-8b", results_dir=str(tmp_path))
     table = [("decode", "decode 256 tokens at batch 1, CUDA graphs", "tok/s", decode, True)]
     with pytest.raises(TimeoutError):
@@ -135,8 +155,8 @@ def test_each_models_value_is_recorded_as_it_lands(tmp_path):
     # times: lower is better, so the ratio is dense / model
     ms = {"dense": 10.0, "blastfx": 8.0}
     args.model, args.results_dir = "llama2-7b", str(tmp_path / "ms")
-    llama_e2e.time_rows(args, {n: (n, "inductor") for n in ms},
-                        [("prefill", "prefill 2048 tokens, compiled", "ms", lambda m, b: ms[m], False)], {})
+    llama_e2e.time_rows(args, {n: (n, "inductor", None) for n in ms},
+                        [("prefill", "prefill 2048 tokens, compiled", "ms", lambda m, b, o: ms[m], False)], {})
     got = {r["metric"]: float(r["value"]) for r in rows.read(tmp_path / "ms" / "llama_e2e.csv")}
     assert got == {"dense": 10.0, "blastfx": 8.0, "blastfx vs dense": 1.25}
 
@@ -147,12 +167,13 @@ def test_each_model_prints_the_choices_its_ops_were_tuned_to(tmp_path, monkeypat
     from blastfx.kernels import autotune
     monkeypatch.setattr(autotune, "_cache", {("old",): ("gemv", {})})
 
-    def decode(model, backend):
+    def decode(model, backend, options):
         if model != "dense":
             autotune._cache[(model,)] = ("seam" if model == "blastfx" else "parts", {})
         return 100.0
 
-    models = {n: (n, "inductor" if n == "dense" else "blast") for n in ("dense", "blastfx", "blastfx, no block tails")}
+    models = {n: (n, "inductor" if n == "dense" else "blast", None)
+              for n in ("dense", "blastfx", "blastfx, no block tails")}
     llama_e2e.time_rows(argparse.Namespace(model="llama2-7b", results_dir=str(tmp_path)), models,
                         [("decode", "decode", "tok/s", decode, True)], {})
     lines = [line.strip() for line in capsys.readouterr().out.splitlines() if "autotuned" in line]
