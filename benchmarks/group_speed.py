@@ -15,7 +15,9 @@ blastfx as its parts run (o's call, the add and norm, the MLP chain op) vs one
 ``blastfx::blast_block_tail`` call (what ``backend="blast"`` runs for it: the autotuner's pick of the
 four-launch tail and its parts). A block seam (``"... seam"``): the tail, the residual add, the next
 block's RMSNorm and its q/k/v, dense vs the tail op, add, norm and grouped q/k/v vs one
-``blastfx::blast_block_seam`` call.
+``blastfx::blast_block_seam`` call. Dense and the parts run each residual add with the norm after
+it as one launch (:func:`blastfx.kernels.add_norm.add_rms_norm`), as Inductor fuses them in a graph,
+and leave their outputs as separate tensors.
 
 Every variant is replayed from a CUDA graph over enough weight copies to stream from HBM, dense in
 the same process; records rows in ``benchmarks/results/group_speed.csv``.
@@ -28,10 +30,11 @@ import torch
 
 import blastfx
 from blastfx.compiler.block_seam import blast_block_seam
-from blastfx.compiler.block_tail import blast_block_tail, rms_norm_reference
+from blastfx.compiler.block_tail import blast_block_tail
 from blastfx.compiler.grouping import blast_matmul_group, blast_matmul_quantized_group
 from blastfx.compiler.mlp_chain import blast_mlp_chain
 from blastfx.kernels import autotune
+from blastfx.kernels.add_norm import add_rms_norm
 from blastfx.structures.blast.layout import BlastShape
 from blastfx.structures.blast.quant import formats
 from blastfx.structures.blast.quant.ops import blast_matmul_quantized
@@ -102,21 +105,26 @@ EPS = 1e-5
 
 
 def dense_tail(a, residual, weights, norm_weight):
-    """o, the residual add, the RMSNorm and the gated MLP, dense: ``weights`` = (o, gate, up, down)."""
+    """o, the residual add, the RMSNorm and the gated MLP, dense: ``weights`` = (o, gate, up, down).
+    The add and norm run as one launch (:func:`add_rms_norm`), as Inductor fuses them in a graph."""
+    h, mlp = _dense_tail_halves(a, residual, weights, norm_weight)
+    return h + mlp
+
+
+def _dense_tail_halves(a, residual, weights, norm_weight):
     F = torch.nn.functional
     o, g, u, d = weights
-    h = residual + F.linear(a, o)
-    n = rms_norm_reference(h, norm_weight, EPS)
-    return h + F.linear(F.silu(F.linear(n, g)) * F.linear(n, u), d)
+    h, n = add_rms_norm(residual, F.linear(a, o), norm_weight, EPS)
+    return h, F.linear(F.silu(F.linear(n, g)) * F.linear(n, u), d)
 
 
 def tail_in_parts(a, residual, factors, outs, norm_weight):
     """The same with BLAST layers as the parts run without the block-tail rewrite: o's call, the add
-    and norm, the MLP chain op."""
+    and norm in one launch, the MLP chain op."""
     o, *mlp = factors
-    h = residual + blastfx.blast_matmul(a, *o)
+    h, n = add_rms_norm(residual, blastfx.blast_matmul(a, *o), norm_weight, EPS)
     U, S, V = (list(t) for t in zip(*mlp))
-    return h + blast_mlp_chain(rms_norm_reference(h, norm_weight, EPS), U, S, V, [None] * 3, outs[1:])
+    return h + blast_mlp_chain(n, U, S, V, [None] * 3, outs[1:])
 
 
 def tail_in_one_call(a, residual, factors, outs, norm_weight):
@@ -127,18 +135,22 @@ def tail_in_one_call(a, residual, factors, outs, norm_weight):
 
 
 def dense_seam(a, residual, weights, norm_weight, next_norm_weight):
-    """The dense tail, then the next block's norm and q/k/v: ``weights`` = (o, gate, up, down, *heads)."""
-    h2 = dense_tail(a, residual, weights[:4], norm_weight)
-    n = rms_norm_reference(h2, next_norm_weight, EPS)
-    return torch.cat([h2] + [torch.nn.functional.linear(n, w) for w in weights[4:]], dim=-1)
+    """The dense tail, then its final add with the next block's norm (one launch) and q/k/v:
+    ``weights`` = (o, gate, up, down, *heads). Returns ``[h2, *heads]``, separate tensors as a graph
+    leaves them (no concatenation to pay for)."""
+    h, mlp = _dense_tail_halves(a, residual, weights[:4], norm_weight)
+    h2, n = add_rms_norm(h, mlp, next_norm_weight, EPS)
+    return [h2] + [torch.nn.functional.linear(n, w) for w in weights[4:]]
 
 
 def seam_in_parts(a, residual, factors, outs, norm_weight, next_norm_weight):
-    """The same as it runs without the seam rewrite: the tail op, the add and norm, the grouped heads."""
-    h2 = tail_in_one_call(a, residual, factors[:4], outs[:4], norm_weight)
+    """The same as it runs without the seam rewrite: the tail op, the add and norm in one launch, the
+    grouped heads; ``[h2, heads]``."""
+    U, S, V = (list(t) for t in zip(*factors[:4]))
+    both = blast_block_tail(a, residual, U, S, V, [None] * 4, outs[:4], norm_weight, EPS)
+    h2, n = add_rms_norm(both[:, :outs[0]], both[:, outs[0]:], next_norm_weight, EPS)
     U, S, V = (list(t) for t in zip(*factors[4:]))
-    heads = blast_matmul_group(rms_norm_reference(h2, next_norm_weight, EPS), U, S, V, [None] * len(U), outs[4:])
-    return torch.cat([h2, heads], dim=-1)
+    return [h2, blast_matmul_group(n, U, S, V, [None] * len(U), outs[4:])]
 
 
 def seam_in_one_call(a, residual, factors, outs, norm_weight, next_norm_weight):

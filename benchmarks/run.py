@@ -73,8 +73,9 @@ REGISTRY: dict[str, Benchmark] = {
         "with `--factor-dtype`, also with quantized factors); "
         "gated MLPs (`down(silu(gate(x)) * up(x))`) also as one chained call, the autotuner's pick of the "
         "three-launch chain and the grouped form; a block's tail (o_proj, the residual add, the RMSNorm, the MLP) "
-        "and seam (the tail, the add, the next norm and q/k/v) as their parts run and as one call; "
-        "\"x\" columns are dense time / blastfx time in the same process."),
+        "and seam (the tail, the add, the next norm and q/k/v) as their parts run and as one call, dense and "
+        "the parts running each residual add and its norm as one launch (the tail and seam rows of commit "
+        "6923262 ran them as eager ops); \"x\" columns are dense time / blastfx time in the same process."),
     "decode_stages": Benchmark(
         "decode_stages.py", "Decode kernels: time per stage",
         "per-stage time and bandwidth of the decode kernels, each launch mode, and a Llama block's linears in a row, vs dense",
@@ -99,7 +100,9 @@ REGISTRY: dict[str, Benchmark] = {
         "decode tok/s, prefill and training-step time of a Llama-2-7B-shaped model, dense vs blastfx 0.5",
         "yes", "8 min",
         "A random-init Llama-2-7B-shaped model (bf16, 32 layers) against its `compress(model, 0.5)` version in "
-        "one process; \"blastfx vs dense\" is the speed ratio (above 1: blastfx is faster).",
+        "one process; \"blastfx vs dense\" is the speed ratio (above 1: blastfx is faster). Each \"vs dense\" "
+        "ratio is against dense timed in its own process; where a row holds several runs (its command column), "
+        "the dense column shows the newest run's, and dense varies by about 10% between processes.",
         also=(("llama_e2e_kernels", "End to end: the top kernels of a decode step",
                "`llama_e2e --profile`: the kernels that take the most time in one decode step of each model "
                "(CUDA-graph replays), by name with their category: time and launches per step, time per launch."),)),

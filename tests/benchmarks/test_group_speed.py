@@ -55,7 +55,10 @@ def test_the_three_forms_of_a_block_seam_agree():
                for (U, S, V), s in zip(fac, shapes)]
     a, residual = torch.randn(2, 48).double(), torch.randn(2, 48).double()
     w, w2 = (1 + 0.1 * torch.randn(48).double() for _ in range(2))
-    want = group_speed.dense_seam(a, residual, weights, w, w2)
-    assert want.shape == (2, 48 + 48 + 16 + 16)
-    torch.testing.assert_close(group_speed.seam_in_parts(a, residual, fac, outs, w, w2), want)
+    dense = group_speed.dense_seam(a, residual, weights, w, w2)
+    assert [t.shape[-1] for t in dense] == [48, 48, 16, 16]        # h2, then q/k/v as separate tensors
+    want = torch.cat(dense, dim=-1)
+    parts = group_speed.seam_in_parts(a, residual, fac, outs, w, w2)
+    assert [t.shape[-1] for t in parts] == [48, 48 + 16 + 16]      # h2, then the grouped heads
+    torch.testing.assert_close(torch.cat(parts, dim=-1), want)
     torch.testing.assert_close(group_speed.seam_in_one_call(a, residual, fac, outs, w, w2), want)
