@@ -441,9 +441,21 @@ def profile_decode(args, models, config, steps=16):
 
 def backend_choices() -> list[str]:
     """What the BLAST op's autotuner chose so far in this process (every model and batch timed), one
-    "key: path" per tuned key."""
+    "key: path" per tuned key, each layer shape written short (:func:`short_key`)."""
     from blastfx.kernels import autotune
-    return [f"{key}: {path}" for key, path in autotune.report().items()]
+    return [f"{short_key(key)}: {path}" for key, path in autotune.report().items()]
+
+
+SHAPE_REPR = re.compile(r"BlastShape\(out_features=(\d+), in_features=(\d+), rank=(\d+), b_out=(\d+), b_in=(\d+)\)")
+
+
+def short_key(key) -> str:
+    """An autotuner key as text with each ``BlastShape(...)`` as ``OUTxIN r=RANK b=B`` (``b=OUTxIN``
+    where the two block counts differ): a block seam's key names seven shapes."""
+    def short(m):
+        out, inp, rank, b_out, b_in = m.groups()
+        return f"{out}x{inp} r={rank} b={b_out if b_out == b_in else f'{b_out}x{b_in}'}"
+    return SHAPE_REPR.sub(short, str(key))
 
 
 def torchao_model(model, kind):

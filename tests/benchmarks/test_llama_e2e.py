@@ -179,3 +179,10 @@ def test_each_model_prints_the_choices_its_ops_were_tuned_to(tmp_path, monkeypat
     lines = [line.strip() for line in capsys.readouterr().out.splitlines() if "autotuned" in line]
     assert lines == ["blastfx autotuned: ('blastfx',): seam",
                      "blastfx, no block tails autotuned: ('blastfx, no block tails',): parts"]
+
+
+def test_autotuner_keys_print_their_shapes_short():
+    from blastfx.structures.blast.layout import BlastShape
+    key = ("group", 1, (BlastShape(4096, 4096, 1016, 4, 4), BlastShape(11008, 4096, 1488, 4, 2)), "cuda:0")
+    assert llama_e2e.short_key(key) == "('group', 1, (4096x4096 r=1016 b=4, 11008x4096 r=1488 b=4x2), 'cuda:0')"
+    assert llama_e2e.short_key(("old",)) == "('old',)"
