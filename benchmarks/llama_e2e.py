@@ -373,10 +373,9 @@ OPTION_LABELS = {("chain_mlp", "never"): ", MLP not chained", ("chain_norm", "au
 def decode_options(args) -> list[dict | None]:
     """The backend "blast" options of the decode loop beyond its defaults (None: none), one per
     ``--chain-norm`` value, in the order given."""
-    chain_norm = getattr(args, "chain_norm", [CHAIN_NORM_DEFAULT])
     chosen = []
-    for norm in dict.fromkeys([chain_norm] if isinstance(chain_norm, str) else chain_norm):
-        values = {"chain_mlp": getattr(args, "chain_mlp", OPTION_DEFAULTS["chain_mlp"]), "chain_norm": norm}
+    for norm in dict.fromkeys(args.chain_norm):
+        values = {"chain_mlp": args.chain_mlp, "chain_norm": norm}
         chosen.append({k: v for k, v in values.items() if v != OPTION_DEFAULTS[k]} or None)
     return chosen
 

@@ -33,11 +33,10 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from ..kernels.add_norm import add_rms_norm
+from ..kernels.add_norm import add_rms_norm, rms_norm_reference
 from ..structures.blast.ops import check_inputs
 from ..structures.blast.quant.ops import check_quantized_inputs
-from .block_tail import (_check_quantized_tail, _check_tail, _fn, _same, _width, match_rms_norm, norm_is_private,
-                         rms_norm_reference)
+from .block_tail import _check_quantized_tail, _check_tail, _fn, _same, _width, match_rms_norm, norm_is_private
 from .grouping import blast_matmul_group, blast_matmul_quantized_group, check_group_mode, tuned_decode_call
 
 stats = {"seams": 0}

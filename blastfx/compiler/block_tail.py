@@ -119,14 +119,12 @@ def _parts(x2, residual2, layers, norm_weight, eps):
     out = x2.new_empty(x2.shape[0], H + mlp[-1][4].out_features)
     if len(o) == 7:
         oy = blast_matmul_quantized(x2, o[0], o[5], o[1], o[2], o[6], o[3], H)
-        _, n = add_rms_norm(residual2, oy, norm_weight, eps, h_out=out[:, :H])
-        y = torch.ops.blastfx.blast_mlp_chain_quantized(n, *([m[k] for m in mlp] for k in (0, 5, 1, 2, 6, 3)),
-                                                        [m[4].out_features for m in mlp])
+        chain, fields = torch.ops.blastfx.blast_mlp_chain_quantized, (0, 5, 1, 2, 6, 3)   # the op's argument order
     else:
-        _, n = add_rms_norm(residual2, blast_matmul(x2, *o[:4], H), norm_weight, eps, h_out=out[:, :H])
-        y = torch.ops.blastfx.blast_mlp_chain(n, *([m[k] for m in mlp] for k in range(4)),
-                                              [m[4].out_features for m in mlp])
-    out[:, H:].copy_(y)
+        oy = blast_matmul(x2, *o[:4], H)
+        chain, fields = torch.ops.blastfx.blast_mlp_chain, (0, 1, 2, 3)
+    _, n = add_rms_norm(residual2, oy, norm_weight, eps, h_out=out[:, :H])
+    out[:, H:].copy_(chain(n, *([m[k] for m in mlp] for k in fields), [m[4].out_features for m in mlp]))
     return out
 
 
