@@ -15,9 +15,11 @@ blastfx as its parts run (o's call, the add and norm, the MLP chain op) vs one
 ``blastfx::blast_block_tail`` call (what ``backend="blast"`` runs for it: the autotuner's pick of the
 four-launch tail and its parts). A block seam (``"... seam"``): the tail, the residual add, the next
 block's RMSNorm and its q/k/v, dense vs the tail op, add, norm and grouped q/k/v vs one
-``blastfx::blast_block_seam`` call. Dense and the parts run each residual add with the norm after
-it as one launch (:func:`blastfx.kernels.add_norm.add_rms_norm`), as Inductor fuses them in a graph,
-and leave their outputs as separate tensors.
+``blastfx::blast_block_seam`` call. The parts are the ops' own (``_parts`` of
+:mod:`blastfx.compiler.block_tail` and :mod:`~blastfx.compiler.block_seam`): exactly what each op's
+autotuner times against its one call. Dense and the parts run each residual add with the norm after
+it as one launch (:func:`blastfx.kernels.add_norm.add_rms_norm`), as Inductor fuses them in a graph;
+dense leaves its outputs as separate tensors.
 
 Every variant is replayed from a CUDA graph over enough weight copies to stream from HBM, dense in
 the same process; records rows in ``benchmarks/results/group_speed.csv``.
@@ -29,6 +31,7 @@ import argparse
 import torch
 
 import blastfx
+from blastfx.compiler import block_seam, block_tail
 from blastfx.compiler.block_seam import blast_block_seam
 from blastfx.compiler.block_tail import blast_block_tail
 from blastfx.compiler.grouping import blast_matmul_group, blast_matmul_quantized_group
@@ -118,20 +121,21 @@ def _dense_tail_halves(a, residual, weights, norm_weight):
     return h, F.linear(F.silu(F.linear(n, g)) * F.linear(n, u), d)
 
 
-def tail_in_parts(a, residual, factors, outs, norm_weight):
-    """The same with BLAST layers as the parts run without the block-tail rewrite: o's call, the add
-    and norm in one launch, the MLP chain op."""
-    o, *mlp = factors
-    h, n = add_rms_norm(residual, blastfx.blast_matmul(a, *o), norm_weight, EPS)
-    U, S, V = (list(t) for t in zip(*mlp))
-    return h + blast_mlp_chain(n, U, S, V, [None] * 3, outs[1:])
+def tail_in_parts(a, residual, layers, norm_weight):
+    """The same with BLAST layers as the parts run without the block-tail rewrite (o's call, the add
+    and norm in one launch, the MLP chain op): the op's own parts, which its autotuner times against
+    the one call. ``layers``: (U, S, V, bias, shape) each."""
+    both = block_tail._parts(a, residual, layers, norm_weight, EPS)
+    H = layers[0][4].out_features
+    return both[:, :H] + both[:, H:]
 
 
-def tail_in_one_call(a, residual, factors, outs, norm_weight):
+def tail_in_one_call(a, residual, layers, norm_weight):
     """The same as one ``blastfx::blast_block_tail`` call (and the final residual add)."""
-    U, S, V = (list(t) for t in zip(*factors))
-    both = blast_block_tail(a, residual, U, S, V, [None] * 4, outs, norm_weight, EPS)
-    return both[:, :outs[0]] + both[:, outs[0]:]
+    U, S, V, bias, shapes = (list(t) for t in zip(*layers))
+    both = blast_block_tail(a, residual, U, S, V, bias, [s.out_features for s in shapes], norm_weight, EPS)
+    H = shapes[0].out_features
+    return both[:, :H] + both[:, H:]
 
 
 def dense_seam(a, residual, weights, norm_weight, next_norm_weight):
@@ -143,20 +147,17 @@ def dense_seam(a, residual, weights, norm_weight, next_norm_weight):
     return [h2] + [torch.nn.functional.linear(n, w) for w in weights[4:]]
 
 
-def seam_in_parts(a, residual, factors, outs, norm_weight, next_norm_weight):
-    """The same as it runs without the seam rewrite: the tail op, the add and norm in one launch, the
-    grouped heads; ``[h2, heads]``."""
-    U, S, V = (list(t) for t in zip(*factors[:4]))
-    both = blast_block_tail(a, residual, U, S, V, [None] * 4, outs[:4], norm_weight, EPS)
-    h2, n = add_rms_norm(both[:, :outs[0]], both[:, outs[0]:], next_norm_weight, EPS)
-    U, S, V = (list(t) for t in zip(*factors[4:]))
-    return [h2, blast_matmul_group(n, U, S, V, [None] * len(U), outs[4:])]
+def seam_in_parts(a, residual, layers, norm_weight, next_norm_weight):
+    """The same as it runs without the seam rewrite (the tail op, the add and norm in one launch, the
+    grouped heads): the op's own parts, which its autotuner times against the one call."""
+    return block_seam._parts(a, residual, layers, norm_weight, EPS, next_norm_weight, EPS)
 
 
-def seam_in_one_call(a, residual, factors, outs, norm_weight, next_norm_weight):
+def seam_in_one_call(a, residual, layers, norm_weight, next_norm_weight):
     """The same as one ``blastfx::blast_block_seam`` call."""
-    U, S, V = (list(t) for t in zip(*factors))
-    return blast_block_seam(a, residual, U, S, V, [None] * len(U), outs, norm_weight, EPS, next_norm_weight, EPS)
+    U, S, V, bias, shapes = (list(t) for t in zip(*layers))
+    return blast_block_seam(a, residual, U, S, V, bias, [s.out_features for s in shapes], norm_weight, EPS,
+                            next_norm_weight, EPS)
 
 
 # each block form: (dense, as its parts run, as one call, the autotuner key's name, norms it reads)
@@ -175,9 +176,8 @@ def block_rows(name, T_values, args):
     dense = [[torch.randn(m, n, device=dev, dtype=dt) / n ** 0.5 for m, n in shapes]
              for _ in range(copies_for(sum(m * n * 2 for m, n in shapes)))]
     blast_shapes = [BlastShape.make(m, n, rank_at(m, n, args.blocks, args.budget), args.blocks) for m, n in shapes]
-    fac = [_factors(blast_shapes, None, dev, dt)
+    fac = [[(U, S, V, None, s) for (U, S, V), s in zip(_factors(blast_shapes, None, dev, dt), blast_shapes)]
            for _ in range(copies_for(sum(s.num_params * 2 for s in blast_shapes)))]
-    outs = [s.out_features for s in blast_shapes]
     weights = [1 + 0.1 * torch.randn(hidden, device=dev, dtype=dt) for _ in range(norms)]
     for T in T_values:
         a = torch.randn(T, hidden, device=dev, dtype=dt)
@@ -185,8 +185,8 @@ def block_rows(name, T_values, args):
         t_dense = graph_ms(lambda k: dense_form(a, residual, dense[k], *weights), len(dense))
         times = {}
         for label, fn in (("parts", parts_form), (kind, one_call)):
-            fn(a, residual, fac[0], outs, *weights)                 # autotune outside the graph
-            times[label] = graph_ms(lambda k: fn(a, residual, fac[k], outs, *weights), len(fac))
+            fn(a, residual, fac[0], *weights)                       # autotune outside the graph
+            times[label] = graph_ms(lambda k: fn(a, residual, fac[k], *weights), len(fac))
         chosen = next((v[0] for key, v in autotune._cache.items() if key[0] == key_name
                        and key[2] == tuple(blast_shapes)), "default")
         print(f"| {name} | {T} | {t_dense:.4f} | {times['parts']:.4f} | {times[kind]:.4f} | "

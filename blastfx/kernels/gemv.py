@@ -421,7 +421,7 @@ def _factor_address(anchor_ptr, row, FIELD: tl.constexpr, ALIGN: tl.constexpr):
 def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, float_ptr, scale_ptr, table_ptr, ws_ptr, sync_ptr, T, N, YS, G,
                        ITEMS1, ITEMS2, EXTENT, GRID, HALF, sxt, W_NORM, INV_N, EPS, NORM: tl.constexpr,
                        ALIGN: tl.constexpr, ALIGN_F: tl.constexpr,
-                       ALIGN_SC: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
+                       ALIGN_SC: tl.constexpr, AL_RC: tl.constexpr, AL_Q: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
                        BP: tl.constexpr, BK: tl.constexpr, ZB: tl.constexpr, STAGE: tl.constexpr,
                        PREFETCH: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LATE: tl.constexpr,
                        LINE_U: tl.constexpr, QUANT: tl.constexpr, PACK: tl.constexpr, SPLIT: tl.constexpr):
@@ -431,7 +431,10 @@ def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, float_ptr, scale_ptr, table_ptr
     (T, YS) buffer, each member writing its columns. U and V are found from ``anchor_ptr`` (the first
     member's U), S and biases from ``float_ptr`` (its S), the scales of quantized factors (QUANT, PACK,
     SPLIT as in ``_gemv_decode_kernel``) from ``scale_ptr`` (its U_scale); each anchor's offsets are
-    hinted multiples of its ALIGN. PDL and PREFETCH as in ``_gemv_decode_kernel`` (two-launch form:
+    hinted multiples of its ALIGN. AL_RC and AL_Q: powers of two (up to 16 bytes' worth of stored
+    entries, up to 16) that divide every member's stored row length (its rank / PACK) and every
+    member's Q: the table's values carry no divisibility the compiler can see, and a row of codes
+    seen aligned to 8 entries is read in 8-byte loads where 16 allow 16-byte ones. PDL and PREFETCH as in ``_gemv_decode_kernel`` (two-launch form:
     one item per program). NORM (stage 2): the members' input was an RMSNorm's input times its weight,
     not yet divided by its root mean square; the per-token sums of squares W_NORM floats into this
     call's half give each token's factor ``rsqrt(sum * INV_N + EPS)``, which scales the outputs
@@ -464,9 +467,9 @@ def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, float_ptr, scale_ptr, table_ptr
             row = table_ptr + _member(table_ptr, item, G, 14) * _NF
             v_ptr = _factor_address(anchor_ptr, row, 2, ALIGN)
             s_ptr = _factor_address(float_ptr, row, 1, ALIGN_F)
-            Q = tl.load(row + 7).to(tl.int32)
-            R = tl.multiple_of(tl.load(row + 8).to(tl.int32), 8)
-            RC = R // PACK
+            Q = (tl.load(row + 7).to(tl.int32) // AL_Q) * AL_Q           # (v // A) * A: seen divisible by A
+            RC = (tl.load(row + 8).to(tl.int32) // (PACK * AL_RC)) * AL_RC
+            R = RC * PACK
             B_IN = tl.load(row + 9).to(tl.int32)
             vs_ptr = x_ptr
             if QUANT:
@@ -474,7 +477,7 @@ def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, float_ptr, scale_ptr, table_ptr
             _xv_mix_item(item - tl.load(row + 14).to(tl.int32), x_ptr, v_ptr, s_ptr,
                          w_base + tl.multiple_of(tl.load(row + 16), 8), T, N, Q, R, B_IN,
                          tl.load(row + 10).to(tl.int32),
-                         tl.load(row + 11).to(tl.int32), tl.load(row + 12).to(tl.int32),
+                         (tl.load(row + 11).to(tl.int32) // BQ) * BQ, tl.load(row + 12).to(tl.int32),
                          sxt, 1, B_IN * R, R, 1, Q * RC, RC, 1, BT, BQ, BR, vs_ptr, R, 1, QUANT, sync_ptr, HALF,
                          LATE, RC, SPLIT)
     if LATE:
@@ -490,8 +493,8 @@ def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, float_ptr, scale_ptr, table_ptr
         for item in range(pid, ITEMS2, GRID):
             row = table_ptr + _member(table_ptr, item, G, 15) * _NF
             P = tl.load(row + 6).to(tl.int32)
-            R = tl.multiple_of(tl.load(row + 8).to(tl.int32), 8)
-            RC = R // PACK
+            RC = (tl.load(row + 8).to(tl.int32) // (PACK * AL_RC)) * AL_RC
+            R = RC * PACK
             us_ptr = x_ptr
             if QUANT:
                 us_ptr = _factor_address(scale_ptr, row, 18, ALIGN_SC)
@@ -753,7 +756,10 @@ def group_anchors(members, cfg: dict, unused) -> tuple[tuple, dict]:
         fmt = factor_formats.of_storage(anchors["codes"].dtype)
         bits, pack = fmt.bits, fmt.per_element
     scales = anchors["scales"] if bits else unused
+    per_vector = 16 // anchors["codes"].element_size()
     return (anchors["codes"], anchors["floats"], scales), dict(
+        AL_RC=math.gcd(*(member[0].shape[-1] for member in members), per_vector),
+        AL_Q=math.gcd(*(member[4].q for member in members), 16),
         ALIGN=16 // anchors["codes"].element_size(), ALIGN_F=16 // anchors["floats"].element_size(),
         ALIGN_SC=16 // scales.element_size(), QUANT=bits, PACK=pack, SPLIT=bits == 4 and cfg.get("nibbles") == "split")
 

@@ -35,13 +35,13 @@ def test_the_three_forms_of_a_block_tail_agree():
     torch.manual_seed(0)
     shapes = [BlastShape.make(m, n, 16, 4) for m, n in ((48, 48), (64, 48), (64, 48), (48, 64))]
     fac = [tuple(t.double() for t in f) for f in group_speed._factors(shapes, None, "cpu", torch.float32)]
-    outs = [s.out_features for s in shapes]
     weights = [blast_matmul_reference(torch.eye(s.in_features, dtype=torch.float64), U, S, V, None, s.out_features).T
                for (U, S, V), s in zip(fac, shapes)]
     a, residual, w = torch.randn(2, 48).double(), torch.randn(2, 48).double(), 1 + 0.1 * torch.randn(48).double()
     want = group_speed.dense_tail(a, residual, weights, w)
-    torch.testing.assert_close(group_speed.tail_in_parts(a, residual, fac, outs, w), want)
-    torch.testing.assert_close(group_speed.tail_in_one_call(a, residual, fac, outs, w), want)
+    layers = [(*f, None, s) for f, s in zip(fac, shapes)]
+    torch.testing.assert_close(group_speed.tail_in_parts(a, residual, layers, w), want)
+    torch.testing.assert_close(group_speed.tail_in_one_call(a, residual, layers, w), want)
 
 
 def test_the_three_forms_of_a_block_seam_agree():
@@ -50,7 +50,6 @@ def test_the_three_forms_of_a_block_seam_agree():
     dims = ((48, 48), (64, 48), (64, 48), (48, 64), (48, 48), (16, 48), (16, 48))
     shapes = [BlastShape.make(m, n, 16 if m >= 32 else 8, 4 if m >= 32 else 2) for m, n in dims]
     fac = [tuple(t.double() for t in f) for f in group_speed._factors(shapes, None, "cpu", torch.float32)]
-    outs = [s.out_features for s in shapes]
     weights = [blast_matmul_reference(torch.eye(s.in_features, dtype=torch.float64), U, S, V, None, s.out_features).T
                for (U, S, V), s in zip(fac, shapes)]
     a, residual = torch.randn(2, 48).double(), torch.randn(2, 48).double()
@@ -58,7 +57,6 @@ def test_the_three_forms_of_a_block_seam_agree():
     dense = group_speed.dense_seam(a, residual, weights, w, w2)
     assert [t.shape[-1] for t in dense] == [48, 48, 16, 16]        # h2, then q/k/v as separate tensors
     want = torch.cat(dense, dim=-1)
-    parts = group_speed.seam_in_parts(a, residual, fac, outs, w, w2)
-    assert [t.shape[-1] for t in parts] == [48, 48 + 16 + 16]      # h2, then the grouped heads
-    torch.testing.assert_close(torch.cat(parts, dim=-1), want)
-    torch.testing.assert_close(group_speed.seam_in_one_call(a, residual, fac, outs, w, w2), want)
+    layers = [(*f, None, s) for f, s in zip(fac, shapes)]
+    torch.testing.assert_close(group_speed.seam_in_parts(a, residual, layers, w, w2), want)
+    torch.testing.assert_close(group_speed.seam_in_one_call(a, residual, layers, w, w2), want)

@@ -167,6 +167,43 @@ def test_one_layer_grouped_int8_and_int4_kernels_stream_factors_in_16_byte_loads
             assert not counts.get("ld.global.b8") and not counts.get("ld.global.u8"), (k, stage, counts)
 
 
+def _coded(layer, fmt_name):
+    """``layer`` (U, S, V, bias, shape) as a GEMV group member holding codes of ``fmt_name`` with scales."""
+    from blastfx.structures.blast.quant import formats
+    U, S, V, b, shape = layer
+    fmt = formats.get(fmt_name)
+    codes = [torch.zeros(*t.shape[:-1], fmt.stored_length(shape.rank), dtype=fmt.storage) for t in (U, V)]
+    return (codes[0], S, codes[1], b, shape, torch.ones(shape.b_out, shape.p), torch.ones(shape.b_in, shape.rank))
+
+
+@pytest.mark.parametrize("codes,rank,width", [(None, 1016, 16), ("int8", 1024, 16), ("int4", 1024, 16),
+                                              ("int8", 1016, 8)],
+                         ids=["bf16-rank-1016", "int8-rank-1024", "int4-rank-1024", "int8-rank-1016"])
+def test_grouped_kernel_reads_codes_and_its_input_in_vector_loads(toolchain, monkeypatch, tmp_path, codes, rank,
+                                                                   width):
+    """q/k/v of Llama-2-7B as one GEMV group: the group kernel finds each member's geometry in a
+    table, whose values carry no divisibility the compiler can see, so it takes the alignment of the
+    members' stored rows (AL_RC) and of their input columns (AL_Q) as constants. Rows of int8 or
+    packed int4 codes then stream in 16-byte loads where the rank allows it (a rank that 16 divides
+    for int8, 32 for int4; 1016 one-byte codes allow 8), and stage 1 reads its slice of x in vectors
+    rather than one 2-byte load per column."""
+    cfg = {**gemv.DEFAULT, "mode": "two"}
+    x = torch.zeros(1, 4096, dtype=torch.bfloat16)
+    qkv = [_layer(4096, 4096, rank=rank) for _ in range(3)]
+    if codes is not None:
+        qkv = [_coded(layer, codes) for layer in qkv]
+    specs = _record(monkeypatch, "_gemv_group_kernel", lambda: gemv.blast_gemv_group(x, qkv, cfg, interpret=True))
+    assert [s["kernel"] for s in specs] == ["_gemv_group_kernel"] * 2
+    factor_bytes = {None: 2, "int8": 1, "int4": 0.5}[codes]
+    for spec, counts in zip(specs, _compile_loads(specs, tmp_path)):
+        stage = spec["constexprs"][str(list(spec["signature"]).index("STAGE"))]
+        tile = cfg["BQ"] * cfg["BR"] if stage == 1 else cfg["BP"] * cfg["BK"]
+        assert _vector_loads(counts, width) >= int(tile * factor_bytes) // (width * THREADS), (stage, counts)
+        assert not counts.get("ld.global.b8") and not counts.get("ld.global.u8"), (stage, counts)
+        if stage == 1:
+            assert not counts.get("ld.global.b16") and not counts.get("ld.global.u16"), counts
+
+
 def test_a_rank_that_16_does_not_divide_keeps_vector_loads(toolchain, monkeypatch, tmp_path):
     """Ranks are multiples of 8 (``rank_multiple``), e.g. 1016 = 8 x 127, which the JIT does not mark
     as aligned (it marks multiples of 16): without the kernel's own alignment constants every mask
