@@ -275,6 +275,9 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[1], help="decode batch sizes")
     ap.add_argument("--factor-dtype", nargs="+", default=[], choices=sorted(FORMATS),
                     help="also blastfx with factors quantized to each of these (e.g. int8 int4)")
+    ap.add_argument("--rank-multiple", type=int, default=BlastConfig.rank_multiple,
+                    help="BlastConfig.rank_multiple of the BLAST models (default: the library's); e.g. 16 makes a row of "
+                         "int8 codes whole 16-byte vectors (the models are then named \"... ranks of 16\")")
     ap.add_argument("--ss1", action="store_true", help="also the model compressed with structure='ss1' (weight-only)")
     ap.add_argument("--no-blast", action="store_true", help="leave out the BLAST model (e.g. SS1 or torchao rows only)")
     ap.add_argument("--torchao", nargs="*", default=[], choices=("int8", "int4"),
@@ -295,18 +298,20 @@ def main():
     if DEVICE == "cuda" and "train" in args.only:   # first: quick, independent of the model runs
         train_step_table(args)
     models = {"dense": (build(args.layers, **dims), "inductor")}
+    blast_config = BlastConfig(init="random", progress=False, rank_multiple=args.rank_multiple)
+    ranks = "" if args.rank_multiple == BlastConfig.rank_multiple else f" ranks of {args.rank_multiple}"
     if not args.no_blast:
         blast = build(args.layers, **dims)
-        blastfx.compress(blast, args.budget, config=BlastConfig(init="random", progress=False))
-        models["blastfx"] = (blast, "blast")
+        blastfx.compress(blast, args.budget, config=blast_config)
+        models["blastfx" + ranks] = (blast, "blast")
     if args.ss1:
         ss1 = build(args.layers, **dims)
         blastfx.compress(ss1, args.budget, config=BlastConfig(structure="ss1", progress=False))
         models["blastfx ss1"] = (ss1, "blast")
     for dtype in args.factor_dtype:
         quantized = build(args.layers, **dims)
-        blastfx.compress(quantized, args.budget, config=BlastConfig(init="random", progress=False))
-        models[f"blastfx {dtype}"] = (quantize_model(quantized, dtype), "blast")
+        blastfx.compress(quantized, args.budget, config=blast_config)
+        models[f"blastfx {dtype}{ranks}"] = (quantize_model(quantized, dtype), "blast")
     for kind in args.torchao:
         models[f"torchao {kind}"] = (torchao_model(build(args.layers, **dims), kind), "inductor")
     models = with_decode_options(models, args)
@@ -330,6 +335,8 @@ def main():
                 m, args.prefill, b, {"lowering": args.lowering} if b == "blast" else None), False)]
     rows = [r for r in rows if r[0] in args.only]
     config = dict(layers=args.layers, budget=args.budget, b=4, dtype="bfloat16", **dims)
+    if ranks:
+        config["rank_multiple"] = args.rank_multiple
     time_rows(args, models, rows, config)
     if args.profile and "decode" in args.only:
         profile_decode(args, models, config)
