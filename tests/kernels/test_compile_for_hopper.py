@@ -84,8 +84,13 @@ def _scalar_type(value) -> str:
 def kernel_signature(kernel, values: dict) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) for ``triton.compiler.ASTSource`` from a launch's arguments by
     name: ``{"pointer": "*bf16"}`` for a tensor, ``{"value": v}`` for a constexpr (or None),
-    ``{"scalar": "i32"}`` for another scalar. Which arguments are constexprs comes from the kernel
-    (its ``tl.constexpr`` annotations). Pointers are marked 16-byte aligned, as the JIT marks torch's."""
+    ``{"scalar": "i32"}`` for another scalar, with ``"divisible": True`` where 16 divides it, and
+    ``{"one": True}`` for an integer equal to 1. Which arguments are constexprs comes from the kernel
+    (its ``tl.constexpr`` annotations). As the JIT specializes a launch: pointers are marked 16-byte
+    aligned (torch's allocations are), integers that 16 divides are marked so, and an integer equal
+    to 1 becomes the constant 1 (a unit stride: the compiler then sees contiguous, vectorizable
+    accesses). Compiled without that, a kernel is not the code a GPU runs: its loads narrower, its
+    register use different."""
     names = [p.name for p in kernel.params]
     missing, unknown = set(names) - set(values), set(values) - set(names)
     if missing or unknown:
@@ -99,11 +104,16 @@ def kernel_signature(kernel, values: dict) -> tuple[dict, dict, dict]:
                 raise TypeError(f"{kernel.__name__}: constexpr {param.name} was given {value}, not a value")
             signature[param.name] = "constexpr"
             constexprs[(index,)] = value["value"]
+        elif value.get("one"):
+            signature[param.name] = "constexpr"
+            constexprs[(index,)] = 1
         elif "pointer" in value:
             signature[param.name] = value["pointer"]
             attrs[(index,)] = [["tt.divisibility", 16]]
         elif "scalar" in value:
             signature[param.name] = value["scalar"]
+            if value.get("divisible"):
+                attrs[(index,)] = [["tt.divisibility", 16]]
         else:
             raise TypeError(f"{kernel.__name__}: {param.name} is no constexpr but was given the value "
                             f"{value['value']!r}")
@@ -209,14 +219,19 @@ def _constexpr_names(kernel) -> tuple[str, ...]:
 
 def _describe_value(kernel_name: str, name: str, value, constexpr: bool):
     """What the compile of a launch needs of one argument: a constexpr's value, a tensor's pointer
-    type, another scalar's type (so launches that differ only in sizes are compiled once)."""
+    type, another scalar's type and, for an integer, what the JIT specializes on (equal to 1,
+    divisible by 16); so launches that differ only in sizes of the same divisibility compile once."""
     if isinstance(value, torch.Tensor):
         if value.dtype not in TRITON_TYPES:
             raise TypeError(f"{kernel_name}: argument {name} is a {value.dtype} tensor, which has no triton type here")
         return (("pointer", "*" + TRITON_TYPES[value.dtype]),)
     if value is None or (constexpr and isinstance(value, (bool, int, float))):
         return (("value", value),)
-    if isinstance(value, (bool, int, float)):
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value == 1:
+            return (("one", True),)
+        return (("scalar", _scalar_type(value)),) + ((("divisible", True),) if value % 16 == 0 else ())
+    if isinstance(value, (bool, float)):
         return (("scalar", _scalar_type(value)),)
     raise TypeError(f"{kernel_name}: argument {name}={value!r} is neither a tensor nor a scalar")
 
