@@ -133,6 +133,15 @@ class LayerOverride:
         if self.structure == "auto" and self.rank is not None:
             raise ValueError(f"a fixed rank makes the layer BLAST: use structure='blast' or None with rank="
                              f"{self.rank!r}, not 'auto'")
+        if self.structure not in (None, "blast", "auto") and self.factor_dtype not in (None, factor_formats.MODEL):
+            raise ValueError(_unquantizable(self.structure, self.factor_dtype))
+
+
+def _unquantizable(structure: str, factor_dtype: str) -> str:
+    """Why ``factor_dtype`` cannot apply to layers of ``structure`` (quantized factors are BLAST's)."""
+    return (f"factor_dtype={factor_dtype!r} stores BLAST factors quantized; {structure!r} layers have no quantized "
+            f"form and would stay in the model's dtype: use structure='blast' (or 'auto', whose non-BLAST layers "
+            f"the plan notes as unquantized), or leave factor_dtype unset")
 
 
 @dataclass
@@ -270,6 +279,15 @@ class BlastConfig:
                 raise ValueError(f"overrides[{pattern!r}]: {err}") from None
             overrides[pattern] = o
         self.overrides = overrides
+        quantizes = self.factor_dtype is not None or any(o.factor_dtype not in (None, factor_formats.MODEL)
+                                                         for o in overrides.values())
+        if quantizes and self.structure not in ("blast", "auto"):
+            if self.factor_dtype is not None:
+                raise ValueError(_unquantizable(self.structure, self.factor_dtype))
+            for pattern, o in overrides.items():
+                if o.factor_dtype not in (None, factor_formats.MODEL) and o.structure not in ("blast", "auto"):
+                    raise ValueError(f"overrides[{pattern!r}]: {_unquantizable(self.structure, o.factor_dtype)} "
+                                     f"(or give the override structure='blast')")
         if self.init == "random" and (self.factor_dtype is not None
                                       or any(o.factor_dtype not in (None, factor_formats.MODEL) for o in overrides.values())):
             raise ValueError("factor_dtype: quantized factors are rounded from fitted ones; init='random' trains from "
@@ -309,6 +327,16 @@ class BlastConfig:
                         setattr(merged, key, getattr(o, key))
                 merged.skip = merged.skip or o.skip
         return merged
+
+    def planning(self, structure: str) -> "BlastConfig":
+        """This config as it plans the layers of ``structure`` (a group of them, or one family's
+        candidate plan under "auto"). A structure without quantized factors plans with
+        ``factor_dtype`` dropped, the config's and the overrides': those layers keep the model's dtype,
+        which :func:`blastfx.plan.make_plan` notes in the plan."""
+        if structure in ("blast", "auto"):
+            return self if structure == self.structure else replace(self, structure=structure)
+        return replace(self, structure=structure, factor_dtype=None,
+                       overrides={p: replace(o, factor_dtype=None) for p, o in self.overrides.items()})
 
     def structures_used(self) -> set[str]:
         """The structures the config or any of its overrides names (what the planner must measure for)."""

@@ -115,3 +115,27 @@ def test_auto_sequential_rule(calibrated, init, budget, expected):
 def test_sequential_must_be_a_bool_or_auto(value):
     with pytest.raises(ValueError, match="sequential must be True, False or 'auto'"):
         BlastConfig(sequential=value)
+
+
+def test_quantized_factors_are_refused_for_a_structure_that_has_none():
+    """factor_dtype stores BLAST factors as codes; an SS1 layer has none, so asking for both is an
+    error naming the clash, whether the config or an override asks (the "model" format is no ask)."""
+    says = "factor_dtype='int8' stores BLAST factors quantized; 'ss1' layers have no quantized form"
+    with pytest.raises(ValueError, match=says):
+        BlastConfig(structure="ss1", factor_dtype="int8")
+    with pytest.raises(ValueError, match=says):
+        LayerOverride(structure="ss1", factor_dtype="int8")
+    with pytest.raises(ValueError, match=r"overrides\['\*\.mlp\.\*'\]: " + says):
+        BlastConfig(structure="ss1", overrides={"*.mlp.*": {"factor_dtype": "int8"}})
+    BlastConfig(structure="ss1", overrides={"*.mlp.*": {"structure": "blast", "factor_dtype": "int8"}})
+    BlastConfig(structure="ss1", overrides={"*.mlp.*": {"factor_dtype": "model"}})
+    BlastConfig(structure="auto", factor_dtype="int8")      # its SS1 layers are noted in the plan
+
+
+def test_planning_a_structure_without_codes_drops_factor_dtype_only_there():
+    cfg = BlastConfig(structure="auto", factor_dtype="int4", overrides={"*.q_proj": {"factor_dtype": "int8"}})
+    assert cfg.planning("blast").factor_dtype == "int4" and cfg.planning("blast").factor_dtype_for("a.q_proj") == "int8"
+    assert cfg.planning("auto") is cfg
+    ss1 = cfg.planning("ss1")
+    assert ss1.structure == "ss1" and ss1.factor_dtype is None and ss1.factor_dtype_for("a.q_proj") is None
+    assert cfg.factor_dtype == "int4" and cfg.overrides["*.q_proj"].factor_dtype == "int8"     # cfg itself unchanged

@@ -156,7 +156,21 @@ def _config(args):
                        iters=args.iters, include=tuple(args.include or ()), exclude=tuple(args.exclude or ()),
                        block_choices=tuple(args.block_choices or ()), allow_dense=not args.blast_only,
                        structure=args.structure, sequential={"on": True, "off": False}.get(args.sequential, "auto"),
-                       compute_device=args.compute_device, min_speedup=args.min_speedup, latency=args.latency)
+                       compute_device=args.compute_device, min_speedup=args.min_speedup, latency=args.latency,
+                       factor_dtype=args.factor_dtype,
+                       **({"rank_multiple": args.rank_multiple} if args.rank_multiple is not None else {}))
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers as stored, each tensor once (tied embeddings are
+    one tensor): what the CLI reports, since quantized factors are buffers of one-byte codes and a
+    parameter count does not see them."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
 
 
 # ---- commands -----------------------------------------------------------------------------------------
@@ -220,7 +234,7 @@ def _compress_and_save(args, out, config, tok_model) -> int:
 
     model, tok = tok_model
     rank, _ = distributed.world()
-    before = sum(p.numel() for p in model.parameters())
+    before, before_bytes = sum(p.numel() for p in model.parameters()), weight_bytes(model)
     t0 = time.perf_counter()
     calibration, provenance = calibration_batches(args, tok) if args.calibrate else (None, "weight-only (no calibration)")
     with warnings.catch_warnings():
@@ -233,8 +247,9 @@ def _compress_and_save(args, out, config, tok_model) -> int:
     plan.notes.append(provenance)
     attach_plan(model, plan)
     print(plan.summary())
-    after = sum(p.numel() for p in model.parameters())
-    print(f"parameters: {before:,} -> {after:,} ({after / before:.1%}) in {time.perf_counter() - t0:.1f}s")
+    after, after_bytes = sum(p.numel() for p in model.parameters()), weight_bytes(model)
+    print(f"parameters: {before:,} -> {after:,} ({after / before:.1%}); weights: {before_bytes / 2**20:,.1f} MiB -> "
+          f"{after_bytes / 2**20:,.1f} MiB ({after_bytes / before_bytes:.1%}) in {time.perf_counter() - t0:.1f}s")
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -264,16 +279,17 @@ def cmd_eval(args) -> int:
         ppl = perplexity(model, windows, progress=True)
         tps = tokens_per_second(model, tok)
         sample = generate_text(model, tok, args.prompt, args.new_tokens)
-        rows.append((source, sum(p.numel() for p in model.parameters()), ppl, tps, sample))
+        rows.append((source, sum(p.numel() for p in model.parameters()), weight_bytes(model), ppl, tps, sample))
     print(f"\nheld-out Wikipedia perplexity ({args.max_windows} x {args.window}-token windows), greedy decode")
-    print("| model | params | perplexity | tokens/s | sample |\n|---|---|---|---|---|")
-    for source, params, ppl, tps, sample in rows:
-        print(f"| {source} | {params:,} | {ppl:.2f} | {tps:.1f} | {sample[:80]!r} |")
+    print("| model | params | weights (MiB) | perplexity | tokens/s | sample |\n|---|---|---|---|---|---|")
+    for source, params, nbytes, ppl, tps, sample in rows:
+        print(f"| {source} | {params:,} | {nbytes / 2**20:,.1f} | {ppl:.2f} | {tps:.1f} | {sample[:80]!r} |")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from ..config import OBJECTIVES, STRATEGIES, structure_choices
+    from ..structures.blast.quant import formats as factor_formats
     from ..structures import method_names
     common = Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -316,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the decode latency model plans report against: the H200 preset, or measured on this GPU")
     c.add_argument("--blast-only", action="store_true",
                    help="with --strategy error/loss: never keep a layer dense, even where that buys more")
+    c.add_argument("--factor-dtype", choices=factor_formats.names(), default=None,
+                   help="store BLAST factors U and V as codes of this format with float32 scales, rounded inside the "
+                        "calibrated fit (int8: about a quarter of the dense bf16 bytes at --budget 0.5; int4: packed, "
+                        "less accurate); the BLAST layers only (--structure blast or auto)")
+    c.add_argument("--rank-multiple", type=positive_int, default=None, metavar="N",
+                   help="every BLAST rank a multiple of N (default 8; 16 makes a row of int8 codes whole 16-byte "
+                        "vectors, 32 of int4, which the decode kernels load fastest)")
     c.add_argument("--blocks", type=positive_int, default=4)
     c.add_argument("--block-choices", type=positive_int, nargs="+", metavar="B",
                    help="let each layer take the block count of least measured error among these (e.g. 4 8)")

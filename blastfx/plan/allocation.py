@@ -6,7 +6,6 @@ singular values (computed by :mod:`blastfx.statistics.sensitivity`) as numbers.
 from __future__ import annotations
 
 import heapq
-from dataclasses import replace
 
 import torch
 
@@ -157,7 +156,23 @@ def make_plan(analysis, budget: float, config: BlastConfig | None = None, spectr
     the block count of least error (``config.block_choices``, measured by ``blastfx.statistics.sensitivity``)."""
     config = config or BlastConfig()
     budget = check_budget(budget)
-    return _plan_groups(_targets(analysis, config), budget, config, spectra, block_errors, size_errors, blast_errors)
+    plan = _plan_groups(_targets(analysis, config), budget, config, spectra, block_errors, size_errors, blast_errors)
+    note_unquantized(plan, config)
+    return plan
+
+
+def note_unquantized(plan: Plan, config: BlastConfig) -> None:
+    """Note the layers the config quantizes (``factor_dtype``, its own or an override's) that the plan
+    gives a structure without quantized factors (SS1, under ``structure="auto"`` or an override):
+    they keep the model's dtype, and so more bytes than their parameter count at the codes' width."""
+    kept = {}
+    for name, lp in plan.layers.items():
+        if lp.structure != DEFAULT_STRUCTURE and config.factor_dtype_for(name) is not None:
+            kept.setdefault((lp.structure, config.factor_dtype_for(name)), []).append(name)
+    for (structure, fmt), names in kept.items():
+        plan.notes.append(f"factor_dtype {fmt!r} quantizes BLAST factors only: {len(names)} {structure.upper()} "
+                          f"layer{'s' * (len(names) > 1)} keep{'s' * (len(names) == 1)} the model's dtype "
+                          f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
 
 
 def auto_start_plan(analysis, budget: float, config: BlastConfig | None = None, spectra=None, block_errors=None,
@@ -189,7 +204,7 @@ def _plan_groups(targets, budget, config, spectra, block_errors, size_errors, bl
     plans = []
     for structure, sites in groups.items():
         structure = auto_as if structure == "auto" and auto_as else structure
-        cfg = config if structure == config.structure else replace(config, structure=structure)
+        cfg = config.planning(structure)
         if structure == "auto":
             plans.append(_plan_auto(sites, budget, cfg, spectra, block_errors, size_errors, blast_errors))
         else:
@@ -211,7 +226,7 @@ def _plan_auto(sites, budget, config, spectra, block_errors, size_errors, blast_
     from .auto import choose_auto
 
     def make(structure: str) -> Plan:
-        return _plan_family(sites, budget, replace(config, structure=structure), spectra, block_errors, size_errors)
+        return _plan_family(sites, budget, config.planning(structure), spectra, block_errors, size_errors)
 
     adjustable = [s.fqn for s in sites if config.override_for(s.fqn).rank is None]
     target = round(budget * sum(s.params for s in sites))

@@ -112,6 +112,8 @@ def test_nonempty_out_needs_overwrite_and_only_replaces_a_model_folder(fake_mode
     ("--latency", "a100", "argument --latency: invalid choice: 'a100'"),
     ("--compute-device", "gpu0", "compute_device 'gpu0' is not a device torch knows"),
     ("--calibration-text", "missing.txt", "argument --calibration-text: 'missing.txt' is not a file"),
+    ("--factor-dtype", "int3", "argument --factor-dtype: invalid choice: 'int3'"),
+    ("--rank-multiple", "0", "argument --rank-multiple: must be a positive integer, got '0'"),
 ])
 def test_bad_arguments_are_refused_before_loading(fake_model, tmp_path, loads, capsys, flag, value, says):
     argv = ["compress", str(fake_model), "--out", str(tmp_path / "out"), "--budget", "0.5", flag, value]
@@ -265,6 +267,53 @@ def test_compress_on_a_calibration_text_file(hf_dir, tmp_path, capsys):
     assert main(compress_args(hf_dir, tmp_path / "never", "--calibration-text", short)) == 2
     assert "fewer than one window of 512" in one_line_error(capsys)
     assert not (tmp_path / "never").exists() and not (tmp_path / "never.partial").exists()
+
+
+def test_quantized_factors_for_a_structure_without_them_are_refused_before_loading(fake_model, tmp_path, loads,
+                                                                                   capsys):
+    argv = compress_args(fake_model, tmp_path / "out", "--structure", "ss1", "--factor-dtype", "int8")
+    assert main(argv) == 2
+    assert "'ss1' layers have no quantized form" in one_line_error(capsys)
+    assert loads == [] and not (tmp_path / "out").exists()
+
+
+def test_factor_dtype_and_rank_multiple_reach_the_config(fake_model):
+    def config(*flags):
+        args = cli.build_parser().parse_args(["compress", str(fake_model), "--budget", "0.5", "--out", "o", *flags])
+        cli.resolve_recipe(args)
+        return cli._config(args)
+
+    quantized = config("--factor-dtype", "int4", "--rank-multiple", "32")
+    assert quantized.factor_dtype == "int4" and quantized.rank_multiple == 32
+    plain = config()
+    assert plain.factor_dtype is None and plain.rank_multiple == blastfx.BlastConfig().rank_multiple
+
+
+@needs_hf
+def test_compress_with_quantized_factors_saves_codes_and_reports_bytes(hf_dir, tmp_path, capsys):
+    """int8 factors at ranks of 16 from the CLI: the saved model loads with one-byte codes, the
+    compress summary and eval's table give its weight bytes (the codes are buffers, which a
+    parameter count misses), and those bytes are below the float-factor model's."""
+    import re
+    sizes = {}
+    for name, extra in (("float", ()), ("int8", ("--factor-dtype", "int8", "--rank-multiple", "16"))):
+        out = tmp_path / name
+        assert main(compress_args(hf_dir, out, "--calibrate", "256", *extra)) == 0
+        printed = capsys.readouterr().out
+        mib = re.search(r"weights: ([\d.,]+) MiB -> ([\d.,]+) MiB", printed)
+        assert mib, printed
+        model = blastfx.from_pretrained(out)
+        sizes[name] = cli.weight_bytes(model)
+        assert abs(float(mib[2].replace(",", "")) - sizes[name] / 2**20) < 0.06
+        layers = [m for m in model.modules() if isinstance(m, blastfx.BlastLinear)]
+        assert layers and all(m.factor_dtype == (None if name == "float" else "int8") for m in layers)
+        if name == "int8":
+            assert all(m.U.dtype == torch.int8 and m.rank % 16 == 0 for m in layers)
+            assert all(lp.factor_dtype == "int8" for lp in model.blastfx_plan.layers.values())
+    assert sizes["int8"] < sizes["float"]
+    assert main(["eval", str(tmp_path / "int8"), "--window", "64", "--max-windows", "2", "--new-tokens", "3"]) == 0
+    table = capsys.readouterr().out
+    assert "| weights (MiB) |" in table and f"| {sizes['int8'] / 2**20:,.1f} |" in table
 
 
 @needs_hf

@@ -128,3 +128,19 @@ def test_auto_is_no_worse_than_either_family_on_a_small_llama():
     errors, plans = _objectives(dense, 0.5, batches, strategy="uniform", objective="output")
     assert errors["auto"] <= min(errors["blast"], errors["ss1"]) * (1 + 1e-3), (errors, plans["auto"].notes)
     assert any(n.startswith("structure 'auto'") for n in plans["auto"].notes)
+
+
+def test_layers_auto_makes_ss1_keep_the_model_dtype_and_the_plan_says_so():
+    """With factor_dtype, the layers "auto" gives to SS1 (which has no quantized form) are planned
+    without it, the BLAST ones with it, and the plan notes the former: they keep more bytes."""
+    analysis = blastfx.analyze(Parallel(2))
+    blast = make_plan(analysis, 0.5, _cfg(strategy="uniform", factor_dtype="int8"))
+    ss1 = {"blocks.0": ({2: 0.05, 4: 0.10, 8: 0.20}, 1.0), "blocks.1": ({2: 0.60, 4: 0.80, 8: 0.90}, 1.0)}
+    measured = {k: ({lp.rank: e}, 1.0) for (k, lp), e in zip(blast.layers.items(), (0.30, 0.01))}
+    plan = make_plan(analysis, 0.5, _cfg(structure="auto", strategy="uniform", factor_dtype="int8"),
+                     size_errors={"ss1": ss1}, blast_errors=measured)
+    assert [(lp.structure, lp.factor_dtype) for lp in plan.layers.values()] == [("ss1", None), ("blast", "int8")]
+    assert "factor_dtype 'int8' quantizes BLAST factors only: 1 SS1 layer keeps the model's dtype (blocks.0)" \
+        in plan.notes
+    assert type(plan).from_dict(plan.to_dict()).layers == plan.layers           # a plan that saves and loads
+    assert not any("quantizes BLAST factors only" in n for n in blast.notes)
