@@ -47,6 +47,11 @@ def test_compress_records_factor_dtype_and_override_keeps_a_layer_float():
     assert model[0].U.dtype == torch.int8 and model[4].U.dtype == torch.float32
     again = Plan.from_json(plan.to_json())
     assert again.layers["0"].factor_dtype == "int8" and again.layers["4"].factor_dtype is None
+    summary = plan.summary()
+    assert "; 2 with int8 factors" in summary.splitlines()[0]
+    rows = [line for line in summary.splitlines()[1:] if " x " in line and "e.g." in line]
+    assert sum(("int8 codes" in line) for line in rows) >= 1 and any("e.g. 4" in line and "codes" not in line
+                                                                     for line in rows)
     bad = json.loads(plan.to_json())
     bad["layers"]["0"]["factor_dtype"] = "int2"
     with pytest.raises(ValueError, match=r"layers\['0'\]\.factor_dtype: factor_dtype must be one of"):
