@@ -297,11 +297,11 @@ def _stage_stats(model, measured: dict, upfront: dict[str, LayerStats], damping:
     return out
 
 
-def _reconstruction_note(results) -> str:
+def _reconstruction_note(results, what: str = "reconstruction") -> str:
     kept = [r for r in results if r.kept]
     before = sum(r.error_before for r in results) / len(results)
     after = sum(r.error_after for r in results) / len(results)
-    return (f"reconstruction: {len(kept)} of {len(results)} blocks improved, {sum(r.steps for r in results)} steps "
+    return (f"{what}: {len(kept)} of {len(results)} blocks improved, {sum(r.steps for r in results)} steps "
             f"in {sum(r.seconds for r in results):.0f} s; mean relative squared error of the block outputs "
             f"{before:.4g} -> {after:.4g}")
 
@@ -316,37 +316,80 @@ def _sequential_chain(model, plan, blocks, streams, rests, stats, options, swapp
         with _resident(model.get_submodule(b), compute_device, homes):
             dense_stream, stream = _calibrate_block(model, plan, b, dense_stream, stream, rests, stats, quiet,
                                                     swapped, reconstruct, norms, results)
-    if results:
-        plan.notes.append(_reconstruction_note(results))
+    floats = [r for what, r in results if what == "float"]
+    if floats:
+        plan.notes.append(_reconstruction_note(floats))
+    rounded = [r for what, r in results if what == "codes"]
+    if rounded:
+        plan.notes.append(_reconstruction_note(rounded, "reconstruction around the quantized factors (float factors "
+                                                        "reconstructed first, then rounded)"))
 
 
 def _calibrate_block(model, plan, b, dense_stream, stream, rests, stats, quiet, swapped, reconstruct, norms,
                      results):
     """One block of the chain: its stages calibrated, built and swapped, then reconstructed; returns the
-    dense and the compressed streams after it."""
+    dense and the compressed streams after it. With reconstruction, layers the plan quantizes are built
+    with float factors, reconstructed as such (codes have no gradient, so a quantized layer would
+    train its S alone), then rounded with the objective their fit used (their input covariance on the
+    compressed stream, the output Fisher) and the block reconstructed once more around the codes
+    (:func:`_round_after_reconstruction`); ``results`` gets one entry per pass, (pass, result)."""
     block = model.get_submodule(b)
     dense_block = copy.deepcopy(block)
     names = [n for n in plan.layers if block_of(n) == b]
+    codes = {n: plan.layers[n].factor_dtype for n in names
+             if reconstruct is not None and plan.layers[n].factor_dtype is not None}
+    build_plan = _with_float_factors(plan, codes) if codes else plan
+    fitted: dict[str, LayerStats] = {}
     for layers in _stages(block, b, names, stream[0], rests[b][0][1]):
         with stage("statistics"):
             measured = _stage_statistics(dense_block, block, b, layers, dense_stream, stream, rests[b])
             stage_stats = _stage_stats(model, measured, stats, feedback_damping(quiet.calibration_damping))
         with stage("build"):
-            built = build_layers(model, plan, stage_stats, quiet, names=set(layers))
+            built = build_layers(model, build_plan, stage_stats, quiet, names=set(layers))
         swapped.update(swap_modules(model, built))
+        fitted.update({n: stage_stats[n] for n in layers if n in codes})
     with torch.no_grad(), stage("forward"):
         dense_stream = [_call(dense_block, h, rest) for h, (_, rest) in zip(dense_stream, rests[b])]
     if reconstruct is not None and names:
         for p in norm_parameters(block):
             norms.setdefault(p, p.detach().clone())
-        with stage("reconstruct"):
-            results.append(reconstruct_block(block, stream, dense_stream,
-                                             lambda blk, h, k, b=b: _call(blk, h, rests[b][k][1]), reconstruct,
-                                             desc=f"reconstructing {b}"))
-            distributed.same_everywhere(block, quiet.distribute)     # ranks stepped on their own
+
+        def fit_block(what: str):
+            with stage("reconstruct"):
+                results.append((what, reconstruct_block(block, stream, dense_stream,
+                                                        lambda blk, h, k, b=b: _call(blk, h, rests[b][k][1]),
+                                                        reconstruct, desc=f"reconstructing {b}")))
+                distributed.same_everywhere(block, quiet.distribute)     # ranks stepped on their own
+
+        fit_block("float")
+        if codes:
+            _round_after_reconstruction(model, codes, fitted, quiet)
+            fit_block("codes")
     with torch.no_grad(), stage("forward"):
         stream = [_call(block, h, rest) for h, (_, rest) in zip(stream, rests[b])]
     return dense_stream, stream
+
+
+def _with_float_factors(plan, codes: dict):
+    """A shallow copy of ``plan`` whose layers in ``codes`` are planned with float factors."""
+    out = copy.copy(plan)
+    out.layers = {n: replace(lp, factor_dtype=None) if n in codes else lp for n, lp in plan.layers.items()}
+    return out
+
+
+def _round_after_reconstruction(model, codes: dict, fitted: dict, options: BuildOptions) -> None:
+    """Swap each reconstructed float layer of ``codes`` ({name: factor_dtype}) for its quantized form,
+    the rounding's refits weighted as the layer's fit was (``fitted``: its stage's statistics). The
+    float layers it replaces are dropped: what the model held before the block (its dense layers)
+    stays recorded where the caller's undo finds it."""
+    from .structures.blast.quant import quantize_layer
+
+    with stage("build"):
+        rounded = {n: quantize_layer(model.get_submodule(n), fmt, calibration=fitted[n].covariance,
+                                     calibration_damping=options.calibration_damping,
+                                     output_weights=fitted[n].output_fisher)
+                   for n, fmt in codes.items()}
+    swap_modules(model, rounded)
 
 
 def _sequential_full_passes(model, plan, batches, stats, options, swapped, compute_device=None) -> None:

@@ -94,3 +94,56 @@ def test_failure_in_a_later_block_restores_the_model(monkeypatch, error):
 def test_bad_reconstruction_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"{field} must be"):
         BlastConfig(**{field: value})
+
+
+def test_quantized_layers_are_reconstructed_in_float_then_rounded_and_reconstructed_again(monkeypatch):
+    """Codes have no gradient: a block of quantized layers would reconstruct its S alone. So each
+    block's planned-quantized layers are built and reconstructed with float factors, rounded with
+    their fit's objective (their input covariance), and the block reconstructed once more around the
+    codes; the model ends with codes everywhere the plan asks and stays near the float model."""
+    import blastfx.structures.blast.quant as quant
+    torch.manual_seed(0)
+    dense = models.tiny_llama().eval()
+    batches = [torch.randint(3, 128, (4, 32)) for _ in range(4)]
+    seen, rounded = [], []
+    real_fit, real_round = seq.reconstruct_block, quant.quantize_layer
+
+    def fit(block, *args, **kwargs):
+        seen.append(sorted({m.factor_dtype for m in block.modules() if isinstance(m, blastfx.BlastLinear)},
+                           key=str))
+        return real_fit(block, *args, **kwargs)
+
+    def round_layer(layer, fmt, *args, calibration=None, **kwargs):
+        rounded.append((layer.factor_dtype, fmt, tuple(calibration.shape), layer.in_features))
+        return real_round(layer, fmt, *args, calibration=calibration, **kwargs)
+
+    monkeypatch.setattr(seq, "reconstruct_block", fit)
+    monkeypatch.setattr(quant, "quantize_layer", round_layer)
+    model = compressed(dense, batches, reconstruct_steps=20, reconstruct_lr=1e-3, factor_dtype="int8")
+    plan = model.blastfx_plan
+    assert seen == [[None], ["int8"]] * len(model.model.layers)         # per block: float pass, then codes
+    assert len(rounded) == len(plan.layers)
+    assert all(dt is None and fmt == "int8" and cov == (n, n) for dt, fmt, cov, n in rounded)
+    assert all(model.get_submodule(n).U.dtype == torch.int8 for n in plan.layers)
+    assert any(n.startswith("reconstruction around the quantized factors") and "of 2 blocks" in n for n in plan.notes)
+    monkeypatch.undo()
+    floats = compressed(dense, batches, reconstruct_steps=20, reconstruct_lr=1e-3)
+    e_codes, e_float = block_errors64(model, dense, batches), block_errors64(floats, dense, batches)
+    assert e_codes[-1] < 1.25 * e_float[-1], (e_codes, e_float)
+
+
+def test_failure_while_rounding_restores_the_model(monkeypatch):
+    import blastfx.structures.blast.quant as quant
+    torch.manual_seed(0)
+    model = models.tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("rounding failed")
+    monkeypatch.setattr(quant, "quantize_layer", failing)
+    with pytest.raises(RuntimeError, match="rounding failed"):
+        blastfx.compress(model, 0.4, config=BlastConfig(progress=False, sequential=True, reconstruct_steps=5,
+                                                         reconstruct_lr=1e-3, factor_dtype="int8"),
+                         calibration=[torch.randint(3, 128, (4, 32)) for _ in range(2)])
+    assert not any(isinstance(m, blastfx.BlastLinear) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -16,8 +16,12 @@ from . import formats
 from .fit import quantize_fitted
 
 
-def quantize_layer(layer: BlastLinear, factor_dtype: str = "int8", refit_iters: int = 2) -> BlastLinear:
-    """A new layer computing (nearly) what the float BLAST ``layer`` computes, with ``factor_dtype`` codes."""
+def quantize_layer(layer: BlastLinear, factor_dtype: str = "int8", refit_iters: int = 2, *, calibration=None,
+                   calibration_damping: float | None = None, output_weights=None) -> BlastLinear:
+    """A new layer computing (nearly) what the float BLAST ``layer`` computes, with ``factor_dtype`` codes.
+    ``calibration`` (the layer's (in, in) input covariance), ``calibration_damping`` and
+    ``output_weights`` ((out,) output Fisher): the objective of the rounding's refits, as
+    :func:`.fit.quantize_fitted` takes them; without them, the layer's own matrix."""
     if not isinstance(layer, BlastLinear):
         raise TypeError(f"quantize_layer takes a BlastLinear, got {type(layer).__name__}")
     if layer.quantized:
@@ -27,7 +31,9 @@ def quantize_layer(layer: BlastLinear, factor_dtype: str = "int8", refit_iters: 
         work = torch.float64 if layer.S.dtype == torch.float64 else torch.float32
         U, S, V = layer.float_factors(work)
         factors = BlastFactors(U, S, V, layer.shape)
-        q = quantize_fitted(factors.to_dense(), factors, factor_dtype, refit_iters=refit_iters)
+        q = quantize_fitted(factors.to_dense(), factors, factor_dtype, refit_iters=refit_iters,
+                            calibration=calibration, calibration_damping=calibration_damping,
+                            output_weights=output_weights)
         new = BlastLinear.from_quantized(q, layer.bias, dtype=layer.S.dtype)
     new.train(layer.training)
     return new
