@@ -11,7 +11,8 @@ to leave time for evaluation); a schedule longer than one process is several: ``
 model with its ``blastfx.FinetuneState`` and ``--resume`` goes on with the same schedule. Each budget's
 row is recorded in benchmarks/results/recovery_smollm2.csv, with the held-out checks of
 ``--eval-every`` as metrics "x dense at N min". ``--factor-dtype int8`` also rounds the distilled
-factors to that format (``quantize_model``: codes, scales, U and S refitted to the float product)
+factors to that format (``quantize_model``: codes and scales, U and S refitted to the float layer's
+outputs on the calibration batches)
 and records the quantized model's perplexity and its decoder linears' bytes against bf16 dense
 (as ``quality_quantized.py`` counts them), the comparison with int4 weight-only dense at equal bytes.
 
@@ -127,16 +128,17 @@ def progress_lines(model, windows, base, args, done_seconds, checks=None):
     return callback
 
 
-def quantized_after(model, dense, windows, base, factor_dtypes) -> list[tuple]:
+def quantized_after(model, dense, windows, base, factor_dtypes, calibration=None) -> list[tuple]:
     """Metrics of the distilled ``model`` with its factors rounded to each of ``factor_dtypes`` (on a
-    copy): perplexity, its ratio to dense, and the decoder linears' bytes as stored and against bf16."""
+    copy; the refits weighted by each layer's inputs on ``calibration``, the compression's batches):
+    perplexity, its ratio to dense, and the decoder linears' bytes as stored and against bf16."""
     rows = []
     dense_layers = decoder_linears(dense)
     stored, dense_bytes = layer_bytes(model, dense_layers)
     if factor_dtypes:
         rows.append(("decoder bytes vs bf16 dense", round(stored / dense_bytes, 4), "x"))
     for name in factor_dtypes:
-        quantized = quantize_model(copy.deepcopy(model), name)
+        quantized = quantize_model(copy.deepcopy(model), name, calibration=calibration)
         ppl = perplexity(quantized, windows)
         stored, _ = layer_bytes(quantized, dense_layers)
         print(f"  {name} factors after KD: perplexity {ppl:.2f} ({ppl / base:.3f}x dense), "
@@ -241,7 +243,7 @@ def main():
             ("tokens", len(losses) * args.batch * 512, ""),
             *[(f"x dense at {m:g} min", round(x, 3), "x") for m, x in checks],
             ("perplexity after KD", round(after, 2), ""), ("x dense after KD", round(after / base, 3), "x"),
-            *quantized_after(model, dense, windows, base, args.factor_dtype)]),
+            *quantized_after(model, dense, windows, base, args.factor_dtype, calib)]),
             directory=args.results_dir)
         if args.save:
             out = blastfx.save(model, args.save if args.resume else f"{args.save}-{budget}")

@@ -34,3 +34,15 @@ def test_quantized_after_rounds_a_copy_and_counts_its_bytes():
     assert rows["decoder bytes vs bf16 dense, int8"] < 0.5 * rows["decoder bytes vs bf16 dense"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert recovery_smollm2.quantized_after(model, dense, windows, base, []) == []
+
+
+def test_quantized_after_rounds_with_the_calibration_batches_when_given():
+    dense = models.tiny_llama()
+    model = copy.deepcopy(dense)
+    blastfx.compress(model, 0.5, config=blastfx.BlastConfig(init="random", progress=False))
+    windows, calib = torch.randint(0, 100, (2, 16)), [torch.randint(0, 100, (2, 16))]
+    base = perplexity(dense, windows)
+    rows = dict((name, value) for name, value, _ in
+                recovery_smollm2.quantized_after(model, dense, windows, base, ["int8"], calibration=calib))
+    want = perplexity(quantize_model(copy.deepcopy(model), "int8", calibration=calib), windows)
+    assert rows["perplexity after KD, int8"] == round(want, 2)

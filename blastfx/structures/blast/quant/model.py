@@ -1,9 +1,10 @@
 """Quantizing the float BLAST layers of an already compressed model (e.g. after ``blastfx.finetune``,
 which trains float factors only).
 
-Without the calibration data, the objective is each layer's own matrix: V is rounded, U and S are
-refitted to it, then U is rounded and its row scales and S refitted (:func:`.fit.quantize_fitted`
-with the identity covariance), which keeps more of the trained layer than rounding both factors.
+V is rounded, U and S are refitted to it, then U is rounded and its row scales and S refitted
+(:func:`.fit.quantize_fitted`), which keeps more of the trained layer than rounding both factors.
+The refits' objective is each layer's output error on calibration data where it is given (its input
+covariance), else its own matrix (the identity covariance).
 """
 from __future__ import annotations
 
@@ -39,10 +40,17 @@ def quantize_layer(layer: BlastLinear, factor_dtype: str = "int8", refit_iters: 
     return new
 
 
-def quantize_model(model: nn.Module, factor_dtype: str = "int8", refit_iters: int = 2) -> nn.Module:
+def quantize_model(model: nn.Module, factor_dtype: str = "int8", refit_iters: int = 2, *, calibration=None,
+                   tokenizer=None, calibration_damping: float | None = None) -> nn.Module:
     """Replace every float :class:`BlastLinear` of ``model`` by a quantized one (layers already quantized
-    stay as they are); the recorded plan follows. All or nothing. Returns ``model``."""
+    stay as they are); the recorded plan follows. All or nothing. Returns ``model``.
+
+    ``calibration`` (what :func:`blastfx.compress` takes: batches, token ids, or texts with
+    ``tokenizer``): the rounding's refits then weigh each layer's output error by its input
+    covariance on these batches, as a calibrated compression does, instead of the matrix's own
+    error; the covariances come from one pass of the float model."""
     from ....io import model_plan
+    from ....statistics import calibration_batches, collect_covariances
     from ....swap import PLAN_ATTR, attach_plan, swap_modules
 
     formats.get(factor_dtype)
@@ -50,7 +58,11 @@ def quantize_model(model: nn.Module, factor_dtype: str = "int8", refit_iters: in
     if isinstance(model, BlastLinear) or not layers:
         raise ValueError("quantize_model takes a model holding float BLAST layers: compress it first"
                          if not isinstance(model, BlastLinear) else "for one layer use quantize_layer")
-    new = {name: quantize_layer(m, factor_dtype, refit_iters) for name, m in layers.items()}
+    batches = calibration_batches(model, calibration, tokenizer)
+    covariances = collect_covariances(model, list(layers), batches) if batches is not None else {}
+    new = {name: quantize_layer(m, factor_dtype, refit_iters, calibration=covariances.get(name),
+                                calibration_damping=calibration_damping)
+           for name, m in layers.items()}
     had_plan = getattr(model, PLAN_ATTR, None) is not None
     old = swap_modules(model, new)
     try:
