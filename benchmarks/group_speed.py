@@ -121,21 +121,28 @@ def _dense_tail_halves(a, residual, weights, norm_weight):
     return h, F.linear(F.silu(F.linear(n, g)) * F.linear(n, u), d)
 
 
-def tail_in_parts(a, residual, layers, norm_weight):
-    """The same with BLAST layers as the parts run without the block-tail rewrite (o's call, the add
-    and norm in one launch, the MLP chain op): the op's own parts, which its autotuner times against
-    the one call. ``layers``: (U, S, V, bias, shape) each."""
-    both = block_tail._parts(a, residual, layers, norm_weight, EPS)
+def _op_lists(layers) -> tuple[list, ...]:
+    """(U, S, V, bias, out_features) lists, the block ops' arguments, of ``layers`` ((U, S, V, bias, shape) each)."""
+    U, S, V, bias, shapes = (list(t) for t in zip(*layers))
+    return U, S, V, bias, [s.out_features for s in shapes]
+
+
+def _tail_sum(both, layers):
+    """h + the MLP's output: the final residual add of a tail op's ``[h | mlp]``."""
     H = layers[0][4].out_features
     return both[:, :H] + both[:, H:]
 
 
+def tail_in_parts(a, residual, layers, norm_weight):
+    """The same with BLAST layers as the parts run without the block-tail rewrite (o's call, the add
+    and norm in one launch, the MLP chain op): the op's own parts, which its autotuner times against
+    the one call. ``layers``: (U, S, V, bias, shape) each."""
+    return _tail_sum(block_tail._parts(a, residual, layers, norm_weight, EPS), layers)
+
+
 def tail_in_one_call(a, residual, layers, norm_weight):
     """The same as one ``blastfx::blast_block_tail`` call (and the final residual add)."""
-    U, S, V, bias, shapes = (list(t) for t in zip(*layers))
-    both = blast_block_tail(a, residual, U, S, V, bias, [s.out_features for s in shapes], norm_weight, EPS)
-    H = shapes[0].out_features
-    return both[:, :H] + both[:, H:]
+    return _tail_sum(blast_block_tail(a, residual, *_op_lists(layers), norm_weight, EPS), layers)
 
 
 def dense_seam(a, residual, weights, norm_weight, next_norm_weight):
@@ -155,9 +162,7 @@ def seam_in_parts(a, residual, layers, norm_weight, next_norm_weight):
 
 def seam_in_one_call(a, residual, layers, norm_weight, next_norm_weight):
     """The same as one ``blastfx::blast_block_seam`` call."""
-    U, S, V, bias, shapes = (list(t) for t in zip(*layers))
-    return blast_block_seam(a, residual, U, S, V, bias, [s.out_features for s in shapes], norm_weight, EPS,
-                            next_norm_weight, EPS)
+    return blast_block_seam(a, residual, *_op_lists(layers), norm_weight, EPS, next_norm_weight, EPS)
 
 
 # each block form: (dense, as its parts run, as one call, the autotuner key's name, norms it reads)

@@ -279,17 +279,15 @@ class BlastConfig:
                 raise ValueError(f"overrides[{pattern!r}]: {err}") from None
             overrides[pattern] = o
         self.overrides = overrides
-        quantizes = self.factor_dtype is not None or any(o.factor_dtype not in (None, factor_formats.MODEL)
-                                                         for o in overrides.values())
-        if quantizes and self.structure not in ("blast", "auto"):
+        quantizing = {p: o for p, o in overrides.items() if o.factor_dtype not in (None, factor_formats.MODEL)}
+        if self.structure not in ("blast", "auto"):
             if self.factor_dtype is not None:
                 raise ValueError(_unquantizable(self.structure, self.factor_dtype))
-            for pattern, o in overrides.items():
-                if o.factor_dtype not in (None, factor_formats.MODEL) and o.structure not in ("blast", "auto"):
+            for pattern, o in quantizing.items():
+                if o.structure not in ("blast", "auto"):
                     raise ValueError(f"overrides[{pattern!r}]: {_unquantizable(self.structure, o.factor_dtype)} "
                                      f"(or give the override structure='blast')")
-        if self.init == "random" and (self.factor_dtype is not None
-                                      or any(o.factor_dtype not in (None, factor_formats.MODEL) for o in overrides.values())):
+        if self.init == "random" and (self.factor_dtype is not None or quantizing):
             raise ValueError("factor_dtype: quantized factors are rounded from fitted ones; init='random' trains from "
                              "scratch: train float factors, then quantize (blastfx.structures.blast.quant.quantize_model)")
 

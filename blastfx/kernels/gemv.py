@@ -756,11 +756,11 @@ def group_anchors(members, cfg: dict, unused) -> tuple[tuple, dict]:
         fmt = factor_formats.of_storage(anchors["codes"].dtype)
         bits, pack = fmt.bits, fmt.per_element
     scales = anchors["scales"] if bits else unused
-    per_vector = 16 // anchors["codes"].element_size()
+    align = 16 // anchors["codes"].element_size()          # stored entries a 16-byte vector holds
     return (anchors["codes"], anchors["floats"], scales), dict(
-        AL_RC=math.gcd(*(member[0].shape[-1] for member in members), per_vector),
+        AL_RC=math.gcd(*(member[0].shape[-1] for member in members), align),
         AL_Q=math.gcd(*(member[4].q for member in members), 16),
-        ALIGN=16 // anchors["codes"].element_size(), ALIGN_F=16 // anchors["floats"].element_size(),
+        ALIGN=align, ALIGN_F=16 // anchors["floats"].element_size(),
         ALIGN_SC=16 // scales.element_size(), QUANT=bits, PACK=pack, SPLIT=bits == 4 and cfg.get("nibbles") == "split")
 
 

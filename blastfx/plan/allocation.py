@@ -167,8 +167,9 @@ def note_unquantized(plan: Plan, config: BlastConfig) -> None:
     they keep the model's dtype, and so more bytes than their parameter count at the codes' width."""
     kept = {}
     for name, lp in plan.layers.items():
-        if lp.structure != DEFAULT_STRUCTURE and config.factor_dtype_for(name) is not None:
-            kept.setdefault((lp.structure, config.factor_dtype_for(name)), []).append(name)
+        fmt = config.factor_dtype_for(name)
+        if lp.structure != DEFAULT_STRUCTURE and fmt is not None:
+            kept.setdefault((lp.structure, fmt), []).append(name)
     for (structure, fmt), names in kept.items():
         plan.notes.append(f"factor_dtype {fmt!r} quantizes BLAST factors only: {len(names)} {structure.upper()} "
                           f"layer{'s' * (len(names) > 1)} keep{'s' * (len(names) == 1)} the model's dtype "

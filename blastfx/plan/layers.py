@@ -181,9 +181,9 @@ class Plan:
         by_shape: dict[tuple, list[str]] = {}
         for name, lp in self.layers.items():
             by_shape.setdefault((lp.out_features, lp.in_features, lp.structure, lp.blocks, lp.rank, lp.reduction,
-                                 lp.factor_dtype or ""), []).append(name)
+                                 lp.factor_dtype), []).append(name)
         kinds = sorted({lp.structure for lp in self.layers.values()}) or [DEFAULT_STRUCTURE]
-        codes = Counter(lp.factor_dtype for lp in self.layers.values() if lp.factor_dtype not in (None, "model"))
+        codes = Counter(lp.factor_dtype for lp in self.layers.values() if lp.factor_dtype is not None)
         lines = [f"{'/'.join(k.upper() for k in kinds)} plan ({self.strategy}): {len(self.layers)} layers, "
                  f"budget {self.budget:.4f}, kept {self.kept_params}/{self.dense_total} = {self.kept_fraction:.4f}"
                  + (f", objective {self.objective}" if self.objective else "")
@@ -192,7 +192,7 @@ class Plan:
             lp = self.layers[names[0]]
             frac = lp.params / (m * n)
             size = f"blocks={b}  rank={r}" if s == DEFAULT_STRUCTURE else _size_text(lp)
-            size += f"  {fmt} codes" if fmt not in ("", "model") else ""
+            size += f"  {fmt} codes" if fmt is not None else ""
             lines.append(f"  {len(names):4d} x {m}x{n}  {size}  ({frac:.1%} of dense)  e.g. {names[0]}")
         if self.dense:
             lines.append(f"  {len(self.dense):4d} kept dense by the allocation, e.g. {self.dense[0]}")

@@ -119,6 +119,22 @@ def _layer(m, n, b=4, budget=0.5, rank=None):
     return (*(torch.zeros(*shape.factor_shapes[k], dtype=torch.bfloat16) for k in "USV"), None, shape)
 
 
+def _coded(layer, fmt_name):
+    """``layer`` (U, S, V, bias, shape) as a GEMV group member holding codes of ``fmt_name`` with scales."""
+    from blastfx.structures.blast.quant import formats
+    U, S, V, b, shape = layer
+    fmt = formats.get(fmt_name)
+    codes = [torch.zeros(*t.shape[:-1], fmt.stored_length(shape.rank), dtype=fmt.storage) for t in (U, V)]
+    return (codes[0], S, codes[1], b, shape, torch.ones(shape.b_out, shape.p), torch.ones(shape.b_in, shape.rank))
+
+
+def _gemv(x, member, cfg):
+    """One-layer GEMV of ``member`` ((U, S, V, bias, shape), or with codes and their scales), recorded."""
+    U, S, V, bias, shape, *scales = member
+    codes = dict(zip(("U_scale", "V_scale"), scales))
+    return gemv.blast_gemv(x, U, S, V, bias, shape, cfg, interpret=True, **codes)
+
+
 @pytest.fixture(scope="module")
 def toolchain():
     missing = hopper.missing_toolchain()
@@ -142,18 +158,12 @@ def test_one_layer_grouped_int8_and_int4_kernels_stream_factors_in_16_byte_loads
     qkv = [_layer(4096, 4096) for _ in range(3)]
     specs = _record(monkeypatch, "_gemv_decode_kernel", lambda: gemv.blast_gemv(x, *o_proj, cfg, interpret=True))
     specs += _record(monkeypatch, "_gemv_group_kernel", lambda: gemv.blast_gemv_group(x, qkv, cfg, interpret=True))
-    U, S, V, _, shape = o_proj                                  # int8 codes with their scales
-    codes = (U.to(torch.int8), S, V.to(torch.int8))
-    scales = dict(U_scale=torch.ones(shape.b_out, shape.p), V_scale=torch.ones(shape.b_in, shape.rank))
-    specs += _record(monkeypatch, "_gemv_decode_kernel",
-                     lambda: gemv.blast_gemv(x, *codes, None, shape, cfg, interpret=True, **scales))
+    int8 = _coded(o_proj, "int8")                               # int8 codes with their scales
+    specs += _record(monkeypatch, "_gemv_decode_kernel", lambda: _gemv(x, int8, cfg))
     # packed int4 (two codes a byte) at a rank that is a multiple of 32: 16-byte rows of codes
-    U4, S4, V4, _, shape4 = _layer(4096, 4096, rank=1024)
-    packed = (torch.zeros(*U4.shape[:-1], 512, dtype=torch.uint8), S4, torch.zeros(*V4.shape[:-1], 512, dtype=torch.uint8))
-    scales4 = dict(U_scale=torch.ones(shape4.b_out, shape4.p), V_scale=torch.ones(shape4.b_in, shape4.rank))
+    int4 = _coded(_layer(4096, 4096, rank=1024), "int4")
     for nibbles in ("interleave", "split"):
-        specs += _record(monkeypatch, "_gemv_decode_kernel", lambda: gemv.blast_gemv(
-            x, *packed, None, shape4, {**cfg, "nibbles": nibbles}, interpret=True, **scales4))
+        specs += _record(monkeypatch, "_gemv_decode_kernel", lambda: _gemv(x, int4, {**cfg, "nibbles": nibbles}))
     assert [s["kernel"] for s in specs] == ["_gemv_decode_kernel"] * 2 + ["_gemv_group_kernel"] * 2 + \
         ["_gemv_decode_kernel"] * 6
     loads = _compile_loads(specs, tmp_path)
@@ -165,15 +175,6 @@ def test_one_layer_grouped_int8_and_int4_kernels_stream_factors_in_16_byte_loads
         assert _vector_loads(counts) >= int(tile * factor_bytes) // (16 * THREADS), (k, spec["kernel"], stage, counts)
         if k >= 4:      # codes: no byte loads (only the codes are one byte wide)
             assert not counts.get("ld.global.b8") and not counts.get("ld.global.u8"), (k, stage, counts)
-
-
-def _coded(layer, fmt_name):
-    """``layer`` (U, S, V, bias, shape) as a GEMV group member holding codes of ``fmt_name`` with scales."""
-    from blastfx.structures.blast.quant import formats
-    U, S, V, b, shape = layer
-    fmt = formats.get(fmt_name)
-    codes = [torch.zeros(*t.shape[:-1], fmt.stored_length(shape.rank), dtype=fmt.storage) for t in (U, V)]
-    return (codes[0], S, codes[1], b, shape, torch.ones(shape.b_out, shape.p), torch.ones(shape.b_in, shape.rank))
 
 
 @pytest.mark.parametrize("codes,rank,width", [(None, 1016, 16), ("int8", 1024, 16), ("int4", 1024, 16),
@@ -212,15 +213,10 @@ def test_a_rank_that_16_does_not_divide_keeps_vector_loads(toolchain, monkeypatc
     vector loads (8 and 4 bytes: what 1016 and its 508 packed columns allow), none of them byte loads."""
     cfg = {**gemv.DEFAULT, "mode": "two"}
     x = torch.zeros(1, 4096, dtype=torch.bfloat16)
-    U, S, V, _, shape = _layer(4096, 4096, rank=1016)
-    scales = dict(U_scale=torch.ones(shape.b_out, shape.p), V_scale=torch.ones(shape.b_in, shape.rank))
-    int8 = (U.to(torch.int8), S, V.to(torch.int8))
-    int4 = (torch.zeros(*U.shape[:-1], 508, dtype=torch.uint8), S, torch.zeros(*V.shape[:-1], 508, dtype=torch.uint8))
-    specs = _record(monkeypatch, "_gemv_decode_kernel", lambda: gemv.blast_gemv(x, U, S, V, None, shape, cfg,
-                                                                                interpret=True))
-    for codes in (int8, int4):
-        specs += _record(monkeypatch, "_gemv_decode_kernel",
-                         lambda: gemv.blast_gemv(x, *codes, None, shape, cfg, interpret=True, **scales))
+    layer = _layer(4096, 4096, rank=1016)
+    specs = _record(monkeypatch, "_gemv_decode_kernel", lambda: _gemv(x, layer, cfg))
+    for fmt in ("int8", "int4"):
+        specs += _record(monkeypatch, "_gemv_decode_kernel", lambda: _gemv(x, _coded(layer, fmt), cfg))
     loads = _compile_loads(specs, tmp_path)
     # (bytes a code or weight takes, the widest load its alignment allows): bf16 16, int8 8, int4 4
     widths = [(2, 16)] * 2 + [(1, 8)] * 2 + [(0.5, 4)] * 2
