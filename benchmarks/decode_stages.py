@@ -17,6 +17,12 @@ best a read of the same bytes reaches on this GPU) and the copy bandwidth (``cop
 bytes written over the time, once for a buffer of each stage's factor bytes, timed the same way, and
 once for 1 GiB, the GPU's sustained rate), so the gap per stage is explicit: what a stage loses to its
 size (the small copy's shortfall) and what it loses to its own work.
+
+The launch model says what any design could reach: dense GEMVs of six sizes are fitted to
+``time = t0 + bytes / bandwidth`` (t0: what one kernel costs besides its bytes, launch in the graph,
+ramp and tail included), and each shape gets the speedup that one launch and two launches streaming
+the BLAST factors would give if each paid the dense GEMV's t0 ("one-launch ceiling", "two-launch
+ceiling"); the block rows get the same for one launch per linear.
 """
 from __future__ import annotations
 
@@ -65,6 +71,50 @@ def sweep(x, fac, shape, v_bytes, u_bytes, keep=8):
     return metrics, lines
 
 
+# out_features of the dense GEMVs (in_features = the layers' hidden size) that the launch model is fitted on
+MODEL_ROWS = (1024, 2048, 4096, 8192, 16384, 32768)
+
+
+def fit_launch_model(points) -> tuple[float, float]:
+    """(t0 in ms, bandwidth in bytes per ms) of ``time = t0 + bytes / bandwidth``, fitted by least
+    squares on (bytes, ms) points of dense GEMVs. Why: at decode every kernel pays a fixed cost
+    (its launch in the graph, the ramp until enough loads are in flight, the tail) besides its
+    bytes, and a BLAST call halves the bytes but not that cost; the fit says, from dense GEMVs run
+    in the same process, what speedup one launch or two launches of half the bytes could reach."""
+    if len(points) < 2 or len({b for b, _ in points}) < 2:
+        raise ValueError(f"the launch model needs GEMVs of at least two sizes, got {len(points)} point(s)")
+    A = torch.tensor([[1.0, float(b)] for b, _ in points], dtype=torch.float64)
+    y = torch.tensor([[float(t)] for _, t in points], dtype=torch.float64)
+    t0, per_byte = torch.linalg.lstsq(A, y).solution.flatten().tolist()
+    if per_byte <= 0:
+        raise ValueError(f"the GEMV times do not grow with their bytes ({points}): no bandwidth to fit")
+    return t0, 1.0 / per_byte
+
+
+def ceiling(t_dense: float, model: tuple[float, float], nbytes: int, launches: int) -> float:
+    """Dense time over what ``launches`` kernels streaming ``nbytes`` take under the launch model:
+    the most a design with that many launches can gain if each launch costs what a dense GEMV's does."""
+    t0, bandwidth = model
+    return t_dense / (launches * t0 + nbytes / bandwidth)
+
+
+def launch_model(T: int, n: int, dt, dev: str, rows=MODEL_ROWS) -> tuple[tuple[float, float], list]:
+    """The launch model of dense GEMVs (T x n inputs, ``rows`` x n weights) on this GPU, and its
+    metrics: each GEMV's time, the fixed cost per launch and the marginal bandwidth."""
+    x = torch.randn(T, n, device=dev, dtype=dt)
+    points, metrics = [], []
+    for m in rows:
+        copies = copies_for(m * n * 2)
+        weights = [torch.randn(m, n, device=dev, dtype=dt) for _ in range(copies)]
+        t = graph_ms(lambda k: torch.nn.functional.linear(x, weights[k]), copies)
+        points.append((m * n * 2, t))
+        metrics.append((f"dense {m}x{n} time", t, "ms"))
+        del weights
+    t0, bandwidth = fit_launch_model(points)
+    return (t0, bandwidth), metrics + [("fixed cost per launch", round(t0 * 1e3, 2), "us"),
+                                       ("marginal bandwidth", round(bandwidth / 1e6), "GB/s")]
+
+
 def copy_gbs(nbytes: int, device: str = "cuda") -> float:
     """GB/s of ``dst.copy_(src)`` for ``nbytes``-byte buffers (read + write), over rotated copies."""
     n = max(1, nbytes // 2)
@@ -104,6 +154,14 @@ def main():
         run, staged = decode.blast_decode, {**modes["pdl"], "mode": "two"}
         stage_configs = {"": staged}
     usable = {k: c for k, c in modes.items() if c["mode"] != "pdl" or decode.pdl_supported(torch.device(dev))}
+    models = {}
+    for T in args.tokens:
+        n = int(args.shapes[0].split("x")[1])
+        models[T], fitted = launch_model(T, n, dt, dev)
+        print(f"dense GEMV launch model, {n} inputs, T={T}: " + ", ".join(f"{k} {v:.4g}{u}" for k, v, u in fitted),
+              flush=True)
+        record("decode_stages", measurements(f"dense GEMV launch model T={T}", dict(T=T, dtype="bfloat16", **{"in": n}),
+                                             fitted), directory=args.results_dir)
     for text in args.shapes:
         m, n = map(int, text.split("x"))
         r = int(args.budget * m * n / (m + n + args.blocks ** 2)) // 16 * 16
@@ -130,8 +188,11 @@ def main():
                 t = graph_ms(lambda k: run(x, *fac[k], None, shape, cfg), len(fac))
                 metrics += [(f"{mode} time", t, "ms"), (f"{mode} vs dense", round(t_dense / t, 3), "x")]
             t_best = graph_ms(lambda k: forward.blast_matmul_triton(x, *fac[k]), len(fac))
+            factor_bytes = shape.num_params * 2
             metrics += [("blastfx vs dense", round(t_dense / t_best, 3), "x"),
-                        ("ideal vs dense", round(m * n / shape.num_params, 3), "x")]
+                        ("ideal vs dense", round(m * n / shape.num_params, 3), "x"),
+                        ("one-launch ceiling vs dense", round(ceiling(t_dense, models[T], factor_bytes, 1), 3), "x"),
+                        ("two-launch ceiling vs dense", round(ceiling(t_dense, models[T], factor_bytes, 2), 3), "x")]
             print(f"{m}x{n} b={args.blocks} r={r} T={T}: " + ", ".join(
                 f"{k} {v:.4g}{u}" for k, v, u in metrics), flush=True)
             case = f"{m}x{n} b={args.blocks} T={T}"
@@ -143,10 +204,10 @@ def main():
             record("decode_stages", measurements(case, params, metrics), directory=args.results_dir)
         del dense, fac
     if not args.no_chain:
-        chain(args, usable, run)
+        chain(args, usable, run, models)
 
 
-def chain(args, modes, run, blocks=4, hidden=4096, inter=11008):
+def chain(args, modes, run, models, blocks=4, hidden=4096, inter=11008):
     """One Llama-2-7B block's linears (q, k, v, o, gate, up, down) called in a row, ``blocks`` blocks'
     worth of distinct weights: dense, blastfx as the autotuner picks, and each launch mode."""
     dt, dev = torch.bfloat16, "cuda"
@@ -168,7 +229,11 @@ def chain(args, modes, run, blocks=4, hidden=4096, inter=11008):
         for mode, cfg in modes.items():
             calls[mode] = lambda k, cfg=cfg: [run(xs[s.in_features], *f, None, s, cfg) for s, f in layers]
         calls["blastfx"](0)                                     # tune each shape outside the timed graph
-        metrics = [("dense time", t_dense, "ms")]
+        factor_bytes = sum(s.num_params * 2 for s, _ in layers)
+        metrics = [("dense time", t_dense, "ms"),
+                   ("one-launch ceiling vs dense", round(ceiling(t_dense, models[T], factor_bytes, len(layers)), 3), "x"),
+                   ("two-launch ceiling vs dense", round(ceiling(t_dense, models[T], factor_bytes, 2 * len(layers)), 3),
+                    "x")]
         for name, call in calls.items():
             t = graph_ms(call, 1)
             metrics += [(f"{name} time", t, "ms"), (f"{name} vs dense", round(t_dense / t, 3), "x")]
