@@ -8,7 +8,8 @@ each launch mode, against dense cuBLAS and the measured streaming bandwidth of t
 Stage 1 streams V (x·V with the s-mix), stage 2 streams U (w·Uᵀ), each alone with the default tiles
 and (GEMV kernel) with narrow r-tiles (``BR=64``: fewer atomics in stage 1). Each launch mode of the kernel is
 timed (for the GEMV kernel: two launches, one persistent launch with and without the L2 prefetch of
-U, and programmatic dependent launches with and without prefetch; "late" runs stage 1 with its
+U, and with each program's first U tile loaded into registers before stage 1 ("preload"), and
+programmatic dependent launches with and without prefetch; "late" runs stage 1 with its
 workspace bookkeeping after the V stream instead of before it), then the seven linears of one
 Llama-2-7B block called in a row (four blocks' worth of weights, so they stream from HBM), where
 a programmatic dependent launch also overlaps one layer's start with the previous layer's tail. Each time is a CUDA-graph replay over weight copies rotated out of L2; the
@@ -145,6 +146,10 @@ def main():
                  "pdl": {**D, "mode": "pdl"}, "pdl+prefetch": {**D, "mode": "pdl", "prefetch": 1},
                  "two late": {**D, "mode": "two", "late": True},
                  "pdl+prefetch late": {**D, "mode": "pdl", "prefetch": 1, "late": True}}
+        # the persistent kernel with the tall-narrow stage-1 tile (no spills), and with U preloaded
+        narrow = {**D, "mode": "persistent", "BQ": 128, "BR": 64, "stages": 3, "BP": 8}
+        modes.update({"persistent narrow": narrow, "persistent narrow+preload": {**narrow, "preload": True},
+                      "persistent narrow+preload BP=16": {**narrow, "preload": True, "BP": 16}})
         run, staged = gemv.blast_gemv, modes["two"]
         # narrow r-tiles: fewer q-chunks fill the grid, so stage 1 issues fewer atomics
         stage_configs = {"": staged, " BR=64": {**staged, "BQ": 64, "BR": 64}, " late": {**staged, "late": True},

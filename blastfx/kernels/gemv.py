@@ -291,6 +291,18 @@ def _wu_item(item, u_ptr, b_ptr, y_ptr, w_ptr, T, M, P, R, P_TILES, sui, sup, su
                          mask=tmask[:, None] & kmask[None, :], other=0.0, cache_modifier=".cg")
             acc += wv[:, None, :] * u.to(tl.float32)[None, :, :]
         out = tl.sum(acc, axis=2)                                       # (BT, BP)
+    _wu_store(out, i, offs_p, b_ptr, y_ptr, T, M, P, syt, sym, has_bias, BT, us_ptr, susi, susp, QUANT,
+              token_scale, SCALED)
+
+
+@triton.jit
+def _wu_store(out, i, offs_p, b_ptr, y_ptr, T, M, P, syt, sym, has_bias, BT: tl.constexpr, us_ptr, susi, susp,
+              QUANT: tl.constexpr, token_scale, SCALED: tl.constexpr):
+    """A stage-2 item's epilogue: U's row scales (codes), the tokens' scales, the bias, the cast and
+    the store of ``out`` (BT, BP) into y's rows of block-row i."""
+    offs_t = tl.arange(0, BT)
+    tmask = offs_t < T
+    pmask = offs_p < P
     if QUANT:
         out *= tl.load(us_ptr + i * susi + offs_p * susp, mask=pmask, other=0.0).to(tl.float32)[None, :]
     if SCALED:
@@ -301,6 +313,32 @@ def _wu_item(item, u_ptr, b_ptr, y_ptr, w_ptr, T, M, P, R, P_TILES, sui, sup, su
         out += tl.load(b_ptr + rows, mask=omask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_t[:, None] * syt + rows[None, :] * sym, out.to(y_ptr.dtype.element_ty),
              mask=tmask[:, None] & omask[None, :])
+
+
+@triton.jit
+def _preload_u(u_ptr, item, n_items, P, R, RC, P_TILES, sui, sup, sur, BP: tl.constexpr, RK: tl.constexpr,
+               QUANT: tl.constexpr):
+    """The whole U tile of stage-2 item ``item`` (BP rows, all RK >= R ranks) loaded into registers;
+    all zeros for an item past ``n_items`` (a program without a stage-2 item)."""
+    offs_p = (item % P_TILES) * BP + tl.arange(0, BP)
+    rows = tl.where(item < n_items, P, 0)          # no rows at all past the last item
+    return _load_factor_tile(u_ptr + (item // P_TILES) * sui, offs_p, offs_p < rows, sup, sur, 0, R, RC, BP, RK,
+                             QUANT)
+
+
+@triton.jit
+def _wu_preloaded_item(u, item, b_ptr, y_ptr, w_ptr, T, M, P, R, P_TILES, syt, sym, has_bias, BT: tl.constexpr,
+                       BP: tl.constexpr, RK: tl.constexpr, us_ptr, susi, susp, QUANT: tl.constexpr):
+    """Stage-2 item ``item`` from its U tile already in registers (:func:`_preload_u`): one product
+    with all of w_i, then the epilogue."""
+    offs_t = tl.arange(0, BT)
+    i = item // P_TILES
+    offs_k = tl.arange(0, RK)
+    wv = tl.load(w_ptr + i * BT * R + offs_t[:, None] * R + offs_k[None, :],
+                 mask=(offs_t < T)[:, None] & (offs_k < R)[None, :], other=0.0, cache_modifier=".cg")
+    out = tl.sum(wv[:, None, :] * u.to(tl.float32)[None, :, :], axis=2)
+    _wu_store(out, i, (item % P_TILES) * BP + tl.arange(0, BP), b_ptr, y_ptr, T, M, P, syt, sym, has_bias, BT,
+              us_ptr, susi, susp, QUANT, None, False)
 
 
 @triton.jit
@@ -328,7 +366,8 @@ def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_p
                         ZB: tl.constexpr, STAGE: tl.constexpr, QUANT: tl.constexpr, PACK: tl.constexpr,
                         PREFETCH: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, ADVANCE: tl.constexpr,
                         LATE: tl.constexpr, SPLIT: tl.constexpr, AL_R: tl.constexpr, AL: tl.constexpr,
-                        AL_S: tl.constexpr, AL_SC: tl.constexpr, LINE_U: tl.constexpr):
+                        AL_S: tl.constexpr, AL_SC: tl.constexpr, LINE_U: tl.constexpr,
+                        PRELOAD: tl.constexpr = False, RK: tl.constexpr = 16):
     """STAGE 1: x·V and the s-mix into w; STAGE 2: w·Uᵀ; STAGE 3: both, grid barrier between.
     w is (B_OUT, BT, R) fp32 in the workspace half picked by the generation counter's parity.
     PDL: only weights are touched before ``gdc_wait``; the generation counter is read after it.
@@ -342,7 +381,10 @@ def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_p
     every mask and row start unaligned to the compiler and turn each 16-byte load into eight 2-byte
     ones; the hints give it back what the host knows.
     LATE: stage 1 streams V first and reads the generation counter and clears the other half after
-    it (see ``_xv_mix_item``); otherwise both come first, one round trip each in front of the stream."""
+    it (see ``_xv_mix_item``); otherwise both come first, one round trip each in front of the stream.
+    PRELOAD (STAGE 3): the U tile of this program's first stage-2 item (all RK >= R ranks) is loaded
+    into registers before stage 1, so its bytes stream with V's and only w's product waits on the
+    grid barrier."""
     pid = tl.program_id(0)
     if AL_R > 1:                    # (v // A) * A: the same value, and a product the compiler sees
         R = (R // AL_R) * AL_R      # divisible by A (a hint on an argument itself is not kept)
@@ -369,6 +411,8 @@ def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_p
         gdc_launch_dependents()     # a dependent touches only its weights until its own wait
     if (STAGE == 3) & (PREFETCH == 2):
         _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, RC, sui, sup, sur, BP, LINE_U)
+    if (STAGE == 3) & PRELOAD:
+        u_first = _preload_u(u_ptr, pid, B_OUT * P_TILES, P, R, RC, P_TILES, sui, sup, sur, BP, RK, QUANT)
     w_ptr = ws_ptr
     if not LATE:
         w_ptr = _this_calls_half(ws_ptr, sync_ptr, pid, GRID, HALF, B_OUT * BT * R, STAGE != 2, ZB)
@@ -384,7 +428,13 @@ def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_p
             _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, RC, sui, sup, sur, BP, LINE_U)
         _grid_barrier(sync_ptr, GRID)
     if STAGE != 1:
-        for item in range(pid, B_OUT * P_TILES, GRID):
+        first = pid
+        if (STAGE == 3) & PRELOAD:
+            if pid < B_OUT * P_TILES:
+                _wu_preloaded_item(u_first, pid, b_ptr, y_ptr, w_ptr, T, M, P, R, P_TILES, syt, sym, HAS_BIAS, BT,
+                                   BP, RK, us_ptr, susi, susp, QUANT)
+            first = pid + GRID
+        for item in range(first, B_OUT * P_TILES, GRID):
             _wu_item(item, u_ptr, b_ptr, y_ptr, w_ptr, T, M, P, R, P_TILES, sui, sup, sur, syt, sym, HAS_BIAS,
                      BT, BP, BK, us_ptr, susi, susp, QUANT, RC, SPLIT)
     if ADVANCE:
@@ -545,8 +595,9 @@ def gemv_plan(shape: BlastShape, grid: int, cfg: dict) -> dict:
 # per_sm: programs per SM of the persistent grid (and what the x·V split aims to fill in both modes).
 # prefetch: 0 none; persistent mode: 1 U into L2 before the barrier, 2 U at the start (streams with V);
 # pdl mode: 1 each stage's weights before its gdc_wait.
+# preload (persistent mode): each program's first U tile is loaded into registers before stage 1.
 DEFAULT = dict(mode="two", BQ=32, BR=512, BP=16, BK=512, warps=4, stages=1, per_sm=2, prefetch=0, late=False,
-               nibbles="interleave")
+               nibbles="interleave", preload=False)
 CANDIDATES = (DEFAULT, {**DEFAULT, "BQ": 64, "BR": 128, "BP": 32, "BK": 256, "per_sm": 4},
               {**DEFAULT, "BR": 256, "warps": 8, "warps2": 4}, {**DEFAULT, "mode": "persistent"},
               {**DEFAULT, "mode": "persistent", "BQ": 64, "BR": 256},
@@ -571,7 +622,12 @@ CANDIDATES = (DEFAULT, {**DEFAULT, "BQ": 64, "BR": 128, "BP": 32, "BK": 256, "pe
               # BR = 256-512 use all 255 registers and spill 300-500 bytes a thread in x·V, this one
               # needs about 165 and spills nothing (tests/kernels/test_register_spills.py)
               *({**DEFAULT, "mode": "persistent", "prefetch": pf, "late": late, "BQ": 128, "BR": 64, "stages": 3,
-                 "BP": 8} for pf, late in ((0, False), (1, False), (2, False), (0, True))))
+                 "BP": 8} for pf, late in ((0, False), (1, False), (2, False), (0, True))),
+              # the same with each program's first U tile loaded into registers before stage 1: U streams
+              # with V and only w's product waits on the barrier (BP = 16: one U tile a program at
+              # 4096 x 4096, b = 4)
+              *({**DEFAULT, "mode": "persistent", "preload": True, "BQ": 128, "BR": 64, "stages": 3, "BP": bp}
+                for bp in (8, 16)))
 
 
 def candidates(device, int4: bool = False) -> list[dict]:
@@ -586,10 +642,10 @@ def candidates(device, int4: bool = False) -> list[dict]:
 def group_candidates(device, int4: bool = False) -> list[dict]:
     """The configs a GEMV group is timed with: a group prefetches only in ``pdl`` mode; ``int4``
     as for :func:`candidates`."""
-    return [c for c in candidates(device, int4) if not (c["mode"] == "persistent" and c["prefetch"])]
+    return [c for c in candidates(device, int4) if not (c["mode"] == "persistent" and c["prefetch"]) and not c["preload"]]
 
 
-def _launch_flags(cfg: dict, interpret: bool, device, element_size: int) -> tuple[str, dict]:
+def _launch_flags(cfg: dict, interpret: bool, device, element_size: int, preload_ok: bool = False) -> tuple[str, dict]:
     """(launch mode, the PREFETCH/PDL/LINE/LINE_U constants) for ``cfg``: LINE elements per L2 prefetch
     address of a V row, LINE_U of a U row (one 128-byte line each; the callers narrow LINE for narrow
     r-tiles). The interpreter runs two plain launches with neither (no inline PTX there)."""
@@ -600,6 +656,12 @@ def _launch_flags(cfg: dict, interpret: bool, device, element_size: int) -> tupl
         raise ValueError(f"GEMV nibbles must be 'interleave' or 'split', got {cfg['nibbles']!r}")
     if cfg["prefetch"] not in (0, 1, 2) or (cfg["prefetch"] == 2 and mode != "persistent"):
         raise ValueError(f"GEMV prefetch must be 0, 1 or (persistent mode) 2, got {cfg['prefetch']!r} in mode {mode!r}")
+    if cfg.get("preload", False) not in (False, True) or (cfg.get("preload") and mode != "persistent"):
+        raise ValueError(f"GEMV preload is True or False, and True only in mode 'persistent' (it moves U's loads "
+                         f"ahead of the grid barrier), got {cfg.get('preload')!r} in mode {mode!r}")
+    if cfg.get("preload") and not preload_ok:
+        raise ValueError("preload is a config of the one-layer GEMV kernel (blast_gemv); grouped and chained "
+                         "calls do not take it")
     line = 128 // element_size
     if interpret:
         return "two", dict(PREFETCH=0, PDL=False, LINE=line, LINE_U=line)
@@ -639,7 +701,9 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
     T, n = x2.shape
     if T > MAX_T:
         raise ValueError(f"the GEMV decode kernel takes at most {MAX_T} tokens, got T={T}")
-    mode, flags = _launch_flags(cfg, interpret, x2.device, U.element_size())
+    mode, flags = _launch_flags(cfg, interpret, x2.device, U.element_size(), preload_ok=True)
+    if interpret and cfg["mode"] == "persistent":
+        mode = "persistent"     # as one program, co-resident by itself: its grid barrier runs on the CPU too
     # a V tile row is BR / pack stored elements, narrower than a line for narrow tiles of 1-byte codes
     # (int8 at BR = 64, packed int4): at least one prefetch address a row
     flags["LINE"] = min(flags["LINE"], cfg["BR"] // pack)
@@ -651,7 +715,7 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
     # the FMA accumulators hold BT x tile values per thread: keep that constant as T grows
     cfg.update(BQ=max(8, cfg["BQ"] // BT), BP=max(4, cfg["BP"] // BT))
     sms = _sm_limits(_index(x2.device))[0] if x2.is_cuda else 4
-    grid = cfg["per_sm"] * sms
+    grid = 1 if interpret and mode == "persistent" else cfg["per_sm"] * sms
     plan = gemv_plan(shape, grid, cfg)
     if chained is None:
         sync, ws = workspace(x2.device, shape.b_out * BT * shape.rank)
@@ -668,7 +732,8 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
                  SPLIT=bits == 4 and cfg["nibbles"] == "split", AL_R=math.gcd(shape.rank, 16),
                  AL=math.gcd(U.shape[-1], V.stride(0), V.stride(1), U.stride(0), U.stride(1), 16),
                  AL_S=math.gcd(S.stride(0), S.stride(1), 16),
-                 AL_SC=math.gcd(*(U_scale.stride() + V_scale.stride() if quant else ()), 16), **flags)
+                 AL_SC=math.gcd(*(U_scale.stride() + V_scale.stride() if quant else ()), 16),
+                 PRELOAD=bool(cfg["preload"]), RK=max(16, triton.next_power_of_2(shape.rank)), **flags)
     us, vs = (U_scale, V_scale) if quant else (y, y)           # not read without QUANT
     launch = {} if interpret else {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
     if mode == "pdl":
@@ -691,6 +756,9 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
                 launch = {**launch, "num_warps": cfg.get("warps2", cfg["warps"])}
             _gemv_decode_kernel[(g2,)](*args(g2), STAGE=2, ADVANCE=only_stage is None or chained is not None,
                                        **const, **launch)
+        return y
+    if interpret:
+        _gemv_decode_kernel[(grid,)](*args(grid), STAGE=3, ADVANCE=False, **const, **launch)
         return y
     key = (_index(x2.device), shape, BT, x2.dtype, tuple(sorted(cfg.items())), bias is not None, bits)
     launch_persistent(_gemv_decode_kernel, key, args(grid), grid, x2.device, f"GEMV decode config {cfg}",

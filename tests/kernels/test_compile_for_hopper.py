@@ -315,8 +315,9 @@ META = torch.device("meta")
 
 def _code_variant(cfg):
     """What of a config selects code rather than tile sizes: its launch mode, and for the GEMV where
-    stage 1 does its bookkeeping (``late``) and how int4 nibbles are reduced; None without a mode."""
-    return (cfg["mode"], cfg.get("late"), cfg.get("nibbles")) if "mode" in cfg else None
+    stage 1 does its bookkeeping (``late``), how int4 nibbles are reduced and whether U is preloaded;
+    None without a mode."""
+    return (cfg["mode"], cfg.get("late"), cfg.get("nibbles"), cfg.get("preload")) if "mode" in cfg else None
 
 
 def _per_mode(configs, every: bool, mode=_code_variant) -> list:

@@ -88,6 +88,42 @@ def test_rejects_more_tokens_and_unknown_modes():
         gemv.blast_gemv(torch.randn(1, 32, device=DEVICE), U, S, V, b, shape, {"prefetch": 3})
 
 
+@settings(max_examples=8 if not CUDA else 30, deadline=None)
+@given(T=st.integers(1, gemv.MAX_T), m=st.integers(17, 80), n=st.integers(17, 80), r=st.integers(1, 40),
+       b=st.integers(1, 4), BP=st.sampled_from([8, 16, 64]), preload=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_persistent_form_with_and_without_preloaded_u_matches_reference(T, m, n, r, b, BP, preload, dtype):
+    """One launch, stage 1, the grid barrier, stage 2 (on the CPU as one program, which the barrier
+    lets through): with ``preload`` the first U tile is read before stage 1 and used after the
+    barrier, the other tiles in the loop; tiles of 8 to 64 rows over ragged p."""
+    if (b - 1) * math.ceil(m / b) >= m or (b - 1) * math.ceil(n / b) >= n:
+        return              # a block count that leaves a block all padding is refused by BlastShape
+    _check(T, m, n, r, b, b, dtype, True, cfg={**TINY, "BP": BP, "mode": "persistent", "preload": preload})
+
+
+def test_persistent_calls_in_a_row_each_start_from_a_cleared_workspace():
+    """The one-launch form advances the workspace's generation at its barrier: calls of different
+    sizes, preloading and not, alternate with two-launch calls and all match the reference."""
+    cases = ((4, 80, 80, 40, 4), (1, 24, 24, 4, 1), (2, 33, 40, 9, 2), (4, 80, 80, 40, 4), (1, 80, 80, 40, 4))
+    forms = ({"mode": "persistent", "preload": True}, {"mode": "two"}, {"mode": "persistent"})
+    for k, (T, m, n, r, b) in enumerate(cases):
+        _check(T, m, n, r, b, b, torch.float32, True, cfg={**TINY, **forms[k % len(forms)]}, seed=T + r)
+
+
+def test_preload_is_refused_outside_the_one_layer_persistent_kernel():
+    shape, U, S, V, b = _factors(32, 32, 8, 2, 2, torch.float32)
+    x = torch.randn(1, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="preload is True or False, and True only in mode 'persistent'"):
+        gemv.blast_gemv(x, U, S, V, b, shape, {"mode": "two", "preload": True})
+    with pytest.raises(ValueError, match="preload is True or False"):
+        gemv.blast_gemv(x, U, S, V, b, shape, {"mode": "persistent", "preload": "yes"})
+    member = (U, S, V, b, shape)
+    with pytest.raises(ValueError, match="grouped and chained calls do not take it"):
+        gemv.blast_gemv_group(x, [member, member], {"mode": "persistent", "preload": True}, interpret=not CUDA)
+    assert any(c["preload"] for c in gemv.candidates(torch.device("cpu")))
+    assert not any(c["preload"] for c in gemv.group_candidates(torch.device("cpu")))
+
+
 def test_pdl_is_refused_where_programmatic_launch_does_not_exist():
     shape, U, S, V, b = _factors(32, 32, 8, 2, 2, torch.float32)
     x = torch.randn(1, 32)

@@ -83,6 +83,18 @@ def _check_fuzzed(name, T, m, n, r, b_out, b_in, bias, dtype, cfg=TINY):
     _close(y, x, Uc, su, S.to(dtype), Vc, sv, b, m)
 
 
+@pytest.mark.parametrize("preload", [False, True], ids=["loop", "preload"])
+@pytest.mark.parametrize("name,r", [("int8", 24), ("int4", 24), ("int4", 37), ("float8_e4m3fn", 19)])
+def test_persistent_form_over_codes(name, r, preload):
+    """The one-launch form over codes, each program's first U tile of codes loaded before stage 1
+    (``preload``: all ranks at once, int4 as ceil(r / 2) bytes unpacked) or in the loop."""
+    shape, (Uc, su, S, Vc, sv, b) = _codes(70, 90, r, 2, 3, seed=2, name=name)
+    x = torch.randn(3, 90, device=DEVICE)
+    y = gemv.blast_gemv(x, Uc, S, Vc, b, shape, dict(TINY, BP=8, mode="persistent", preload=preload),
+                        interpret=not CUDA, U_scale=su, V_scale=sv)
+    _close(y, x, Uc, su, S, Vc, sv, b, 70)
+
+
 @pytest.mark.parametrize("name,r,nibbles", [("int8", 24, "interleave"), ("int4", 24, "interleave"),
                                             ("int4", 37, "interleave"), ("int4", 24, "split"), ("int4", 37, "split")])
 def test_q_chunks_with_codes(name, r, nibbles):
