@@ -34,7 +34,13 @@ Launch modes (``cfg["mode"]``): ``persistent`` runs both stages in one grid no l
 co-resident, with a grid barrier between them; ``two`` is two plain launches; ``pdl`` is two
 launches, each a programmatic dependent of the kernel before it (Hopper and newer), so it becomes
 resident while that kernel drains. Under ``TRITON_INTERPRET=1`` programs run one after another, so
-every mode runs as two plain launches there.
+a grid barrier would wait forever: the one-layer kernel runs its persistent form as one program
+(which the barrier lets through), groups and chains run every mode as two plain launches.
+
+Preload (``cfg["preload"]``, persistent mode): a persistent program used to request none of U until
+the grid barrier let it through, so every program idled at the barrier with no loads in flight.
+With ``preload`` each program loads the whole U tile of its first stage-2 item (all ranks) into
+registers before stage 1; only that tile's product with w waits on the barrier.
 
 Late bookkeeping (``cfg["late"]``): stage 1 normally reads the generation counter and clears the
 other half before it streams V, two dependent round trips in front of the stream; with ``late`` it
@@ -648,7 +654,9 @@ def group_candidates(device, int4: bool = False) -> list[dict]:
 def _launch_flags(cfg: dict, interpret: bool, device, element_size: int, preload_ok: bool = False) -> tuple[str, dict]:
     """(launch mode, the PREFETCH/PDL/LINE/LINE_U constants) for ``cfg``: LINE elements per L2 prefetch
     address of a V row, LINE_U of a U row (one 128-byte line each; the callers narrow LINE for narrow
-    r-tiles). The interpreter runs two plain launches with neither (no inline PTX there)."""
+    r-tiles). The interpreter runs two plain launches with neither (no inline PTX there); ``preload_ok``:
+    the caller's kernel takes ``preload`` (the one-layer kernel, which also runs its persistent form
+    under the interpreter, as one program)."""
     mode = cfg["mode"]
     if mode not in ("persistent", "two", "pdl"):
         raise ValueError(f"GEMV decode mode must be 'persistent', 'two' or 'pdl', got {mode!r}")

@@ -1,7 +1,8 @@
 """The CUDA-core decode kernel (``blastfx.kernels.gemv``) against the plain-PyTorch reference.
 
-On CPU it runs under the Triton interpreter in its two-launch form; on CUDA the one-launch form
-with its grid barrier is checked too, with CUDA-graph replay. The workspace it accumulates in is
+On CPU it runs under the Triton interpreter in its two-launch form and in its one-launch form as a
+single program (which its grid barrier lets through); on CUDA every form with a full grid, with
+CUDA-graph replay. The workspace it accumulates in is
 cleared by the call before, so the tests also check that calls of different sizes in a row (a
 bigger one after a smaller one, and back) each start from zeros."""
 import math
@@ -147,8 +148,10 @@ def test_every_config_matches_reference_on_cuda(T, dtype, cfg):
 @pytest.mark.cuda
 @pytest.mark.parametrize("cfg", [{**gemv.DEFAULT, "mode": "two"}, {**gemv.DEFAULT, "mode": "persistent", "prefetch": 2},
                                  {**gemv.DEFAULT, "mode": "pdl", "prefetch": 1},
-                                 {**gemv.DEFAULT, "mode": "pdl", "prefetch": 1, "late": True}],
-                         ids=["two", "persistent", "pdl", "pdl-late"])
+                                 {**gemv.DEFAULT, "mode": "pdl", "prefetch": 1, "late": True},
+                                 {**gemv.DEFAULT, "mode": "persistent", "preload": True, "BQ": 128, "BR": 64,
+                                  "stages": 3, "BP": 16}],
+                         ids=["two", "persistent", "pdl", "pdl-late", "persistent-preload"])
 def test_replays_in_a_cuda_graph(cfg):
     shape, U, S, V, b = _factors(2048, 2048, 500, 4, 4, torch.bfloat16)
     x = torch.randn(2, 2048, device="cuda", dtype=torch.bfloat16)
