@@ -78,11 +78,14 @@ REGISTRY: dict[str, Benchmark] = {
         "6923262 ran them as eager ops); \"x\" columns are dense time / blastfx time in the same process."),
     "decode_stages": Benchmark(
         "decode_stages.py", "Decode kernels: time per stage",
-        "per-stage time and bandwidth of the decode kernels, each launch mode, and a Llama block's linears in a row, vs dense",
+        "per-stage time and bandwidth of the decode kernels, each launch mode, a Llama block's linears in a row, and the launch model's ceilings, vs dense",
         "yes", "2 min",
         "One decode-sized BLAST call (budget 0.5) split into its stages: stage 1 streams V, stage 2 streams U; "
         "each bandwidth is the factor bytes over the stage's time, beside a dense GEMV's on the same GPU. "
-        "The block rows call the seven linears of Llama-2-7B blocks in a row (weights from HBM).",
+        "The block rows call the seven linears of Llama-2-7B blocks in a row (weights from HBM). "
+        "The launch model row fits dense GEMVs of six sizes to time = fixed cost per launch + bytes / marginal "
+        "bandwidth; each shape's \"one-launch\" and \"two-launch ceiling\" is the speedup that many launches "
+        "streaming the BLAST factors would reach if each cost what a dense GEMV's launch does.",
         also=(("decode_stage_sweep", "Decode kernels: the fastest tiles of each stage",
                "`decode_stages --sweep`: each stage of the GEMV decode kernel timed alone over a grid of tile "
                "configs (tiles, warps, pipeline stages, programs per SM); the fastest configs of each stage, time "
