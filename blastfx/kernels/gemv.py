@@ -34,8 +34,8 @@ Launch modes (``cfg["mode"]``): ``persistent`` runs both stages in one grid no l
 co-resident, with a grid barrier between them; ``two`` is two plain launches; ``pdl`` is two
 launches, each a programmatic dependent of the kernel before it (Hopper and newer), so it becomes
 resident while that kernel drains. Under ``TRITON_INTERPRET=1`` programs run one after another, so
-a grid barrier would wait forever: the one-layer kernel runs its persistent form as one program
-(which the barrier lets through), groups and chains run every mode as two plain launches.
+a grid barrier would wait forever: the one-layer and grouped kernels run their persistent form as
+one program (which the barrier lets through), chains run every mode as two plain launches.
 
 Preload (``cfg["preload"]``, persistent mode): a persistent program used to request none of U until
 the grid barrier let it through, so every program idled at the barrier with no loads in flight.
@@ -322,21 +322,22 @@ def _wu_store(out, i, offs_p, b_ptr, y_ptr, T, M, P, syt, sym, has_bias, BT: tl.
 
 
 @triton.jit
-def _preload_u(u_ptr, item, n_items, P, R, RC, P_TILES, sui, sup, sur, BP: tl.constexpr, RK: tl.constexpr,
+def _preload_u(u_ptr, item, valid, P, R, RC, P_TILES, sui, sup, sur, BP: tl.constexpr, RK: tl.constexpr,
                QUANT: tl.constexpr):
     """The whole U tile of stage-2 item ``item`` (BP rows, all RK >= R ranks) loaded into registers;
-    all zeros for an item past ``n_items`` (a program without a stage-2 item)."""
+    all zeros where not ``valid`` (a program without a stage-2 item)."""
     offs_p = (item % P_TILES) * BP + tl.arange(0, BP)
-    rows = tl.where(item < n_items, P, 0)          # no rows at all past the last item
+    rows = tl.where(valid, P, 0)                   # no rows at all for a program without an item
     return _load_factor_tile(u_ptr + (item // P_TILES) * sui, offs_p, offs_p < rows, sup, sur, 0, R, RC, BP, RK,
                              QUANT)
 
 
 @triton.jit
 def _wu_preloaded_item(u, item, b_ptr, y_ptr, w_ptr, T, M, P, R, P_TILES, syt, sym, has_bias, BT: tl.constexpr,
-                       BP: tl.constexpr, RK: tl.constexpr, us_ptr, susi, susp, QUANT: tl.constexpr):
+                       BP: tl.constexpr, RK: tl.constexpr, us_ptr, susi, susp, QUANT: tl.constexpr,
+                       token_scale=None, SCALED: tl.constexpr = False):
     """Stage-2 item ``item`` from its U tile already in registers (:func:`_preload_u`): one product
-    with all of w_i, then the epilogue."""
+    with all of w_i, then the epilogue (``token_scale`` and SCALED as in :func:`_wu_item`)."""
     offs_t = tl.arange(0, BT)
     i = item // P_TILES
     offs_k = tl.arange(0, RK)
@@ -344,7 +345,7 @@ def _wu_preloaded_item(u, item, b_ptr, y_ptr, w_ptr, T, M, P, R, P_TILES, syt, s
                  mask=(offs_t < T)[:, None] & (offs_k < R)[None, :], other=0.0, cache_modifier=".cg")
     out = tl.sum(wv[:, None, :] * u.to(tl.float32)[None, :, :], axis=2)
     _wu_store(out, i, (item % P_TILES) * BP + tl.arange(0, BP), b_ptr, y_ptr, T, M, P, syt, sym, has_bias, BT,
-              us_ptr, susi, susp, QUANT, None, False)
+              us_ptr, susi, susp, QUANT, token_scale, SCALED)
 
 
 @triton.jit
@@ -373,7 +374,7 @@ def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_p
                         PREFETCH: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, ADVANCE: tl.constexpr,
                         LATE: tl.constexpr, SPLIT: tl.constexpr, AL_R: tl.constexpr, AL: tl.constexpr,
                         AL_S: tl.constexpr, AL_SC: tl.constexpr, LINE_U: tl.constexpr,
-                        PRELOAD: tl.constexpr = False, RK: tl.constexpr = 16):
+                        PRELOAD: tl.constexpr, RK: tl.constexpr):
     """STAGE 1: x·V and the s-mix into w; STAGE 2: w·Uᵀ; STAGE 3: both, grid barrier between.
     w is (B_OUT, BT, R) fp32 in the workspace half picked by the generation counter's parity.
     PDL: only weights are touched before ``gdc_wait``; the generation counter is read after it.
@@ -418,7 +419,7 @@ def _gemv_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, ws_ptr, sync_p
     if (STAGE == 3) & (PREFETCH == 2):
         _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, RC, sui, sup, sur, BP, LINE_U)
     if (STAGE == 3) & PRELOAD:
-        u_first = _preload_u(u_ptr, pid, B_OUT * P_TILES, P, R, RC, P_TILES, sui, sup, sur, BP, RK, QUANT)
+        u_first = _preload_u(u_ptr, pid, pid < B_OUT * P_TILES, P, R, RC, P_TILES, sui, sup, sur, BP, RK, QUANT)
     w_ptr = ws_ptr
     if not LATE:
         w_ptr = _this_calls_half(ws_ptr, sync_ptr, pid, GRID, HALF, B_OUT * BT * R, STAGE != 2, ZB)
@@ -480,7 +481,8 @@ def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, float_ptr, scale_ptr, table_ptr
                        ALIGN_SC: tl.constexpr, AL_RC: tl.constexpr, AL_Q: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
                        BP: tl.constexpr, BK: tl.constexpr, ZB: tl.constexpr, STAGE: tl.constexpr,
                        PREFETCH: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LATE: tl.constexpr,
-                       LINE_U: tl.constexpr, QUANT: tl.constexpr, PACK: tl.constexpr, SPLIT: tl.constexpr):
+                       LINE_U: tl.constexpr, QUANT: tl.constexpr, PACK: tl.constexpr, SPLIT: tl.constexpr,
+                       PRELOAD: tl.constexpr, RK: tl.constexpr):
     """Several BLAST layers that read the same x (q/k/v, gate/up) in one stream of work items: the
     same two stages as ``_gemv_decode_kernel``, each item first looking up its member in the table.
     Factors are contiguous (strides derived from the geometry, ranks multiples of 8); y is one
@@ -494,7 +496,8 @@ def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, float_ptr, scale_ptr, table_ptr
     one item per program). NORM (stage 2): the members' input was an RMSNorm's input times its weight,
     not yet divided by its root mean square; the per-token sums of squares W_NORM floats into this
     call's half give each token's factor ``rsqrt(sum * INV_N + EPS)``, which scales the outputs
-    before the bias (x·V and the s-mix are linear in the input)."""
+    before the bias (x·V and the s-mix are linear in the input). PRELOAD and RK (STAGE 3) as in
+    ``_gemv_decode_kernel``, RK covering the widest member's rank."""
     pid = tl.program_id(0)
     if PDL:
         if PREFETCH:
@@ -515,6 +518,13 @@ def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, float_ptr, scale_ptr, table_ptr
                             tl.load(row + 13).to(tl.int32), P, RC, P * RC, RC, 1, BP, LINE_U)
         gdc_wait()
         gdc_launch_dependents()
+    if (STAGE == 3) & PRELOAD:
+        row = table_ptr + _member(table_ptr, pid, G, 15) * _NF
+        P = tl.load(row + 6).to(tl.int32)
+        RC = (tl.load(row + 8).to(tl.int32) // (PACK * AL_RC)) * AL_RC
+        u_first = _preload_u(_factor_address(anchor_ptr, row, 0, ALIGN), pid - tl.load(row + 15).to(tl.int32),
+                             pid < ITEMS2, P, RC * PACK, RC, tl.load(row + 13).to(tl.int32), P * RC, RC, 1, BP, RK,
+                             QUANT)
     w_base = ws_ptr
     if not LATE:
         w_base = _this_calls_half(ws_ptr, sync_ptr, pid, GRID, HALF, EXTENT, STAGE != 2, ZB)
@@ -546,7 +556,22 @@ def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, float_ptr, scale_ptr, table_ptr
         if NORM:
             sumsq = tl.load(w_base + W_NORM + offs_t, mask=offs_t < T, other=0.0, cache_modifier=".cg")
             token_scale = 1.0 / tl.sqrt(sumsq * INV_N + EPS)
-        for item in range(pid, ITEMS2, GRID):
+        first = pid
+        if (STAGE == 3) & PRELOAD:
+            if pid < ITEMS2:
+                row = table_ptr + _member(table_ptr, pid, G, 15) * _NF
+                P = tl.load(row + 6).to(tl.int32)
+                us_ptr = x_ptr
+                if QUANT:
+                    us_ptr = _factor_address(scale_ptr, row, 18, ALIGN_SC)
+                _wu_preloaded_item(u_first, pid - tl.load(row + 15).to(tl.int32),
+                                   _factor_address(float_ptr, row, 3, ALIGN_F), y_ptr + tl.load(row + 4),
+                                   w_base + tl.multiple_of(tl.load(row + 16), 8), T, tl.load(row + 5).to(tl.int32), P,
+                                   (tl.load(row + 8).to(tl.int32) // (PACK * AL_RC)) * AL_RC * PACK,
+                                   tl.load(row + 13).to(tl.int32), YS, 1, tl.load(row + 17) != 0, BT, BP, RK, us_ptr,
+                                   P, 1, QUANT, token_scale, NORM)
+            first = pid + GRID
+        for item in range(first, ITEMS2, GRID):
             row = table_ptr + _member(table_ptr, item, G, 15) * _NF
             P = tl.load(row + 6).to(tl.int32)
             RC = (tl.load(row + 8).to(tl.int32) // (PACK * AL_RC)) * AL_RC
@@ -648,15 +673,15 @@ def candidates(device, int4: bool = False) -> list[dict]:
 def group_candidates(device, int4: bool = False) -> list[dict]:
     """The configs a GEMV group is timed with: a group prefetches only in ``pdl`` mode; ``int4``
     as for :func:`candidates`."""
-    return [c for c in candidates(device, int4) if not (c["mode"] == "persistent" and c["prefetch"]) and not c["preload"]]
+    return [c for c in candidates(device, int4) if not (c["mode"] == "persistent" and c["prefetch"])]
 
 
 def _launch_flags(cfg: dict, interpret: bool, device, element_size: int, preload_ok: bool = False) -> tuple[str, dict]:
     """(launch mode, the PREFETCH/PDL/LINE/LINE_U constants) for ``cfg``: LINE elements per L2 prefetch
     address of a V row, LINE_U of a U row (one 128-byte line each; the callers narrow LINE for narrow
     r-tiles). The interpreter runs two plain launches with neither (no inline PTX there); ``preload_ok``:
-    the caller's kernel takes ``preload`` (the one-layer kernel, which also runs its persistent form
-    under the interpreter, as one program)."""
+    the caller's kernel takes ``preload`` (the one-layer and grouped kernels, which also run their
+    persistent form under the interpreter, as one program)."""
     mode = cfg["mode"]
     if mode not in ("persistent", "two", "pdl"):
         raise ValueError(f"GEMV decode mode must be 'persistent', 'two' or 'pdl', got {mode!r}")
@@ -668,8 +693,8 @@ def _launch_flags(cfg: dict, interpret: bool, device, element_size: int, preload
         raise ValueError(f"GEMV preload is True or False, and True only in mode 'persistent' (it moves U's loads "
                          f"ahead of the grid barrier), got {cfg.get('preload')!r} in mode {mode!r}")
     if cfg.get("preload") and not preload_ok:
-        raise ValueError("preload is a config of the one-layer GEMV kernel (blast_gemv); grouped and chained "
-                         "calls do not take it")
+        raise ValueError("preload is a config of the GEMV kernels' persistent form (blast_gemv, blast_gemv_group); "
+                         "chained calls do not take it")
     line = 128 // element_size
     if interpret:
         return "two", dict(PREFETCH=0, PDL=False, LINE=line, LINE_U=line)
@@ -902,7 +927,9 @@ def blast_gemv_group(x2, members, cfg: dict | None = None, *, interpret: bool = 
         x2 = x2.contiguous()
     y = torch.empty(T, sum(member[4].out_features for member in members), device=x2.device, dtype=x2.dtype)
     anchors, anchor_const = group_anchors(members, cfg, y)
-    mode, flags = _launch_flags(cfg, interpret, x2.device, anchors[0].element_size())
+    mode, flags = _launch_flags(cfg, interpret, x2.device, anchors[0].element_size(), preload_ok=True)
+    if interpret and cfg["mode"] == "persistent":
+        mode = "persistent"     # as one program, as blast_gemv runs it under the interpreter
     # narrow r-tiles: at least one prefetch address a row
     flags["LINE"] = min(flags["LINE"], cfg["BR"] // anchor_const["PACK"])
     if flags["PREFETCH"] == 2:
@@ -910,11 +937,13 @@ def blast_gemv_group(x2, members, cfg: dict | None = None, *, interpret: bool = 
     BT = triton.next_power_of_2(T)
     cfg.update(BQ=max(8, cfg["BQ"] // BT), BP=max(4, cfg["BP"] // BT))
     sms = _sm_limits(_index(x2.device))[0] if x2.is_cuda else 4
-    grid = cfg["per_sm"] * sms
+    grid = 1 if interpret and mode == "persistent" else cfg["per_sm"] * sms
     table, items1, items2, extent, width = _group_table(members, x2.device, grid, cfg, BT)
     sync, ws = workspace(x2.device, extent)
     const = dict(BT=BT, BQ=cfg["BQ"], BR=cfg["BR"], BP=cfg["BP"], BK=cfg["BK"], ZB=1024, LATE=bool(cfg["late"]),
-                 NORM=False, **anchor_const, **dict(flags, PREFETCH=flags["PREFETCH"] if mode == "pdl" else 0))
+                 NORM=False, PRELOAD=bool(cfg["preload"]),
+                 RK=max(16, triton.next_power_of_2(max(member[4].rank for member in members))),
+                 **anchor_const, **dict(flags, PREFETCH=flags["PREFETCH"] if mode == "pdl" else 0))
     launch = {} if interpret else {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
     if mode == "pdl":
         launch["launch_pdl"] = True
@@ -928,6 +957,8 @@ def blast_gemv_group(x2, members, cfg: dict | None = None, *, interpret: bool = 
         if not interpret:
             launch = {**launch, "num_warps": cfg.get("warps2", cfg["warps"])}
         _gemv_group_kernel[(items2,)](*args(items2), STAGE=2, **const, **launch)
+    elif interpret:
+        _gemv_group_kernel[(grid,)](*args(grid), STAGE=3, **const, **launch)
     else:
         key = ("group", _index(x2.device), BT, x2.dtype, tuple(sorted(cfg.items())), anchors[0].dtype)
         launch_persistent(_gemv_group_kernel, key, args(grid), grid, x2.device, f"GEMV group config {cfg}",

@@ -221,7 +221,7 @@ def launch_group_stage(stage: int, x2, members, cfg, ws, sync, extent: int, BT: 
         x2, out, *anchors, table, ws[w_at:], sync, x2.shape[0], x2.shape[1], out.stride(0), len(members), items1,
         items2, extent, items, ws.numel() // 2, x2.stride(0), w_norm - w_at, inv_n, float(eps), NORM=norm is not None,
         **anchor_const, BT=BT, BQ=stage_cfg["BQ"], BR=stage_cfg["BR"], BP=stage_cfg["BP"], BK=stage_cfg["BK"],
-        ZB=1024, LATE=bool(cfg["late"]), STAGE=stage,
+        ZB=1024, LATE=bool(cfg["late"]), STAGE=stage, PRELOAD=False, RK=16,
         **dict(flags, PREFETCH=flags["PREFETCH"] if pdl and stage == 1 else 0, PDL=pdl), **launch)
 
 

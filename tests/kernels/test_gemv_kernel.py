@@ -118,11 +118,12 @@ def test_preload_is_refused_outside_the_one_layer_persistent_kernel():
         gemv.blast_gemv(x, U, S, V, b, shape, {"mode": "two", "preload": True})
     with pytest.raises(ValueError, match="preload is True or False"):
         gemv.blast_gemv(x, U, S, V, b, shape, {"mode": "persistent", "preload": "yes"})
-    member = (U, S, V, b, shape)
-    with pytest.raises(ValueError, match="grouped and chained calls do not take it"):
-        gemv.blast_gemv_group(x, [member, member], {"mode": "persistent", "preload": True}, interpret=not CUDA)
+    with pytest.raises(ValueError, match="preload is True or False, and True only in mode 'persistent'"):
+        gemv.blast_gemv_group(x, [(U, S, V, b, shape)] * 2, {"mode": "pdl", "preload": True}, interpret=not CUDA)
+    with pytest.raises(ValueError, match="chained calls do not take it"):      # a kernel without the form
+        gemv._launch_flags({**gemv.DEFAULT, "mode": "persistent", "preload": True}, True, x.device, 4)
     assert any(c["preload"] for c in gemv.candidates(torch.device("cpu")))
-    assert not any(c["preload"] for c in gemv.group_candidates(torch.device("cpu")))
+    assert any(c["preload"] for c in gemv.group_candidates(torch.device("cpu")))
 
 
 def test_pdl_is_refused_where_programmatic_launch_does_not_exist():
@@ -205,6 +206,17 @@ def test_group_of_one_and_repeated_groups_start_from_a_cleared_workspace(late):
     for T, specs in ((1, [(40, 16, 4, 4, True)]), (4, [(40, 16, 4, 4, True), (32, 32, 2, 2, False)]),
                      (2, [(16, 8, 1, 1, True)]), (4, [(40, 16, 4, 4, True), (32, 32, 2, 2, False)])):
         _group_check(T, specs, cfg={**TINY, "late": late})
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["loop", "preload"])
+@pytest.mark.parametrize("T,dtype", [(1, torch.float32), (3, torch.bfloat16)])
+def test_group_in_its_persistent_form_matches_each_reference(T, dtype, preload):
+    """The grouped kernel's one launch (on the CPU as one program): members of different heights,
+    ranks (the preloaded tile spans the widest) and block counts; with ``preload`` the first U tile
+    is read before stage 1 from the member the program's first stage-2 item belongs to."""
+    cfg = {**TINY, "BP": 8, "mode": "persistent", "preload": preload}
+    _group_check(T, [(40, 16, 4, 4, True), (24, 8, 2, 3, False), (56, 24, 4, 2, True)], dtype, cfg)
+    _group_check(T, [(16, 32, 1, 1, False), (40, 16, 4, 4, True)], dtype, cfg, seed=3)
 
 
 def test_group_refuses_members_it_cannot_stream():

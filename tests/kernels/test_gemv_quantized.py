@@ -231,6 +231,15 @@ def test_group_of_quantized_siblings_matches_each_reference(T, dtype, name, nibb
     _check_group(torch.randn(T, 48, device=DEVICE, dtype=dtype), members, dict(TINY, nibbles=nibbles))
 
 
+@pytest.mark.parametrize("preload", [False, True], ids=["loop", "preload"])
+@pytest.mark.parametrize("name", ["int8", "int4", "float8_e4m3fn"])
+def test_quantized_group_in_its_persistent_form(name, preload):
+    """The grouped kernel's one launch over codes, the first U tile of codes preloaded or not."""
+    members = _quantized_members([(40, 16, 4, 4, True), (24, 8, 2, 3, False), (56, 24, 4, 2, True)], 48, name,
+                                 torch.float32)
+    _check_group(torch.randn(2, 48, device=DEVICE), members, dict(TINY, BP=8, mode="persistent", preload=preload))
+
+
 @pytest.mark.parametrize("name", ["int8", "int4"])
 def test_quantized_group_finds_tensors_before_and_after_each_anchor(name):
     """Members' codes, floats and scales carved out of shared buffers, the second member's placed
