@@ -159,9 +159,8 @@ def main():
         run, staged = decode.blast_decode, {**modes["pdl"], "mode": "two"}
         stage_configs = {"": staged}
     usable = {k: c for k, c in modes.items() if c["mode"] != "pdl" or decode.pdl_supported(torch.device(dev))}
-    models = {}
+    models, n = {}, int(args.shapes[0].split("x")[1])
     for T in args.tokens:
-        n = int(args.shapes[0].split("x")[1])
         models[T], fitted = launch_model(T, n, dt, dev)
         print(f"dense GEMV launch model, {n} inputs, T={T}: " + ", ".join(f"{k} {v:.4g}{u}" for k, v, u in fitted),
               flush=True)

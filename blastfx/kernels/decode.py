@@ -311,10 +311,16 @@ def blast_decode(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, 
     return y
 
 
-def launch_persistent(kernel, key, args, grid: int, device, what: str, **kwargs) -> None:
+def launch_persistent(kernel, key, args, grid: int, device, what: str, interpret: bool = False, **kwargs) -> None:
     """Launch ``kernel`` on a grid that waits on a grid barrier. The first time ``key`` is seen the
     kernel is compiled without running and its co-resident program count checked: a grid larger
-    than that would deadlock, so it raises instead of launching."""
+    than that would deadlock, so it raises instead of launching. Under the interpreter, which runs
+    programs one after another, only a grid of one program gets through its barrier."""
+    if interpret:
+        if grid != 1:
+            raise ValueError(f"{what}: under the interpreter a grid barrier lets only one program through, got {grid}")
+        kernel[(1,)](*args, **kwargs)
+        return
     if key not in _CHECKED:
         compiled = kernel.warmup(*args, **kwargs, grid=(grid,))
         resident = resident_programs(compiled, device)

@@ -475,6 +475,35 @@ def _factor_address(anchor_ptr, row, FIELD: tl.constexpr, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _group_wu_item(item, table_ptr, G, anchor_ptr, float_ptr, scale_ptr, x_ptr, y_ptr, w_base, T, YS,
+                   BT: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, RK: tl.constexpr, PACK: tl.constexpr,
+                   AL_RC: tl.constexpr, ALIGN: tl.constexpr, ALIGN_F: tl.constexpr, ALIGN_SC: tl.constexpr,
+                   QUANT: tl.constexpr, SPLIT: tl.constexpr, token_scale, NORM: tl.constexpr, u, PRELOADED: tl.constexpr):
+    """Stage-2 item ``item`` of a group: its member's row of the table gives where its tensors are
+    and its geometry; then ``_wu_item``, or with PRELOADED ``_wu_preloaded_item`` on the U tile ``u``
+    already in registers."""
+    row = table_ptr + _member(table_ptr, item, G, 15) * _NF
+    P = tl.load(row + 6).to(tl.int32)
+    RC = (tl.load(row + 8).to(tl.int32) // (PACK * AL_RC)) * AL_RC
+    us_ptr = x_ptr
+    if QUANT:
+        us_ptr = _factor_address(scale_ptr, row, 18, ALIGN_SC)
+    local = item - tl.load(row + 15).to(tl.int32)
+    b_ptr = _factor_address(float_ptr, row, 3, ALIGN_F)
+    y_cols = y_ptr + tl.load(row + 4)
+    w_ptr = w_base + tl.multiple_of(tl.load(row + 16), 8)
+    M = tl.load(row + 5).to(tl.int32)
+    P_TILES = tl.load(row + 13).to(tl.int32)
+    has_bias = tl.load(row + 17) != 0
+    if PRELOADED:
+        _wu_preloaded_item(u, local, b_ptr, y_cols, w_ptr, T, M, P, RC * PACK, P_TILES, YS, 1, has_bias, BT, BP, RK,
+                           us_ptr, P, 1, QUANT, token_scale, NORM)
+    else:
+        _wu_item(local, _factor_address(anchor_ptr, row, 0, ALIGN), b_ptr, y_cols, w_ptr, T, M, P, RC * PACK, P_TILES,
+                 P * RC, RC, 1, YS, 1, has_bias, BT, BP, BK, us_ptr, P, 1, QUANT, RC, SPLIT, token_scale, NORM)
+
+
+@triton.jit
 def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, float_ptr, scale_ptr, table_ptr, ws_ptr, sync_ptr, T, N, YS, G,
                        ITEMS1, ITEMS2, EXTENT, GRID, HALF, sxt, W_NORM, INV_N, EPS, NORM: tl.constexpr,
                        ALIGN: tl.constexpr, ALIGN_F: tl.constexpr,
@@ -559,32 +588,13 @@ def _gemv_group_kernel(x_ptr, y_ptr, anchor_ptr, float_ptr, scale_ptr, table_ptr
         first = pid
         if (STAGE == 3) & PRELOAD:
             if pid < ITEMS2:
-                row = table_ptr + _member(table_ptr, pid, G, 15) * _NF
-                P = tl.load(row + 6).to(tl.int32)
-                us_ptr = x_ptr
-                if QUANT:
-                    us_ptr = _factor_address(scale_ptr, row, 18, ALIGN_SC)
-                _wu_preloaded_item(u_first, pid - tl.load(row + 15).to(tl.int32),
-                                   _factor_address(float_ptr, row, 3, ALIGN_F), y_ptr + tl.load(row + 4),
-                                   w_base + tl.multiple_of(tl.load(row + 16), 8), T, tl.load(row + 5).to(tl.int32), P,
-                                   (tl.load(row + 8).to(tl.int32) // (PACK * AL_RC)) * AL_RC * PACK,
-                                   tl.load(row + 13).to(tl.int32), YS, 1, tl.load(row + 17) != 0, BT, BP, RK, us_ptr,
-                                   P, 1, QUANT, token_scale, NORM)
+                _group_wu_item(pid, table_ptr, G, anchor_ptr, float_ptr, scale_ptr, x_ptr, y_ptr, w_base, T, YS, BT, BP,
+                               BK, RK, PACK, AL_RC, ALIGN, ALIGN_F, ALIGN_SC, QUANT, SPLIT, token_scale, NORM,
+                               u_first, True)
             first = pid + GRID
         for item in range(first, ITEMS2, GRID):
-            row = table_ptr + _member(table_ptr, item, G, 15) * _NF
-            P = tl.load(row + 6).to(tl.int32)
-            RC = (tl.load(row + 8).to(tl.int32) // (PACK * AL_RC)) * AL_RC
-            R = RC * PACK
-            us_ptr = x_ptr
-            if QUANT:
-                us_ptr = _factor_address(scale_ptr, row, 18, ALIGN_SC)
-            _wu_item(item - tl.load(row + 15).to(tl.int32), _factor_address(anchor_ptr, row, 0, ALIGN),
-                     _factor_address(float_ptr, row, 3, ALIGN_F), y_ptr + tl.load(row + 4),
-                     w_base + tl.multiple_of(tl.load(row + 16), 8),
-                     T, tl.load(row + 5).to(tl.int32), P, R, tl.load(row + 13).to(tl.int32),
-                     P * RC, RC, 1, YS, 1, tl.load(row + 17) != 0, BT, BP, BK, us_ptr, P, 1, QUANT, RC, SPLIT,
-                     token_scale, NORM)
+            _group_wu_item(item, table_ptr, G, anchor_ptr, float_ptr, scale_ptr, x_ptr, y_ptr, w_base, T, YS, BT, BP,
+                           BK, RK, PACK, AL_RC, ALIGN, ALIGN_F, ALIGN_SC, QUANT, SPLIT, token_scale, NORM, None, False)
     if STAGE == 2:
         _advance_generation(sync_ptr, GRID)
 
@@ -676,12 +686,14 @@ def group_candidates(device, int4: bool = False) -> list[dict]:
     return [c for c in candidates(device, int4) if not (c["mode"] == "persistent" and c["prefetch"])]
 
 
-def _launch_flags(cfg: dict, interpret: bool, device, element_size: int, preload_ok: bool = False) -> tuple[str, dict]:
+def _launch_flags(cfg: dict, interpret: bool, device, element_size: int,
+                  persistent_kernel: bool = False) -> tuple[str, dict]:
     """(launch mode, the PREFETCH/PDL/LINE/LINE_U constants) for ``cfg``: LINE elements per L2 prefetch
     address of a V row, LINE_U of a U row (one 128-byte line each; the callers narrow LINE for narrow
-    r-tiles). The interpreter runs two plain launches with neither (no inline PTX there); ``preload_ok``:
-    the caller's kernel takes ``preload`` (the one-layer and grouped kernels, which also run their
-    persistent form under the interpreter, as one program)."""
+    r-tiles). ``persistent_kernel``: the caller's kernel has the persistent form (the one-layer and
+    grouped kernels), with ``preload``. The interpreter runs neither prefetch nor PDL (no inline PTX
+    there): the persistent form of such a kernel as one program (:func:`_grid`), every other mode
+    as two plain launches."""
     mode = cfg["mode"]
     if mode not in ("persistent", "two", "pdl"):
         raise ValueError(f"GEMV decode mode must be 'persistent', 'two' or 'pdl', got {mode!r}")
@@ -689,20 +701,30 @@ def _launch_flags(cfg: dict, interpret: bool, device, element_size: int, preload
         raise ValueError(f"GEMV nibbles must be 'interleave' or 'split', got {cfg['nibbles']!r}")
     if cfg["prefetch"] not in (0, 1, 2) or (cfg["prefetch"] == 2 and mode != "persistent"):
         raise ValueError(f"GEMV prefetch must be 0, 1 or (persistent mode) 2, got {cfg['prefetch']!r} in mode {mode!r}")
-    if cfg.get("preload", False) not in (False, True) or (cfg.get("preload") and mode != "persistent"):
+    if cfg["preload"] not in (False, True) or (cfg["preload"] and mode != "persistent"):
         raise ValueError(f"GEMV preload is True or False, and True only in mode 'persistent' (it moves U's loads "
-                         f"ahead of the grid barrier), got {cfg.get('preload')!r} in mode {mode!r}")
-    if cfg.get("preload") and not preload_ok:
+                         f"ahead of the grid barrier), got {cfg['preload']!r} in mode {mode!r}")
+    if cfg["preload"] and not persistent_kernel:
         raise ValueError("preload is a config of the GEMV kernels' persistent form (blast_gemv, blast_gemv_group); "
                          "chained calls do not take it")
     line = 128 // element_size
     if interpret:
-        return "two", dict(PREFETCH=0, PDL=False, LINE=line, LINE_U=line)
+        one_program = persistent_kernel and mode == "persistent"
+        return "persistent" if one_program else "two", dict(PREFETCH=0, PDL=False, LINE=line, LINE_U=line)
     if mode == "pdl" and not pdl_supported(device):
         raise RuntimeError("GEMV mode 'pdl' needs programmatic dependent launch: a Hopper (sm_90) or newer GPU "
                            "and a triton that exposes gdc_wait")
     prefetch = 0 if mode == "two" else int(cfg["prefetch"])
     return mode, dict(PREFETCH=prefetch, PDL=mode == "pdl", LINE=line, LINE_U=line)
+
+
+def _grid(cfg: dict, mode: str, x2, interpret: bool) -> int:
+    """Programs of the persistent grid, and what the x·V split aims to fill in every mode: ``per_sm``
+    a streaming multiprocessor; one for the persistent form under the interpreter, which runs
+    programs one after another, so that a single program passes its grid barrier."""
+    if interpret and mode == "persistent":
+        return 1
+    return cfg["per_sm"] * (_sm_limits(_index(x2.device))[0] if x2.is_cuda else 4)
 
 
 def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *, interpret: bool = False,
@@ -734,9 +756,7 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
     T, n = x2.shape
     if T > MAX_T:
         raise ValueError(f"the GEMV decode kernel takes at most {MAX_T} tokens, got T={T}")
-    mode, flags = _launch_flags(cfg, interpret, x2.device, U.element_size(), preload_ok=True)
-    if interpret and cfg["mode"] == "persistent":
-        mode = "persistent"     # as one program, co-resident by itself: its grid barrier runs on the CPU too
+    mode, flags = _launch_flags(cfg, interpret, x2.device, U.element_size(), persistent_kernel=True)
     # a V tile row is BR / pack stored elements, narrower than a line for narrow tiles of 1-byte codes
     # (int8 at BR = 64, packed int4): at least one prefetch address a row
     flags["LINE"] = min(flags["LINE"], cfg["BR"] // pack)
@@ -747,8 +767,7 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
     BT = triton.next_power_of_2(T)
     # the FMA accumulators hold BT x tile values per thread: keep that constant as T grows
     cfg.update(BQ=max(8, cfg["BQ"] // BT), BP=max(4, cfg["BP"] // BT))
-    sms = _sm_limits(_index(x2.device))[0] if x2.is_cuda else 4
-    grid = 1 if interpret and mode == "persistent" else cfg["per_sm"] * sms
+    grid = _grid(cfg, mode, x2, interpret)
     plan = gemv_plan(shape, grid, cfg)
     if chained is None:
         sync, ws = workspace(x2.device, shape.b_out * BT * shape.rank)
@@ -790,12 +809,10 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
             _gemv_decode_kernel[(g2,)](*args(g2), STAGE=2, ADVANCE=only_stage is None or chained is not None,
                                        **const, **launch)
         return y
-    if interpret:
-        _gemv_decode_kernel[(grid,)](*args(grid), STAGE=3, ADVANCE=False, **const, **launch)
-        return y
-    key = (_index(x2.device), shape, BT, x2.dtype, tuple(sorted(cfg.items())), bias is not None, bits)
+    key = (_index(x2.device) if x2.is_cuda else None, shape, BT, x2.dtype, tuple(sorted(cfg.items())),
+           bias is not None, bits)
     launch_persistent(_gemv_decode_kernel, key, args(grid), grid, x2.device, f"GEMV decode config {cfg}",
-                      STAGE=3, ADVANCE=False, **const, **launch)
+                      interpret, STAGE=3, ADVANCE=False, **const, **launch)
     return y
 
 
@@ -927,17 +944,14 @@ def blast_gemv_group(x2, members, cfg: dict | None = None, *, interpret: bool = 
         x2 = x2.contiguous()
     y = torch.empty(T, sum(member[4].out_features for member in members), device=x2.device, dtype=x2.dtype)
     anchors, anchor_const = group_anchors(members, cfg, y)
-    mode, flags = _launch_flags(cfg, interpret, x2.device, anchors[0].element_size(), preload_ok=True)
-    if interpret and cfg["mode"] == "persistent":
-        mode = "persistent"     # as one program, as blast_gemv runs it under the interpreter
+    mode, flags = _launch_flags(cfg, interpret, x2.device, anchors[0].element_size(), persistent_kernel=True)
     # narrow r-tiles: at least one prefetch address a row
     flags["LINE"] = min(flags["LINE"], cfg["BR"] // anchor_const["PACK"])
     if flags["PREFETCH"] == 2:
         raise ValueError("a GEMV group prefetches only in mode 'pdl' (prefetch=1)")
     BT = triton.next_power_of_2(T)
     cfg.update(BQ=max(8, cfg["BQ"] // BT), BP=max(4, cfg["BP"] // BT))
-    sms = _sm_limits(_index(x2.device))[0] if x2.is_cuda else 4
-    grid = 1 if interpret and mode == "persistent" else cfg["per_sm"] * sms
+    grid = _grid(cfg, mode, x2, interpret)
     table, items1, items2, extent, width = _group_table(members, x2.device, grid, cfg, BT)
     sync, ws = workspace(x2.device, extent)
     const = dict(BT=BT, BQ=cfg["BQ"], BR=cfg["BR"], BP=cfg["BP"], BK=cfg["BK"], ZB=1024, LATE=bool(cfg["late"]),
@@ -957,10 +971,9 @@ def blast_gemv_group(x2, members, cfg: dict | None = None, *, interpret: bool = 
         if not interpret:
             launch = {**launch, "num_warps": cfg.get("warps2", cfg["warps"])}
         _gemv_group_kernel[(items2,)](*args(items2), STAGE=2, **const, **launch)
-    elif interpret:
-        _gemv_group_kernel[(grid,)](*args(grid), STAGE=3, **const, **launch)
     else:
-        key = ("group", _index(x2.device), BT, x2.dtype, tuple(sorted(cfg.items())), anchors[0].dtype)
-        launch_persistent(_gemv_group_kernel, key, args(grid), grid, x2.device, f"GEMV group config {cfg}",
+        key = ("group", _index(x2.device) if x2.is_cuda else None, BT, x2.dtype, tuple(sorted(cfg.items())),
+               anchors[0].dtype)
+        launch_persistent(_gemv_group_kernel, key, args(grid), grid, x2.device, f"GEMV group config {cfg}", interpret,
                           STAGE=3, **const, **launch)
     return y
