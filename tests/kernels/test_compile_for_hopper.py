@@ -272,7 +272,7 @@ def _kernels_of(module) -> dict:
             if isinstance(obj, kinds) and getattr(getattr(obj, "fn", None), "__module__", None) == module.__name__}
 
 
-def _direct_launch(kernel, key, args, grid, device, what, **kwargs):
+def _direct_launch(kernel, key, args, grid, device, what, interpret=False, **kwargs):
     """``launch_persistent`` without its occupancy check (that needs the device): the launch itself."""
     kernel[(grid,)](*args, **kwargs)
 
