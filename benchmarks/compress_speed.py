@@ -3,7 +3,7 @@
     python benchmarks/compress_speed.py                                   # Llama-2-7B shape, 4 blocks
     python benchmarks/compress_speed.py --model llama2-13b --layers 4 --stream
     python benchmarks/compress_speed.py --recipes loss --iters 100 --sequential
-    python benchmarks/compress_speed.py --recipes loss --fit-precision fp32 --profile
+    python benchmarks/compress_speed.py --recipes loss --fit-precision tf32 --profile
     python benchmarks/compress_speed.py --model tiny --results-dir /tmp/rows      # a quick check on a CPU
     torchrun --nproc-per-node 2 benchmarks/compress_speed.py --recipes loss        # the fit split over 2 GPUs
 
@@ -15,8 +15,8 @@ time (``compute_device="cuda"``, sequential calibration). Rows: wall time per st
 (:func:`blastfx.stage_times`), the total, seconds per block and the whole model's time scaled by its
 block count, peak GPU memory beyond the model's weights on the GPU and one block's weight bytes
 (the streaming bound; memory on CUDA only), and the relative error of the final hidden states on held-out tokens, so
-that a faster recipe can be compared at equal error. ``--fit-precision fp32`` runs the fit's large
-products in IEEE fp32 instead of the default TF32 tensor cores (``BlastConfig(fit_precision=...)``).
+that a faster recipe can be compared at equal error. ``--fit-precision tf32`` runs the fit's large
+products on TF32 tensor cores instead of the default IEEE fp32 (``BlastConfig(fit_precision=...)``).
 ``--profile`` runs compress under ``torch.profiler`` (GPU kernels only on a GPU: recording every CPU
 operator of a 7B compress makes the profile itself take minutes) and records the kernels with the
 most time instead of the timings, which the profiler inflates.

@@ -164,6 +164,15 @@ REGISTRY: dict[str, Benchmark] = {
         "sequential, then each block fitted to the dense block's outputs), calibrated on Wikipedia only, no "
         "retraining; the cosine of each sentence's embedding to the dense model's, mean and minimum, on "
         "held-out Wikipedia sentences and on news sentences (a domain calibration never saw)."),
+    "fit_precision": Benchmark(
+        "fit_precision.py", "Fit precision: fp32 vs TF32 products on a real model's layers",
+        "worst and median output error of one batched calibrated fit of SmolLM2's 30 o_proj, fp32 vs TF32",
+        "optional", "5 min CPU",
+        "The named layer of all 30 SmolLM2-135M-Instruct decoder blocks fitted as one batched problem (as "
+        "`compress` does) with their input covariances and output Fisher on 8192 calibration tokens, with the "
+        "fit's large products in IEEE fp32 and in TF32 (the tensor cores on CUDA; on a CPU every product's "
+        "operands rounded to TF32 first). Output errors are relative, ||(W - What) X^T|| weighted as the fit "
+        "weighs them; the weight error is ||W - What|| / ||W||, whose worst case shows a fit that broke down."),
     "als_iterations": Benchmark(
         "als_iterations.py", "Calibrated ALS iterations",
         "output error of calibrated ALS after 30 / 100 / 300 iterations on real SmolLM2 layers",

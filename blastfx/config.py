@@ -188,9 +188,10 @@ class BlastConfig:
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
     progress: bool = True                  # tqdm bars (also off with TQDM_DISABLE=1)
     calibration_damping: float = CALIBRATION_DAMPING   # C + damping * mean(diag C) * I, as in GPTQ
-    fit_precision: str = "tf32"            # the BLAST fit's large products on CUDA tensor cores in TF32 (on an H200
-                                           # 10% less compress time, the same error: blastfx.structures.blast.
-                                           # factorize.precision); "fp32": IEEE products. No effect on a CPU
+    fit_precision: str = "fp32"            # the BLAST fit's large products in IEEE fp32; "tf32": on CUDA tensor
+                                           # cores (10% less compress time on an H200, but a real model's
+                                           # ill-conditioned covariances lose fits to its rounding:
+                                           # blastfx.structures.blast.factorize.precision). No effect on a CPU
     sequential: bool | str = "auto"        # calibrate each block on the already-compressed model, with error
                                            # feedback and block reconstruction; "auto": where it pays (below)
     compute_device: str | None = None      # streaming mode (sequential "auto" or True), e.g. "cuda": the model

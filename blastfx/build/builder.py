@@ -33,7 +33,7 @@ class BuildOptions:
     iters: int | None = None
     tol: float = 1e-4
     calibration_damping: float = CALIBRATION_DAMPING
-    fit_precision: str = "tf32"   # BLAST fits' large products on CUDA tensor cores ("fp32": IEEE)
+    fit_precision: str = "fp32"   # BLAST fits' large products in IEEE fp32 ("tf32": CUDA tensor cores)
     progress: bool = True
     distribute: bool = True       # split the fitting over the ranks of an initialized process group
 

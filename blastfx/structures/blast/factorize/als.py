@@ -73,17 +73,17 @@ def run_als(A, U, S, V, *, iters: int = 100, tol: float = 1e-4, damping: float =
     single-vector systems by ``s_steps`` CG steps, None: Cholesky; see :func:`blocks.damped_cg_vec`).
 
     Stops as :func:`blocks.record_and_check` says (iteration cap, ``target_error``, or stalled). Returns (U, S, V, history) where
-    history is the relative error per iteration (tensor (iters_run, B)). An iteration whose solves fail
-    or leave a non-finite factor is undone and ends the fit (:func:`blocks.last_good`).
+    history is each matrix's best relative error after each iteration (tensor (iters_run, B)); the
+    factors are each matrix's best iterate (:class:`blocks.BestIterate`: a matrix whose step goes
+    non-finite or raises its error is kept at its best while the others go on; a failed solve ends the fit).
     """
     b_out, b_in = U.shape[1], V.shape[1]
     norm2 = A.double().pow(2).sum(dim=(1, 2)).clamp_min(torch.finfo(torch.float64).tiny)
-    history = []
     U, S, V = U.clone(), S.clone(), V.clone()
     blk.normalize_columns(U, V, S)
+    history, best = [], blk.BestIterate(U, S, V)
     AV = blk.a_times_v(A, V, b_out)
     for it in range(iters):
-        last, recorded = (U.clone(), S.clone(), V.clone()), len(history)
         try:
             GU, GV = blk.gram(U), blk.gram(V)
             # S step: every s_ij at once.
@@ -92,7 +92,7 @@ def run_als(A, U, S, V, *, iters: int = 100, tol: float = 1e-4, damping: float =
             S = blk.s_solve(H, d, lam, S, s_steps)
             err2 = norm2 - 2 * (S.double() * d.double()).sum(dim=(1, 2, 3)) + blk.quadratic_form(H, S)
             rel = (err2.clamp_min(0) / norm2).sqrt()
-            if blk.record_and_check(history, rel, it, iters, tol, target_error, window, callback):
+            if blk.record_iterate(best, history, rel, U, S, V, it, iters, tol, target_error, window, callback):
                 break
             # U step (uses A V from the current V), then V step (needs A^T U with the new U).
             G, R = blk.u_normal_equations(S, GV, AV)
@@ -102,14 +102,12 @@ def run_als(A, U, S, V, *, iters: int = 100, tol: float = 1e-4, damping: float =
             G, R = blk.v_normal_equations(S, GU, blk.at_times_u(A, U, b_in))
             lam = blk.relative_damping(G, damping)
             V = blk.damped_solve_right(G, R + lam[..., None, None] * V, lam)
+            U, S, V = best.hold(U, S, V)
+            if best.all_frozen():
+                break
             blk.normalize_columns(U, V, S)
             AV = blk.a_times_v(A, V, b_out)
         except torch.linalg.LinAlgError:
-            U, S, V = blk.last_good(last, history, recorded)
+            best.failed_at = len(history)
             break
-        if not blk.all_finite(U, S, V):
-            U, S, V = blk.last_good(last, history, recorded)
-            break
-    if iters and not blk.all_finite(U, S, V):   # the S step the loop stopped after went non-finite
-        U, S, V = blk.last_good(last, history, recorded)
-    return U, S, V, blk.stacked(history, A.shape[0], A.device)
+    return (*best.result(), blk.stacked(history, A.shape[0], A.device))

@@ -203,27 +203,88 @@ def balance(U, V, S, scale: torch.Tensor):
     V *= g.view(g.shape[0], 1, 1, -1)
 
 
-def all_finite(*tensors: torch.Tensor) -> bool:
-    """Whether every entry of every tensor is finite (one device sync)."""
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+def finite_per_matrix(*tensors: torch.Tensor) -> torch.Tensor:
+    """(B,): whether every entry of each matrix's slice of every tensor is finite."""
+    return torch.stack([torch.isfinite(t).flatten(1).all(1) for t in tensors]).all(0)
 
 
-def last_good(saved: tuple, history: list, recorded: int) -> tuple:
-    """Undo an iteration of an alternating fit that could not be completed: a solve failed (a Gram
-    singular in floating point even after its ridge) or left a non-finite factor. Every completed
-    iteration lowered the error, so the iterate saved before this one is the best so far; the
-    history entries this iteration added are dropped so the history matches what is returned. A
-    warning says so: the fit of every matrix in the batch stops there."""
-    warnings.warn(f"factorization stopped after {recorded} iteration(s): the next one's solves failed or went "
-                  "non-finite (an ill-conditioned Gram), so the last good iterate is kept; a larger damping "
-                  "or fewer iterations avoid it", RuntimeWarning, stacklevel=3)
-    del history[recorded:]
-    return saved
+class BestIterate:
+    """Each matrix's iterate of lowest recorded error in a batched alternating fit; a matrix whose
+    fit breaks down is frozen at it while the rest of the batch goes on.
+
+    Why: in exact arithmetic every ALS step lowers the error, so the last iterate would be the best.
+    In floating point an ill-conditioned Gram (a real model's input covariance has outlier channels;
+    TF32 products round at 1e-3) can make one matrix's step worse, finite or not, and the steps after
+    it build on that: one o_proj of SmolLM2-135M came out with a relative error of 1e10 that way, and
+    had it gone non-finite, undoing the whole batch would have stopped the other 29 layers' fits at
+    that iteration. So errors are recorded per matrix after each S step; a matrix whose error goes
+    non-finite, or rises by more than ``RISE`` of itself plus ``NOISE`` (in exact arithmetic it never
+    rises; an exact fit's error of 1e-8 wanders by more than 1% in rounding), or whose U or V step leaves
+    a non-finite factor, is put back to its best iterate and kept there (frozen)."""
+
+    RISE = 1e-2
+    NOISE = 1e-5
+
+    def __init__(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor):
+        self.factors = (U.clone(), S.clone(), V.clone())                    # the start, until one is recorded
+        B = U.shape[0]
+        self.error = torch.full((B,), float("inf"), dtype=torch.float64, device=U.device)
+        self.frozen = torch.zeros(B, dtype=torch.bool, device=U.device)
+        self.failed_at = None
+
+    def _where(self, mask: torch.Tensor, new, kept) -> tuple:
+        return tuple(torch.where(mask.view(-1, *[1] * (k.dim() - 1)), n, k) for n, k in zip(new, kept))
+
+    def record(self, rel: torch.Tensor, U, S, V) -> torch.Tensor:
+        """After an S step, ``rel`` (B,) the error of (U, S, V): keep each matrix's iterate that is finite
+        and its best so far, freeze those that broke down. Returns each matrix's best error (inf: none)."""
+        finite = torch.isfinite(rel) & finite_per_matrix(U, S, V)
+        better = finite & ~self.frozen & (rel < self.error)
+        self.factors = self._where(better, (U, S, V), self.factors)
+        self.error = torch.where(better, rel.to(self.error.dtype), self.error)
+        self.frozen |= ~finite | (rel > self.error * (1 + self.RISE) + self.NOISE)
+        return self.error.clone()
+
+    def hold(self, U, S, V) -> tuple:
+        """After the U and V steps: matrices left non-finite are frozen too, and every frozen matrix is
+        put back to its best iterate (no sync: a masked select)."""
+        self.frozen |= ~finite_per_matrix(U, S, V)
+        return self._where(self.frozen, self.factors, (U, S, V))
+
+    def all_frozen(self) -> bool:
+        return bool(self.frozen.all())
+
+    def result(self) -> tuple:
+        """The best iterates, with a warning where any matrix's fit broke down or a solve failed."""
+        frozen, batch = int(self.frozen.sum()), self.frozen.numel()
+        if self.failed_at is not None:
+            warnings.warn(f"factorization stopped after {self.failed_at} iteration(s): a solve failed (an "
+                          "ill-conditioned Gram), so each matrix keeps its best iterate; a larger damping or fewer "
+                          "iterations avoid it", RuntimeWarning, stacklevel=3)
+        elif frozen:
+            warnings.warn(f"the fit of {frozen} of {batch} matrices broke down (a step went non-finite or raised "
+                          "its error: an ill-conditioned Gram), so each keeps its best iterate while the others "
+                          "go on; a larger damping, fewer iterations or fit_precision='fp32' avoid it",
+                          RuntimeWarning, stacklevel=3)
+        return self.factors
+
+
+def record_iterate(best: BestIterate, history: list, rel: torch.Tensor, U, S, V, it: int, iters: int, tol: float,
+                   target_error: float | None, window: int, callback=None) -> bool:
+    """An S step's iterate recorded in ``best`` and its best errors in ``history``; whether to stop:
+    :func:`record_and_check` says so, or every matrix is frozen (then a step that recorded nothing at
+    all, the first one gone non-finite everywhere, adds no history entry)."""
+    errors = best.record(rel, U, S, V)
+    if best.all_frozen():
+        if bool(torch.isfinite(errors).any()):
+            record_and_check(history, errors, it, iters, tol, target_error, window, callback)
+        return True
+    return record_and_check(history, errors, it, iters, tol, target_error, window, callback)
 
 
 def stacked(history: list, batch: int, device) -> torch.Tensor:
-    """The per-iteration errors as a tensor (iters_run, batch); (0, batch) when the first iteration
-    was undone (the start is returned unchanged)."""
+    """The per-iteration errors as a tensor (iters_run, batch); (0, batch) when no iterate was recorded
+    (the start is returned unchanged)."""
     return torch.stack(history) if history else torch.zeros(0, batch, dtype=torch.float64, device=device)
 
 

@@ -71,9 +71,10 @@ def run_weighted_als(A, C, U, S, V, *, iters: int = 30, tol: float = 1e-4, dampi
                      s_steps: int | None = blk.S_CG_STEPS):
     """Refine (U, S, V) for ||(A - Ahat) C^{1/2}||. ``C`` must already be damped (positive definite).
     ``s_steps``: CG steps of the S step's solves (None: Cholesky; see :func:`blocks.damped_cg_vec`).
-    Returns (U, S, V, history of relative output errors (iters_run, B)). An iteration whose solves
-    fail or leave a non-finite factor (ill-conditioned Grams late in a long fit) is undone and ends
-    the fit: the last good iterate is returned, never worse than the start (every step lowers f)."""
+    Returns (U, S, V, history (iters_run, B) of each matrix's best relative output error so far): per
+    matrix the iterate of lowest error, never worse than the start (:class:`blocks.BestIterate`: a
+    matrix whose step goes non-finite or raises its error, as ill-conditioned Grams late in a long fit
+    can, keeps its best iterate while the others go on; a failed solve ends the fit)."""
     B, b_out, p, r = U.shape
     b_in, q = V.shape[1], V.shape[2]
     U, S, V = U.clone(), S.clone(), V.clone()
@@ -82,9 +83,8 @@ def run_weighted_als(A, C, U, S, V, *, iters: int = 30, tol: float = 1e-4, dampi
     Cb = C.view(B, b_in, q, b_in, q).permute(0, 1, 3, 2, 4)               # (B, j, k, q, q) = C_jk
     Cjj = torch.stack([Cb[:, j, j] for j in range(b_in)], 1)               # (B, b_in, q, q)
     Ljj = torch.linalg.cholesky(Cjj)
-    history = []
+    history, best = [], blk.BestIterate(U, S, V)
     for it in range(iters):
-        last, recorded = (U.clone(), S.clone(), V.clone()), len(history)
         try:
             blk.normalize_columns(U, V, S)
             K = _cross_grams(V, C)
@@ -101,7 +101,7 @@ def run_weighted_als(A, C, U, S, V, *, iters: int = 30, tol: float = 1e-4, dampi
                 lam = blk.relative_damping(H, damping)
                 S[:, :, j] = blk.s_solve(H, rhs, lam, S[:, :, j], s_steps)
             rel = (weighted_error2(norm2, S, d, GU, K).clamp_min(0) / norm2).sqrt()
-            if blk.record_and_check(history, rel, it, iters, tol, target_error, window, callback):
+            if blk.record_iterate(best, history, rel, U, S, V, it, iters, tol, target_error, window, callback):
                 break
             # U step: G_i = sum_jk D_ij K_jk D_ik, R_i = sum_j (AC)_ij V_j D_ij.
             G = blk._sum_over(b_in * b_in, lambda t: (S[:, :, t // b_in].unsqueeze(-1) * S[:, :, t % b_in].unsqueeze(-2))
@@ -123,12 +123,10 @@ def run_weighted_als(A, C, U, S, V, *, iters: int = 30, tol: float = 1e-4, dampi
                 Y = torch.cholesky_solve(rhs, Ljj[:, j])                        # C_jj^{-1} rhs
                 lam = blk.relative_damping(P[:, j, j], damping)
                 V[:, j] = blk.damped_solve_right(P[:, j, j], Y + lam[..., None, None] * V[:, j], lam)
+            U, S, V = best.hold(U, S, V)
+            if best.all_frozen():
+                break
         except torch.linalg.LinAlgError:
-            U, S, V = blk.last_good(last, history, recorded)
+            best.failed_at = len(history)
             break
-        if not blk.all_finite(U, S, V):
-            U, S, V = blk.last_good(last, history, recorded)
-            break
-    if iters and not blk.all_finite(U, S, V):   # the S step the loop stopped after went non-finite
-        U, S, V = blk.last_good(last, history, recorded)
-    return U, S, V, blk.stacked(history, B, A.device)
+    return (*best.result(), blk.stacked(history, B, A.device))
