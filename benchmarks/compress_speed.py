@@ -116,7 +116,7 @@ def run(args, recipe: str, rank: int = 0, world: int = 1):
                     ("peak GPU memory beyond the model", round((peak - on_gpu) / GIB, 2), "GiB")]
     metrics += [(f"stage {path}", round(s, 2), "s") for path, s in times.seconds.items()]
     mode = "streamed" if args.stream else ("sequential" if args.sequential else "resident")
-    case = (f"{args.model} {args.layers} blocks {recipe} {mode}" + (" fp32" if args.fit_precision == "fp32" else "")
+    case = (f"{args.model} {args.layers} blocks {recipe} {mode}" + (" tf32" if args.fit_precision == "tf32" else "")
             + (f" {args.iters} iters" if args.iters is not None else "") + (f" {world} ranks" if world > 1 else ""))
     config_row = {"model": args.model, "layers": args.layers, "recipe": recipe, "mode": mode, "budget": args.budget,
                   "iters": args.iters, "calib_tokens": rows * args.seq if calibration is not None else 0,

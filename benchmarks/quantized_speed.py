@@ -8,8 +8,10 @@ stream from HBM (``common.graph_ms``), as in a CUDA-graph decode loop. The quant
 ``torch.ops.blastfx.blast_matmul_quantized`` runs by default: at T <= 4 the GEMV kernel reading the
 codes, otherwise the fused tensor-core kernels reading them (configs autotuned; the path is a column). Speed is dense time over the
 layer's time, measured in the same process; rows go to ``benchmarks/results/quantized_speed.csv``.
-Where torchao is installed, its int8 weight-only dense layer (``quantize_(..., Int8WeightOnlyConfig())``,
-half of bf16's bytes) is timed beside them, the equal-bytes baseline for quantized factors.
+Where torchao is installed, its weight-only dense layers of ``--torchao`` (int8: ``Int8WeightOnlyConfig``,
+half of bf16's bytes; int4: group size 128 in the tinygemm layout, about a quarter) are timed beside
+them, the equal-bytes baselines for quantized factors, their linear compiled by inductor as a
+compiled model runs it (eager, torchao's tensor subclass dispatches in Python on every call).
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ def main():
     ap.add_argument("--factor-dtype", default="int8", choices=list(formats.FORMATS))
     ap.add_argument("--rank-multiple", type=int, default=None,
                     help="round the rank down to a multiple of this (32: int4 rows of whole 16-byte vectors)")
+    ap.add_argument("--torchao", nargs="*", default=["int8"], choices=("int8", "int4"),
+                    help="torchao weight-only dense baselines to time (where torchao is installed)")
     add_arguments(ap)
     args = ap.parse_args()
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
@@ -68,7 +72,7 @@ def main():
             torch.cuda.synchronize()
             t_q = graph_ms(q, len(quant))
             path = forward.quantized_path(T, quant[0][0], shape, dt, False, x.device)
-            extra = torchao_int8_metrics(x, dense, t_dense, t_q, fmt.name)
+            extra = torchao_metrics(x, dense, t_dense, t_q, fmt.name, args.torchao)
             print(f"| {m}x{n} | {args.blocks} | {r} | {T} | {t_dense:.4f} | {t_blast:.4f} | {t_q:.4f} | "
                   f"{t_dense / t_blast:.2f} | {t_dense / t_q:.2f} | {path} |", flush=True)
             record("quantized_speed", measurements(
@@ -82,25 +86,30 @@ def main():
                 directory=args.results_dir)
 
 
-def torchao_int8_metrics(x, dense, t_dense, t_q, name) -> list:
-    """torchao's int8 weight-only dense layer on the same weights (copies enough to stream from HBM),
-    or nothing where torchao is not installed."""
+def torchao_metrics(x, dense, t_dense, t_q, name, kinds) -> list:
+    """torchao's weight-only dense layers of ``kinds`` on the same weights (copies enough to stream
+    their bytes from HBM), ``F.linear`` compiled by inductor; nothing where torchao is not installed."""
     try:
         import torchao  # noqa: F401
     except ImportError:
-        print("  (torchao not installed: its int8 weight-only baseline is left out)", flush=True)
+        print("  (torchao not installed: its weight-only baselines are left out)", flush=True)
         return []
     m, n = dense[0].shape
-    layers = []
-    for w in dense[:copies_for(m * n)]:
-        lin = torch.nn.Linear(n, m, bias=False, device=w.device, dtype=w.dtype)
-        lin.weight.data.copy_(w)
-        layers.append(torchao_weight_only(lin, "int8"))
-    t_ao = graph_ms(lambda k: layers[k % len(layers)](x), len(layers))
-    print(f"  torchao int8 weight-only: {t_ao:.4f} ms ({t_dense / t_ao:.2f}x dense; {name} BLAST {t_ao / t_q:.2f}x it)",
-          flush=True)
-    return [("torchao int8 time", round(t_ao, 5), "ms"), ("torchao int8 vs dense", round(t_dense / t_ao, 3), "x"),
-            (f"{name} BLAST vs torchao int8", round(t_ao / t_q, 3), "x")]
+    linear = torch.compile(torch.nn.functional.linear, dynamic=False)
+    metrics = []
+    for kind in kinds:
+        weights = []
+        for w in dense[:copies_for(m * n // (1 if kind == "int8" else 2))]:
+            lin = torch.nn.Linear(n, m, bias=False, device=w.device, dtype=w.dtype)
+            lin.weight.data.copy_(w)
+            weights.append(torchao_weight_only(lin, kind).weight)
+        t_ao = graph_ms(lambda k: linear(x, weights[k % len(weights)]), len(weights))
+        print(f"  torchao {kind} weight-only, compiled: {t_ao:.4f} ms ({t_dense / t_ao:.2f}x dense; {name} BLAST "
+              f"{t_ao / t_q:.2f}x it)", flush=True)
+        metrics += [(f"torchao {kind} compiled time", round(t_ao, 5), "ms"),
+                    (f"torchao {kind} compiled vs dense", round(t_dense / t_ao, 3), "x"),
+                    (f"{name} BLAST vs torchao {kind} compiled", round(t_ao / t_q, 3), "x")]
+    return metrics
 
 
 if __name__ == "__main__":

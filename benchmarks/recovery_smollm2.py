@@ -218,6 +218,8 @@ def main():
         if state is None:
             state = FinetuneState(schedule_seconds=args.minutes * 60)
         before = perplexity(model, windows)
+        print(f"  {budget}: perplexity at start {before:.2f} ({before / base:.3f}x dense), "
+              f"{model.blastfx_plan.kept_fraction:.4f} kept", flush=True)       # a broken start shows before the KD
         blocks = (compile_blocks(model, dynamic_ranks=False if args.static_ranks else None)   # short cold start
                   if args.compile else None)
         seconds = None

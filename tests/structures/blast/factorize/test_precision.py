@@ -1,8 +1,11 @@
 """The fit's matmul precision: TF32 only inside the fit, only on CUDA, and within rounding of fp32."""
+import dataclasses
+
 import pytest
 import torch
 
 from blastfx import BlastConfig, factorize
+from blastfx.build.builder import BuildOptions
 from blastfx.structures.blast.factorize.precision import matmul_precision
 from conftest import spectrum_matrix
 
@@ -53,3 +56,9 @@ def test_tf32_fit_reaches_the_fp32_fits_output_error_on_cuda():
     # the reported errors are computed in fp32 in both: a like-for-like comparison
     assert tf32.output_error.item() <= exact.output_error.item() * 1.002 + 1e-4
     assert tf32.output_error.item() >= exact.output_error.item() * 0.99     # the same optimum, not a different fit
+
+
+def test_the_default_fit_is_ieee_fp32():
+    """TF32 products broke a real model's batched fit (benchmarks/fit_precision.py): opt-in only."""
+    assert BlastConfig().fit_precision == "fp32"
+    assert {f.name: f.default for f in dataclasses.fields(BuildOptions)}["fit_precision"] == "fp32"
