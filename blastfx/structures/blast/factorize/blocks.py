@@ -215,9 +215,10 @@ class BestIterate:
     Why: in exact arithmetic every ALS step lowers the error, so the last iterate would be the best.
     In floating point an ill-conditioned Gram (a real model's input covariance has outlier channels;
     TF32 products round at 1e-3) can make one matrix's step worse, finite or not, and the steps after
-    it build on that: one o_proj of SmolLM2-135M came out with a relative error of 1e10 that way, and
-    had it gone non-finite, undoing the whole batch would have stopped the other 29 layers' fits at
-    that iteration. So errors are recorded per matrix after each S step; a matrix whose error goes
+    it build on that. In a batched fit of SmolLM2-135M's 30 o_proj with TF32 products one layer's
+    iterate became huge but finite, another's next step went non-finite, and undoing that iteration
+    for the whole batch stopped all 30 fits at iteration 10, the first layer at a relative weight error
+    of 3e10 (``benchmarks/fit_precision.py``). So errors are recorded per matrix after each S step; a matrix whose error goes
     non-finite, or rises by more than ``RISE`` of itself plus ``NOISE`` (in exact arithmetic it never
     rises; an exact fit's error of 1e-8 wanders by more than 1% in rounding), or whose U or V step leaves
     a non-finite factor, is put back to its best iterate and kept there (frozen)."""
@@ -264,7 +265,7 @@ class BestIterate:
         elif frozen:
             warnings.warn(f"the fit of {frozen} of {batch} matrices broke down (a step went non-finite or raised "
                           "its error: an ill-conditioned Gram), so each keeps its best iterate while the others "
-                          "go on; a larger damping, fewer iterations or fit_precision='fp32' avoid it",
+                          "go on; a larger damping, fewer iterations or (with TF32 products) fit_precision='fp32' avoid it",
                           RuntimeWarning, stacklevel=3)
         return self.factors
 
