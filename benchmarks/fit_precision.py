@@ -49,6 +49,9 @@ class EmulatedTF32(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+real_precision = factorize_module.matmul_precision      # the library's context, put back after the run
+
+
 @contextlib.contextmanager
 def precision_on_cpu(precision, device):
     """The fit's precision context with TF32 emulated where the fit runs on a CPU."""
@@ -58,9 +61,6 @@ def precision_on_cpu(precision, device):
     else:
         with real_precision(precision, device):
             yield
-
-
-real_precision = factorize_module.matmul_precision
 
 
 def main():

@@ -108,6 +108,6 @@ def run_als(A, U, S, V, *, iters: int = 100, tol: float = 1e-4, damping: float =
             blk.normalize_columns(U, V, S)
             AV = blk.a_times_v(A, V, b_out)
         except torch.linalg.LinAlgError:
-            best.failed_at = len(history)
+            best.fail(len(history))
             break
     return (*best.result(), blk.stacked(history, A.shape[0], A.device))

@@ -244,13 +244,17 @@ class BestIterate:
         self.factors = self._where(better, (U, S, V), self.factors)
         self.error = torch.where(better, rel.to(self.error.dtype), self.error)
         self.frozen |= ~finite | (rel > self.error * (1 + self.RISE) + self.NOISE)
-        return self.error.clone()
+        return self.error                 # replaced, never written in place: history may keep it
 
     def hold(self, U, S, V) -> tuple:
         """After the U and V steps: matrices left non-finite are frozen too, and every frozen matrix is
         put back to its best iterate (no sync: a masked select)."""
         self.frozen |= ~finite_per_matrix(U, S, V)
         return self._where(self.frozen, self.factors, (U, S, V))
+
+    def fail(self, iterations: int):
+        """A solve raised after ``iterations`` recorded iterations: the fit ends with the best iterates."""
+        self.failed_at = iterations
 
     def all_frozen(self) -> bool:
         return bool(self.frozen.all())

@@ -127,6 +127,6 @@ def run_weighted_als(A, C, U, S, V, *, iters: int = 30, tol: float = 1e-4, dampi
             if best.all_frozen():
                 break
         except torch.linalg.LinAlgError:
-            best.failed_at = len(history)
+            best.fail(len(history))
             break
     return (*best.result(), blk.stacked(history, B, A.device))
