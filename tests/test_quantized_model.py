@@ -129,8 +129,10 @@ def test_quantize_after_the_fact_is_all_or_nothing_and_close():
     assert all(model[k].factor_dtype == "int8" for k in (0, 2, 4))
     assert {lp.factor_dtype for lp in model.blastfx_plan.layers.values()} == {"int8"}
     assert ((model(x) - y).norm() / y.norm()).item() < 0.02
-    with pytest.raises(ValueError, match="float BLAST layers"):
-        quantize_model(model, "int8")
+    with pytest.raises(ValueError, match=r"float BLAST layers: its BLAST layers are already quantized \(int8\)"):
+        quantize_model(model, "int4")
+    with pytest.raises(ValueError, match="float BLAST layers: compress it first"):
+        quantize_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), "int8")
     with pytest.raises(ValueError, match="factor_dtype must be one of"):
         quantize_model(_compressed(None), "int5")
 

@@ -55,9 +55,13 @@ def quantize_model(model: nn.Module, factor_dtype: str = "int8", refit_iters: in
 
     formats.get(factor_dtype)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, BlastLinear) and not m.quantized}
-    if isinstance(model, BlastLinear) or not layers:
-        raise ValueError("quantize_model takes a model holding float BLAST layers: compress it first"
-                         if not isinstance(model, BlastLinear) else "for one layer use quantize_layer")
+    if isinstance(model, BlastLinear):
+        raise ValueError("for one layer use quantize_layer")
+    if not layers:
+        held = sorted({m.factor_dtype for m in model.modules() if isinstance(m, BlastLinear)})
+        raise ValueError(f"quantize_model takes a model holding float BLAST layers: its BLAST layers are already "
+                         f"quantized ({', '.join(held)}); round from the float model for another format"
+                         if held else "quantize_model takes a model holding float BLAST layers: compress it first")
     batches = calibration_batches(model, calibration, tokenizer)
     covariances = collect_covariances(model, list(layers), batches) if batches is not None else {}
     new = {name: quantize_layer(m, factor_dtype, refit_iters, calibration=covariances.get(name),
