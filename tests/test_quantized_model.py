@@ -233,3 +233,61 @@ def test_hf_save_pretrained_round_trip_keeps_int8_codes_and_generates(tmp_path):
     assert torch.equal(loaded(x).logits, want)
     out = loaded.generate(x, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 11) and torch.equal(out[:, :8], x)
+
+
+def test_hf_from_pretrained_refuses_a_checkpoint_without_the_scales(tmp_path):
+    """Scales are buffers transformers would leave uninitialized: a checkpoint missing them is refused
+    by name before anything is loaded, as a missing code tensor is."""
+    from models import tiny_llama
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    blastfx.compress(model, 0.5, config=BlastConfig(factor_dtype="int8", progress=False),
+                     calibration=torch.randint(3, 128, (4, 16)))
+    model.save_pretrained(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    del weights["model.layers.0.mlp.up_proj.V_scale"]
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"checkpoint has no model\.layers\.0\.mlp\.up_proj\.V_scale"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("factor_dtype", ["int8", "float8_e4m3fn", "int4"])
+def test_module_casts_move_codes_and_scales_without_casting_them(factor_dtype, tmp_path):
+    """``.to(dtype)``, ``.half()``, ``.double()`` cast S and the bias only: the codes (float8 ones are
+    floating point to PyTorch) and float32 scales keep their bits, so the cast model computes what the
+    float64 reference of the same codes does, and saves and loads like a model built in that dtype."""
+    model = _compressed(factor_dtype)
+    codes = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("U", "V", "_scale"))}
+    x = _calibration(seed=5)[0][:8]
+    reference = blastfx.to_dense(copy.deepcopy(model).double())(x.double())
+    for cast, dtype in ((lambda m: m.to(torch.bfloat16), torch.bfloat16), (lambda m: m.half(), torch.float16),
+                        (lambda m: m.double(), torch.float64)):
+        cast_model = cast(copy.deepcopy(model))
+        state = cast_model.state_dict()
+        for k, v in codes.items():
+            assert state[k].dtype == v.dtype and torch.equal(state[k].view(torch.uint8), v.view(torch.uint8)), k
+        assert cast_model[0].S.dtype == dtype and cast_model[0].bias.dtype == dtype
+        y = cast_model(x.to(dtype)).double()
+        tol = 1e-10 if dtype == torch.float64 else 3e-2
+        assert ((y - reference).norm() / reference.norm()).item() < tol
+    half = _compressed(factor_dtype).half()
+    blastfx.save(half, tmp_path)
+    loaded = blastfx.load(tmp_path, tiny_mlp().half())
+    assert torch.equal(loaded(x.half()), half(x.half()))
+
+
+def test_load_state_dict_refuses_factors_of_another_format():
+    """Codes of int8 and float8 (and float factors) share shapes: loading one into another is refused
+    by name rather than cast, and the target keeps its own factors."""
+    int8 = _compressed("int8")
+    before = {k: v.clone() for k, v in int8.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"0\.U: checkpoint torch\.float8_e4m3fn, this layer's int8 codes"):
+        int8.load_state_dict(_compressed("float8_e4m3fn").state_dict())
+    with pytest.raises(RuntimeError, match=r"0\.U: checkpoint torch\.float32, this layer's int8 codes"):
+        int8.load_state_dict(_compressed(None).state_dict(), strict=False)
+    assert all(torch.equal(v, before[k]) for k, v in int8.state_dict().items())
+    with pytest.raises(RuntimeError, match=r"0\.U: checkpoint holds torch\.int8 codes, this layer float factors"):
+        _compressed(None).load_state_dict(int8.state_dict(), strict=False)

@@ -60,7 +60,7 @@ def check_checkpoint(plan: Plan, keys, source: str) -> None:
     keys = set(keys)
     problems = []
     for name, lp in plan.layers.items():
-        marks = _marks(lp.structure)
+        marks = _marks(lp.structure, lp.factor_dtype)
         absent = [f"{name}.{p}" for p in marks if f"{name}.{p}" not in keys]
         if absent:
             dense = f"; it holds a dense {name}.weight instead" if f"{name}.weight" in keys and "weight" not in marks \
@@ -80,16 +80,17 @@ def check_checkpoint(plan: Plan, keys, source: str) -> None:
                          + "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
 
 
-def _marks(structure: str) -> tuple[str, ...]:
-    """The tensors only a layer of ``structure`` stores (BLAST: U, S, V; SS1: weight and ss1_layout),
-    read off an empty 64x64 layer at the structure's exact size on the meta device, so a new structure
-    needs no entry here (one that names no exact size marks nothing)."""
+def _marks(structure: str, factor_dtype: str | None = None) -> tuple[str, ...]:
+    """The tensors only a layer of ``structure`` stores (BLAST: U, S, V, and with quantized factors their
+    scales; SS1: weight and ss1_layout), read off an empty 64x64 layer at the structure's exact size and
+    ``factor_dtype`` on the meta device, so a new structure or format needs no entry here (one that
+    names no exact size marks nothing)."""
     from ..plan import LayerPlan
 
     s = structures.get(structure)
     if s.exact is None or s.fields is None:
         return ()
-    probe = LayerPlan.of(structure, 64, 64, s.fields(s.exact(64, 64)))
+    probe = LayerPlan.of(structure, 64, 64, s.fields(s.exact(64, 64)), factor_dtype=factor_dtype)
     names = tuple(s.empty(probe, bias=False, device="meta").state_dict())
     own = tuple(n for n in names if n != "weight")
     return own + (("weight",) if "weight" in names and own else ())

@@ -103,6 +103,47 @@ class BlastLinear(nn.Module):
         self.register_buffer("V", torch.zeros(fmt.stored_shape(s.factor_shapes["V"]), dtype=fmt.storage, device=device))
         self.register_buffer("V_scale", torch.ones(s.b_in, s.rank, dtype=qformats.SCALE_DTYPE, device=device))
 
+    _CODE_BUFFERS = ("U", "U_scale", "V", "V_scale")
+
+    def _apply(self, fn, recurse=True):
+        """Casts of the module (``.to(dtype)``, ``.half()``, ``.double()``) leave quantized codes and their
+        scales in their dtypes and only move them: PyTorch counts float8 codes as floating point and would
+        cast them (losing the rounding), and float32 scales cast to the model's dtype are what neither the
+        kernels nor checkpoints take. S and the bias follow the cast as on any module."""
+        if not self.quantized:
+            return super()._apply(fn, recurse)
+        kept = {id(self._buffers[n]) for n in self._CODE_BUFFERS if self._buffers.get(n) is not None}
+
+        def keep_dtype(t):
+            out = fn(t)
+            if id(t) in kept and isinstance(out, torch.Tensor) and out.dtype != t.dtype:
+                out = t.to(device=out.device)
+            return out
+        return super()._apply(keep_dtype, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Refuse factors stored in another format before anything is copied: codes of one format have
+        the shapes of another's (int8 and float8) or of float factors, and ``copy_`` would cast them
+        into this layer's dtype without a word."""
+        fmt = qformats.get(self.factor_dtype) if self.quantized else None
+        wrong = []
+        for name in ("U", "V"):
+            stored = state_dict.get(prefix + name)
+            if not isinstance(stored, torch.Tensor):
+                continue
+            if fmt is not None and stored.dtype != fmt.storage:
+                wrong.append(f"{prefix}{name}: checkpoint {stored.dtype}, this layer's {self.factor_dtype} codes "
+                             f"are {fmt.storage}")
+            elif fmt is None and (not stored.dtype.is_floating_point or stored.dtype.itemsize == 1):
+                wrong.append(f"{prefix}{name}: checkpoint holds {stored.dtype} codes, this layer float factors")
+        if wrong:
+            error_msgs.append("; ".join(wrong) + ": the checkpoint's factor format differs from this layer's "
+                              "(build the model with the checkpoint's factor_dtype)")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Random init for training from scratch, with nn.Linear's output variance.
