@@ -8,7 +8,9 @@ frozen like any base weight.
 Merging is exact: a rank-k LoRA update B A is itself a BLAST matrix with couplings 1, so it joins
 the layer's factors as k more rank components (:meth:`blastfx.BlastLinear.add_low_rank_`);
 ``merge_and_unload`` returns a model whose BLAST layers have rank r + k, which saves and loads like
-any compressed model, and unmerging drops those components again. DoRA and the initializations
+any compressed model, and unmerging drops those components again. Layers with quantized factors
+take adapters for training but cannot take a merge (codes cannot change rank exactly): a merge that
+would reach one is refused before any layer merges. DoRA and the initializations
 computed from the base weight (PiSSA, OLoRA, LoftQ, ...) need a dense weight: they raise, naming
 the layer.
 
@@ -20,6 +22,7 @@ blastfx`` arranges that for when peft is imported).
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 
 import torch
@@ -144,8 +147,45 @@ def _all_linear_with_blast(original):
     return _maybe_include_all_linear_layers
 
 
+def _quantized_targets(model, adapter_names) -> list[str]:
+    """The LoRA-wrapped BLAST layers of ``model`` with quantized factors that a merge of ``adapter_names``
+    (default: each layer's active adapters) would have to change."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, BlastLoraLinear) and module.get_base_layer().quantized:
+            merging = adapter_names if adapter_names is not None else module.active_adapters
+            if any(a in module.lora_A for a in merging):
+                names.append(name)
+    return names
+
+
+def _refusing_quantized_merges(original):
+    """``merge_and_unload`` / ``merge_adapter`` that refuse before merging anything where a quantized
+    BLAST layer would have to take an adapter: peft merges layer by layer, so the per-layer refusal
+    alone left the float layers before it merged and the model half unloaded."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def merging(self, *args, **kwargs):
+        adapter_names = signature.bind(self, *args, **kwargs).arguments.get("adapter_names")
+        quantized = _quantized_targets(self.model, adapter_names)
+        if quantized:
+            more = f" and {len(quantized) - 1} more" if len(quantized) > 1 else ""
+            raise ValueError(f"cannot merge LoRA into {quantized[0]!r}{more}: their BLAST factors are quantized codes, "
+                             "which cannot change rank exactly; nothing was merged. Merge into the float model and "
+                             "quantize after (blastfx.structures.blast.quant.quantize_model), or keep the adapters "
+                             "unmerged")
+        return original(self, *args, **kwargs)
+
+    merging._blastfx = True
+    return merging
+
+
 def register() -> None:
     """Make peft's LoRA wrap BLAST layers (idempotent)."""
+    for method in ("merge_and_unload", "merge_adapter"):
+        if not getattr(getattr(LoraModel, method), "_blastfx", False):
+            setattr(LoraModel, method, _refusing_quantized_merges(getattr(LoraModel, method)))
     if not getattr(LoraModel._create_new_module, "_blastfx", False):
         LoraModel._create_new_module = _lora_for_blast(LoraModel._create_new_module)
     if not getattr(tuners_utils._maybe_include_all_linear_layers, "_blastfx", False):

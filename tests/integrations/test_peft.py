@@ -131,3 +131,33 @@ def test_variants_needing_a_dense_weight_are_refused(compressed):
         lora(model, ["q_proj"], use_dora=True)
     with pytest.raises(AttributeError, match="no dense .weight"):
         lora(model, ["q_proj"], init_lora_weights="pissa")
+
+
+def test_merging_into_quantized_layers_is_refused_before_anything_merges():
+    """A model mixing float and quantized BLAST layers: ``merge_and_unload`` and ``merge_adapter`` refuse
+    up front, naming a quantized layer, and every layer is left wrapped and unmerged with its factors
+    and outputs as before (peft merges layer by layer, so a per-layer refusal came too late)."""
+    from blastfx import LayerOverride
+
+    torch.manual_seed(0)
+    float_q = "model.layers.0.self_attn.q_proj"
+    model = blastfx.compress(models.tiny_llama(), 0.5, calibration=torch.randint(3, 128, (4, 16)),
+                             config=BlastConfig(progress=False, factor_dtype="int8",
+                                                overrides={float_q: LayerOverride(factor_dtype="model")}))
+    x = torch.randint(3, 128, (2, 9))
+    peft_model = lora(model, ["q_proj", "v_proj"], init_lora_weights=False)
+    inner = peft_model.base_model.model
+    float_rank = inner.get_submodule(float_q).get_base_layer().rank
+    assert inner.get_submodule(float_q).get_base_layer().factor_dtype is None
+    assert any(isinstance(m, BlastLinear) and m.factor_dtype == "int8" for m in inner.modules())
+    with torch.no_grad():
+        ref = peft_model(x).logits
+    for merge in (lambda: peft_model.merge_and_unload(), lambda: peft_model.merge_adapter(),
+                  lambda: peft_model.merge_adapter(["default"])):
+        with pytest.raises(ValueError, match=r"cannot merge LoRA into 'model\.layers\.\d\.self_attn\.[qv]_proj'"
+                                             r"( and \d+ more)?: .* nothing was merged"):
+            merge()
+        wrapper = inner.get_submodule(float_q)
+        assert not wrapper.merged and wrapper.get_base_layer().rank == float_rank
+        with torch.no_grad():
+            assert torch.equal(peft_model(x).logits, ref)
