@@ -59,8 +59,12 @@ def check_checkpoint(plan: Plan, keys, source: str) -> None:
     layers (checked before anything is loaded, so a mismatch never ends as random weights)."""
     keys = set(keys)
     problems = []
+    marks_of = {}                       # one probe layer per (structure, format), not one per planned layer
     for name, lp in plan.layers.items():
-        marks = _marks(lp.structure, lp.factor_dtype)
+        key = (lp.structure, lp.factor_dtype)
+        if key not in marks_of:
+            marks_of[key] = _marks(*key)
+        marks = marks_of[key]
         absent = [f"{name}.{p}" for p in marks if f"{name}.{p}" not in keys]
         if absent:
             dense = f"; it holds a dense {name}.weight instead" if f"{name}.weight" in keys and "weight" not in marks \

@@ -59,9 +59,9 @@ def quantize_model(model: nn.Module, factor_dtype: str = "int8", refit_iters: in
         raise ValueError("for one layer use quantize_layer")
     if not layers:
         held = sorted({m.factor_dtype for m in model.modules() if isinstance(m, BlastLinear)})
-        raise ValueError(f"quantize_model takes a model holding float BLAST layers: its BLAST layers are already "
-                         f"quantized ({', '.join(held)}); round from the float model for another format"
-                         if held else "quantize_model takes a model holding float BLAST layers: compress it first")
+        why = (f"its BLAST layers are already quantized ({', '.join(held)}); round from the float model for another "
+               "format") if held else "compress it first"
+        raise ValueError(f"quantize_model takes a model holding float BLAST layers: {why}")
     batches = calibration_batches(model, calibration, tokenizer)
     covariances = collect_covariances(model, list(layers), batches) if batches is not None else {}
     new = {name: quantize_layer(m, factor_dtype, refit_iters, calibration=covariances.get(name),
