@@ -224,7 +224,8 @@ def main():
                   if args.compile else None)
         seconds = None
         if args.deadline is not None:
-            seconds = max(args.deadline * 60 - (time.perf_counter() - started) - 60, 1.0)
+            reserve = 60 + 90 * len(args.factor_dtype)     # evaluation, plus each format's rounding and eval
+            seconds = max(args.deadline * 60 - (time.perf_counter() - started) - reserve, 1.0)
         t0 = time.perf_counter()
         checks = []
         losses = finetune(model, dense, batches, steps=10**6, lr=args.lr, max_seconds=seconds,

@@ -144,6 +144,15 @@ REGISTRY: dict[str, Benchmark] = {
         "copies to stream them from HBM: bf16 dense, bf16 BLAST and BLAST with `--factor-dtype` codes (int8 by "
         "default); \"x\" columns are dense time "
         "over the layer's time in the same process."),
+    "quantized_rounding": Benchmark(
+        "quantized_rounding.py", "Quantized factors: what rounding costs a real layer",
+        "held-out output error of SmolLM2's 30 down_proj after rounding their BLAST factors, per format and method",
+        "optional", "3 min CPU",
+        "The named linear of every SmolLM2-135M-Instruct block fitted at the budget's rank (blocks 4x4, calibrated "
+        "output objective), then its U and V rounded to each format: \"nearest\" rounds each code under "
+        "absolute-maximum scales, \"rounds=k\" is `quantize_fitted` (refits, searched scales, error-feedback "
+        "rounding of U, k rounds; 3 is the default). Errors are relative output errors on held-out text, mean and "
+        "worst over the blocks, beside the float factors' own."),
     "quality_structures": Benchmark(
         "quality_structures.py", "Structures: SS1 vs BLAST vs auto, without retraining and after distillation",
         "SmolLM2 perplexity and MiniLM embedding cosine, BLAST vs SS1 vs structure='auto' at equal budgets",

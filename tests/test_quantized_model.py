@@ -59,12 +59,17 @@ def test_compress_records_factor_dtype_and_override_keeps_a_layer_float():
 
 
 def test_quantized_model_stays_close_to_the_float_one():
+    """int8 codes stay near the float factors and lose nothing against the dense model: the rounding's
+    refits go on minimizing the fit's objective, so they may move towards dense, not towards the float
+    factors."""
     x = _calibration(seed=1)[0][:16]
     dense = tiny_mlp()
+    want = dense(x)
     floats, quantized = _compressed(None, model=copy.deepcopy(dense)), _compressed("int8", model=dense)
     ref = floats(x)
-    err = ((quantized(x) - ref).norm() / ref.norm()).item()
-    assert 0 < err < 0.05
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()      # noqa: E731
+    assert 0 < rel(quantized(x), ref) < 0.1
+    assert rel(quantized(x), want) < 1.01 * rel(ref, want)
 
 
 def test_int4_save_load_and_quantize_after_the_fact_round_trip(tmp_path):

@@ -38,19 +38,38 @@ def test_refit_beats_rounding_at_the_end_on_correlated_inputs(name):
     assert added(refit) < 0.7 * added(rounded), (base, rounded, refit)
 
 
-def test_refit_with_output_weights_and_batch():
+@pytest.mark.parametrize("name", ["int8", "float8_e4m3fn", "int4"])
+def test_refit_with_output_weights_and_batch(name):
     W, X, C = _problem(seed=1)
     W2, _, _ = _problem(seed=2)
     Ws = torch.stack([W, W2])
     fisher = torch.rand(2, 64, dtype=torch.float64) + 0.1
     fitted = blastfx.factorize(Ws, 12, (4, 4), calibration=C, output_weights=fisher)
-    q = quantize_fitted(Ws, fitted, "int8", calibration=C, output_weights=fisher)
-    r = round_factors(fitted, "int8")
+    q = quantize_fitted(Ws, fitted, name, calibration=C, output_weights=fisher)
+    r = round_factors(fitted, name)
     for k in range(2):
         assert _output_error(Ws[k], q[k].to_dense(torch.float64), X, fisher[k]) < \
             _output_error(Ws[k], r[k].to_dense(torch.float64), X, fisher[k])
-        one = quantize_fitted(Ws[k], fitted[k], "int8", calibration=C, output_weights=fisher[k])   # batch = one by one
+        one = quantize_fitted(Ws[k], fitted[k], name, calibration=C, output_weights=fisher[k])   # batch = one by one
         torch.testing.assert_close(one.to_dense(torch.float64), q[k].to_dense(torch.float64), rtol=1e-9, atol=1e-9)
+
+
+def _objective(W, q, C, weights=None):
+    """The rounding's objective tr(D (W - What) C (W - What)^T), in float64."""
+    E = W - q.to_dense(torch.float64)
+    d = torch.ones(W.shape[0], dtype=W.dtype) if weights is None else weights
+    return ((E @ C) * E * d[:, None]).sum().item()
+
+
+def test_more_rounds_never_raise_the_objective_and_lower_it_at_int4():
+    W, X, C = _problem(seed=4, noise=3e-2)
+    fisher = torch.rand(64, dtype=torch.float64) + 0.1
+    fitted = blastfx.factorize(W, 12, (4, 4), calibration=C, output_weights=fisher)
+    Cd = C + 0.01 * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype)       # as the fit damps it
+    errors = [_objective(W, quantize_fitted(W, fitted, "int4", calibration=C, output_weights=fisher, rounds=k), Cd,
+                         fisher) for k in (1, 2, 3, 5)]
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 0.95 * errors[0], errors
 
 
 def test_weight_only_refit_beats_rounding_on_the_weight():
@@ -65,8 +84,10 @@ def test_weight_only_refit_beats_rounding_on_the_weight():
 def test_arguments_are_checked():
     W, _, C = _problem()
     fitted = blastfx.factorize(W, 12, (4, 4), calibration=C)
-    with pytest.raises(ValueError, match="refit_iters must be a non-negative integer, got -1"):
+    with pytest.raises(ValueError, match="refit_iters must be an integer >= 0, got -1"):
         quantize_fitted(W, fitted, "int8", refit_iters=-1)
+    with pytest.raises(ValueError, match="rounds must be an integer >= 1, got 0"):
+        quantize_fitted(W, fitted, "int8", rounds=0)
     with pytest.raises(ValueError, match="factor_dtype must be one of"):
         quantize_fitted(W, fitted, "uint4")
     with pytest.raises(ValueError, match="does not match factors"):
