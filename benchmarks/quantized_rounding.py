@@ -69,22 +69,21 @@ def main():
             f"b={args.blocks} calib={args.calib_tokens}")
     print(f"{where}: {case}", flush=True)
     fitted = factorize(W, rank, args.blocks, calibration=C, iters=args.iters)
-    base = output_errors(W, fitted.to_dense(), H)
-    print(f"  float factors: held-out output error mean {base.mean():.4f}, worst {base.max():.4f}", flush=True)
-    metrics = [("float mean output error", round(base.mean().item(), 4), ""),
-               ("float worst output error", round(base.max().item(), 4), "")]
+    config = {"layer": args.layer, "budget": args.budget, "rank": rank, "blocks": args.blocks, "iters": args.iters,
+              "calib_tokens": args.calib_tokens, "eval_windows": args.eval_windows}
+    rows = []
+
+    def add(label, err):
+        print(f"  {label}: held-out output error mean {err.mean():.4f}, worst {err.max():.4f}", flush=True)
+        rows.extend(measurements(f"{case}: {label}", {**config, "factors": label}, [
+            ("mean output error", round(err.mean().item(), 4), ""), ("worst output error", round(err.max().item(), 4), "")]))
+
+    add("float", output_errors(W, fitted.to_dense(), H))
     for name in args.formats:
-        methods = {"nearest": round_factors(fitted, name)}
+        add(f"{name} nearest", output_errors(W, round_factors(fitted, name).to_dense(), H))
         for k in ROUNDS:
-            methods[f"rounds={k}"] = quantize_fitted(W, fitted, name, calibration=C, rounds=k)
-        for method, q in methods.items():
-            err = output_errors(W, q.to_dense(), H)
-            print(f"  {name} {method}: mean {err.mean():.4f}, worst {err.max():.4f}", flush=True)
-            metrics += [(f"{name} {method} mean output error", round(err.mean().item(), 4), ""),
-                        (f"{name} {method} worst output error", round(err.max().item(), 4), "")]
-    record("quantized_rounding", measurements(case, {
-        "layer": args.layer, "budget": args.budget, "rank": rank, "blocks": args.blocks, "iters": args.iters,
-        "calib_tokens": args.calib_tokens, "eval_windows": args.eval_windows}, metrics), directory=args.results_dir)
+            add(f"{name} rounds={k}", output_errors(W, quantize_fitted(W, fitted, name, calibration=C, rounds=k).to_dense(), H))
+    record("quantized_rounding", rows, directory=args.results_dir)
 
 
 if __name__ == "__main__":
