@@ -92,3 +92,23 @@ def test_arguments_are_checked():
         quantize_fitted(W, fitted, "uint4")
     with pytest.raises(ValueError, match="does not match factors"):
         quantize_fitted(W[:, :40], fitted, "int8")
+
+
+def test_the_rounds_score_the_objective_without_forming_the_error_matrix():
+    """_Problem.error (from the Grams) equals tr(D (A - What) C (A - What)^T) - tr(D A C A^T), formed densely."""
+    from blastfx.structures.blast.factorize import blocks as blk
+    from blastfx.structures.blast.quant.fit import _Problem
+
+    g = torch.Generator().manual_seed(5)
+    B, b_out, b_in, p, q, r = 2, 3, 2, 5, 4, 3
+    A = torch.randn(B, b_out * p, b_in * q, generator=g, dtype=torch.float64)
+    X = torch.randn(B, 30, b_in * q, generator=g, dtype=torch.float64)
+    C = X.mT @ X
+    D = torch.rand(B, b_out * p, generator=g, dtype=torch.float64) + 0.1
+    U = torch.randn(B, b_out, p, r, generator=g, dtype=torch.float64)
+    S = torch.randn(B, b_out, b_in, r, generator=g, dtype=torch.float64)
+    V = torch.randn(B, b_in, q, r, generator=g, dtype=torch.float64)
+    problem = _Problem(A, C, D).with_v(V, b_out)
+    E = A - blk.reconstruct(U, S, V)
+    want = ((E @ C) * E * D.unsqueeze(-1)).sum((1, 2)) - ((A @ C) * A * D.unsqueeze(-1)).sum((1, 2))
+    torch.testing.assert_close(problem.error(U, S), want, rtol=1e-10, atol=1e-8)

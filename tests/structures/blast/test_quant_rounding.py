@@ -93,3 +93,16 @@ def test_error_feedback_survives_a_singular_hessian():
     assert torch.isfinite(codes).all() and codes.abs().max() <= fmt.qmax
     zero = error_feedback_codes(x, torch.zeros(12, 12, dtype=torch.float64), scale, fmt)
     assert torch.equal(zero, nearest_codes(x / scale.unsqueeze(-1), fmt))
+
+
+def test_searched_scales_in_chunks_equal_one_pass(monkeypatch):
+    import blastfx.structures.blast.quant.rounding as rounding
+
+    fmt = formats.get("int4")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 3, 7, 9, generator=g)
+    weight = torch.rand(5, 3, 1, 9, generator=g)
+    whole = searched_scales(x, -1, fmt, weight), searched_scales(x, -2, fmt)
+    monkeypatch.setattr(rounding, "SEARCH_CHUNK", 100)            # one leading slice at a time
+    assert torch.equal(searched_scales(x, -1, fmt, weight), whole[0])
+    assert torch.equal(searched_scales(x, -2, fmt), whole[1])

@@ -191,10 +191,16 @@ class _Problem:
             V[:, j] = blk.damped_solve_right(P[j][j], Y + lam[..., None, None] * V[:, j], lam)
         return V
 
-    def error(self, U, S, V):
-        """The objective tr(D (A - What) C (A - What)^T) per matrix, (B,)."""
-        E = self.A - blk.reconstruct(U, S, V)
-        return ((E @ self.C) * E * self.D.unsqueeze(-1)).sum((-2, -1))
+    def error(self, U, S):
+        """The objective tr(D (A - What) C (A - What)^T) less its constant tr(D A C A^T), per matrix
+        (B,), for the V of :meth:`with_v`: sum_i tr(U_i^T D_i U_i G_i) - 2 sum_ij s_ij . diag(U_i^T D_i
+        (AC)_ij V_j), from the Grams already formed (no m x n product), in float64."""
+        B, b_out, p, _ = U.shape
+        DU = U * self.D.view(B, b_out, p, 1)
+        G, _ = self.u_system(S)
+        quad = ((DU.mT @ U) * G).double().sum((1, 2, 3))
+        cross = sum((S[:, :, j] * (DU * self.AVc[:, j]).sum(2)).double().sum((1, 2)) for j in range(S.shape[2]))
+        return quad - 2 * cross
 
     def row_scales(self, codes, scale, S):
         """Each row's scale of U at its exact optimum given its (stored) codes, S and V:
@@ -288,7 +294,7 @@ def quantize_fitted(W, factors, factor_dtype: str, *, calibration=None, calibrat
         Uc, su = _round_u(U, S, problem, fmt)
         su, S = _fit_scales(problem, Uc, su, S, refit_iters, rank, dtype)
         U = formats.dequantize_u(Uc, su, dtype, rank=rank)
-        error = problem.error(U, S, Vq)
+        error = problem.error(U, S)
         if best is None:
             best, best_error = [Uc, su, S, Vc, sv], error
         else:

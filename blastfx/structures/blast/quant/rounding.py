@@ -23,6 +23,7 @@ from .formats import FactorFormat
 CLIP_GRID = tuple(1.0 - 0.02 * k for k in range(26))     # 1.0 down to 0.5 of the slice's maximum
 FEEDBACK_DAMPING = 0.01       # added to the Hessian's diagonal, relative to its mean (GPTQ's default)
 FEEDBACK_BLOCK = 128          # columns rounded between two updates of the remaining columns
+SEARCH_CHUNK = 1 << 24        # elements searched at once (the grid's temporaries are a few times this)
 
 
 def nearest_codes(y: torch.Tensor, fmt: FactorFormat) -> torch.Tensor:
@@ -36,7 +37,18 @@ def searched_scales(x: torch.Tensor, dim: int, fmt: FactorFormat, weight: torch.
     """Per-slice scales of ``x`` (one per index of the other dimensions, ``dim`` reduced away) that
     minimize ``sum(weight * (x - scale * nearest(x / scale))^2)`` over the slice, among ``CLIP_GRID``
     times ``amax / qmax``. ``weight`` broadcasts against ``x`` (nonnegative; None: all ones). An
-    all-zero slice gets scale 1, as :func:`.formats._scale` gives it."""
+    all-zero slice gets scale 1, as :func:`.formats._scale` gives it. Large tensors are searched a
+    slice of the leading dimension at a time, so the grid's temporaries stay small beside ``x``."""
+    dim = dim % x.dim()
+    if dim > 0 and x.shape[0] > 1 and x.numel() > SEARCH_CHUNK:
+        step = max(1, SEARCH_CHUNK * x.shape[0] // x.numel())
+        w_rows = weight is not None and weight.dim() == x.dim() and weight.shape[0] == x.shape[0]
+        return torch.cat([searched_scales(x[k:k + step], dim, fmt, weight[k:k + step] if w_rows else weight)
+                          for k in range(0, x.shape[0], step)])
+    return _searched(x, dim, fmt, weight)
+
+
+def _searched(x, dim, fmt, weight):
     amax = x.abs().amax(dim=dim, keepdim=True)
     base = torch.where(amax > 0, amax / fmt.qmax, torch.ones_like(amax))
     best_err = best = None
