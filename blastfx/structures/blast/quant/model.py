@@ -1,8 +1,9 @@
 """Quantizing the float BLAST layers of an already compressed model (e.g. after ``blastfx.finetune``,
 which trains float factors only).
 
-V is rounded, U and S are refitted to it, then U is rounded and its row scales and S refitted
-(:func:`.fit.quantize_fitted`), which keeps more of the trained layer than rounding both factors.
+V is rounded, U and S are refitted to it, then U is rounded and its row scales and S refitted, in a
+few rounds (:func:`.fit.quantize_fitted`), which keeps more of the trained layer than rounding both
+factors.
 The refits' objective is each layer's output error on calibration data where it is given (its input
 covariance), else its own matrix (the identity covariance).
 """
