@@ -112,3 +112,42 @@ def test_the_rounds_score_the_objective_without_forming_the_error_matrix():
     E = A - blk.reconstruct(U, S, V)
     want = ((E @ C) * E * D.unsqueeze(-1)).sum((1, 2)) - ((A @ C) * A * D.unsqueeze(-1)).sum((1, 2))
     torch.testing.assert_close(problem.error(U, S), want, rtol=1e-10, atol=1e-8)
+
+
+def test_v_step_is_the_exact_optimum_with_one_block_column_and_lowers_the_objective_with_more():
+    from blastfx.structures.blast.quant.fit import _Problem
+
+    g = torch.Generator().manual_seed(6)
+    b_out, p, q, r = 3, 5, 7, 4
+    A = torch.randn(1, b_out * p, q, generator=g, dtype=torch.float64)
+    X = torch.randn(40, q, generator=g, dtype=torch.float64)
+    C = (X.T @ X).unsqueeze(0)
+    D = torch.rand(1, b_out * p, generator=g, dtype=torch.float64) + 0.1
+    U = torch.randn(1, b_out, p, r, generator=g, dtype=torch.float64)
+    S = torch.randn(1, b_out, 1, r, generator=g, dtype=torch.float64)
+    V0 = torch.randn(1, 1, q, r, generator=g, dtype=torch.float64)
+    V = _Problem(A, C, D).v_step(U, S, V0)
+    # normal equations C V P = R: P = sum_i diag(s_i) U_i^T D_i U_i diag(s_i), R = sum_i (A_i C)^T D_i U_i diag(s_i)
+    Ui, si, Di = U[0], S[0, :, 0], D[0].view(b_out, p, 1)
+    P = sum(torch.diag(si[i]) @ (Ui[i] * Di[i]).T @ Ui[i] @ torch.diag(si[i]) for i in range(b_out))
+    R = sum((A[0, i * p:(i + 1) * p] @ C[0]).T @ (Di[i] * Ui[i]) @ torch.diag(si[i]) for i in range(b_out))
+    want = torch.linalg.solve(C[0], R) @ torch.linalg.inv(P)
+    torch.testing.assert_close(V[0, 0], want, rtol=1e-2, atol=1e-3)       # a proximal step from V0
+    at = _Problem(A, C, D).v_step(U, S, want.view(1, 1, q, r))              # the optimum is its fixed point
+    torch.testing.assert_close(at[0, 0], want, rtol=1e-9, atol=1e-10)
+
+    W, _, C2 = _problem(seed=7)                                  # 4 block-columns, correlated inputs
+    fitted = blastfx.factorize(W, 12, (4, 4), calibration=C2)
+    problem = _Problem(W.unsqueeze(0), (C2 / C2.diagonal().mean()).unsqueeze(0), torch.ones(1, 64, dtype=W.dtype))
+    U, S, V = fitted.U.unsqueeze(0), fitted.S.unsqueeze(0), fitted.V.unsqueeze(0) * 1.3    # V moved off its fit
+    before = problem.with_v(V, 4).error(U, S)
+    after = problem.with_v(problem.v_step(U, S, V), 4).error(U, S)
+    assert after < before
+
+
+def test_non_finite_factors_are_named():
+    W, _, C = _problem()
+    fitted = blastfx.factorize(W, 12, (4, 4), calibration=C)
+    fitted.U[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize_fitted(W, fitted, "int4", calibration=C)

@@ -10,12 +10,12 @@ calibrated factorization already solves for each factor in closed form given the
 3. quantize U (per row of p), each row rounded with error feedback through the Hessian of its
    output error (the U step's Gram), with searched scales;
 4. refit each row's scale of U (one scalar per row, closed form) and S, alternately;
-5. further rounds: refit V in float to the quantized U (the factorization's exact V step), round it
-   again, refit the scales and S; then refit U in float to the new V and round it again (3-4).
+5. further rounds: refit V in float to the quantized U (one sweep of the factorization's V step),
+   round it again; then refit U and S in float to the new V and round U again (3-4).
 
-Every refit is an exact block minimization, so it only removes error that rounding put in; the
-rounds are kept only while they lower the objective (each round's result is scored and the best one
-returned). Without calibration C is the identity and the steps fit the weight. The work is a few
+Every refit minimizes its block exactly (V's sweep block-column by block-column), so it only removes
+error that rounding put in. Each round's result is scored on the objective and the best returned;
+the rounds stop early once one no longer lowers it for any matrix of the batch. Without calibration C is the identity and the steps fit the weight. The work is a few
 products with the covariance and (b_in r)-sized solves per block-row, small beside the factorization.
 
 Why V first: its error is then absorbed by U and S, which have m r + b_out b_in r free values, and
@@ -135,13 +135,17 @@ class _Problem:
         self.AVc = blk.a_times_v(self.AC, V, b_out)                        # (B, j, i, p, r): (AC)_ij V_j
         return self
 
-    def u_system(self, S):
-        """G_i = sum_jk diag(s_ij) K_jk diag(s_ik) (B, b_out, r, r), R_i = sum_j (AC)_ij V_j diag(s_ij)."""
+    def u_gram(self, S):
+        """G_i = sum_jk diag(s_ij) K_jk diag(s_ik) (B, b_out, r, r): the Hessian of each row of U_i."""
         b_in = S.shape[2]
-        G = blk._sum_over(b_in * b_in, lambda t: (S[:, :, t // b_in].unsqueeze(-1) * S[:, :, t % b_in].unsqueeze(-2))
-                          * self.K[:, t // b_in, t % b_in].unsqueeze(1))
+        return blk._sum_over(b_in * b_in, lambda t: (S[:, :, t // b_in].unsqueeze(-1) * S[:, :, t % b_in].unsqueeze(-2))
+                             * self.K[:, t // b_in, t % b_in].unsqueeze(1))
+
+    def u_system(self, S):
+        """G_i (:meth:`u_gram`) and R_i = sum_j (AC)_ij V_j diag(s_ij) (B, b_out, p, r)."""
+        b_in = S.shape[2]
         R = blk._sum_over(b_in, lambda j: self.AVc[:, j] * S[:, :, j].unsqueeze(2))
-        return G, R
+        return self.u_gram(S), R
 
     def u_step(self, U, S):
         """Every row of U at its exact optimum given S and V (rows are independent: D does not enter)."""
@@ -168,27 +172,31 @@ class _Problem:
         return out
 
     def v_step(self, U, S, V):
-        """V at the exact optimum given U and S, block Gauss-Seidel over block-columns j (the
-        factorization's V step, with the output weights D): C_jj V_j P_jj = R_j - sum_k C_jk V_k P_kj,
-        P_kj = sum_i diag(s_ik) U_i^T D_i U_i diag(s_ij), R_j = sum_i (AC)_ij^T D_i U_i diag(s_ij)."""
+        """One block Gauss-Seidel sweep over the block-columns j of the V step (the factorization's,
+        with the output weights D): V_j = C_jj^-1 (R_j - sum_{k != j} C_jk V_k P_kj) P_jj^-1, with
+        P_kj = sum_i diag(s_ik) U_i^T D_i U_i diag(s_ij) and R_j = sum_i (AC)_ij^T D_i U_i diag(s_ij).
+        Each block is solved exactly given the others, so the objective does not rise; with one block
+        column (or uncorrelated blocks) the sweep is the exact optimum."""
         B, b_out, p, _ = U.shape
         b_in, q = V.shape[1], V.shape[2]
         DU = U * self.D.view(B, b_out, p, 1)
         GU = DU.mT @ U                                                              # (B, b_out, r, r)
-        P = [[blk._sum_over(b_out, lambda i, j=j, k=k: (S[:, i, j].unsqueeze(-1) * S[:, i, k].unsqueeze(-2)) * GU[:, i])
-              for k in range(b_in)] for j in range(b_in)]
         AtDU = blk.at_times_u(self.AC, DU, b_in)                                    # (B, i, j, q, r)
-        R = blk._sum_over(b_out, lambda i: AtDU[:, i] * S[:, i].unsqueeze(2))       # (B, b_in, q, r)
         Cb = self.C.view(B, b_in, q, b_in, q)
+        if getattr(self, "Ljj", None) is None:                                     # C is fixed: factor it once
+            self.Ljj = torch.linalg.cholesky(torch.stack([Cb[:, j, :, j] for j in range(b_in)], 1))
         V = V.clone()
         for j in range(b_in):
-            rhs = R[:, j].clone()
+            def P(k, j=j):                                                          # P_kj (B, r, r)
+                return blk._sum_over(b_out, lambda i: (S[:, i, k].unsqueeze(-1) * S[:, i, j].unsqueeze(-2)) * GU[:, i])
+            rhs = blk._sum_over(b_out, lambda i, j=j: AtDU[:, i, j] * S[:, i, j].unsqueeze(1))
             for k in range(b_in):
                 if k != j:
-                    rhs -= Cb[:, j, :, k] @ V[:, k] @ P[k][j]
-            Y = torch.linalg.solve(Cb[:, j, :, j], rhs)                             # C_jj^-1 rhs (C is damped)
-            lam = blk.relative_damping(P[j][j], RIDGE)
-            V[:, j] = blk.damped_solve_right(P[j][j], Y + lam[..., None, None] * V[:, j], lam)
+                    rhs -= Cb[:, j, :, k] @ V[:, k] @ P(k)
+            Y = torch.cholesky_solve(rhs, self.Ljj[:, j])                            # C_jj^-1 rhs (C is damped)
+            Pjj = P(j)
+            lam = blk.relative_damping(Pjj, RIDGE)
+            V[:, j] = blk.damped_solve_right(Pjj, Y + lam[..., None, None] * V[:, j], lam)
         return V
 
     def error(self, U, S):
@@ -197,7 +205,7 @@ class _Problem:
         (AC)_ij V_j), from the Grams already formed (no m x n product), in float64."""
         B, b_out, p, _ = U.shape
         DU = U * self.D.view(B, b_out, p, 1)
-        G, _ = self.u_system(S)
+        G = self.u_gram(S)
         quad = ((DU.mT @ U) * G).double().sum((1, 2, 3))
         cross = sum((S[:, :, j] * (DU * self.AVc[:, j]).sum(2)).double().sum((1, 2)) for j in range(S.shape[2]))
         return quad - 2 * cross
@@ -225,7 +233,7 @@ def _round_v(V, C, fmt, dtype):
 def _round_u(U, S, problem, fmt):
     """Codes and row scales of U (B, b_out, p, r): each row rounded with error feedback through its
     output error's Hessian G_i (the U step's Gram, shared by the rows of a block-row)."""
-    G, _ = problem.u_system(S)
+    G = problem.u_gram(S)
     su = rounding.searched_scales(U, -1, fmt, G.diagonal(dim1=-2, dim2=-1).unsqueeze(2))
     codes = rounding.error_feedback_codes(U, G, su, fmt)
     return fmt.encode(codes, torch.ones((), dtype=codes.dtype, device=codes.device)), su
@@ -299,6 +307,8 @@ def quantize_fitted(W, factors, factor_dtype: str, *, calibration=None, calibrat
             best, best_error = [Uc, su, S, Vc, sv], error
         else:
             keep = error < best_error
+            if not bool(keep.any()):                    # no matrix gained: later rounds start worse
+                break
             best = [_where(keep, new, old) for new, old in zip((Uc, su, S, Vc, sv), best)]
             best_error = torch.minimum(error, best_error)
     Uc, su, S, Vc, sv = best

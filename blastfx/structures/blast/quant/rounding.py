@@ -68,6 +68,9 @@ def _inverse_hessian_factor(H: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor of (H + damping)^-1, (..., c, c). Matrices whose damped Cholesky fails
     get ten times the damping until it succeeds (a few tries; a zero Hessian is damped to a multiple
     of the identity, so the feedback is then plain rounding)."""
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError("the rounding's Hessian has non-finite entries: the factors or the calibration "
+                         "statistics hold NaN or inf")
     c = H.shape[-1]
     eye = torch.eye(c, dtype=H.dtype, device=H.device)
     mean = H.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(H.dtype).tiny ** 0.5)
@@ -78,7 +81,8 @@ def _inverse_hessian_factor(H: torch.Tensor) -> torch.Tensor:
             break
         damping = torch.where(info != 0, damping * 10, damping)
     else:
-        raise torch.linalg.LinAlgError("the rounding's Hessian stayed singular after damping it by 1e4 of its mean diagonal")
+        raise torch.linalg.LinAlgError(f"the rounding's Hessian stayed singular after damping it by "
+                                       f"{FEEDBACK_DAMPING * 1e5:g} of its mean diagonal")
     return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
 
@@ -91,7 +95,7 @@ def error_feedback_codes(x: torch.Tensor, hessian: torch.Tensor, scale: torch.Te
     rounded ``x``."""
     cols = x.shape[-1]
     order = torch.argsort(hessian.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)      # (..., cols)
-    w = torch.take_along_dim(x, order.unsqueeze(-2), -1).clone()
+    w = torch.take_along_dim(x, order.unsqueeze(-2), -1)             # a new tensor: updated in place below
     H = torch.take_along_dim(torch.take_along_dim(hessian, order.unsqueeze(-1), -2), order.unsqueeze(-2), -1)
     Hinv = _inverse_hessian_factor(H)
     codes = torch.empty_like(w)
