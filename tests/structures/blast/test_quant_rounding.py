@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from blastfx.structures.blast.quant import formats
-from blastfx.structures.blast.quant.rounding import (FEEDBACK_DAMPING, error_feedback_codes, nearest_codes,
+from blastfx.structures.blast.quant.rounding import (FEEDBACK_DAMPING, error_feedback_codes,
                                                      searched_scales)
 
 NAMES = ["int8", "float8_e4m3fn", "int4"]
@@ -11,7 +11,7 @@ NAMES = ["int8", "float8_e4m3fn", "int4"]
 
 def _rounding_error(x, scale, fmt, dim, weight=None):
     s = scale.unsqueeze(dim)
-    err = (x - s * nearest_codes(x / s, fmt)).square()
+    err = (x - s * fmt.nearest(x / s)).square()
     return (err if weight is None else err * weight).sum(dim)
 
 
@@ -43,7 +43,7 @@ def test_error_feedback_on_a_diagonal_hessian_is_nearest_rounding(name):
     scale = x.abs().amax(-1) / fmt.qmax
     H = torch.diag_embed(torch.rand(3, 40, generator=g, dtype=torch.float64) + 0.5)
     codes = error_feedback_codes(x, H, scale, fmt, block=7)
-    assert torch.equal(codes, nearest_codes(x / scale.unsqueeze(-1), fmt))
+    assert torch.equal(codes, fmt.nearest(x / scale.unsqueeze(-1)))
 
 
 def test_error_feedback_two_columns_known_answer():
@@ -80,7 +80,7 @@ def test_error_feedback_lowers_the_hessian_weighted_error(name):
         e = x - c * scale.unsqueeze(-1)
         return ((e @ H) * e).sum()
 
-    assert weighted(codes) < 0.7 * weighted(nearest_codes(x / scale.unsqueeze(-1), fmt))
+    assert weighted(codes) < 0.7 * weighted(fmt.nearest(x / scale.unsqueeze(-1)))
     assert codes.abs().max() <= fmt.qmax
 
 
@@ -92,7 +92,7 @@ def test_error_feedback_survives_a_singular_hessian():
     codes = error_feedback_codes(x, v @ v.T, scale, fmt)            # rank one: damped, then fine
     assert torch.isfinite(codes).all() and codes.abs().max() <= fmt.qmax
     zero = error_feedback_codes(x, torch.zeros(12, 12, dtype=torch.float64), scale, fmt)
-    assert torch.equal(zero, nearest_codes(x / scale.unsqueeze(-1), fmt))
+    assert torch.equal(zero, fmt.nearest(x / scale.unsqueeze(-1)))
 
 
 def test_searched_scales_in_chunks_equal_one_pass(monkeypatch):

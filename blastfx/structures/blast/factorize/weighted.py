@@ -66,6 +66,27 @@ def weighted_error2(norm2, S, d, GU, K):
     return norm2 - 2 * (S.double() * d.double()).sum(dim=(1, 2, 3)) + quad
 
 
+def v_sweep(AC, Cb, Ljj, U, GU, S, V, damping: float) -> None:
+    """One block Gauss-Seidel sweep of the V step, in place: for each block-column j,
+    ``C_jj V_j P_jj = R_j - sum_{k != j} C_jk V_k P_kj`` solved exactly given the other blocks, with
+    ``P_jk = sum_i diag(s_ij) GU_i diag(s_ik)`` and ``R_j = sum_i (AC)_ij^T U_i diag(s_ij)``. ``Cb`` is
+    C as blocks (B, j, k, q, q), ``Ljj`` the Cholesky factors of its diagonal blocks; ``GU`` (B, b_out,
+    r, r) is U_i^T U_i, or U_i^T D_i U_i with ``U`` standing for D U when rows carry output weights D."""
+    b_out, b_in = S.shape[1], S.shape[2]
+    P = torch.stack([torch.stack([blk._sum_over(b_out, lambda i: (S[:, i, j].unsqueeze(-1) * S[:, i, k].unsqueeze(-2))
+                                                * GU[:, i]) for k in range(b_in)], 1) for j in range(b_in)], 1)
+    AtUc = blk.at_times_u(AC, U, b_in)                                        # (B, i, j, q, r): (AC)_ij^T U_i
+    Rv = blk._sum_over(b_out, lambda i: AtUc[:, i] * S[:, i].unsqueeze(2))   # (B, b_in, q, r)
+    for j in range(b_in):
+        rhs = Rv[:, j].clone()
+        for k in range(b_in):
+            if k != j:
+                rhs -= Cb[:, j, k] @ V[:, k] @ P[:, k, j]
+        Y = torch.cholesky_solve(rhs, Ljj[:, j])                                # C_jj^{-1} rhs
+        lam = blk.relative_damping(P[:, j, j], damping)
+        V[:, j] = blk.damped_solve_right(P[:, j, j], Y + lam[..., None, None] * V[:, j], lam)
+
+
 def run_weighted_als(A, C, U, S, V, *, iters: int = 30, tol: float = 1e-4, damping: float = 1e-5,
                      target_error: float | None = None, window: int = 5, callback=None,
                      s_steps: int | None = blk.S_CG_STEPS):
@@ -110,19 +131,7 @@ def run_weighted_als(A, C, U, S, V, *, iters: int = 30, tol: float = 1e-4, dampi
             lam = blk.relative_damping(G, damping)
             U = blk.damped_solve_right(G, R + lam[..., None, None] * U, lam)
             # V step: Gauss-Seidel over j; C_jj V_j P_jj = R_j - sum_{k != j} C_jk V_k P_kj.
-            GU = blk.gram(U)
-            P = torch.stack([torch.stack([blk._sum_over(b_out, lambda i: (S[:, i, j].unsqueeze(-1) * S[:, i, k].unsqueeze(-2))
-                                                        * GU[:, i]) for k in range(b_in)], 1) for j in range(b_in)], 1)
-            AtUc = blk.at_times_u(AC, U, b_in)                                # (B, i, j, q, r): (AC)_ij^T U_i
-            Rv = blk._sum_over(b_out, lambda i: AtUc[:, i] * S[:, i].unsqueeze(2))   # (B, b_in, q, r)
-            for j in range(b_in):
-                rhs = Rv[:, j].clone()
-                for k in range(b_in):
-                    if k != j:
-                        rhs -= Cb[:, j, k] @ V[:, k] @ P[:, k, j]
-                Y = torch.cholesky_solve(rhs, Ljj[:, j])                        # C_jj^{-1} rhs
-                lam = blk.relative_damping(P[:, j, j], damping)
-                V[:, j] = blk.damped_solve_right(P[:, j, j], Y + lam[..., None, None] * V[:, j], lam)
+            v_sweep(AC, Cb, Ljj, U, blk.gram(U), S, V, damping)
             U, S, V = best.hold(U, S, V)
             if best.all_frozen():
                 break

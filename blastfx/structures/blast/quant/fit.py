@@ -15,8 +15,9 @@ calibrated factorization already solves for each factor in closed form given the
 
 Every refit minimizes its block exactly (V's sweep block-column by block-column), so it only removes
 error that rounding put in. Each round's result is scored on the objective and the best returned;
-the rounds stop early once one no longer lowers it for any matrix of the batch. Without calibration C is the identity and the steps fit the weight. The work is a few
-products with the covariance and (b_in r)-sized solves per block-row, small beside the factorization.
+the rounds stop early once one no longer lowers it for any matrix of the batch. Without calibration
+C is the identity and the steps fit the weight. The work is a few products with the covariance and
+(b_in r)-sized solves per block-row, small beside the factorization.
 
 Why V first: its error is then absorbed by U and S, which have m r + b_out b_in r free values, and
 per-row scales of U absorb what rounding U leaves in each output row's gain. U's rounding is the
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..factorize import blocks as blk
-from ..factorize.weighted import _cross_grams
+from ..factorize.weighted import _cross_grams, v_sweep, weighted_error2
 from ..layout import BlastShape
 from . import formats, rounding
 
@@ -128,6 +129,7 @@ class _Problem:
     def __init__(self, A, C, D):
         self.A, self.C, self.D = A, C, D
         self.AC = A @ C
+        self._blocks = None                 # C in blocks and its diagonal blocks' Cholesky factors (V steps)
 
     def with_v(self, V, b_out: int):
         self.K = _cross_grams(V, self.C)                                  # (B, j, k, r, r): V_j^T C_jk V_k
@@ -170,44 +172,34 @@ class _Problem:
             out[:, i] = s.view(B, b_in, r)
         return out
 
+    def _c_blocks(self, b_in: int):
+        """C as blocks (B, j, k, q, q) and the Cholesky factors of its diagonal blocks (C is fixed and
+        damped: factored once for every V step)."""
+        if self._blocks is None:
+            B, q = self.C.shape[0], self.C.shape[-1] // b_in
+            Cb = self.C.view(B, b_in, q, b_in, q).permute(0, 1, 3, 2, 4)
+            self._blocks = Cb, torch.linalg.cholesky(torch.stack([Cb[:, j, j] for j in range(b_in)], 1))
+        return self._blocks
+
     def v_step(self, U, S, V):
-        """One block Gauss-Seidel sweep over the block-columns j of the V step (the factorization's,
-        with the output weights D): V_j = C_jj^-1 (R_j - sum_{k != j} C_jk V_k P_kj) P_jj^-1, with
-        P_kj = sum_i diag(s_ik) U_i^T D_i U_i diag(s_ij) and R_j = sum_i (AC)_ij^T D_i U_i diag(s_ij).
-        Each block is solved exactly given the others, so the objective does not rise; with one block
-        column (or uncorrelated blocks) the sweep is the exact optimum."""
+        """One block Gauss-Seidel sweep of the V step (the factorization's, :func:`v_sweep`, with the
+        output weights D): each block-column solved exactly given the others, so the objective does
+        not rise; with one block column (or uncorrelated blocks) the sweep is the exact optimum."""
         B, b_out, p, _ = U.shape
-        b_in, q = V.shape[1], V.shape[2]
         DU = U * self.D.view(B, b_out, p, 1)
-        GU = DU.mT @ U                                                              # (B, b_out, r, r)
-        AtDU = blk.at_times_u(self.AC, DU, b_in)                                    # (B, i, j, q, r)
-        Cb = self.C.view(B, b_in, q, b_in, q)
-        if getattr(self, "Ljj", None) is None:                                     # C is fixed: factor it once
-            self.Ljj = torch.linalg.cholesky(torch.stack([Cb[:, j, :, j] for j in range(b_in)], 1))
+        Cb, Ljj = self._c_blocks(V.shape[1])
         V = V.clone()
-        for j in range(b_in):
-            def P(k, j=j):                                                          # P_kj (B, r, r)
-                return blk._sum_over(b_out, lambda i: (S[:, i, k].unsqueeze(-1) * S[:, i, j].unsqueeze(-2)) * GU[:, i])
-            rhs = blk._sum_over(b_out, lambda i, j=j: AtDU[:, i, j] * S[:, i, j].unsqueeze(1))
-            for k in range(b_in):
-                if k != j:
-                    rhs -= Cb[:, j, :, k] @ V[:, k] @ P(k)
-            Y = torch.cholesky_solve(rhs, self.Ljj[:, j])                            # C_jj^-1 rhs (C is damped)
-            Pjj = P(j)
-            lam = blk.relative_damping(Pjj, RIDGE)
-            V[:, j] = blk.damped_solve_right(Pjj, Y + lam[..., None, None] * V[:, j], lam)
+        v_sweep(self.AC, Cb, Ljj, DU, DU.mT @ U, S, V, RIDGE)
         return V
 
     def error(self, U, S):
         """The objective tr(D (A - What) C (A - What)^T) less its constant tr(D A C A^T), per matrix
-        (B,), for the V of :meth:`with_v`: sum_i tr(U_i^T D_i U_i G_i) - 2 sum_ij s_ij . diag(U_i^T D_i
-        (AC)_ij V_j), from the Grams already formed (no m x n product), in float64."""
+        (B,), for the V of :meth:`with_v`, from the Grams already formed (no m x n product), in float64
+        (:func:`weighted_error2`, the factorization's own measure)."""
         B, b_out, p, _ = U.shape
         DU = U * self.D.view(B, b_out, p, 1)
-        G = self.u_gram(S)
-        quad = ((DU.mT @ U) * G).double().sum((1, 2, 3))
-        cross = sum((S[:, :, j] * (DU * self.AVc[:, j]).sum(2)).double().sum((1, 2)) for j in range(S.shape[2]))
-        return quad - 2 * cross
+        d = torch.stack([(DU * self.AVc[:, j]).sum(2) for j in range(S.shape[2])], dim=2)   # (B, b_out, b_in, r)
+        return weighted_error2(0.0, S, d, DU.mT @ U, self.K)
 
     def row_scales(self, codes, scale, S):
         """Each row's scale of U at its exact optimum given its (stored) codes, S and V:

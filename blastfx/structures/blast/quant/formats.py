@@ -59,15 +59,17 @@ class FactorFormat:
     def packed(self) -> bool:
         return self.per_element > 1
 
+    def nearest(self, y: torch.Tensor) -> torch.Tensor:
+        """The nearest code to each value of ``y`` (already divided by its scale), saturated at
+        +-qmax, as a float tensor of ``y``'s dtype: what :meth:`encode` stores."""
+        y = y.clamp(-self.qmax, self.qmax)
+        return y.round() if self.integer else y.to(self.storage).to(y.dtype)
+
     def encode(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Stored codes of ``x / scale`` (``scale`` broadcast against ``x``), nearest representable
-        value; packed along the last dimension for a packed format."""
-        y = x / scale
-        if self.packed:
-            return pack_int4(y.round().clamp(-self.qmax, self.qmax).to(torch.int8))
-        if self.integer:
-            return y.round().clamp(-self.qmax, self.qmax).to(self.storage)
-        return y.clamp(-self.qmax, self.qmax).to(self.storage)
+        value (:meth:`nearest`); packed along the last dimension for a packed format."""
+        codes = self.nearest(x / scale)
+        return pack_int4(codes.to(torch.int8)) if self.packed else codes.to(self.storage)
 
     @property
     def rank_multiple(self) -> int:

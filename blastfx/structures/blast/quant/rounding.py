@@ -18,19 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from .formats import FactorFormat
+from .formats import FactorFormat, _scale
 
 CLIP_GRID = tuple(1.0 - 0.02 * k for k in range(26))     # 1.0 down to 0.5 of the slice's maximum
 FEEDBACK_DAMPING = 0.01       # added to the Hessian's diagonal, relative to its mean (GPTQ's default)
 FEEDBACK_BLOCK = 128          # columns rounded between two updates of the remaining columns
 SEARCH_CHUNK = 1 << 24        # elements searched at once (the grid's temporaries are a few times this)
-
-
-def nearest_codes(y: torch.Tensor, fmt: FactorFormat) -> torch.Tensor:
-    """The format's nearest representable code of each value of ``y`` (already divided by its scale),
-    as a float tensor of ``y``'s dtype; saturated at +-qmax."""
-    y = y.clamp(-fmt.qmax, fmt.qmax)
-    return y.round() if fmt.integer else y.to(fmt.storage).to(y.dtype)
 
 
 def searched_scales(x: torch.Tensor, dim: int, fmt: FactorFormat, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -49,19 +42,18 @@ def searched_scales(x: torch.Tensor, dim: int, fmt: FactorFormat, weight: torch.
 
 
 def _searched(x, dim, fmt, weight):
-    amax = x.abs().amax(dim=dim, keepdim=True)
-    base = torch.where(amax > 0, amax / fmt.qmax, torch.ones_like(amax))
+    base = _scale(x.abs().amax(dim=dim, keepdim=True), fmt)
     best_err = best = None
-    for clip in CLIP_GRID:
+    for clip in CLIP_GRID:                      # 1.0 first: an all-zero slice keeps it (no error to beat)
         scale = base * clip
-        err = (x - scale * nearest_codes(x / scale, fmt)).square()
+        err = (x - scale * fmt.nearest(x / scale)).square()
         err = (err if weight is None else err * weight).sum(dim=dim, keepdim=True)
         if best is None:
             best_err, best = err, scale
         else:
             better = err < best_err
             best_err, best = torch.where(better, err, best_err), torch.where(better, scale, best)
-    return torch.where(amax > 0, best, torch.ones_like(best)).squeeze(dim)
+    return best.squeeze(dim)
 
 
 def _inverse_hessian_factor(H: torch.Tensor) -> torch.Tensor:
@@ -106,7 +98,7 @@ def error_feedback_codes(x: torch.Tensor, hessian: torch.Tensor, scale: torch.Te
         errors = torch.empty_like(wb)
         for c in range(b1 - b0):
             k = b0 + c
-            q = nearest_codes(wb[..., c:c + 1] / s, fmt)
+            q = fmt.nearest(wb[..., c:c + 1] / s)
             codes[..., k:k + 1] = q
             e = (wb[..., c:c + 1] - q * s) / Hinv[..., k, k].unsqueeze(-1).unsqueeze(-1)
             wb[..., c:] -= e * Hinv[..., k, k:b1].unsqueeze(-2)
