@@ -3,6 +3,7 @@ tables' SmolLM2 protocol, and the quantized dense baselines they compare against
 from __future__ import annotations
 
 import statistics
+from contextlib import contextmanager
 
 import torch
 
@@ -72,11 +73,34 @@ def torchao_weight_only(module, kind: str):
     (half of bf16's bytes) or "int4" with group size 128 (about a quarter); the equal-bytes dense
     baselines for quantized factors. int4 is stored in the tinygemm tile layout that torch's own
     ``_weight_int4pack_mm`` reads (gpt-fast's int4 kernel): torchao's default plain layout needs the
-    ``mslk`` kernel library, which has no installable release. ImportError where torchao is not installed."""
+    ``mslk`` kernel library, which has no installable release. ImportError where torchao is not installed.
+
+    ``set_inductor_config=False``: left to itself, ``quantize_`` switches on torchao's recommended
+    Inductor settings for the whole process, so every model compiled after it (the dense baseline
+    included) would compile with coordinate-descent tuning. :func:`torchao_compile_settings` applies
+    them to torchao's own compiles only."""
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
-    quantize_(module, Int8WeightOnlyConfig() if kind == "int8"
-              else Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
+    quantize_(module, Int8WeightOnlyConfig(set_inductor_config=False) if kind == "int8"
+              else Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d",
+                                        set_inductor_config=False))
     return module
+
+
+@contextmanager
+def torchao_compile_settings():
+    """torchao's recommended Inductor settings (``recommended_inductor_config_setter``: coordinate
+    descent tuning and the rest), for the compiles inside the block only: torchao's models compile as
+    torchao recommends, the dense and BLAST models of the same process as they would alone. The
+    whole Inductor configuration is restored on the way out, exceptions included."""
+    from torch._inductor import config
+    from torchao.quantization.utils import recommended_inductor_config_setter
+
+    saved = config.get_config_copy()
+    recommended_inductor_config_setter()
+    try:
+        yield
+    finally:
+        config.load_config(saved)
 
 
 def decoder_linears(model) -> dict[str, torch.nn.Module]:

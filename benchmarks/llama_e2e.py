@@ -19,6 +19,7 @@ under ``torch.profiler``, its kernel time per :func:`kernel_category` (µs per s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import re
 import time
@@ -30,7 +31,7 @@ from blastfx import BlastConfig
 from blastfx.compiler import CHAIN_NORM_DEFAULT
 from blastfx.structures.blast.quant import quantize_model
 from blastfx.structures.blast.quant.formats import FORMATS
-from common import median_ms, tensor_bytes, torchao_weight_only, versions
+from common import median_ms, tensor_bytes, torchao_compile_settings, torchao_weight_only, versions
 from rows import add_arguments, measurements, record
 
 
@@ -355,7 +356,8 @@ def time_rows(args, models, rows, config):
         for name, (model, backend, options) in models.items():
             torch._dynamo.reset()
             start = time.perf_counter()
-            vals[name] = value = measure(model, backend, options)
+            with compile_settings(name):
+                vals[name] = value = measure(model, backend, options)
             print(f"  {name}: {value:.1f} {unit} ({time.perf_counter() - start:.0f} s with compile)", flush=True)
             chosen = [c for c in backend_choices() if c not in shown]
             if chosen:                      # what this model's ops were tuned to, for reading its row
@@ -425,8 +427,9 @@ def profile_decode(args, models, config, steps=16):
         rows, kernel_rows = [], []
         for name, (model, backend, options) in models.items():
             torch._dynamo.reset()
-            times, launches, how, top = Decoder(model, backend, args.prompt, args.new_tokens, bs,
-                                                options).kernel_profile(steps)
+            with compile_settings(name):
+                times, launches, how, top = Decoder(model, backend, args.prompt, args.new_tokens, bs,
+                                                    options).kernel_profile(steps)
             print(f"{label}, {name}: " + ", ".join(f"{c} {t:.0f} µs" for c, t in times.items())
                   + f", {launches:.0f} kernels ({how})", flush=True)
             rows += measurements(case, {**config, "profiled": how, "steps": steps},
@@ -464,9 +467,16 @@ def short_key(key) -> str:
     return SHAPE_REPR.sub(short, str(key))
 
 
+def compile_settings(name: str):
+    """The Inductor settings model ``name`` compiles under: torchao's recommended ones for torchao's
+    models (``torchao_model``; as torchao's own docs compile them), the process's for the others, so
+    the dense baseline compiles as it would in a process without torchao."""
+    return torchao_compile_settings() if name.startswith("torchao ") else contextlib.nullcontext()
+
+
 def torchao_model(model, kind):
     """``model`` with every linear but the head quantized by torchao's weight-only configs
-    (:func:`common.torchao_weight_only`)."""
+    (:func:`common.torchao_weight_only`), timed under :func:`compile_settings` as "torchao KIND"."""
     torchao_weight_only(model.model, kind)
     return model
 

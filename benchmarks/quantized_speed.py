@@ -24,7 +24,7 @@ from blastfx.structures.blast.layout import BlastShape
 from blastfx.structures.blast.ops import blast_matmul
 from blastfx.structures.blast.quant import formats
 from blastfx.structures.blast.quant.ops import blast_matmul_quantized
-from common import copies_for, graph_ms, torchao_weight_only, versions
+from common import copies_for, graph_ms, torchao_compile_settings, torchao_weight_only, versions
 from layer_speed import SHAPES, rank_at
 from rows import add_arguments, measurements, record
 
@@ -88,7 +88,8 @@ def main():
 
 def torchao_metrics(x, dense, t_dense, t_q, name, kinds) -> list:
     """torchao's weight-only dense layers of ``kinds`` on the same weights (copies enough to stream
-    their bytes from HBM), ``F.linear`` compiled by inductor; nothing where torchao is not installed."""
+    their bytes from HBM), ``F.linear`` compiled by inductor with torchao's recommended settings;
+    nothing where torchao is not installed."""
     try:
         import torchao  # noqa: F401
     except ImportError:
@@ -103,7 +104,8 @@ def torchao_metrics(x, dense, t_dense, t_q, name, kinds) -> list:
             lin = torch.nn.Linear(n, m, bias=False, device=w.device, dtype=w.dtype)
             lin.weight.data.copy_(w)
             weights.append(torchao_weight_only(lin, kind).weight)
-        t_ao = graph_ms(lambda k: linear(x, weights[k % len(weights)]), len(weights))
+        with torchao_compile_settings():                        # compiled at its first call, inside
+            t_ao = graph_ms(lambda k: linear(x, weights[k % len(weights)]), len(weights))
         print(f"  torchao {kind} weight-only, compiled: {t_ao:.4f} ms ({t_dense / t_ao:.2f}x dense; {name} BLAST "
               f"{t_ao / t_q:.2f}x it)", flush=True)
         metrics += [(f"torchao {kind} compiled time", round(t_ao, 5), "ms"),

@@ -66,16 +66,16 @@ def test_report_shows_the_latest_value_per_case_with_its_provenance(results, tmp
     secs = sections(text)
     layer_sec = secs["One layer at 50% of its parameters (`layer_speed`)"]
     h200, h100 = layer_sec.split("**NVIDIA H200**")[1].split("**NVIDIA H100 80GB HBM3**")
-    # the H200 table (newest first): its two cases, the superseded H100 values gone
+    # the H200 table (newest first): its two cases
     assert "torch 2.11, triton 3.6 · 2026-11-30 · commit 2222222" in h200
     assert "    python benchmarks/layer_speed.py\n" in h200
     assert table_rows(h200) == [["4096x4096 b=4 T=1", "0.93"], ["4096x4096 b=4 T=16", "0.95"]]
     assert "| case | blastfx vs dense (x) |" in h200
-    # the H100 table keeps only the case nothing newer replaced
+    # the H100 table keeps its own cases: a timing on another GPU replaces none of them
     assert "torch 2.11.0+cu130, triton 3.6.0, transformers 5.17.0 · 2026-11-23 · commit 1111111" in h100
     assert "python benchmarks/layer_speed.py --tokens 1 16" in h100
-    assert table_rows(h100) == [["4096x4096 b=16 T=1", "0.73"]]
-    assert "1.04" not in text and "1.07" not in text
+    assert table_rows(h100) == [["4096x4096 b=4 T=1", "1.04"], ["4096x4096 b=4 T=16", "1.07"],
+                                ["4096x4096 b=16 T=1", "0.73"]]
     # two commands in one table: numbered, and each case says which reproduces it
     qual = secs["Quality without retraining: SmolLM2-135M-Instruct (`quality_smollm2`)"]
     assert "    python benchmarks/quality_smollm2.py --budgets 0.8 0.5 --methods blastfx  # 1" in qual
@@ -101,7 +101,8 @@ def test_report_shows_the_latest_value_per_case_with_its_provenance(results, tmp
 def test_plot_series_from_the_latest_rows(results):
     data = report.load(results)
     speed = report.speed_series(data["layer_speed"])
-    assert speed == {"4096x4096 b=16 (NVIDIA H100 80GB HBM3)": [(1.0, 0.73)],
+    assert speed == {"4096x4096 b=4 (NVIDIA H100 80GB HBM3)": [(1.0, 1.04), (16.0, 1.07)],
+                     "4096x4096 b=16 (NVIDIA H100 80GB HBM3)": [(1.0, 0.73)],
                      "4096x4096 b=4 (NVIDIA H200)": [(1.0, 0.93), (16.0, 0.95)]}
     quality = report.quality_series(data["quality_smollm2"], data["recovery_smollm2"])
     assert quality == {"blastfx": [(0.5, 34.79), (0.8, 2.57)],          # the best case of the method per budget
@@ -122,6 +123,17 @@ def test_same_date_later_row_wins():
     base = dict(benchmark="b", case="c", config="{}", metric="m", unit="", date="2026-11-30", **H200, command="x")
     got = report.latest([dict(base, value="1"), dict(base, value="2"), dict(base, date="2026-11-29", value="3")])
     assert [r["value"] for r in got] == ["2"]
+
+
+def test_a_timing_on_another_gpu_hides_nothing_a_quality_number_is_replaced():
+    base = dict(benchmark="b", case="c", config="{}", metric="m", unit="", **H200, command="x")
+    other = dict(base, device="NVIDIA H100 80GB HBM3", date="2026-12-01", value="2")
+    runs = [dict(base, date="2026-11-30", value="1"), other, dict(base, date="2026-11-29", value="3")]
+    got = report.latest(runs, per_device=True)
+    assert sorted((r["device"], r["value"]) for r in got) == [(other["device"], "2"), (H200["device"], "1")]
+    assert [r["value"] for r in report.latest(runs)] == ["2"]
+    assert report.timed_on_gpu("layer_speed") and report.timed_on_gpu("llama_e2e_kernels")
+    assert not report.timed_on_gpu("quality_smollm2") and not report.timed_on_gpu("unregistered")
 
 
 @pytest.mark.parametrize("value, shown", [("0.93", "0.93"), ("3", "3"), ("1305979.16", "1,305,979"),

@@ -42,11 +42,22 @@ def test_weight_quantization_passes_leave_blast_layers_or_fail_clearly():
         _quantize_like_torchao(model, lambda m, fqn: isinstance(m, (nn.Linear, BlastLinear)))
 
 
-def test_real_torchao_quantize_on_a_blast_layer_fails_clearly():
-    quant_api = pytest.importorskip("torchao.quantization")
-    model = nn.Sequential(BlastLinear(64, 64, 8, (2, 2)))
-    with pytest.raises(AttributeError, match="BLAST"):
-        quant_api.quantize_(model, quant_api.Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, BlastLinear))
+def test_real_torchao_quantize_on_a_blast_layer_refuses_and_changes_nothing():
+    """torchao's default filter passes BLAST layers by (they are no nn.Linear); one that selects them
+    is refused before anything is rewritten: our AttributeError naming BLAST where torchao reads
+    ``.weight``, torchao's own check for a weight attribute where it probes with ``hasattr`` first."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    model = nn.Sequential(BlastLinear(64, 64, 8, (2, 2)), nn.Linear(64, 64))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises((AttributeError, AssertionError), match="weight"):
+        quantize_(model, Int8WeightOnlyConfig(set_inductor_config=False),
+                  filter_fn=lambda m, fqn: isinstance(m, BlastLinear))
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert isinstance(model[0], BlastLinear)
+    quantize_(model, Int8WeightOnlyConfig(set_inductor_config=False))      # default filter: the dense layer only
+    assert type(model[1].weight).__name__ == "Int8Tensor"
+    assert all(torch.equal(before[k], model.state_dict()[k]) for k in ("0.U", "0.S", "0.V"))
 
 
 @pytest.mark.parametrize("shape", [(40, 48, (2, 3)), (37, 50, (4, 4))])     # exact blocks, and padded ones
