@@ -6,9 +6,9 @@
 For each benchmark: the latest row of every (case, metric), per device for GPU timings, so the file
 holds current numbers only (older rows stay in the CSVs and in git). Rows are grouped into one table
 per device, cases down, metrics across, each table headed by the command lines that reproduce it,
-the versions, the dates and the commits. Plots: blastfx vs dense against tokens per layer shape (``layer_speed`` rows), and
-perplexity ratio against budget per method (``quality_smollm2`` rows, with the best after
-distillation from ``recovery_smollm2``).
+the versions, the dates and the commits. Plots: blastfx vs dense against tokens per layer shape
+(``layer_speed`` rows), and perplexity ratio against budget per method (``quality_smollm2`` rows,
+with the best after distillation from ``recovery_smollm2``).
 """
 from __future__ import annotations
 
