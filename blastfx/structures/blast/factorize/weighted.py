@@ -66,6 +66,37 @@ def weighted_error2(norm2, S, d, GU, K):
     return norm2 - 2 * (S.double() * d.double()).sum(dim=(1, 2, 3)) + quad
 
 
+def c_blocks(C, b_in: int):
+    """C (B, n, n) as blocks (B, j, k, q, q) = C_jk, and the Cholesky factors of its diagonal blocks
+    (B, b_in, q, q): what every V step solves with. C is fixed and damped, so they are formed once."""
+    B, q = C.shape[0], C.shape[-1] // b_in
+    Cb = C.view(B, b_in, q, b_in, q).permute(0, 1, 3, 2, 4)
+    return Cb, torch.linalg.cholesky(torch.stack([Cb[:, j, j] for j in range(b_in)], 1))
+
+
+def u_gram(S, K):
+    """G_i = sum_jk diag(s_ij) K_jk diag(s_ik) (B, b_out, r, r): the Hessian of each row of U_i, from
+    the cross Grams ``K`` of V (B, j, k, r, r)."""
+    b_in = S.shape[2]
+    return blk._sum_over(b_in * b_in, lambda t: (S[:, :, t // b_in].unsqueeze(-1) * S[:, :, t % b_in].unsqueeze(-2))
+                         * K[:, t // b_in, t % b_in].unsqueeze(1))
+
+
+def u_system(S, K, AVc):
+    """The U step's normal equations U_i G_i = R_i: G_i (:func:`u_gram`) and R_i = sum_j (AC)_ij V_j
+    diag(s_ij) (B, b_out, p, r), from ``AVc`` = (AC)_ij V_j (B, j, i, p, r)."""
+    R = blk._sum_over(S.shape[2], lambda j: AVc[:, j] * S[:, :, j].unsqueeze(2))
+    return u_gram(S, K), R
+
+
+def u_step(U, S, K, AVc, damping: float):
+    """Every row of U at its exact (damped) optimum given S and V: U_i G_i = R_i (:func:`u_system`).
+    Rows are independent, so output weights on the rows do not enter."""
+    G, R = u_system(S, K, AVc)
+    lam = blk.relative_damping(G, damping)
+    return blk.damped_solve_right(G, R + lam[..., None, None] * U, lam)
+
+
 def v_sweep(AC, Cb, Ljj, U, GU, S, V, damping: float) -> None:
     """One block Gauss-Seidel sweep of the V step, in place: for each block-column j,
     ``C_jj V_j P_jj = R_j - sum_{k != j} C_jk V_k P_kj`` solved exactly given the other blocks, with
@@ -96,14 +127,12 @@ def run_weighted_als(A, C, U, S, V, *, iters: int = 30, tol: float = 1e-4, dampi
     matrix the iterate of lowest error, never worse than the start (:class:`blocks.BestIterate`: a
     matrix whose step goes non-finite or raises its error, as ill-conditioned Grams late in a long fit
     can, keeps its best iterate while the others go on; a failed solve ends the fit)."""
-    B, b_out, p, r = U.shape
-    b_in, q = V.shape[1], V.shape[2]
+    B, b_out = U.shape[:2]
+    b_in = V.shape[1]
     U, S, V = U.clone(), S.clone(), V.clone()
     AC = A @ C
     norm2 = (A.double() * AC.double()).sum(dim=(1, 2)).clamp_min(1e-300)
-    Cb = C.view(B, b_in, q, b_in, q).permute(0, 1, 3, 2, 4)               # (B, j, k, q, q) = C_jk
-    Cjj = torch.stack([Cb[:, j, j] for j in range(b_in)], 1)               # (B, b_in, q, q)
-    Ljj = torch.linalg.cholesky(Cjj)
+    Cb, Ljj = c_blocks(C, b_in)
     history, best = [], blk.BestIterate(U, S, V)
     for it in range(iters):
         try:
@@ -124,12 +153,7 @@ def run_weighted_als(A, C, U, S, V, *, iters: int = 30, tol: float = 1e-4, dampi
             rel = (weighted_error2(norm2, S, d, GU, K).clamp_min(0) / norm2).sqrt()
             if blk.record_iterate(best, history, rel, U, S, V, it, iters, tol, target_error, window, callback):
                 break
-            # U step: G_i = sum_jk D_ij K_jk D_ik, R_i = sum_j (AC)_ij V_j D_ij.
-            G = blk._sum_over(b_in * b_in, lambda t: (S[:, :, t // b_in].unsqueeze(-1) * S[:, :, t % b_in].unsqueeze(-2))
-                              * K[:, t // b_in, t % b_in].unsqueeze(1))
-            R = blk._sum_over(b_in, lambda j: AVc[:, j] * S[:, :, j].unsqueeze(2))
-            lam = blk.relative_damping(G, damping)
-            U = blk.damped_solve_right(G, R + lam[..., None, None] * U, lam)
+            U = u_step(U, S, K, AVc, damping)
             # V step: Gauss-Seidel over j; C_jj V_j P_jj = R_j - sum_{k != j} C_jk V_k P_kj.
             v_sweep(AC, Cb, Ljj, U, blk.gram(U), S, V, damping)
             U, S, V = best.hold(U, S, V)

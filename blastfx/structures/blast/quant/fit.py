@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..factorize import blocks as blk
-from ..factorize.weighted import _cross_grams, v_sweep, weighted_error2
+from ..factorize.weighted import _cross_grams, c_blocks, u_gram, u_step, u_system, v_sweep, weighted_error2
 from ..layout import BlastShape
 from . import formats, rounding
 
@@ -136,23 +136,13 @@ class _Problem:
         self.AVc = blk.a_times_v(self.AC, V, b_out)                        # (B, j, i, p, r): (AC)_ij V_j
         return self
 
-    def u_gram(self, S):
-        """G_i = sum_jk diag(s_ij) K_jk diag(s_ik) (B, b_out, r, r): the Hessian of each row of U_i."""
-        b_in = S.shape[2]
-        return blk._sum_over(b_in * b_in, lambda t: (S[:, :, t // b_in].unsqueeze(-1) * S[:, :, t % b_in].unsqueeze(-2))
-                             * self.K[:, t // b_in, t % b_in].unsqueeze(1))
-
     def u_system(self, S):
-        """G_i (:meth:`u_gram`) and R_i = sum_j (AC)_ij V_j diag(s_ij) (B, b_out, p, r)."""
-        b_in = S.shape[2]
-        R = blk._sum_over(b_in, lambda j: self.AVc[:, j] * S[:, :, j].unsqueeze(2))
-        return self.u_gram(S), R
+        """G_i and R_i of the U step's normal equations U_i G_i = R_i (:func:`weighted.u_system`)."""
+        return u_system(S, self.K, self.AVc)
 
     def u_step(self, U, S):
-        """Every row of U at its exact optimum given S and V (rows are independent: D does not enter)."""
-        G, R = self.u_system(S)
-        lam = blk.relative_damping(G, RIDGE)
-        return blk.damped_solve_right(G, R + lam[..., None, None] * U, lam)
+        """Every row of U at its exact optimum given S and V (:func:`weighted.u_step`; D does not enter)."""
+        return u_step(U, S, self.K, self.AVc, RIDGE)
 
     def s_step(self, U, S):
         """All of S at its exact optimum given U and V, one (b_in r)-sized system per block-row:
@@ -173,12 +163,9 @@ class _Problem:
         return out
 
     def _c_blocks(self, b_in: int):
-        """C as blocks (B, j, k, q, q) and the Cholesky factors of its diagonal blocks (C is fixed and
-        damped: factored once for every V step)."""
+        """:func:`weighted.c_blocks` of C, formed at the first V step and kept for the others."""
         if self._blocks is None:
-            B, q = self.C.shape[0], self.C.shape[-1] // b_in
-            Cb = self.C.view(B, b_in, q, b_in, q).permute(0, 1, 3, 2, 4)
-            self._blocks = Cb, torch.linalg.cholesky(torch.stack([Cb[:, j, j] for j in range(b_in)], 1))
+            self._blocks = c_blocks(self.C, b_in)
         return self._blocks
 
     def v_step(self, U, S, V):
@@ -224,7 +211,7 @@ def _round_v(V, C, fmt, dtype):
 def _round_u(U, S, problem, fmt):
     """Codes and row scales of U (B, b_out, p, r): each row rounded with error feedback through its
     output error's Hessian G_i (the U step's Gram, shared by the rows of a block-row)."""
-    G = problem.u_gram(S)
+    G = u_gram(S, problem.K)
     su = rounding.searched_scales(U, -1, fmt, G.diagonal(dim1=-2, dim2=-1).unsqueeze(2))
     codes = rounding.error_feedback_codes(U, G, su, fmt)
     return fmt.encode(codes, torch.ones((), dtype=codes.dtype, device=codes.device)), su
