@@ -12,6 +12,7 @@ import argparse
 import time
 
 import blastfx
+from blastfx.plan.allocation import rank_for
 from blastfx.statistics.collect import collect_covariances
 from common import smollm2_setup
 from rows import add_arguments, measurements, record
@@ -36,7 +37,7 @@ def main():
         W = dense.get_submodule(name).weight.detach().float()
         m, n = W.shape
         for b in args.blocks:
-            r = int(args.budget * m * n // (m + n + b * b)) // 8 * 8
+            r = rank_for(m, n, (b, b), args.budget, 8)      # as a plan sizes the layer
             for it in args.iters:
                 t = time.perf_counter()
                 f = blastfx.factorize(W, r, (b, b), iters=it, tol=0, calibration=covs[name])

@@ -22,7 +22,7 @@ import argparse
 
 import torch
 
-from blastfx.plan.allocation import _rank_for
+from blastfx.plan.allocation import rank_for as planned_rank
 from blastfx.statistics.collect import collect_covariances
 from blastfx.structures.blast.factorize import factorize
 from blastfx.structures.blast.quant import formats, quantize_fitted, round_factors
@@ -42,7 +42,7 @@ def output_errors(W, What, C) -> torch.Tensor:
 def rank_for(budget: float, m: int, n: int, blocks: int) -> int:
     """The rank a uniform plan gives the layer at ``budget`` (BLAST parameters m r + n r + blocks^2 r
     at most ``budget`` of m n, a multiple of 8): the planner's own rule."""
-    return _rank_for(m, n, (blocks, blocks), budget, 8)
+    return planned_rank(m, n, (blocks, blocks), budget, 8)
 
 
 def main():

@@ -113,7 +113,7 @@ def main():
         blastfx.compress(models["blastfx"], args.budget, config=BlastConfig(init="random", progress=False))
     case = f"{args.model}, {args.layers} layers, decode step at batch 1"
     config = dict(layers=args.layers, budget=args.budget, new_tokens=args.new_tokens, **dims)
-    print(f"| variant | step CPU ms | step + sync ms | loop ms | guard check µs |\n|---|---|---|---|---|", flush=True)
+    print("| variant | step CPU ms | step + sync ms | loop ms | guard check µs |\n|---|---|---|---|---|", flush=True)
     for variant in args.variants:
         backend, inference = VARIANTS[variant]
         torch._dynamo.reset()

@@ -1,5 +1,5 @@
 """blastfx: compress trained PyTorch models with BLAST matrices and compile them to fused kernels."""
-from . import structures  # registers each structure family, and with BLAST torch.ops.blastfx.*
+from . import structures  # noqa: F401 -- registers each structure family, and with BLAST torch.ops.blastfx.*
 from ._version import __version__
 from .kernels import dispatch as _dispatch
 from .api import BudgetWarning, WeightOnlyWarning, compress, plan_for

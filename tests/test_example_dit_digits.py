@@ -4,7 +4,6 @@ classifier's table, save and reload through the pipeline, the PNGs); the parts w
 are checked on their own."""
 import json
 import re
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-import blastfx
 from example_loader import load_example
 
 pytestmark = pytest.mark.requires("diffusers", "sklearn", "matplotlib")

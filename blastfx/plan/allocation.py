@@ -39,7 +39,10 @@ def _params_per_rank(m, n, blocks) -> int:
     return m + n + blocks[0] * blocks[1]
 
 
-def _rank_for(m, n, blocks, fraction, multiple):
+def rank_for(m, n, blocks, fraction, multiple):
+    """The largest rank, a multiple of ``multiple`` (or below it for tiny layers, at least 1), whose
+    BLAST parameters stay within ``fraction`` of the m x n layer's: the rule every plan starts from,
+    public so benchmarks size layers exactly as plans do."""
     per_rank = _params_per_rank(m, n, blocks)
     r = int(fraction * m * n // per_rank)
     return max(multiple, r - r % multiple) if r >= multiple else max(r, 1)
@@ -248,7 +251,7 @@ def _plan_family(targets, budget, config, spectra, block_errors, size_errors) ->
         blocks = (fit_blocks(s.out_features, want[0]), fit_blocks(s.in_features, want[1]))
         if o.blocks is not None and blocks != want:
             raise ValueError(f"overrides: blocks={want} do not divide {s.fqn} ({s.out_features}x{s.in_features})")
-        rank = o.rank if o.rank is not None else _rank_for(s.out_features, s.in_features, blocks, budget,
+        rank = o.rank if o.rank is not None else rank_for(s.out_features, s.in_features, blocks, budget,
                                                            config.rank_multiple)
         lp = LayerPlan(s.out_features, s.in_features, rank, blocks, s.kind, s.bias, o.method,
                        factor_dtype=config.factor_dtype_for(s.fqn))

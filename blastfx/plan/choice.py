@@ -113,7 +113,7 @@ def _greedy(plan: Plan, curves: dict[str, list[tuple]], target: int, multiple: i
         neg, k = heapq.heappop(heap)
         if -neg <= 0:
             break
-        (p0, _, c0), (p1, e1, c1) = curves[k][at[k]], curves[k][at[k] + 1]
+        (p0, _, c0), (p1, _, c1) = curves[k][at[k]], curves[k][at[k] + 1]
         if kept + p1 - p0 <= target:
             at[k] += 1
             kept += p1 - p0

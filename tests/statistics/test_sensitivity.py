@@ -6,7 +6,6 @@ from torch import nn
 import blastfx
 from blastfx import BlastConfig
 from blastfx.statistics.sensitivity import block_errors
-import models
 from conftest import dense_from_blocks
 
 

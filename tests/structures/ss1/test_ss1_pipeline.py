@@ -2,7 +2,6 @@
 plans, save/load, transformers round trip, torch.compile, recovery and back to dense."""
 import copy
 import json
-import warnings
 
 import pytest
 import torch
