@@ -1,6 +1,6 @@
 """One layer at 50% of its parameters: dense cuBLAS vs low-rank (two cuBLAS GEMMs, equal params) vs blastfx.
 
-    python benchmarks/layer_speed.py                    # bf16; shapes, b and T from the issue
+    python benchmarks/layer_speed.py                    # bf16; Llama-2-7B layer shapes, b = 4 and 16, T = 1 to 4096
     python benchmarks/layer_speed.py --paths            # also time every kernel path (a profile)
     python benchmarks/layer_speed.py --structures blast ss1 --blocks 4   # SS1 layers beside BLAST
     python benchmarks/layer_speed.py --structures ss1 --paths    # ... and each SS1 path's best config
