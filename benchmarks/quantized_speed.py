@@ -5,9 +5,10 @@
 
 Every call is replayed from a CUDA graph that runs it once per weight copy, with enough copies to
 stream from HBM (``common.graph_ms``), as in a CUDA-graph decode loop. The quantized layer is what
-``torch.ops.blastfx.blast_matmul_quantized`` runs by default: at T <= 4 the GEMV kernel reading the
-codes, otherwise the fused tensor-core kernels reading them (configs autotuned; the path is a column). Speed is dense time over the
-layer's time, measured in the same process; rows go to ``benchmarks/results/quantized_speed.csv``.
+``torch.ops.blastfx.blast_matmul_quantized`` runs by default: the autotuner's pick of the paths
+reading the codes (the GEMV kernel at T <= 4, the one-launch decode kernel up to T = 16, the fused
+tensor-core kernels) and a float copy (the path is a column). Speed is dense time over the layer's
+time, measured in the same process; rows go to ``benchmarks/results/quantized_speed.csv``.
 Where torchao is installed, its weight-only dense layers of ``--torchao`` (int8: ``Int8WeightOnlyConfig``,
 half of bf16's bytes; int4: group size 128 in the tinygemm layout, about a quarter) are timed beside
 them, the equal-bytes baselines for quantized factors, their linear compiled by inductor as a

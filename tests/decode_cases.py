@@ -1,11 +1,13 @@
-"""Shared cases of the decode-kernel tests: stored-layout factors (padding zero) and a check of a
-kernel's output against the float64 reference."""
+"""Shared cases of the decode-kernel tests: stored-layout factors (padding zero), float or quantized
+to codes, and checks of a kernel's output against the float64 reference."""
 import math
 
 import torch
 
 from blastfx.structures.blast.layout import BlastShape
 from blastfx.structures.blast.ops import blast_matmul_reference
+from blastfx.structures.blast.quant import formats
+from blastfx.structures.blast.quant.ops import blast_matmul_quantized_reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -37,6 +39,32 @@ def check(kernel, T, m, n, r, b_out, b_in, dtype, bias, cfg=None, seed=0):
     assert y.shape == (T, m) and y.dtype == dtype
     assert torch.isfinite(y).all()
     assert (y.double() - ref).abs().max().item() / (ref.abs().max().item() + 1e-6) < TOL[dtype]
+
+
+def coded_factors(m, n, r, b_out, b_in, seed=0, name="int8"):
+    """(shape, [U codes, U_scale, S, V codes, V_scale, bias]) on DEVICE: factors with rows and
+    columns of unequal scale (so per-row and per-rank scales matter), padding zero as stored,
+    quantized to the format ``name``; S and bias float32."""
+    shape = BlastShape.make(m, n, r, (b_out, b_in), allow_larger=True)
+    g = torch.Generator().manual_seed(seed)
+    U = torch.randn(shape.b_out, shape.p, r, generator=g) * torch.rand(shape.b_out, shape.p, 1, generator=g)
+    V = torch.randn(shape.b_in, shape.q, r, generator=g) * torch.rand(shape.b_in, 1, r, generator=g)
+    U.view(-1, r)[m:] = 0
+    V.view(-1, r)[n:] = 0
+    fmt = formats.get(name)
+    (Uc, su), (Vc, sv) = formats.quantize_u(U, fmt), formats.quantize_v(V, fmt)
+    S = torch.randn(b_out, b_in, r, generator=g)
+    b = torch.randn(m, generator=g)
+    return shape, [t.to(DEVICE) for t in (Uc, su, S, Vc, sv, b)]
+
+
+def close_to_quantized_reference(y, x, Uc, su, S, Vc, sv, b, m):
+    """``y`` equals the float64 product of the dequantized factors within its dtype's tolerance
+    (relative to the largest output)."""
+    ref = blast_matmul_quantized_reference(x.double(), Uc, su, S.double(), Vc, sv,
+                                           b.double() if b is not None else None, m)
+    assert y.shape == ref.shape and torch.isfinite(y).all()
+    assert (y.double() - ref).abs().max().item() / (ref.abs().max().item() + 1e-6) < TOL[y.dtype]
 
 
 def forced_forms(monkeypatch, forms):

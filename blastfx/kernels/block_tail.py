@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from . import gemv, mlp_chain
+from .codes import _load_factor_tile
 from .decode import gdc_launch_dependents, gdc_wait
 
 DEFAULT = mlp_chain.DEFAULT
@@ -43,7 +44,7 @@ candidates = mlp_chain.candidates
 def _follow_z(z, xw, v_ptr, rows, row_ok, R, BPM: tl.constexpr, R_P: tl.constexpr, QUANT: tl.constexpr,
               PACK: tl.constexpr):
     """``z + xw · V[rows, :]`` for one following layer (V rows of R entries, codes with QUANT)."""
-    v = gemv._load_factor_tile(v_ptr, rows, row_ok, R // PACK, 1, 0, R, R // PACK, BPM, R_P, QUANT)
+    v = _load_factor_tile(v_ptr, rows, row_ok, R // PACK, 1, 0, R, R // PACK, BPM, R_P, QUANT)
     return z + tl.sum(xw[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
 
 

@@ -35,6 +35,7 @@ except ImportError:                      # triton without grid dependency contro
     gdc_launch_dependents = gdc_wait = None
 
 from ..structures.blast.layout import BlastShape
+from .codes import _load_factor_tile, code_format
 from .state import allocate_state
 
 _COUNTERS: dict = {}
@@ -81,25 +82,30 @@ def _prefetch_v(v_ptr, pid, items, GRID, R_TILES, Q_SPLIT: tl.constexpr, Q_CHUNK
 def _blast_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, z_ptr, w_ptr, cnt_ptr, bar_ptr,
                          T, N, M, P, Q, R, B_IN, Q_CHUNK, R_TILES, P_TILES, GRID,
                          sxt, sxn, sui, sup, sur, ssi, ssj, ssr, svj, svq, svr, szs, szt, szr, swi, swt, swr,
-                         syt, sym,
+                         syt, sym, us_ptr, susi, susp, vs_ptr, svsj, svsr, RC,
                          HAS_BIAS: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, BQ: tl.constexpr,
                          BP: tl.constexpr, BK: tl.constexpr, STAGE: tl.constexpr, UPCAST: tl.constexpr,
                          PREFETCH: tl.constexpr, LINE: tl.constexpr, Q_SPLIT: tl.constexpr, NSLOT: tl.constexpr,
-                         PDL: tl.constexpr, B_OUT: tl.constexpr, B_OUT_P2: tl.constexpr):
+                         PDL: tl.constexpr, B_OUT: tl.constexpr, B_OUT_P2: tl.constexpr, QUANT: tl.constexpr,
+                         PACK: tl.constexpr):
     """STAGE 1: x·V into z slots, the last slot of each r-tile to finish mixes the tile into w;
     STAGE 2: w·Uᵀ; STAGE 3: both, with the grid barrier between.
     PDL: launched as a programmatic dependent of the previous kernel: prefetch weights into L2, then
-    wait for the previous kernel's results (``gdc_wait``), and let the next kernel start early."""
+    wait for the previous kernel's results (``gdc_wait``), and let the next kernel start early.
+    QUANT (8 or 4): U and V hold int8 / float8 or packed int4 codes (PACK codes a stored element, RC
+    stored elements a row), converted to the dot's dtype in registers (exact); V's per-(j, rank)
+    scale multiplies each z tile after its reduction over q, U's per-row scale each output after its
+    reduction over r."""
     pid = tl.program_id(0)
     offs_t = tl.arange(0, BT)
     tmask = offs_t < T
     if (STAGE == 3) & (PREFETCH == 2):
         # U and V stream from HBM together; stage 2 then reads U from L2
-        _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, R, sui, sup, sur, BP, LINE)
+        _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, RC, sui, sup, sur, BP, LINE)
     if STAGE != 2:
         items = B_IN * Q_SPLIT * R_TILES
         if PDL:     # only weights are touched before the wait: x may still be being written
-            _prefetch_v(v_ptr, pid, items, GRID, R_TILES, Q_SPLIT, Q_CHUNK, Q, R, svj, svq, svr, BR)
+            _prefetch_v(v_ptr, pid, items, GRID, R_TILES, Q_SPLIT, Q_CHUNK, Q, R, svj, svq, svr, BR // PACK)
             gdc_wait()
         for item in range(pid, items, GRID):
             rt = item % R_TILES                    # neighbours read neighbouring r-tiles of the same rows
@@ -115,12 +121,14 @@ def _blast_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, z_ptr, w_ptr,
                 col = j * Q + offs_c
                 xt = tl.load(x_ptr + offs_t[:, None] * sxt + col[None, :] * sxn,
                              mask=tmask[:, None] & (offs_c[None, :] < q_lim) & (col[None, :] < N), other=0.0)
-                vt = tl.load(v_ptr + j * svj + offs_c[:, None] * svq + offs_r[None, :] * svr,
-                             mask=(offs_c[:, None] < q_lim) & rmask[None, :], other=0.0)
+                vt = _load_factor_tile(v_ptr + j * svj, offs_c, offs_c < q_lim, svq, svr, rt * BR, R, RC, BQ, BR,
+                                       QUANT)
                 if UPCAST:
                     z = tl.dot(xt.to(tl.float32), vt.to(tl.float32), z, input_precision="ieee")
-                else:
-                    z = tl.dot(xt, vt, z)
+                else:       # codes become the activation dtype here (exact); float factors are it already
+                    z = tl.dot(xt, vt.to(xt.dtype), z)
+            if QUANT:
+                z *= tl.load(vs_ptr + j * svsj + offs_r * svsr, mask=rmask, other=0.0).to(tl.float32)[None, :]
             zmask = tmask[:, None] & rmask[None, :]
             tl.store(z_ptr + slot * szs + offs_t[:, None] * szt + offs_r[None, :] * szr, z, mask=zmask)
             # the last of the r-tile's NSLOT partial sums to land mixes them, in slot order (deterministic)
@@ -146,13 +154,13 @@ def _blast_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, z_ptr, w_ptr,
         items2 = B_OUT * P_TILES
         offs_k = tl.arange(0, BK)
         if PDL:     # stage 2 is resident while stage 1 drains: its U streams into L2 meanwhile
-            _prefetch_u(u_ptr, pid, items2, GRID, P_TILES, P, R, sui, sup, sur, BP, LINE)
+            _prefetch_u(u_ptr, pid, items2, GRID, P_TILES, P, RC, sui, sup, sur, BP, LINE)
             gdc_wait()
         if STAGE == 3:
             if PREFETCH == 1:
                 # pull this program's U tiles towards L2 while the barrier is pending: HBM stays busy
                 # during the wait and the tail of stage 1 instead of idling
-                _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, R, sui, sup, sur, BP, LINE)
+                _prefetch_u(u_ptr, pid, B_OUT * P_TILES, GRID, P_TILES, P, RC, sui, sup, sur, BP, LINE)
             tl.debug_barrier()                                  # every thread's w stores are issued
             tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
             arrived = tl.load(bar_ptr, volatile=True)
@@ -171,14 +179,20 @@ def _blast_decode_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr, z_ptr, w_ptr,
                 kmask = kk < R
                 wt = tl.load(w_ptr + i * swi + offs_t[:, None] * swt + kk[None, :] * swr,
                              mask=tmask[:, None] & kmask[None, :], other=0.0, cache_modifier=".cg")
-                ut = tl.load(u_ptr + i * sui + offs_p[None, :] * sup + kk[:, None] * sur,
-                             mask=(offs_p[None, :] < P) & kmask[:, None], other=0.0)
+                if QUANT:       # codes: loaded as rows of r (packed along r), unpacked, then transposed
+                    ut = tl.trans(_load_factor_tile(u_ptr + i * sui, offs_p, offs_p < P, sup, sur, k0, R, RC, BP,
+                                                    BK, QUANT))
+                else:
+                    ut = tl.load(u_ptr + i * sui + offs_p[None, :] * sup + kk[:, None] * sur,
+                                 mask=(offs_p[None, :] < P) & kmask[:, None], other=0.0)
                 if UPCAST:
                     acc = tl.dot(wt.to(tl.float32), ut.to(tl.float32), acc, input_precision="ieee")
                 else:
-                    acc = tl.dot(wt, ut, acc)
+                    acc = tl.dot(wt, ut.to(wt.dtype), acc)
             rows = i * P + offs_p
             rmask2 = (offs_p < P) & (rows < M)
+            if QUANT:
+                acc *= tl.load(us_ptr + i * susi + offs_p * susp, mask=offs_p < P, other=0.0).to(tl.float32)[None, :]
             if HAS_BIAS:
                 acc += tl.load(b_ptr + rows, mask=rmask2, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + offs_t[:, None] * syt + rows[None, :] * sym, acc.to(y_ptr.dtype.element_ty),
@@ -252,6 +266,11 @@ CANDIDATES = (DEFAULT, {**DEFAULT, "slots": 4}, {**DEFAULT, "BP": 16, "per_sm": 
               {**PDL_DEFAULT, "mode": "two", "slots": 4, "BP": 32}, {**PDL_DEFAULT, "mode": "two", "BR": 64, "BQ": 128})
 
 
+def candidates(device) -> list[dict]:
+    """The configs of :data:`CANDIDATES` that run on ``device`` (PDL only where it is supported)."""
+    return [c for c in CANDIDATES if c["mode"] != "pdl" or pdl_supported(device)]
+
+
 def pdl_supported(device) -> bool:
     """Programmatic dependent launch needs Hopper or newer and a triton that exposes it."""
     return (gdc_wait is not None and device.type == "cuda"
@@ -259,11 +278,14 @@ def pdl_supported(device) -> bool:
 
 
 def blast_decode(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *, interpret: bool = False,
-                 only_stage: int | None = None):
+                 only_stage: int | None = None, U_scale=None, V_scale=None):
     """y (T, out_features) for T <= MAX_T; ``cfg["mode"]`` picks the launch scheme (see DEFAULT).
     Under the interpreter every mode runs as two plain launches (programs run one at a time there).
     ``only_stage`` (1 or 2, two-launch modes) launches just that stage: a profile of where the time
-    goes (``benchmarks/decode_stages.py``); the output is then not the product."""
+    goes (``benchmarks/decode_stages.py``); the output is then not the product. ``U_scale`` (b_out, p)
+    and ``V_scale`` (b_in, r), both or neither: U and V are codes with these scales (as
+    :func:`.gemv.blast_gemv` takes them), read in registers; no dequantized copy is made."""
+    bits, pack = code_format(U, V, U_scale, V_scale, shape.rank, "blast_decode")
     cfg = {**DEFAULT, **(cfg or {})}
     T, n = x2.shape
     if T > MAX_T:
@@ -280,10 +302,11 @@ def blast_decode(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, 
                  BP=cfg["BP"], BK=cfg["BK"], UPCAST=interpret or x2.dtype == torch.float32,
                  PREFETCH=int(cfg["prefetch"]) if mode == "persistent" else 0, LINE=128 // U.element_size(),
                  Q_SPLIT=plan["Q_SPLIT"], NSLOT=shape.b_in * plan["Q_SPLIT"], PDL=mode == "pdl",
-                 B_OUT=shape.b_out, B_OUT_P2=triton.next_power_of_2(shape.b_out))
+                 B_OUT=shape.b_out, B_OUT_P2=triton.next_power_of_2(shape.b_out), QUANT=bits, PACK=pack)
     launch = {} if interpret else {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
     z = torch.empty(shape.b_in * plan["Q_SPLIT"], T, shape.rank, device=x2.device, dtype=torch.float32)
     w = torch.empty(shape.b_out, T, shape.rank, device=x2.device, dtype=x2.dtype)
+    us, vs = (U_scale, V_scale) if bits else (y, y)              # not read without QUANT
     counters = _counters(x2.device, 2 + plan["R_TILES"])
     cnt, bar = counters[2:], counters[:2]
 
@@ -292,7 +315,8 @@ def blast_decode(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, 
                 T, n, shape.out_features, shape.p, shape.q, shape.rank, shape.b_in,
                 plan["Q_CHUNK"], plan["R_TILES"], plan["P_TILES"], grid,
                 x2.stride(0), x2.stride(1), *U.stride(), *S.stride(), *V.stride(),
-                *z.stride(), *w.stride(), y.stride(0), y.stride(1))
+                *z.stride(), *w.stride(), y.stride(0), y.stride(1), us, *(us.stride() if bits else (0, 0)),
+                vs, *(vs.stride() if bits else (0, 0)), U.shape[-1])
 
     if mode != "persistent":
         if mode == "pdl":
@@ -305,7 +329,7 @@ def blast_decode(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, 
         raise ValueError("only_stage needs a two-launch mode ('two' or 'pdl')")
     grid = cfg["per_sm"] * sms
     key = (_index(x2.device), shape, T, x2.dtype, tuple(sorted(cfg.items())), bias is not None,
-           tuple(x2.stride()), tuple(U.stride()), tuple(V.stride()), tuple(S.stride()))
+           tuple(x2.stride()), tuple(U.stride()), tuple(V.stride()), tuple(S.stride()), U.dtype)
     launch_persistent(_blast_decode_kernel, key, args(grid), grid, x2.device, f"decode kernel config {cfg}",
                       STAGE=3, **const, **launch)
     return y

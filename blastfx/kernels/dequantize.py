@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import CODE_DTYPES, CODE_NAMES, _load_factor_tile
+from .codes import CODE_DTYPES, CODE_NAMES, _load_factor_tile
 from ..structures.blast.quant import formats as factor_formats
 
 BLOCK_ROWS = 32

@@ -23,10 +23,10 @@ measures the candidates of :func:`candidates` once per (shape, dtype, token buck
 clones of the weights so they stream from memory as in a model, and caches the winner. Every path is checked against ``blastfx.structures.blast.ops.blast_matmul_reference`` in tests.
 
 Quantized factors (``blastfx::blast_matmul_quantized``, :func:`blast_matmul_quantized_triton`): int8,
-float8 and packed int4 codes are read by the kernels themselves: at T <= 4 the ``gemv`` kernels, at
-any other T the ``fused`` kernels, whose tiles of codes are unpacked and converted to the activation
-dtype in registers (exact for int8 and int4 codes, and for float8 into bf16 or fp16) before the
-tensor-core dot; V's per-(j, rank) scale multiplies z before the mix, U's per-row scale each output
+float8 and packed int4 codes are read by the kernels themselves: at T <= 4 the ``gemv`` kernels, up
+to T = 16 also the one-launch ``decode`` kernel, at any T the ``fused`` kernels; the last two unpack
+tiles of codes and convert them to the activation dtype in registers (exact for int8 and int4
+codes, and for float8 into bf16 or fp16) before the tensor-core dot; V's per-(j, rank) scale multiplies z before the mix, U's per-row scale each output
 after its reduction over r. Past the GEMV the autotuner also times ``dequantize``: a float copy of U
 and V made per call in one pass (:mod:`.dequantize`) and the float paths on it. At prefill sizes the
 work is compute-bound and the float paths' tiles outrun the fused kernels by more than the copy costs;
@@ -51,7 +51,7 @@ from . import autotune
 from . import decode as decode_kernels
 from . import dequantize as dequantize_kernels
 from . import gemv as gemv_kernels
-from .gemv import _load_factor_tile
+from .codes import CODE_DTYPES, CODE_NAMES, _load_factor_tile
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -180,11 +180,11 @@ def _launch_opts(cfg) -> dict:
 
 def _quant_bits(codes) -> int:
     """What the fused kernels' QUANT reads: 0 for float factors, else the bits of one code (int8,
-    packed int4 or float8 codes, the formats whose codes :func:`.gemv._load_factor_tile` reads)."""
+    packed int4 or float8 codes, the formats whose codes :func:`.codes._load_factor_tile` reads)."""
     if codes.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return 0
-    if codes.dtype not in gemv_kernels.CODE_DTYPES:
-        raise ValueError(f"the fused kernels read float factors or codes of {gemv_kernels.CODE_NAMES}, got {codes.dtype}")
+    if codes.dtype not in CODE_DTYPES:
+        raise ValueError(f"the fused kernels read float factors or codes of {CODE_NAMES}, got {codes.dtype}")
     return factor_formats.of_storage(codes.dtype).bits
 
 
@@ -340,9 +340,8 @@ def _all_candidates(decode: bool, few_tokens: bool, shape: BlastShape, device) -
     # b_out > 4: also mix all block-rows in one program, so z is read once rather than b_out/4 times
     wide_mix = [{"BI": 16, "BTM": 16, "BRM": 32}, {"BI": 8, "BTM": 32, "BRM": 32}] if shape.b_out > 4 else []
     if decode:
-        kernels = [c for c in decode_kernels.CANDIDATES if c["mode"] != "pdl" or decode_kernels.pdl_supported(device)]
         gemv = [("gemv", c) for c in gemv_kernels.candidates(device)] if few_tokens else []
-        return ([("bmm_mix_bmm", {})] + gemv + [("decode", c) for c in kernels]
+        return ([("bmm_mix_bmm", {})] + gemv + [("decode", c) for c in decode_kernels.candidates(device)]
                 + [("fused", decode_config(shape, device, 4)),
                    ("fused", decode_config(shape, device, 8)), ("fused_bmm", decode_config(shape, device, 4))]
                 + [("bmm_mix_bmm", c) for c in wide_mix])
@@ -389,20 +388,25 @@ def blast_matmul_triton(x, U, S, V, bias=None, out_features=None, path: str | No
     return y.reshape(*lead, shape.out_features)
 
 
+QUANTIZED_PATHS = ("gemv", "decode", "fused", "dequantize")     # what blast_matmul_quantized_triton runs
+
+
 def quantized_candidates(T: int, U, shape: BlastShape, device) -> list[tuple[str, dict]]:
     """(path, config) pairs the quantized forward times for T tokens; the first is the untimed
-    default. "gemv" (T <= 4, float atomics allowed) and "fused" read the codes in registers;
-    "dequantize" makes a float copy of U and V per call and runs the float paths (their own tuning),
-    which at prefill sizes beats "fused": there cuBLAS's tiles outrun the fused kernels by more than
-    the copy costs. Under ``torch.use_deterministic_algorithms`` "fused" times only configs that
-    split no reduction."""
-    if U.dtype not in gemv_kernels.CODE_DTYPES:
+    default. "gemv" (T <= 4, float atomics allowed), "decode" (T <= 16: one launch, or two chained,
+    no float atomics) and "fused" read the codes in registers; "dequantize" makes a float copy of U
+    and V per call and runs the float paths (their own tuning), which at prefill sizes beats "fused":
+    there cuBLAS's tiles outrun the fused kernels by more than the copy costs. Under
+    ``torch.use_deterministic_algorithms`` "fused" times only configs that split no reduction."""
+    if U.dtype not in CODE_DTYPES:
         return [("dequantize", {})]
     if T <= gemv_kernels.MAX_T and not torch.are_deterministic_algorithms_enabled():
         int4 = U.dtype == factor_formats.get("int4").storage
         return [("gemv", c) for c in gemv_kernels.candidates(device, int4=int4)]
     fused = [("fused", c) for c in quantized_fused_candidates(T, shape, device)]
-    return fused + [("dequantize", {})] if T <= DECODE_MAX_T else [("dequantize", {})] + fused
+    if T > DECODE_MAX_T:
+        return [("dequantize", {})] + fused
+    return fused + [("decode", c) for c in decode_kernels.candidates(device)] + [("dequantize", {})]
 
 
 def quantized_path(T: int, U, shape: BlastShape, dtype, has_bias: bool, device) -> str:
@@ -435,7 +439,7 @@ def blast_matmul_quantized_triton(x, U, U_scale, S, V, V_scale, bias=None, out_f
                                   config: dict | None = None, shape: BlastShape | None = None):
     """The fast forward of quantized factors; same contract as
     :func:`blastfx.structures.blast.quant.ops.blast_matmul_quantized_reference`. ``path``: "gemv",
-    "fused" or "dequantize" (default: the autotuner's pick of :func:`quantized_candidates`);
+    "decode", "fused" or "dequantize" (default: the autotuner's pick of :func:`quantized_candidates`);
     ``config`` overrides config keys."""
     from ..structures.blast.quant.ops import quantized_shape
 
@@ -449,6 +453,9 @@ def blast_matmul_quantized_triton(x, U, U_scale, S, V, V_scale, bias=None, out_f
         if path == "gemv":
             return gemv_kernels.blast_gemv(x2, Uk, Sk, Vk, bias, shape, cfg, interpret=INTERPRET, U_scale=suk,
                                            V_scale=svk)
+        if path == "decode":
+            return decode_kernels.blast_decode(x2, Uk, Sk, Vk, bias, shape, cfg, interpret=INTERPRET, U_scale=suk,
+                                               V_scale=svk)
         if path == "fused":
             return wu(xv_mix(x2, Vk, Sk, shape, cfg, V_scale=svk), Uk, bias, shape, cfg, x2.dtype, U_scale=suk)
         Ud, Vd = dequantize_kernels.dequantized(Uk, suk, Vk, svk, x.dtype)
@@ -459,10 +466,10 @@ def blast_matmul_quantized_triton(x, U, U_scale, S, V, V_scale, bias=None, out_f
         key = quantized_tuning_key(T, U, shape, x.dtype, bias is not None, x2.device)
         copies = autotune.WeightCopies((U, U_scale, S, V, V_scale), x.device)
         path, cfg = autotune.choose(key, cands, lambda p, c, k: run(p, c, copies[k]), copies=copies.count)
-    elif path in ("gemv", "fused", "dequantize"):
+    elif path in QUANTIZED_PATHS:
         cfg = next((c for p, c in cands if p == path), None)
         if cfg is None:             # a path not timed at this size: its first config at this size
             cfg = quantized_fused_candidates(T, shape, x2.device)[0] if path == "fused" else {}
     else:
-        raise ValueError(f"path must be 'gemv', 'fused' or 'dequantize' for quantized factors, got {path!r}")
+        raise ValueError(f"path must be one of {QUANTIZED_PATHS} for quantized factors, got {path!r}")
     return run(path, _final_config(cfg, config), (U, U_scale, S, V, V_scale)).reshape(*lead, shape.out_features)

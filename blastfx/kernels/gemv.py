@@ -63,15 +63,12 @@ import triton.language as tl
 
 from ..structures.blast.layout import BlastShape
 from ..structures.blast.quant import formats as factor_formats
+from .codes import CODE_DTYPES, CODE_NAMES, _load_factor_tile, _load_nibbles, code_format
 from .decode import _index, _prefetch_l2, _prefetch_u, _sm_limits, gdc_launch_dependents, gdc_wait, \
     launch_persistent, pdl_supported
 from .state import allocate_state
 
 MAX_T = 4                   # FMA accumulators hold T x tile values per thread; past this, tensor cores win
-# the factor formats whose codes the kernels read (QUANT = their bits): int8, packed int4, float8 (one
-# byte like int8: loaded as is and widened in registers)
-CODE_NAMES = ("int8", "int4", "float8_e4m3fn")
-CODE_DTYPES = tuple(factor_formats.get(name).storage for name in CODE_NAMES)
 _WORKSPACES: dict = {}      # per device: (generation + barrier counters, two halves of w)
 
 
@@ -131,50 +128,6 @@ def _prefetch_v_items(v_ptr, pid, items, GRID, Q, R, B_IN, Q_CHUNK, R_TILES, svj
             rows = c0 + offs_q
             inside = (rows[:, None] < q_lim) & (cols[None, :] < R)     # outside: the block's own start
             _prefetch_l2(v_ptr + j * svj + tl.where(inside, rows[:, None] * svq + cols[None, :] * svr, 0))
-
-
-@triton.jit
-def _unpack_int4(b, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """(ROWS, COLS // 2) packed bytes -> (ROWS, COLS) int32 codes: byte k gives element 2k (low
-    nibble) and 2k + 1 (high nibble), each a two's-complement nibble."""
-    b = b.to(tl.int32)
-    lo = b & 15
-    hi = (b >> 4) & 15
-    lo = tl.where(lo > 7, lo - 16, lo)
-    hi = tl.where(hi > 7, hi - 16, hi)
-    return tl.reshape(tl.join(lo, hi), (ROWS, COLS))
-
-
-@triton.jit
-def _load_nibbles(base, rows, row_ok, stride_row, stride_col, c0, RC, COLS: tl.constexpr):
-    """Columns c0 .. c0 + COLS of the given rows of packed int4 codes as two (rows, COLS / 2) int32
-    tiles, the even columns (low nibbles) and the odd ones (high nibbles), each sign-extended by
-    two shifts; no interleaving back into one tile."""
-    offs_h = c0 // 2 + tl.arange(0, COLS // 2)
-    b = tl.load(base + rows[:, None] * stride_row + offs_h[None, :] * stride_col,
-                mask=row_ok[:, None] & (offs_h < RC)[None, :], other=0).to(tl.int32)
-    return (b << 28) >> 28, (b << 24) >> 28
-
-
-@triton.jit
-def _load_factor_tile(base, rows, row_ok, stride_row, stride_col, c0, R, RC, ROWS: tl.constexpr,
-                      COLS: tl.constexpr, QUANT: tl.constexpr):
-    """Columns c0 .. c0 + COLS of the given rows of a factor whose columns run along r: its own
-    dtype, int8 codes, or (QUANT == 4) packed int4 codes read as COLS / 2 bytes and unpacked.
-    RC: the stored columns (ceil(R / 2) for int4), an argument of its own so that the JIT sees its
-    divisibility: a bound derived as (R + 1) // 2 has none, and a mask with none turns every
-    16-byte load of codes into sixteen byte loads."""
-    # one return statement: the compiler types every return of a function, a constexpr branch's too
-    if QUANT == 4:
-        offs_h = c0 // 2 + tl.arange(0, COLS // 2)
-        packed = tl.load(base + rows[:, None] * stride_row + offs_h[None, :] * stride_col,
-                         mask=row_ok[:, None] & (offs_h < RC)[None, :], other=0)
-        tile = _unpack_int4(packed, ROWS, COLS)
-    else:
-        offs = c0 + tl.arange(0, COLS)
-        tile = tl.load(base + rows[:, None] * stride_row + offs[None, :] * stride_col,
-                       mask=row_ok[:, None] & (offs < R)[None, :], other=0.0)
-    return tile
 
 
 @triton.jit
@@ -738,20 +691,8 @@ def blast_gemv(x2, U, S, V, bias, shape: BlastShape, cfg: dict | None = None, *,
     int4 (uint8, last dimension ceil(r/2), see :mod:`blastfx.structures.blast.quant.formats`).
     ``out``: a (T, out_features) tensor of x2's dtype and device (a view, e.g. columns of a wider
     buffer, is fine) to write y into instead of a new one."""
-    quant = U_scale is not None
-    if quant != (V_scale is not None):
-        raise ValueError("blast_gemv takes U_scale and V_scale together (quantized factors) or neither")
-    bits, pack = 0, 1
-    if quant:
-        if U.dtype != V.dtype or U.dtype not in CODE_DTYPES:
-            raise ValueError(f"the GEMV kernel reads quantized factors as codes of {CODE_NAMES}, "
-                             f"got U.dtype={U.dtype}, V.dtype={V.dtype}")
-        fmt = factor_formats.of_storage(U.dtype)
-        bits, pack = fmt.bits, fmt.per_element
-        stored = fmt.stored_length(shape.rank)
-        if U.shape[-1] != stored or V.shape[-1] != stored:
-            raise ValueError(f"codes of U {tuple(U.shape)} and V {tuple(V.shape)} do not hold rank {shape.rank}: "
-                             f"their last dimension must be {stored}")
+    bits, pack = code_format(U, V, U_scale, V_scale, shape.rank, "blast_gemv")
+    quant = bits > 0
     cfg = {**DEFAULT, **(cfg or {})}
     T, n = x2.shape
     if T > MAX_T:

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from . import gemv
+from .codes import _load_factor_tile
 from .decode import _index, _sm_limits, gdc_launch_dependents, gdc_wait, pdl_supported
 
 MAX_RANK = 2048             # a program holds a padded row of every factor's rank in registers
@@ -53,7 +54,7 @@ def _row_outputs(u_ptr, b_ptr, us_ptr, w, rows, row_ok, R, RC, sup, bias_off, HA
     """(BT, ROWS): the rows' outputs ``w · U[rows]ᵀ`` (+ bias), rounded to the activation dtype;
     ``row_ok``: the rows inside the layer's output features. QUANT (8 or 4): U holds codes (RC
     stored entries a row, ``sup`` apart) and each output is scaled by its row's ``us_ptr`` entry."""
-    u = gemv._load_factor_tile(u_ptr, rows, row_ok, sup, 1, 0, R, RC, ROWS, COLS, QUANT)
+    u = _load_factor_tile(u_ptr, rows, row_ok, sup, 1, 0, R, RC, ROWS, COLS, QUANT)
     out = tl.sum(w[:, None, :] * u.to(tl.float32)[None, :, :], axis=2)
     if QUANT:
         out *= tl.load(us_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
@@ -127,7 +128,7 @@ def _mlp_mid_kernel(ug_ptr, uu_ptr, bg_ptr, bu_ptr, vd_ptr, sd_ptr, ws_ptr, sync
         u = _row_outputs(uu_ptr + i * suu, bu_ptr, usu_ptr + i * P, wu, rows, row_ok, RU, RU // PACK, RU // PACK,
                          i * P, HAS_BU, DTYPE, BPM, RU_P, QUANT)
         h = _round(_round(g / (1.0 + tl.exp(-g)), DTYPE) * u, DTYPE)          # silu(g) * u, as stored
-        v = gemv._load_factor_tile(vd_ptr + i * svd, rows, row_ok, RD // PACK, 1, 0, RD, RD // PACK, BPM, RD_P, QUANT)
+        v = _load_factor_tile(vd_ptr + i * svd, rows, row_ok, RD // PACK, 1, 0, RD, RD // PACK, BPM, RD_P, QUANT)
         z += tl.sum(h[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
     d_ok = offs_d < RD
     if QUANT:

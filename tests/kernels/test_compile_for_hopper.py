@@ -21,7 +21,8 @@ share the tile code) over one config per code variant; the GEMV group and the ML
 code format, one config per code variant; the block tail over every config at T = 1, and reading each code format one config per mode; the
 block seam over every config at T = 1; the block ops' residual add and RMSNorm at three widths and
 dtypes; the fused kernels reading each code format
-over the configs the quantized forward times at T = 8 and 256, in bf16 and fp16, and the one-pass
+over the configs the quantized forward times at T = 8 and 256, in bf16 and fp16, the one-launch decode
+kernel reading each code format at T = 8, one config per launch mode, and the one-pass
 copy of each code format into bf16 and fp16. One config per mode: T = 2, 4, 16
 (the GEMV's BT = 2, 4), fp16 and fp32 (IEEE dots) at T = 1 and 256, no bias, an MLP-sized layer of
 16 x 4 blocks, the GEMV's stages launched alone. The backward middle for every pair of block counts
@@ -57,7 +58,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 TARGET = ("cuda", 90, 32)           # Hopper: sm_90, warps of 32 threads
-KERNEL_MODULES = ("blastfx.kernels.gemv", "blastfx.kernels.decode", "blastfx.kernels.forward",
+KERNEL_MODULES = ("blastfx.kernels.codes", "blastfx.kernels.gemv", "blastfx.kernels.decode", "blastfx.kernels.forward",
                   "blastfx.kernels.dequantize", "blastfx.kernels.backward", "blastfx.kernels.mlp_chain",
                   "blastfx.kernels.block_tail", "blastfx.kernels.add_norm", "blastfx.structures.ss1.kernel")
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
@@ -391,6 +392,20 @@ def _quantized_fused(T: int, shape, dtype, code_dtype) -> None:
         forward.wu(w, Uc, b.to(dtype), shape, cfg, dtype, U_scale=su)
 
 
+def _quantized_decode(T: int, shape, dtype, code_dtype) -> None:
+    """The one-launch decode kernel reading codes of the format stored as ``code_dtype``, one config
+    per launch mode of those the quantized forward times."""
+    from blastfx.kernels import decode
+    from blastfx.structures.blast.quant import formats
+
+    fmt = formats.of_storage(code_dtype)
+    U, S, V, b = _factors(shape, torch.float32, bias=True)
+    (Uc, su), (Vc, sv) = formats.quantize_u(U, fmt), formats.quantize_v(V, fmt)
+    x2 = torch.empty(T, shape.in_features, dtype=dtype, device=META)
+    for cfg in _per_mode(decode.candidates(META), every=False):
+        decode.blast_decode(x2, Uc, S.to(dtype), Vc, b.to(dtype), shape, cfg, U_scale=su, V_scale=sv)
+
+
 def _dequantize(shape, dtype, code_dtype) -> None:
     """The one-pass copy of U and V from codes of the format stored as ``code_dtype``."""
     from blastfx.kernels import dequantize
@@ -553,6 +568,8 @@ def _scenarios():
         T, shapes[0], bf16, cd, every=T == 1 and cd == gemv.CODE_DTYPES[0])) for cd in gemv.CODE_DTYPES for T in (1, 2, 4)]
     out += [(f"quantized fused {cd} T={T} {dt}", lambda T=T, cd=cd, dt=dt: _quantized_fused(T, shapes[0], dt, cd))
             for cd in gemv.CODE_DTYPES for T in (8, 256) for dt in (bf16, fp16)]
+    out += [(f"quantized decode {cd} T=8", lambda cd=cd: _quantized_decode(8, shapes[0], bf16, cd))
+            for cd in gemv.CODE_DTYPES]
     out += [(f"dequantize {cd} {dt}", lambda cd=cd, dt=dt: _dequantize(shapes[0], dt, cd))
             for cd in gemv.CODE_DTYPES for dt in (bf16, fp16)]
     out += [("GEMV single stages", lambda: _gemv_single_stages(shapes[0], bf16))]

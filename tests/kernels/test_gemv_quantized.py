@@ -8,35 +8,11 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from blastfx.kernels import forward, gemv
-from blastfx.structures.blast.layout import BlastShape
 from blastfx.structures.blast.quant import formats
-from blastfx.structures.blast.quant.ops import blast_matmul_quantized_reference
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
+from decode_cases import CUDA, DEVICE, close_to_quantized_reference as _close, coded_factors as _codes
+
 TINY = dict(BQ=16, BR=16, BP=16, BK=16)
-
-
-def _codes(m, n, r, b_out, b_in, seed=0, name="int8"):
-    shape = BlastShape.make(m, n, r, (b_out, b_in), allow_larger=True)
-    g = torch.Generator().manual_seed(seed)
-    U = torch.randn(shape.b_out, shape.p, r, generator=g) * torch.rand(shape.b_out, shape.p, 1, generator=g)
-    V = torch.randn(shape.b_in, shape.q, r, generator=g) * torch.rand(shape.b_in, 1, r, generator=g)
-    U.view(-1, r)[m:] = 0
-    V.view(-1, r)[n:] = 0
-    fmt = formats.get(name)
-    (Uc, su), (Vc, sv) = formats.quantize_u(U, fmt), formats.quantize_v(V, fmt)
-    S = torch.randn(b_out, b_in, r, generator=g)
-    b = torch.randn(m, generator=g)
-    return shape, [t.to(DEVICE) for t in (Uc, su, S, Vc, sv, b)]
-
-
-def _close(y, x, Uc, su, S, Vc, sv, b, m):
-    ref = blast_matmul_quantized_reference(x.double(), Uc, su, S.double(), Vc, sv,
-                                           b.double() if b is not None else None, m)
-    tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}[y.dtype]
-    assert y.shape == ref.shape and torch.isfinite(y).all()
-    assert (y.double() - ref).abs().max().item() / (ref.abs().max().item() + 1e-6) < tol
 
 
 FUZZ = dict(T=st.integers(1, gemv.MAX_T), m=st.integers(17, 80), n=st.integers(17, 80), r=st.integers(1, 40),
@@ -138,11 +114,12 @@ def test_fused_over_codes_with_q_chunks_and_r_tiles(name):
 
 
 @pytest.mark.parametrize("name", gemv.CODE_NAMES)
-@pytest.mark.parametrize("T,paths", [(1, ["gemv"]), (3, ["gemv"]), (6, ["fused", "dequantize"]),
-                                     (40, ["dequantize", "fused"])])
+@pytest.mark.parametrize("T,paths", [(1, ["gemv"]), (3, ["gemv"]), (6, ["fused", "decode", "dequantize"]),
+                                     (16, ["fused", "decode", "dequantize"]), (40, ["dequantize", "fused"])])
 def test_quantized_forward_paths(T, paths, name):
-    """The paths timed for T tokens, the default first (GEMV, then fused kernels at decode sizes,
-    a float copy at prefill sizes), and each of them, forced or picked, against the reference."""
+    """The paths timed for T tokens, the default first (GEMV, then fused kernels at decode sizes and
+    the one-launch decode kernel up to T = 16, a float copy at prefill sizes), and each of them,
+    forced or picked, against the reference."""
     shape, (Uc, su, S, Vc, sv, b) = _codes(50, 37, 9, 3, 2, seed=2, name=name)
     x = torch.randn(2, T // 2, 37, device=DEVICE) if T > gemv.MAX_T else torch.randn(T, 37, device=DEVICE)
     assert list(dict.fromkeys(p for p, _ in forward.quantized_candidates(T, Uc, shape, x.device))) == paths
@@ -161,6 +138,7 @@ def test_deterministic_mode_runs_fused_without_atomics():
     try:
         cands = forward.quantized_candidates(1, Uc, shape, x.device)
         assert [p for p, _ in cands][0] == "fused" and "gemv" not in [p for p, _ in cands]
+        assert "decode" in [p for p, _ in cands]            # partial sums in slots, mixed in a fixed order
         assert all("Q_CHUNK" not in c and "J_PER_PROG" not in c for p, c in cands if p == "fused")
         y1, y2 = (forward.blast_matmul_quantized_triton(x, Uc, su, S, Vc, sv, b, 50) for _ in range(2))
     finally:
@@ -194,7 +172,7 @@ def test_gemv_scale_arguments_are_checked():
     with pytest.raises(ValueError, match="GEMV nibbles must be 'interleave' or 'split', got 'apart'"):
         gemv.blast_gemv(x, Uc4, S4, Vc4, b4, shape4, dict(TINY, nibbles="apart"), interpret=not CUDA, U_scale=su4,
                         V_scale=sv4)
-    with pytest.raises(ValueError, match="path must be 'gemv', 'fused' or 'dequantize'"):
+    with pytest.raises(ValueError, match=r"path must be one of \('gemv', 'decode', 'fused', 'dequantize'\)"):
         forward.blast_matmul_quantized_triton(x, Uc, su, S, Vc, sv, b, 50, path="bmm_mix_bmm")
 
 
