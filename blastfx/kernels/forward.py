@@ -23,14 +23,15 @@ measures the candidates of :func:`candidates` once per (shape, dtype, token buck
 clones of the weights so they stream from memory as in a model, and caches the winner. Every path is checked against ``blastfx.structures.blast.ops.blast_matmul_reference`` in tests.
 
 Quantized factors (``blastfx::blast_matmul_quantized``, :func:`blast_matmul_quantized_triton`): int8,
-float8 and packed int4 codes are read by the kernels themselves: at T <= 4 the ``gemv`` kernels, up
-to T = 16 also the one-launch ``decode`` kernel, at any T the ``fused`` kernels; the last two unpack
-tiles of codes and convert them to the activation dtype in registers (exact for int8 and int4
-codes, and for float8 into bf16 or fp16) before the tensor-core dot; V's per-(j, rank) scale multiplies z before the mix, U's per-row scale each output
-after its reduction over r. Past the GEMV the autotuner also times ``dequantize``: a float copy of U
-and V made per call in one pass (:mod:`.dequantize`) and the float paths on it. At prefill sizes the
-work is compute-bound and the float paths' tiles outrun the fused kernels by more than the copy costs;
-the codes then save memory, not time.
+float8 and packed int4 codes are read by the kernels themselves: at T <= 4 the ``gemv`` kernels,
+beyond them the ``fused`` kernels and at T = 5-16 also the one-launch ``decode`` kernel; these two
+unpack tiles of codes and convert them to the activation dtype in registers (exact for int8 and
+int4 codes, and for float8 into bf16 or fp16) before the tensor-core dot; V's per-(j, rank) scale
+multiplies z before the mix, U's per-row scale each output after its reduction over r. Past the
+GEMV the autotuner also times ``dequantize``: a float copy of U and V made per call in one pass
+(:mod:`.dequantize`) and the float paths on it. At prefill sizes the work is compute-bound and the
+float paths' tiles outrun the fused kernels by more than the copy costs; the codes then save
+memory, not time.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) operands are upcast to fp32 before ``tl.dot``: the
 interpreter's bf16 dot is wrong. fp32 inputs use IEEE dots (a GPU would otherwise use TF32).

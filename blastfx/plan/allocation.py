@@ -252,7 +252,7 @@ def _plan_family(targets, budget, config, spectra, block_errors, size_errors) ->
         if o.blocks is not None and blocks != want:
             raise ValueError(f"overrides: blocks={want} do not divide {s.fqn} ({s.out_features}x{s.in_features})")
         rank = o.rank if o.rank is not None else rank_for(s.out_features, s.in_features, blocks, budget,
-                                                           config.rank_multiple)
+                                                          config.rank_multiple)
         lp = LayerPlan(s.out_features, s.in_features, rank, blocks, s.kind, s.bias, o.method,
                        factor_dtype=config.factor_dtype_for(s.fqn))
         BlastShape.make(s.out_features, s.in_features, rank, blocks)   # raises if it cannot be represented
