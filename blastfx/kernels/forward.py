@@ -398,11 +398,18 @@ def quantized_candidates(T: int, U, shape: BlastShape, device) -> list[tuple[str
     no float atomics) and "fused" read the codes in registers; "dequantize" makes a float copy of U
     and V per call and runs the float paths (their own tuning), which at prefill sizes beats "fused":
     there cuBLAS's tiles outrun the fused kernels by more than the copy costs. Under
-    ``torch.use_deterministic_algorithms`` "fused" times only configs that split no reduction."""
-    if U.dtype not in CODE_DTYPES:
+    ``torch.use_deterministic_algorithms`` "fused" times only configs that split no reduction.
+    Cached per token bucket, whose bounds include the paths' (4 and 16): it is on every call's path."""
+    return _quantized_candidates(U.dtype, autotune.token_bucket(T), torch.are_deterministic_algorithms_enabled(),
+                                 shape, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _quantized_candidates(codes, T: int, deterministic: bool, shape: BlastShape, device) -> list[tuple[str, dict]]:
+    if codes not in CODE_DTYPES:
         return [("dequantize", {})]
-    if T <= gemv_kernels.MAX_T and not torch.are_deterministic_algorithms_enabled():
-        int4 = U.dtype == factor_formats.get("int4").storage
+    if T <= gemv_kernels.MAX_T and not deterministic:
+        int4 = codes == factor_formats.get("int4").storage
         return [("gemv", c) for c in gemv_kernels.candidates(device, int4=int4)]
     fused = [("fused", c) for c in quantized_fused_candidates(T, shape, device)]
     if T > DECODE_MAX_T:

@@ -364,46 +364,47 @@ def _forward_paths(T: int, shape, dtype, bias: bool = True, every: bool = True) 
         forward.run_path(x2, U, S, V, b, shape, path, cfg)
 
 
-def _quantized_gemv(T: int, shape, dtype, code_dtype, every: bool = True) -> None:
-    """The GEMV reading codes of the format stored as ``code_dtype``, over its configs."""
-    from blastfx.kernels import gemv
+def _coded_inputs(T: int, shape, dtype, code_dtype):
+    """(x2, U codes, U_scale, S, V codes, V_scale, bias) as meta tensors: T tokens of ``dtype`` and
+    factors quantized to the format stored as ``code_dtype``, S and bias in ``dtype``."""
     from blastfx.structures.blast.quant import formats
 
     fmt = formats.of_storage(code_dtype)
     U, S, V, b = _factors(shape, torch.float32, bias=True)
     (Uc, su), (Vc, sv) = formats.quantize_u(U, fmt), formats.quantize_v(V, fmt)
     x2 = torch.empty(T, shape.in_features, dtype=dtype, device=META)
+    return x2, Uc, su, S.to(dtype), Vc, sv, b.to(dtype)
+
+
+def _quantized_gemv(T: int, shape, dtype, code_dtype, every: bool = True) -> None:
+    """The GEMV reading codes of the format stored as ``code_dtype``, over its configs."""
+    from blastfx.kernels import gemv
+    from blastfx.structures.blast.quant import formats
+
+    x2, Uc, su, S, Vc, sv, b = _coded_inputs(T, shape, dtype, code_dtype)
     for cfg in _per_mode(gemv.candidates(META, int4=code_dtype == formats.get("int4").storage), every):
-        gemv.blast_gemv(x2, Uc, S.to(dtype), Vc, b.to(dtype), shape, cfg, U_scale=su, V_scale=sv)
+        gemv.blast_gemv(x2, Uc, S, Vc, b, shape, cfg, U_scale=su, V_scale=sv)
 
 
 def _quantized_fused(T: int, shape, dtype, code_dtype) -> None:
     """The fused tensor-core kernels reading codes of the format stored as ``code_dtype``, over the
     configs the quantized forward times for T tokens."""
     from blastfx.kernels import forward
-    from blastfx.structures.blast.quant import formats
 
-    fmt = formats.of_storage(code_dtype)
-    U, S, V, b = _factors(shape, torch.float32, bias=True)
-    (Uc, su), (Vc, sv) = formats.quantize_u(U, fmt), formats.quantize_v(V, fmt)
-    x2 = torch.empty(T, shape.in_features, dtype=dtype, device=META)
+    x2, Uc, su, S, Vc, sv, b = _coded_inputs(T, shape, dtype, code_dtype)
     for cfg in forward.quantized_fused_candidates(T, shape, META):
-        w = forward.xv_mix(x2, Vc, S.to(dtype), shape, cfg, V_scale=sv)
-        forward.wu(w, Uc, b.to(dtype), shape, cfg, dtype, U_scale=su)
+        w = forward.xv_mix(x2, Vc, S, shape, cfg, V_scale=sv)
+        forward.wu(w, Uc, b, shape, cfg, dtype, U_scale=su)
 
 
 def _quantized_decode(T: int, shape, dtype, code_dtype) -> None:
     """The one-launch decode kernel reading codes of the format stored as ``code_dtype``, one config
     per launch mode of those the quantized forward times."""
     from blastfx.kernels import decode
-    from blastfx.structures.blast.quant import formats
 
-    fmt = formats.of_storage(code_dtype)
-    U, S, V, b = _factors(shape, torch.float32, bias=True)
-    (Uc, su), (Vc, sv) = formats.quantize_u(U, fmt), formats.quantize_v(V, fmt)
-    x2 = torch.empty(T, shape.in_features, dtype=dtype, device=META)
+    x2, Uc, su, S, Vc, sv, b = _coded_inputs(T, shape, dtype, code_dtype)
     for cfg in _per_mode(decode.candidates(META), every=False):
-        decode.blast_decode(x2, Uc, S.to(dtype), Vc, b.to(dtype), shape, cfg, U_scale=su, V_scale=sv)
+        decode.blast_decode(x2, Uc, S, Vc, b, shape, cfg, U_scale=su, V_scale=sv)
 
 
 def _dequantize(shape, dtype, code_dtype) -> None:

@@ -4,7 +4,6 @@ V's scale on each z tile, U's on each output) against the quantized reference.
 On CPU under the Triton interpreter in its two-launch form; on CUDA every launch mode, and the
 determinism and CUDA-graph replay that make it the quantized path under
 ``torch.use_deterministic_algorithms``."""
-import math
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from blastfx.kernels import decode, forward
 from blastfx.kernels.codes import CODE_NAMES
 
-from decode_cases import CUDA, DEVICE, close_to_quantized_reference, coded_factors
+from decode_cases import CUDA, DEVICE, blocks_fit, close_to_quantized_reference, coded_factors
 
 TINY = dict(BR=16, BQ=16, BP=16, BK=16)
 
@@ -34,9 +33,8 @@ def _run(T, m, n, r, b_out, b_in, name, dtype=torch.float32, bias=True, cfg=TINY
 def test_matches_reference_on_fuzzed_shapes(T, m, n, r, b_out, b_in, bias, name, dtype):
     """Ragged p and q (padding in the last block), odd r (a zero pad nibble for int4), ranks that are
     no multiple of the tiles, every code format and activation dtype."""
-    for count, dim in ((b_out, m), (b_in, n)):
-        if (count - 1) * math.ceil(dim / count) >= dim:
-            return          # a block count that leaves a block all padding is refused by BlastShape
+    if not blocks_fit(m, n, b_out, b_in):
+        return          # a block count that leaves a block all padding is refused by BlastShape
     _run(T, m, n, r, b_out, b_in, name, dtype, bias)
 
 

@@ -1,7 +1,6 @@
 """The GEMV decode kernel and the fused tensor-core kernels reading int8 codes and packed int4 codes
 (unpacked and scaled in registers) against the quantized reference, and the quantized op's CUDA-side
 paths (``blastfx.kernels.forward``); on CPU under the Triton interpreter."""
-import math
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from blastfx.kernels import forward, gemv
 from blastfx.structures.blast.quant import formats
 
-from decode_cases import CUDA, DEVICE, close_to_quantized_reference as _close, coded_factors as _codes
+from decode_cases import CUDA, DEVICE, blocks_fit, close_to_quantized_reference as _close, coded_factors as _codes
 
 TINY = dict(BQ=16, BR=16, BP=16, BK=16)
 
@@ -47,9 +46,8 @@ def test_float8_gemv_matches_reference_on_fuzzed_shapes(T, m, n, r, b_out, b_in,
 
 
 def _check_fuzzed(name, T, m, n, r, b_out, b_in, bias, dtype, cfg=TINY):
-    for count, dim in ((b_out, m), (b_in, n)):
-        if (count - 1) * math.ceil(dim / count) >= dim:
-            return          # a block count that leaves a block all padding is refused by BlastShape
+    if not blocks_fit(m, n, b_out, b_in):
+        return          # a block count that leaves a block all padding is refused by BlastShape
     shape, (Uc, su, S, Vc, sv, b) = _codes(m, n, r, b_out, b_in, name=name)
     assert Uc.dtype == formats.get(name).storage
     x = torch.randn(T, n, device=DEVICE, dtype=dtype)
@@ -91,9 +89,8 @@ def test_fused_kernels_over_codes_match_reference_on_fuzzed_shapes(T, m, n, r, b
     """Past the GEMV's token counts: x·V with the s-mix and w·Uᵀ on tensor cores, codes converted in
     registers, V's scale on z, U's on each output; decode splits (atomics into fp32 w) or whole
     reductions per program (the prefill tiles)."""
-    for count, dim in ((b_out, m), (b_in, n)):
-        if (count - 1) * math.ceil(dim / count) >= dim:
-            return
+    if not blocks_fit(m, n, b_out, b_in):
+        return          # a block count that leaves a block all padding is refused by BlastShape
     shape, (Uc, su, S, Vc, sv, b) = _codes(m, n, r, b_out, b_in, name=name)
     x = torch.randn(T, n, device=DEVICE, dtype=dtype)
     b = b.to(dtype) if bias else None
